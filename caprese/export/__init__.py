@@ -1,0 +1,1 @@
+"""caprese.export: filled in by its own issue."""

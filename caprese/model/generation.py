@@ -1,0 +1,153 @@
+"""Prefill, one decode step, n decode steps, and a timed `generate` on the reference decoder (gpt-fast layout).
+
+`decode_one_token` is the hot path and the only piece worth compiling; everything else runs once per prompt.
+Latency is measured around device work with a synchronise, so the numbers are wall-clock truth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from caprese.model.decoder import Decoder
+from caprese.model.sampling import Sampling, sample
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    prompt_tokens: int
+    tokens_generated: int  # decode outputs per sequence, the stop token included
+    ttft_ms: float  # prefill + first token
+    step_ms: list[float]  # one entry per decode step after the first token
+    batch: int = 1
+
+    @property
+    def ms_per_token(self) -> float:
+        return statistics.fmean(self.step_ms) if self.step_ms else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1000.0 / self.ms_per_token if self.step_ms else float("nan")
+
+    def percentile(self, q: float) -> float:
+        if not self.step_ms:
+            return float("nan")
+        s = sorted(self.step_ms)
+        return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+    def to_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "tokens_generated": self.tokens_generated,
+                "batch": self.batch, "ttft_ms": round(self.ttft_ms, 3),
+                "ms_per_token": round(self.ms_per_token, 3), "ms_per_token_p50": round(self.percentile(50), 3),
+                "ms_per_token_p90": round(self.percentile(90), 3), "tokens_per_s": round(self.tokens_per_s, 2)}
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # new tokens per sequence, stop token excluded
+    stats: GenerationStats
+    stop_reason: list[str]  # "eos" | "length" per sequence
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prefill(model: Decoder, tokens: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the prompt [B, T] from slot 0; return the last position's logits [B, V]."""
+    return model(tokens, 0, pad, last_only=True)[:, -1]
+
+
+def decode_one_token(model: Decoder, token: torch.Tensor, slot: int, pad: torch.Tensor | None = None) -> torch.Tensor:
+    """One new token per sequence ([B, 1]) at cache slot `slot`; return logits [B, V]."""
+    return model(token, slot, pad)[:, -1]
+
+
+def decode_n_tokens(model: Decoder, token: torch.Tensor, slot: int, n: int, sampling: Sampling,
+                    generator: torch.Generator | None = None, pad: torch.Tensor | None = None,
+                    on_step: Callable[[torch.Tensor], bool] | None = None) -> list[torch.Tensor]:
+    """Up to n steps from `token` ([B]) at `slot`; `on_step(new_token)` returning True stops early."""
+    out = []
+    for i in range(n):
+        token = sample(decode_one_token(model, token[:, None], slot + i, pad), sampling, generator)
+        out.append(token)
+        if on_step is not None and on_step(token):
+            break
+    return out
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    longest = max(len(p) for p in prompts)
+    if all(len(p) == longest for p in prompts):
+        return torch.tensor(prompts), None
+    pads = [longest - len(p) for p in prompts]
+    return torch.tensor([[pad_id] * n + p for n, p in zip(pads, prompts)]), torch.tensor(pads)
+
+
+@torch.inference_mode()
+def generate(model: Decoder, prompts: list[int] | list[list[int]], max_new_tokens: int,
+             sampling: Sampling = Sampling(), eos_ids: tuple[int, ...] = (),
+             on_token: Callable[[int], None] | None = None) -> GenerationResult:
+    """Generate for one prompt (list of ids) or a batch (list of lists, left-padded) until EOS or max_new_tokens.
+
+    `on_token` streams batch-1 tokens as they are chosen. The KV cache is reused when big enough.
+    """
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    batch_prompts = prompts if prompts and isinstance(prompts[0], (list, tuple)) else [prompts]
+    if not all(batch_prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = model.model.embed_tokens.weight.device
+    tokens, pad = left_pad([list(p) for p in batch_prompts], eos_ids[0] if eos_ids else 0)
+    tokens = tokens.to(device)
+    pad = pad.to(device) if pad is not None else None
+    b, t = tokens.shape
+    need = t + max_new_tokens
+    limit = model.spec.max_position_embeddings
+    if need > limit:
+        raise ValueError(f"prompt ({t}) + max_new_tokens ({max_new_tokens}) exceeds the model's context ({limit})")
+    if model.max_len < need or getattr(model, "batch", None) != b:
+        model.setup_caches(b, need)
+    generator = sampling.generator(device)
+    eos = torch.tensor(eos_ids or [-1], device=device)
+
+    _sync(device)
+    t0 = time.perf_counter()
+    first = sample(prefill(model, tokens, pad), sampling, generator)
+    done = torch.isin(first, eos)
+    _sync(device)
+    ttft = (time.perf_counter() - t0) * 1000
+    produced, steps = [first], []
+    if on_token is not None and b == 1 and not bool(done[0]):
+        on_token(int(first[0]))
+    if not bool(done.all()):
+        last = time.perf_counter()
+
+        def on_step(tok: torch.Tensor) -> bool:
+            nonlocal last, done
+            produced.append(tok)
+            finished = torch.isin(tok, eos)
+            stop = bool((done | finished).all())  # the one host sync per step: needed to stop on EOS
+            now = time.perf_counter()
+            steps.append((now - last) * 1000)
+            last = now
+            if on_token is not None and b == 1 and not bool(finished[0]):
+                on_token(int(tok[0]))
+            done = done | finished
+            return stop
+
+        decode_n_tokens(model, first, t, max_new_tokens - 1, sampling, generator, pad, on_step)
+
+    seqs, reasons = [], []
+    all_tokens = torch.stack(produced, dim=1).tolist()
+    for row in all_tokens:
+        cut = next((i for i, x in enumerate(row) if x in eos_ids), None)
+        seqs.append(row if cut is None else row[:cut])
+        reasons.append("length" if cut is None else "eos")
+    stats = GenerationStats(prompt_tokens=t, tokens_generated=len(produced), ttft_ms=ttft, step_ms=steps, batch=b)
+    return GenerationResult(tokens=seqs, stats=stats, stop_reason=reasons)

@@ -1,0 +1,41 @@
+"""Tokenizer, chat template and stop ids of a local model folder (tokenizer.json read by transformers, offline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from caprese.errors import CapreseError
+
+
+def load_tokenizer(model_dir: str | Path):
+    model_dir = Path(model_dir)
+    if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer.model").is_file():
+        raise CapreseError(f"no tokenizer (tokenizer.json) in {model_dir}; copy the model's tokenizer files there")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+    except Exception as e:
+        raise CapreseError(f"cannot load the tokenizer in {model_dir}: {str(e).splitlines()[0]}") from None
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None) -> list[int]:
+    """Token ids for a prompt; with chat=True the tokenizer's chat template wraps it as one user turn."""
+    if not chat:
+        return list(tokenizer(prompt)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise CapreseError("this model's tokenizer has no chat template; run without --chat")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return encode_messages(tokenizer, messages)
+
+
+def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def stop_ids(spec_eos: tuple, tokenizer) -> tuple[int, ...]:
+    """EOS ids of generation_config.json (what transformers' generate stops on); the tokenizer's EOS if none."""
+    if spec_eos:
+        return tuple(spec_eos)
+    return (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()

@@ -1,0 +1,1 @@
+"""caprese.runtime: filled in by its own issue."""
