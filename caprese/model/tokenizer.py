@@ -39,3 +39,18 @@ def stop_ids(spec_eos: tuple, tokenizer) -> tuple[int, ...]:
     if spec_eos:
         return tuple(spec_eos)
     return (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+
+
+class IncrementalDecoder:
+    """Turns a stream of token ids into text pieces, holding back bytes that do not yet form a character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
+        piece, self.emitted = text[len(self.emitted):], text
+        return piece

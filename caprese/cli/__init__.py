@@ -1,0 +1,1 @@
+"""Command-line entry points: `caprese` (a click group) and `caprese-export`."""

@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny random HF model folders (tests/tiny_models.py), built once per session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # `import tiny_models` whether or not tests/ is a package
+
+from tiny_models import KINDS, make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """`tiny_model_dir(kind)` -> Path of that kind's fp32 model folder (with tokenizer), built on first use."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    built: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = make_tiny_model(kind, root / kind)
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session", params=KINDS)
+def model_kind_dir(request, tiny_model_dir):
+    """(kind, folder) for every tiny model kind."""
+    return request.param, tiny_model_dir(request.param)
