@@ -8,7 +8,6 @@ import sys
 import click
 
 from caprese.cli.entry import run
-from caprese.errors import CapreseError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -37,14 +36,6 @@ def fetch_default_cmd(force: bool) -> None:
     click.echo(str(fetch_default(force=force)))
 
 
-def _validate_device(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CapreseError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-    return device
-
-
 @cli.command("generate")
 @click.argument("model_dir", type=click.Path(path_type=str))
 @click.option("-p", "--prompt", required=True, help="Prompt text.")
@@ -70,43 +61,21 @@ def generate_cmd(model_dir, prompt, chat, system, max_new_tokens, precision, dev
     With --json, stdout gets one object: text, prompt_tokens, tokens_generated, ttft_ms, ms_per_token,
     tokens_per_s, stop_reason.
     """
-    from caprese.model.generation import generate
-    from caprese.model.loading import load_decoder
     from caprese.model.sampling import Sampling
-    from caprese.model.spec import load_spec
-    from caprese.model.tokenizer import IncrementalDecoder, encode_prompt, load_tokenizer, stop_ids
+    from caprese.model.text_model import TextModel
 
-    spec = load_spec(model_dir)
-    tokenizer = load_tokenizer(model_dir)
-    model = load_decoder(model_dir, precision, _validate_device(device), spec=spec)
-    ids = encode_prompt(tokenizer, prompt, chat, system)
-    if not ids:
-        raise CapreseError("the prompt encodes to zero tokens; give a non-empty --prompt")
-    if len(ids) + max_new_tokens > spec.max_position_embeddings:
-        raise CapreseError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the model's "
-                           f"context of {spec.max_position_embeddings}; lower --max-new-tokens")
-    sampling = Sampling(temperature, top_k, top_p, seed)
-    stream = None
-    if not as_json:
-        detok = IncrementalDecoder(tokenizer)
-
-        def stream(token_id: int) -> None:
-            sys.stdout.write(detok.push(token_id))
-            sys.stdout.flush()
-
-    result = generate(model, ids, max_new_tokens, sampling, stop_ids(spec.eos_token_ids, tokenizer), on_token=stream)
-    stats = result.stats
-    text = tokenizer.decode(result.tokens[0], skip_special_tokens=True)
+    model = TextModel.load(model_dir, precision, device)
+    stream = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    result = model.generate(prompt, chat, system, max_new_tokens, Sampling(temperature, top_k, top_p, seed), stream)
     if as_json:
-        click.echo(json.dumps({"text": text, **stats.to_dict(), "stop_reason": result.stop_reason[0],
-                               "model_dir": str(model_dir), "backend": "torch", "device": device,
-                               "precision": precision}))
+        click.echo(json.dumps({**result.to_dict(), "model_dir": str(model_dir), "backend": "torch",
+                               "device": device, "precision": precision}))
         return
+    s = result.stats
     click.echo("")
-    click.echo(f"[caprese] prompt {stats.prompt_tokens} tokens | generated {stats.tokens_generated} "
-               f"({result.stop_reason[0]}) | TTFT {stats.ttft_ms:.1f} ms | {stats.ms_per_token:.2f} ms/token "
-               f"(p50 {stats.percentile(50):.2f}, p90 {stats.percentile(90):.2f}) | {stats.tokens_per_s:.1f} tokens/s",
-               err=True)
+    click.echo(f"[caprese] prompt {s.prompt_tokens} tokens | generated {s.tokens_generated} ({result.stop_reason}) | "
+               f"TTFT {s.ttft_ms:.1f} ms | {s.ms_per_token:.2f} ms/token (p50 {s.percentile(50):.2f}, "
+               f"p90 {s.percentile(90):.2f}) | {s.tokens_per_s:.1f} tokens/s", err=True)
 
 
 def main() -> None:

@@ -1,0 +1,79 @@
+"""TextModel: a local HF folder's decoder + tokenizer behind one call, the Python twin of `caprese generate`.
+
+    from caprese.model import TextModel
+    tm = TextModel.load("path/to/model", precision="fp32")
+    reply = tm.generate("What is 12 + 7?", chat=True, max_new_tokens=64)
+    print(reply.text, reply.stats.ms_per_token)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+from caprese.errors import CapreseError
+from caprese.model.decoder import Decoder
+from caprese.model.generation import GenerationStats, generate
+from caprese.model.loading import load_decoder
+from caprese.model.sampling import Sampling
+from caprese.model.spec import load_spec
+from caprese.model.tokenizer import IncrementalDecoder, encode_prompt, load_tokenizer, stop_ids
+
+
+@dataclasses.dataclass
+class TextResult:
+    text: str
+    tokens: list[int]
+    stop_reason: str  # "eos" | "length"
+    stats: GenerationStats
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, **self.stats.to_dict(), "stop_reason": self.stop_reason}
+
+
+class TextModel:
+    def __init__(self, decoder: Decoder, tokenizer, model_dir: Path):
+        self.decoder, self.tokenizer, self.model_dir = decoder, tokenizer, model_dir
+        self.eos_ids = stop_ids(decoder.spec.eos_token_ids, tokenizer)
+
+    @classmethod
+    def load(cls, model_dir: str | Path, precision: str = "fp32", device: str = "cpu") -> "TextModel":
+        model_dir = Path(model_dir)
+        spec = load_spec(model_dir)
+        tokenizer = load_tokenizer(model_dir)
+        if device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise CapreseError(f"device {device!r} was asked for but torch sees no CUDA GPU; use cpu")
+        return cls(load_decoder(model_dir, precision, device, spec=spec), tokenizer, model_dir)
+
+    def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+        ids = encode_prompt(self.tokenizer, prompt, chat, system)
+        if not ids:
+            raise CapreseError("the prompt encodes to zero tokens; give a non-empty prompt")
+        return ids
+
+    def generate(self, prompt: str | list[int], chat: bool = False, system: str | None = None,
+                 max_new_tokens: int = 256, sampling: Sampling = Sampling(),
+                 on_text: Callable[[str], None] | None = None) -> TextResult:
+        """Reply to `prompt` (text, or token ids used as they are); `on_text` receives text pieces as they form."""
+        ids = list(prompt) if isinstance(prompt, (list, tuple)) else self.encode(prompt, chat, system)
+        limit = self.decoder.spec.max_position_embeddings
+        if len(ids) + max_new_tokens > limit:
+            raise CapreseError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                               f"context of {limit}; ask for fewer new tokens")
+        on_token = None
+        if on_text is not None:
+            detok = IncrementalDecoder(self.tokenizer)
+
+            def on_token(token_id: int) -> None:
+                piece = detok.push(token_id)
+                if piece:
+                    on_text(piece)
+
+        result = generate(self.decoder, ids, max_new_tokens, sampling, self.eos_ids, on_token=on_token)
+        tokens = result.tokens[0]
+        return TextResult(self.tokenizer.decode(tokens, skip_special_tokens=True), tokens, result.stop_reason[0],
+                          result.stats)
