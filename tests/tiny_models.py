@@ -7,9 +7,9 @@ chat template) trained in code with the `tokenizers` library. Nothing is downloa
 The configs are deliberately awkward so shape and indexing mistakes show up:
 GQA ratios 3:1, 4:1, 2:1 and 1:1, head_dim != hidden_size / num_heads, tied and untied embeddings, q/k/v/o and
 MLP biases, Llama 3 RoPE scaling whose original context (16) is well inside the test lengths, linear RoPE,
-Mistral and Gemma 2 sliding windows of 8 tokens, Gemma 2 soft-caps and query_pre_attn_scalar != head_dim,
-Qwen3 q/k norms. Every parameter (norm weights and biases included, which HF would initialise to 1 / 0) is
-drawn at random so that each of them actually changes the output.
+sliding windows of 8 tokens (Mistral: every layer, Qwen2: per layer, Gemma 2: alternating), Gemma 2 soft-caps
+and query_pre_attn_scalar != head_dim, Qwen3 q/k norms. Every parameter (norm weights and biases included,
+which HF would initialise to 1 / 0) is drawn at random so that each of them actually changes the output.
 """
 
 from __future__ import annotations
@@ -55,9 +55,11 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "mistral": ("mistral", dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
                                 num_key_value_heads=4, head_dim=32, sliding_window=8, tie_word_embeddings=False,
                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
-    # q/k/v biases (no o bias), GQA 2:1, tied embeddings, linear RoPE scaling.
+    # q/k/v biases (no o bias), GQA 2:1, tied embeddings, linear RoPE scaling, and Qwen's layer-wise sliding
+    # window: layers >= max_window_layers (here layer 1 of 2) use a window of 8, layer 0 attends to everything.
     "qwen2": ("qwen2", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, tie_word_embeddings=True,
+                            num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=True,
+                            sliding_window=8, max_window_layers=1,
                             rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0})),
     # q_norm / k_norm, head_dim 24 != 64/4, GQA 4:1 (MQA), untied.
     "qwen3": ("qwen3", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -72,7 +74,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 }
 KINDS: tuple[str, ...] = tuple(CONFIGS)
-SLIDING_KINDS = ("mistral", "gemma2")
+SLIDING_KINDS = ("mistral", "qwen2", "gemma2")
 
 
 def hf_attn_implementation(kind: str) -> str | None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from caprese.model.ffn import DenseFFN
+from caprese.model.ffn import DenseFFN, FFNContext
 from caprese.model.kv_cache import StaticKVCache
 from caprese.model.rope import apply_rope, rope_table
 from caprese.model.spec import ModelSpec
@@ -96,13 +96,13 @@ class Block(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, eps, gemma)
         self.gemma = gemma
 
-    def forward(self, x, cos, sin, start, mask):
+    def forward(self, x, cos, sin, start, mask, ctx: FFNContext):
         h = self.self_attn(self.input_layernorm(x), cos, sin, start, mask)
         if self.gemma:
             x = x + self.post_attention_layernorm(h)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), ctx))
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), ctx)
 
 
 class Backbone(nn.Module):
@@ -139,8 +139,12 @@ class Decoder(nn.Module):
         self.rope_cos, self.rope_sin = cos.to(w.device), sin.to(w.device)
         self.max_len, self.batch = max_len, batch
 
-    def hidden_states(self, tokens: torch.Tensor, start: int, pad: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-normed hidden states [B, T, D] for tokens [B, T] written at slots start.. of the cache."""
+    def hidden_states(self, tokens: torch.Tensor, start: int, pad: torch.Tensor | None = None,
+                      phase: str | None = None) -> torch.Tensor:
+        """Final-normed hidden states [B, T, D] for tokens [B, T] written at slots start.. of the cache.
+
+        phase: "prefill" or "decode" for the FFNs (default: prefill when T > 1, else decode).
+        """
         b, t = tokens.shape
         end = start + t
         if end > self.max_len:
@@ -153,8 +157,10 @@ class Decoder(nn.Module):
         cos = self.rope_cos[pos].to(x.dtype)[:, None]
         sin = self.rope_sin[pos].to(x.dtype)[:, None]
         masks = {w: self._mask(start, end, w, pad) for w in set(self.spec.sliding_windows)}
+        valid = None if pad is None else slots[None] >= pad[:, None]
+        ctx = FFNContext(phase or ("prefill" if t > 1 else "decode"), start, valid)
         for layer in self.layers:
-            x = layer(x, cos, sin, start, masks[layer.self_attn.window])
+            x = layer(x, cos, sin, start, masks[layer.self_attn.window], ctx)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -164,8 +170,8 @@ class Decoder(nn.Module):
         return out
 
     def forward(self, tokens: torch.Tensor, start: int, pad: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        h = self.hidden_states(tokens, start, pad)
+                last_only: bool = False, phase: str | None = None) -> torch.Tensor:
+        h = self.hidden_states(tokens, start, pad, phase)
         return self.logits(h[:, -1:] if last_only else h)
 
     def _mask(self, start: int, end: int, window: int | None, pad: torch.Tensor | None):

@@ -60,21 +60,32 @@ def _sync(device: torch.device) -> None:
 
 def prefill(model: Decoder, tokens: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
     """Run the prompt [B, T] from slot 0; return the last position's logits [B, V]."""
-    return model(tokens, 0, pad, last_only=True)[:, -1]
+    return model(tokens, 0, pad, last_only=True, phase="prefill")[:, -1]
 
 
 def decode_one_token(model: Decoder, token: torch.Tensor, slot: int, pad: torch.Tensor | None = None) -> torch.Tensor:
     """One new token per sequence ([B, 1]) at cache slot `slot`; return logits [B, V]."""
-    return model(token, slot, pad)[:, -1]
+    return model(token, slot, pad, phase="decode")[:, -1]
 
 
 def decode_n_tokens(model: Decoder, token: torch.Tensor, slot: int, n: int, sampling: Sampling,
                     generator: torch.Generator | None = None, pad: torch.Tensor | None = None,
-                    on_step: Callable[[torch.Tensor], bool] | None = None) -> list[torch.Tensor]:
-    """Up to n steps from `token` ([B]) at `slot`; `on_step(new_token)` returning True stops early."""
-    out = []
+                    on_step: Callable[[torch.Tensor], bool] | None = None,
+                    reselect_every: int = 0) -> list[torch.Tensor]:
+    """Up to n steps from `token` ([B]) at `slot`; `on_step(new_token)` returning True stops early.
+
+    reselect_every = ρ > 0: every ρ-th step runs the last ρ fed tokens through the prefill (dense) path instead
+    of a single decode step. That refreshes their KV entries and lets prompt-adaptive FFNs re-select (GRIFFIN).
+    """
+    out, fed = [], []
     for i in range(n):
-        token = sample(decode_one_token(model, token[:, None], slot + i, pad), sampling, generator)
+        fed.append(token)
+        if reselect_every and len(fed) % reselect_every == 0:
+            window = torch.stack(fed[-reselect_every:], dim=1)
+            logits = model(window, slot + i - reselect_every + 1, pad, last_only=True, phase="prefill")[:, -1]
+        else:
+            logits = decode_one_token(model, token[:, None], slot + i, pad)
+        token = sample(logits, sampling, generator)
         out.append(token)
         if on_step is not None and on_step(token):
             break
@@ -92,7 +103,7 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 @torch.inference_mode()
 def generate(model: Decoder, prompts: list[int] | list[list[int]], max_new_tokens: int,
              sampling: Sampling = Sampling(), eos_ids: tuple[int, ...] = (),
-             on_token: Callable[[int], None] | None = None) -> GenerationResult:
+             on_token: Callable[[int], None] | None = None, reselect_every: int = 0) -> GenerationResult:
     """Generate for one prompt (list of ids) or a batch (list of lists, left-padded) until EOS or max_new_tokens.
 
     `on_token` streams batch-1 tokens as they are chosen. The KV cache is reused when big enough.
@@ -141,7 +152,7 @@ def generate(model: Decoder, prompts: list[int] | list[list[int]], max_new_token
             done = done | finished
             return stop
 
-        decode_n_tokens(model, first, t, max_new_tokens - 1, sampling, generator, pad, on_step)
+        decode_n_tokens(model, first, t, max_new_tokens - 1, sampling, generator, pad, on_step, reselect_every)
 
     seqs, reasons = [], []
     all_tokens = torch.stack(produced, dim=1).tolist()

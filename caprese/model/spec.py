@@ -101,8 +101,9 @@ def load_spec(model_dir: str | Path) -> ModelSpec:
 
     try:
         cfg = CONFIG_MAPPING[model_type].from_dict({k: v for k, v in raw.items() if k != "auto_map"})
-    except Exception as e:  # transformers' validators raise many types
-        raise CapreseError(f"config.json is invalid for {model_type}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # transformers' validators raise many types, some with the reason on line 2
+        reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise CapreseError(f"config.json is invalid for {model_type}: {reason}") from None
     return _spec_from_config(cfg, model_dir)
 
 

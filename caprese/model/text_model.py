@@ -36,6 +36,7 @@ class TextModel:
     def __init__(self, decoder: Decoder, tokenizer, model_dir: Path):
         self.decoder, self.tokenizer, self.model_dir = decoder, tokenizer, model_dir
         self.eos_ids = stop_ids(decoder.spec.eos_token_ids, tokenizer)
+        self.label = "dense"  # what runs: "dense", "griffin(d=0.5, first-half)", "caprese(griffin, ...)"
 
     @classmethod
     def load(cls, model_dir: str | Path, precision: str = "fp32", device: str = "cpu") -> "TextModel":
@@ -57,7 +58,7 @@ class TextModel:
 
     def generate(self, prompt: str | list[int], chat: bool = False, system: str | None = None,
                  max_new_tokens: int = 256, sampling: Sampling = Sampling(),
-                 on_text: Callable[[str], None] | None = None) -> TextResult:
+                 on_text: Callable[[str], None] | None = None, reselect_every: int = 0) -> TextResult:
         """Reply to `prompt` (text, or token ids used as they are); `on_text` receives text pieces as they form."""
         ids = list(prompt) if isinstance(prompt, (list, tuple)) else self.encode(prompt, chat, system)
         limit = self.decoder.spec.max_position_embeddings
@@ -73,7 +74,7 @@ class TextModel:
                 if piece:
                     on_text(piece)
 
-        result = generate(self.decoder, ids, max_new_tokens, sampling, self.eos_ids, on_token=on_token)
+        result = generate(self.decoder, ids, max_new_tokens, sampling, self.eos_ids, on_token, reselect_every)
         tokens = result.tokens[0]
         return TextResult(self.tokenizer.decode(tokens, skip_special_tokens=True), tokens, result.stop_reason[0],
                           result.stats)

@@ -1,0 +1,138 @@
+"""Calibration artifact: `caprese.json` (recipe, base model + fingerprint, metrics) + `adapters.safetensors`.
+
+The adapters only make sense on the exact base weights they were trained against, so loading checks a
+fingerprint of the base model (config.json, weight file sizes and sampled bytes) and refuses a mismatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from caprese.calibration.methods import EfficientFFN, apply_method, efficient_layers
+from caprese.errors import CapreseError
+from caprese.model.loading import weight_files
+from caprese.model.spec import read_json
+
+FORMAT = "caprese-artifact"
+VERSION = 1
+MANIFEST = "caprese.json"
+ADAPTERS = "adapters.safetensors"
+_SAMPLE = 1 << 20
+
+
+def fingerprint(model_dir: str | Path) -> str:
+    """sha256 over config.json and, per weight file, its size and its first and last MiB."""
+    model_dir = Path(model_dir)
+    h = hashlib.sha256()
+    h.update(json.dumps(read_json(model_dir / "config.json", "config.json"), sort_keys=True).encode())
+    for f in weight_files(model_dir):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(_SAMPLE))
+            fh.seek(max(0, size - _SAMPLE))
+            h.update(fh.read(_SAMPLE))
+    return h.hexdigest()
+
+
+@dataclasses.dataclass
+class Artifact:
+    path: Path | None
+    base_model: str
+    fingerprint: str
+    method: str
+    density: float
+    layers: list[int]
+    rank: int
+    recipe: dict = dataclasses.field(default_factory=dict)
+    metrics: dict = dataclasses.field(default_factory=dict)
+    adapters: dict[int, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
+
+    def manifest(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "base_model": self.base_model,
+                "fingerprint": self.fingerprint, "method": self.method, "density": self.density,
+                "layers": self.layers, "rank": self.rank, "recipe": self.recipe, "metrics": self.metrics}
+
+    def apply(self, decoder) -> None:
+        """Swap in the method on the artifact's layers and load its trained L, R."""
+        apply_method(decoder, self.method, self.density, self.layers, self.rank)
+        for i, ffn in efficient_layers(decoder).items():
+            if ffn.bypass is not None and i in self.adapters:
+                L, R = self.adapters[i]
+                ffn.bypass.L.data.copy_(L)
+                ffn.bypass.R.data.copy_(R)
+
+
+def collect_adapters(decoder) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    return {i: (f.bypass.L.detach().float().cpu(), f.bypass.R.detach().float().cpu())
+            for i, f in efficient_layers(decoder).items() if isinstance(f, EfficientFFN) and f.bypass is not None}
+
+
+def is_artifact(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def save_artifact(art: Artifact, out: str | Path, force: bool = False) -> Path:
+    """Write atomically: a temporary sibling folder renamed into place."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise CapreseError(f"{out} already exists; pass --force to overwrite it or choose another -o")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        tensors = {}
+        for i, (L, R) in sorted(art.adapters.items()):
+            tensors[f"layers.{i}.L"] = L.contiguous()
+            tensors[f"layers.{i}.R"] = R.contiguous()
+        save_file(tensors, str(tmp / ADAPTERS))
+        (tmp / MANIFEST).write_text(json.dumps(art.manifest(), indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    art.path = out
+    return out
+
+
+def load_artifact(src: str | Path, base_model: str | Path | None = None, check: bool = True) -> Artifact:
+    """Read an artifact folder; verify its base model (or `base_model`, when given) has the same fingerprint."""
+    src = Path(src)
+    m = read_json(src / MANIFEST, MANIFEST)
+    if m.get("format") != FORMAT:
+        raise CapreseError(f"{src / MANIFEST} is not a caprese calibration artifact")
+    if m.get("version") != VERSION:
+        raise CapreseError(f"artifact format version {m.get('version')} is not supported by this caprese "
+                           f"(reads version {VERSION}); recalibrate or upgrade caprese")
+    base = Path(base_model) if base_model else Path(m["base_model"])
+    if check:
+        if not base.is_dir():
+            raise CapreseError(f"the artifact's base model folder {base} is missing; pass the folder it was "
+                               "calibrated on with --base-model")
+        if fingerprint(base) != m["fingerprint"]:
+            raise CapreseError(f"base model {base} does not match the one {src} was calibrated on (fingerprint "
+                               "differs); pass the original model folder with --base-model")
+    adapters = {}
+    if m["rank"]:
+        from safetensors.torch import load_file
+
+        try:
+            t = load_file(str(src / ADAPTERS))
+        except Exception as e:
+            raise CapreseError(f"corrupt or missing {src / ADAPTERS} ({str(e).splitlines()[0] if str(e) else e})"
+                               ) from None
+        for i in m["layers"]:
+            if f"layers.{i}.L" in t:
+                adapters[i] = (t[f"layers.{i}.L"], t[f"layers.{i}.R"])
+    return Artifact(src, str(base), m["fingerprint"], m["method"], m["density"], m["layers"], m["rank"],
+                    m.get("recipe", {}), m.get("metrics", {}), adapters)

@@ -1,0 +1,234 @@
+"""Efficient FFN methods (GRIFFIN, CATS, static magnitude) wrapped around a dense FFN, plus the Caprese bypass.
+
+Every variant runs the dense FFN while the prompt is processed (phase "prefill") and gathers what it needs
+from that pass; it approximates only while decoding (phase "decode"), adding `x·L·R` when it has a bypass.
+A prefill at start == 0 restarts the statistics; a prefill at start > 0 (a GRIFFIN reselection pass over
+generated tokens, or a later chat turn) adds to them, which is the paper's sqrt(s⊙s + s_G⊙s_G).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from caprese.calibration.bypass import LowRankBypass
+from caprese.model.ffn import DenseFFN, FFNContext
+
+METHODS = ("griffin", "cats", "magnitude")
+
+
+def neuron_count(inter: int, density: float) -> int:
+    return max(1, int(inter * density))
+
+
+def griffin_statistic_sq(z: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_t (z_t / ‖z_t‖)² per neuron: [B, T, F] -> [B, F] (float32). GRIFFIN's s is its square root."""
+    zf = z.float()
+    zn = zf / zf.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    sq = zn.square()
+    if valid is not None:
+        sq = sq * valid[..., None]
+    return sq.sum(dim=1)
+
+
+def percentile_linear(values: torch.Tensor, q: float) -> torch.Tensor:
+    """numpy.percentile(values, 100 q) with linear interpolation, for any size (torch.quantile caps at 2^24)."""
+    flat = values.reshape(-1).float().sort().values
+    pos = q * (flat.numel() - 1)
+    lo = int(pos)
+    hi = min(lo + 1, flat.numel() - 1)
+    return flat[lo] + (flat[hi] - flat[lo]) * (pos - lo)
+
+
+class EfficientFFN(nn.Module):
+    """Base: dense in prefill (observing), `approx(x) (+ x L R)` in decode. Keeps `dense` and its projections."""
+
+    method = "dense"
+
+    def __init__(self, dense: DenseFFN, density: float, bypass: LowRankBypass | None = None):
+        super().__init__()
+        if not 0 < density <= 1:
+            raise ValueError("density must be in (0, 1]")
+        self.dense, self.density, self.bypass = dense, density, bypass
+        self.act = dense.act
+
+    # the dense projections stay reachable under the names the FFN contract promises
+    gate_proj = property(lambda self: self.dense.gate_proj)
+    up_proj = property(lambda self: self.dense.up_proj)
+    down_proj = property(lambda self: self.dense.down_proj)
+
+    @property
+    def k(self) -> int:
+        return neuron_count(self.dense.gate_proj.out_features, self.density)
+
+    def forward(self, x: torch.Tensor, ctx: FFNContext | None = None) -> torch.Tensor:
+        if ctx is None or ctx.phase != "decode":
+            g, u = self.dense.gate_proj(x), self.dense.up_proj(x)
+            a = self.act(g)
+            z = a * u
+            self.observe(a, z, ctx or FFNContext("prefill", 0))
+            return self.dense.down_proj(z)
+        out = self.approx(x)
+        return out + self.bypass(x) if self.bypass is not None else out
+
+    def observe(self, a: torch.Tensor, z: torch.Tensor, ctx: FFNContext) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def approx(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _slice_weights(dense: DenseFFN, idx: torch.Tensor):
+    """Rows of W_g, W_1 and columns of W_2 for neuron indices idx ([k] or [B, k])."""
+    g, u, d = dense.gate_proj, dense.up_proj, dense.down_proj
+    wg, wu = g.weight[idx], u.weight[idx]  # [.., k, D]
+    wd = d.weight[:, idx] if idx.dim() == 1 else d.weight.t()[idx].transpose(-1, -2)  # [.., D, k]
+    bg = g.bias[idx] if g.bias is not None else None
+    bu = u.bias[idx] if u.bias is not None else None
+    return wg, wu, wd, bg, bu
+
+
+class _CompactFFN(EfficientFFN):
+    """Decode with per-sequence compact slices [k, D] (the selected neurons only)."""
+
+    idx: torch.Tensor | None = None  # [B, k] selected neurons, sorted
+
+    def set_selection(self, idx: torch.Tensor) -> None:
+        self.idx = idx.sort(dim=-1).values
+        self._w = _slice_weights(self.dense, self.idx)
+
+    def approx(self, x: torch.Tensor) -> torch.Tensor:
+        if self.idx is None:
+            raise RuntimeError(f"{self.method}: decode before any prefill selected neurons")
+        wg, wu, wd, bg, bu = self._w
+        bd = self.dense.down_proj.bias
+        if wg.shape[0] == 1:  # batch 1 (or a static selection broadcast): plain GEMMs on compact weights
+            gx = torch.nn.functional.linear(x, wg[0], None if bg is None else bg[0])
+            ux = torch.nn.functional.linear(x, wu[0], None if bu is None else bu[0])
+            return torch.nn.functional.linear(self.act(gx) * ux, wd[0], bd)
+        gx = torch.bmm(x, wg.transpose(1, 2)) + (0 if bg is None else bg[:, None])
+        ux = torch.bmm(x, wu.transpose(1, 2)) + (0 if bu is None else bu[:, None])
+        out = torch.bmm(self.act(gx) * ux, wd.transpose(1, 2))
+        return out if bd is None else out + bd
+
+
+class GriffinFFN(_CompactFFN):
+    """GRIFFIN: top-k neurons of the prompt's statistic s = ‖row-normalised Z‖ over tokens, per sequence."""
+
+    method = "griffin"
+    stat_sq: torch.Tensor | None = None
+
+    def observe(self, a, z, ctx):
+        sq = griffin_statistic_sq(z, ctx.valid)
+        self.stat_sq = sq if ctx.start == 0 or self.stat_sq is None else self.stat_sq + sq
+        self.set_selection(torch.topk(self.stat_sq, self.k, dim=-1).indices)
+
+
+class MagnitudeFFN(_CompactFFN):
+    """Static baseline: the same k neurons for every prompt, by ‖W_g row‖·‖W_1 row‖."""
+
+    method = "magnitude"
+
+    def __init__(self, dense: DenseFFN, density: float, bypass: LowRankBypass | None = None):
+        super().__init__(dense, density, bypass)
+        score = dense.gate_proj.weight.float().norm(dim=1) * dense.up_proj.weight.float().norm(dim=1)
+        self.set_selection(torch.topk(score, self.k).indices[None])
+
+    def observe(self, a, z, ctx):
+        pass
+
+
+class CatsFFN(EfficientFFN):
+    """CATS: zero act(x W_g) where |.| <= τ, τ = the (1 - density) percentile of the prompt's own |act(x W_g)|.
+
+    With `fixed_tau` set (the original, offline CATS) τ comes from calibration data instead of the prompt.
+    A dense GEMM with a mask gives no speed-up in PyTorch; the speed needs a sparse GEMV kernel.
+    """
+
+    method = "cats"
+    tau: torch.Tensor | None = None  # [B]
+    fixed_tau: float | None = None
+    _tokens: int = 0
+
+    def observe(self, a, z, ctx):
+        if self.fixed_tau is not None:
+            return
+        q = 1.0 - self.density
+        taus, counts = [], []
+        for b in range(a.shape[0]):
+            vals = a[b].abs() if ctx.valid is None else a[b][ctx.valid[b]].abs()
+            taus.append(percentile_linear(vals, q))
+            counts.append(vals.shape[0])
+        tau = torch.stack(taus)
+        if ctx.start == 0 or self.tau is None:
+            self.tau, self._tokens = tau, counts[0]
+        else:  # a later prefill chunk: token-weighted mean of the chunks' percentiles (an approximation)
+            n = counts[0]
+            self.tau = (self.tau * self._tokens + tau * n) / (self._tokens + n)
+            self._tokens += n
+
+    def threshold(self, batch: int, device) -> torch.Tensor:
+        if self.fixed_tau is not None:
+            return torch.full((batch,), self.fixed_tau, device=device)
+        if self.tau is None:
+            raise RuntimeError("cats: decode before any prefill set τ")
+        return self.tau
+
+    def approx(self, x):
+        a = self.act(self.dense.gate_proj(x))
+        tau = self.threshold(x.shape[0], x.device).to(a.dtype)
+        a = torch.where(a.abs() > tau[:, None, None], a, torch.zeros((), dtype=a.dtype))
+        return self.dense.down_proj(a * self.dense.up_proj(x))
+
+
+_CLASSES = {"griffin": GriffinFFN, "cats": CatsFFN, "magnitude": MagnitudeFFN}
+
+
+def parse_layers(layers: str | list[int], num_layers: int) -> list[int]:
+    """'all', 'first-half' (the paper's GRIFFIN default), 'second-half', or a list like '0,2,5-9'."""
+    if isinstance(layers, (list, tuple)):
+        out = sorted(set(int(i) for i in layers))
+    elif layers == "all":
+        out = list(range(num_layers))
+    elif layers == "first-half":
+        out = list(range(num_layers // 2))
+    elif layers == "second-half":
+        out = list(range(num_layers // 2, num_layers))
+    else:
+        out = set()
+        try:
+            for part in str(layers).split(","):
+                if "-" in part:
+                    lo, hi = part.split("-")
+                    out.update(range(int(lo), int(hi) + 1))
+                elif part.strip():
+                    out.add(int(part))
+        except ValueError:
+            raise ValueError(f"layers must be all, first-half, second-half or a list like 0,2,5-9; got {layers!r}")
+        out = sorted(out)
+    bad = [i for i in out if not 0 <= i < num_layers]
+    if bad or not out:
+        raise ValueError(f"layer indices {bad or out} are outside 0..{num_layers - 1}")
+    return out
+
+
+def apply_method(decoder, method: str, density: float, layers: str | list[int] = "first-half",
+                 rank: int = 0, seed: int = 0) -> list[int]:
+    """Replace the FFN of each selected layer with `method` (and a rank-`rank` bypass if rank > 0), in place."""
+    if method not in _CLASSES:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    idx = parse_layers(layers, decoder.spec.num_layers)
+    d = decoder.spec.hidden_size
+    if rank < 0 or rank >= d:
+        raise ValueError(f"rank must be in [0, hidden size {d}); got {rank}")
+    for i in idx:
+        layer = decoder.layers[i]
+        dense = layer.mlp.dense if isinstance(layer.mlp, EfficientFFN) else layer.mlp
+        w = dense.gate_proj.weight
+        bypass = LowRankBypass(d, rank, w.dtype, w.device, seed=seed + i) if rank else None
+        layer.mlp = _CLASSES[method](dense, density, bypass)
+    return idx
+
+
+def efficient_layers(decoder) -> dict[int, EfficientFFN]:
+    return {i: layer.mlp for i, layer in enumerate(decoder.layers) if isinstance(layer.mlp, EfficientFFN)}

@@ -1,0 +1,33 @@
+"""Open what a user points `generate` / `eval` at: a plain HF folder (optionally + a method) or an artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from caprese.calibration.artifact import is_artifact, load_artifact
+from caprese.calibration.methods import apply_method
+from caprese.errors import CapreseError
+from caprese.model.text_model import TextModel
+
+
+def open_source(src: str | Path, method: str | None = None, density: float = 0.5, layers: str = "first-half",
+                precision: str = "fp32", device: str = "cpu", base_model: str | None = None) -> TextModel:
+    """A TextModel for SRC. An artifact brings its own method and adapters; a plain folder takes `method`
+    (no adapters: the plain GRIFFIN / CATS / magnitude baseline) or runs dense when method is None."""
+    if is_artifact(src):
+        art = load_artifact(src, base_model)
+        if method is not None and method != art.method:
+            raise CapreseError(f"{src} was calibrated with --method {art.method}; drop --method or pass {art.method}")
+        tm = TextModel.load(art.base_model, precision, device)
+        art.apply(tm.decoder)
+        tm.label = f"caprese({art.method}, d={art.density}, r={art.rank})"
+        return tm
+    tm = TextModel.load(src, precision, device)
+    tm.label = "dense"
+    if method is not None and method != "dense":
+        try:
+            apply_method(tm.decoder, method, density, layers, rank=0)
+        except ValueError as e:
+            raise CapreseError(str(e)) from None
+        tm.label = f"{method}(d={density}, {layers})"
+    return tm
