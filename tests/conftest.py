@@ -30,3 +30,28 @@ def tiny_model_dir(tmp_path_factory):
 def model_kind_dir(request, tiny_model_dir):
     """(kind, folder) for every tiny model kind."""
     return request.param, tiny_model_dir(request.param)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _has_tensorrt() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests skip without CUDA, `tensorrt` tests skip where `import tensorrt` fails: cleanly, with a reason."""
+    skip_gpu = None if _has_cuda() else pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    skip_trt = None if _has_tensorrt() else pytest.mark.skip(reason="needs TensorRT (`import tensorrt` failed)")
+    for item in items:
+        if skip_gpu is not None and "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+        if skip_trt is not None and "tensorrt" in item.keywords:
+            item.add_marker(skip_trt)

@@ -52,30 +52,61 @@ def fetch_default_cmd(force: bool) -> None:
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="1 = off.")
 @click.option("--seed", default=None, type=int, help="Seed for sampling (reproducible output).")
+@click.option("--method", type=click.Choice(["dense", "griffin", "cats", "magnitude"]), default=None,
+              help="Efficient FFN for decoding, without adapters (the plain baseline). An artifact brings its own.")
+@click.option("--density", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Share of FFN neurons kept (GRIFFIN/magnitude) or of activations kept (CATS).")
+@click.option("--layers", default="first-half", show_default=True,
+              help="Approximated layers: all, first-half, second-half, or a list like 0,2,5-9.")
+@click.option("--reselect-every", default=0, show_default=True, type=click.IntRange(min=0),
+              help="GRIFFIN: re-select neurons every N decode steps after a dense pass over them (0 = never).")
+@click.option("--base-model", default=None, type=click.Path(path_type=str),
+              help="For an artifact: the base model folder, when it has moved since calibration.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text + latency) instead of streaming.")
 def generate_cmd(model_dir, prompt, chat, system, max_new_tokens, precision, device, temperature, top_k, top_p,
-                 seed, as_json) -> None:
-    """Generate a reply from MODEL_DIR (a local Hugging Face folder) with the PyTorch reference decoder.
+                 seed, method, density, layers, reselect_every, base_model, as_json) -> None:
+    """Generate a reply with the PyTorch reference decoder.
+
+    MODEL_DIR is a local Hugging Face folder, or a calibration artifact from `caprese calibrate` (which names
+    its base model and brings the method and adapters). Prefill always runs the dense model; --method swaps
+    the FFN of --layers for decoding.
 
     Text streams to stdout; a latency report (time to first token, ms per output token) goes to stderr.
     With --json, stdout gets one object: text, prompt_tokens, tokens_generated, ttft_ms, ms_per_token,
-    tokens_per_s, stop_reason.
+    tokens_per_s, stop_reason, method.
     """
+    from caprese.calibration.source import open_source
     from caprese.model.sampling import Sampling
-    from caprese.model.text_model import TextModel
 
-    model = TextModel.load(model_dir, precision, device)
+    model = open_source(model_dir, method, density, layers, precision, device, base_model)
     stream = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
-    result = model.generate(prompt, chat, system, max_new_tokens, Sampling(temperature, top_k, top_p, seed), stream)
+    result = model.generate(prompt, chat, system, max_new_tokens, Sampling(temperature, top_k, top_p, seed), stream,
+                            reselect_every)
     if as_json:
-        click.echo(json.dumps({**result.to_dict(), "model_dir": str(model_dir), "backend": "torch",
-                               "device": device, "precision": precision}))
+        click.echo(json.dumps({**result.to_dict(), "model_dir": str(model_dir), "method": model.label,
+                               "backend": "torch", "device": device, "precision": precision}))
         return
     s = result.stats
     click.echo("")
     click.echo(f"[caprese] prompt {s.prompt_tokens} tokens | generated {s.tokens_generated} ({result.stop_reason}) | "
                f"TTFT {s.ttft_ms:.1f} ms | {s.ms_per_token:.2f} ms/token (p50 {s.percentile(50):.2f}, "
                f"p90 {s.percentile(90):.2f}) | {s.tokens_per_s:.1f} tokens/s", err=True)
+
+
+def _register_optional_commands() -> None:
+    """Commands that live in their own modules (each importing only what it needs, lazily)."""
+    import importlib
+
+    for module, attr, name in (("caprese.cli.calibrate_command", "calibrate_command", "calibrate"),
+                               ("caprese.cli.eval_command", "eval_command", "eval")):
+        try:
+            cli.add_command(getattr(importlib.import_module(module), attr), name)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+
+
+_register_optional_commands()
 
 
 def main() -> None:
