@@ -168,6 +168,8 @@ class CatsFFN(EfficientFFN):
             self._tokens += n
 
     def threshold(self, batch: int, device) -> torch.Tensor:
+        if self.density >= 1:  # keep everything: the prompt's minimum |a| as τ would still drop the smallest
+            return torch.full((batch,), float("-inf"), device=device)
         if self.fixed_tau is not None:
             return torch.full((batch,), self.fixed_tau, device=device)
         if self.tau is None:
