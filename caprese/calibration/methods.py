@@ -148,7 +148,7 @@ class CatsFFN(EfficientFFN):
     method = "cats"
     tau: torch.Tensor | None = None  # [B]
     fixed_tau: float | None = None
-    _tokens: int = 0
+    _tokens: torch.Tensor | None = None  # [B] prompt tokens behind τ, per row
 
     def observe(self, a, z, ctx):
         if self.fixed_tau is not None:
@@ -159,13 +159,12 @@ class CatsFFN(EfficientFFN):
             vals = a[b].abs() if ctx.valid is None else a[b][ctx.valid[b]].abs()
             taus.append(percentile_linear(vals, q))
             counts.append(vals.shape[0])
-        tau = torch.stack(taus)
+        tau, n = torch.stack(taus), torch.tensor(counts, dtype=torch.float32, device=a.device)
         if ctx.start == 0 or self.tau is None:
-            self.tau, self._tokens = tau, counts[0]
+            self.tau, self._tokens = tau, n
         else:  # a later prefill chunk: token-weighted mean of the chunks' percentiles (an approximation)
-            n = counts[0]
             self.tau = (self.tau * self._tokens + tau * n) / (self._tokens + n)
-            self._tokens += n
+            self._tokens = self._tokens + n
 
     def threshold(self, batch: int, device) -> torch.Tensor:
         if self.density >= 1:  # keep everything: the prompt's minimum |a| as τ would still drop the smallest

@@ -25,7 +25,8 @@ class Problem:
 def _make(rng: random.Random) -> Problem:
     kind = rng.randrange(6)
     a, b = rng.randint(2, 60), rng.randint(2, 40)
-    name, other, item = rng.choice(_NAMES), rng.choice(_NAMES), rng.choice(_ITEMS)
+    name, other = rng.sample(_NAMES, 2)
+    item = rng.choice(_ITEMS)
     if kind == 0:
         return Problem(f"What is {a} + {b}?", a + b)
     if kind == 1:
