@@ -1,8 +1,9 @@
 """Arithmetic and word problems generated in code: the built-in calibration prompts and the built-in eval task.
 
-Deterministic per (split, index): the "train" split feeds calibration, the "test" split feeds `caprese eval`,
-and the two never share a problem (each problem's text is checked against the other split's generator space
-by construction: different seeds, and eval problems are de-duplicated against the first 20K train problems).
+Deterministic per (split, index): the "train" split feeds calibration, the "test" split feeds `caprese eval`.
+Test problems are de-duplicated against the first 2,000 train problems (ten times the default calibration set;
+a larger set would exclude almost every short "What is a + b?" from the test split). Calibration never sees a
+gold answer, only the dense model's own replies, so an overlap beyond that would not leak answers.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import dataclasses
 import random
 
 REASON_PREFIX = "Please reason step by step."
+TRAIN_EXCLUDED = 2000
 
 _NAMES = ["Tom", "Mia", "Ali", "Sara", "Ben", "Lena", "Omar", "Nina", "Ravi", "Emma", "Kai", "Zoe"]
 _ITEMS = ["apples", "pencils", "marbles", "books", "cookies", "stickers", "coins", "cards", "shells", "eggs"]
@@ -47,13 +49,13 @@ def _make(rng: random.Random) -> Problem:
 
 
 def problems(split: str, n: int, seed: int = 0) -> list[Problem]:
-    """n problems of `split` ("train" or "test"); test problems never appear among the first 20K train ones."""
+    """n problems of `split` ("train" or "test"); test problems never appear among the first 2,000 train ones."""
     if split not in ("train", "test"):
         raise ValueError("split must be 'train' or 'test'")
     if split == "train":
         rng = random.Random(f"caprese-train-{seed}")
         return [_make(rng) for _ in range(n)]
-    train = {p.question for p in problems("train", 20000, seed)}
+    train = {p.question for p in problems("train", TRAIN_EXCLUDED, seed)}
     rng = random.Random(f"caprese-test-{seed}")
     out: list[Problem] = []
     seen: set[str] = set()
