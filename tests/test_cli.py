@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from caprese.cli.main import main as caprese_main
-from caprese.cli.export_command import main as export_main
 
 BIN = Path(sys.executable).parent
 
@@ -143,9 +142,3 @@ def test_installed_scripts_exit_codes(tmp_path):
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "not found" in p.stderr, p.stderr
     p = subprocess.run([BIN / "caprese-export", "--help"], capture_output=True, text=True)
     assert p.returncode == 0 and "SRC" in p.stdout
-
-
-def test_export_stub_says_not_implemented(tmp_path, monkeypatch, capsys):
-    rc, _, err = run_cli(export_main, [tmp_path, "-o", tmp_path / "engine"], monkeypatch, capsys)
-    assert_one_line_error(rc, err, "not implemented")
-    assert not (tmp_path / "engine").exists()

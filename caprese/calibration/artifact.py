@@ -67,6 +67,7 @@ class Artifact:
                 L, R = self.adapters[i]
                 ffn.bypass.L.data.copy_(L)
                 ffn.bypass.R.data.copy_(R)
+        decoder.requires_grad_(False)
 
 
 def collect_adapters(decoder) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -103,6 +104,9 @@ def load_artifact(src: str | Path, base_model: str | Path | None = None, check: 
     if m.get("version") != VERSION:
         raise CapreseError(f"artifact format version {m.get('version')} is not supported by this caprese "
                            f"(reads version {VERSION}); recalibrate or upgrade caprese")
+    missing = [k for k in ("base_model", "fingerprint", "method", "density", "layers", "rank") if k not in m]
+    if missing:
+        raise CapreseError(f"{src / MANIFEST} lacks {', '.join(missing)}; the artifact is damaged, recalibrate")
     base = Path(base_model) if base_model else Path(m["base_model"])
     if check:
         if not base.is_dir():

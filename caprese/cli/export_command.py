@@ -8,17 +8,71 @@ from caprese.cli.entry import run
 from caprese.errors import CapreseError
 
 
-@click.command("export", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("export", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("src", type=click.Path(path_type=str))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str), help="Engine folder to create.")
-def export(src: str, out: str) -> None:
-    """Export SRC (a Hugging Face model folder or a calibration artifact) to an engine folder.
+@click.option("-o", "--output", "out", default=None, type=click.Path(path_type=str),
+              help="Engine folder to create (required unless --check is given alone).")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="Weights, activations and KV cache dtype; reductions, selection statistics and logits stay fp32.")
+@click.option("--max-seq-len", default=None, type=click.IntRange(min=2),
+              help="Longest prompt + generation the engine serves (RoPE table, KV buffers, TensorRT profiles). "
+                   "Default: the model's context, at most 4096.")
+@click.option("--max-prompt-len", default=None, type=click.IntRange(min=1),
+              help="Longest prompt (prefill profile). Default: --max-seq-len - 1.")
+@click.option("--engine/--no-engine", default=False, show_default=True,
+              help="Also build TensorRT engines (needs TensorRT and an NVIDIA GPU).")
+@click.option("--check", is_flag=True,
+              help="Run the static TensorRT operator check and print every violation. Alone (no -o): check SRC, "
+                   "an engine folder or an .onnx file.")
+@click.option("--force", is_flag=True, help="Replace an existing engine folder.")
+@click.option("--base-model", default=None, type=click.Path(path_type=str),
+              help="For an artifact: its base model folder, when it has moved since calibration.")
+@click.option("--max-batch", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Largest batch of the TensorRT profiles.")
+@click.option("--timing-cache", default=None, type=click.Path(path_type=str),
+              help="TensorRT timing cache file to reuse and update across builds.")
+def export(src: str, out: str | None, precision: str, max_seq_len: int | None, max_prompt_len: int | None,
+           engine: bool, check: bool, force: bool, base_model: str | None, max_batch: int,
+           timing_cache: str | None) -> None:
+    """Export SRC (a Hugging Face model folder, or a calibration artifact from `caprese calibrate`) to ENGINE_DIR.
 
-    Not implemented in this release: the exporter (ONNX prefill/decode graphs, TensorRT engines) lands with
-    the export work item. The command is registered now so scripts can depend on its name.
+    \b
+    ENGINE_DIR gets prefill.onnx and decode.onnx (standard ONNX opset 24, one shared weights.bin), the
+    tokenizer files and manifest.json; with --engine, TensorRT plans too. A dense folder exports the dense
+    model; an artifact exports its method (GRIFFIN: the decode graph takes the per-prompt folded matrices
+    [W_g, W_1, L] and [W_2; R] as inputs; CATS: thresholds inside the graph) with the bypass folded in.
+    Every export checks both graphs against TensorRT's ONNX operator table.
     """
-    raise CapreseError("caprese-export is not implemented yet in this version; "
-                       "use `caprese generate MODEL_DIR` to run a model with the PyTorch reference decoder")
+    from caprese.export.exporter import check_folder, export as run_export
+
+    def log(msg: str) -> None:
+        click.echo(f"[caprese-export] {msg}", err=True)
+
+    if out is None:
+        if not check:
+            raise click.UsageError("missing -o/--output ENGINE_DIR (or pass --check to only check SRC)")
+        _report(check_folder(src))
+        return
+    result = run_export(src, out, precision=precision, max_seq_len=max_seq_len, max_prompt_len=max_prompt_len,
+                        engine=engine, force=force, base_model=base_model, max_batch=max_batch,
+                        timing_cache=timing_cache, log=log)
+    if check:
+        _report(check_folder(result.out))
+    click.echo(str(result.out))
+
+
+def _report(results: dict) -> None:
+    from caprese.export.tensorrt_ops import TENSORRT_TABLE_VERSION
+
+    total = 0
+    for name, violations in results.items():
+        for v in violations:
+            click.echo(f"{name}: {v}")
+        total += len(violations)
+        if not violations:
+            click.echo(f"{name}: passes the static TensorRT {TENSORRT_TABLE_VERSION} check")
+    if total:
+        raise CapreseError(f"{total} TensorRT violation(s) in {', '.join(results)} (listed above)")
 
 
 def main() -> None:

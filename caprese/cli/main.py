@@ -98,7 +98,8 @@ def _register_optional_commands() -> None:
     import importlib
 
     for module, attr, name in (("caprese.cli.calibrate_command", "calibrate_command", "calibrate"),
-                               ("caprese.cli.eval_command", "eval_command", "eval")):
+                               ("caprese.cli.eval_command", "eval_command", "eval"),
+                               ("caprese.cli.export_command", "export", "export")):
         try:
             cli.add_command(getattr(importlib.import_module(module), attr), name)
         except ModuleNotFoundError as e:

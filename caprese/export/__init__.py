@@ -1,1 +1,8 @@
-"""caprese.export: filled in by its own issue."""
+"""caprese.export: ONNX prefill/decode graphs (standard opset 24), the static TensorRT check, TensorRT engines.
+
+    from caprese.export.exporter import export
+    export("path/to/hf-folder-or-artifact", "engine_dir", precision="fp32", max_seq_len=2048)
+
+contract.py is the graph I/O contract every runtime follows; manifest.py reads ENGINE_DIR/manifest.json;
+folding.py turns GRIFFIN's prefill statistic into the decode graph's folded weight inputs.
+"""

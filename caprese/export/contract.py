@@ -1,0 +1,255 @@
+"""THE graph I/O contract between `caprese-export` and every runtime: names, shapes, dtypes, node naming.
+
+Everything a runtime needs to drive the exported graphs is defined here and nowhere else; the exporter builds
+its graphs from these definitions, the manifest records `GraphLayout.to_dict()` + the I/O lists, and the
+runtime rebuilds the lists from the manifest with the same functions and compares.
+
+Two graphs (ENGINE_DIR/prefill.onnx, ENGINE_DIR/decode.onnx) share one external-data file (weights.bin):
+every weight is stored once and both graphs' initializers point at the same offsets.
+
+Inputs (both graphs; `batch`, `seq`, `cache_len` are symbolic dims, decode has seq = 1):
+  input_ids        [batch, seq]                    int64   token ids of the new tokens
+  position_ids     [batch, seq]                    int64   RoPE positions (slot - left padding of the row)
+  write_indices    [batch]                         int64   cache slot of the first new token of each row
+  attention_mask   [batch, cache_len]              int64   1 = the slot holds (or will hold) a real token,
+                                                           0 = left padding; causality and sliding windows
+                                                           are applied inside the graph
+  past_key.{i}     [batch, kv_heads, cache_len, head_dim]  the KV buffers, allocated ONCE at the runtime's
+  past_value.{i}   [batch, kv_heads, cache_len, head_dim]  maximum length (cache_len <= max_seq_len)
+Outputs (both graphs):
+  logits           [batch, 1, vocab]               float32 logits of the LAST new token of each row
+  present_key.{i}  same as past_key.{i}            the same buffer with the new tokens written at
+  present_value.{i}                                write_indices (TensorScatter, axis -2). Runtimes bind
+                                                   present_* to the SAME memory as past_* (ONNX Runtime IO
+                                                   binding / TensorRT: the same device pointer), so the
+                                                   cache is updated in place and never copied per token.
+Prefill only (selection statistics of the approximated layers, for the prompt tokens of this call):
+  griffin_stat.{i} [batch, intermediate]           float32 Σ_t (z_t / ‖z_t‖)² over the valid new tokens;
+                                                   GRIFFIN's s is its square root. A later prefill call
+                                                   (reselection / chunked prompt) returns the sum over its
+                                                   own tokens: the runtime adds it to the running value.
+  cats_tau.{i}     [batch]                         float32 a threshold τ with the same kept set as the
+                                                   (1 - density) percentile of |act(x W_g)| over the
+                                                   valid new tokens (see onnx_graph.cats_threshold)
+Decode only:
+  w_gul.{i}        [batch, hidden, 2k + r]         GRIFFIN layers: [Ŵ_g, Ŵ_1, L], the compact gate / up
+  w_dr.{i}         [batch, k + r, hidden]          columns of the selected neurons + the bypass, and
+                                                   [Ŵ_2 ; R]; filled by the runtime once per prompt (and
+                                                   per reselection) into persistent buffers
+  b_gul.{i}        [batch, 2k + r]                 GRIFFIN layers of models with MLP biases only: the
+                                                   selected gate / up biases, then r zeros
+  cats_tau.{i}     [batch]                         CATS layers: the threshold (from prefill, or a fixed τ)
+Dense layers keep constant weights in both graphs.
+
+Node names: `/model/{embed,rope,mask,norm}/<op>`, `/model/layers.{i}/<scope>/<op>` with scope one of
+LAYER_SCOPES, and `/lm_head/<op>`; `<op>` is [A-Za-z0-9_.]+ and unique within the graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+FORMAT_VERSION = 1
+OPSET = 24
+IR_VERSION = 11
+
+PREFILL, DECODE = "prefill", "decode"
+GRAPHS = (PREFILL, DECODE)
+GRAPH_FILES = {PREFILL: "prefill.onnx", DECODE: "decode.onnx"}
+WEIGHTS_FILE = "weights.bin"
+WEIGHT_ALIGNMENT = 4096  # every tensor in weights.bin starts at a page boundary (mmap-friendly)
+
+# symbolic dimensions
+BATCH, SEQ, CACHE_LEN = "batch", "seq", "cache_len"
+
+# graph I/O names
+INPUT_IDS = "input_ids"
+POSITION_IDS = "position_ids"
+WRITE_INDICES = "write_indices"
+ATTENTION_MASK = "attention_mask"
+LOGITS = "logits"
+
+# per-layer FFN kinds in the graphs
+DENSE, GRIFFIN, CATS = "dense", "griffin", "cats"
+LAYER_KINDS = (DENSE, GRIFFIN, CATS)
+
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+MODEL_SCOPES = ("embed", "rope", "mask", "norm")
+LAYER_SCOPES = ("input_norm", "attn", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm", "mlp", "residual")
+NODE_NAME_RE = re.compile(
+    r"^(/model/(?:%s)|/model/layers\.(?P<layer>\d+)/(?:%s)|/lm_head)/[A-Za-z0-9_.]+$"
+    % ("|".join(MODEL_SCOPES), "|".join(LAYER_SCOPES)))
+
+
+def past_key(i: int) -> str:
+    return f"past_key.{i}"
+
+
+def past_value(i: int) -> str:
+    return f"past_value.{i}"
+
+
+def present_key(i: int) -> str:
+    return f"present_key.{i}"
+
+
+def present_value(i: int) -> str:
+    return f"present_value.{i}"
+
+
+def griffin_stat(i: int) -> str:
+    return f"griffin_stat.{i}"
+
+
+def cats_tau(i: int) -> str:
+    return f"cats_tau.{i}"
+
+
+def w_gul(i: int) -> str:
+    return f"w_gul.{i}"
+
+
+def w_dr(i: int) -> str:
+    return f"w_dr.{i}"
+
+
+def b_gul(i: int) -> str:
+    return f"b_gul.{i}"
+
+
+def node_name(scope: str, op: str, layer: int | None = None) -> str:
+    """The contract's name for a node: scope from MODEL_SCOPES / LAYER_SCOPES (layer given) or 'lm_head'."""
+    if scope == "lm_head":
+        name = f"/lm_head/{op}"
+    elif layer is None:
+        if scope not in MODEL_SCOPES:
+            raise ValueError(f"unknown model scope {scope!r}")
+        name = f"/model/{scope}/{op}"
+    else:
+        if scope not in LAYER_SCOPES:
+            raise ValueError(f"unknown layer scope {scope!r}")
+        name = f"/model/layers.{layer}/{scope}/{op}"
+    if not NODE_NAME_RE.match(name):
+        raise ValueError(f"node name {name!r} breaks the naming contract")
+    return name
+
+
+# weights.bin tensors a runtime reads itself to fold GRIFFIN's compact matrices (names inside weights.bin; the
+# manifest's "weights" table gives offset, shape and dtype). Math layout [in, out]: the gate/up matrix holds the
+# gate columns then the up columns, so neuron j is columns j and F + j, and row j of the down matrix.
+def fold_tensors(i: int, rank: int, mlp_bias: bool) -> dict:
+    names = {"gate_up": f"model.layers.{i}.mlp.gate_up_proj.weight.t",  # [hidden, 2 * intermediate]
+             "down": f"model.layers.{i}.mlp.down_proj.weight.t"}  # [intermediate, hidden]
+    if mlp_bias:
+        names["gate_up_bias"] = f"model.layers.{i}.mlp.gate_up_proj.bias"  # [2 * intermediate]
+    if rank:
+        names["L"] = f"model.layers.{i}.mlp.bypass.L"  # [hidden, r]
+        names["R"] = f"model.layers.{i}.mlp.bypass.R"  # [r, hidden]
+    return names
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy-style name: float32, float16, bfloat16, int64
+    shape: tuple  # ints, or symbolic dim names
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphLayout:
+    """The facts the I/O contract depends on; recorded in the manifest, enough to rebuild every I/O list."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    precision: str  # fp32 | fp16 | bf16: weights, activations and the KV cache
+    layer_kinds: tuple  # per layer: DENSE | GRIFFIN | CATS
+    k: int = 0  # GRIFFIN neurons kept per approximated layer (0 when no GRIFFIN layer)
+    rank: int = 0  # bypass rank r (0: no bypass)
+    mlp_bias: bool = False
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}")
+        if len(self.layer_kinds) != self.num_layers or any(k not in LAYER_KINDS for k in self.layer_kinds):
+            raise ValueError(f"layer_kinds must name one of {LAYER_KINDS} per layer")
+        if GRIFFIN in self.layer_kinds and not 0 < self.k <= self.intermediate_size:
+            raise ValueError("GRIFFIN layers need 0 < k <= intermediate_size")
+
+    @property
+    def dtype(self) -> str:
+        return PRECISIONS[self.precision]
+
+    def layers_of(self, kind: str) -> list[int]:
+        return [i for i, k in enumerate(self.layer_kinds) if k == kind]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layer_kinds"] = list(self.layer_kinds)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GraphLayout":
+        d = dict(d)
+        d["layer_kinds"] = tuple(d["layer_kinds"])
+        return cls(**d)
+
+    # ---- I/O lists, in graph order ----
+    def _cache(self, name: str) -> TensorSpec:
+        return TensorSpec(name, self.dtype, (BATCH, self.num_kv_heads, CACHE_LEN, self.head_dim))
+
+    def inputs(self, graph: str) -> list[TensorSpec]:
+        seq = SEQ if graph == PREFILL else 1
+        out = [TensorSpec(INPUT_IDS, "int64", (BATCH, seq)),
+               TensorSpec(POSITION_IDS, "int64", (BATCH, seq)),
+               TensorSpec(WRITE_INDICES, "int64", (BATCH,)),
+               TensorSpec(ATTENTION_MASK, "int64", (BATCH, CACHE_LEN))]
+        for i in range(self.num_layers):
+            out += [self._cache(past_key(i)), self._cache(past_value(i))]
+        if graph == DECODE:
+            k, r, d = self.k, self.rank, self.hidden_size
+            for i, kind in enumerate(self.layer_kinds):
+                if kind == GRIFFIN:
+                    out += [TensorSpec(w_gul(i), self.dtype, (BATCH, d, 2 * k + r)),
+                            TensorSpec(w_dr(i), self.dtype, (BATCH, k + r, d))]
+                    if self.mlp_bias:
+                        out.append(TensorSpec(b_gul(i), self.dtype, (BATCH, 2 * k + r)))
+                elif kind == CATS:
+                    out.append(TensorSpec(cats_tau(i), "float32", (BATCH,)))
+        elif graph != PREFILL:
+            raise ValueError(f"unknown graph {graph!r}")
+        return out
+
+    def outputs(self, graph: str) -> list[TensorSpec]:
+        out = [TensorSpec(LOGITS, "float32", (BATCH, 1, self.vocab_size))]
+        for i in range(self.num_layers):
+            out += [self._cache(present_key(i)), self._cache(present_value(i))]
+        if graph == PREFILL:
+            for i, kind in enumerate(self.layer_kinds):
+                if kind == GRIFFIN:
+                    out.append(TensorSpec(griffin_stat(i), "float32", (BATCH, self.intermediate_size)))
+                elif kind == CATS:
+                    out.append(TensorSpec(cats_tau(i), "float32", (BATCH,)))
+        elif graph != DECODE:
+            raise ValueError(f"unknown graph {graph!r}")
+        return out
+
+    def io_dict(self) -> dict:
+        """{graph: {"inputs": [...], "outputs": [...]}} as recorded in the manifest."""
+        return {g: {"inputs": [t.to_dict() for t in self.inputs(g)],
+                    "outputs": [t.to_dict() for t in self.outputs(g)]} for g in GRAPHS}
+
+    def in_place_pairs(self) -> list[tuple[str, str]]:
+        """(input, output) pairs a runtime must bind to the same memory."""
+        pairs = []
+        for i in range(self.num_layers):
+            pairs += [(past_key(i), present_key(i)), (past_value(i), present_value(i))]
+        return pairs

@@ -1,0 +1,263 @@
+"""`export(SRC, OUT)`: a HF folder (dense) or a calibration artifact (method + folded bypass) to an engine folder.
+
+ENGINE_DIR holds prefill.onnx + decode.onnx (one shared weights.bin), the tokenizer files, manifest.json and,
+with engine=True on a machine with TensorRT, prefill.plan + decode.plan (+ timing.cache). Output is atomic: it is
+built in a temporary sibling folder and renamed into place; an existing OUT is replaced only with force=True.
+Every export runs onnx's checker and the static TensorRT check (tensorrt_ops) on both graphs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+from caprese.errors import CapreseError
+from caprese.export import contract as C
+from caprese.export.manifest import MANIFEST, FORMAT, VERSION, load_manifest, write_manifest
+from caprese.export.onnx_graph import CATS_BISECTION_STEPS, ExportModel, build_graphs, layout_for
+from caprese.export.tensorrt_ops import TENSORRT_TABLE_VERSION, check_model, format_violations
+from caprese.export.weights import WeightsWriter
+
+TARGETS = ("tensorrt",)
+DEFAULT_MAX_SEQ_LEN = 4096
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json", "config.json")
+
+
+@dataclasses.dataclass
+class ExportResult:
+    out: Path
+    manifest: dict
+    engines_built: bool
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("caprese")
+    except Exception:
+        return "unknown"
+
+
+def _resolve_source(src: Path, base_model: str | None):
+    """(base model folder, artifact or None)."""
+    from caprese.calibration.artifact import is_artifact, load_artifact
+
+    if not src.exists():
+        raise CapreseError(f"source not found: {src}")
+    if not src.is_dir():
+        raise CapreseError(f"expected a model folder or a calibration artifact folder, got a file: {src}")
+    if is_artifact(src):
+        art = load_artifact(src, base_model)
+        return Path(art.base_model), art
+    if base_model:
+        raise CapreseError("--base-model only applies to a calibration artifact; SRC is a plain model folder")
+    return src, None
+
+
+def _check_lengths(spec, max_seq_len: int | None, max_prompt_len: int | None) -> tuple[int, int]:
+    ctx = spec.max_position_embeddings
+    seq = min(ctx, DEFAULT_MAX_SEQ_LEN) if max_seq_len is None else int(max_seq_len)
+    if not 2 <= seq <= ctx:
+        raise CapreseError(f"--max-seq-len must be between 2 and the model's context ({ctx}); got {seq}")
+    prompt = seq - 1 if max_prompt_len is None else int(max_prompt_len)
+    if not 1 <= prompt < seq:
+        raise CapreseError(f"--max-prompt-len must be at least 1 and below --max-seq-len ({seq}); got {prompt}")
+    return seq, prompt
+
+
+def _check_out(out: Path, src: Path, base: Path, force: bool) -> None:
+    for p in {src.resolve(), base.resolve()}:
+        o = out.resolve()
+        if o == p or o in p.parents:
+            raise CapreseError(f"-o {out} would overwrite the source {p}; choose another output folder")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise CapreseError(f"{out} already exists; pass --force to overwrite it or choose another -o")
+        if not out.is_dir() or out.is_symlink():
+            raise CapreseError(f"{out} exists and is not a folder; remove it or choose another -o")
+        if any(out.iterdir()) and not (out / MANIFEST).is_file():
+            raise CapreseError(f"{out} is a non-empty folder without {MANIFEST} (not an engine folder); "
+                               "refusing to replace it, even with --force")
+
+
+def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_len: int | None = None,
+           max_prompt_len: int | None = None, engine: bool = False, force: bool = False, target: str = "tensorrt",
+           base_model: str | None = None, max_batch: int = 1, timing_cache: str | Path | None = None,
+           log: Callable[[str], None] | None = None) -> ExportResult:
+    """Export SRC to OUT; see the module docstring. Raises CapreseError (one line) for anything a user can fix.
+
+    With engine=True and no TensorRT, the ONNX engine folder is still written completely, then
+    TensorRTUnavailable (a CapreseError) says so.
+    """
+    from caprese.calibration.methods import efficient_layers
+    from caprese.model.loading import load_decoder
+    from caprese.model.spec import load_spec
+
+    log = log or (lambda msg: None)
+    src, out = Path(src), Path(out)
+    if target not in TARGETS:
+        raise CapreseError(f"--target {target!r} is not available yet; the standard graph (--target tensorrt) "
+                           "runs on ONNX Runtime as it is")
+    if precision not in C.PRECISIONS:
+        raise CapreseError(f"unknown precision {precision!r}; use fp32, fp16 or bf16")
+    if max_batch < 1:
+        raise CapreseError(f"max batch must be >= 1; got {max_batch}")
+    base, art = _resolve_source(src, base_model)
+    spec = load_spec(base)
+    seq, prompt = _check_lengths(spec, max_seq_len, max_prompt_len)
+    _check_out(out, src, base, force)
+
+    log(f"loading {base}")
+    decoder = load_decoder(base, "fp32", "cpu", spec=spec)
+    method = {"name": "dense", "density": 1.0, "layers": [], "k": 0, "rank": 0}
+    if art is not None:
+        if art.method not in (C.GRIFFIN, C.CATS):
+            raise CapreseError(f"exporting method {art.method!r} is not supported yet (griffin and cats are)")
+        try:
+            art.apply(decoder)
+        except (ValueError, RuntimeError) as e:
+            raise CapreseError(f"cannot apply the artifact {src}: {e}") from None
+    ffns = efficient_layers(decoder)
+    try:
+        layout = layout_for(decoder, precision, ffns)
+    except ValueError as e:
+        raise CapreseError(str(e)) from None
+    if art is not None:
+        method = {"name": art.method, "density": art.density, "layers": sorted(ffns), "k": layout.k,
+                  "rank": layout.rank}
+        if art.method == C.CATS:
+            method["cats_quantile"] = 1.0 - art.density
+            method["cats_bisection_steps"] = CATS_BISECTION_STEPS
+    em = ExportModel(decoder, layout, ffns, seq)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        log(f"building graphs ({precision}, {len(ffns)} approximated layers)")
+        manifest = _write_folder(tmp, em, spec, method, art, src, base, precision, seq, prompt, max_batch)
+        engines_error = None
+        if engine:
+            from caprese.export.tensorrt_build import TensorRTUnavailable, build_engines
+
+            try:
+                info = build_engines(tmp, layout, max_batch, prompt, seq,
+                                     Path(timing_cache) if timing_cache else None, log=log)
+            except TensorRTUnavailable as e:
+                engines_error = e
+            else:
+                manifest["tensorrt"] = {k: v for k, v in info.items() if k not in ("plans", "timing_cache")}
+                manifest["files"]["engines"] = info["plans"]
+                if info.get("timing_cache"):
+                    manifest["files"]["timing_cache"] = info["timing_cache"]
+                write_manifest(tmp, manifest)
+        load_manifest(tmp)  # what a runtime will check, checked before the folder becomes visible
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out}")
+    if engines_error is not None:
+        raise type(engines_error)(f"{engines_error} (the ONNX engine folder {out} is complete and runs on ONNX Runtime)")
+    return ExportResult(out, manifest, engine)
+
+
+def _write_folder(tmp: Path, em: ExportModel, spec, method: dict, art, src: Path, base: Path, precision: str,
+                  seq: int, prompt: int, max_batch: int) -> dict:
+    layout = em.layout
+    with WeightsWriter(tmp) as weights:
+        graphs = build_graphs(em, weights)
+        folding = {}
+        for i in layout.layers_of(C.GRIFFIN):  # runtime-only tensors: the bypass of GRIFFIN layers
+            names = C.fold_tensors(i, layout.rank, layout.mlp_bias)
+            ffn = em.ffns[i]
+            if layout.rank:
+                weights.add(names["L"], ffn.bypass.L, layout.dtype)
+                weights.add(names["R"], ffn.bypass.R, layout.dtype)
+            missing = [n for n in names.values() if n not in weights.table]
+            if missing:
+                raise RuntimeError(f"fold tensors missing from weights.bin: {missing}")
+            folding[str(i)] = names
+    for graph, model in graphs.items():
+        path = tmp / C.GRAPH_FILES[graph]
+        path.write_bytes(model.SerializeToString())
+        try:
+            onnx.checker.check_model(str(path))
+        except onnx.checker.ValidationError as e:  # a bug in the exporter, not in the user's input
+            raise RuntimeError(f"the exported {graph} graph fails onnx's checker: {str(e).splitlines()[0]}") from None
+        violations = check_model(model)
+        if violations:
+            raise CapreseError(f"the {graph} graph fails the static TensorRT {TENSORRT_TABLE_VERSION} check: "
+                               f"{format_violations(violations, 5)}")
+    tokenizer = []
+    for name in TOKENIZER_FILES:
+        f = base / name
+        if f.is_file():
+            shutil.copyfile(f, tmp / name)
+            tokenizer.append(name)
+    from caprese.calibration.artifact import fingerprint
+
+    manifest = {
+        "format": FORMAT, "version": VERSION, "created_by": f"caprese {_version()}",
+        "model": spec.to_dict(),
+        "source": {"kind": "artifact" if art is not None else "hf", "path": str(src), "base_model": str(base),
+                   "fingerprint": art.fingerprint if art is not None else fingerprint(base)},
+        "method": method,
+        "precision": precision,
+        "dtypes": {"weights": layout.dtype, "kv_cache": layout.dtype, "logits": "float32", "selection": "float32"},
+        "max_seq_len": seq, "max_prompt_len": prompt, "max_batch": max_batch,
+        "layout": layout.to_dict(), "io": layout.io_dict(), "in_place": [list(p) for p in layout.in_place_pairs()],
+        "opset": C.OPSET,
+        "files": {"prefill": C.GRAPH_FILES[C.PREFILL], "decode": C.GRAPH_FILES[C.DECODE], "weights": C.WEIGHTS_FILE,
+                  "tokenizer": tokenizer},
+        "weights": weights.table,
+        "folding": folding,
+        "target": "tensorrt",
+        "tensorrt_check": {"table": TENSORRT_TABLE_VERSION, "violations": 0},
+        "tensorrt": None,
+    }
+    write_manifest(tmp, manifest)
+    return manifest
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move tmp to out; an existing out is moved aside first and removed only after the rename succeeded."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+        old.rmdir()
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_folder(path: str | Path) -> dict[str, list]:
+    """Static TensorRT check of an engine folder (its graphs) or of one .onnx file: {file: [Violation, ...]}."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            return {path.name: check_model(path)}
+        except Exception as e:  # not an ONNX file (DecodeError, ...)
+            raise CapreseError(f"cannot read {path} as an ONNX graph ({str(e).splitlines()[0] if str(e) else e})"
+                               ) from None
+    if (path / MANIFEST).is_file():
+        m = load_manifest(path)
+        return {m.data["files"][g]: check_model(m.file(g)) for g in C.GRAPHS}
+    if path.is_dir():
+        files = sorted(path.glob("*.onnx"))
+        if files:
+            return {f.name: check_model(f) for f in files}
+    raise CapreseError(f"--check needs an engine folder or an .onnx file; {path} is neither")

@@ -1,0 +1,468 @@
+"""Build the prefill and decode graphs with onnx.helper, straight from a loaded Decoder's weights.
+
+Standard ONNX domain only, opset 24 (see contract.py for the I/O):
+- KV cache: `TensorScatter` (axis -2, write_indices) writes the new K/V into the 4-D buffer; `Attention` runs
+  over the UPDATED buffer with a boolean [B, 1, T, S] mask (causal + sliding window + left padding, built once
+  per graph from write_indices and attention_mask), GQA through the 4-D shapes; no past/present inputs on
+  Attention (TensorRT's importer rejects them).
+- Gemma 2's attention soft-cap is written out (MatMul, Mul, Div, Tanh, Mul, Where, Softmax, MatMul) because
+  TensorRT's Attention rejects `softcap`; its sliding windows are in the mask like every other model's.
+- `RMSNormalization` (stash_type float32) and `RotaryEmbedding` (non-interleaved, position_ids) ops.
+- The gated FFN runs gate and up as one MatMul with [W_g, W_1] (+ L for CATS bypass layers); GRIFFIN's decode
+  FFN takes the per-prompt folded matrices [Ŵ_g, Ŵ_1, L] and [Ŵ_2 ; R] as graph inputs.
+- Reductions that pick neurons / thresholds (GRIFFIN statistic, CATS τ) and the logits are float32 at every
+  precision; softmax runs in float32 (Attention softmax_precision, or a Cast around Softmax).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from fractions import Fraction
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from caprese.export import contract as C
+from caprese.export.weights import ONNX_DTYPES, WeightsWriter
+
+# CATS τ bisection steps: the bracket [-1, max|a|] shrinks 2^-48 times, to one float32 ulp of any threshold
+# above ~1e-6 · max|a| (see _cats_threshold), so τ equals caprese's percentile_linear to float precision.
+CATS_BISECTION_STEPS = 48
+INT64_MAX = np.iinfo(np.int64).max
+
+
+@dataclasses.dataclass
+class ExportModel:
+    """What the graph builder needs: the decoder (fp32 weights), the layout, the efficient FFNs by layer."""
+
+    decoder: object  # caprese.model.decoder.Decoder
+    layout: C.GraphLayout
+    ffns: dict  # layer -> EfficientFFN (GriffinFFN / CatsFFN) for approximated layers
+    max_seq_len: int
+    cats_quantile: float = 0.5  # 1 - density of CATS layers
+
+
+class GraphBuilder:
+    """Nodes with contract names, inline constants, and external initializers from the shared WeightsWriter."""
+
+    def __init__(self, weights: WeightsWriter, float_dtype: str):
+        self.weights = weights
+        self.fdt = float_dtype
+        self.ft = ONNX_DTYPES[float_dtype]
+        self.nodes: list[onnx.NodeProto] = []
+        self.node_names: set[str] = set()
+        self.initializers: dict[str, onnx.TensorProto] = {}
+        self._consts: dict[tuple, str] = {}
+
+    def op(self, op_type: str, inputs: list[str], scope: str, name: str, layer: int | None = None,
+           out: str | list[str] | None = None, n_out: int = 1, **attrs) -> str | list[str]:
+        node = C.node_name(scope, name, layer)
+        if node in self.node_names:
+            raise ValueError(f"duplicate node name {node}")
+        self.node_names.add(node)
+        if out is None:
+            outs = [f"{node}/output_{j}" for j in range(n_out)]
+        else:
+            outs = [out] if isinstance(out, str) else list(out)
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=node, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def const(self, value, dtype: str) -> str:
+        """A small inline initializer (shapes, axes, scalars), deduplicated by value."""
+        arr = np.asarray(value, dtype={"float32": np.float32, "int64": np.int64, "float16": np.float16,
+                                       "bool": np.bool_}.get(dtype, np.float32))
+        key = (dtype, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            name = f"const.{dtype}.{len(self._consts)}"
+            if dtype == "bfloat16":
+                t = helper.make_tensor(name, TensorProto.BFLOAT16, arr.shape,
+                                       torch.tensor(arr, dtype=torch.float32).to(torch.bfloat16).view(torch.int16)
+                                       .numpy().astype(np.uint16).tobytes(), raw=True)
+            else:
+                t = helper.make_tensor(name, ONNX_DTYPES[dtype], arr.shape, arr.tobytes(), raw=True)
+            self.initializers[name] = t
+            self._consts[key] = name
+        return self._consts[key]
+
+    def fconst(self, value) -> str:
+        return self.const(value, self.fdt)
+
+    def weight(self, name: str, t: torch.Tensor, dtype: str | None = None) -> str:
+        self.weights.add(name, t, dtype or self.fdt)
+        if name not in self.initializers:
+            self.initializers[name] = self.weights.initializer(name)
+        return name
+
+
+def _value_info(spec: C.TensorSpec) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(spec.name, ONNX_DTYPES[spec.dtype], list(spec.shape))
+
+
+class _Builder:
+    """One graph (prefill or decode) of one model."""
+
+    def __init__(self, em: ExportModel, graph: str, weights: WeightsWriter):
+        self.em, self.graph, self.lay = em, graph, em.layout
+        self.spec = em.decoder.spec
+        self.g = GraphBuilder(weights, self.lay.dtype)
+        self.prefill = graph == C.PREFILL
+
+    # ---- small helpers ----
+    def linear_t(self, w: torch.Tensor) -> torch.Tensor:
+        """nn.Linear weight [out, in] -> math layout [in, out]."""
+        return w.detach().t()
+
+    def norm(self, x: str, weight: torch.Tensor, scope: str, layer: int | None, gemma: bool, wname: str,
+             name: str = "RMSNormalization") -> str:
+        scale = (1.0 + weight.detach().float()) if gemma else weight.detach()
+        w = self.g.weight(wname + ("_plus_one" if gemma else ""), scale)
+        return self.g.op("RMSNormalization", [x, w], scope, name, layer, epsilon=float(self.spec.rms_norm_eps),
+                         axis=-1, stash_type=1)
+
+    def to_float32(self, x: str, scope: str, name: str, layer: int | None = None) -> str:
+        if self.lay.dtype == "float32":
+            return x
+        return self.g.op("Cast", [x], scope, name, layer, to=TensorProto.FLOAT)
+
+    def act(self, x: str, layer: int, name: str) -> str:
+        kind = self.spec.activation
+        if kind == "silu":
+            s = self.g.op("Sigmoid", [x], "mlp", f"{name}_Sigmoid", layer)
+            return self.g.op("Mul", [x, s], "mlp", f"{name}_Mul", layer)
+        if kind in ("gelu_tanh", "gelu"):
+            return self.g.op("Gelu", [x], "mlp", f"{name}_Gelu", layer,
+                             approximate="tanh" if kind == "gelu_tanh" else "none")
+        raise ValueError(f"activation {kind!r} has no export")
+
+    # ---- graph ----
+    def build(self) -> onnx.ModelProto:
+        g, spec, dec = self.g, self.spec, self.em.decoder
+        inputs = self.lay.inputs(self.graph)
+        outputs = self.lay.outputs(self.graph)
+
+        x = g.op("Gather", [g.weight("model.embed_tokens.weight", dec.model.embed_tokens.weight), C.INPUT_IDS],
+                 "embed", "Gather", axis=0)
+        if spec.gemma_norms:
+            x = g.op("Mul", [x, g.fconst(spec.hidden_size ** 0.5)], "embed", "Mul")
+        self._rope_tables()
+        self._masks()
+        for i, layer in enumerate(dec.layers):
+            x = self._layer(i, layer, x)
+
+        last = g.op("Slice", [x, g.const([-1], "int64"), g.const([INT64_MAX], "int64"), g.const([1], "int64")],
+                    "norm", "Slice")
+        h = self.norm(last, dec.model.norm.weight, "norm", None, spec.gemma_norms, "model.norm.weight")
+        h2 = g.op("Reshape", [h, g.const([-1, spec.hidden_size], "int64")], "lm_head", "Reshape")
+        w = g.weight("lm_head.weight" if not spec.tie_word_embeddings else "model.embed_tokens.weight",
+                     dec.lm_head.weight)
+        logits = g.op("Gemm", [h2, w], "lm_head", "Gemm", transB=1)
+        logits = self.to_float32(logits, "lm_head", "Cast")
+        if spec.final_softcap is not None:
+            cap = g.const(float(spec.final_softcap), "float32")
+            logits = g.op("Div", [logits, cap], "lm_head", "softcap_Div")
+            logits = g.op("Tanh", [logits], "lm_head", "softcap_Tanh")
+            logits = g.op("Mul", [logits, cap], "lm_head", "softcap_Mul")
+        g.op("Reshape", [logits, g.const([-1, 1, spec.vocab_size], "int64")], "lm_head", "Reshape_out",
+             out=C.LOGITS)
+
+        graph = helper.make_graph(g.nodes, f"caprese_{self.graph}", [_value_info(t) for t in inputs],
+                                  [_value_info(t) for t in outputs], list(g.initializers.values()))
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", C.OPSET)],
+                                  producer_name="caprese", ir_version=C.IR_VERSION)
+        model.doc_string = f"caprese {self.graph} graph, contract format {C.FORMAT_VERSION}"
+        return model
+
+    def _rope_tables(self) -> None:
+        from caprese.model.rope import rope_table
+
+        spec = self.spec
+        cos, sin = rope_table(spec.head_dim, spec.rope_theta, spec.rope_scaling, self.em.max_seq_len)
+        half = spec.head_dim // 2
+        self.cos = self.g.weight("rope.cos", cos[:, :half])
+        self.sin = self.g.weight("rope.sin", sin[:, :half])
+
+    def _masks(self) -> None:
+        """Boolean [B, 1, T, S] masks per distinct sliding window (+ the valid-token indicator for statistics)."""
+        g = self.g
+        zero, one = g.const(0, "int64"), g.const(1, "int64")
+        shape_kv = g.op("Shape", [C.past_key(0)], "mask", "Shape_cache")
+        s_len = g.op("Gather", [shape_kv, g.const(2, "int64")], "mask", "Gather_cache_len", axis=0)
+        keys = g.op("Range", [zero, s_len, one], "mask", "Range_keys")  # [S]
+        shape_ids = g.op("Shape", [C.INPUT_IDS], "mask", "Shape_ids")
+        t_len = g.op("Gather", [shape_ids, g.const(1, "int64")], "mask", "Gather_seq_len", axis=0)
+        steps = g.op("Range", [zero, t_len, one], "mask", "Range_steps")  # [T]
+        wi = g.op("Unsqueeze", [C.WRITE_INDICES, g.const([1], "int64")], "mask", "Unsqueeze_write")  # [B, 1]
+        self.slots = g.op("Add", [wi, steps], "mask", "Add_slots")  # [B, T] cache slot of each new token
+        q3 = g.op("Unsqueeze", [self.slots, g.const([2], "int64")], "mask", "Unsqueeze_slots")  # [B, T, 1]
+        causal = g.op("LessOrEqual", [keys, q3], "mask", "LessOrEqual_causal")  # [B, T, S]
+        am = g.op("Cast", [C.ATTENTION_MASK], "mask", "Cast_attention_mask", to=TensorProto.BOOL)
+        am3 = g.op("Unsqueeze", [am, g.const([1], "int64")], "mask", "Unsqueeze_attention_mask")  # [B, 1, S]
+        diag = g.op("Equal", [keys, q3], "mask", "Equal_self")  # a padding query still sees itself
+        self.masks = {}
+        for w in sorted(set(self.spec.sliding_windows), key=lambda v: -1 if v is None else v):
+            tag = "full" if w is None else f"window{w}"
+            m = causal
+            if w is not None:
+                lo = g.op("Sub", [q3, g.const(int(w), "int64")], "mask", f"Sub_{tag}")
+                inside = g.op("Greater", [keys, lo], "mask", f"Greater_{tag}")
+                m = g.op("And", [m, inside], "mask", f"And_{tag}")
+            m = g.op("And", [m, am3], "mask", f"And_pad_{tag}")
+            m = g.op("Or", [m, diag], "mask", f"Or_self_{tag}")
+            self.masks[w] = g.op("Unsqueeze", [m, g.const([1], "int64")], "mask", f"Unsqueeze_{tag}")
+        self._valid = None
+
+    def valid(self) -> tuple[str, str, str]:
+        """(float [B, T, 1], bool [B, T, 1], count int64 [B]): which new tokens are real (not left padding)."""
+        if self._valid is None:
+            g = self.g
+            v = g.op("GatherElements", [C.ATTENTION_MASK, self.slots], "mask", "GatherElements_valid", axis=1)
+            v3 = g.op("Unsqueeze", [v, g.const([2], "int64")], "mask", "Unsqueeze_valid")
+            self._valid = (g.op("Cast", [v3], "mask", "Cast_valid_float", to=TensorProto.FLOAT),
+                           g.op("Cast", [v3], "mask", "Cast_valid_bool", to=TensorProto.BOOL),
+                           g.op("ReduceSum", [v, g.const([1], "int64")], "mask", "ReduceSum_valid", keepdims=0))
+        return self._valid
+
+    def _layer(self, i: int, layer, x: str) -> str:
+        g, spec = self.g, self.spec
+        p = f"model.layers.{i}."
+        h = self.norm(x, layer.input_layernorm.weight, "input_norm", i, spec.gemma_norms, p + "input_layernorm.weight")
+        y = self._attention(i, layer.self_attn, h)
+        if spec.gemma_norms:
+            y = self.norm(y, layer.post_attention_layernorm.weight, "post_attn_norm", i, True,
+                          p + "post_attention_layernorm.weight")
+            x = g.op("Add", [x, y], "residual", "Add_attn", i)
+            h = self.norm(x, layer.pre_feedforward_layernorm.weight, "pre_ffn_norm", i, True,
+                          p + "pre_feedforward_layernorm.weight")
+            f = self._mlp(i, layer.mlp, h)
+            f = self.norm(f, layer.post_feedforward_layernorm.weight, "post_ffn_norm", i, True,
+                          p + "post_feedforward_layernorm.weight")
+            return g.op("Add", [x, f], "residual", "Add_mlp", i)
+        x = g.op("Add", [x, y], "residual", "Add_attn", i)
+        h = self.norm(x, layer.post_attention_layernorm.weight, "post_attn_norm", i, False,
+                      p + "post_attention_layernorm.weight")
+        return g.op("Add", [x, self._mlp(i, layer.mlp, h)], "residual", "Add_mlp", i)
+
+    def _proj(self, x: str, lin, i: int, wname: str, opname: str, scope: str = "attn") -> str:
+        g = self.g
+        y = g.op("MatMul", [x, g.weight(wname + ".weight.t", self.linear_t(lin.weight))], scope, f"MatMul_{opname}", i)
+        if lin.bias is not None:
+            y = g.op("Add", [y, g.weight(wname + ".bias", lin.bias)], scope, f"Add_{opname}_bias", i)
+        return y
+
+    def _attention(self, i: int, attn, h: str) -> str:
+        g, spec = self.g, self.spec
+        p = f"model.layers.{i}.self_attn."
+        hq, hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        heads = {}
+        for name, lin, n in (("q", attn.q_proj, hq), ("k", attn.k_proj, hkv), ("v", attn.v_proj, hkv)):
+            t = self._proj(h, lin, i, p + f"{name}_proj", name)
+            t = g.op("Reshape", [t, g.const([0, 0, n, hd], "int64")], "attn", f"Reshape_{name}", i)
+            if name != "v" and spec.qk_norm:
+                norm = attn.q_norm if name == "q" else attn.k_norm
+                t = self.norm(t, norm.weight, "attn", i, False, p + f"{name}_norm.weight", f"RMSNormalization_{name}")
+            t = g.op("Transpose", [t], "attn", f"Transpose_{name}", i, perm=[0, 2, 1, 3])  # [B, H, T, hd]
+            if name != "v":
+                t = g.op("RotaryEmbedding", [t, self.cos, self.sin, C.POSITION_IDS], "attn", f"RotaryEmbedding_{name}",
+                         i, interleaved=0)
+            heads[name] = t
+        k_all = g.op("TensorScatter", [C.past_key(i), heads["k"], C.WRITE_INDICES], "attn", "TensorScatter_k", i,
+                     out=C.present_key(i), axis=-2, mode="linear")
+        v_all = g.op("TensorScatter", [C.past_value(i), heads["v"], C.WRITE_INDICES], "attn", "TensorScatter_v", i,
+                     out=C.present_value(i), axis=-2, mode="linear")
+        mask = self.masks[attn.window]
+        scale = float(attn.scale)
+        if attn.softcap is None:
+            attrs = {"scale": scale}
+            if self.lay.dtype != "float32":
+                attrs["softmax_precision"] = TensorProto.FLOAT
+            y = g.op("Attention", [heads["q"], k_all, v_all, mask], "attn", "Attention", i, **attrs)
+        else:
+            y = self._softcap_attention(i, heads["q"], k_all, v_all, mask, scale, float(attn.softcap))
+        y = g.op("Transpose", [y], "attn", "Transpose_out", i, perm=[0, 2, 1, 3])
+        y = g.op("Reshape", [y, g.const([0, 0, hq * hd], "int64")], "attn", "Reshape_out", i)
+        return self._proj(y, attn.o_proj, i, p + "o_proj", "o")
+
+    def _softcap_attention(self, i, q, k, v, mask, scale, cap) -> str:
+        """Gemma 2: scores = tanh(q·kᵀ·scale / cap)·cap, masked, softmax in float32; GQA groups on a 5-D axis."""
+        g, spec = self.g, self.spec
+        hkv, grp, hd = spec.num_kv_heads, spec.gqa_groups, spec.head_dim
+        q5 = g.op("Reshape", [q, g.const([0, hkv, grp, -1, hd], "int64")], "attn", "Reshape_q_groups", i)
+        # Unsqueeze, then a last-two-axes Transpose straight into the MatMul: ONNX Runtime fuses that pair into one
+        # MatMul reading K transposed (no per-token copy of the cache) and TensorRT folds it into the matrix multiply.
+        k5 = g.op("Unsqueeze", [k, g.const([2], "int64")], "attn", "Unsqueeze_k", i)  # [B, Hkv, 1, S, hd]
+        kt = g.op("Transpose", [k5], "attn", "Transpose_kT", i, perm=[0, 1, 2, 4, 3])  # [B, Hkv, 1, hd, S]
+        s = g.op("MatMul", [q5, kt], "attn", "MatMul_qk", i)  # [B, Hkv, g, T, S]
+        s = g.op("Mul", [s, g.fconst(scale)], "attn", "Mul_scale", i)
+        s = g.op("Div", [s, g.fconst(cap)], "attn", "softcap_Div", i)
+        s = g.op("Tanh", [s], "attn", "softcap_Tanh", i)
+        s = g.op("Mul", [s, g.fconst(cap)], "attn", "softcap_Mul", i)
+        m5 = g.op("Unsqueeze", [mask, g.const([2], "int64")], "attn", "Unsqueeze_mask", i)  # [B, 1, 1, T, S]
+        s = g.op("Where", [m5, s, g.fconst(-np.inf)], "attn", "Where_mask", i)
+        s = self.to_float32(s, "attn", "Cast_scores", i)
+        pr = g.op("Softmax", [s], "attn", "Softmax", i, axis=-1)
+        if self.lay.dtype != "float32":
+            pr = g.op("Cast", [pr], "attn", "Cast_probs", i, to=self.g.ft)
+        v5 = g.op("Unsqueeze", [v, g.const([2], "int64")], "attn", "Unsqueeze_v", i)  # [B, Hkv, 1, S, hd]
+        y = g.op("MatMul", [pr, v5], "attn", "MatMul_pv", i)  # [B, Hkv, g, T, hd]
+        return g.op("Reshape", [y, g.const([0, spec.num_heads, -1, hd], "int64")], "attn", "Reshape_heads", i)
+
+    # ---- FFN ----
+    def _mlp(self, i: int, mlp, x: str) -> str:
+        kind = self.lay.layer_kinds[i]
+        ffn = self.em.ffns.get(i)
+        dense = mlp.dense if ffn is not None else mlp
+        if kind == C.GRIFFIN and not self.prefill:
+            return self._griffin_decode(i, dense, x)
+        return self._gated(i, dense, x, kind, ffn)
+
+    def _gated(self, i: int, dense, x: str, kind: str, ffn) -> str:
+        """The dense gated FFN from constant weights (+ GRIFFIN statistic / CATS τ in prefill, CATS threshold in
+        decode). CATS layers with a bypass store [W_g, W_1, L] and [W_2 ; R] so decode folds it for free."""
+        g = self.g
+        F = dense.gate_proj.out_features
+        names = C.fold_tensors(i, 0, dense.gate_proj.bias is not None)
+        bypass = ffn.bypass if (kind == C.CATS and ffn is not None) else None
+        r = bypass.rank if bypass is not None else 0
+        cols = [self.linear_t(dense.gate_proj.weight), self.linear_t(dense.up_proj.weight)]
+        rows = [self.linear_t(dense.down_proj.weight)]
+        if r:
+            cols.append(bypass.L.detach())
+            rows.append(bypass.R.detach())
+        w_up_name = names["gate_up"] if not r else f"model.layers.{i}.mlp.gate_up_l_proj.weight.t"
+        w_down_name = names["down"] if not r else f"model.layers.{i}.mlp.down_r_proj.weight.t"
+        h = g.op("MatMul", [x, g.weight(w_up_name, torch.cat(cols, 1))], "mlp", "MatMul_gate_up", i)
+        if dense.gate_proj.bias is not None:
+            b = [dense.gate_proj.bias.detach(), dense.up_proj.bias.detach()] + ([torch.zeros(r)] if r else [])
+            bname = names["gate_up_bias"] if not r else f"model.layers.{i}.mlp.gate_up_l_proj.bias"
+            h = g.op("Add", [h, g.weight(bname, torch.cat(b))], "mlp", "Add_gate_up_bias", i)
+        parts = g.op("Split", [h, g.const([F, F] + ([r] if r else []), "int64")], "mlp", "Split", i, n_out=3 if r else 2,
+                     axis=-1)
+        gate, up = parts[0], parts[1]
+        a = self.act(gate, i, "act")
+        if kind == C.CATS and self.prefill:
+            self._cats_threshold(i, a, ffn)
+        if kind == C.CATS and not self.prefill:
+            tau = g.op("Unsqueeze", [C.cats_tau(i), g.const([1, 2], "int64")], "mlp", "Unsqueeze_tau", i)
+            absa = self.to_float32(g.op("Abs", [a], "mlp", "Abs", i), "mlp", "Cast_abs", i)
+            keep = g.op("Greater", [absa, tau], "mlp", "Greater_tau", i)
+            a = g.op("Where", [keep, a, g.fconst(0.0)], "mlp", "Where_threshold", i)
+        z = g.op("Mul", [a, up], "mlp", "Mul_gate_up", i)
+        if kind == C.GRIFFIN and self.prefill:
+            self._griffin_statistic(i, z)
+        if r:
+            low = parts[2] if not self.prefill else g.op("Mul", [parts[2], g.fconst(0.0)], "mlp", "Mul_bypass_off", i)
+            z = g.op("Concat", [z, low], "mlp", "Concat_bypass", i, axis=-1)
+        y = g.op("MatMul", [z, g.weight(w_down_name, torch.cat(rows, 0))], "mlp", "MatMul_down", i)
+        if dense.down_proj.bias is not None:
+            y = g.op("Add", [y, g.weight(f"model.layers.{i}.mlp.down_proj.bias", dense.down_proj.bias)], "mlp",
+                     "Add_down_bias", i)
+        return y
+
+    def _griffin_decode(self, i: int, dense, x: str) -> str:
+        g, k, r = self.g, self.lay.k, self.lay.rank
+        h = g.op("MatMul", [x, C.w_gul(i)], "mlp", "MatMul_gate_up_l", i)  # [B, 1, D] @ [B, D, 2k + r]
+        if self.lay.mlp_bias:
+            b = g.op("Unsqueeze", [C.b_gul(i), g.const([1], "int64")], "mlp", "Unsqueeze_bias", i)
+            h = g.op("Add", [h, b], "mlp", "Add_gate_up_bias", i)
+        parts = g.op("Split", [h, g.const([k, k] + ([r] if r else []), "int64")], "mlp", "Split", i,
+                     n_out=3 if r else 2, axis=-1)
+        z = g.op("Mul", [self.act(parts[0], i, "act"), parts[1]], "mlp", "Mul_gate_up", i)
+        if r:
+            z = g.op("Concat", [z, parts[2]], "mlp", "Concat_bypass", i, axis=-1)  # [act(x Ŵ_g)·x Ŵ_1, x L]
+        y = g.op("MatMul", [z, C.w_dr(i)], "mlp", "MatMul_down_r", i)  # @ [Ŵ_2 ; R]
+        if dense.down_proj.bias is not None:
+            y = g.op("Add", [y, g.weight(f"model.layers.{i}.mlp.down_proj.bias", dense.down_proj.bias)], "mlp",
+                     "Add_down_bias", i)
+        return y
+
+    def _griffin_statistic(self, i: int, z: str) -> None:
+        """griffin_stat.i = Σ_t valid_t · (z_t / max(‖z_t‖, 1e-12))², float32 (caprese griffin_statistic_sq)."""
+        g = self.g
+        vf, _, _ = self.valid()
+        zf = self.to_float32(z, "mlp", "Cast_stat", i)
+        ss = g.op("ReduceSumSquare", [zf, g.const([-1], "int64")], "mlp", "ReduceSumSquare_stat", i, keepdims=1)
+        n = g.op("Sqrt", [ss], "mlp", "Sqrt_stat", i)
+        n = g.op("Max", [n, g.const(1e-12, "float32")], "mlp", "Max_stat", i)
+        zn = g.op("Div", [zf, n], "mlp", "Div_stat", i)
+        sq = g.op("Mul", [zn, zn], "mlp", "Mul_stat_sq", i)
+        sq = g.op("Mul", [sq, vf], "mlp", "Mul_stat_valid", i)
+        g.op("ReduceSum", [sq, g.const([1], "int64")], "mlp", "ReduceSum_stat", i, out=C.griffin_stat(i), keepdims=0)
+
+    def _cats_threshold(self, i: int, a: str, ffn) -> None:
+        """cats_tau.i = numpy's linear percentile q = 1 - density of |a| over the valid new tokens, exactly:
+        x_lo + (x_hi - x_lo) · frac with x_lo, x_hi the order statistics ⌊q (N - 1)⌋ and the next one.
+
+        x_lo is found by bisection on the value (the smallest τ with #{|a| <= τ} > order) run until the bracket
+        is one float apart, then snapped to the largest value <= the bracket's top; x_hi is x_lo when it is tied,
+        else the smallest value above it. TopK cannot do this under TensorRT (K < 3840) and ONNX has no sort.
+        """
+        g = self.g
+        _, vb, nvalid = self.valid()
+        q = Fraction(1.0 - ffn.density).limit_denominator(1 << 20)
+        i64 = lambda v: g.const(v, "int64")  # noqa: E731
+        f32 = lambda v: g.const(v, "float32")  # noqa: E731
+        axes_bt = i64([1, 2])
+
+        def op(op_type, inputs, name, **kw):
+            return g.op(op_type, inputs, "mlp", f"tau_{name}", i, **kw)
+
+        af = self.to_float32(op("Abs", [a], "Abs"), "mlp", "tau_Cast", i)
+        vals = op("Where", [vb, af, f32(np.inf)], "Where_valid")  # padding tokens: +inf, never counted
+        hi = op("ReduceMax", [op("Where", [vb, af, f32(0.0)], "Where_max"), axes_bt], "ReduceMax", keepdims=0)
+        n = op("Mul", [nvalid, i64(int(self.lay.intermediate_size))], "Mul_count")  # N per row [B]
+        pos = op("Mul", [op("Sub", [n, i64(1)], "Sub_n"), i64(q.numerator)], "Mul_q")  # q (N - 1) · den
+        order = op("Div", [pos, i64(q.denominator)], "Div_q")  # ⌊q (N - 1)⌋
+        frac = op("Div", [op("Cast", [op("Mod", [pos, i64(q.denominator)], "Mod_q"), ], "Cast_frac",
+                             to=TensorProto.FLOAT), f32(float(q.denominator))], "Div_frac")
+        need = op("Add", [order, i64(1)], "Add_need")  # [B]
+
+        def count_le(x, name):
+            le = op("LessOrEqual", [vals, op("Unsqueeze", [x, axes_bt], f"{name}_Unsqueeze")], f"{name}_LessOrEqual")
+            return op("ReduceSum", [op("Cast", [le], f"{name}_Cast", to=TensorProto.INT64), axes_bt],
+                      f"{name}_ReduceSum", keepdims=0)
+
+        lo, half = f32(-1.0), f32(0.5)
+        for s in range(CATS_BISECTION_STEPS):
+            mid = op("Mul", [op("Add", [lo, hi], f"{s}_Add"), half], f"{s}_Mul")
+            ok = op("GreaterOrEqual", [count_le(mid, str(s)), need], f"{s}_GreaterOrEqual")
+            hi = op("Where", [ok, mid, hi], f"{s}_Where_hi")
+            lo = op("Where", [ok, lo, mid], f"{s}_Where_lo")
+        hi3 = op("Unsqueeze", [hi, axes_bt], "Unsqueeze_hi")
+        below = op("Where", [op("LessOrEqual", [vals, hi3], "LessOrEqual_hi"), vals, f32(-np.inf)], "Where_below")
+        x_lo = op("ReduceMax", [below, axes_bt], "ReduceMax_lo", keepdims=0)
+        x_lo3 = op("Unsqueeze", [x_lo, axes_bt], "Unsqueeze_lo")
+        above = op("Where", [op("Greater", [vals, x_lo3], "Greater_lo"), vals, f32(np.inf)], "Where_above")
+        nxt = op("ReduceMin", [above, axes_bt], "ReduceMin_next", keepdims=0)
+        tied = op("Greater", [count_le(x_lo, "tie"), need], "Greater_tied")
+        x_hi = op("Where", [tied, x_lo, nxt], "Where_next")
+        step = op("Mul", [op("Sub", [x_hi, x_lo], "Sub_gap"), frac], "Mul_frac")
+        g.op("Add", [x_lo, step], "mlp", "tau_Add_out", i, out=C.cats_tau(i))
+
+
+def build_graphs(em: ExportModel, weights: WeightsWriter) -> dict[str, onnx.ModelProto]:
+    """{"prefill": ModelProto, "decode": ModelProto}, both pointing at the tensors written to `weights`."""
+    return {graph: _Builder(em, graph, weights).build() for graph in C.GRAPHS}
+
+
+def layout_for(decoder, precision: str, ffns: dict) -> C.GraphLayout:
+    """The GraphLayout of a decoder with efficient FFNs `ffns` (layer -> GriffinFFN / CatsFFN)."""
+    spec = decoder.spec
+    kinds, ks, ranks = [], set(), set()
+    for i in range(spec.num_layers):
+        f = ffns.get(i)
+        if f is None:
+            kinds.append(C.DENSE)
+            continue
+        if f.method not in (C.GRIFFIN, C.CATS):
+            raise ValueError(f"method {f.method!r} has no export")
+        kinds.append(f.method)
+        if f.method == C.GRIFFIN:
+            ks.add(f.k)
+        ranks.add(f.bypass.rank if f.bypass is not None else 0)
+    if len(ks) > 1 or len(ranks) > 1:
+        raise ValueError("every approximated layer must share one density and one bypass rank")
+    return C.GraphLayout(spec.num_layers, spec.hidden_size, spec.intermediate_size, spec.num_kv_heads, spec.head_dim,
+                         spec.vocab_size, precision, tuple(kinds), k=ks.pop() if ks else 0,
+                         rank=ranks.pop() if ranks else 0, mlp_bias=spec.mlp_bias)

@@ -1,0 +1,128 @@
+"""ENGINE_DIR/manifest.json: what the exporter records, and one-line errors for every way it can be wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from caprese.errors import CapreseError
+from caprese.export import contract as C
+from caprese.export.manifest import MANIFEST, VERSION, load_manifest
+from caprese.model.spec import load_spec
+from test_export_support import DENSITY, MAX_SEQ, copy_engine, get_export
+
+
+@pytest.fixture
+def engine(tmp_path, tmp_path_factory, tiny_model_dir):
+    """A private copy of the tiny llama GRIFFIN engine folder, free to break."""
+    src, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "griffin")
+    return copy_engine(src, tmp_path / "engine")
+
+
+def edit(engine, fn):
+    path = engine / MANIFEST
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+def expect_error(engine, *needles):
+    with pytest.raises(CapreseError) as e:
+        load_manifest(engine)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for n in needles:
+        assert n in msg, msg
+    return msg
+
+
+def test_manifest_records_the_export(engine, tiny_model_dir):
+    m = load_manifest(engine)
+    d = m.data
+    assert d["format"] == "caprese-engine" and d["version"] == VERSION
+    assert m.spec == load_spec(tiny_model_dir("llama"))
+    assert d["method"]["name"] == "griffin" and d["method"]["density"] == DENSITY
+    assert d["method"]["layers"] == [0, 1] and d["method"]["rank"] == 8
+    assert d["method"]["k"] == int(m.spec.intermediate_size * DENSITY) == m.layout.k
+    assert d["max_seq_len"] == MAX_SEQ and d["max_prompt_len"] == MAX_SEQ - 1
+    assert d["precision"] == "fp32" and d["dtypes"]["logits"] == "float32"
+    assert d["source"]["kind"] == "artifact" and d["tensorrt"] is None
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert f in d["files"]["tokenizer"] and (engine / f).is_file()
+    assert set(d["folding"]) == {"0", "1"} and set(d["folding"]["0"]) == {"gate_up", "down", "gate_up_bias", "L", "R"}
+
+
+def test_dense_manifest(tmp_path_factory, tiny_model_dir):
+    engine, _ = get_export(tmp_path_factory, tiny_model_dir, "qwen2")
+    m = load_manifest(engine)
+    assert m.method == "dense" and m.data["folding"] == {} and m.layout.layer_kinds == (C.DENSE, C.DENSE)
+    assert m.data["source"]["kind"] == "hf"
+
+
+def test_unknown_version(engine):
+    edit(engine, lambda d: d.update(version=VERSION + 1))
+    expect_error(engine, f"version {VERSION + 1}", "not supported")
+
+
+def test_not_an_engine_manifest(engine):
+    edit(engine, lambda d: d.update(format="something-else"))
+    expect_error(engine, "not a caprese engine manifest")
+    (engine / MANIFEST).write_text("{broken")
+    expect_error(engine, "not valid JSON")
+    (engine / MANIFEST).unlink()
+    expect_error(engine, "not found")
+
+
+def test_missing_files(engine):
+    (engine / "decode.onnx").unlink()
+    expect_error(engine, "decode.onnx", "missing")
+
+
+def test_missing_tokenizer_file(engine):
+    (engine / "tokenizer.json").unlink()
+    expect_error(engine, "tokenizer.json", "missing")
+
+
+@pytest.mark.parametrize("bad", ["../prefill.onnx", "/etc/passwd", "sub/../../x.onnx"])
+def test_paths_must_stay_inside(engine, bad):
+    edit(engine, lambda d: d["files"].update(prefill=bad))
+    expect_error(engine, "outside the engine folder")
+
+
+def test_symlink_escaping_the_folder(engine, tmp_path):
+    outside = tmp_path / "outside.onnx"
+    outside.write_bytes((engine / "prefill.onnx").read_bytes())
+    os.symlink(outside, engine / "link.onnx")
+    edit(engine, lambda d: d["files"].update(prefill="link.onnx"))
+    expect_error(engine, "outside the engine folder")
+
+
+def test_truncated_weights(engine):
+    w = engine / "weights.bin"
+    w.write_bytes(w.read_bytes()[:1000])
+    expect_error(engine, "truncated")
+
+
+def test_io_contract_mismatch(engine):
+    edit(engine, lambda d: d["io"]["decode"]["inputs"].pop())
+    expect_error(engine, "I/O does not match")
+
+
+def test_layout_mismatch_with_model(engine):
+    edit(engine, lambda d: d["layout"].update(hidden_size=1 + d["layout"]["hidden_size"]))
+    expect_error(engine, "hidden_size")
+
+
+def test_lengths_inconsistent(engine):
+    edit(engine, lambda d: d.update(max_prompt_len=d["max_seq_len"] + 1))
+    expect_error(engine, "max_prompt_len")
+
+
+def test_engines_need_tensorrt_facts(engine):
+    (engine / "prefill.plan").write_bytes(b"plan")
+    edit(engine, lambda d: d["files"].update(engines={"prefill": "prefill.plan"}))
+    expect_error(engine, "TensorRT version", "compute capability")
+    edit(engine, lambda d: d.update(tensorrt={"version": "10.15.1", "compute_capability": "8.9"}))
+    assert load_manifest(engine).engines == {"prefill": engine / "prefill.plan"}
