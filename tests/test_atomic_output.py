@@ -34,3 +34,10 @@ def test_existing_needs_force(tmp_path):
     with atomic_dir(tmp_path / "out", force=True) as tmp:
         (tmp / "new").write_text("new")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["new"]
+
+
+def test_force_replaces_a_plain_file(tmp_path):
+    (tmp_path / "out").write_text("a file in the way")
+    with atomic_dir(tmp_path / "out", force=True) as tmp:
+        (tmp / "new").write_text("new")
+    assert (tmp_path / "out" / "new").exists()

@@ -74,7 +74,7 @@ def test_griffin_selection_and_folding_match_reference(tmp_path_factory, tiny_mo
     for i, ffn in ffns.items():
         np.testing.assert_allclose(out[C.griffin_stat(i)], ffn.stat_sq.numpy(), rtol=1e-5, atol=1e-6)
         assert torch.equal(loop.idx[i], ffn.idx)
-        wg, wu, wd, bg, bu = ffn._w
+        wg, wu, wd, bg, bu = ffn.compact_weights()
         w_gul, w_dr = fold(wg[0], wu[0], wd[0], ffn.bypass)
         got_gul, got_dr = loop.selection[C.w_gul(i)].numpy()[0], loop.selection[C.w_dr(i)].numpy()[0]
         np.testing.assert_array_equal(got_gul, w_gul.numpy())

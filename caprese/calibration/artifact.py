@@ -63,7 +63,9 @@ class Artifact:
         """Swap in the method on the artifact's layers and load its trained L, R."""
         apply_method(decoder, self.method, self.density, self.layers, self.rank)
         for i, ffn in efficient_layers(decoder).items():
-            if ffn.bypass is not None and i in self.adapters:
+            if ffn.bypass is not None:
+                if i not in self.adapters:
+                    raise CapreseError(f"{self.path or 'artifact'} has no adapters for layer {i}; recalibrate")
                 L, R = self.adapters[i]
                 ffn.bypass.L.data.copy_(L)
                 ffn.bypass.R.data.copy_(R)

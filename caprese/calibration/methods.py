@@ -92,15 +92,22 @@ class _CompactFFN(EfficientFFN):
     """Decode with per-sequence compact slices [k, D] (the selected neurons only)."""
 
     idx: torch.Tensor | None = None  # [B, k] selected neurons, sorted
+    _w: tuple | None = None  # compact slices of idx, gathered on first use (a prefill may re-select many times)
 
     def set_selection(self, idx: torch.Tensor) -> None:
         self.idx = idx.sort(dim=-1).values
-        self._w = _slice_weights(self.dense, self.idx)
+        self._w = None
 
-    def approx(self, x: torch.Tensor) -> torch.Tensor:
+    def compact_weights(self) -> tuple:
+        """(W_g rows [B,k,D], W_1 rows [B,k,D], W_2 cols [B,D,k], b_g, b_1) of the current selection."""
         if self.idx is None:
             raise RuntimeError(f"{self.method}: decode before any prefill selected neurons")
-        wg, wu, wd, bg, bu = self._w
+        if self._w is None:
+            self._w = _slice_weights(self.dense, self.idx)
+        return self._w
+
+    def approx(self, x: torch.Tensor) -> torch.Tensor:
+        wg, wu, wd, bg, bu = self.compact_weights()
         bd = self.dense.down_proj.bias
         if wg.shape[0] == 1:  # batch 1 (or a static selection broadcast): plain GEMMs on compact weights
             gx = torch.nn.functional.linear(x, wg[0], None if bg is None else bg[0])

@@ -1,0 +1,304 @@
+"""End-to-end distillation of the Caprese bypasses (paper §3): all (L_i, R_i) jointly, base weights frozen,
+
+    min  MSE( teacher final hidden state , student final hidden state )   on RESPONSE tokens
+
+where "final hidden state" is after the final norm, before the LM head (Decoder.hidden_states).
+Per sample:
+  teacher  = the same decoder in phase "prefill" over prompt + response (every FFN dense, no bypass), no grad;
+             kept in memory for later epochs while it fits `teacher_cache_bytes`, recomputed otherwise;
+  student  = phase "prefill" over the prompt from slot 0 (no grad: dense, sets the GRIFFIN selection / CATS τ from
+             the prompt and fills the prompt's KV slots), then the whole response as ONE chunk at start = len(prompt)
+             in phase "decode" (FF̂ + x·L·R on every approximated layer), with grad.
+The response's K/V are written into the static cache in place, so autograd runs through the cache writes
+(CopySlices); before every sample the cache tensors are detached so no graph outlives its sample.
+
+Batches: `batch_size` sequences per Adam step; their gradients are accumulated sample by sample (loss scaled by the
+batch's response-token count, so the step minimises the token-mean MSE of the batch). Under torchrun each rank
+runs every world_size-th sequence of each batch and the gradients are all-reduced (summed) before the step: plain
+data parallelism, identical adapters on every rank. Trainable parameters are fp32 master copies of L, R
+(the model's own L, R may be bf16); the optimiser steps the masters, which are copied back into the model.
+
+Resumable per epoch: WORK/e2e/checkpoint.pt (masters, optimiser, schedule step, losses; temp + rename) is written
+after each epoch; a rerun with the same key continues after the last finished epoch, reshuffling each epoch
+with a generator seeded by (seed, epoch), so the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from caprese.calibration.layerwise import _bar, barrier, digest, ensure_caches, world
+from caprese.calibration.methods import apply_method, efficient_layers
+from caprese.calibration.schedule import linear_schedule
+
+Callback = Callable[[dict], None]
+
+
+@dataclasses.dataclass
+class E2EConfig:
+    epochs: int = 3
+    lr: float = 1e-4  # paper: 4e-6 .. 2e-4, smaller for larger models
+    batch_size: int = 16  # sequences per Adam step
+    warmup: float = 0.02
+    seed: int = 0
+    teacher_cache_bytes: int = 1 << 30  # per process; teacher states beyond this are recomputed every epoch
+
+    def key_fields(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("teacher_cache_bytes")
+        return d
+
+    def validate(self) -> None:
+        from caprese.errors import CapreseError
+
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise CapreseError("end-to-end epochs and batch size must be >= 1 and lr > 0")
+        if not 0 <= self.warmup < 1:
+            raise CapreseError(f"warm-up fraction must be in [0, 1); got {self.warmup}")
+
+
+@dataclasses.dataclass
+class E2EResult:
+    adapters: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    metrics: dict
+    timing: dict
+
+
+def detach_caches(decoder) -> None:
+    """Cut the KV buffers loose from the previous sample's autograd graph (values are overwritten anyway)."""
+    for layer in decoder.layers:
+        c = layer.self_attn.cache
+        if c is not None and (c.k.requires_grad or c.v.requires_grad):
+            c.k, c.v = c.k.detach(), c.v.detach()
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision activations (the loss is summed in at least fp32), as is otherwise."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+class Distiller:
+    """Teacher / student passes over one decoder whose target layers carry an EfficientFFN with a bypass."""
+
+    def __init__(self, decoder, samples, teacher_cache_bytes: int = 1 << 30):
+        self.decoder, self.samples = decoder, samples
+        self.device = decoder.model.embed_tokens.weight.device
+        self.dim = decoder.spec.hidden_size
+        self.cache: dict[int, torch.Tensor] = {}
+        self.cache_left = teacher_cache_bytes
+        ensure_caches(decoder, samples)
+
+    def teacher(self, j: int) -> torch.Tensor:
+        """[T_resp, D] (fp32 or wider): the dense model's final hidden states on sample j's response tokens."""
+        if j in self.cache:
+            return self.cache[j]
+        s = self.samples[j]
+        detach_caches(self.decoder)
+        with torch.no_grad():
+            ids = torch.tensor([s.ids], device=self.device)
+            h = _wide(self.decoder.hidden_states(ids, 0, phase="prefill")[0, len(s.prompt_ids):])
+        size = h.numel() * h.element_size()
+        if size <= self.cache_left:
+            self.cache[j] = h
+            self.cache_left -= size
+        return h
+
+    def student(self, j: int) -> torch.Tensor:
+        """[T_resp, D]: prompt prefilled (dense, no grad), then the response as one decode chunk (grad flows)."""
+        s = self.samples[j]
+        detach_caches(self.decoder)
+        p = len(s.prompt_ids)
+        with torch.no_grad():
+            self.decoder.hidden_states(torch.tensor([list(s.prompt_ids)], device=self.device), 0, phase="prefill")
+        resp = torch.tensor([list(s.response_ids)], device=self.device)
+        return self.decoder.hidden_states(resp, p, phase="decode")[0]
+
+    def sse(self, j: int) -> torch.Tensor:
+        """Sum of squared errors over sample j's response tokens and features (teacher first: it re-observes)."""
+        t = self.teacher(j)
+        return (_wide(self.student(j)) - t).square().sum()
+
+    @torch.no_grad()
+    def mse(self, indices: list[int] | None = None) -> float:
+        """Token- and feature-mean squared error over the samples (sharded over ranks, summed)."""
+        me, ws = world()
+        idx = list(range(len(self.samples))) if indices is None else indices
+        acc = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for j in idx[me::ws]:
+            acc[0] += self.sse(j).double()
+            acc[1] += len(self.samples[j].response_ids) * self.dim
+        detach_caches(self.decoder)
+        _all_reduce(acc)
+        return float(acc[0] / acc[1].clamp_min(1))
+
+
+def _bypasses(decoder):
+    return [(i, f.bypass) for i, f in sorted(efficient_layers(decoder).items()) if f.bypass is not None]
+
+
+def _without_bypass_mse(dist: Distiller) -> float:
+    ffns = efficient_layers(dist.decoder)
+    saved = {i: f.bypass for i, f in ffns.items()}
+    try:
+        for f in ffns.values():
+            f.bypass = None
+        return dist.mse()
+    finally:
+        for i, f in ffns.items():
+            f.bypass = saved[i]
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, key: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    return state if state.get("key") == key else None
+
+
+def run_e2e(decoder, samples, method: str, density: float, layers: list[int], rank: int,
+            init_adapters: dict[int, tuple[torch.Tensor, torch.Tensor]], work: Path, cfg: E2EConfig, key: str,
+            progress: bool = True, callback: Callback | None = None) -> E2EResult:
+    """Jointly fine-tune every layer's (L, R) from `init_adapters`; returns the trained adapters (fp32, cpu).
+
+    `key` must identify the base model, method, density, layers, samples and precision; the checkpoint key adds
+    rank, `cfg` and the initial adapters.
+    """
+    t_start = time.monotonic()
+    me, ws = world()
+    work = Path(work) / "e2e"
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt_path = work / "checkpoint.pt"
+    h = hashlib.sha256()
+    for i, (L, R) in sorted(init_adapters.items()):
+        h.update(f"{i}:".encode() + L.float().contiguous().numpy().tobytes() + R.float().contiguous().numpy().tobytes())
+    init_digest = h.hexdigest()[:32]
+    ckey = digest({"base": key, "rank": rank, "cfg": cfg.key_fields(), "init": init_digest})
+
+    apply_method(decoder, method, density, layers, rank, seed=cfg.seed)
+    decoder.requires_grad_(False)
+    bps = _bypasses(decoder)
+    missing = [i for i, _ in bps if i not in init_adapters]
+    if missing:
+        raise ValueError(f"no initial adapters for layers {missing}")
+    params = []
+    with torch.no_grad():
+        for i, bp in bps:
+            bp.L.copy_(init_adapters[i][0])
+            bp.R.copy_(init_adapters[i][1])
+            params += [bp.L, bp.R]
+    for p in params:
+        p.requires_grad_(True)
+    master = [p.detach().float().clone().requires_grad_(True) for p in params]
+    opt = torch.optim.Adam(master, lr=cfg.lr)
+    n = len(samples)
+    spe = max(1, math.ceil(n / cfg.batch_size))
+    total = cfg.epochs * spe
+    sched = linear_schedule(opt, total, cfg.warmup)
+    dist_ = Distiller(decoder, samples, cfg.teacher_cache_bytes)
+
+    state = _load_checkpoint(ckpt_path, ckey)
+    if state is not None:
+        with torch.no_grad():
+            for m, p, v in zip(master, params, state["master"]):
+                m.copy_(v)
+                p.copy_(v)
+        opt.load_state_dict(state["optim"])
+        sched.load_state_dict(state["sched"])
+        start_epoch, history, before = state["epoch"], list(state["history"]), dict(state["before"])
+    else:
+        start_epoch, history = 0, []
+        t0 = time.monotonic()
+        before = {"mse_approx": _without_bypass_mse(dist_), "mse_before": dist_.mse()}
+        before["eval_s"] = round(time.monotonic() - t0, 3)
+    if progress and me == 0:
+        print(f"caprese: e2e: final-hidden MSE on response tokens: FF̂ alone {before['mse_approx']:.5g}, "
+              f"layer-wise bypass {before['mse_before']:.5g}", file=sys.stderr)
+
+    t_train = time.monotonic()
+    bar = _bar(total, "e2e", progress and me == 0, initial=start_epoch * spe)
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).tolist()
+            ep_sse = ep_count = 0.0
+            for b in range(spe):
+                batch = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                denom = float(sum(len(samples[j].response_ids) for j in batch) * dist_.dim)
+                local = 0.0
+                for j in batch[me::ws]:
+                    loss = dist_.sse(j) / denom
+                    loss.backward()
+                    local += float(loss.detach())
+                detach_caches(decoder)
+                flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten()
+                                  for p in params] + [torch.tensor([local], device=params[0].device)])
+                _all_reduce(flat)
+                off = 0
+                for m, p in zip(master, params):
+                    m.grad = flat[off:off + p.numel()].view_as(m).clone()
+                    off += p.numel()
+                    p.grad = None
+                batch_loss = float(flat[-1])
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for m, p in zip(master, params):
+                        p.copy_(m)
+                ep_sse += batch_loss * denom
+                ep_count += denom
+                bar.update(1)
+                bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{batch_loss:.4g}", refresh=False)
+                if callback is not None:
+                    callback({"stage": "e2e", "event": "step", "epoch": epoch, "step": epoch * spe + b + 1,
+                              "steps": total, "loss": batch_loss})
+            history.append(ep_sse / max(1.0, ep_count))
+            if me == 0:
+                _save_checkpoint(ckpt_path, {"key": ckey, "epoch": epoch + 1,
+                                             "master": [m.detach().cpu() for m in master],
+                                             "optim": opt.state_dict(), "sched": sched.state_dict(),
+                                             "history": history, "before": before})
+            barrier()
+            if callback is not None:
+                callback({"stage": "e2e", "event": "epoch_done", "epoch": epoch, "train_mse": history[-1]})
+    finally:
+        bar.close()
+        detach_caches(decoder)
+    train_s = time.monotonic() - t_train
+    t0 = time.monotonic()
+    after = dist_.mse()
+    for p in params:
+        p.requires_grad_(False)
+    if progress and me == 0:
+        print(f"caprese: e2e: final-hidden MSE {before['mse_before']:.5g} -> {after:.5g}", file=sys.stderr)
+    metrics = {**before, "mse_after": after, "epoch_train_mse": history,
+               "steps": total, "tokens": sum(len(s.response_ids) for s in samples)}
+    timing = {"train_s": round(train_s, 3), "eval_after_s": round(time.monotonic() - t0, 3),
+              "total_s": round(time.monotonic() - t_start, 3), "resumed_from_epoch": start_epoch}
+    adapters = {i: (bp.L.detach().float().cpu().clone(), bp.R.detach().float().cpu().clone()) for i, bp in bps}
+    return E2EResult(adapters, metrics, timing)
