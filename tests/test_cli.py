@@ -16,27 +16,9 @@ import pytest
 import torch
 
 from caprese.cli.main import main as caprese_main
+from cli_helpers import assert_one_line_error, run_cli
 
 BIN = Path(sys.executable).parent
-
-
-def run_cli(entry, args, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["caprese", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        entry()
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code or 0, out.out, out.err
-
-
-def assert_one_line_error(rc, err, *needles):
-    assert rc != 0
-    assert "Traceback" not in err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert lines, "expected an error message on stderr"
-    assert lines[-1].startswith("error:") or lines[-1].startswith("Error:"), err
-    for n in needles:
-        assert n in err, (n, err)
 
 
 def test_help_explains_commands(monkeypatch, capsys):

@@ -51,15 +51,6 @@ def prompt(n: int, offset: int = 0) -> list[int]:
     return list(ids[offset:offset + n])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The models are tiny: one intra-op thread is fastest, and immune to oversubscription on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def hf_model(tiny_model_dir):
     """hf_model(kind, dtype) -> transformers model in eval mode, loaded once per module."""

@@ -30,15 +30,6 @@ from caprese.model.loading import load_decoder
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: a second OpenMP thread only adds synchronisation (and on a busy machine, a lot of it)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def adapters_equal(a, b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[i][0], b[i][0]) and torch.equal(a[i][1], b[i][1]) for i in a)
 

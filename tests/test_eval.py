@@ -23,16 +23,6 @@ from caprese.evaluation import Task, evaluate, extra_parameter_share, extract_an
 from caprese.model.text_model import TextModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine the threads' spinning makes this
-    file ~8x slower; restore the setting for the other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------- answers
 
 @pytest.mark.parametrize("text, expected", [

@@ -9,26 +9,17 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+import cli_helpers
 from caprese.cli.export_command import main as export_main
 from caprese.export.manifest import load_manifest
 
 
 def run_cli(args, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["caprese-export", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        export_main()
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code or 0, out.out, out.err
+    return cli_helpers.run_cli(export_main, args, monkeypatch, capsys, prog="caprese-export")
 
 
 def assert_one_line_error(rc, err, *needles):
-    assert rc == 2, err
-    assert "Traceback" not in err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip() and not ln.startswith("[caprese-export]")]
-    assert len(lines) >= 1 and lines[-1].startswith(("error:", "Error:")), err
-    for n in needles:
-        assert n in err, (n, err)
+    cli_helpers.assert_one_line_error(rc, err, *needles, code=2, log_prefix="[caprese-export]")
 
 
 def leftovers(parent, name):

@@ -23,15 +23,6 @@ KIND = "llama"  # biases on q/k/v/o and MLP: the most tensors per layer
 PROBE = "model.layers.1.self_attn.k_proj.weight"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to oversubscription on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def good_dir(tmp_path_factory) -> Path:
     return make_tiny_model(KIND, tmp_path_factory.mktemp("good") / KIND, tokenizer=False)

@@ -39,14 +39,6 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 PREFILL = FFNContext("prefill", 0)
 DECODE = FFNContext("decode", 64)
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # float64 references (numpy), written from the paper's formulas
 

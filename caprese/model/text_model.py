@@ -65,16 +65,20 @@ class TextModel:
         if len(ids) + max_new_tokens > limit:
             raise CapreseError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                                f"context of {limit}; ask for fewer new tokens")
-        on_token = None
-        if on_text is not None:
-            detok = IncrementalDecoder(self.tokenizer)
-
-            def on_token(token_id: int) -> None:
-                piece = detok.push(token_id)
-                if piece:
-                    on_text(piece)
-
+        on_token = None if on_text is None else _text_stream(self.tokenizer, on_text)
         result = generate(self.decoder, ids, max_new_tokens, sampling, self.eos_ids, on_token, reselect_every)
         tokens = result.tokens[0]
         return TextResult(self.tokenizer.decode(tokens, skip_special_tokens=True), tokens, result.stop_reason[0],
                           result.stats)
+
+
+def _text_stream(tokenizer, on_text: Callable[[str], None]) -> Callable[[int], None]:
+    """Token ids in, complete text pieces out (to on_text)."""
+    detok = IncrementalDecoder(tokenizer)
+
+    def on_token(token_id: int) -> None:
+        piece = detok.push(token_id)
+        if piece:
+            on_text(piece)
+
+    return on_token
