@@ -99,7 +99,9 @@ def _register_optional_commands() -> None:
 
     for module, attr, name in (("caprese.cli.calibrate_command", "calibrate_command", "calibrate"),
                                ("caprese.cli.eval_command", "eval_command", "eval"),
-                               ("caprese.cli.export_command", "export", "export")):
+                               ("caprese.cli.export_command", "export", "export"),
+                               ("caprese.cli.run_command", "run_command", "run"),
+                               ("caprese.cli.chat_command", "chat_command", "chat")):
         try:
             cli.add_command(getattr(importlib.import_module(module), attr), name)
         except ModuleNotFoundError as e:

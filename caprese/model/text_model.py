@@ -65,20 +65,27 @@ class TextModel:
         if len(ids) + max_new_tokens > limit:
             raise CapreseError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                                f"context of {limit}; ask for fewer new tokens")
-        on_token = None if on_text is None else _text_stream(self.tokenizer, on_text)
+        on_token = None if on_text is None else TextStreamer(self.tokenizer, on_text)
         result = generate(self.decoder, ids, max_new_tokens, sampling, self.eos_ids, on_token, reselect_every)
+        if on_token is not None:
+            on_token.flush()
         tokens = result.tokens[0]
         return TextResult(self.tokenizer.decode(tokens, skip_special_tokens=True), tokens, result.stop_reason[0],
                           result.stats)
 
 
-def _text_stream(tokenizer, on_text: Callable[[str], None]) -> Callable[[int], None]:
-    """Token ids in, complete text pieces out (to on_text)."""
-    detok = IncrementalDecoder(tokenizer)
+class TextStreamer:
+    """Token ids in, complete text pieces out (to on_text); flush() sends what is held back at the end."""
 
-    def on_token(token_id: int) -> None:
-        piece = detok.push(token_id)
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        self.detok, self.on_text = IncrementalDecoder(tokenizer), on_text
+
+    def __call__(self, token_id: int) -> None:
+        self._send(self.detok.push(token_id))
+
+    def flush(self) -> None:
+        self._send(self.detok.flush())
+
+    def _send(self, piece: str) -> None:
         if piece:
-            on_text(piece)
-
-    return on_token
+            self.on_text(piece)

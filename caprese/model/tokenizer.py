@@ -54,3 +54,9 @@ class IncrementalDecoder:
             return ""
         piece, self.emitted = text[len(self.emitted):], text
         return piece
+
+    def flush(self) -> str:
+        """At the end of a reply: whatever was held back for a character that never completed."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True) if self.ids else ""
+        piece, self.emitted = text[len(self.emitted):], text
+        return piece

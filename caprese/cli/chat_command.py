@@ -1,0 +1,129 @@
+"""`caprese chat ENGINE_DIR`: an interactive, multi-turn chat on an engine folder (caprese.runtime.Conversation).
+
+Replies stream as they are generated; the KV cache is kept between turns. Lines starting with / are commands:
+/reset (new conversation), /stats (the last reply's latency report and the context used), /exit. Ctrl-C
+stops the reply being written and keeps the chat going; Ctrl-D (end of input) or /exit leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+
+import click
+
+from caprese.cli.run_command import describe, engine_options, open_generator, sampling_options
+
+HELP = "/reset starts over, /stats reports, /exit quits; Ctrl-C stops a reply"
+
+
+def _note(msg: str) -> None:
+    click.echo(f"[caprese] {msg}", err=True)
+
+
+def _read(prompt: str) -> str | None:
+    """One input line; None at end of input. Ctrl-C at the prompt clears the line and asks again."""
+    while True:
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
+        except KeyboardInterrupt:
+            click.echo("")
+            _note("(Ctrl-D or /exit to quit)")
+
+
+def _reply(conv, text: str, max_new_tokens: int, sampling, reselect_every: int, as_json: bool):
+    """Stream one reply; SIGINT ends it after the current step instead of raising."""
+    stream = conv.say(text, max_new_tokens, sampling, reselect_every)
+    old = signal.signal(signal.SIGINT, lambda *_: stream.stop()) if _main_thread() else None
+    try:
+        for piece in stream:
+            if not as_json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+        result = stream.close()
+    return result
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+@click.command("chat", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("engine_dir", type=click.Path(path_type=str))
+@click.option("--system", default=None, help="System message of the conversation.")
+@click.option("-n", "--max-new-tokens", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Longest reply per turn (EOS stops earlier; the engine's max_seq_len bounds the conversation).")
+@engine_options
+@sampling_options
+@click.option("--json", "as_json", is_flag=True,
+              help="Print each reply as one JSON object (text + latency) instead of streaming it.")
+def chat_command(engine_dir, system, max_new_tokens, backend, threads, device, temperature, top_k, top_p, seed,
+                 reselect_every, as_json) -> None:
+    """Chat with an engine folder from `caprese-export` (reads your turns from stdin).
+
+    \b
+    /reset   start a new conversation (the system message stays)
+    /stats   latency report of the last reply, and how much of the context is used
+    /exit    quit (so does Ctrl-D); Ctrl-C stops the reply being written
+    """
+    from caprese.runtime.conversation import ContextFull, Conversation
+    from caprese.runtime.generator import sampling_from
+
+    sampling = sampling_from(temperature, top_k, top_p, seed)
+    g = open_generator(engine_dir, backend, threads, device)
+    conv = Conversation(g, system)
+    tty = sys.stdin.isatty()
+    if tty:
+        try:
+            import readline  # noqa: F401  (line editing for input())
+        except ImportError:
+            pass
+    _note(f"chat with {engine_dir} ({g.label}, {g.backend.name}, context {g.max_seq_len} tokens); {HELP}")
+    turn = 0
+    while True:
+        line = _read("> " if tty else "")
+        if line is None:
+            if tty:
+                click.echo("")
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd = text.split()[0].lower()
+            if cmd in ("/exit", "/quit"):
+                return
+            if cmd == "/reset":
+                conv.reset()
+                _note("new conversation")
+            elif cmd == "/stats":
+                used = f"context {conv.context_tokens} of {g.max_seq_len} tokens"
+                _note(f"{conv.last.stats.report()} ({conv.last.stop_reason}) | {used}" if conv.last else
+                      f"no reply yet | {used}")
+            else:
+                _note(f"unknown command {cmd}; {HELP}")
+            continue
+        try:
+            result = _reply(conv, line, max_new_tokens, sampling, reselect_every, as_json)
+        except ContextFull as e:
+            _note(str(e))
+            continue
+        turn += 1
+        if as_json:
+            click.echo(json.dumps({"turn": turn, **result.to_dict(), "context_tokens": conv.context_tokens,
+                                   **describe(g, engine_dir)}))
+        else:
+            click.echo("")
+        if result.stop_reason == "interrupted":
+            _note("reply stopped")
+        elif result.stop_reason == "context":
+            _note(f"context full: the reply stopped at the engine's limit of {g.max_seq_len} tokens; "
+                  "/reset to start a new conversation")

@@ -1,0 +1,91 @@
+"""What a backend does for the Generator (batch 1), and how one is picked by name.
+
+A backend owns the KV cache and the decode graph's persistent selection inputs of one engine folder:
+  reserve(need, keep)        KV capacity for `need` slots, keeping slots 0..keep-1 if it must reallocate
+                             (never called between decode steps: the buffers stay put during a generation)
+  prefill(ids, start)        tokens at slots start.. through the prefill graph -> PrefillOut
+  select(griffin, tau)       fill the decode inputs: GRIFFIN Σ statistics per layer (top-k + folding),
+                             CATS thresholds per layer
+  decode(token, slot)        one token through the decode graph -> logits [1, V] (float32 torch tensor on
+                             logits_device, valid until the next call)
+  attended(slot)             KV slots a decode step at `slot` reads (for the bandwidth report)
+Backends are imported lazily; a missing one is a one-line CapreseError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+
+import torch
+
+from caprese.errors import CapreseError
+
+BACKENDS = {"onnxruntime": ("caprese.runtime.ort_backend", "OrtBackend"),
+            "torch": ("caprese.runtime.torch_backend", "TorchBackend"),
+            "tensorrt": ("caprese.runtime.tensorrt_backend", "TensorRTBackend")}
+
+
+@dataclasses.dataclass
+class PrefillOut:
+    logits: torch.Tensor  # [1, V] float32, the last token's
+    griffin: dict[int, torch.Tensor]  # layer -> griffin_stat [1, F] float32 (this call's tokens only)
+    tau: dict[int, torch.Tensor]  # layer -> cats_tau [1] float32 (this call's tokens only)
+
+
+class Backend:
+    name = "?"
+    device = "cpu"
+    logits_device = "cpu"  # where decode()/prefill() logits live (sampling runs there)
+
+    def __init__(self, manifest):
+        self.manifest = manifest
+        self.layout = manifest.layout
+        self.capacity = 0  # KV slots currently allocated
+
+    def reserve(self, need: int, keep: int = 0) -> None:
+        raise NotImplementedError
+
+    def prefill(self, ids: list[int], start: int) -> PrefillOut:
+        raise NotImplementedError
+
+    def select(self, griffin: dict[int, torch.Tensor], tau: dict[int, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def decode(self, token: int, slot: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attended(self, slot: int) -> int:
+        return self.capacity
+
+    def peak_device_mb(self) -> float | None:
+        return None
+
+    def describe(self) -> dict:
+        """Backend-specific facts for --json (providers, threads, device...)."""
+        return {}
+
+
+def kv_slots(need: int, max_seq_len: int, policy: str | int) -> int:
+    """KV slots to allocate for `need`: "max" = the engine's max_seq_len; "fit" = `need` rounded up to a
+    multiple of 256 (ONNX Runtime's Attention costs time per *allocated* slot, so a short chat pays for a short
+    buffer), at most max_seq_len; an int = that many (at least `need`)."""
+    if policy == "max":
+        return max_seq_len
+    if policy == "fit":
+        return min(max_seq_len, -(-need // 256) * 256)
+    return min(max_seq_len, max(int(policy), need))
+
+
+def open_backend(name: str, manifest, threads: int | None = None, **options) -> Backend:
+    if name not in BACKENDS:
+        raise CapreseError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    module, attr = BACKENDS[name]
+    cls = getattr(importlib.import_module(module), attr)
+    accepted = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise CapreseError(f"the {name} backend has no option {', '.join(unknown)} (it takes "
+                           f"{', '.join(p for p in accepted if p not in ('self', 'manifest'))})")
+    return cls(manifest, threads=threads, **options)

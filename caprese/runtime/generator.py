@@ -1,0 +1,296 @@
+"""Generator: text in, text out, on an engine folder from `caprese-export`, with any backend.
+
+    from caprese.runtime import Generator
+    g = Generator.load("engine_dir", backend="onnxruntime")
+    r = g.generate("What is 12 + 7?", chat=True, max_new_tokens=64)
+    print(r.text, r.stats.ms_per_token, r.stats.gb_per_s)
+    for piece in g.stream("Tell me a story", chat=True):
+        print(piece, end="", flush=True)
+
+The loop (batch 1): prefill the prompt (chunks of at most max_prompt_len) -> combine the selection statistics
+(GRIFFIN top-k / CATS τ) -> fill the decode inputs -> decode steps with the KV cache updated in place ->
+every ρ steps (reselect_every) the last ρ tokens run through the prefill graph at their slots, their
+statistics are added and the selection refolded -> stop on EOS or max_new_tokens. It is the same loop as
+caprese.model.generation.generate, so greedy tokens match the PyTorch reference.
+
+The Generator remembers which tokens its KV cache holds; `Conversation` (caprese.runtime.conversation) uses
+that to reuse the cache across chat turns. generate() and stream() always start from slot 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from caprese.errors import CapreseError
+from caprese.export import contract as C
+from caprese.export.manifest import load_manifest
+from caprese.model.sampling import Sampling, sample
+from caprese.model.tokenizer import IncrementalDecoder, encode_prompt, load_tokenizer, stop_ids
+from caprese.runtime.backend import open_backend
+from caprese.runtime.selection import PROMPT, RESELECT, Chunk, SelectionState
+from caprese.runtime.stats import RuntimeStats, peak_rss_mb
+from caprese.runtime.traffic import decode_traffic
+
+
+@dataclasses.dataclass
+class RuntimeResult:
+    text: str
+    tokens: list[int]  # new tokens, the stop token excluded
+    stop_reason: str  # "eos" | "length" | "context" (the engine's max_seq_len) | "interrupted"
+    stats: RuntimeStats
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, **self.stats.to_dict(), "stop_reason": self.stop_reason}
+
+
+def method_label(manifest) -> str:
+    """What the engine runs, in the words `caprese generate` uses: dense, caprese(griffin, d=0.5, r=8), ..."""
+    m = manifest.data["method"]
+    if m["name"] == C.DENSE:
+        return "dense"
+    if m.get("rank"):
+        return f"caprese({m['name']}, d={m['density']}, r={m['rank']})"
+    return f"{m['name']}(d={m['density']}, layers={','.join(map(str, m.get('layers', [])))})"
+
+
+class _Run:
+    """Bookkeeping of one generation: what was produced, when, and why it stopped."""
+
+    def __init__(self, g: "Generator", ids: list[int], start: int, eos: set):
+        self.g, self.ids, self.start, self.eos = g, ids, start, eos
+        self.produced: list[int] = []
+        self.ttft_ms = float("nan")
+        self.step_ms: list[float] = []
+        self.attended: list[int] = []
+        self.stop_reason: str | None = None
+        self.stop_requested = False  # set from a signal handler: the loop ends after the current step
+
+    def result(self) -> RuntimeResult:
+        g = self.g
+        tokens = [t for t in self.produced if t not in self.eos]
+        b = g.backend
+        slots = statistics.fmean(self.attended) if self.attended else 0.0
+        stats = RuntimeStats(prompt_tokens=len(self.ids), tokens_generated=len(self.produced),
+                             ttft_ms=self.ttft_ms, step_ms=list(self.step_ms), batch=1, backend=b.name,
+                             device=b.device, reused_tokens=self.start, prefill_tokens=len(self.ids) - self.start,
+                             kv_slots=b.capacity, weight_bytes_per_step=g.traffic.weight_bytes,
+                             kv_bytes_per_step=g.traffic.kv_bytes(slots), peak_rss_mb=peak_rss_mb(),
+                             peak_device_mb=b.peak_device_mb())
+        text = g.tokenizer.decode(tokens, skip_special_tokens=True)
+        return RuntimeResult(text, tokens, self.stop_reason or "interrupted", stats)
+
+
+class TextStream:
+    """Iterate for text pieces as they form; `.result` (a RuntimeResult) is ready once iteration ends (or
+    after close(), for a reply stopped early: stop_reason "interrupted")."""
+
+    def __init__(self, g: "Generator", run: _Run, tokens: Iterator[int],
+                 on_finish: Callable[[RuntimeResult], None] | None = None):
+        self._run, self._tokens, self._on_finish = run, tokens, on_finish
+        self._detok = IncrementalDecoder(g.tokenizer)
+        self.result: RuntimeResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            for token in self._tokens:
+                piece = self._detok.push(token)
+                if piece:
+                    yield piece
+            rest = self._detok.flush()
+            if rest:
+                yield rest
+        finally:
+            self.close()
+
+    def tokens(self) -> Iterator[int]:
+        """Iterate for token ids instead of text."""
+        try:
+            yield from self._tokens
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        """Ask the generation to end after the step in progress (safe from a signal handler)."""
+        self._run.stop_requested = True
+
+    def close(self) -> RuntimeResult:
+        if self.result is None:
+            self._tokens.close()
+            self.result = self._run.result()
+            if self._on_finish is not None:
+                self._on_finish(self.result)
+        return self.result
+
+    def consume(self, on_text: Callable[[str], None] | None = None) -> RuntimeResult:
+        for piece in self:
+            if on_text is not None:
+                on_text(piece)
+        return self.close()
+
+
+class Generator:
+    def __init__(self, manifest, backend, tokenizer):
+        self.manifest, self.backend, self.tokenizer = manifest, backend, tokenizer
+        self.layout: C.GraphLayout = manifest.layout
+        self.max_seq_len = int(manifest.data["max_seq_len"])
+        self.max_prompt_len = int(manifest.data["max_prompt_len"])
+        self.eos_ids = stop_ids(manifest.spec.eos_token_ids, tokenizer)
+        self.traffic = decode_traffic(manifest)
+        self.label = method_label(manifest)
+        self.approximated = any(k != C.DENSE for k in self.layout.layer_kinds)
+        self.selection = SelectionState()
+        self.cached: list[int] = []  # the tokens whose K/V fill slots 0..len-1 of the backend's cache
+
+    @classmethod
+    def load(cls, engine_dir: str | Path, backend: str = "onnxruntime", threads: int | None = None,
+             **options) -> "Generator":
+        """Open ENGINE_DIR (manifest validated) on `backend`: "onnxruntime", "torch" or "tensorrt".
+
+        options go to the backend: device ("cpu" / "cuda"), kv_policy ("fit" / "max" / slots; onnxruntime),
+        share_weights (onnxruntime), source / base_model (torch)."""
+        manifest = load_manifest(engine_dir)
+        tokenizer = load_tokenizer(manifest.folder)
+        return cls(manifest, open_backend(backend, manifest, threads, **options), tokenizer)
+
+    # ---- text ----
+    def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+        ids = encode_prompt(self.tokenizer, prompt, chat, system)
+        if not ids:
+            raise CapreseError("the prompt encodes to zero tokens; give a non-empty prompt")
+        return ids
+
+    def _ids(self, prompt, chat: bool, system: str | None) -> list[int]:
+        if isinstance(prompt, (list, tuple)):
+            ids = [int(t) for t in prompt]
+            if not ids:
+                raise CapreseError("the prompt has zero tokens")
+            return ids
+        return self.encode(prompt, chat, system)
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 256, sampling: Sampling = Sampling(),
+                 chat: bool = False, system: str | None = None, reselect_every: int = 0,
+                 on_text: Callable[[str], None] | None = None, ignore_eos: bool = False) -> RuntimeResult:
+        """Reply to `prompt` (text, or token ids used as they are); `on_text` receives text pieces as they form.
+        ignore_eos: always generate max_new_tokens (benchmarks)."""
+        return self.stream(prompt, max_new_tokens, sampling, chat, system, reselect_every,
+                           ignore_eos).consume(on_text)
+
+    def stream(self, prompt: str | list[int], max_new_tokens: int = 256, sampling: Sampling = Sampling(),
+               chat: bool = False, system: str | None = None, reselect_every: int = 0,
+               ignore_eos: bool = False) -> TextStream:
+        ids = self._ids(prompt, chat, system)
+        if len(ids) + max_new_tokens > self.max_seq_len:
+            raise CapreseError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the engine's "
+                               f"max_seq_len of {self.max_seq_len}; ask for fewer new tokens or export with a larger "
+                               "--max-seq-len")
+        return self.stream_ids(ids, max_new_tokens, sampling, reselect_every, reuse=False, ignore_eos=ignore_eos)
+
+    # ---- tokens ----
+    def forget(self) -> None:
+        """Drop what the cache holds (the buffers stay allocated)."""
+        self.cached = []
+        self.selection.reset()
+
+    def reusable(self, ids: list[int]) -> int:
+        """Slots of the cache that `ids` can keep: its common prefix with what the cache holds, less at least one
+        token (the prefill must produce logits), and for approximated layers only whole prompt chunks (whose
+        statistics are known on their own: the previous reply's tokens are prefilled again, which also gives
+        them dense K/V and a selection over the whole conversation, as one prefill of it would)."""
+        p = 0
+        for a, b in zip(ids, self.cached):
+            if a != b:
+                break
+            p += 1
+        p = min(p, len(ids) - 1)
+        return self.selection.keep_prompt_chunks(p) if self.approximated else p
+
+    def stream_ids(self, ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
+                   reselect_every: int = 0, reuse: bool = False,
+                   on_finish: Callable[[RuntimeResult], None] | None = None,
+                   ignore_eos: bool = False) -> TextStream:
+        """Generate after `ids`; reuse=True keeps the cached K/V of the longest reusable prefix (chat turns)."""
+        if max_new_tokens < 1:
+            raise CapreseError("max_new_tokens must be >= 1")
+        if len(ids) + max_new_tokens > self.max_seq_len:
+            raise CapreseError(f"{len(ids)} tokens + {max_new_tokens} new ones exceed the engine's max_seq_len "
+                               f"({self.max_seq_len})")
+        if reselect_every < 0 or reselect_every > self.max_prompt_len:
+            raise CapreseError(f"reselect_every must be between 0 and the engine's max_prompt_len "
+                               f"({self.max_prompt_len}); got {reselect_every}")
+        if reuse:
+            start = self.reusable(ids)
+        else:
+            start = 0
+            self.forget()
+        if not self.approximated:
+            self.selection.reset()
+        self.cached = self.cached[:start]
+        run = _Run(self, ids, start, set() if ignore_eos else set(self.eos_ids))
+        return TextStream(self, run, self._tokens(run, max_new_tokens, sampling, reselect_every), on_finish)
+
+    def _select(self) -> None:
+        if self.approximated:
+            self.backend.select(self.selection.griffin_stats(), self.selection.cats_taus())
+
+    def _tokens(self, run: _Run, max_new: int, sampling: Sampling, reselect_every: int) -> Iterator[int]:
+        b, ids, eos = self.backend, run.ids, run.eos
+        b.reserve(len(ids) + max_new, keep=run.start)
+        generator = sampling.generator(b.logits_device)
+        try:
+            t0 = time.perf_counter()
+            for s in range(run.start, len(ids), self.max_prompt_len):
+                chunk = ids[s:s + self.max_prompt_len]
+                out = b.prefill(chunk, s)
+                self.selection.add(Chunk(s, s + len(chunk), PROMPT, out.griffin, out.tau))
+                self.cached = ids[:s + len(chunk)]
+            self._select()
+            token = int(sample(out.logits, sampling, generator)[0])
+            run.ttft_ms = (time.perf_counter() - t0) * 1000
+            run.produced.append(token)
+            if token in eos:
+                run.stop_reason = "eos"
+                return
+            yield token
+            slot, fed = len(ids), []
+            last = time.perf_counter()
+            for i in range(max_new - 1):
+                if run.stop_requested:
+                    return
+                fed.append(token)
+                if reselect_every and len(fed) % reselect_every == 0:
+                    ws = slot + i - reselect_every + 1
+                    out = b.prefill(fed[-reselect_every:], ws)
+                    self.selection.add(Chunk(ws, slot + i + 1, RESELECT, out.griffin, out.tau))
+                    self._select()
+                    logits = out.logits
+                else:
+                    logits = b.decode(token, slot + i)
+                    run.attended.append(b.attended(slot + i))
+                self.cached.append(token)
+                token = int(sample(logits, sampling, generator)[0])
+                now = time.perf_counter()
+                run.step_ms.append((now - last) * 1000)
+                last = now
+                run.produced.append(token)
+                if token in eos:
+                    run.stop_reason = "eos"
+                    return
+                yield token
+            run.stop_reason = "length"
+        finally:
+            if run.stop_reason is None:
+                run.stop_reason = "interrupted"
+
+
+def sampling_from(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> Sampling:
+    try:
+        return Sampling(temperature, top_k, top_p, seed)
+    except ValueError as e:
+        raise CapreseError(str(e)) from None
+
+
+__all__ = ["Generator", "RuntimeResult", "TextStream", "Sampling", "sampling_from", "method_label"]

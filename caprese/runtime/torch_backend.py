@@ -1,0 +1,132 @@
+"""PyTorch backend: the reference decoder (caprese.model) of what an engine folder was exported from.
+
+The manifest records the export's source: a Hugging Face folder, or a calibration artifact and its base model,
+with the base model's fingerprint. The decoder is loaded from there at the engine's precision, the artifact's
+method and adapters applied, and driven through the same prefill / select / decode calls as the graphs:
+prefill runs the dense FFNs (phase "prefill"), decode the approximated ones; the selection statistics of each
+prefill call are read back from the FFNs and the combined selection written into them (sorted top-k, as
+caprese.export.folding picks it), so the torch and graph backends see identical selections.
+`source=` overrides the recorded folder (an artifact's base model keeps its recorded path unless
+`base_model=` is given). GPU: plain eager PyTorch here; CUDA graphs / torch.compile are not wired in yet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from caprese.errors import CapreseError
+from caprese.export import contract as C
+from caprese.export.folding import select_neurons
+from caprese.runtime.backend import Backend, PrefillOut, kv_slots
+
+
+def load_reference(manifest, device: str, source: str | None = None, base_model: str | None = None):
+    """The decoder an engine folder was exported from, with its method applied; CapreseError if it is gone."""
+    from caprese.calibration.artifact import fingerprint, is_artifact, load_artifact
+    from caprese.model.loading import load_decoder
+
+    rec = manifest.data.get("source") or {}
+    path = Path(source or rec.get("path") or "")
+    if not rec.get("path") and source is None:
+        raise CapreseError(f"{manifest.folder}/manifest.json records no source model; the torch backend needs one "
+                           "(pass source=...)")
+    if not path.is_dir():
+        raise CapreseError(f"the torch backend loads the model the engine was exported from, and {path} is missing; "
+                           "use --backend onnxruntime, or restore that folder")
+    precision = manifest.data["precision"]
+    if is_artifact(path):
+        art = load_artifact(path, base_model or rec.get("base_model"))
+        if rec.get("fingerprint") and art.fingerprint != rec["fingerprint"]:
+            raise CapreseError(f"the artifact {path} belongs to another base model than the engine's; export again")
+        method = manifest.data["method"]
+        if art.method != method["name"] or art.density != method["density"] or art.rank != method.get("rank", 0):
+            raise CapreseError(f"the artifact {path} ({art.method}, density {art.density}, rank {art.rank}) no longer "
+                               f"matches the engine ({method['name']}, density {method['density']}); export again")
+        decoder = load_decoder(art.base_model, precision, device)
+        art.apply(decoder)
+    else:
+        if rec.get("fingerprint") and fingerprint(path) != rec["fingerprint"]:
+            raise CapreseError(f"the model folder {path} changed since the engine was exported (fingerprint differs); "
+                               "export again")
+        decoder = load_decoder(path, precision, device)
+    decoder.requires_grad_(False)
+    return decoder
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, manifest, threads: int | None = None, device: str | None = None, source: str | None = None,
+                 base_model: str | None = None):
+        from caprese.calibration.methods import efficient_layers
+
+        super().__init__(manifest)
+        if threads:
+            torch.set_num_threads(int(threads))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise CapreseError(f"device {device!r} was asked for but torch sees no CUDA GPU; use cpu")
+        self.device = self.logits_device = device
+        self.threads = threads
+        self.decoder = load_reference(manifest, device, source, base_model)
+        self.ffns = efficient_layers(self.decoder)
+        lay = self.layout
+        kinds = {i: f.method for i, f in self.ffns.items()}
+        want = {i: k for i, k in enumerate(lay.layer_kinds) if k != C.DENSE}
+        if kinds != want or any(self.ffns[i].k != lay.k for i in lay.layers_of(C.GRIFFIN)):
+            raise CapreseError(f"the source model's methods {kinds} do not match the engine's layers {want}; export "
+                               "again")
+        self._token = torch.zeros((1, 1), dtype=torch.long, device=device)
+
+    def reserve(self, need: int, keep: int = 0) -> None:
+        cap = kv_slots(need, self.manifest.data["max_seq_len"], "fit")
+        if self.capacity >= need and (keep > 0 or cap == self.capacity):
+            return
+        old = [(layer.self_attn.cache.k, layer.self_attn.cache.v) for layer in self.decoder.layers] if keep else []
+        self.decoder.setup_caches(1, cap)
+        for (k, v), layer in zip(old, self.decoder.layers):
+            n = min(keep, cap, k.shape[2])
+            layer.self_attn.cache.k[:, :, :n] = k[:, :, :n]
+            layer.self_attn.cache.v[:, :, :n] = v[:, :, :n]
+        self.capacity = cap
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], start: int) -> PrefillOut:
+        for f in self.ffns.values():  # this call's statistics only: the Generator combines the calls
+            if f.method == C.GRIFFIN:
+                f.stat_sq = None
+            elif f.method == C.CATS:
+                f.tau = None
+        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+        logits = self.decoder(tokens, start, None, last_only=True, phase="prefill")[:, -1].float()
+        griffin = {i: f.stat_sq.float().cpu().clone() for i, f in self.ffns.items() if f.method == C.GRIFFIN}
+        tau = {i: f.tau.float().cpu().clone() for i, f in self.ffns.items() if f.method == C.CATS}
+        return PrefillOut(logits, griffin, tau)
+
+    def select(self, griffin: dict[int, torch.Tensor], tau: dict[int, torch.Tensor]) -> None:
+        for i, stat in griffin.items():
+            f = self.ffns[i]
+            f.stat_sq = stat.to(self.device)
+            f.set_selection(select_neurons(stat, self.layout.k).to(self.device))
+        for i, t in tau.items():
+            self.ffns[i].tau = t.to(self.device)
+
+    @torch.inference_mode()
+    def decode(self, token: int, slot: int) -> torch.Tensor:
+        self._token.fill_(token)
+        return self.decoder(self._token, slot, None, phase="decode")[:, -1].float()
+
+    def attended(self, slot: int) -> int:
+        return slot + 1  # the reference attends to the valid prefix only
+
+    def peak_device_mb(self) -> float | None:
+        if self.device.startswith("cuda"):
+            return torch.cuda.max_memory_allocated() / 2**20
+        return None
+
+    def describe(self) -> dict:
+        return {"torch_threads": torch.get_num_threads(), "source": str((self.manifest.data.get("source") or {})
+                                                                      .get("path"))}
