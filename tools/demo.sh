@@ -16,7 +16,7 @@ echo "== 1/4 dense, PyTorch reference decoder: $PROMPT"
 $C generate "$MODEL" --chat --prompt "$PROMPT" --max-new-tokens 96
 echo "== 2/4 calibrate Caprese(GRIFFIN 0.5, first half, r=64): 48 synthetic samples, 5 epochs (the README's table uses more)"
 [ -d "$OUT/caprese-griffin" ] || $C calibrate "$MODEL" -o "$OUT/caprese-griffin" --method griffin --density 0.5 \
-  --layers first-half --rank 64 --stage layerwise --synthetic 48 --response-tokens 32 --epochs 5
+  --layers first-half --rank 64 --stage layerwise --synthetic 48 --response-tokens 40 --epochs 5
 echo "== 3/4 export to ONNX (max 512 tokens)"
 [ -d "$OUT/engine-dense" ] || $C export "$MODEL" -o "$OUT/engine-dense" --max-seq-len 512
 [ -d "$OUT/engine-caprese" ] || $C export "$OUT/caprese-griffin" -o "$OUT/engine-caprese" --max-seq-len 512
