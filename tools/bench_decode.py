@@ -1,27 +1,71 @@
 #!/usr/bin/env python3
-"""Dense decode speed of caprese's reference decoder vs transformers' `generate`, same model and prompt, one run.
+"""Decode speed on one model and one prompt, in one run: ONNX Runtime GenAI dense (the peer) vs caprese's engines.
 
-Prints ms per output token, achieved GB/s (bytes a decode step must read / time per token) and the ratio
-caprese / transformers. Also measures this machine's read bandwidth, so the floor is from the same run.
+Rows (--rows, comma-separated; default: all):
+  genai-dense          ONNX Runtime GenAI, dense (the peer): its model builder run offline on the local folder
+  ort-dense            caprese dense engine (caprese.export) on the onnxruntime backend (Generator)
+  ort-griffin          GRIFFIN, density 0.5, all layers, no adapters, onnxruntime
+  ort-caprese-griffin  Caprese(GRIFFIN, 0.5, all layers, rank r), onnxruntime
+  ort-caprese-cats     Caprese(CATS, 0.5, all layers, rank r), onnxruntime
+  torch-dense          caprese's PyTorch reference decoder (caprese.model.generation.generate)
+  transformers         transformers' `generate`, same model and prompt
 
-    python tools/bench_decode.py                 # the built-in default model (SmolLM2-135M-Instruct), fp32, CPU
+    python tools/bench_decode.py                  # built-in SmolLM2-135M-Instruct, fp32, CPU, 2 threads
     python tools/bench_decode.py MODEL_DIR --prompt-tokens 64 --new-tokens 128 --repeats 5 --json out.json
+    python tools/bench_decode.py --rows genai-dense,ort-dense,ort-caprese-griffin
 
-Time per token is (time for N new tokens - time for 1 new token) / (N - 1) for both sides, so prefill and
-Python start-up costs cancel the same way; the median over repeats is reported (these machines are noisy).
+Per row: ms per output token (decode only, median over repeats), tokens/s, bytes one decode step reads,
+achieved GB/s, ratio to the peer (GenAI dense ms/token) and ratio to the bandwidth floor (bytes per step / the
+read bandwidth this run measures with a streaming reduction, same thread count).
+
+Timing. Every row runs the same random prompt ids (seeded) and generates exactly --new-tokens tokens (EOS
+ignored, greedy). Decode only: onnxruntime rows report the Generator's RuntimeStats.ms_per_token (mean of the
+decode steps after the first token; prefill and selection excluded); genai-dense times each
+`generate_next_token()` after the first (one decode step + greedy pick each) the same way; the two PyTorch rows
+take (time for N new tokens - time for 1 new token) / (N - 1). Rows run interleaved over the repeats (A B C A B
+C ...), with the bandwidth measurement as one more entry of each round, so drift hits all of them equally. Every
+row uses --threads (ONNX Runtime intra-op threads, GenAI's session options, torch.set_num_threads).
+
+Bytes per step: onnxruntime rows from the engine (RuntimeStats.bytes_per_step: the decode graph's weights per
+the manifest, one row of gathered tables, the folded selection inputs, K/V of the allocated slots); genai-dense,
+torch-dense and transformers use the dense byte count of the model (every weight once, the embedding table only
+gathered unless tied, + K/V over the mean context prompt + new/2).
+
+Engines (caprese.export, default max_seq_len) and the GenAI model are cached under --out-dir (default
+out/bench/<model>-<fingerprint>/) and reused when their recipe matches. The Caprese rows' adapters are
+random-init (L as LowRankBypass draws it, R small random), saved with save_artifact: right shapes and bytes for
+timing, not calibrated, so their text is meaningless. The GenAI row needs `pip install onnxruntime-genai onnx-ir`
+(or `pip install -e .[bench]`); without it the row is skipped and the reason printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 
+BENCH_VERSION = 2
+PEER = "genai-dense"
+ROW_NAMES = ("genai-dense", "ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats", "torch-dense",
+             "transformers")
+ORT_ROWS = ("ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats")
+# issue 5's CPU targets: (row, max ratio to the peer, max ratio to the floor)
+TARGETS = (("ort-dense", 0.95, 1.25), ("ort-caprese-griffin", 0.70, 1.25))
 
+
+# ---------------------------------------------------------------- measurements shared by all rows
 def measure_bandwidth_gbs(mbytes: int = 512, repeats: int = 7) -> float:
     """Read bandwidth of a streaming reduction over a buffer much larger than the caches (median GB/s)."""
     x = torch.ones(mbytes * 2**20 // 4, dtype=torch.float32)
@@ -66,6 +110,7 @@ def time_hf(hf, ids, new_tokens: int) -> float:
 
 
 def per_token_ms(timer, model, ids, n: int, repeats: int) -> float:
+    """(N tokens - 1 token) / (N - 1), median over repeats (one row alone; the bench interleaves via Row)."""
     timer(model, ids, n)  # warm-up
     samples = []
     for _ in range(repeats):
@@ -75,64 +120,423 @@ def per_token_ms(timer, model, ids, n: int, repeats: int) -> float:
     return statistics.median(samples)
 
 
+# ---------------------------------------------------------------- cached engines / GenAI model
+def model_tag(model_dir: str | Path) -> str:
+    from caprese.calibration.artifact import fingerprint
+
+    return f"{Path(model_dir).name}-{fingerprint(model_dir)[:10]}"
+
+
+def _read_key(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "bench_key.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_key(folder: Path, key: dict) -> None:
+    (folder / "bench_key.json").write_text(json.dumps(key, indent=2, sort_keys=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    method: str | None  # None: dense
+    density: float = 1.0
+    layers: str = "all"
+    rank: int = 0
+
+
+def row_recipe(name: str, density: float, rank: int) -> Recipe:
+    return {"ort-dense": Recipe(None),
+            "ort-griffin": Recipe("griffin", density, "all", 0),
+            "ort-caprese-griffin": Recipe("griffin", density, "all", rank),
+            "ort-caprese-cats": Recipe("cats", density, "all", rank)}[name]
+
+
+def random_artifact(model_dir: str | Path, out: Path, r: Recipe, seed: int = 0) -> Path:
+    """A calibration artifact with random-init adapters (no training): the method on r.layers, L as
+    LowRankBypass draws it, R small random (exact zeros would make the bypass a no-op in value, not in bytes)."""
+    from caprese.calibration.artifact import Artifact, collect_adapters, fingerprint, save_artifact
+    from caprese.calibration.methods import apply_method, efficient_layers
+    from caprese.model.loading import load_decoder
+
+    dec = load_decoder(model_dir, "fp32")
+    idx = apply_method(dec, r.method, r.density, r.layers, rank=r.rank, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for f in efficient_layers(dec).values():
+            if f.bypass is not None:
+                f.bypass.R.copy_(torch.randn(f.bypass.R.shape, generator=g) * 1e-3)
+    adapters = "random-init (L: LowRankBypass init, R: N(0, 1e-3^2); not calibrated)" if r.rank else "none"
+    art = Artifact(None, str(Path(model_dir).resolve()), fingerprint(model_dir), r.method, r.density, idx, r.rank,
+                   recipe={"bench": True, "layers": r.layers, "adapters": adapters}, adapters=collect_adapters(dec))
+    return save_artifact(art, out, force=True)
+
+
+def prepare_engine(model_dir: str | Path, root: Path, name: str, r: Recipe, precision: str,
+                   log: Callable[[str], None] = print) -> tuple[Path, str]:
+    """(engine folder, adapters note) for row `name`, exported once and reused while its recipe matches."""
+    from caprese.calibration.artifact import fingerprint
+    from caprese.export.exporter import export
+    from caprese.export.manifest import load_manifest
+
+    engine = root / f"{name}-{precision}"
+    adapters = ("random-init (not calibrated)" if r.rank else "none") if r.method else "n/a"
+    key = {"bench": BENCH_VERSION, "model": str(Path(model_dir).resolve()), "fingerprint": fingerprint(model_dir),
+           "recipe": dataclasses.asdict(r), "precision": precision, "adapters": adapters}
+    if _read_key(engine) == key:
+        try:
+            load_manifest(engine)
+            return engine, adapters
+        except Exception:  # damaged: export again
+            pass
+    root.mkdir(parents=True, exist_ok=True)
+    if r.method is None:
+        src = Path(model_dir)
+    else:
+        log(f"bench: building the {name} artifact (adapters: {adapters})")
+        src = random_artifact(model_dir, root / f"{name}-artifact", r)
+    log(f"bench: exporting {name} ({precision}) -> {engine}")
+    export(src, engine, precision=precision, force=True)
+    _write_key(engine, key)
+    return engine, adapters
+
+
+def genai_unavailable() -> str | None:
+    """Why the GenAI row cannot run here (None when it can)."""
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except Exception as e:
+        return (f"onnxruntime-genai is not importable ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                "pip install onnxruntime-genai onnx-ir")
+    try:
+        import onnx_ir  # noqa: F401  (the model builder needs it)
+    except Exception:
+        return "the onnxruntime-genai model builder needs onnx-ir: pip install onnx-ir"
+    return None
+
+
+def prepare_genai(model_dir: str | Path, root: Path, precision: str, log: Callable[[str], None] = print) -> Path:
+    """The GenAI model of model_dir (builder -i LOCAL_FOLDER, offline), built once; RuntimeError with the
+    builder's last lines when it fails."""
+    import onnxruntime_genai as og
+
+    from caprese.calibration.artifact import fingerprint
+
+    out = root / f"genai-{precision}-cpu"
+    key = {"bench": BENCH_VERSION, "model": str(Path(model_dir).resolve()), "fingerprint": fingerprint(model_dir),
+           "precision": precision, "ep": "cpu", "onnxruntime_genai": og.__version__}
+    if _read_key(out) == key and (out / "genai_config.json").is_file():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".genai-", dir=root))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(Path(model_dir).resolve()),
+           "-o", str(tmp / "model"), "-p", precision, "-e", "cpu", "-c", str(tmp / "cache")]
+    log(f"bench: building the GenAI model: {' '.join(cmd[1:])}")
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if p.returncode != 0 or not (tmp / "model" / "genai_config.json").is_file():
+            tail = " | ".join((p.stderr or p.stdout).strip().splitlines()[-3:])
+            raise RuntimeError(f"the onnxruntime-genai model builder failed (exit {p.returncode}): {tail}")
+        if out.exists():
+            shutil.rmtree(out)
+        (tmp / "model").rename(out)
+        _write_key(out, key)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ---------------------------------------------------------------- rows
+@dataclasses.dataclass
+class Sample:
+    ms: float
+    bytes_per_step: float
+    tokens: list[int] | None = None
+
+
+class Row:
+    name = ""
+    label = ""
+    backend = ""
+
+    def __init__(self):
+        self.notes: dict = {}
+
+    def run(self, ids: list[int], n: int) -> Sample:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def engine_label(manifest) -> str:
+    """caprese dense / GRIFFIN(d=0.5, all layers) / Caprese(GRIFFIN, d=0.5, all layers, r=64), from the manifest."""
+    m = manifest.data["method"]
+    if m["name"] == "dense":
+        return "caprese dense"
+    layers = list(m.get("layers", []))
+    where = "all layers" if layers == list(range(manifest.layout.num_layers)) else \
+        "layers " + ",".join(map(str, layers))
+    if m.get("rank"):
+        return f"Caprese({m['name'].upper()}, d={m['density']}, {where}, r={m['rank']})"
+    return f"{m['name'].upper()}(d={m['density']}, {where})"
+
+
+class EngineRow(Row):
+    backend = "onnxruntime"
+
+    def __init__(self, name: str, engine: Path, threads: int, adapters: str):
+        from caprese.runtime import Generator
+
+        self.name, self.engine = name, engine
+        self.g = Generator.load(engine, backend="onnxruntime", threads=threads)
+        self.label = engine_label(self.g.manifest)
+        self.notes = {"engine": str(engine), "adapters": adapters,
+                      "bytes_source": "engine manifest (RuntimeStats.bytes_per_step)"}
+
+    def run(self, ids, n):
+        r = self.g.generate(ids, n, ignore_eos=True)
+        if r.stats.tokens_generated != n:
+            raise RuntimeError(f"{self.name}: generated {r.stats.tokens_generated} tokens, asked for {n}")
+        self.notes["kv_slots"] = r.stats.kv_slots
+        return Sample(r.stats.ms_per_token, r.stats.bytes_per_step, r.tokens)
+
+
+class GenAIRow(Row):
+    name, label, backend = "genai-dense", "ONNX Runtime GenAI dense (peer)", "onnxruntime-genai"
+
+    def __init__(self, folder: Path, threads: int, dense_bytes: float):
+        import onnxruntime_genai as og
+
+        self.og, self.dense_bytes = og, dense_bytes
+        cfg = og.Config(str(folder))
+        cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": int(threads), "inter_op_num_threads": 1}}}}))
+        self.model = og.Model(cfg)
+        self.notes = {"model": str(folder), "onnxruntime_genai": og.__version__,
+                      "bytes_source": "dense byte count of the model (not read from GenAI)"}
+
+    def run(self, ids, n):
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        total = len(ids) + n
+        params.set_search_options(max_length=total, min_length=total, do_sample=False)
+        gen = og.Generator(self.model, params)
+        gen.append_tokens(ids)  # prefill (logits of the prompt)
+        steps, tokens = [], []
+        for i in range(n):
+            t0 = time.perf_counter()
+            gen.generate_next_token()  # 1st call: picks from the prefill logits; later: one decode step + pick
+            dt = time.perf_counter() - t0
+            tokens.append(int(gen.get_next_tokens()[0]))
+            if i:
+                steps.append(dt * 1000)
+        return Sample(statistics.fmean(steps), self.dense_bytes, tokens)
+
+
+class TorchRow(Row):
+    """(time for n new tokens - time for 1) / (n - 1) on a PyTorch model (caprese reference or transformers)."""
+
+    def __init__(self, name: str, label: str, timer, model, dense_bytes: float):
+        self.name, self.label, self.backend = name, label, "torch"
+        self.timer, self.model, self.dense_bytes = timer, model, dense_bytes
+        self.notes = {"bytes_source": "dense byte count of the model"}
+
+    def run(self, ids, n):
+        one = self.timer(self.model, ids, 1)
+        full = self.timer(self.model, ids, n)
+        return Sample((full - one) / (n - 1) * 1000, self.dense_bytes)
+
+
+# ---------------------------------------------------------------- the bench
+def parse_rows(text: str | None) -> list[str]:
+    if not text or text == "all":
+        return list(ROW_NAMES)
+    rows = [r.strip() for r in text.split(",") if r.strip()]
+    bad = [r for r in rows if r not in ROW_NAMES]
+    if bad:
+        raise ValueError(f"unknown row(s) {', '.join(bad)}; choose from {', '.join(ROW_NAMES)}")
+    return [r for r in ROW_NAMES if r in rows]
+
+
+def prompt_ids(vocab_size: int, n: int, seed: int = 0) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab_size, (n,), generator=gen).tolist()
+
+
+def _r(x, n=3):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(x, n)
+
+
+def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, new_tokens: int = 128,
+              repeats: int = 5, threads: int = 2, precision: str = "fp32", density: float = 0.5, rank: int = 64,
+              out_dir: str | Path | None = None, bandwidth_mb: int = 512, settle_s: float = 0.2,
+              log: Callable[[str], None] = print) -> dict:
+    """Prepare the rows, time them interleaved, return the result object (see the module docstring)."""
+    from caprese.model.loading import load_decoder, resolve_dtype
+    from caprese.model.spec import load_spec
+
+    if new_tokens < 2:
+        raise ValueError("new_tokens must be >= 2 (decode steps are timed after the first token)")
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    torch.set_num_threads(threads)
+    model_dir = str(model_dir)
+    spec = load_spec(model_dir)
+    root = Path(out_dir) if out_dir else Path("out/bench") / model_tag(model_dir)
+    ids = prompt_ids(spec.vocab_size, prompt_tokens)
+    skipped: dict[str, str] = {}
+
+    dense_decoder = None
+    dense_bytes = None
+    if any(r in rows for r in (PEER, "torch-dense", "transformers")):
+        dense_decoder = load_decoder(model_dir, precision)
+        dense_bytes = decode_bytes_per_step(dense_decoder, prompt_tokens + new_tokens / 2)
+
+    built: list[Row] = []
+    for name in rows:
+        if name == PEER:
+            why = genai_unavailable()
+            if why is None and precision != "fp32":
+                why = f"the GenAI row is built fp32 for CPU here (asked {precision})"
+            if why is None:
+                try:
+                    built.append(GenAIRow(prepare_genai(model_dir, root, precision, log), threads, dense_bytes))
+                except Exception as e:
+                    why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if why is not None:
+                skipped[name] = why
+                log(f"bench: skipping {name}: {why}")
+        elif name in ORT_ROWS:
+            engine, adapters = prepare_engine(model_dir, root, name, row_recipe(name, density, rank), precision, log)
+            built.append(EngineRow(name, engine, threads, adapters))
+        elif name == "torch-dense":
+            built.append(TorchRow(name, "caprese PyTorch reference decoder, dense", time_ours, dense_decoder,
+                                  dense_bytes))
+        elif name == "transformers":
+            from transformers import AutoModelForCausalLM
+
+            attn = "eager" if spec.model_type == "gemma2" else None
+            hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(precision),
+                                                      attn_implementation=attn).eval()
+            built.append(TorchRow(name, "transformers generate, dense", time_hf, hf, dense_bytes))
+
+    log(f"bench: {len(built)} rows, warm-up then {repeats} interleaved rounds")
+    samples: dict[str, list[Sample]] = {r.name: [] for r in built}
+    bandwidth: list[float] = []
+    for rnd in range(repeats + 1):  # round 0 is the warm-up
+        for row in built:
+            s = row.run(ids, new_tokens)
+            if rnd:
+                samples[row.name].append(s)
+            elif s.tokens is not None:
+                row.notes["first_tokens"] = s.tokens[:16]
+            time.sleep(settle_s)  # let the previous runtime's spinning threads go idle
+        if rnd:
+            bandwidth.append(measure_bandwidth_gbs(bandwidth_mb))
+            time.sleep(settle_s)
+        log(f"bench: round {rnd}/{repeats} done" + (" (warm-up)" if rnd == 0 else ""))
+    gbs = statistics.median(bandwidth)
+
+    results = []
+    for row in built:
+        ms_all = [s.ms for s in samples[row.name]]
+        ms = statistics.median(ms_all)
+        b = samples[row.name][-1].bytes_per_step
+        floor = b / (gbs * 1e9) * 1000
+        results.append({"row": row.name, "label": row.label, "backend": row.backend,
+                        "ms_per_token": _r(ms), "ms_per_token_samples": [_r(x) for x in ms_all],
+                        "tokens_per_s": _r(1000 / ms, 2), "bytes_per_step": int(round(b)),
+                        "gb_per_s": _r(b / ms / 1e6), "floor_ms_per_token": _r(floor),
+                        "ratio_to_floor": _r(ms / floor), "ratio_to_peer": None, **row.notes})
+    by = {r["row"]: r for r in results}
+    if PEER in by:
+        for r in results:
+            r["ratio_to_peer"] = _r(r["ms_per_token"] / by[PEER]["ms_per_token"])
+        peer_first = by[PEER].get("first_tokens")
+        if peer_first and "ort-dense" in by and by["ort-dense"].get("first_tokens"):
+            a, b = peer_first, by["ort-dense"]["first_tokens"]
+            by[PEER]["first_tokens_agree_with_ort_dense"] = next(
+                (i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    targets = {}
+    for name, peer_max, floor_max in TARGETS:
+        if name in by:
+            r = by[name]
+            targets[name] = {"ratio_to_peer": r["ratio_to_peer"], "peer_max": peer_max,
+                             "ratio_to_floor": r["ratio_to_floor"], "floor_max": floor_max,
+                             "met_peer": None if r["ratio_to_peer"] is None else r["ratio_to_peer"] <= peer_max,
+                             "met_floor": r["ratio_to_floor"] <= floor_max}
+    out = {"model_dir": model_dir, "precision": precision, "device": "cpu", "threads": threads,
+           "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
+           "density": density, "rank": rank, "cache_dir": str(root),
+           "measured_bandwidth_gbs": _r(gbs, 2), "bandwidth_samples_gbs": [_r(x, 2) for x in bandwidth],
+           "peer": PEER if PEER in by else None, "rows": results, "skipped": skipped, "targets": targets}
+    if "torch-dense" in by and "transformers" in by:
+        out["ratio_caprese_over_transformers"] = _r(by["torch-dense"]["ms_per_token"]
+                                                    / by["transformers"]["ms_per_token"])
+    return out
+
+
+def format_table(res: dict) -> str:
+    lines = [f"model {res['model_dir']} ({res['precision']}, cpu, {res['threads']} threads), prompt "
+             f"{res['prompt_tokens']} tokens, {res['new_tokens']} new tokens, median of {res['repeats']} "
+             f"interleaved repeats; read bandwidth {res['measured_bandwidth_gbs']} GB/s (median of "
+             f"{res['bandwidth_samples_gbs']})"]
+    head = (f"{'row':<21}{'what':<46}{'ms/token':>9}{'tok/s':>8}{'MB/step':>9}{'GB/s':>7}{'x peer':>8}"
+            f"{'floor ms':>9}{'x floor':>8}")
+    lines += [head, "-" * len(head)]
+    for r in res["rows"]:
+        peer = "-" if r["ratio_to_peer"] is None else f"{r['ratio_to_peer']:.3f}"
+        lines.append(f"{r['row']:<21}{r['label'][:45]:<46}{r['ms_per_token']:>9.2f}{r['tokens_per_s']:>8.1f}"
+                     f"{r['bytes_per_step'] / 1e6:>9.1f}{r['gb_per_s']:>7.2f}{peer:>8}"
+                     f"{r['floor_ms_per_token']:>9.2f}{r['ratio_to_floor']:>8.3f}")
+    for name, why in res["skipped"].items():
+        lines.append(f"{name:<21}skipped: {why}")
+    adapters = {r["row"]: r["adapters"] for r in res["rows"] if r.get("adapters") not in (None, "n/a", "none")}
+    if adapters:
+        lines.append("adapters: " + "; ".join(f"{k}: {v}" for k, v in adapters.items()))
+    for name, t in res["targets"].items():
+        peer = ("n/a (no peer)" if t["met_peer"] is None else
+                f"{t['ratio_to_peer']:.3f}x peer (target <= {t['peer_max']}: {'met' if t['met_peer'] else 'NOT met'})")
+        lines.append(f"target {name}: {peer}; {t['ratio_to_floor']:.3f}x floor (target <= {t['floor_max']}: "
+                     f"{'met' if t['met_floor'] else 'NOT met'})")
+    if "ratio_caprese_over_transformers" in res:
+        lines.append(f"ratio caprese torch reference / transformers: {res['ratio_caprese_over_transformers']:.3f}")
+    return "\n".join(lines)
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.RawTextHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[1:10]))
     ap.add_argument("model_dir", nargs="?", help="local HF folder (default: the built-in SmolLM2-135M-Instruct)")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=2, help="threads for every row (default 2)")
+    ap.add_argument("--rows", default="all", help=f"comma-separated subset of: {', '.join(ROW_NAMES)}")
+    ap.add_argument("--density", type=float, default=0.5)
+    ap.add_argument("--rank", type=int, default=64, help="rank of the Caprese rows' (random-init) adapters")
+    ap.add_argument("--out-dir", default=None, help="engine / GenAI model cache (default out/bench/<model>)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the result object to this file")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    from transformers import AutoModelForCausalLM
 
     from caprese.errors import CapreseError
     from caprese.model.default_model import fetch_default
-    from caprese.model.loading import load_decoder, resolve_dtype
 
     try:
+        rows = parse_rows(args.rows)
         model_dir = args.model_dir or str(fetch_default())
-        ours = load_decoder(model_dir, args.precision)
-    except CapreseError as e:
+        res = run_bench(model_dir, rows, args.prompt_tokens, args.new_tokens, args.repeats, args.threads,
+                        args.precision, args.density, args.rank, args.out_dir,
+                        log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (CapreseError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    attn = "eager" if ours.spec.model_type == "gemma2" else None
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(args.precision),
-                                              attn_implementation=attn).eval()
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(10, ours.spec.vocab_size, (args.prompt_tokens,), generator=gen).tolist()
-
-    bandwidth = measure_bandwidth_gbs()
-    ms_ours = per_token_ms(time_ours, ours, ids, args.new_tokens, args.repeats)
-    ms_hf = per_token_ms(time_hf, hf, ids, args.new_tokens, args.repeats)
-    step_bytes = decode_bytes_per_step(ours, args.prompt_tokens + args.new_tokens / 2)
-    floor_ms = step_bytes / (bandwidth * 1e9) * 1000
-    result = {
-        "model_dir": model_dir, "precision": args.precision, "threads": torch.get_num_threads(),
-        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
-        "bytes_per_step_mb": round(step_bytes / 1e6, 1), "measured_bandwidth_gbs": round(bandwidth, 2),
-        "floor_ms_per_token": round(floor_ms, 2),
-        "caprese_ms_per_token": round(ms_ours, 2), "transformers_ms_per_token": round(ms_hf, 2),
-        "caprese_gbs": round(step_bytes / ms_ours / 1e6, 2), "transformers_gbs": round(step_bytes / ms_hf / 1e6, 2),
-        "ratio_caprese_over_transformers": round(ms_ours / ms_hf, 3),
-        "ratio_caprese_over_floor": round(ms_ours / floor_ms, 3),
-    }
-    print(f"model {model_dir} ({args.precision}, {result['threads']} threads), prompt {args.prompt_tokens} tokens, "
-          f"{args.new_tokens} new tokens, median of {args.repeats}")
-    print(f"bytes read per decode step {result['bytes_per_step_mb']} MB; measured read bandwidth "
-          f"{result['measured_bandwidth_gbs']} GB/s -> floor {result['floor_ms_per_token']} ms/token")
-    print(f"{'decoder':<14}{'ms/token':>10}{'GB/s':>8}{'x floor':>9}")
-    for name, ms in (("caprese", ms_ours), ("transformers", ms_hf)):
-        print(f"{name:<14}{ms:>10.2f}{step_bytes / ms / 1e6:>8.2f}{ms / floor_ms:>9.2f}")
-    print(f"ratio caprese / transformers: {result['ratio_caprese_over_transformers']:.3f}")
-    print(json.dumps(result))
+    print(format_table(res))
+    print(json.dumps(res))
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(res, f, indent=2)
     return 0
 
 

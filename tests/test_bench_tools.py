@@ -1,0 +1,83 @@
+"""tools/bench_decode.py on a tiny model: the caprese ONNX Runtime rows, one repeat, a few tokens, GenAI skipped.
+
+Structure only (rows present, positive numbers, engines cached and reused); timing is never asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench_decode.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_decode", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the file executes
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_parse_rows(bench):
+    assert bench.parse_rows("all") == list(bench.ROW_NAMES)
+    assert bench.parse_rows("ort-dense,genai-dense") == ["genai-dense", "ort-dense"]  # canonical order
+    with pytest.raises(ValueError, match="unknown row"):
+        bench.parse_rows("ort-dense,nope")
+
+
+def test_caprese_onnxruntime_rows(bench, tiny_model_dir, tmp_path):
+    model = tiny_model_dir("llama")
+    rows = list(bench.ORT_ROWS)
+    logs: list[str] = []
+    kw = dict(prompt_tokens=8, new_tokens=6, repeats=1, threads=1, rank=8, out_dir=tmp_path / "cache",
+              bandwidth_mb=8, settle_s=0.0, log=logs.append)
+    res = bench.run_bench(model, rows, **kw)
+    json.dumps(res)  # serialisable as printed
+    assert [r["row"] for r in res["rows"]] == rows
+    assert res["peer"] is None and res["skipped"] == {}
+    assert res["measured_bandwidth_gbs"] > 0
+    for r in res["rows"]:
+        assert r["backend"] == "onnxruntime"
+        for k in ("ms_per_token", "tokens_per_s", "bytes_per_step", "gb_per_s", "floor_ms_per_token",
+                  "ratio_to_floor"):
+            assert r[k] > 0, (r["row"], k)
+        assert len(r["ms_per_token_samples"]) == 1
+        assert r["ratio_to_peer"] is None
+        assert (tmp_path / "cache" / f"{r['row']}-fp32" / "manifest.json").is_file()
+    by = {r["row"]: r for r in res["rows"]}
+    assert by["ort-dense"]["label"] == "caprese dense"
+    assert by["ort-griffin"]["label"] == "GRIFFIN(d=0.5, all layers)"
+    assert by["ort-caprese-griffin"]["label"] == "Caprese(GRIFFIN, d=0.5, all layers, r=8)"
+    assert by["ort-caprese-cats"]["label"] == "Caprese(CATS, d=0.5, all layers, r=8)"
+    assert by["ort-caprese-griffin"]["adapters"].startswith("random-init")
+    # the approximated decode steps read fewer bytes than the dense one
+    assert by["ort-griffin"]["bytes_per_step"] < by["ort-dense"]["bytes_per_step"]
+    assert set(res["targets"]) == {"ort-dense", "ort-caprese-griffin"}
+    assert res["targets"]["ort-dense"]["met_peer"] is None  # no peer row
+    table = bench.format_table(res)
+    assert all(name in table for name in rows)
+
+    # a second run reuses the cached engines (no export)
+    logs.clear()
+    again = bench.run_bench(model, ["ort-dense"], **kw)
+    assert not any("exporting" in m for m in logs)
+    assert again["rows"][0]["row"] == "ort-dense"
+
+
+def test_genai_row_skips_with_a_reason(bench, tiny_model_dir, tmp_path, monkeypatch):
+    """Without onnxruntime-genai (simulated), the peer row is skipped with the reason, the rest still runs."""
+    monkeypatch.setattr(bench, "genai_unavailable", lambda: "onnxruntime-genai is not importable (simulated)")
+    res = bench.run_bench(tiny_model_dir("llama"), ["genai-dense", "ort-dense"], prompt_tokens=8, new_tokens=4,
+                          repeats=1, threads=1, out_dir=tmp_path / "cache", bandwidth_mb=8, settle_s=0.0,
+                          log=lambda m: None)
+    assert "simulated" in res["skipped"]["genai-dense"]
+    assert [r["row"] for r in res["rows"]] == ["ort-dense"]
+    assert "skipped" in bench.format_table(res)
