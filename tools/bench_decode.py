@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -173,6 +174,16 @@ def random_artifact(model_dir: str | Path, out: Path, r: Recipe, seed: int = 0) 
     return save_artifact(art, out, force=True)
 
 
+def exporter_digest() -> str:
+    """A hash of caprese/export's sources: an engine cached by an older graph builder is exported again."""
+    import caprese.export
+
+    h = hashlib.sha256()
+    for f in sorted(Path(caprese.export.__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def prepare_engine(model_dir: str | Path, root: Path, name: str, r: Recipe, precision: str,
                    log: Callable[[str], None] = print) -> tuple[Path, str]:
     """(engine folder, adapters note) for row `name`, exported once and reused while its recipe matches."""
@@ -182,7 +193,8 @@ def prepare_engine(model_dir: str | Path, root: Path, name: str, r: Recipe, prec
 
     engine = root / f"{name}-{precision}"
     adapters = ("random-init (not calibrated)" if r.rank else "none") if r.method else "n/a"
-    key = {"bench": BENCH_VERSION, "model": str(Path(model_dir).resolve()), "fingerprint": fingerprint(model_dir),
+    key = {"bench": BENCH_VERSION, "exporter": exporter_digest(), "model": str(Path(model_dir).resolve()),
+           "fingerprint": fingerprint(model_dir),
            "recipe": dataclasses.asdict(r), "precision": precision, "adapters": adapters}
     if _read_key(engine) == key:
         try:
@@ -224,7 +236,8 @@ def prepare_genai(model_dir: str | Path, root: Path, precision: str, log: Callab
     from caprese.calibration.artifact import fingerprint
 
     out = root / f"genai-{precision}-cpu"
-    key = {"bench": BENCH_VERSION, "model": str(Path(model_dir).resolve()), "fingerprint": fingerprint(model_dir),
+    key = {"bench": BENCH_VERSION, "model": str(Path(model_dir).resolve()),
+           "fingerprint": fingerprint(model_dir),
            "precision": precision, "ep": "cpu", "onnxruntime_genai": og.__version__}
     if _read_key(out) == key and (out / "genai_config.json").is_file():
         return out

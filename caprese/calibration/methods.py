@@ -93,10 +93,22 @@ class _CompactFFN(EfficientFFN):
 
     idx: torch.Tensor | None = None  # [B, k] selected neurons, sorted
     _w: tuple | None = None  # compact slices of idx, gathered on first use (a prefill may re-select many times)
+    _pinned: tuple | None = None  # fixed buffers the slices are copied into (pin_weights)
 
     def set_selection(self, idx: torch.Tensor) -> None:
         self.idx = idx.sort(dim=-1).values
         self._w = None
+        if self._pinned is not None:
+            for buf, new in zip(self._pinned, _slice_weights(self.dense, self.idx)):
+                if buf is not None:
+                    buf.copy_(new)
+            self._w = self._pinned
+
+    def pin_weights(self) -> None:
+        """From now on every selection is copied into the same buffers: a captured CUDA graph replays the
+        addresses it saw, so the compact slices must change in place, not be re-made."""
+        self._pinned = tuple(None if t is None else t.clone() for t in self.compact_weights())
+        self._w = self._pinned
 
     def compact_weights(self) -> tuple:
         """(W_g rows [B,k,D], W_1 rows [B,k,D], W_2 cols [B,D,k], b_g, b_1) of the current selection."""

@@ -14,7 +14,7 @@ BACKEND_CHOICES = ["onnxruntime", "torch", "tensorrt"]
 
 
 def engine_options(f):
-    """--backend, --threads, --device."""
+    """--backend, --threads, --device, --cuda-graph."""
     for opt in reversed([
         click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(BACKEND_CHOICES),
                      help="What runs the engine: the ONNX graphs on ONNX Runtime, TensorRT plans, or the PyTorch "
@@ -23,6 +23,8 @@ def engine_options(f):
                      help="Intra-op threads (ONNX Runtime / torch). Default: the backend's own choice."),
         click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]),
                      help="onnxruntime / torch device. Default: cuda where the backend can use it, else cpu."),
+        click.option("--cuda-graph/--no-cuda-graph", default=None,
+                     help="torch on cuda: capture the decode step once as a CUDA graph and replay it (default on)."),
     ]):
         f = opt(f)
     return f
@@ -44,10 +46,13 @@ def sampling_options(f):
     return f
 
 
-def open_generator(engine_dir: str, backend: str, threads: int | None, device: str | None):
+def open_generator(engine_dir: str, backend: str, threads: int | None, device: str | None,
+                   cuda_graph: bool | None = None):
     from caprese.runtime.generator import Generator
 
     options = {} if device is None or backend == "tensorrt" else {"device": device}
+    if cuda_graph is not None and backend == "torch":
+        options["cuda_graph"] = cuda_graph
     return Generator.load(engine_dir, backend=backend, threads=threads, **options)
 
 
@@ -69,8 +74,8 @@ def describe(g, engine_dir: str) -> dict:
 @sampling_options
 @click.option("--ignore-eos", is_flag=True, help="Always generate --max-new-tokens tokens (benchmarks).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text + latency) instead of streaming.")
-def run_command(engine_dir, prompt, chat, system, max_new_tokens, backend, threads, device, temperature, top_k,
-                top_p, seed, reselect_every, ignore_eos, as_json) -> None:
+def run_command(engine_dir, prompt, chat, system, max_new_tokens, backend, threads, device, cuda_graph, temperature,
+                top_k, top_p, seed, reselect_every, ignore_eos, as_json) -> None:
     """Generate a reply with an engine folder from `caprese-export`.
 
     Text streams to stdout; the latency report (time to first token, ms per output token, achieved GB/s,
@@ -79,7 +84,7 @@ def run_command(engine_dir, prompt, chat, system, max_new_tokens, backend, threa
     """
     from caprese.runtime.generator import sampling_from
 
-    g = open_generator(engine_dir, backend, threads, device)
+    g = open_generator(engine_dir, backend, threads, device, cuda_graph)
     stream = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     result = g.generate(prompt, max_new_tokens, sampling_from(temperature, top_k, top_p, seed), chat, system,
                         reselect_every, stream, ignore_eos=ignore_eos)

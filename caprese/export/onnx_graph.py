@@ -8,6 +8,8 @@ Standard ONNX domain only, opset 24 (see contract.py for the I/O):
 - Gemma 2's attention soft-cap is written out (MatMul, Mul, Div, Tanh, Mul, Where, Softmax, MatMul) because
   TensorRT's Attention rejects `softcap`; its sliding windows are in the mask like every other model's.
 - `RMSNormalization` (stash_type float32) and `RotaryEmbedding` (non-interleaved, position_ids) ops.
+- Q, K and V come from one MatMul over [W_q, W_k, W_v], split on the head axis; the decode graph (T = 1) has
+  no Transpose at all, since [B, 1, H·hd] and [B, H, 1, hd] are the same bytes.
 - The gated FFN runs gate and up as one MatMul with [W_g, W_1] (+ L for CATS bypass layers); GRIFFIN's decode
   FFN takes the per-prompt folded matrices [Ŵ_g, Ŵ_1, L] and [Ŵ_2 ; R] as graph inputs.
 - Reductions that pick neurons / thresholds (GRIFFIN statistic, CATS τ) and the logits are float32 at every
@@ -254,19 +256,15 @@ class _Builder:
     def _attention(self, i: int, attn, h: str) -> str:
         g, spec = self.g, self.spec
         p = f"model.layers.{i}.self_attn."
-        hq, hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        heads = {}
-        for name, lin, n in (("q", attn.q_proj, hq), ("k", attn.k_proj, hkv), ("v", attn.v_proj, hkv)):
-            t = self._proj(h, lin, i, p + f"{name}_proj", name)
-            t = g.op("Reshape", [t, g.const([0, 0, n, hd], "int64")], "attn", f"Reshape_{name}", i)
-            if name != "v" and spec.qk_norm:
-                norm = attn.q_norm if name == "q" else attn.k_norm
-                t = self.norm(t, norm.weight, "attn", i, False, p + f"{name}_norm.weight", f"RMSNormalization_{name}")
-            t = g.op("Transpose", [t], "attn", f"Transpose_{name}", i, perm=[0, 2, 1, 3])  # [B, H, T, hd]
-            if name != "v":
-                t = g.op("RotaryEmbedding", [t, self.cos, self.sin, C.POSITION_IDS], "attn", f"RotaryEmbedding_{name}",
-                         i, interleaved=0)
-            heads[name] = t
+        hq, hd = spec.num_heads, spec.head_dim
+        heads = dict(zip("qkv", self._qkv(i, attn, h)))
+        if spec.qk_norm:
+            for name, norm in (("q", attn.q_norm), ("k", attn.k_norm)):
+                heads[name] = self.norm(heads[name], norm.weight, "attn", i, False, p + f"{name}_norm.weight",
+                                        f"RMSNormalization_{name}")
+        for name in "qk":
+            heads[name] = g.op("RotaryEmbedding", [heads[name], self.cos, self.sin, C.POSITION_IDS], "attn",
+                               f"RotaryEmbedding_{name}", i, interleaved=0)
         k_all = g.op("TensorScatter", [C.past_key(i), heads["k"], C.WRITE_INDICES], "attn", "TensorScatter_k", i,
                      out=C.present_key(i), axis=-2, mode="linear")
         v_all = g.op("TensorScatter", [C.past_value(i), heads["v"], C.WRITE_INDICES], "attn", "TensorScatter_v", i,
@@ -280,9 +278,32 @@ class _Builder:
             y = g.op("Attention", [heads["q"], k_all, v_all, mask], "attn", "Attention", i, **attrs)
         else:
             y = self._softcap_attention(i, heads["q"], k_all, v_all, mask, scale, float(attn.softcap))
-        y = g.op("Transpose", [y], "attn", "Transpose_out", i, perm=[0, 2, 1, 3])
-        y = g.op("Reshape", [y, g.const([0, 0, hq * hd], "int64")], "attn", "Reshape_out", i)
+        if self.prefill:
+            y = g.op("Transpose", [y], "attn", "Transpose_out", i, perm=[0, 2, 1, 3])
+        # decode (T = 1): [B, H, 1, hd] and [B, 1, H, hd] are the same bytes, so a Reshape is the transpose
+        y = g.op("Reshape", [y, g.const([0, -1, hq * hd] if self.prefill else [0, 1, hq * hd], "int64")], "attn",
+                 "Reshape_out", i)
         return self._proj(y, attn.o_proj, i, p + "o_proj", "o")
+
+    def _qkv(self, i: int, attn, h: str) -> list[str]:
+        """q [B, Hq, T, hd], k and v [B, Hkv, T, hd] from ONE MatMul over [W_q, W_k, W_v] (one read of the input,
+        one kernel), split along the head axis. Decode (T = 1) needs no Transpose: [B, 1, H·hd] is [B, H, 1, hd]."""
+        g, spec = self.g, self.spec
+        p = f"model.layers.{i}.self_attn."
+        hq, hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        lins = (attn.q_proj, attn.k_proj, attn.v_proj)
+        w = torch.cat([self.linear_t(lin.weight) for lin in lins], 1)
+        y = g.op("MatMul", [h, g.weight(p + "qkv_proj.weight.t", w)], "attn", "MatMul_qkv", i)
+        if any(lin.bias is not None for lin in lins):
+            b = torch.cat([lin.bias.detach() if lin.bias is not None else torch.zeros(lin.out_features)
+                           for lin in lins])
+            y = g.op("Add", [y, g.weight(p + "qkv_proj.bias", b)], "attn", "Add_qkv_bias", i)
+        if self.prefill:
+            y = g.op("Reshape", [y, g.const([0, 0, hq + 2 * hkv, hd], "int64")], "attn", "Reshape_qkv", i)
+            y = g.op("Transpose", [y], "attn", "Transpose_qkv", i, perm=[0, 2, 1, 3])  # [B, H', T, hd]
+        else:
+            y = g.op("Reshape", [y, g.const([0, hq + 2 * hkv, 1, hd], "int64")], "attn", "Reshape_qkv", i)
+        return g.op("Split", [y, g.const([hq, hkv, hkv], "int64")], "attn", "Split_qkv", i, n_out=3, axis=1)
 
     def _softcap_attention(self, i, q, k, v, mask, scale, cap) -> str:
         """Gemma 2: scores = tanh(q·kᵀ·scale / cap)·cap, masked, softmax in float32; GQA groups on a 5-D axis."""

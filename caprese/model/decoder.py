@@ -60,7 +60,7 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
         k, v = self.cache.update(start, k, v)
-        y = self._attend(q, k, v, mask, causal_prefill=start == 0 and mask is None and t > 1)
+        y = self._attend(q, k, v, mask, causal_prefill=isinstance(start, int) and start == 0 and mask is None and t > 1)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
     def _attend(self, q, k, v, mask, causal_prefill: bool) -> torch.Tensor:
@@ -137,6 +137,7 @@ class Decoder(nn.Module):
                                                   w.dtype, w.device)
         cos, sin = rope_table(self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling, max_len)
         self.rope_cos, self.rope_sin = cos.to(w.device), sin.to(w.device)
+        self.slots = torch.arange(max_len, device=w.device)
         self.max_len, self.batch = max_len, batch
 
     def hidden_states(self, tokens: torch.Tensor, start: int, pad: torch.Tensor | None = None,
@@ -162,6 +163,27 @@ class Decoder(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, start, masks[layer.self_attn.window], ctx)
         return self.model.norm(x)
+
+    def decode_static(self, tokens: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """Logits [B, 1, V] of one decode step at cache slot `slot` (a [1] long tensor), attending over the whole
+        cache through a mask. No Python int reaches a kernel, so shapes and addresses stay fixed from step to
+        step: the step a CUDA graph captures (or torch.compile compiles) once per cache size. No left padding."""
+        x = self.model.embed_tokens(tokens)
+        if self.spec.gemma_norms:
+            x = x * torch.tensor(self.spec.hidden_size**0.5, dtype=x.dtype)
+        pos = slot[None]  # [1, 1]
+        cos = self.rope_cos[pos].to(x.dtype)[:, None]
+        sin = self.rope_sin[pos].to(x.dtype)[:, None]
+        masks = {}
+        for w in set(self.spec.sliding_windows):
+            m = self.slots <= slot
+            if w is not None:
+                m = m & (self.slots > slot - w)
+            masks[w] = m[None, None, None]  # [1, 1, 1, S]
+        ctx = FFNContext("decode", -1)
+        for layer in self.layers:
+            x = layer(x, cos, sin, slot, masks[layer.self_attn.window], ctx)
+        return self.logits(self.model.norm(x))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         out = self.lm_head(hidden)

@@ -20,7 +20,7 @@ class FFNContext:
     """What the decoder knows about the current forward pass, handed to every FFN."""
 
     phase: str  # "prefill": dense over prompt tokens (statistics restart when start == 0); "decode": approximate
-    start: int  # first cache slot of these tokens
+    start: int  # first cache slot of these tokens (-1: Decoder.decode_static, whose slot is a tensor)
     valid: torch.Tensor | None = None  # [B, T] bool, False at left-padding slots; None when all are real
 
 

@@ -17,8 +17,15 @@ class StaticKVCache(nn.Module):
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v ([B, H_kv, T, D]) at slots start..start+T-1; return views of the valid prefix."""
+    def update(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v ([B, H_kv, T, D]) at slots start..start+T-1; return views of the valid prefix.
+
+        A tensor `start` ([T] slots, the static decode step) writes with index_copy_ and returns the whole
+        buffers (the caller masks): no Python int, so the step keeps fixed shapes for CUDA graphs."""
+        if isinstance(start, torch.Tensor):
+            self.k.index_copy_(2, start, k)
+            self.v.index_copy_(2, start, v)
+            return self.k, self.v
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v

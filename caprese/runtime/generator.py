@@ -151,7 +151,7 @@ class Generator:
         """Open ENGINE_DIR (manifest validated) on `backend`: "onnxruntime", "torch" or "tensorrt".
 
         options go to the backend: device ("cpu" / "cuda"), kv_policy ("fit" / "max" / slots; onnxruntime),
-        share_weights (onnxruntime), source / base_model (torch)."""
+        share_weights (onnxruntime), source / base_model / static / cuda_graph (torch)."""
         manifest = load_manifest(engine_dir)
         tokenizer = load_tokenizer(manifest.folder)
         return cls(manifest, open_backend(backend, manifest, threads, **options), tokenizer)

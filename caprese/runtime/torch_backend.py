@@ -7,7 +7,12 @@ prefill runs the dense FFNs (phase "prefill"), decode the approximated ones; the
 prefill call are read back from the FFNs and the combined selection written into them (sorted top-k, as
 caprese.export.folding picks it), so the torch and graph backends see identical selections.
 `source=` overrides the recorded folder (an artifact's base model keeps its recorded path unless
-`base_model=` is given). GPU: plain eager PyTorch here; CUDA graphs / torch.compile are not wired in yet.
+`base_model=` is given).
+
+Decode on CUDA (default) runs `Decoder.decode_static` — the slot in a tensor, attention over the whole cache
+through a mask — captured once per KV allocation as a CUDA graph and replayed every step (GRIFFIN's compact
+slices and CATS' τ live in fixed buffers refilled in place by select()). `static=True` runs that same step
+eagerly (on CPU too: how the tests check it), `cuda_graph=False` turns capture off.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, manifest, threads: int | None = None, device: str | None = None, source: str | None = None,
-                 base_model: str | None = None):
+                 base_model: str | None = None, static: bool | None = None, cuda_graph: bool | None = None):
         from caprese.calibration.methods import efficient_layers
 
         super().__init__(manifest)
@@ -80,6 +85,14 @@ class TorchBackend(Backend):
             raise CapreseError(f"the source model's methods {kinds} do not match the engine's layers {want}; export "
                                "again")
         self._token = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self._slot = torch.zeros((1,), dtype=torch.long, device=device)
+        on_gpu = device.startswith("cuda")
+        self.cuda_graph = on_gpu if cuda_graph is None else bool(cuda_graph)
+        if self.cuda_graph and not on_gpu:
+            raise CapreseError("CUDA graphs need a CUDA device; drop cuda_graph=True or use device='cuda'")
+        self.static = self.cuda_graph or (on_gpu if static is None else bool(static))
+        self._tau: dict[int, torch.Tensor] = {}  # CATS τ in fixed buffers (static decode)
+        self._graph = self._graph_key = self._graph_out = None
 
     def reserve(self, need: int, keep: int = 0) -> None:
         cap = kv_slots(need, self.manifest.data["max_seq_len"], "fit")
@@ -111,16 +124,51 @@ class TorchBackend(Backend):
             f = self.ffns[i]
             f.stat_sq = stat.to(self.device)
             f.set_selection(select_neurons(stat, self.layout.k).to(self.device))
+            if self.static and f._pinned is None:
+                f.pin_weights()
         for i, t in tau.items():
-            self.ffns[i].tau = t.to(self.device)
+            if not self.static:
+                self.ffns[i].tau = t.to(self.device)
+                continue
+            buf = self._tau.get(i)
+            if buf is None or buf.shape != t.shape:
+                buf = self._tau[i] = t.to(self.device).clone()
+                self._graph = None  # a new address: capture again
+            buf.copy_(t)
+            self.ffns[i].tau = buf
 
     @torch.inference_mode()
     def decode(self, token: int, slot: int) -> torch.Tensor:
         self._token.fill_(token)
-        return self.decoder(self._token, slot, None, phase="decode")[:, -1].float()
+        if not self.static:
+            return self.decoder(self._token, slot, None, phase="decode")[:, -1].float()
+        self._slot.fill_(slot)
+        if not self.cuda_graph:
+            return self.decoder.decode_static(self._token, self._slot)[:, -1].float()
+        key = tuple(t.data_ptr() for layer in self.decoder.layers for t in (layer.self_attn.cache.k,
+                                                                           layer.self_attn.cache.v))
+        if self._graph is None or self._graph_key != key:
+            self._capture()
+            self._graph_key = key
+        self._graph.replay()
+        return self._graph_out[:, -1].float()
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (the writes are those of the real step: same token, same slot), then capture
+        one decode step. The KV buffers, the token/slot inputs and the selection buffers are what it replays."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                self.decoder.decode_static(self._token, self._slot)
+        torch.cuda.current_stream().wait_stream(s)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._graph_out = self.decoder.decode_static(self._token, self._slot)
 
     def attended(self, slot: int) -> int:
-        return slot + 1  # the reference attends to the valid prefix only
+        # the eager step attends to the valid prefix only; the static one reads the whole allocation
+        return self.capacity if self.static else slot + 1
 
     def peak_device_mb(self) -> float | None:
         if self.device.startswith("cuda"):
@@ -128,5 +176,6 @@ class TorchBackend(Backend):
         return None
 
     def describe(self) -> dict:
-        return {"torch_threads": torch.get_num_threads(), "source": str((self.manifest.data.get("source") or {})
+        return {"torch_threads": torch.get_num_threads(), "static_decode": self.static, "cuda_graph": self.cuda_graph,
+                "source": str((self.manifest.data.get("source") or {})
                                                                       .get("path"))}
