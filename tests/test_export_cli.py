@@ -30,7 +30,7 @@ def test_help_lists_options(monkeypatch, capsys):
     rc, out, _ = run_cli(["--help"], monkeypatch, capsys)
     assert rc == 0
     for opt in ("SRC", "--output", "--precision", "--max-seq-len", "--max-prompt-len", "--engine / --no-engine",
-                "--check", "--force"):
+                "--check", "--force", "--target"):
         assert opt in out, opt
 
 
@@ -150,3 +150,37 @@ def test_magnitude_artifact_is_refused(tiny_model_dir, tmp_path, monkeypatch, ca
     art = method_artifact(tiny_model_dir("llama"), tmp_path / "art", "magnitude", rank=0, layers="first-half")
     rc, _, err = run_cli([art, "-o", tmp_path / "e"], monkeypatch, capsys)
     assert_one_line_error(rc, err, "magnitude", "not supported yet")
+
+
+def test_onnxruntime_target_cli(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """--target onnxruntime: written with its target in the manifest; refused where it cannot serve (TensorRT
+    plans, the TensorRT check, per-head q/k norms, batch > 1); an unknown target in a manifest is refused too."""
+    out = tmp_path / "ort"
+    rc, stdout, err = run_cli([tiny_model_dir("qwen2"), "-o", out, "--max-seq-len", "48", "--target", "onnxruntime"],
+                              monkeypatch, capsys)
+    assert rc == 0, err
+    m = load_manifest(out)
+    assert m.data["target"] == "onnxruntime" and m.data["tensorrt_check"] is None
+    for extra, needles in ((["--engine"], ("--engine", "drop --target onnxruntime")),
+                           (["--max-batch", "2"], ("batch 1", "--max-batch 1"))):
+        rc, _, err = run_cli([tiny_model_dir("qwen2"), "-o", tmp_path / "x", "--target", "onnxruntime"] + extra,
+                             monkeypatch, capsys)
+        assert_one_line_error(rc, err, *needles)
+    rc, _, err = run_cli([tiny_model_dir("qwen3"), "-o", tmp_path / "x", "--target", "onnxruntime"], monkeypatch,
+                         capsys)
+    assert_one_line_error(rc, err, "q/k per head", "--target tensorrt")
+    rc, _, err = run_cli([tiny_model_dir("qwen2"), "-o", tmp_path / "x", "--target", "onnxruntime", "--check"],
+                         monkeypatch, capsys)
+    assert rc == 2 and "--check is the TensorRT operator check" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+    from caprese.errors import CapreseError
+    from caprese.runtime.tensorrt_backend import TensorRTBackend
+
+    with pytest.raises(CapreseError, match="ONNX Runtime-only graphs"):
+        TensorRTBackend(m)
+    data = json.loads((out / "manifest.json").read_text())
+    data["target"] = "openvino"
+    (out / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(CapreseError, match="unknown target 'openvino'"):
+        load_manifest(out)

@@ -12,7 +12,8 @@ from caprese.export import contract as C
 from caprese.export.manifest import load_manifest
 from test_export_support import get_export
 
-CASES = [("llama", "dense"), ("llama", "griffin"), ("qwen2", "cats"), ("gemma2", "griffin"), ("qwen3", "dense")]
+CASES = [("llama", "dense"), ("llama", "griffin"), ("qwen2", "cats"), ("gemma2", "griffin"), ("qwen3", "dense"),
+         ("qwen2", "griffin", 8, "all", "fp32", "onnxruntime")]  # --target onnxruntime: same I/O, names
 ELEM = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16, "int64": onnx.TensorProto.INT64}
 
 
@@ -20,7 +21,7 @@ def _dims(vi):
     return tuple(d.dim_param if d.dim_param else d.dim_value for d in vi.type.tensor_type.shape.dim)
 
 
-@pytest.fixture(params=CASES, ids=lambda c: "-".join(c))
+@pytest.fixture(params=CASES, ids=lambda c: "-".join(map(str, c)))
 def engine(request, tmp_path_factory, tiny_model_dir):
     return get_export(tmp_path_factory, tiny_model_dir, *request.param)[0]
 
@@ -34,7 +35,8 @@ def test_graph_io_equals_contract(engine):
             for v, t in zip(got, want):
                 assert v.type.tensor_type.elem_type == ELEM[t.dtype], v.name
                 assert _dims(v) == tuple(t.shape), v.name
-        assert [(o.domain, o.version) for o in model.opset_import] == [("", C.OPSET)]
+        ms = [(C.MS_DOMAIN, 1)] if m.data["target"] == C.TARGET_ONNXRUNTIME else []
+        assert [(o.domain, o.version) for o in model.opset_import] == [("", C.OPSET)] + ms
     assert m.data["io"] == m.layout.io_dict()
     assert m.data["in_place"] == [list(p) for p in m.layout.in_place_pairs()]
 
@@ -50,7 +52,8 @@ def test_node_names_follow_contract(engine):
             assert match, n.name
             if match.group("layer") is not None:
                 assert int(match.group("layer")) < m.layout.num_layers
-            assert n.domain in ("", "ai.onnx"), n.name
+            assert n.domain in ("", "ai.onnx") or (m.data["target"] == C.TARGET_ONNXRUNTIME and
+                                                   n.domain == C.MS_DOMAIN), n.name
         scopes = {n.name.rsplit("/", 1)[0] for n in model.graph.node}
         for i in range(m.layout.num_layers):
             assert f"/model/layers.{i}/attn" in scopes and f"/model/layers.{i}/mlp" in scopes

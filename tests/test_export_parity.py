@@ -9,6 +9,7 @@ and nothing else. Greedy tokens must be identical for every step.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -53,6 +54,32 @@ def test_dense_other_architectures(kind, tmp_path_factory, tiny_model_dir):
     tokens, logits = OrtLoop(engine).greedy(prompt.numpy(), 24)
     for step, (a, b) in enumerate(zip(logits, ref_logits)):
         assert_close(a, b.numpy(), f"{kind} logits at step {step}")
+    assert tokens.tolist() == ref_tokens.tolist()
+
+
+@pytest.mark.parametrize("kind,method,rho", [
+    ("qwen2", "dense", 0), ("qwen2", "griffin", 8), ("qwen2", "cats", 0), ("gemma2-hd16", "dense", 0),
+    ("gemma2-hd16", "griffin", 8), ("mistral", "dense", 0), ("llama3", "cats", 0), ("llama", "griffin", 8),
+])
+def test_onnxruntime_target_matches_reference(kind, method, rho, tmp_path_factory, tiny_model_dir):
+    """--target onnxruntime (GroupQueryAttention over the shared past/present buffer, rotary inside, and
+    SkipSimplifiedLayerNormalization): the same logits and greedy tokens as the reference decoder, including
+    GRIFFIN re-selection (a prefill call at start > 0), Mistral's sliding window (crossed by prompt + steps),
+    Gemma 2's soft-cap and its sliding layers. The tiny llama's head_dim 24 is no multiple of 16: it keeps the
+    standard attention (and still gets the fused norms). Same fp32 tolerance: different kernels, same math."""
+    engine, src = get_export(tmp_path_factory, tiny_model_dir, kind, method, target="onnxruntime")
+    m = onnx.load(str(engine / "decode.onnx"), load_external_data=False)
+    ops = {n.op_type for n in m.graph.node}
+    gqa = kind != "llama"
+    assert ("GroupQueryAttention" in ops) == gqa and ("TensorScatter" in ops) != gqa
+    assert ("SkipSimplifiedLayerNormalization" in ops) == (not kind.startswith("gemma2"))
+    dec = reference_decoder(src)
+    prompt = prompt_ids(14, seed=3)
+    n = STEPS if kind != "mistral" else 24
+    ref_tokens, ref_logits = reference_greedy(dec, prompt, n, rho)
+    tokens, logits = OrtLoop(engine).greedy(prompt.numpy(), n, reselect_every=rho)
+    for step, (a, b) in enumerate(zip(logits, ref_logits)):
+        assert_close(a, b.numpy(), f"{kind}/{method} (onnxruntime target) logits at step {step}")
     assert tokens.tolist() == ref_tokens.tolist()
 
 

@@ -42,13 +42,14 @@ def method_artifact(folder: Path, out: Path, method: str, rank: int = 8, layers=
 
 
 def get_export(tmp_path_factory, tiny_model_dir, kind: str, method: str = "dense", rank: int = 8,
-               layers="all", precision: str = "fp32") -> tuple[Path, Path]:
-    """(engine folder, source folder) exported once per session for (kind, method, rank, layers, precision)."""
+               layers="all", precision: str = "fp32", target: str = "tensorrt") -> tuple[Path, Path]:
+    """(engine folder, source folder) exported once per session for (kind, method, rank, layers, precision,
+    target)."""
     from caprese.export.exporter import export
 
-    key = (kind, method, rank, str(layers), precision)
+    key = (kind, method, rank, str(layers), precision) + ((target,) if target != "tensorrt" else ())
     if key not in _CACHE:
-        root = tmp_path_factory.mktemp(f"export_{kind}_{method}_{precision}")
+        root = tmp_path_factory.mktemp(f"export_{kind}_{method}_{precision}_{target}")
         art_key = (kind, method, rank, str(layers), "fp32")
         if method == "dense":
             src = tiny_model_dir(kind)
@@ -56,7 +57,8 @@ def get_export(tmp_path_factory, tiny_model_dir, kind: str, method: str = "dense
             src = _CACHE[art_key][1]
         else:
             src = method_artifact(tiny_model_dir(kind), root / "artifact", method, rank, layers)
-        out = export(src, root / "engine", precision=precision, max_seq_len=MAX_SEQ, max_prompt_len=MAX_SEQ - 1).out
+        out = export(src, root / "engine", precision=precision, max_seq_len=MAX_SEQ, max_prompt_len=MAX_SEQ - 1,
+                     target=target).out
         _CACHE[key] = (out, src)
     return _CACHE[key]
 
@@ -192,17 +194,24 @@ def one_torch_thread():
         torch.set_num_threads(n)
 
 
-def reference_greedy(dec, prompt: torch.Tensor, n_new: int):
-    """(tokens [B, n_new], logits per step) of the PyTorch decoder, same loop shape as OrtLoop.greedy."""
+def reference_greedy(dec, prompt: torch.Tensor, n_new: int, reselect_every: int = 0):
+    """(tokens [B, n_new], logits per step) of the PyTorch decoder, same loop shape as OrtLoop.greedy (every
+    reselect_every-th step runs the last tokens through a prefill pass, as caprese.model.generation does)."""
     from caprese.model.generation import decode_one_token, prefill
 
     dec.setup_caches(prompt.shape[0], MAX_SEQ)
+    t = prompt.shape[1]
     with torch.inference_mode(), one_torch_thread():
         logits = [prefill(dec, prompt)]
         token = logits[-1].argmax(-1)
-        tokens = [token]
+        tokens, fed = [token], []
         for i in range(n_new - 1):
-            logits.append(decode_one_token(dec, token[:, None], prompt.shape[1] + i))
+            fed.append(token)
+            if reselect_every and len(fed) % reselect_every == 0:
+                window = torch.stack(fed[-reselect_every:], dim=1)
+                logits.append(dec(window, t + i - reselect_every + 1, None, last_only=True, phase="prefill")[:, -1])
+            else:
+                logits.append(decode_one_token(dec, token[:, None], t + i))
             token = logits[-1].argmax(-1)
             tokens.append(token)
     return torch.stack(tokens, dim=1), logits

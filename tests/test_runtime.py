@@ -107,6 +107,27 @@ def test_chunked_prompt_equals_one_prefill(tmp_path_factory, tiny_model_dir):
     assert g.generate(prompt, 24, ignore_eos=True).tokens == whole
 
 
+@pytest.mark.parametrize("method,rho", [("dense", 0), ("griffin", 8), ("cats", 0)])
+def test_onnxruntime_target_engine_runs_like_the_standard_one(method, rho, tmp_path_factory, tiny_model_dir):
+    """An engine exported with --target onnxruntime (GroupQueryAttention writing the bound KV buffer in place):
+    the standard engine's tokens, for a whole prompt, a prompt prefilled in chunks, and a KV cache grown and kept
+    across the turns of a conversation."""
+    from caprese.runtime.conversation import Conversation
+
+    std, _ = get_export(tmp_path_factory, tiny_model_dir, "qwen2", method)
+    fast, _ = get_export(tmp_path_factory, tiny_model_dir, "qwen2", method, target="onnxruntime")
+    prompt = ids(23, seed=5)
+    a, b = Generator.load(std, threads=1), Generator.load(fast, threads=1)
+    assert b.manifest.data["target"] == "onnxruntime"
+    want = a.generate(prompt, 24, reselect_every=rho, ignore_eos=True).tokens
+    assert b.generate(prompt, 24, reselect_every=rho, ignore_eos=True).tokens == want
+    b.max_prompt_len = 8
+    assert b.generate(prompt, 24, reselect_every=rho, ignore_eos=True).tokens == want
+    ca, cb = Conversation(a), Conversation(b)
+    for turn in ("hello there", "and again, longer this time"):
+        assert cb.say(turn, 12).consume().tokens == ca.say(turn, 12).consume().tokens
+
+
 def test_kv_cache_bound_once_and_updated_in_place(tmp_path_factory, tiny_model_dir):
     """KV buffers (and logits, selection inputs) keep their addresses for a whole generation and across
     generations of the same size; present_* writes into the past_* buffer."""

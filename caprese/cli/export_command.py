@@ -24,6 +24,10 @@ from caprese.errors import CapreseError
 @click.option("--check", is_flag=True,
               help="Run the static TensorRT operator check and print every violation. Alone (no -o): check SRC, "
                    "an engine folder or an .onnx file.")
+@click.option("--target", default="tensorrt", show_default=True, type=click.Choice(["tensorrt", "onnxruntime"]),
+              help="tensorrt: standard ONNX ops only (the reference; runs on TensorRT and ONNX Runtime). "
+                   "onnxruntime: ONNX Runtime's GroupQueryAttention / SkipSimplifiedLayerNormalization "
+                   "contrib ops, faster there, batch 1, never for TensorRT.")
 @click.option("--force", is_flag=True, help="Replace an existing engine folder.")
 @click.option("--base-model", default=None, type=click.Path(path_type=str),
               help="For an artifact: its base model folder, when it has moved since calibration.")
@@ -32,7 +36,7 @@ from caprese.errors import CapreseError
 @click.option("--timing-cache", default=None, type=click.Path(path_type=str),
               help="TensorRT timing cache file to reuse and update across builds.")
 def export(src: str, out: str | None, precision: str, max_seq_len: int | None, max_prompt_len: int | None,
-           engine: bool, check: bool, force: bool, base_model: str | None, max_batch: int,
+           engine: bool, check: bool, target: str, force: bool, base_model: str | None, max_batch: int,
            timing_cache: str | None) -> None:
     """Export SRC (a Hugging Face model folder, or a calibration artifact from `caprese calibrate`) to ENGINE_DIR.
 
@@ -41,7 +45,8 @@ def export(src: str, out: str | None, precision: str, max_seq_len: int | None, m
     tokenizer files and manifest.json; with --engine, TensorRT plans too. A dense folder exports the dense
     model; an artifact exports its method (GRIFFIN: the decode graph takes the per-prompt folded matrices
     [W_g, W_1, L] and [W_2; R] as inputs; CATS: thresholds inside the graph) with the bypass folded in.
-    Every export checks both graphs against TensorRT's ONNX operator table.
+    Every standard export checks both graphs against TensorRT's ONNX operator table; --target onnxruntime
+    trades that for ONNX Runtime's fused contrib ops (CPU/edge deployments).
     """
     from caprese.export.exporter import check_folder, export as run_export
 
@@ -53,8 +58,10 @@ def export(src: str, out: str | None, precision: str, max_seq_len: int | None, m
             raise click.UsageError("missing -o/--output ENGINE_DIR (or pass --check to only check SRC)")
         _report(check_folder(src))
         return
+    if check and target != "tensorrt":
+        raise click.UsageError("--check is the TensorRT operator check; it applies to --target tensorrt graphs")
     result = run_export(src, out, precision=precision, max_seq_len=max_seq_len, max_prompt_len=max_prompt_len,
-                        engine=engine, force=force, base_model=base_model, max_batch=max_batch,
+                        engine=engine, force=force, target=target, base_model=base_model, max_batch=max_batch,
                         timing_cache=timing_cache, log=log)
     if check:
         _report(check_folder(result.out))

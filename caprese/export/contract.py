@@ -52,6 +52,10 @@ import re
 
 FORMAT_VERSION = 1
 OPSET = 24
+MS_DOMAIN = "com.microsoft"
+TARGET_TENSORRT = "tensorrt"  # the standard-domain graphs: the reference and the default
+TARGET_ONNXRUNTIME = "onnxruntime"  # + ONNX Runtime contrib ops (GroupQueryAttention, SkipSimplifiedLayerNorm)
+TARGETS = (TARGET_TENSORRT, TARGET_ONNXRUNTIME)
 IR_VERSION = 11
 
 PREFILL, DECODE = "prefill", "decode"

@@ -3,7 +3,9 @@
 ENGINE_DIR holds prefill.onnx + decode.onnx (one shared weights.bin), the tokenizer files, manifest.json and,
 with engine=True on a machine with TensorRT, prefill.plan + decode.plan (+ timing.cache). Output is atomic: it is
 built in a temporary sibling folder and renamed into place; an existing OUT is replaced only with force=True.
-Every export runs onnx's checker and the static TensorRT check (tensorrt_ops) on both graphs.
+Every export runs onnx's checker and, for the standard graphs (target "tensorrt", the default), the static
+TensorRT check (tensorrt_ops). target "onnxruntime" swaps attention and norms for ONNX Runtime's contrib ops
+(onnx_graph._Builder.ort); same I/O contract, batch 1, parity-tested against the standard graphs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from caprese.export.onnx_graph import CATS_BISECTION_STEPS, ExportModel, build_g
 from caprese.export.tensorrt_ops import TENSORRT_TABLE_VERSION, check_model, format_violations
 from caprese.export.weights import WeightsWriter
 
-TARGETS = ("tensorrt",)
 DEFAULT_MAX_SEQ_LEN = 4096
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -103,9 +104,10 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
 
     log = log or (lambda msg: None)
     src, out = Path(src), Path(out)
-    if target not in TARGETS:
-        raise CapreseError(f"--target {target!r} is not available yet; the standard graph (--target tensorrt) "
-                           "runs on ONNX Runtime as it is")
+    if target not in C.TARGETS:
+        raise CapreseError(f"unknown --target {target!r}; use tensorrt (standard ONNX, the default) or onnxruntime")
+    if engine and target != C.TARGET_TENSORRT:
+        raise CapreseError("--engine builds TensorRT plans from the standard graphs; drop --target onnxruntime")
     if precision not in C.PRECISIONS:
         raise CapreseError(f"unknown precision {precision!r}; use fp32, fp16 or bf16")
     if max_batch < 1:
@@ -113,6 +115,11 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
     base, art = _resolve_source(src, base_model)
     spec = load_spec(base)
     seq, prompt = _check_lengths(spec, max_seq_len, max_prompt_len)
+    if target == C.TARGET_ONNXRUNTIME and spec.qk_norm:
+        raise CapreseError(f"--target onnxruntime cannot normalise q/k per head ({spec.model_type}); use the "
+                           "default --target tensorrt, which runs on ONNX Runtime too")
+    if target == C.TARGET_ONNXRUNTIME and max_batch != 1:
+        raise CapreseError("--target onnxruntime graphs serve batch 1 (no left padding); use --max-batch 1")
     _check_out(out, src, base, force)
 
     log(f"loading {base}")
@@ -136,7 +143,7 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
         if art.method == C.CATS:
             method["cats_quantile"] = 1.0 - art.density
             method["cats_bisection_steps"] = CATS_BISECTION_STEPS
-    em = ExportModel(decoder, layout, ffns, seq)
+    em = ExportModel(decoder, layout, ffns, seq, target=target)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
@@ -192,7 +199,7 @@ def _write_folder(tmp: Path, em: ExportModel, spec, method: dict, art, src: Path
             onnx.checker.check_model(str(path))
         except onnx.checker.ValidationError as e:  # a bug in the exporter, not in the user's input
             raise RuntimeError(f"the exported {graph} graph fails onnx's checker: {str(e).splitlines()[0]}") from None
-        violations = check_model(model)
+        violations = check_model(model) if em.target == C.TARGET_TENSORRT else []
         if violations:
             raise CapreseError(f"the {graph} graph fails the static TensorRT {TENSORRT_TABLE_VERSION} check: "
                                f"{format_violations(violations, 5)}")
@@ -219,8 +226,9 @@ def _write_folder(tmp: Path, em: ExportModel, spec, method: dict, art, src: Path
                   "tokenizer": tokenizer},
         "weights": weights.table,
         "folding": folding,
-        "target": "tensorrt",
-        "tensorrt_check": {"table": TENSORRT_TABLE_VERSION, "violations": 0},
+        "target": em.target,
+        "tensorrt_check": {"table": TENSORRT_TABLE_VERSION, "violations": 0} if em.target == C.TARGET_TENSORRT
+        else None,  # com.microsoft ops: not a TensorRT graph
         "tensorrt": None,
     }
     write_manifest(tmp, manifest)

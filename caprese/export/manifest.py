@@ -14,7 +14,7 @@ Keys (format "caprese-engine", version FORMAT_VERSION):
   weights       {tensor name: {"offset", "length", "shape", "dtype"}} of files.weights
   folding       {layer: contract.fold_tensors(...)} for GRIFFIN layers: the weights.bin tensors a runtime
                 slices and concatenates into w_gul / w_dr / b_gul
-  target        "tensorrt" (the standard-domain graphs)
+  target        "tensorrt" (the standard-domain graphs) | "onnxruntime" (com.microsoft contrib ops, batch 1)
   tensorrt      null, or {"version", "compute_capability", "profiles", "strongly_typed", "weights_stripped"}
 """
 
@@ -132,6 +132,8 @@ def _check_consistency(folder: Path, data: dict, spec: ModelSpec, layout: C.Grap
     if not 1 <= prompt <= seq <= spec.max_position_embeddings:
         raise CapreseError(f"{where}: need 1 <= max_prompt_len ({prompt}) <= max_seq_len ({seq}) <= the model's "
                            f"context ({spec.max_position_embeddings})")
+    if data.get("target", C.TARGET_TENSORRT) not in C.TARGETS:
+        raise CapreseError(f"{where}: unknown target {data.get('target')!r} (this caprese knows {', '.join(C.TARGETS)})")
     trt = data.get("tensorrt")
     if data["files"].get("engines") and not (isinstance(trt, dict) and trt.get("version")
                                              and trt.get("compute_capability")):

@@ -36,6 +36,9 @@ class TensorRTBackend(Backend):
         from caprese.export.tensorrt_build import import_tensorrt
 
         super().__init__(manifest)
+        if manifest.data.get("target", C.TARGET_TENSORRT) != C.TARGET_TENSORRT:
+            raise CapreseError(f"{manifest.folder} holds ONNX Runtime-only graphs (--target onnxruntime); export "
+                               "again without --target for TensorRT, or use --backend onnxruntime")
         trt = self.trt = import_tensorrt()
         if not torch.cuda.is_available():
             raise CapreseError("the tensorrt backend needs an NVIDIA GPU visible to torch (torch.cuda.is_available() "
