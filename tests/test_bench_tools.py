@@ -60,7 +60,9 @@ def test_caprese_onnxruntime_rows(bench, tiny_model_dir, tmp_path):
     assert by["ort-caprese-griffin"]["adapters"].startswith("random-init")
     # the approximated decode steps read fewer bytes than the dense one
     assert by["ort-griffin"]["bytes_per_step"] < by["ort-dense"]["bytes_per_step"]
-    assert set(res["targets"]) == {"ort-dense", "ort-caprese-griffin"}
+    assert by["ort-contrib-dense"]["bytes_per_step"] == by["ort-dense"]["bytes_per_step"]
+    assert set(res["targets"]) == {"ort-dense", "ort-caprese-griffin", "ort-contrib-dense",
+                                   "ort-contrib-caprese-griffin"}
     assert res["targets"]["ort-dense"]["met_peer"] is None  # no peer row
     table = bench.format_table(res)
     assert all(name in table for name in rows)

@@ -7,6 +7,9 @@ Rows (--rows, comma-separated; default: all):
   ort-griffin          GRIFFIN, density 0.5, all layers, no adapters, onnxruntime
   ort-caprese-griffin  Caprese(GRIFFIN, 0.5, all layers, rank r), onnxruntime
   ort-caprese-cats     Caprese(CATS, 0.5, all layers, rank r), onnxruntime
+  ort-contrib-dense, ort-contrib-caprese-griffin
+                       the same two engines exported with --target onnxruntime (ONNX Runtime's contrib ops:
+                       GroupQueryAttention, SkipSimplifiedLayerNormalization), onnxruntime
   torch-dense          caprese's PyTorch reference decoder (caprese.model.generation.generate)
   transformers         transformers' `generate`, same model and prompt
 
@@ -59,11 +62,13 @@ import torch
 
 BENCH_VERSION = 2
 PEER = "genai-dense"
-ROW_NAMES = ("genai-dense", "ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats", "torch-dense",
-             "transformers")
-ORT_ROWS = ("ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats")
+ROW_NAMES = ("genai-dense", "ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats", "ort-contrib-dense",
+             "ort-contrib-caprese-griffin", "torch-dense", "transformers")
+ORT_ROWS = ("ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats", "ort-contrib-dense",
+            "ort-contrib-caprese-griffin")
 # issue 5's CPU targets: (row, max ratio to the peer, max ratio to the floor)
-TARGETS = (("ort-dense", 0.95, 1.25), ("ort-caprese-griffin", 0.70, 1.25))
+TARGETS = (("ort-dense", 0.95, 1.25), ("ort-caprese-griffin", 0.70, 1.25), ("ort-contrib-dense", 0.95, 1.25),
+           ("ort-contrib-caprese-griffin", 0.70, 1.25))
 
 
 # ---------------------------------------------------------------- measurements shared by all rows
@@ -145,13 +150,16 @@ class Recipe:
     density: float = 1.0
     layers: str = "all"
     rank: int = 0
+    target: str = "tensorrt"  # caprese-export --target
 
 
 def row_recipe(name: str, density: float, rank: int) -> Recipe:
     return {"ort-dense": Recipe(None),
             "ort-griffin": Recipe("griffin", density, "all", 0),
             "ort-caprese-griffin": Recipe("griffin", density, "all", rank),
-            "ort-caprese-cats": Recipe("cats", density, "all", rank)}[name]
+            "ort-caprese-cats": Recipe("cats", density, "all", rank),
+            "ort-contrib-dense": Recipe(None, target="onnxruntime"),
+            "ort-contrib-caprese-griffin": Recipe("griffin", density, "all", rank, "onnxruntime")}[name]
 
 
 def random_artifact(model_dir: str | Path, out: Path, r: Recipe, seed: int = 0) -> Path:
@@ -209,7 +217,7 @@ def prepare_engine(model_dir: str | Path, root: Path, name: str, r: Recipe, prec
         log(f"bench: building the {name} artifact (adapters: {adapters})")
         src = random_artifact(model_dir, root / f"{name}-artifact", r)
     log(f"bench: exporting {name} ({precision}) -> {engine}")
-    export(src, engine, precision=precision, force=True)
+    export(src, engine, precision=precision, force=True, target=r.target)
     _write_key(engine, key)
     return engine, adapters
 

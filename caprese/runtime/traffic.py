@@ -18,7 +18,8 @@ from caprese.export import contract as C
 SELECTION_INPUTS = tuple(f(0)[:-1] for f in (C.w_gul, C.w_dr, C.b_gul, C.cats_tau))
 
 # (op type, input index) that read one row of a table per token, not the table
-_ROW_READERS = {("Gather", 0), ("RotaryEmbedding", 1), ("RotaryEmbedding", 2)}
+_ROW_READERS = {("Gather", 0), ("RotaryEmbedding", 1), ("RotaryEmbedding", 2), ("GroupQueryAttention", 7),
+                ("GroupQueryAttention", 8)}
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1}
 
 
