@@ -13,7 +13,8 @@ import sys
 
 import click
 
-from caprese.cli.run_command import describe, engine_options, open_generator, sampling_options
+from caprese.cli.options import engine_options, sampling_options
+from caprese.cli.run_command import describe, open_generator
 
 HELP = "/reset starts over, /stats reports, /exit quits; Ctrl-C stops a reply"
 

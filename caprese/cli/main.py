@@ -8,6 +8,7 @@ import sys
 import click
 
 from caprese.cli.entry import run
+from caprese.cli.options import prompt_options, sampling_options
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -38,33 +39,22 @@ def fetch_default_cmd(force: bool) -> None:
 
 @cli.command("generate")
 @click.argument("model_dir", type=click.Path(path_type=str))
-@click.option("-p", "--prompt", required=True, help="Prompt text.")
-@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template (one user turn).")
-@click.option("--system", default=None, help="System message for --chat.")
-@click.option("-n", "--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
-              help="Stop after this many new tokens (EOS stops earlier).")
+@prompt_options
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
               help="Weights and activations dtype (reductions stay in fp32).")
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1 ...")
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
-              help="0 = greedy.")
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="1 = off.")
-@click.option("--seed", default=None, type=int, help="Seed for sampling (reproducible output).")
+@sampling_options
 @click.option("--method", type=click.Choice(["dense", "griffin", "cats", "magnitude"]), default=None,
               help="Efficient FFN for decoding, without adapters (the plain baseline). An artifact brings its own.")
 @click.option("--density", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="Share of FFN neurons kept (GRIFFIN/magnitude) or of activations kept (CATS).")
 @click.option("--layers", default="first-half", show_default=True,
               help="Approximated layers: all, first-half, second-half, or a list like 0,2,5-9.")
-@click.option("--reselect-every", default=0, show_default=True, type=click.IntRange(min=0),
-              help="GRIFFIN: re-select neurons every N decode steps after a dense pass over them (0 = never).")
 @click.option("--base-model", default=None, type=click.Path(path_type=str),
               help="For an artifact: the base model folder, when it has moved since calibration.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text + latency) instead of streaming.")
-def generate_cmd(model_dir, prompt, chat, system, max_new_tokens, precision, device, temperature, top_k, top_p,
-                 seed, method, density, layers, reselect_every, base_model, as_json) -> None:
+def generate_cmd(model_dir, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, seed, reselect_every,
+                 precision, device, method, density, layers, base_model, as_json) -> None:
     """Generate a reply with the PyTorch reference decoder.
 
     MODEL_DIR is a local Hugging Face folder, or a calibration artifact from `caprese calibrate` (which names

@@ -1,6 +1,6 @@
 """`caprese run ENGINE_DIR -p TEXT`: one generation on an engine folder from `caprese-export` (caprese.runtime).
 
-Also holds the options `caprese chat` shares (backend, sampling).
+Also holds what `caprese chat` shares with it: opening the Generator, describing it for --json.
 """
 
 from __future__ import annotations
@@ -10,41 +10,7 @@ import sys
 
 import click
 
-BACKEND_CHOICES = ["onnxruntime", "torch", "tensorrt"]
-
-
-def engine_options(f):
-    """--backend, --threads, --device, --cuda-graph."""
-    for opt in reversed([
-        click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(BACKEND_CHOICES),
-                     help="What runs the engine: the ONNX graphs on ONNX Runtime, TensorRT plans, or the PyTorch "
-                          "reference decoder of the exported model."),
-        click.option("--threads", default=None, type=click.IntRange(min=1),
-                     help="Intra-op threads (ONNX Runtime / torch). Default: the backend's own choice."),
-        click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]),
-                     help="onnxruntime / torch device. Default: cuda where the backend can use it, else cpu."),
-        click.option("--cuda-graph/--no-cuda-graph", default=None,
-                     help="torch on cuda: capture the decode step once as a CUDA graph and replay it (default on)."),
-    ]):
-        f = opt(f)
-    return f
-
-
-def sampling_options(f):
-    """-n, --temperature, --top-k, --top-p, --seed, --reselect-every."""
-    for opt in reversed([
-        click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy."),
-        click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off."),
-        click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-                     help="1 = off."),
-        click.option("--seed", default=None, type=int, help="Seed for sampling (reproducible output)."),
-        click.option("--reselect-every", default=0, show_default=True, type=click.IntRange(min=0),
-                     help="GRIFFIN: every N decode steps, run the last N tokens through the dense prefill graph and "
-                          "re-select the neurons (0 = never)."),
-    ]):
-        f = opt(f)
-    return f
-
+from caprese.cli.options import engine_options, prompt_options, sampling_options
 
 def open_generator(engine_dir: str, backend: str, threads: int | None, device: str | None,
                    cuda_graph: bool | None = None):
@@ -65,11 +31,7 @@ def describe(g, engine_dir: str) -> dict:
 
 @click.command("run", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("engine_dir", type=click.Path(path_type=str))
-@click.option("-p", "--prompt", required=True, help="Prompt text.")
-@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template (one user turn).")
-@click.option("--system", default=None, help="System message for --chat.")
-@click.option("-n", "--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
-              help="Stop after this many new tokens (EOS stops earlier).")
+@prompt_options
 @engine_options
 @sampling_options
 @click.option("--ignore-eos", is_flag=True, help="Always generate --max-new-tokens tokens (benchmarks).")

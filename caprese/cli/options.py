@@ -1,0 +1,55 @@
+"""Options shared by the commands that generate text (`generate`, `run`, `chat`): one definition each, so the
+flags, defaults and help read the same everywhere."""
+
+from __future__ import annotations
+
+import click
+
+
+def _apply(f, options):
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+BACKEND_CHOICES = ["onnxruntime", "torch", "tensorrt"]
+
+
+def engine_options(f):
+    """--backend, --threads, --device, --cuda-graph (`run`, `chat`)."""
+    return _apply(f, [
+        click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(BACKEND_CHOICES),
+                     help="What runs the engine: the ONNX graphs on ONNX Runtime, TensorRT plans, or the PyTorch "
+                          "reference decoder of the exported model."),
+        click.option("--threads", default=None, type=click.IntRange(min=1),
+                     help="Intra-op threads (ONNX Runtime / torch). Default: the backend's own choice."),
+        click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]),
+                     help="onnxruntime / torch device. Default: cuda where the backend can use it, else cpu."),
+        click.option("--cuda-graph/--no-cuda-graph", default=None,
+                     help="torch on cuda: capture the decode step once as a CUDA graph and replay it (default on)."),
+    ])
+
+
+def prompt_options(f):
+    """-p/--prompt, --chat, --system, -n/--max-new-tokens."""
+    return _apply(f, [
+        click.option("-p", "--prompt", required=True, help="Prompt text."),
+        click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template (one user turn)."),
+        click.option("--system", default=None, help="System message for --chat."),
+        click.option("-n", "--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
+                     help="Stop after this many new tokens (EOS stops earlier)."),
+    ])
+
+
+def sampling_options(f):
+    """--temperature, --top-k, --top-p, --seed, --reselect-every."""
+    return _apply(f, [
+        click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy."),
+        click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off."),
+        click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+                     help="1 = off."),
+        click.option("--seed", default=None, type=int, help="Seed for sampling (reproducible output)."),
+        click.option("--reselect-every", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="GRIFFIN: every N decode steps, run the last N tokens through a dense (prefill) pass and "
+                          "re-select the neurons (0 = never)."),
+    ])
