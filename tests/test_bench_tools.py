@@ -83,3 +83,30 @@ def test_genai_row_skips_with_a_reason(bench, tiny_model_dir, tmp_path, monkeypa
     assert "simulated" in res["skipped"]["genai-dense"]
     assert [r["row"] for r in res["rows"]] == ["ort-dense"]
     assert "skipped" in bench.format_table(res)
+
+
+def test_gpu_bench_smoke_on_cpu():
+    """tools/bench_gpu.py's pieces on the tiny shape, on CPU (no CUDA graph): both rows timed, and the byte count
+    equal to one written out from the shape (attention, FFN or its GRIFFIN slice + bypass, norms, the token's
+    embedding row, the tied LM head, K/V of every allocated slot)."""
+    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH.parent / "bench_gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    dec = gpu.random_decoder("tiny", "fp32", "cpu")
+    s = gpu.SHAPES["tiny"]
+    d, f, n, hq, hkv, hd, v = (s[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                              "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size"))
+    attn = 2 * d * hq * hd + 2 * d * hkv * hd
+    slots = 80
+    kv = 2 * n * hkv * hd * slots
+    assert gpu.bytes_per_step(dec, slots) == 4 * (n * (attn + 3 * d * f + 2 * d) + d + d + v * d + kv)
+    res = gpu.run(dec, ["dense", "caprese-griffin"], prompt_tokens=6, new_tokens=3, repeats=1, density=0.5, rank=8,
+                  cuda_graph=False, bandwidth_mb=8, log=lambda m: None)
+    k = f // 2
+    by = {r["row"]: r for r in res["rows"]}
+    slots = 6 + 3 + 1
+    assert by["caprese-griffin"]["bytes_per_step"] == 4 * (n * (attn + 3 * d * k + 2 * d * 8 + 2 * d) + 2 * d + v * d
+                                                           + 2 * n * hkv * hd * slots)
+    assert all(r["ms_per_token"] > 0 for r in res["rows"])
+    assert set(res["targets"]) == {"dense_bandwidth_share", "caprese_time_vs_bytes"}
+    json.dumps(res)

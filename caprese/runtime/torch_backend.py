@@ -25,6 +25,7 @@ from caprese.errors import CapreseError
 from caprese.export import contract as C
 from caprese.export.folding import select_neurons
 from caprese.runtime.backend import Backend, PrefillOut, kv_slots
+from caprese.runtime.cuda_graph import CapturedStep
 
 
 def load_reference(manifest, device: str, source: str | None = None, base_model: str | None = None):
@@ -92,7 +93,7 @@ class TorchBackend(Backend):
             raise CapreseError("CUDA graphs need a CUDA device; drop cuda_graph=True or use device='cuda'")
         self.static = self.cuda_graph or (on_gpu if static is None else bool(static))
         self._tau: dict[int, torch.Tensor] = {}  # CATS τ in fixed buffers (static decode)
-        self._graph = self._graph_key = self._graph_out = None
+        self._graph = self._graph_key = None
 
     def reserve(self, need: int, keep: int = 0) -> None:
         cap = kv_slots(need, self.manifest.data["max_seq_len"], "fit")
@@ -147,24 +148,10 @@ class TorchBackend(Backend):
             return self.decoder.decode_static(self._token, self._slot)[:, -1].float()
         key = tuple(t.data_ptr() for layer in self.decoder.layers for t in (layer.self_attn.cache.k,
                                                                            layer.self_attn.cache.v))
-        if self._graph is None or self._graph_key != key:
-            self._capture()
+        if self._graph is None or self._graph_key != key:  # first step, or a new KV allocation: capture again
+            self._graph = CapturedStep(self.decoder.decode_static, self._token, self._slot)
             self._graph_key = key
-        self._graph.replay()
-        return self._graph_out[:, -1].float()
-
-    def _capture(self) -> None:
-        """Warm up on a side stream (the writes are those of the real step: same token, same slot), then capture
-        one decode step. The KV buffers, the token/slot inputs and the selection buffers are what it replays."""
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                self.decoder.decode_static(self._token, self._slot)
-        torch.cuda.current_stream().wait_stream(s)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._graph_out = self.decoder.decode_static(self._token, self._slot)
+        return self._graph.replay()[:, -1].float()
 
     def attended(self, slot: int) -> int:
         # the eager step attends to the valid prefix only; the static one reads the whole allocation
