@@ -57,6 +57,7 @@ def test_caprese_onnxruntime_rows(bench, tiny_model_dir, tmp_path):
     assert by["ort-griffin"]["label"] == "GRIFFIN(d=0.5, all layers)"
     assert by["ort-caprese-griffin"]["label"] == "Caprese(GRIFFIN, d=0.5, all layers, r=8)"
     assert by["ort-caprese-cats"]["label"] == "Caprese(CATS, d=0.5, all layers, r=8)"
+    assert by["ort-contrib-dense"]["label"] == "caprese dense [ORT ops]"
     assert by["ort-caprese-griffin"]["adapters"].startswith("random-init")
     # the approximated decode steps read fewer bytes than the dense one
     assert by["ort-griffin"]["bytes_per_step"] < by["ort-dense"]["bytes_per_step"]

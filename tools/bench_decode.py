@@ -290,16 +290,18 @@ class Row:
 
 
 def engine_label(manifest) -> str:
-    """caprese dense / GRIFFIN(d=0.5, all layers) / Caprese(GRIFFIN, d=0.5, all layers, r=64), from the manifest."""
+    """caprese dense / GRIFFIN(d=0.5, all layers) / Caprese(GRIFFIN, d=0.5, all layers, r=64), from the manifest;
+    " [ORT ops]" for an engine exported with --target onnxruntime."""
     m = manifest.data["method"]
+    tag = " [ORT ops]" if manifest.data.get("target") == "onnxruntime" else ""
     if m["name"] == "dense":
-        return "caprese dense"
+        return "caprese dense" + tag
     layers = list(m.get("layers", []))
     where = "all layers" if layers == list(range(manifest.layout.num_layers)) else \
         "layers " + ",".join(map(str, layers))
     if m.get("rank"):
-        return f"Caprese({m['name'].upper()}, d={m['density']}, {where}, r={m['rank']})"
-    return f"{m['name'].upper()}(d={m['density']}, {where})"
+        return f"Caprese({m['name'].upper()}, d={m['density']}, {where}, r={m['rank']}){tag}"
+    return f"{m['name'].upper()}(d={m['density']}, {where}){tag}"
 
 
 class EngineRow(Row):
@@ -502,16 +504,16 @@ def format_table(res: dict) -> str:
              f"{res['prompt_tokens']} tokens, {res['new_tokens']} new tokens, median of {res['repeats']} "
              f"interleaved repeats; read bandwidth {res['measured_bandwidth_gbs']} GB/s (median of "
              f"{res['bandwidth_samples_gbs']})"]
-    head = (f"{'row':<21}{'what':<46}{'ms/token':>9}{'tok/s':>8}{'MB/step':>9}{'GB/s':>7}{'x peer':>8}"
+    head = (f"{'row':<29}{'what':<53}{'ms/token':>9}{'tok/s':>8}{'MB/step':>9}{'GB/s':>7}{'x peer':>8}"
             f"{'floor ms':>9}{'x floor':>8}")
     lines += [head, "-" * len(head)]
     for r in res["rows"]:
         peer = "-" if r["ratio_to_peer"] is None else f"{r['ratio_to_peer']:.3f}"
-        lines.append(f"{r['row']:<21}{r['label'][:45]:<46}{r['ms_per_token']:>9.2f}{r['tokens_per_s']:>8.1f}"
+        lines.append(f"{r['row']:<29}{r['label'][:52]:<53}{r['ms_per_token']:>9.2f}{r['tokens_per_s']:>8.1f}"
                      f"{r['bytes_per_step'] / 1e6:>9.1f}{r['gb_per_s']:>7.2f}{peer:>8}"
                      f"{r['floor_ms_per_token']:>9.2f}{r['ratio_to_floor']:>8.3f}")
     for name, why in res["skipped"].items():
-        lines.append(f"{name:<21}skipped: {why}")
+        lines.append(f"{name:<29}skipped: {why}")
     adapters = {r["row"]: r["adapters"] for r in res["rows"] if r.get("adapters") not in (None, "n/a", "none")}
     if adapters:
         lines.append("adapters: " + "; ".join(f"{k}: {v}" for k, v in adapters.items()))
