@@ -60,3 +60,27 @@ def test_smollm2_caprese_engine_matches_reference(method, layers, tmp_path, monk
         err = np.abs(a - b.numpy()).max()
         assert err < 1e-3, f"logits at step {step}: max |diff| {err:.3g}"
     assert tokens.tolist() == ref_tokens.tolist()
+
+
+def test_smollm2_onnxruntime_target_matches_reference(tmp_path):
+    """--target onnxruntime on the real shapes (9 query / 3 KV heads of 64: GroupQueryAttention in every layer),
+    Caprese(GRIFFIN) on the first half with re-selection every 8 steps: logits within 1e-3, same greedy tokens."""
+    import test_export_support as support
+    from caprese.export.exporter import export
+    from caprese.model.default_model import fetch_default
+
+    art = method_artifact(fetch_default(), tmp_path / "art", "griffin", rank=16, layers="first-half")
+    engine = export(art, tmp_path / "engine", max_seq_len=MAX_SEQ, target="onnxruntime").out
+    dec = reference_decoder(art)
+    prompt = prompt_ids(24, seed=29)
+    old, support.MAX_SEQ = support.MAX_SEQ, MAX_SEQ
+    try:
+        with one_torch_thread():
+            ref_tokens, ref_logits = support.reference_greedy(dec, prompt, 33, reselect_every=8)
+    finally:
+        support.MAX_SEQ = old
+    tokens, logits = OrtLoop(engine, cache_len=MAX_SEQ, threads=2).greedy(prompt.numpy(), 33, reselect_every=8)
+    for step, (a, b) in enumerate(zip(logits, ref_logits)):
+        err = np.abs(a - b.numpy()).max()
+        assert err < 1e-3, f"logits at step {step}: max |diff| {err:.3g}"
+    assert tokens.tolist() == ref_tokens.tolist()
