@@ -26,6 +26,7 @@ class FoldInto:
         self.device = torch.device(device)
         self._map = None
         self._tensors: dict[int, dict[str, torch.Tensor]] = {}
+        self._scratch: np.ndarray | None = None
 
     def _weight(self, name: str) -> torch.Tensor:
         e = self.manifest.data["weights"][name]
@@ -48,6 +49,10 @@ class FoldInto:
         k, f = self.k, self.intermediate
         idx = select_neurons(torch.as_tensor(stat_sq), k)[0].to(self.device)
         cols = torch.cat([idx, idx + f])
+        if self.device.type == "cpu" and w_gul.dtype != torch.bfloat16:
+            self._fold_numpy(t, idx.numpy(), cols.numpy(), w_gul.numpy()[0], w_dr.numpy()[0],
+                             None if b_gul is None else b_gul.numpy()[0])
+            return idx
         w_gul[0, :, :2 * k].copy_(t["gate_up"].index_select(1, cols))
         torch.index_select(t["down"], 0, idx, out=w_dr[0, :k])
         if "L" in t:
@@ -57,3 +62,21 @@ class FoldInto:
             b_gul[0, :2 * k].copy_(t["gate_up_bias"].index_select(0, cols))
             b_gul[0, 2 * k:].zero_()
         return idx
+
+    def _fold_numpy(self, t: dict, idx: np.ndarray, cols: np.ndarray, w_gul: np.ndarray, w_dr: np.ndarray,
+                    b_gul: np.ndarray | None) -> None:
+        """The CPU path: numpy's single-threaded take (no thread pool to wake; measured 0.6 ms vs 6-12 ms for
+        torch.index_select on a [1536, 576] gather with the cores busy), through one reused [D, 2k] scratch."""
+        k = self.k
+        gate_up = t["gate_up"].numpy()
+        if self._scratch is None or self._scratch.shape != (gate_up.shape[0], 2 * k):
+            self._scratch = np.empty((gate_up.shape[0], 2 * k), gate_up.dtype)
+        np.take(gate_up, cols, axis=1, out=self._scratch)
+        w_gul[:, :2 * k] = self._scratch
+        np.take(t["down"].numpy(), idx, axis=0, out=w_dr[:k])
+        if "L" in t:
+            w_gul[:, 2 * k:] = t["L"].numpy()
+            w_dr[k:] = t["R"].numpy()
+        if b_gul is not None:
+            np.take(t["gate_up_bias"].numpy(), cols, out=b_gul[:2 * k])
+            b_gul[2 * k:] = 0
