@@ -321,6 +321,24 @@ def test_shared_weights_sessions_give_the_same_tokens(tmp_path_factory, tiny_mod
     assert g.backend.describe()["share_weights"] is True
 
 
+def test_latency_parity_onnxruntime_vs_torch_on_cpu(tmp_path_factory, tiny_model_dir, record_property, capsys):
+    """The CPU twin of the TensorRT latency parity test: same engine folder, same prompt, PyTorch reference vs
+    ONNX Runtime. Tokens must be identical; the times are reported (pytest's junit properties and stdout with -s),
+    never asserted: a shared 2-core machine."""
+    engine, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "griffin")
+    prompt = ids()
+    with one_torch_thread():
+        ort = generator(engine, "onnxruntime").generate(prompt, NEW, ignore_eos=True)
+        ref = generator(engine, "torch").generate(prompt, NEW, ignore_eos=True)
+    assert ort.tokens == ref.tokens
+    for name, r in (("onnxruntime", ort), ("torch", ref)):
+        record_property(f"{name}_ms_per_token", round(r.stats.ms_per_token, 3))
+        record_property(f"{name}_ttft_ms", round(r.stats.ttft_ms, 3))
+    with capsys.disabled():
+        print(f"\n[latency parity, tiny llama GRIFFIN, CPU] onnxruntime {ort.stats.ms_per_token:.2f} ms/token, "
+              f"torch {ref.stats.ms_per_token:.2f} ms/token ({len(ort.tokens)} identical tokens)")
+
+
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 def test_tensorrt_matches_torch_and_is_not_slower(tiny_model_dir, tmp_path):
