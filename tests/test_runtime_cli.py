@@ -57,6 +57,26 @@ def test_run_json_has_generate_fields_and_same_text(tmp_path_factory, tiny_model
     assert got["threads"] == 1 and got["providers"] == ["CPUExecutionProvider"]
 
 
+def test_generate_takes_an_engine_folder(tmp_path_factory, tiny_model_dir, monkeypatch, capsys):
+    """`caprese generate ENGINE_DIR` runs the engine as `caprese run` does (same JSON, ONNX Runtime by default,
+    --backend torch too); method flags on an engine folder, and --backend on a model folder, are one-line errors."""
+    engine, src = get_export(tmp_path_factory, tiny_model_dir, "llama", "griffin")
+    args = ["--chat", "-p", "the cat sat", "-n", "12", "--json"]
+    rc, out, err = run_cli(run_main, [engine, *args], monkeypatch, capsys, prog="caprese run")
+    assert rc == 0, err
+    ref = json.loads(out)
+    for extra, backend in (([], "onnxruntime"), (["--backend", "torch"], "torch")):
+        rc, out, err = run_cli(caprese_main, ["generate", engine, *args, *extra], monkeypatch, capsys)
+        assert rc == 0, err
+        got = json.loads(out)
+        assert got["backend"] == backend and got["engine_dir"] == str(engine)
+        assert got["text"] == ref["text"] and got["method"] == ref["method"]
+    rc, _, err = run_cli(caprese_main, ["generate", engine, "-p", "x", "--method", "cats"], monkeypatch, capsys)
+    assert_one_line_error(rc, err, "is an engine folder", "drop --method")
+    rc, _, err = run_cli(caprese_main, ["generate", src, "-p", "x", "--backend", "torch"], monkeypatch, capsys)
+    assert_one_line_error(rc, err, "--backend applies to engine folders")
+
+
 def test_run_streams_and_reports(tmp_path_factory, tiny_model_dir, monkeypatch, capsys):
     engine, _ = get_export(tmp_path_factory, tiny_model_dir, "qwen2", "griffin")
     rc, out, err = run_cli(run_main, [engine, "-p", "the cat", "-n", "8", "--backend", "torch", "--threads", "1",

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
 from caprese.cli.entry import run
 from caprese.cli.options import prompt_options, sampling_options
+from caprese.errors import CapreseError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -52,21 +54,38 @@ def fetch_default_cmd(force: bool) -> None:
               help="Approximated layers: all, first-half, second-half, or a list like 0,2,5-9.")
 @click.option("--base-model", default=None, type=click.Path(path_type=str),
               help="For an artifact: the base model folder, when it has moved since calibration.")
+@click.option("--backend", default=None, type=click.Choice(["onnxruntime", "torch", "tensorrt"]),
+              help="For an engine folder: what runs it (default onnxruntime; the same as `caprese run`).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text + latency) instead of streaming.")
 def generate_cmd(model_dir, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, seed, reselect_every,
-                 precision, device, method, density, layers, base_model, as_json) -> None:
-    """Generate a reply with the PyTorch reference decoder.
+                 precision, device, method, density, layers, base_model, backend, as_json) -> None:
+    """Generate a reply with the PyTorch reference decoder, or with an engine folder's runtime.
 
     MODEL_DIR is a local Hugging Face folder, or a calibration artifact from `caprese calibrate` (which names
-    its base model and brings the method and adapters). Prefill always runs the dense model; --method swaps
-    the FFN of --layers for decoding.
+    its base model and brings the method and adapters), or an engine folder from `caprese-export` (run as
+    `caprese run` does, on --backend). Prefill always runs the dense model; --method swaps the FFN of --layers
+    for decoding.
 
     Text streams to stdout; a latency report (time to first token, ms per output token) goes to stderr.
     With --json, stdout gets one object: text, prompt_tokens, tokens_generated, ttft_ms, ms_per_token,
     tokens_per_s, stop_reason, method.
     """
     from caprese.calibration.source import open_source
+    from caprese.export.manifest import MANIFEST
     from caprese.model.sampling import Sampling
+
+    if (Path(model_dir) / MANIFEST).is_file():  # an engine folder: the runtime runs it
+        from caprese.cli.run_command import run_engine
+
+        if method is not None or base_model is not None or precision != "fp32":
+            raise CapreseError(f"{model_dir} is an engine folder: its method and precision were fixed at export; "
+                               "drop --method/--precision/--base-model (or pass the model folder)")
+        run_engine(model_dir, prompt, chat, system, max_new_tokens, backend or "onnxruntime", None, device, None,
+                   temperature, top_k, top_p, seed, reselect_every, False, as_json)
+        return
+    if backend is not None:
+        raise CapreseError("--backend applies to engine folders from caprese-export; MODEL_DIR runs on the PyTorch "
+                           "reference decoder (--device picks cpu or cuda)")
 
     model = open_source(model_dir, method, density, layers, precision, device, base_model)
     stream = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))

@@ -44,6 +44,13 @@ def run_command(engine_dir, prompt, chat, system, max_new_tokens, backend, threa
     peak memory) goes to stderr. With --json, stdout gets one object with the fields of
     `caprese generate --json` plus bytes_per_step, gb_per_s, peak_rss_mb, kv_slots and the backend's own.
     """
+    run_engine(engine_dir, prompt, chat, system, max_new_tokens, backend, threads, device, cuda_graph, temperature,
+               top_k, top_p, seed, reselect_every, ignore_eos, as_json)
+
+
+def run_engine(engine_dir, prompt, chat, system, max_new_tokens, backend, threads, device, cuda_graph, temperature,
+               top_k, top_p, seed, reselect_every, ignore_eos, as_json) -> None:
+    """`caprese run`'s body; `caprese generate ENGINE_DIR` comes here too."""
     from caprese.runtime.generator import sampling_from
 
     g = open_generator(engine_dir, backend, threads, device, cuda_graph)
