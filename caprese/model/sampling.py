@@ -33,6 +33,9 @@ class Sampling:
 def sample(logits: torch.Tensor, cfg: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, V] -> token ids [B]."""
     if cfg.greedy:
+        if logits.device.type == "cpu" and logits.dtype == torch.float32:
+            # numpy's argmax: no torch thread pool to wake between decode steps (~2 µs vs ~20-60 µs here)
+            return torch.from_numpy(logits.detach().numpy().argmax(-1))
         return logits.argmax(dim=-1)
     scores = logits.float() / cfg.temperature
     if cfg.top_k:
