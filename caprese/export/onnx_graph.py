@@ -165,8 +165,9 @@ class _Builder:
         if self.pending is not None:
             x = g.op("Add", [x, self.pending], "norm", "Add_residual")
 
-        last = g.op("Slice", [x, g.const([-1], "int64"), g.const([INT64_MAX], "int64"), g.const([1], "int64")],
-                    "norm", "Slice")
+        last = x if not self.prefill else \
+            g.op("Slice", [x, g.const([-1], "int64"), g.const([INT64_MAX], "int64"), g.const([1], "int64")], "norm",
+                 "Slice")  # decode: T = 1 already
         h = self.norm(last, dec.model.norm.weight, "norm", None, spec.gemma_norms, "model.norm.weight")
         h2 = g.op("Reshape", [h, g.const([-1, spec.hidden_size], "int64")], "lm_head", "Reshape")
         w = g.weight("lm_head.weight" if not spec.tie_word_embeddings else "model.embed_tokens.weight",
@@ -198,18 +199,16 @@ class _Builder:
         self.sin = self.g.weight("rope.sin", sin[:, :half])
 
     def _masks(self) -> None:
-        """Boolean [B, 1, T, S] masks per distinct sliding window (+ the valid-token indicator for statistics)."""
+        """Boolean [B, 1, T, S] masks per distinct sliding window (+ the valid-token indicator for statistics);
+        with GroupQueryAttention only its seqlens_k / total_sequence_length."""
         g = self.g
         zero, one = g.const(0, "int64"), g.const(1, "int64")
-        shape_kv = g.op("Shape", [C.past_key(0)], "mask", "Shape_cache")
-        s_len = g.op("Gather", [shape_kv, g.const(2, "int64")], "mask", "Gather_cache_len", axis=0)
-        keys = g.op("Range", [zero, s_len, one], "mask", "Range_keys")  # [S]
-        shape_ids = g.op("Shape", [C.INPUT_IDS], "mask", "Shape_ids")
-        t_len = g.op("Gather", [shape_ids, g.const(1, "int64")], "mask", "Gather_seq_len", axis=0)
-        steps = g.op("Range", [zero, t_len, one], "mask", "Range_steps")  # [T]
-        wi = g.op("Unsqueeze", [C.WRITE_INDICES, g.const([1], "int64")], "mask", "Unsqueeze_write")  # [B, 1]
-        self.slots = g.op("Add", [wi, steps], "mask", "Add_slots")  # [B, T] cache slot of each new token
-        self._valid = None
+        if self.prefill:
+            shape_ids = g.op("Shape", [C.INPUT_IDS], "mask", "Shape_ids")
+            t_len = g.op("Gather", [shape_ids, g.const(1, "int64")], "mask", "Gather_seq_len", axis=0)
+        else:
+            t_len = one  # the decode graph's input_ids are [B, 1] by contract
+        self.t_len, self._slots, self._valid = t_len, None, None
         if self.gqa:  # GroupQueryAttention: seqlens_k = slots written so far - 1, total = the longest
             end = g.op("Add", [C.WRITE_INDICES, t_len], "mask", "Add_end")  # [B]
             seqlens = g.op("Sub", [end, one], "mask", "Sub_seqlens")
@@ -217,7 +216,10 @@ class _Builder:
             total = g.op("ReduceMax", [end], "mask", "ReduceMax_total", keepdims=0)
             self.total_len = g.op("Cast", [total], "mask", "Cast_total", to=TensorProto.INT32)
             return
-        q3 = g.op("Unsqueeze", [self.slots, g.const([2], "int64")], "mask", "Unsqueeze_slots")  # [B, T, 1]
+        shape_kv = g.op("Shape", [C.past_key(0)], "mask", "Shape_cache")
+        s_len = g.op("Gather", [shape_kv, g.const(2, "int64")], "mask", "Gather_cache_len", axis=0)
+        keys = g.op("Range", [zero, s_len, one], "mask", "Range_keys")  # [S]
+        q3 = g.op("Unsqueeze", [self.slots(), g.const([2], "int64")], "mask", "Unsqueeze_slots")  # [B, T, 1]
         causal = g.op("LessOrEqual", [keys, q3], "mask", "LessOrEqual_causal")  # [B, T, S]
         am = g.op("Cast", [C.ATTENTION_MASK], "mask", "Cast_attention_mask", to=TensorProto.BOOL)
         am3 = g.op("Unsqueeze", [am, g.const([1], "int64")], "mask", "Unsqueeze_attention_mask")  # [B, 1, S]
@@ -234,11 +236,20 @@ class _Builder:
             m = g.op("Or", [m, diag], "mask", f"Or_self_{tag}")
             self.masks[w] = g.op("Unsqueeze", [m, g.const([1], "int64")], "mask", f"Unsqueeze_{tag}")
 
+    def slots(self) -> str:
+        """[B, T] int64: the cache slot of each new token (built on first use)."""
+        if self._slots is None:
+            g = self.g
+            steps = g.op("Range", [g.const(0, "int64"), self.t_len, g.const(1, "int64")], "mask", "Range_steps")
+            wi = g.op("Unsqueeze", [C.WRITE_INDICES, g.const([1], "int64")], "mask", "Unsqueeze_write")  # [B, 1]
+            self._slots = g.op("Add", [wi, steps], "mask", "Add_slots")
+        return self._slots
+
     def valid(self) -> tuple[str, str, str]:
         """(float [B, T, 1], bool [B, T, 1], count int64 [B]): which new tokens are real (not left padding)."""
         if self._valid is None:
             g = self.g
-            v = g.op("GatherElements", [C.ATTENTION_MASK, self.slots], "mask", "GatherElements_valid", axis=1)
+            v = g.op("GatherElements", [C.ATTENTION_MASK, self.slots()], "mask", "GatherElements_valid", axis=1)
             v3 = g.op("Unsqueeze", [v, g.const([2], "int64")], "mask", "Unsqueeze_valid")
             self._valid = (g.op("Cast", [v3], "mask", "Cast_valid_float", to=TensorProto.FLOAT),
                            g.op("Cast", [v3], "mask", "Cast_valid_bool", to=TensorProto.BOOL),
