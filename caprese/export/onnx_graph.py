@@ -162,13 +162,13 @@ class _Builder:
         self._masks()
         for i, layer in enumerate(dec.layers):
             x = self._layer(i, layer, x)
-        if self.pending is not None:
-            x = g.op("Add", [x, self.pending], "norm", "Add_residual")
-
-        last = x if not self.prefill else \
-            g.op("Slice", [x, g.const([-1], "int64"), g.const([INT64_MAX], "int64"), g.const([1], "int64")], "norm",
-                 "Slice")  # decode: T = 1 already
-        h = self.norm(last, dec.model.norm.weight, "norm", None, spec.gemma_norms, "model.norm.weight")
+        last_token = (lambda t: t) if not self.prefill else (  # decode: T = 1 already
+            lambda t: g.op("Slice", [t, g.const([-1], "int64"), g.const([INT64_MAX], "int64"),
+                                     g.const([1], "int64")], "norm", "Slice"))
+        if self.pending is not None:  # ort: the last residual add fused into the final norm (all T rows)
+            h = last_token(self._skip_norm(x, dec.model.norm.weight, "norm", None, "model.norm.weight")[0])
+        else:
+            h = self.norm(last_token(x), dec.model.norm.weight, "norm", None, spec.gemma_norms, "model.norm.weight")
         h2 = g.op("Reshape", [h, g.const([-1, spec.hidden_size], "int64")], "lm_head", "Reshape")
         w = g.weight("lm_head.weight" if not spec.tie_word_embeddings else "model.embed_tokens.weight",
                      dec.lm_head.weight)
@@ -256,7 +256,7 @@ class _Builder:
                            g.op("ReduceSum", [v, g.const([1], "int64")], "mask", "ReduceSum_valid", keepdims=0))
         return self._valid
 
-    def _skip_norm(self, x: str, weight: torch.Tensor, scope: str, i: int, wname: str) -> tuple[str, str]:
+    def _skip_norm(self, x: str, weight: torch.Tensor, scope: str, i: int | None, wname: str) -> tuple[str, str]:
         """ort: (RMSNorm(x + pending), x + pending) in one SkipSimplifiedLayerNormalization; pending consumed."""
         g = self.g
         if self.pending is None:
