@@ -141,7 +141,7 @@ def time_decode(dec, prompt_tokens: int, new_tokens: int, cuda_graph: bool, seed
     prompt = torch.randint(0, dec.spec.vocab_size, (1, prompt_tokens), generator=g).to(device)
     logits = dec(prompt, 0, None, last_only=True, phase="prefill")  # GRIFFIN layers select here
     for f in efficient_layers(dec).values():
-        if hasattr(f, "pin_weights") and f._pinned is None:  # GRIFFIN: selection in fixed buffers
+        if hasattr(f, "pin_weights"):  # GRIFFIN: selection in fixed buffers (a no-op once pinned)
             f.pin_weights()
     token = logits[:, -1].argmax(-1, keepdim=True)
     slot = torch.tensor([prompt_tokens], device=device)

@@ -106,7 +106,9 @@ class _CompactFFN(EfficientFFN):
 
     def pin_weights(self) -> None:
         """From now on every selection is copied into the same buffers: a captured CUDA graph replays the
-        addresses it saw, so the compact slices must change in place, not be re-made."""
+        addresses it saw, so the compact slices must change in place, not be re-made. Idempotent."""
+        if self._pinned is not None:
+            return
         self._pinned = tuple(None if t is None else t.clone() for t in self.compact_weights())
         self._w = self._pinned
 

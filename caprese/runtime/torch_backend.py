@@ -125,7 +125,7 @@ class TorchBackend(Backend):
             f = self.ffns[i]
             f.stat_sq = stat.to(self.device)
             f.set_selection(select_neurons(stat, self.layout.k).to(self.device))
-            if self.static and f._pinned is None:
+            if self.static:
                 f.pin_weights()
         for i, t in tau.items():
             if not self.static:
