@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench_decode.py"
@@ -111,3 +112,23 @@ def test_gpu_bench_smoke_on_cpu():
     assert all(r["ms_per_token"] > 0 for r in res["rows"])
     assert set(res["targets"]) == {"dense_bandwidth_share", "caprese_time_vs_bytes"}
     json.dumps(res)
+
+
+def test_gemv_inputs_forms_compute_the_same_chain():
+    """tools/bench_gemv_inputs.py times three forms of one product chain: each must compute it (float64
+    reference; fp32 over 4 products of width <= 24 stays within 1e-5 relative)."""
+    spec = importlib.util.spec_from_file_location("bench_gemv_inputs", BENCH.parent / "bench_gemv_inputs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng(1)
+    weights = [rng.standard_normal(s, dtype=np.float32) for s in [(8, 24), (24, 8), (8, 24), (24, 8)]]
+    ref = np.ones((1, 8))
+    for w in weights:
+        ref = ref @ w.astype(np.float64)
+    for form in mod.FORMS:
+        sess, binding = mod.build(form, weights, 8, threads=1)
+        sess.run_with_iobinding(binding)
+        got = binding.copy_outputs_to_cpu()[0]
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=form)
+    res = mod.measure(8, 24, 2, threads=1, repeats=1, runs=1)
+    assert set(res["rows"]) == set(mod.FORMS) and res["rows"]["init"]["x_init"] == 1.0
