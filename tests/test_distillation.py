@@ -344,7 +344,7 @@ def test_cli_help_lists_the_options(monkeypatch, capsys):
     rc, out, _ = run_cmd(["--help"], monkeypatch, capsys)
     assert rc == 0
     for opt in ("--method", "--density", "--layers", "--rank", "--data", "--synthetic", "--response-tokens",
-                "--stage", "--init", "--epochs", "--lr", "--batch-size", "--e2e-epochs", "--e2e-lr",
+                "--stage", "--init", "--epochs", "--lr", "--batch-size", "--layerwise-mode", "--e2e-epochs", "--e2e-lr",
                 "--e2e-batch-size", "--seed", "--precision", "--device", "--force", "--keep-work", "--json"):
         assert opt in out, opt
 
@@ -361,8 +361,12 @@ def test_cli_help_lists_the_options(monkeypatch, capsys):
     (["--stage", "both", "--init", "OUT"], "only goes with --stage e2e"),
     (["--stage", "e2e"], "stage e2e starts from layer-wise adapters"),
     (["--synthetic", "0"], "--synthetic must be at least 1"),
+    (["--layerwise-mode", "sequential", "WORLD_SIZE=2"], "run it without torchrun"),
 ])
 def test_cli_bad_input_is_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys, args, needle):
+    if "WORLD_SIZE=2" in args:
+        args = [a for a in args if a != "WORLD_SIZE=2"]
+        monkeypatch.setenv("WORLD_SIZE", "2")
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "blank.jsonl").write_text("\n  \n")
     args = [str(tmp_path / "empty.jsonl") if a == "EMPTY" else str(tmp_path / "blank.jsonl") if a == "BLANK"

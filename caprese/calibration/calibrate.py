@@ -31,6 +31,7 @@ from caprese.calibration.e2e import E2EConfig, run_e2e
 from caprese.calibration.layerwise import (LayerwiseConfig, barrier, digest, finished_layers, init_distributed,
                                            local_device, run_layerwise, samples_digest)
 from caprese.calibration.methods import METHODS, parse_layers
+from caprese.calibration.sequential import run_sequential
 from caprese.errors import CapreseError
 from caprese.model.spec import ModelSpec, load_spec
 
@@ -183,8 +184,9 @@ def calibrate(model_dir: str | Path, out: str | Path, method: str | None = None,
     metrics: dict = {}
     timing: dict = {}
     if stage in ("layerwise", "both"):
-        lw = run_layerwise(decoder, samples, setup.method, setup.density, setup.layers, setup.rank, work, lw_cfg,
-                           lw_key, progress, callback)
+        runner = run_sequential if lw_cfg.mode == "sequential" else run_layerwise
+        lw = runner(decoder, samples, setup.method, setup.density, setup.layers, setup.rank, work, lw_cfg, lw_key,
+                    progress, callback)
         adapters = lw.adapters
         metrics["layerwise"] = _layer_summary(lw.metrics)
         timing["layerwise"] = lw.timing

@@ -25,6 +25,9 @@ generator seeded per layer, linear schedule with warm-up. Each finished layer go
 Metrics per layer: `ff_sq` = mean ‖FF(x)‖², `before` = mean ‖r‖² (FF̂ alone), `after` = mean ‖r − xLR‖²,
 and `before_rel` / `after_rel` = those divided by `ff_sq`.
 
+The sequential option (LayerwiseConfig.mode = "sequential": the student's inputs, the dense layer output as
+target, one layer after another) lives in sequential.py and reuses the capture files and training here.
+
 Scale-out: under torchrun (WORLD_SIZE > 1) the j-th target layer (in sorted order; = layer index for
 contiguous layer sets from 0) is captured and trained by rank j % world_size only; all ranks share the work
 directory (one node, or a shared file system) and meet at a barrier, after which every rank reads all results.
@@ -53,6 +56,7 @@ from caprese.model.ffn import DenseFFN, FFNContext
 Callback = Callable[[dict], None]
 _CAPTURE_SYNC_S = 5.0  # how often the capture manifests are rewritten (a kill loses at most this much capture)
 _STORES = {"fp32": (np.float32, 4), "bf16": (np.int16, 2)}
+MODES = ("parallel", "sequential")
 
 
 @dataclasses.dataclass
@@ -64,6 +68,9 @@ class LayerwiseConfig:
     seed: int = 0
     store: str = "fp32"  # on-disk dtype of the captured x and r: fp32 | bf16
     max_ram_bytes: int = 1 << 30  # a layer's x + r smaller than this is read into memory; else batches from disk
+    # "parallel": the paper's (original-model inputs, FF(x) - FF^(x), layers independent);
+    # "sequential": the student's inputs against the dense layer output, layer after layer (sequential.py)
+    mode: str = "parallel"
 
     def key_fields(self) -> dict:
         d = dataclasses.asdict(self)
@@ -79,6 +86,8 @@ class LayerwiseConfig:
             raise CapreseError(f"warm-up fraction must be in [0, 1); got {self.warmup}")
         if self.store not in _STORES:
             raise CapreseError(f"capture store must be fp32 or bf16; got {self.store!r}")
+        if self.mode not in MODES:
+            raise CapreseError(f"layer-wise mode must be one of {', '.join(MODES)}; got {self.mode!r}")
 
 
 @dataclasses.dataclass

@@ -7,6 +7,7 @@ options, builds the calibration samples and calls caprese.calibration.calibrate.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -48,6 +49,12 @@ DEFAULT_SYNTHETIC = 192
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Layer-wise Adam learning rate.")
 @click.option("--batch-size", default=128, show_default=True, type=int,
               help="Layer-wise batch, in response tokens (rows x -> FF(x) - FF^(x)).")
+@click.option("--layerwise-mode", default="parallel", show_default=True,
+              type=click.Choice(["parallel", "sequential"]),
+              help="parallel: the paper's layer-wise stage (inputs from the original model, target FF(x), "
+                   "layers independent, split over torchrun ranks); sequential: layer after layer, inputs from "
+                   "the student (layers below approximated with their trained bypass), target the dense "
+                   "model's layer output, one process.")
 @click.option("--e2e-epochs", default=3, show_default=True, type=int, help="End-to-end epochs.")
 @click.option("--e2e-lr", default=1e-4, show_default=True, type=float,
               help="End-to-end Adam learning rate (paper: 4e-6 .. 2e-4, smaller for larger models).")
@@ -67,19 +74,21 @@ DEFAULT_SYNTHETIC = 192
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (artifact path, recipe, metrics).")
 def calibrate_command(model_dir, out, method, density, layers, rank, data, synthetic, response_tokens, stage, init,
-                      epochs, lr, batch_size, e2e_epochs, e2e_lr, e2e_batch_size, warmup, seed, precision, device,
+                      epochs, lr, batch_size, layerwise_mode, e2e_epochs, e2e_lr, e2e_batch_size, warmup, seed, precision, device,
                       work_dir, force, keep_work, quiet, as_json) -> None:
     """Calibrate the Caprese bypass x·L·R of an efficient FFN method on MODEL_DIR and write an artifact.
 
     Layer-wise: per approximated layer, fit L, R so that FF^(x) + x·L·R matches the dense FF(x) on the
-    response tokens of the calibration data (inputs from the original model). End-to-end: fine-tune all
-    L, R jointly to match the dense model's final hidden states. Base weights stay frozen.
+    response tokens of the calibration data (inputs from the original model; with --layerwise-mode
+    sequential, inputs from the calibrated layers below, the dense layer output as target). End-to-end:
+    fine-tune all L, R jointly to match the dense model's final hidden states. Base weights stay frozen.
 
     \b
     Examples:
       caprese calibrate MODEL -o out/griffin --method griffin --density 0.5 --rank 64
       caprese calibrate MODEL -o out/lw --stage layerwise --data train.jsonl
       caprese calibrate MODEL -o out/e2e --stage e2e --init out/lw --e2e-lr 5e-5
+      caprese calibrate MODEL -o out/seq --stage layerwise --layerwise-mode sequential --rank 256
       torchrun --nproc_per_node 2 $(which caprese) calibrate MODEL -o out/x   # layers / batches split over ranks
 
     A killed run resumes from OUT.work when started again with the same arguments. The artifact runs with
@@ -101,7 +110,11 @@ def calibrate_command(model_dir, out, method, density, layers, rank, data, synth
         raise CapreseError(f"--synthetic must be at least 1; got {synthetic}")
     if response_tokens < 1:
         raise CapreseError(f"--response-tokens must be at least 1; got {response_tokens}")
-    lw_cfg = LayerwiseConfig(epochs=epochs, lr=lr, batch_size=batch_size, warmup=warmup, seed=seed)
+    if layerwise_mode == "sequential" and stage != "e2e" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CapreseError("--layerwise-mode sequential trains one layer after another in one process; run it "
+                           "without torchrun (or use --layerwise-mode parallel)")
+    lw_cfg = LayerwiseConfig(epochs=epochs, lr=lr, batch_size=batch_size, warmup=warmup, seed=seed,
+                             mode=layerwise_mode)
     e2_cfg = E2EConfig(epochs=e2e_epochs, lr=e2e_lr, batch_size=e2e_batch_size, warmup=warmup, seed=seed)
     lw_cfg.validate()
     e2_cfg.validate()

@@ -146,23 +146,33 @@ class Decoder(nn.Module):
 
         phase: "prefill" or "decode" for the FFNs (default: prefill when T > 1, else decode).
         """
-        b, t = tokens.shape
-        end = start + t
-        if end > self.max_len:
-            raise ValueError(f"sequence of {end} tokens exceeds the KV cache ({self.max_len}); call setup_caches")
+        return self.model.norm(self.blocks(self.embed(tokens), start, 0, len(self.layers), pad, phase))
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering layer 0 for tokens [B, T]."""
         x = self.model.embed_tokens(tokens)
         if self.spec.gemma_norms:
             x = x * torch.tensor(self.spec.hidden_size**0.5, dtype=x.dtype)
-        slots = torch.arange(start, end, device=tokens.device)
+        return x
+
+    def blocks(self, x: torch.Tensor, start: int, lo: int, hi: int, pad: torch.Tensor | None = None,
+               phase: str | None = None) -> torch.Tensor:
+        """Layers lo..hi-1 on the residual stream x [B, T, D] of the tokens at slots start.. (their K/V written
+        there). Layer-by-layer calibration runs one block at a time over stored states with it."""
+        b, t = x.shape[:2]
+        end = start + t
+        if end > self.max_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the KV cache ({self.max_len}); call setup_caches")
+        slots = torch.arange(start, end, device=x.device)
         pos = slots[None] if pad is None else (slots[None] - pad[:, None]).clamp(min=0)
         cos = self.rope_cos[pos].to(x.dtype)[:, None]
         sin = self.rope_sin[pos].to(x.dtype)[:, None]
         masks = {w: self._mask(start, end, w, pad) for w in set(self.spec.sliding_windows)}
         valid = None if pad is None else slots[None] >= pad[:, None]
         ctx = FFNContext(phase or ("prefill" if t > 1 else "decode"), start, valid)
-        for layer in self.layers:
+        for layer in self.layers[lo:hi]:
             x = layer(x, cos, sin, start, masks[layer.self_attn.window], ctx)
-        return self.model.norm(x)
+        return x
 
     def decode_static(self, tokens: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """Logits [B, 1, V] of one decode step at cache slot `slot` (a [1] long tensor), attending over the whole

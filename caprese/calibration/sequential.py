@@ -1,0 +1,289 @@
+"""Sequential layer-wise distillation, the option beside the paper's parallel layer-wise stage (layerwise.py):
+
+    layer i's bypass sees the STUDENT's input x (layers below already approximated, with their trained bypass)
+    and is fitted so the layer outputs the DENSE model's state t_i:   min ‖t_i − mid − FF̂(x) − x L R‖²
+
+where mid is the student's residual stream entering the FFN branch. The paper's layer-wise targets (original
+inputs, FF(x) − FF̂(x)) cannot see the error the approximated layers below feed in; only its end-to-end stage
+corrects that. Here each bypass also absorbs what reaches its layer, at layer-wise cost, but layers must train
+one after another (no torchrun split). Gemma 2 normalises the FFN branch (post_feedforward_layernorm), so its
+target is that norm inverted at the scale of the dense FFN's output.
+
+The model runs one block at a time over stored residual-stream states (Decoder.blocks): WORK/sequential/
+states_{b}.t holds the dense model's states entering layer b for every token of every sample, states_{b}.s the
+student's for the response tokens (the prompt is prefilled densely, so its states are the dense model's).
+Per layer, per sample: the dense pass over prompt + response (teacher), the prompt alone (GRIFFIN selection /
+CATS τ, prompt K/V), then the response as one decode chunk (student) -- once to capture (x, target) rows, and
+again with the trained bypass to write the next states. Resumable per layer: the trained layers are the same
+files as the parallel stage's, and a boundary's states are kept until the next boundary is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from caprese.calibration.layerwise import (Callback, LayerwiseConfig, LayerwiseResult, _bar, _CaptureLayer,
+                                           _read_json, _Rows, digest, ensure_caches, layer_train_key,
+                                           load_layer, save_layer, train_layer, world, write_json_atomic)
+from caprese.calibration.methods import EfficientFFN, apply_method, efficient_layers
+from caprese.errors import CapreseError
+
+
+class _Stop(Exception):
+    """Raised at the FFN's input: the capture has what it needs from this block."""
+
+
+class _States:
+    """One boundary's residual-stream rows: teacher (all tokens) and student (response tokens), fp32 files."""
+
+    def __init__(self, folder: Path, boundary: int, samples, dim: int, key: str):
+        self.dim, self.key = dim, key
+        self.t_path, self.s_path = folder / f"states_{boundary}.t", folder / f"states_{boundary}.s"
+        self.meta = folder / f"states_{boundary}.json"
+        lens_t = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+        lens_s = [len(s.response_ids) for s in samples]
+        self.off_t, self.off_s = np.cumsum([0] + lens_t), np.cumsum([0] + lens_s)
+        self._t = self._s = None
+
+    @property
+    def complete(self) -> bool:
+        st = _read_json(self.meta)
+        rows_ok = all(p.is_file() and p.stat().st_size == int(off[-1]) * self.dim * 4
+                      for p, off in ((self.t_path, self.off_t), (self.s_path, self.off_s)))
+        return bool(st and st.get("key") == self.key and st.get("complete")) and rows_ok
+
+    def open_write(self):
+        self.meta.unlink(missing_ok=True)
+        return open(self.t_path, "wb"), open(self.s_path, "wb")
+
+    def finish(self) -> None:
+        write_json_atomic(self.meta, {"key": self.key, "complete": True})
+
+    def read(self, j: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._t is None:
+            self._t = np.memmap(self.t_path, dtype=np.float32, mode="r").reshape(-1, self.dim)
+            self._s = np.memmap(self.s_path, dtype=np.float32, mode="r").reshape(-1, self.dim)
+        t = np.array(self._t[self.off_t[j]:self.off_t[j + 1]])
+        s = np.array(self._s[self.off_s[j]:self.off_s[j + 1]])
+        return (torch.from_numpy(t)[None].to(device=device, dtype=dtype),
+                torch.from_numpy(s)[None].to(device=device, dtype=dtype))
+
+    def remove(self) -> None:
+        self._t = self._s = None
+        for p in (self.t_path, self.s_path, self.meta):
+            p.unlink(missing_ok=True)
+
+
+def _rows_bytes(x: torch.Tensor) -> bytes:
+    return x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+
+
+def branch_target(block, mid: torch.Tensor, t: torch.Tensor, y_dense: torch.Tensor) -> torch.Tensor:
+    """What the FFN module must output for `block` to output t from the residual stream mid.
+
+    Llama-style blocks add the FFN output itself: t − mid. Gemma 2 adds post_feedforward_layernorm(FFN output),
+    which fixes every token's scale: its inverse direction, at the RMS of the dense FFN output y_dense."""
+    if not getattr(block, "gemma", False):
+        return (t.float() - mid.float()).to(y_dense.dtype)
+    w = block.post_feedforward_layernorm.weight.float()
+    u = (t.float() - mid.float()) / (1.0 + w)
+    rms = lambda a: a.square().mean(-1, keepdim=True).clamp_min(1e-12).sqrt()  # noqa: E731
+    return (u * (rms(y_dense.float()) / rms(u))).to(y_dense.dtype)
+
+
+def _mid_norm(block):
+    """The norm whose input is the residual stream entering the FFN branch."""
+    return block.pre_feedforward_layernorm if getattr(block, "gemma", False) else block.post_attention_layernorm
+
+
+def run_sequential(decoder, samples, method: str, density: float, layers: list[int], rank: int, work: Path,
+                   cfg: LayerwiseConfig, key: str, progress: bool = True, callback: Callback | None = None
+                   ) -> LayerwiseResult:
+    """Train every layer's (L, R) in order, each on the student's inputs against the dense layer output.
+
+    Same contract as layerwise.run_layerwise (key, result); the decoder's target layers get `method` FFNs with
+    the trained bypasses installed (so it leaves as the calibrated student)."""
+    if world()[1] > 1:
+        raise CapreseError("sequential layer-wise training runs in one process (each layer's inputs come from the "
+                           "layers trained before it); run it without torchrun, or use --layerwise-mode parallel")
+    work = Path(work)
+    folder = work / "sequential"
+    folder.mkdir(parents=True, exist_ok=True)
+    layers = sorted(layers)
+    train_key = layer_train_key(key, rank, cfg)
+    dim = decoder.spec.hidden_size
+    w = decoder.model.embed_tokens.weight
+    device, dtype = w.device, w.dtype
+    apply_method(decoder, method, density, layers, rank=rank, seed=cfg.seed)
+    ffns = {i: f for i, f in efficient_layers(decoder).items() if i in layers}
+    ensure_caches(decoder, samples)
+
+    def boundary(b: int) -> _States:
+        return _States(folder, b, samples, dim, digest({"train": train_key, "boundary": b}))
+
+    def install(i: int, L: torch.Tensor, R: torch.Tensor) -> None:
+        with torch.no_grad():
+            ffns[i].bypass.L.copy_(L.to(ffns[i].bypass.L.dtype))
+            ffns[i].bypass.R.copy_(R.to(ffns[i].bypass.R.dtype))
+
+    # resume: the deepest complete boundary whose layers below are all trained
+    finished = {i: load_layer(work, i, train_key) for i in layers}
+    start = 0
+    for b in range(layers[-1], 0, -1):
+        if all(finished[i] is not None for i in layers if i < b) and boundary(b).complete:
+            start = b
+            break
+    adapters, metrics = {}, {}
+    for i in layers:
+        if i < start:
+            adapters[i], metrics[i] = finished[i][:2], finished[i][2]
+            install(i, *finished[i][:2])
+    timing = {"capture_s": 0.0, "train_s": 0.0, "propagate_s": 0.0,
+              "layers_trained": sum(1 for i in layers if i >= start and finished[i] is None),
+              "layers_reused": sum(1 for i in layers if finished[i] is not None)}
+
+    def source(b: int):
+        if b == 0:
+            def embedded(j):
+                s = samples[j]
+                with torch.inference_mode():
+                    t = decoder.embed(torch.tensor([s.ids], device=device))
+                return t, t[:, len(s.prompt_ids):]
+            return embedded
+        st = boundary(b)
+        return lambda j: st.read(j, device, dtype)
+
+    for i in range(start, layers[-1] + 1):
+        src = source(i)
+        block = decoder.layers[i]
+        if i in ffns:
+            if finished[i] is None:
+                t0 = time.monotonic()
+                cap = _capture(decoder, block, ffns[i], i, samples, src, folder, train_key, cfg.store, progress,
+                               callback)
+                timing["capture_s"] += time.monotonic() - t0
+                t1 = time.monotonic()
+                rows = _Rows(cap, device, cfg.max_ram_bytes)
+                spe = max(1, -(-rows.n // cfg.batch_size))
+                bar = _bar(cfg.epochs * spe, f"layer {i} ({layers.index(i) + 1}/{len(layers)}, sequential)", progress)
+                try:
+                    ff_sq = cap.state["sum_y2"] / max(1, cap.state["rows"])
+                    L, R, m = train_layer(i, rows, rank, cfg, ff_sq, bar, callback)
+                finally:
+                    bar.close()
+                del rows
+                m["mode"] = "sequential"
+                save_layer(work, i, L, R, m, train_key)
+                cap.remove()
+                finished[i] = (L, R, m)
+                timing["train_s"] += time.monotonic() - t1
+                if progress:
+                    print(f"caprese: layer {i}: residual to the dense layer output {m['before_rel']:.4f} -> "
+                          f"{m['after_rel']:.4f} of ‖FF(x)‖² ({m['rows']} tokens, {m['train_s']:.1f} s)",
+                          file=sys.stderr)
+                if callback is not None:
+                    callback({"stage": "layerwise", "event": "layer_done", "layer": i, "metrics": m})
+            adapters[i], metrics[i] = finished[i][:2], finished[i][2]
+            install(i, *finished[i][:2])
+        if i == layers[-1]:
+            break
+        t2 = time.monotonic()
+        _propagate(decoder, block, i, samples, src, boundary(i + 1), i in ffns, progress)
+        timing["propagate_s"] += time.monotonic() - t2
+        if i > 0:
+            boundary(i).remove()
+    for b in range(1, layers[-1] + 1):
+        boundary(b).remove()
+    timing = {k: round(v, 3) if isinstance(v, float) else v for k, v in timing.items()}
+    return LayerwiseResult(adapters, metrics, timing)
+
+
+def _capture(decoder, block, ffn: EfficientFFN, i: int, samples, src, folder: Path, train_key: str, store: str,
+             progress: bool, callback: Callback | None) -> _CaptureLayer:
+    """(x, target − FF̂(x)) rows of layer i on the response tokens, the student's inputs, the dense outputs."""
+    cap = _CaptureLayer(folder, i, decoder.spec.hidden_size, digest({"train": train_key, "capture": i}), store)
+    if cap.complete:
+        return cap
+    got: dict = {}
+    on = {"student": False}
+
+    def at_ffn(module, args):
+        if on["student"]:
+            got["x"] = args[0][0]
+            raise _Stop
+
+    def at_mid(module, args):
+        if on["student"]:
+            got["mid"] = args[0][0]
+
+    handles = [block.mlp.register_forward_pre_hook(at_ffn), _mid_norm(block).register_forward_pre_hook(at_mid)]
+    first = cap.state["samples_done"]
+    bar = _bar(len(samples), f"capture layer {i} (sequential)", progress, initial=first)
+    cap.open()
+    t_sync = time.monotonic()
+    try:
+        for j in range(first, len(samples)):
+            s = samples[j]
+            p = len(s.prompt_ids)
+            h_t, h_s = src(j)
+            with torch.inference_mode():
+                t = decoder.blocks(h_t, 0, i, i + 1, phase="prefill")[0, p:]  # the dense layer output
+                decoder.blocks(h_t[:, :p], 0, i, i + 1, phase="prefill")  # selection / τ from the prompt
+                on["student"] = True
+                try:
+                    decoder.blocks(h_s, p, i, i + 1, phase="decode")
+                except _Stop:
+                    pass
+                finally:
+                    on["student"] = False
+                x, mid = got.pop("x"), got.pop("mid")
+                y = ffn.dense(x[None])[0]
+                target = branch_target(block, mid, t, y)
+                cap.append(x, y, target.float() - ffn.approx(x[None])[0].float())
+            cap.state["samples_done"] = j + 1
+            bar.update(1)
+            if time.monotonic() - t_sync >= 5.0:
+                cap.sync()
+                t_sync = time.monotonic()
+            if callback is not None:
+                callback({"stage": "capture", "layer": i, "sample": j + 1, "samples": len(samples)})
+        cap.sync(complete=True)
+    finally:
+        bar.close()
+        cap.close()
+        for h in handles:
+            h.remove()
+    return cap
+
+
+def _propagate(decoder, block, i: int, samples, src, dst: _States, efficient: bool, progress: bool) -> None:
+    """States entering layer i+1: the dense pass for the teacher, prompt then response chunk for the student."""
+    ft, fs = dst.open_write()
+    bar = _bar(len(samples), f"layer {i} -> {i + 1} states", progress)
+    try:
+        for j, s in enumerate(samples):
+            p = len(s.prompt_ids)
+            h_t, h_s = src(j)
+            with torch.inference_mode():
+                t = decoder.blocks(h_t, 0, i, i + 1, phase="prefill")
+                if efficient:
+                    decoder.blocks(h_t[:, :p], 0, i, i + 1, phase="prefill")
+                out = decoder.blocks(h_s, p, i, i + 1, phase="decode")
+            ft.write(_rows_bytes(t[0]))
+            fs.write(_rows_bytes(out[0]))
+            bar.update(1)
+        ft.flush()
+        fs.flush()
+        os.fsync(ft.fileno())
+        os.fsync(fs.fileno())
+    finally:
+        bar.close()
+        ft.close()
+        fs.close()
+    dst.finish()
