@@ -476,6 +476,30 @@ def finished_layers(work: Path, layers: list[int], key: str, rank: int, cfg: Lay
     return None if any(v is None for v in got.values()) else got
 
 
+def train_captured(cap: _CaptureLayer, device, rank: int, cfg: LayerwiseConfig, work: Path, train_key: str,
+                   desc: str, progress: bool = True, callback: Callback | None = None,
+                   extra: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Train one captured layer, save its result (metrics + `extra`) under train_key, drop its activations."""
+    i = cap.layer
+    rows = _Rows(cap, device, cfg.max_ram_bytes)
+    bar = _bar(cfg.epochs * max(1, math.ceil(rows.n / cfg.batch_size)), desc, progress)
+    try:
+        ff_sq = cap.state["sum_y2"] / max(1, cap.state["rows"])
+        L, R, m = train_layer(i, rows, rank, cfg, ff_sq, bar, callback)
+    finally:
+        bar.close()
+    del rows
+    m.update(extra or {})
+    save_layer(work, i, L, R, m, train_key)
+    cap.remove()  # the layer is done: its activations are not needed again
+    if progress:
+        print(f"caprese: layer {i}: residual {m['before_rel']:.4f} -> {m['after_rel']:.4f} of ‖FF(x)‖² "
+              f"({m['rows']} tokens, {m['train_s']:.1f} s)", file=sys.stderr)
+    if callback is not None:
+        callback({"stage": "layerwise", "event": "layer_done", "layer": i, "metrics": m})
+    return L, R, m
+
+
 def run_layerwise(decoder, samples, method: str, density: float, layers: list[int], rank: int, work: Path,
                   cfg: LayerwiseConfig, key: str, progress: bool = True, callback: Callback | None = None
                   ) -> LayerwiseResult:
@@ -499,22 +523,8 @@ def run_layerwise(decoder, samples, method: str, density: float, layers: list[in
         device = decoder.model.embed_tokens.weight.device
         t1 = time.monotonic()
         for n, i in enumerate(todo):
-            rows = _Rows(caps[i], device, cfg.max_ram_bytes)
-            spe = max(1, math.ceil(rows.n / cfg.batch_size))
-            bar = _bar(cfg.epochs * spe, f"layer {i} ({n + 1}/{len(todo)})", progress)
-            try:
-                ff_sq = caps[i].state["sum_y2"] / max(1, caps[i].state["rows"])
-                L, R, m = train_layer(i, rows, rank, cfg, ff_sq, bar, callback)
-            finally:
-                bar.close()
-            del rows
-            save_layer(work, i, L, R, m, train_key)
-            caps[i].remove()  # the layer is done: its activations are not needed again
-            if progress:
-                print(f"caprese: layer {i}: residual {m['before_rel']:.4f} -> {m['after_rel']:.4f} of ‖FF(x)‖² "
-                      f"({m['rows']} tokens, {m['train_s']:.1f} s)", file=sys.stderr)
-            if callback is not None:
-                callback({"stage": "layerwise", "event": "layer_done", "layer": i, "metrics": m})
+            train_captured(caps[i], device, rank, cfg, work, train_key, f"layer {i} ({n + 1}/{len(todo)})",
+                           progress, callback)
         timing["train_s"] = round(time.monotonic() - t1, 3)
     barrier()
     adapters, metrics = {}, {}

@@ -21,16 +21,16 @@ files as the parallel stage's, and a boundary's states are kept until the next b
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from caprese.calibration import layerwise
 from caprese.calibration.layerwise import (Callback, LayerwiseConfig, LayerwiseResult, _bar, _CaptureLayer,
-                                           _read_json, _Rows, digest, ensure_caches, layer_train_key,
-                                           load_layer, save_layer, train_layer, world, write_json_atomic)
+                                           _read_json, digest, ensure_caches, layer_train_key, load_layer,
+                                           train_captured, world, write_json_atomic)
 from caprese.calibration.methods import EfficientFFN, apply_method, efficient_layers
 from caprese.errors import CapreseError
 
@@ -169,26 +169,10 @@ def run_sequential(decoder, samples, method: str, density: float, layers: list[i
                                callback)
                 timing["capture_s"] += time.monotonic() - t0
                 t1 = time.monotonic()
-                rows = _Rows(cap, device, cfg.max_ram_bytes)
-                spe = max(1, -(-rows.n // cfg.batch_size))
-                bar = _bar(cfg.epochs * spe, f"layer {i} ({layers.index(i) + 1}/{len(layers)}, sequential)", progress)
-                try:
-                    ff_sq = cap.state["sum_y2"] / max(1, cap.state["rows"])
-                    L, R, m = train_layer(i, rows, rank, cfg, ff_sq, bar, callback)
-                finally:
-                    bar.close()
-                del rows
-                m["mode"] = "sequential"
-                save_layer(work, i, L, R, m, train_key)
-                cap.remove()
-                finished[i] = (L, R, m)
+                desc = f"layer {i} ({layers.index(i) + 1}/{len(layers)}, sequential)"
+                finished[i] = train_captured(cap, device, rank, cfg, work, train_key, desc, progress, callback,
+                                             extra={"mode": "sequential"})
                 timing["train_s"] += time.monotonic() - t1
-                if progress:
-                    print(f"caprese: layer {i}: residual to the dense layer output {m['before_rel']:.4f} -> "
-                          f"{m['after_rel']:.4f} of ‖FF(x)‖² ({m['rows']} tokens, {m['train_s']:.1f} s)",
-                          file=sys.stderr)
-                if callback is not None:
-                    callback({"stage": "layerwise", "event": "layer_done", "layer": i, "metrics": m})
             adapters[i], metrics[i] = finished[i][:2], finished[i][2]
             install(i, *finished[i][:2])
         if i == layers[-1]:
@@ -248,7 +232,7 @@ def _capture(decoder, block, ffn: EfficientFFN, i: int, samples, src, folder: Pa
                 cap.append(x, y, target.float() - ffn.approx(x[None])[0].float())
             cap.state["samples_done"] = j + 1
             bar.update(1)
-            if time.monotonic() - t_sync >= 5.0:
+            if time.monotonic() - t_sync >= layerwise._CAPTURE_SYNC_S:
                 cap.sync()
                 t_sync = time.monotonic()
             if callback is not None:
