@@ -29,7 +29,7 @@ import torch
 
 from caprese.calibration import layerwise
 from caprese.calibration.layerwise import (Callback, LayerwiseConfig, LayerwiseResult, _bar, _CaptureLayer,
-                                           _read_json, digest, ensure_caches, layer_train_key, load_layer,
+                                           _read_json, _to_bytes, digest, ensure_caches, layer_train_key, load_layer,
                                            train_captured, world, write_json_atomic)
 from caprese.calibration.methods import EfficientFFN, apply_method, efficient_layers
 from caprese.errors import CapreseError
@@ -80,16 +80,12 @@ class _States:
             p.unlink(missing_ok=True)
 
 
-def _rows_bytes(x: torch.Tensor) -> bytes:
-    return x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-
-
 def branch_target(block, mid: torch.Tensor, t: torch.Tensor, y_dense: torch.Tensor) -> torch.Tensor:
     """What the FFN module must output for `block` to output t from the residual stream mid.
 
     Llama-style blocks add the FFN output itself: t − mid. Gemma 2 adds post_feedforward_layernorm(FFN output),
     which fixes every token's scale: its inverse direction, at the RMS of the dense FFN output y_dense."""
-    if not getattr(block, "gemma", False):
+    if not block.gemma:
         return (t.float() - mid.float()).to(y_dense.dtype)
     w = block.post_feedforward_layernorm.weight.float()
     u = (t.float() - mid.float()) / (1.0 + w)
@@ -99,7 +95,7 @@ def branch_target(block, mid: torch.Tensor, t: torch.Tensor, y_dense: torch.Tens
 
 def _mid_norm(block):
     """The norm whose input is the residual stream entering the FFN branch."""
-    return block.pre_feedforward_layernorm if getattr(block, "gemma", False) else block.post_attention_layernorm
+    return block.pre_feedforward_layernorm if block.gemma else block.post_attention_layernorm
 
 
 def run_sequential(decoder, samples, method: str, density: float, layers: list[int], rank: int, work: Path,
@@ -259,8 +255,8 @@ def _propagate(decoder, block, i: int, samples, src, dst: _States, efficient: bo
                 if efficient:
                     decoder.blocks(h_t[:, :p], 0, i, i + 1, phase="prefill")
                 out = decoder.blocks(h_s, p, i, i + 1, phase="decode")
-            ft.write(_rows_bytes(t[0]))
-            fs.write(_rows_bytes(out[0]))
+            ft.write(_to_bytes(t[0], "fp32"))
+            fs.write(_to_bytes(out[0], "fp32"))
             bar.update(1)
         ft.flush()
         fs.flush()
