@@ -10,6 +10,9 @@ Rows (--rows, comma-separated; default: all):
   ort-contrib-dense, ort-contrib-caprese-griffin
                        the same two engines exported with --target onnxruntime (ONNX Runtime's contrib ops:
                        GroupQueryAttention, SkipSimplifiedLayerNormalization), onnxruntime
+  native-dense, native-caprese-griffin, native-caprese-cats
+                       the native backend (prefill on ONNX Runtime, each decode step in one call of caprese's C
+                       kernel) on the engines of ort-contrib-dense, ort-contrib-caprese-griffin, ort-caprese-cats
   torch-dense          caprese's PyTorch reference decoder (caprese.model.generation.generate)
   transformers         transformers' `generate`, same model and prompt
 
@@ -63,12 +66,17 @@ import torch
 BENCH_VERSION = 2
 PEER = "genai-dense"
 ROW_NAMES = ("genai-dense", "ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats", "ort-contrib-dense",
-             "ort-contrib-caprese-griffin", "torch-dense", "transformers")
+             "ort-contrib-caprese-griffin", "native-dense", "native-caprese-griffin", "native-caprese-cats",
+             "torch-dense", "transformers")
 ORT_ROWS = ("ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats", "ort-contrib-dense",
             "ort-contrib-caprese-griffin")
 # issue 5's CPU targets: (row, max ratio to the peer, max ratio to the floor)
+# native rows: the native backend (caprese/runtime/native) on the engine folder of the row named here
+NATIVE_ROWS = {"native-dense": "ort-contrib-dense", "native-caprese-griffin": "ort-contrib-caprese-griffin",
+               "native-caprese-cats": "ort-caprese-cats"}
 TARGETS = (("ort-dense", 0.95, 1.25), ("ort-caprese-griffin", 0.70, 1.25), ("ort-contrib-dense", 0.95, 1.25),
-           ("ort-contrib-caprese-griffin", 0.70, 1.25))
+           ("ort-contrib-caprese-griffin", 0.70, 1.25), ("native-dense", 0.95, 1.25),
+           ("native-caprese-griffin", 0.70, 1.25))
 
 
 # ---------------------------------------------------------------- measurements shared by all rows
@@ -289,11 +297,12 @@ class Row:
         raise NotImplementedError
 
 
-def engine_label(manifest) -> str:
+def engine_label(manifest, backend: str = "onnxruntime") -> str:
     """caprese dense / GRIFFIN(d=0.5, all layers) / Caprese(GRIFFIN, d=0.5, all layers, r=64), from the manifest;
-    " [ORT ops]" for an engine exported with --target onnxruntime."""
+    " [ORT ops]" for an engine exported with --target onnxruntime run by ONNX Runtime, " [native]" on the native
+    backend (which runs its own decode step whatever the target)."""
     m = manifest.data["method"]
-    tag = " [ORT ops]" if manifest.data.get("target") == "onnxruntime" else ""
+    tag = " [native]" if backend == "native" else " [ORT ops]" if manifest.data.get("target") == "onnxruntime" else ""
     if m["name"] == "dense":
         return "caprese dense" + tag
     layers = list(m.get("layers", []))
@@ -305,14 +314,12 @@ def engine_label(manifest) -> str:
 
 
 class EngineRow(Row):
-    backend = "onnxruntime"
-
-    def __init__(self, name: str, engine: Path, threads: int, adapters: str):
+    def __init__(self, name: str, engine: Path, threads: int, adapters: str, backend: str = "onnxruntime"):
         from caprese.runtime import Generator
 
-        self.name, self.engine = name, engine
-        self.g = Generator.load(engine, backend="onnxruntime", threads=threads)
-        self.label = engine_label(self.g.manifest)
+        self.name, self.engine, self.backend = name, engine, backend
+        self.g = Generator.load(engine, backend=backend, threads=threads)
+        self.label = engine_label(self.g.manifest, backend)
         self.notes = {"engine": str(engine), "adapters": adapters,
                       "bytes_source": "engine manifest (RuntimeStats.bytes_per_step)"}
 
@@ -432,6 +439,10 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
         elif name in ORT_ROWS:
             engine, adapters = prepare_engine(model_dir, root, name, row_recipe(name, density, rank), precision, log)
             built.append(EngineRow(name, engine, threads, adapters))
+        elif name in NATIVE_ROWS:
+            src = NATIVE_ROWS[name]
+            engine, adapters = prepare_engine(model_dir, root, src, row_recipe(src, density, rank), precision, log)
+            built.append(EngineRow(name, engine, threads, adapters, backend="native"))
         elif name == "torch-dense":
             built.append(TorchRow(name, "caprese PyTorch reference decoder, dense", time_ours, dense_decoder,
                                   dense_bytes))

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from caprese.cli.entry import run
-from caprese.cli.options import prompt_options, sampling_options
+from caprese.cli.options import BACKEND_CHOICES, prompt_options, sampling_options
 from caprese.errors import CapreseError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -54,7 +54,7 @@ def fetch_default_cmd(force: bool) -> None:
               help="Approximated layers: all, first-half, second-half, or a list like 0,2,5-9.")
 @click.option("--base-model", default=None, type=click.Path(path_type=str),
               help="For an artifact: the base model folder, when it has moved since calibration.")
-@click.option("--backend", default=None, type=click.Choice(["onnxruntime", "torch", "tensorrt"]),
+@click.option("--backend", default=None, type=click.Choice(BACKEND_CHOICES),
               help="For an engine folder: what runs it (default onnxruntime; the same as `caprese run`).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text + latency) instead of streaming.")
 def generate_cmd(model_dir, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, seed, reselect_every,

@@ -12,17 +12,18 @@ def _apply(f, options):
     return f
 
 
-BACKEND_CHOICES = ["onnxruntime", "torch", "tensorrt"]
+BACKEND_CHOICES = ["onnxruntime", "native", "torch", "tensorrt"]
 
 
 def engine_options(f):
     """--backend, --threads, --device, --cuda-graph (`run`, `chat`)."""
     return _apply(f, [
         click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(BACKEND_CHOICES),
-                     help="What runs the engine: the ONNX graphs on ONNX Runtime, TensorRT plans, or the PyTorch "
-                          "reference decoder of the exported model."),
+                     help="What runs the engine: the ONNX graphs on ONNX Runtime; native (CPU, fp32: prefill on "
+                          "ONNX Runtime, each decode step in caprese's C kernel, compiled at first use); TensorRT "
+                          "plans; or the PyTorch reference decoder of the exported model."),
         click.option("--threads", default=None, type=click.IntRange(min=1),
-                     help="Intra-op threads (ONNX Runtime / torch). Default: the backend's own choice."),
+                     help="Intra-op threads (ONNX Runtime / native / torch). Default: the backend's own choice."),
         click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]),
                      help="onnxruntime / torch device. Default: cuda where the backend can use it, else cpu."),
         click.option("--cuda-graph/--no-cuda-graph", default=None,

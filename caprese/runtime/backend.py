@@ -9,6 +9,7 @@ A backend owns the KV cache and the decode graph's persistent selection inputs o
   decode(token, slot)        one token through the decode graph -> logits [1, V] (float32 torch tensor on
                              logits_device, valid until the next call)
   attended(slot)             KV slots a decode step at `slot` reads (for the bandwidth report)
+  skipped_bytes()            weight bytes the last decode step did not read (for the bandwidth report)
 Backends are imported lazily; a missing one is a one-line CapreseError.
 """
 
@@ -24,7 +25,8 @@ from caprese.errors import CapreseError
 
 BACKENDS = {"onnxruntime": ("caprese.runtime.ort_backend", "OrtBackend"),
             "torch": ("caprese.runtime.torch_backend", "TorchBackend"),
-            "tensorrt": ("caprese.runtime.tensorrt_backend", "TensorRTBackend")}
+            "tensorrt": ("caprese.runtime.tensorrt_backend", "TensorRTBackend"),
+            "native": ("caprese.runtime.native_backend", "NativeBackend")}
 
 
 @dataclasses.dataclass
@@ -58,6 +60,11 @@ class Backend:
 
     def attended(self, slot: int) -> int:
         return self.capacity
+
+    def skipped_bytes(self) -> int:
+        """Weight bytes of the decode graph the last decode() did not read (the native kernel skips CATS' zeroed
+        down-projection rows); 0 for backends that run the graph as written."""
+        return 0
 
     def peak_device_mb(self) -> float | None:
         return None

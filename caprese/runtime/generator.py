@@ -66,6 +66,7 @@ class _Run:
         self.ttft_ms = float("nan")
         self.step_ms: list[float] = []
         self.attended: list[int] = []
+        self.skipped: list[int] = []  # weight bytes each decode step did not read
         self.stop_reason: str | None = None
         self.stop_requested = False  # set from a signal handler: the loop ends after the current step
 
@@ -74,10 +75,11 @@ class _Run:
         tokens = [t for t in self.produced if t not in self.eos]
         b = g.backend
         slots = statistics.fmean(self.attended) if self.attended else 0.0
+        skipped = round(statistics.fmean(self.skipped)) if self.skipped else 0
         stats = RuntimeStats(prompt_tokens=len(self.ids), tokens_generated=len(self.produced),
                              ttft_ms=self.ttft_ms, step_ms=list(self.step_ms), batch=1, backend=b.name,
                              device=b.device, reused_tokens=self.start, prefill_tokens=len(self.ids) - self.start,
-                             kv_slots=b.capacity, weight_bytes_per_step=g.traffic.weight_bytes,
+                             kv_slots=b.capacity, weight_bytes_per_step=g.traffic.weight_bytes - skipped,
                              kv_bytes_per_step=g.traffic.kv_bytes(slots), peak_rss_mb=peak_rss_mb(),
                              peak_device_mb=b.peak_device_mb())
         text = g.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -148,7 +150,7 @@ class Generator:
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "onnxruntime", threads: int | None = None,
              **options) -> "Generator":
-        """Open ENGINE_DIR (manifest validated) on `backend`: "onnxruntime", "torch" or "tensorrt".
+        """Open ENGINE_DIR (manifest validated) on `backend`: "onnxruntime", "native", "torch" or "tensorrt".
 
         options go to the backend: device ("cpu" / "cuda"), kv_policy ("fit" / "max" / slots; onnxruntime),
         share_weights (onnxruntime), source / base_model / static / cuda_graph (torch)."""
@@ -270,6 +272,7 @@ class Generator:
                 else:
                     logits = b.decode(token, slot + i)
                     run.attended.append(b.attended(slot + i))
+                    run.skipped.append(b.skipped_bytes())
                 self.cached.append(token)
                 token = int(sample(logits, sampling, generator)[0])
                 now = time.perf_counter()

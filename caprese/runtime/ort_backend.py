@@ -79,6 +79,7 @@ class _Buf:
 
 class OrtBackend(Backend):
     name = "onnxruntime"
+    graphs = C.GRAPHS  # the sessions this backend opens (the native backend runs its own decode step)
 
     def __init__(self, manifest, threads: int | None = None, kv_policy: str | int = "fit", device: str | None = None,
                  share_weights: bool = False):
@@ -99,7 +100,7 @@ class OrtBackend(Backend):
         self.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else \
             ["CPUExecutionProvider"]
         self.threads, self.kv_policy, self.share_weights = threads, kv_policy, share_weights
-        self.sessions = {g: self._session(g) for g in C.GRAPHS}
+        self.sessions = {g: self._session(g) for g in self.graphs}
         self.dtype = _NP[lay.dtype]
         self.fold = FoldInto(manifest)  # into the host arrays (on CPU: the bound buffers themselves)
         buf = self._buf
@@ -157,21 +158,22 @@ class OrtBackend(Backend):
     def _bind(self) -> None:
         """Bind every fixed-address buffer: the whole decode graph, and the prefill graph but its token inputs."""
         present = dict(self.layout.in_place_pairs())
-        self._decode_binding = d = self.sessions[C.DECODE].io_binding()
         self._prefill_binding = p = self.sessions[C.PREFILL].io_binding()
-        for b in (d, p):
+        d = self._decode_binding = self.sessions[C.DECODE].io_binding() if C.DECODE in self.sessions else None
+        for b in (p,) if d is None else (d, p):
             b.bind_ortvalue_input(C.WRITE_INDICES, self.slot.value)
             b.bind_ortvalue_input(C.ATTENTION_MASK, self.mask.value)
             for past, value in self.kv.items():
                 b.bind_ortvalue_input(past, value.value)
                 b.bind_ortvalue_output(present[past], value.value)  # the same OrtValue: updated in place
             b.bind_ortvalue_output(C.LOGITS, self.logits.value)
-        d.bind_ortvalue_input(C.INPUT_IDS, self.token.value)
-        d.bind_ortvalue_input(C.POSITION_IDS, self.position.value)
-        for name, value in self.selection.items():
-            d.bind_ortvalue_input(name, value.value)
         for name, value in self.stats.items():
             p.bind_ortvalue_output(name, value.value)
+        if d is not None:
+            d.bind_ortvalue_input(C.INPUT_IDS, self.token.value)
+            d.bind_ortvalue_input(C.POSITION_IDS, self.position.value)
+            for name, value in self.selection.items():
+                d.bind_ortvalue_input(name, value.value)
 
     # ---- running ----
     def _logits(self) -> torch.Tensor:

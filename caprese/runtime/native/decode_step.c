@@ -1,0 +1,316 @@
+/* One fp32 decode step (batch 1) of a caprese engine, on CPU threads: the whole model in ONE OpenMP parallel
+ * region, so a step pays ~6 thread barriers per layer instead of one thread-pool dispatch per graph node.
+ *
+ * Why it exists: at batch 1 a decode step is a chain of matrix-vector products that must stream every weight
+ * once. ONNX Runtime's MatMul (MLAS) does that at the machine's streaming bandwidth on large matrices, but a
+ * step is ~10 nodes per layer, each a separate parallel dispatch, and the per-prompt GRIFFIN matrices arrive
+ * as graph inputs that MLAS cannot pre-pack. Here every product is one pass over the weight rows (columns
+ * split between threads, rows streamed in order), and everything between two products is recomputed by each
+ * thread on its own copy of the residual stream (a few hundred floats) instead of waiting for one thread.
+ *
+ * Semantics are those of the engine's decode graph (caprese/export/onnx_graph.py): RMSNorm (Gemma 2's
+ * pre-added 1 + w weights and its post-attention / pre- and post-FFN norms), fused QKV (+ bias), optional
+ * per-head q/k RMSNorm, rotary (rotate-half, cos/sin tables [max_seq, head_dim / 2]), the in-place KV write,
+ * GQA attention with sliding window and soft-cap, o projection, gated FFN (dense, GRIFFIN's folded
+ * [Ŵ_g, Ŵ_1, L] / [Ŵ_2 ; R], CATS' threshold with an optional bypass), LM head with the final soft-cap.
+ * A down-projection row whose activation is exactly 0 (CATS' thresholded neurons) is not read at all.
+ * Layout of every matrix: math layout [in, out], row-major; the LM head is [vocab, hidden] (the embedding).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#define CAPRESE_NATIVE_ABI 1
+
+typedef struct {
+    const float *w;   /* [rows, ld] */
+    int64_t ld;       /* row stride in floats */
+    int64_t cols;     /* columns used: 0 .. cols - 1 */
+} Mat;
+
+typedef struct {
+    const float *input_norm, *post_attn_norm, *pre_ffn_norm, *post_ffn_norm; /* the last two: Gemma 2 only */
+    const float *q_norm, *k_norm;                                         /* per-head norms, or NULL */
+    Mat qkv; const float *qkv_bias;
+    Mat o; const float *o_bias;
+    Mat gu1, gu2;            /* outputs appended: [gate n_ff | up n_ff | bypass L rank]; gu2.w may be NULL */
+    const float *gu_bias;    /* [2 n_ff + rank] or NULL */
+    Mat down; const float *down_bias; /* down: [n_ff + rank, hidden] */
+    int64_t n_ff, rank;
+    const float *cats_tau;   /* CATS layers: threshold on |act(gate)|; NULL otherwise */
+    float *k_cache, *v_cache; /* [kv_heads, capacity, head_dim] */
+    int64_t window;          /* sliding window (keys slot - window + 1 .. slot), 0 = none */
+    float scale, softcap;    /* attention scale; soft-cap 0 = none */
+} Layer;
+
+typedef struct {
+    int64_t abi, num_layers, hidden, num_heads, num_kv_heads, head_dim, vocab, capacity;
+    int64_t max_ff;          /* max over layers of n_ff + rank */
+    int64_t threads;         /* OpenMP threads of a step (the scratch holds one partial sum per thread) */
+    int64_t activation;      /* 0 silu, 1 gelu (tanh), 2 gelu (erf) */
+    int64_t gemma;           /* Gemma 2 norm placement + embedding scale */
+    float eps, final_softcap, embed_scale;
+    const float *embed;      /* [vocab, hidden] */
+    const float *lm_head;    /* [vocab, hidden] */
+    const float *final_norm;
+    const float *rope_cos, *rope_sin; /* [max_seq, head_dim / 2] */
+    const Layer *layers;
+    float *logits;           /* [vocab] */
+    float *scratch;          /* caprese_scratch_floats(m) floats: attention output + per-thread partial sums */
+} Model;
+
+int64_t caprese_native_abi(void) { return CAPRESE_NATIVE_ABI; }
+
+int64_t caprese_scratch_floats(const Model *m) {
+    int64_t qkv = (m->num_heads + 2 * m->num_kv_heads) * m->head_dim;
+    return m->num_heads * m->head_dim + m->threads * (qkv + m->hidden + 2 * m->max_ff + m->hidden);
+}
+
+static void rms_norm(const float *x, const float *w, float *y, int64_t n, float eps) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float r = (float)(1.0 / sqrt(ss / (double)n + eps));
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] * r * w[i];
+}
+
+/* exp without a libm call, so the activation loops vectorize: Cody-Waite reduction by ln 2 and a degree-7
+ * Taylor polynomial on |f| <= ln2 / 2 (truncation < 1e-8 relative); inputs clamped to [-87, 88]. */
+static inline float exp_vec(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float n = floorf(x * 1.4426950408889634f + 0.5f);
+    const float f = (x - n * 0.693145751953125f) - n * 1.4286068203094172e-06f;
+    const float p = 1.0f + f * (1.0f + f * (0.5f + f * (1.6666667e-1f + f * (4.1666668e-2f + f * (8.3333338e-3f +
+                    f * (1.3888889e-3f + f * 1.9841270e-4f))))));
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* z[j] = act(gate[j]) * up[j] (CATS: act zeroed where |act| <= tau), j < n. */
+static void gated(int64_t kind, const float *gate, const float *up, const float *tau, float *z, int64_t n) {
+    if (kind == 0) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) z[j] = gate[j] / (1.0f + exp_vec(-gate[j]));
+    } else if (kind == 1) { /* tanh(y) = 1 - 2 / (1 + e^2y) */
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) {
+            const float x = gate[j], y = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+            z[j] = 0.5f * x * (2.0f - 2.0f / (1.0f + exp_vec(2.0f * y)));
+        }
+    } else {
+        for (int64_t j = 0; j < n; j++) z[j] = 0.5f * gate[j] * (1.0f + erff(gate[j] * 0.7071067811865476f));
+    }
+    if (tau) {
+        const float t = *tau;
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) z[j] = fabsf(z[j]) > t ? z[j] : 0.0f;
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) z[j] *= up[j];
+}
+
+/* y[0:n] = sum over rows r of x[r] * W[r, 0:n], for r = i in [i0, i1) (rows == NULL) or r = rows[i] (the
+ * listed rows only: the others have x[r] == 0, CATS' thresholded neurons). Rows in order, four at a time, the
+ * columns in tiles of 2048 so the partial sum stays in L1. The threads split the rows (one contiguous stretch of
+ * the matrix each: the most regular read there is) and whoever reads y sums the threads' parts. */
+#define TILE 2048
+static void gemv_part(const float *restrict x, const Mat *a, const int32_t *rows, int64_t i0, int64_t i1,
+                      float *restrict y) {
+    const int64_t ld = a->ld, n = a->cols;
+    for (int64_t c0 = 0; c0 < n; c0 += TILE) {
+        const int64_t w = (c0 + TILE < n ? c0 + TILE : n) - c0;
+        const float *restrict W = a->w + c0;
+        float *restrict yt = y + c0;
+        for (int64_t j = 0; j < w; j++) yt[j] = 0.0f;
+        int64_t i = i0;
+        for (; i + 4 <= i1; i += 4) {
+            const int64_t r0 = rows ? rows[i] : i, r1 = rows ? rows[i + 1] : i + 1;
+            const int64_t r2 = rows ? rows[i + 2] : i + 2, r3 = rows ? rows[i + 3] : i + 3;
+            const float a0 = x[r0], a1 = x[r1], a2 = x[r2], a3 = x[r3];
+            const float *restrict w0 = W + r0 * ld, *restrict w1 = W + r1 * ld, *restrict w2 = W + r2 * ld,
+                        *restrict w3 = W + r3 * ld;
+#pragma omp simd
+            for (int64_t j = 0; j < w; j++) yt[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j];
+        }
+        for (; i < i1; i++) {
+            const int64_t r0 = rows ? rows[i] : i;
+            const float a0 = x[r0];
+            const float *restrict w0 = W + r0 * ld;
+#pragma omp simd
+            for (int64_t j = 0; j < w; j++) yt[j] += a0 * w0[j];
+        }
+    }
+}
+
+/* out[0:n] = sum of the nt partial sums parts[t * stride + off + 0:n] (+ bias[off:off + n]). */
+static void gather(const float *parts, int nt, int64_t stride, int64_t off, int64_t n, const float *bias,
+                   float *out) {
+    const float *p0 = parts + off;
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) out[j] = p0[j] + (bias ? bias[off + j] : 0.0f);
+    for (int t = 1; t < nt; t++) {
+        const float *pt = parts + t * stride + off;
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) out[j] += pt[j];
+    }
+}
+
+static void rope(float *v, const float *cos, const float *sin, int64_t half) {
+    for (int64_t j = 0; j < half; j++) {
+        float a = v[j], b = v[j + half];
+        v[j] = a * cos[j] - b * sin[j];
+        v[j + half] = b * cos[j] + a * sin[j];
+    }
+}
+
+/* Attention of one query head over kv head `kvh`, slots lo .. slot (the new K/V already written). */
+static void attend(const Model *m, const Layer *L, const float *q, int64_t kvh, int64_t lo, int64_t slot,
+                   float *scores, float *out) {
+    const int64_t hd = m->head_dim, cap = m->capacity;
+    const float *K = L->k_cache + kvh * cap * hd, *V = L->v_cache + kvh * cap * hd;
+    float mx = -INFINITY;
+    for (int64_t s = lo; s <= slot; s++) {
+        const float *k = K + s * hd;
+        float d = 0.0f;
+#pragma omp simd reduction(+ : d)
+        for (int64_t j = 0; j < hd; j++) d += q[j] * k[j];
+        d *= L->scale;
+        if (L->softcap > 0.0f) d = tanhf(d / L->softcap) * L->softcap;
+        scores[s] = d;
+        if (d > mx) mx = d;
+    }
+    float sum = 0.0f;
+    for (int64_t s = lo; s <= slot; s++) {
+        scores[s] = expf(scores[s] - mx);
+        sum += scores[s];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < hd; j++) out[j] = 0.0f;
+    for (int64_t s = lo; s <= slot; s++) {
+        const float p = scores[s] * inv;
+        const float *v = V + s * hd;
+#pragma omp simd
+        for (int64_t j = 0; j < hd; j++) out[j] += p * v[j];
+    }
+}
+
+/* This thread's stretch [*i0, *i1) of n rows. */
+static void rows_of(int64_t n, int tid, int nt, int64_t *i0, int64_t *i1) {
+    *i0 = n * tid / nt;
+    *i1 = n * (tid + 1) / nt;
+}
+
+/* One token at `slot` (= its position; batch 1, no padding): writes K/V at slot of every layer, logits, and the
+ * weight bytes this step did not read (*skipped: CATS' thresholded down-projection rows). 0 = done. */
+int caprese_decode_step(const Model *m, int64_t token, int64_t slot, int64_t *skipped) {
+    if (m->abi != CAPRESE_NATIVE_ABI || token < 0 || token >= m->vocab || slot < 0 || slot >= m->capacity) return 1;
+    const int64_t D = m->hidden, hd = m->head_dim, half = hd / 2, Hq = m->num_heads, Hkv = m->num_kv_heads;
+    const int64_t group = Hq / Hkv, nqkv = (Hq + 2 * Hkv) * hd, GU = 2 * m->max_ff;
+    const int nt_max = (int)m->threads;
+    /* shared: attention output, then the threads' partial sums of each product (nt_max parts each) */
+    float *attn = m->scratch, *qkv_p = attn + Hq * hd, *o_p = qkv_p + nt_max * nqkv, *gu_p = o_p + nt_max * D;
+    float *down_p = gu_p + nt_max * GU;
+    const float *cos = m->rope_cos + slot * half, *sin = m->rope_sin + slot * half;
+    int failed = 0;
+    *skipped = 0;
+
+#pragma omp parallel num_threads(nt_max)
+    {
+        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        /* per thread: residual stream x, normed h, a summed product y, FFN input z, CATS row list, scores, a head */
+        float *x = malloc(sizeof(float) * D), *h = malloc(sizeof(float) * D), *y = malloc(sizeof(float) * D);
+        float *g = malloc(sizeof(float) * GU), *z = malloc(sizeof(float) * m->max_ff);
+        float *scores = malloc(sizeof(float) * m->capacity), *qh = malloc(sizeof(float) * hd);
+        float *t = malloc(sizeof(float) * D);
+        int32_t *rows = malloc(sizeof(int32_t) * m->max_ff);
+        int ok = x && h && y && g && z && scores && qh && t && rows;
+#pragma omp atomic
+        failed += !ok;
+#pragma omp barrier
+        if (!failed) {
+            const float *e = m->embed + token * D;
+            for (int64_t j = 0; j < D; j++) x[j] = e[j] * m->embed_scale;
+            int64_t i0, i1;
+            for (int64_t li = 0; li < m->num_layers; li++) {
+                const Layer *L = m->layers + li;
+                /* attention block */
+                rms_norm(x, L->input_norm, h, D, m->eps);
+                rows_of(D, tid, nt, &i0, &i1);
+                gemv_part(h, &L->qkv, NULL, i0, i1, qkv_p + tid * nqkv);
+#pragma omp barrier
+                for (int64_t kv = tid; kv < Hkv; kv += nt) { /* new K (normed, rotated) and V into the cache */
+                    float *kd = L->k_cache + (kv * m->capacity + slot) * hd;
+                    float *vd = L->v_cache + (kv * m->capacity + slot) * hd;
+                    gather(qkv_p, nt, nqkv, (Hq + kv) * hd, hd, L->qkv_bias, qh);
+                    if (L->k_norm) rms_norm(qh, L->k_norm, kd, hd, m->eps); else memcpy(kd, qh, sizeof(float) * hd);
+                    rope(kd, cos, sin, half);
+                    gather(qkv_p, nt, nqkv, (Hq + Hkv + kv) * hd, hd, L->qkv_bias, vd);
+                }
+#pragma omp barrier
+                const int64_t lo = (L->window > 0 && slot - L->window + 1 > 0) ? slot - L->window + 1 : 0;
+                for (int64_t hq = tid; hq < Hq; hq += nt) {
+                    gather(qkv_p, nt, nqkv, hq * hd, hd, L->qkv_bias, t);
+                    if (L->q_norm) rms_norm(t, L->q_norm, qh, hd, m->eps); else memcpy(qh, t, sizeof(float) * hd);
+                    rope(qh, cos, sin, half);
+                    attend(m, L, qh, hq / group, lo, slot, scores, attn + hq * hd);
+                }
+#pragma omp barrier
+                rows_of(Hq * hd, tid, nt, &i0, &i1);
+                gemv_part(attn, &L->o, NULL, i0, i1, o_p + tid * D);
+#pragma omp barrier
+                gather(o_p, nt, D, 0, D, L->o_bias, y);
+                if (m->gemma) { /* x += norm(o); h = norm(x) with the pre-FFN norm */
+                    rms_norm(y, L->post_attn_norm, t, D, m->eps);
+                    for (int64_t j = 0; j < D; j++) x[j] += t[j];
+                    rms_norm(x, L->pre_ffn_norm, h, D, m->eps);
+                } else {
+                    for (int64_t j = 0; j < D; j++) x[j] += y[j];
+                    rms_norm(x, L->post_attn_norm, h, D, m->eps);
+                }
+                /* FFN: gate | up | L (gu1, then gu2 appended) */
+                const int64_t F = L->n_ff, r = L->rank, n1 = L->gu1.cols, n2 = L->gu2.w ? L->gu2.cols : 0;
+                rows_of(D, tid, nt, &i0, &i1);
+                gemv_part(h, &L->gu1, NULL, i0, i1, gu_p + tid * GU);
+                if (n2) gemv_part(h, &L->gu2, NULL, i0, i1, gu_p + tid * GU + n1);
+#pragma omp barrier
+                gather(gu_p, nt, GU, 0, n1 + n2, L->gu_bias, g);
+                gated(m->activation, g, g + F, L->cats_tau, z, F);
+                memcpy(z + F, g + 2 * F, sizeof(float) * r); /* the bypass: x L */
+                if (L->cats_tau) { /* CATS: rows of thresholded neurons are never read */
+                    int64_t nrows = 0;
+                    for (int64_t j = 0; j < F + r; j++)
+                        if (z[j] != 0.0f || j >= F) rows[nrows++] = (int32_t)j;
+                    if (tid == 0) *skipped += (F + r - nrows) * L->down.ld * (int64_t)sizeof(float);
+                    rows_of(nrows, tid, nt, &i0, &i1);
+                    gemv_part(z, &L->down, rows, i0, i1, down_p + tid * D);
+                } else {
+                    rows_of(F + r, tid, nt, &i0, &i1);
+                    gemv_part(z, &L->down, NULL, i0, i1, down_p + tid * D);
+                }
+#pragma omp barrier
+                gather(down_p, nt, D, 0, D, L->down_bias, y);
+                if (m->gemma) {
+                    rms_norm(y, L->post_ffn_norm, t, D, m->eps);
+                    for (int64_t j = 0; j < D; j++) x[j] += t[j];
+                } else {
+                    for (int64_t j = 0; j < D; j++) x[j] += y[j];
+                }
+            }
+            rms_norm(x, m->final_norm, h, D, m->eps);
+            rows_of(m->vocab, tid, nt, &i0, &i1);
+            for (int64_t v = i0; v < i1; v++) {
+                const float *w = m->lm_head + v * D;
+                float d = 0.0f;
+#pragma omp simd reduction(+ : d)
+                for (int64_t j = 0; j < D; j++) d += w[j] * h[j];
+                if (m->final_softcap > 0.0f) d = tanhf(d / m->final_softcap) * m->final_softcap;
+                m->logits[v] = d;
+            }
+        }
+        free(x); free(h); free(y); free(g); free(z); free(scores); free(qh); free(t); free(rows);
+    }
+    return failed ? 2 : 0;
+}

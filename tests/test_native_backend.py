@@ -1,0 +1,194 @@
+"""The native backend (one call of caprese's C kernel per decode step) against ONNX Runtime running the same
+engine's decode graph: the logits of every decode step, the greedy tokens, GRIFFIN re-selection, CATS' skipped
+rows, one and two threads, every model family of the tiny set; and its one-line refusals.
+
+Tolerance (fp32 on both sides): the kernel sums the products in another order than MLAS (rows split between
+threads, four at a time), keeps the RMSNorm sum of squares in float64 and uses its own exp in the activations,
+so the two differ by float32 rounding only. Logits of these tiny models are O(1); max |Δ| seen here is 2e-6 to
+1e-5, and the bound is 5e-5 + 5e-5·|logit|: an error in any real computation (a wrong row, norm, rotary sign
+or mask) moves logits by 1e-2 or more."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+
+import pytest
+import torch
+
+from caprese.errors import CapreseError
+from caprese.export import contract as C
+from caprese.runtime import Generator
+from caprese.runtime.native import library
+from cli_helpers import assert_one_line_error, run_cli
+from test_export_support import get_export, one_torch_thread, prompt_ids
+
+NEW = 40  # 39 decode steps: GRIFFIN re-selections at steps 8, 16, 24, 32; past mistral's/qwen2's window of 8
+ATOL = RTOL = 5e-5
+_GENERATORS: dict = {}
+
+
+def generator(engine, backend: str, threads: int = 1) -> Generator:
+    key = (str(engine), backend, threads)
+    if key not in _GENERATORS:
+        _GENERATORS[key] = Generator.load(engine, backend=backend, threads=threads)
+    return _GENERATORS[key]
+
+
+def recorded(g: Generator, prompt: list[int], rho: int):
+    """(result, logits of every decode step [steps, V]) of a greedy generation."""
+    seen, decode = [], g.backend.decode
+
+    def record(token, slot):
+        out = decode(token, slot)
+        seen.append(out.clone())
+        return out
+
+    g.backend.decode = record
+    try:
+        with one_torch_thread():
+            r = g.generate(prompt, NEW, reselect_every=rho, ignore_eos=True)
+    finally:
+        del g.backend.decode
+    return r, torch.cat(seen)
+
+
+CASES = [  # (kind, method, rho, target, what it exercises)
+    ("llama", "dense", 0, "tensorrt"),  # q/k/v/o + MLP biases, untied head, head_dim 24, GQA 3:1
+    ("llama", "griffin", 8, "tensorrt"),  # GRIFFIN folded buffers + b_gul, re-selection every 8 steps
+    ("llama", "cats", 0, "tensorrt"),  # CATS threshold with a bypass and MLP biases: skipped rows
+    ("llama3", "dense", 0, "tensorrt"),  # Llama 3.1 RoPE scaling (in the tables), MQA, tied embeddings
+    ("mistral", "dense", 0, "tensorrt"),  # sliding window 8 on every layer
+    ("qwen2", "griffin", 8, "tensorrt"),  # q/k/v biases, a window on layer 1 only
+    ("qwen2", "cats", 0, "tensorrt"),
+    ("qwen3", "dense", 0, "tensorrt"),  # per-head q/k RMSNorm
+    ("gemma2", "dense", 0, "tensorrt"),  # 1 + w norms, post norms, gelu-tanh, soft-caps, embedding scale
+    ("gemma2", "griffin", 8, "tensorrt"),
+    ("qwen2", "dense", 0, "onnxruntime"),  # --target onnxruntime: gate and up as two matrices
+    ("qwen2", "griffin", 8, "onnxruntime"),
+]
+
+
+@pytest.mark.parametrize("kind,method,rho,target", CASES)
+def test_native_decode_equals_onnxruntime(kind, method, rho, target, tmp_path_factory, tiny_model_dir):
+    engine, _ = get_export(tmp_path_factory, tiny_model_dir, kind, method, target=target)
+    prompt = prompt_ids(14, seed=3)[0].tolist()
+    ref, ref_logits = recorded(generator(engine, "onnxruntime"), prompt, rho)
+    got, got_logits = recorded(generator(engine, "native"), prompt, rho)
+    diff = (got_logits - ref_logits).abs().max().item()
+    print(f"{kind} {method} {target}: max |logits native - onnxruntime| = {diff:.2e} over {len(got_logits)} steps")
+    assert got.tokens == ref.tokens
+    torch.testing.assert_close(got_logits, ref_logits, atol=ATOL, rtol=RTOL)
+    assert got.stats.backend == "native" and got.stats.tokens_generated == NEW
+
+
+def test_two_threads_sum_the_same_products(tmp_path_factory, tiny_model_dir):
+    """Rows split between two threads (partial sums added by the readers) give the one-thread logits."""
+    engine, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "griffin")
+    prompt = prompt_ids(14, seed=4)[0].tolist()
+    one, one_logits = recorded(generator(engine, "native", threads=1), prompt, 8)
+    two, two_logits = recorded(generator(engine, "native", threads=2), prompt, 8)
+    assert generator(engine, "native", threads=2).backend.describe()["threads"] == 2
+    assert two.tokens == one.tokens
+    torch.testing.assert_close(two_logits, one_logits, atol=ATOL, rtol=RTOL)
+
+
+def test_cats_rows_below_the_threshold_are_not_read(tmp_path_factory, tiny_model_dir):
+    """CATS: exactly the down-projection rows of the neurons the reference decoder zeroes are skipped (counted
+    by a hook on its down_proj inputs at the same step), and the report counts only what was read; a dense
+    engine skips nothing."""
+    engine, _ = get_export(tmp_path_factory, tiny_model_dir, "qwen2", "cats")
+    prompt = prompt_ids(14, seed=3)[0].tolist()
+    ref_g = generator(engine, "torch")
+    zeros: dict[int, int] = {}
+    hooks = [f.dense.down_proj.register_forward_hook(
+        lambda mod, inp, out, i=i: zeros.__setitem__(i, int((inp[0] == 0).sum())) if inp[0].shape[1] == 1 else None)
+        for i, f in ref_g.backend.ffns.items()]
+    try:
+        with one_torch_thread():
+            ref = ref_g.generate(prompt, 12, ignore_eos=True)
+            got = generator(engine, "native").generate(prompt, 12, ignore_eos=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert got.tokens == ref.tokens
+    lay = generator(engine, "native").manifest.layout
+    row = lay.hidden_size * 4
+    skipped = generator(engine, "native").backend.skipped_bytes()  # of the last decode step
+    assert len(zeros) == len(lay.layers_of(C.CATS)) and sum(zeros.values()) > 0
+    assert skipped == sum(zeros.values()) * row
+    ort = generator(engine, "onnxruntime")
+    assert 0 < ort.traffic.weight_bytes - got.stats.weight_bytes_per_step < lay.num_layers * lay.intermediate_size * row
+    dense, _ = get_export(tmp_path_factory, tiny_model_dir, "qwen2", "dense")
+    with one_torch_thread():
+        r = generator(dense, "native").generate(prompt, 4, ignore_eos=True)
+    assert generator(dense, "native").backend.skipped_bytes() == 0
+    assert r.stats.weight_bytes_per_step == generator(dense, "onnxruntime").traffic.weight_bytes
+
+
+def test_native_refusals_are_one_line(tmp_path_factory, tiny_model_dir, tmp_path):
+    fp16, _ = get_export(tmp_path_factory, tiny_model_dir, "qwen2", "dense", precision="fp16")
+    with pytest.raises(CapreseError, match="fp32") as e:
+        Generator.load(fp16, backend="native")
+    assert "\n" not in str(e.value)
+    engine, _ = get_export(tmp_path_factory, tiny_model_dir, "qwen2", "dense")
+    with pytest.raises(CapreseError, match="runs on the CPU"):
+        Generator.load(engine, backend="native", device="cuda")
+    moved = shutil.copytree(engine, tmp_path / "engine")
+    data = json.loads((moved / "manifest.json").read_text())
+    del data["weights"]["model.layers.1.self_attn.o_proj.weight.t"]
+    (moved / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(CapreseError, match="has no model.layers.1.self_attn.o_proj.weight.t") as e:
+        Generator.load(moved, backend="native")
+    assert "\n" not in str(e.value)
+
+
+def test_kernel_build_errors_are_one_line_and_leave_nothing(tmp_path, monkeypatch):
+    """No compiler, or a compiler that fails: a one-line error naming the way out, no file left in the cache."""
+    monkeypatch.setenv("CAPRESE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(library, "_LOADED", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(CapreseError, match="does not run") as e:
+        library.load()
+    assert "\n" not in str(e.value) and "--backend onnxruntime" in str(e.value)
+    fake = tmp_path / "fake-cc"
+    fake.write_text('#!/bin/sh\nif [ "$1" = "--version" ]; then echo fake-cc 1.0; exit 0; fi\n'
+                    'echo "decode_step.c:1:1: error: no such luck" >&2\nexit 1\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(fake))
+    with pytest.raises(CapreseError, match="failed: decode_step.c:1:1: error: no such luck") as e:
+        library.load()
+    assert "\n" not in str(e.value)
+    assert not any((tmp_path / "cache" / "native").iterdir())
+    assert library._LOADED is None
+
+
+def test_kernel_is_built_once_per_source_and_machine(tmp_path, monkeypatch):
+    """The first load compiles into the cache (atomically); a second process's load reuses it."""
+    monkeypatch.setenv("CAPRESE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(library, "_LOADED", None)
+    path = library.library_path()
+    assert not path.exists()
+    lib = library.load()
+    assert path.exists() and lib.caprese_native_abi() == library.ABI
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
+    monkeypatch.setattr(library, "_LOADED", None)
+    mtime = path.stat().st_mtime_ns
+    library.load()
+    assert path.stat().st_mtime_ns == mtime
+
+
+def test_cli_generate_on_native(tmp_path_factory, tiny_model_dir, monkeypatch, capsys):
+    from caprese.cli.main import main as caprese_main
+
+    engine, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "griffin")
+    args = ["generate", engine, "-p", "the cat sat", "-n", "8", "--json"]
+    rc, out, err = run_cli(caprese_main, [*args, "--backend", "native"], monkeypatch, capsys)
+    assert rc == 0, err
+    got = json.loads(out)
+    rc, out, err = run_cli(caprese_main, [*args, "--backend", "onnxruntime"], monkeypatch, capsys)
+    ref = json.loads(out)
+    assert got["backend"] == "native" and got["text"] == ref["text"]
+    rc, out, err = run_cli(caprese_main, [*args, "--backend", "native", "--device", "cuda"], monkeypatch, capsys)
+    assert_one_line_error(rc, err, "runs on the CPU")
