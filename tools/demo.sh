@@ -4,7 +4,8 @@
 #   2. calibrate Caprese(GRIFFIN, density 0.75, first half of the layers, r = 64), layer-wise, 192 samples
 #      (the README table's row that recovers all of GRIFFIN's loss; a few minutes on 2 cores the first time)
 #   3. export the dense model and the Caprese artifact to ONNX (prefill + decode graphs, static TensorRT check)
-#   4. run both on ONNX Runtime and print each answer with its latency report
+#   4. run both on ONNX Runtime, and the Caprese engine on the native CPU kernel (where a C compiler is),
+#      printing each answer with its latency report
 # Re-running reuses what step 2 and 3 wrote under $CAPRESE_DEMO_DIR (default out/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,3 +26,7 @@ echo "== 4/4 ONNX Runtime, dense engine"
 $C run "$OUT/engine-dense" --chat --prompt "$PROMPT" --max-new-tokens 96
 echo "== 4/4 ONNX Runtime, Caprese(GRIFFIN) engine"
 $C run "$OUT/engine-caprese" --chat --prompt "$PROMPT" --max-new-tokens 96
+if command -v "${CC:-cc}" >/dev/null 2>&1; then
+  echo "== 4/4 native CPU decode kernel (compiled at first use), Caprese(GRIFFIN) engine"
+  $C run "$OUT/engine-caprese" --backend native --chat --prompt "$PROMPT" --max-new-tokens 96
+fi

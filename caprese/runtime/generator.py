@@ -128,9 +128,12 @@ class TextStream:
         return self.result
 
     def consume(self, on_text: Callable[[str], None] | None = None) -> RuntimeResult:
+        if on_text is None:  # nobody reads the pieces: skip incremental detokenisation (~0.1 ms a token);
+            for _ in self.tokens():  # the result decodes the whole reply once
+                pass
+            return self.close()
         for piece in self:
-            if on_text is not None:
-                on_text(piece)
+            on_text(piece)
         return self.close()
 
 

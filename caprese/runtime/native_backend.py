@@ -219,6 +219,9 @@ class NativeBackend(OrtBackend):
             raise RuntimeError(f"the native decode step failed (code {rc}: {'bad token or slot' if rc == 1 else 'out of memory'})")
         return self._logits()
 
+    def attended(self, slot: int) -> int:
+        return slot + 1  # the kernel reads the valid prefix of the cache, not the whole buffer
+
     def skipped_bytes(self) -> int:
         return int(self._skipped.value)
 

@@ -183,8 +183,9 @@ static void attend(const Model *m, const Layer *L, const float *q, int64_t kvh, 
         if (d > mx) mx = d;
     }
     float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
     for (int64_t s = lo; s <= slot; s++) {
-        scores[s] = expf(scores[s] - mx);
+        scores[s] = exp_vec(scores[s] - mx);
         sum += scores[s];
     }
     const float inv = 1.0f / sum;
@@ -276,18 +277,25 @@ int caprese_decode_step(const Model *m, int64_t token, int64_t slot, int64_t *sk
                 gemv_part(h, &L->gu1, NULL, i0, i1, gu_p + tid * GU);
                 if (n2) gemv_part(h, &L->gu2, NULL, i0, i1, gu_p + tid * GU + n1);
 #pragma omp barrier
-                gather(gu_p, nt, GU, 0, n1 + n2, L->gu_bias, g);
-                gated(m->activation, g, g + F, L->cats_tau, z, F);
-                memcpy(z + F, g + 2 * F, sizeof(float) * r); /* the bypass: x L */
+                /* z = [act(gate) * up | x L] over this thread's down-projection rows only: the down product
+                 * splits its rows the same way, so no thread needs the others' z */
+                rows_of(F + r, tid, nt, &i0, &i1);
+                const int64_t a0 = i0, a1 = i1 < F ? i1 : F, b0 = i0 > F ? i0 : F;
+                if (a1 > a0) {
+                    gather(gu_p, nt, GU, a0, a1 - a0, L->gu_bias, g + a0);
+                    gather(gu_p, nt, GU, F + a0, a1 - a0, L->gu_bias, g + F + a0);
+                    gated(m->activation, g + a0, g + F + a0, L->cats_tau, z + a0, a1 - a0);
+                }
+                if (i1 > b0) gather(gu_p, nt, GU, F + b0, i1 - b0, L->gu_bias, z + b0); /* bypass j: gu[F + j] */
                 if (L->cats_tau) { /* CATS: rows of thresholded neurons are never read */
                     int64_t nrows = 0;
-                    for (int64_t j = 0; j < F + r; j++)
+                    for (int64_t j = i0; j < i1; j++)
                         if (z[j] != 0.0f || j >= F) rows[nrows++] = (int32_t)j;
-                    if (tid == 0) *skipped += (F + r - nrows) * L->down.ld * (int64_t)sizeof(float);
-                    rows_of(nrows, tid, nt, &i0, &i1);
-                    gemv_part(z, &L->down, rows, i0, i1, down_p + tid * D);
+                    const int64_t unread = (i1 - i0 - nrows) * L->down.ld * (int64_t)sizeof(float);
+#pragma omp atomic
+                    *skipped += unread;
+                    gemv_part(z, &L->down, rows, 0, nrows, down_p + tid * D);
                 } else {
-                    rows_of(F + r, tid, nt, &i0, &i1);
                     gemv_part(z, &L->down, NULL, i0, i1, down_p + tid * D);
                 }
 #pragma omp barrier
@@ -301,14 +309,29 @@ int caprese_decode_step(const Model *m, int64_t token, int64_t slot, int64_t *sk
             }
             rms_norm(x, m->final_norm, h, D, m->eps);
             rows_of(m->vocab, tid, nt, &i0, &i1);
-            for (int64_t v = i0; v < i1; v++) {
+            const float cap = m->final_softcap;
+            int64_t v = i0;
+            for (; v + 4 <= i1; v += 4) { /* four rows at a time: four independent sums */
+                const float *w0 = m->lm_head + v * D, *w1 = w0 + D, *w2 = w1 + D, *w3 = w2 + D;
+                float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+                for (int64_t j = 0; j < D; j++) {
+                    d0 += w0[j] * h[j];
+                    d1 += w1[j] * h[j];
+                    d2 += w2[j] * h[j];
+                    d3 += w3[j] * h[j];
+                }
+                m->logits[v] = d0; m->logits[v + 1] = d1; m->logits[v + 2] = d2; m->logits[v + 3] = d3;
+            }
+            for (; v < i1; v++) {
                 const float *w = m->lm_head + v * D;
                 float d = 0.0f;
 #pragma omp simd reduction(+ : d)
                 for (int64_t j = 0; j < D; j++) d += w[j] * h[j];
-                if (m->final_softcap > 0.0f) d = tanhf(d / m->final_softcap) * m->final_softcap;
                 m->logits[v] = d;
             }
+            if (cap > 0.0f)
+                for (v = i0; v < i1; v++) m->logits[v] = tanhf(m->logits[v] / cap) * cap;
         }
         free(x); free(h); free(y); free(g); free(z); free(scores); free(qh); free(t); free(rows);
     }
