@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -74,6 +76,25 @@ def test_caprese_onnxruntime_rows(bench, tiny_model_dir, tmp_path):
     again = bench.run_bench(model, ["ort-dense"], **kw)
     assert not any("exporting" in m for m in logs)
     assert again["rows"][0]["row"] == "ort-dense"
+
+
+@pytest.mark.skipif(not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")),
+                    reason="no C compiler (the native kernel is built with one)")
+def test_native_rows_run_the_onnxruntime_target_engines(bench, tiny_model_dir, tmp_path):
+    """native-* rows time the native backend on the engine folder of their ort-* row (exported once, shared) and
+    give that row's greedy tokens."""
+    model = tiny_model_dir("llama")
+    logs: list[str] = []
+    res = bench.run_bench(model, ["ort-contrib-dense", "native-dense", "native-caprese-griffin"], prompt_tokens=8,
+                          new_tokens=6, repeats=1, threads=1, rank=8, out_dir=tmp_path / "cache", bandwidth_mb=8,
+                          settle_s=0.0, log=logs.append)
+    by = {r["row"]: r for r in res["rows"]}
+    assert by["native-dense"]["backend"] == "native" and by["native-dense"]["label"] == "caprese dense [native]"
+    assert by["native-dense"]["engine"] == by["ort-contrib-dense"]["engine"]
+    assert by["native-caprese-griffin"]["engine"].endswith("ort-contrib-caprese-griffin-fp32")
+    assert sum("exporting" in m for m in logs) == 2  # the two ort-contrib engines, nothing for native
+    assert by["native-dense"]["first_tokens"] == by["ort-contrib-dense"]["first_tokens"]
+    assert {"native-dense", "native-caprese-griffin"} <= set(res["targets"])
 
 
 def test_genai_row_skips_with_a_reason(bench, tiny_model_dir, tmp_path, monkeypatch):
