@@ -62,8 +62,8 @@ class Backend:
         return self.capacity
 
     def skipped_bytes(self) -> int:
-        """Weight bytes of the decode graph the last decode() did not read (the native kernel skips CATS' zeroed
-        down-projection rows); 0 for backends that run the graph as written."""
+        """Weight bytes of the decode graph the last decode() did not read (the native kernel skips the up and down
+        rows of CATS' zeroed neurons); 0 for backends that run the graph as written."""
         return 0
 
     def peak_device_mb(self) -> float | None:

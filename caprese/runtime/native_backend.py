@@ -182,8 +182,16 @@ class NativeBackend(OrtBackend):
                 else:
                     L.n_ff, L.rank = F, g1.shape[1] - 2 * F
                     L.gu_bias = _ptr(A[n["gu_bias"]]) if n.get("gu_bias") else None
-                if kind == C.CATS:
+                if kind == C.CATS:  # gate (+ L) as the product; up transposed, read for passing neurons only
                     L.cats_tau = _ptr(self.selection[C.cats_tau(i)].host)
+                    up_t = np.ascontiguousarray(g1[:, F:2 * F].T)
+                    self._extra.append(up_t)
+                    L.up_t = self._mat(up_t)
+                    L.gu1 = lib_.Mat(_ptr(g1), g1.shape[1], F)
+                    if L.rank:
+                        L.gu2 = lib_.Mat(_ptr(g1) + 2 * F * g1.itemsize, g1.shape[1], L.rank)
+                    if n.get("gu_bias"):
+                        L.up_bias = _ptr(A[n["gu_bias"]]) + F * 4
                 if down.shape != (L.n_ff + L.rank, D):
                     raise CapreseError(f"layer {i}: down projection of shape {list(down.shape)} in weights.bin; "
                                        "export the engine again")

@@ -13,7 +13,8 @@
  * per-head q/k RMSNorm, rotary (rotate-half, cos/sin tables [max_seq, head_dim / 2]), the in-place KV write,
  * GQA attention with sliding window and soft-cap, o projection, gated FFN (dense, GRIFFIN's folded
  * [Ŵ_g, Ŵ_1, L] / [Ŵ_2 ; R], CATS' threshold with an optional bypass), LM head with the final soft-cap.
- * A down-projection row whose activation is exactly 0 (CATS' thresholded neurons) is not read at all.
+ * CATS: the up projection (kept transposed) and the down projection are read only for the neurons whose
+ * activation passes the threshold.
  * Layout of every matrix: math layout [in, out], row-major; the LM head is [vocab, hidden] (the embedding).
  */
 #include <math.h>
@@ -43,6 +44,9 @@ typedef struct {
     float *k_cache, *v_cache; /* [kv_heads, capacity, head_dim] */
     int64_t window;          /* sliding window (keys slot - window + 1 .. slot), 0 = none */
     float scale, softcap;    /* attention scale; soft-cap 0 = none */
+    Mat up_t;                /* CATS layers: the up projection transposed, [n_ff, hidden] (gu1 then holds only the
+                              * gate columns, gu2 the bypass L): up and down rows are read for passing neurons only */
+    const float *up_bias;    /* CATS layers with MLP biases: [n_ff] */
 } Layer;
 
 typedef struct {
@@ -89,7 +93,7 @@ static inline float exp_vec(float x) {
     return p * scale;
 }
 
-/* z[j] = act(gate[j]) * up[j] (CATS: act zeroed where |act| <= tau), j < n. */
+/* z[j] = act(gate[j]) (CATS: zeroed where |act| <= tau) * up[j] (up == NULL: no product), j < n. */
 static void gated(int64_t kind, const float *gate, const float *up, const float *tau, float *z, int64_t n) {
     if (kind == 0) {
 #pragma omp simd
@@ -108,8 +112,10 @@ static void gated(int64_t kind, const float *gate, const float *up, const float 
 #pragma omp simd
         for (int64_t j = 0; j < n; j++) z[j] = fabsf(z[j]) > t ? z[j] : 0.0f;
     }
+    if (up) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; j++) z[j] *= up[j];
+        for (int64_t j = 0; j < n; j++) z[j] *= up[j];
+    }
 }
 
 /* y[0:n] = sum over rows r of x[r] * W[r, 0:n], for r = i in [i0, i1) (rows == NULL) or r = rows[i] (the
@@ -281,21 +287,34 @@ int caprese_decode_step(const Model *m, int64_t token, int64_t slot, int64_t *sk
                  * splits its rows the same way, so no thread needs the others' z */
                 rows_of(F + r, tid, nt, &i0, &i1);
                 const int64_t a0 = i0, a1 = i1 < F ? i1 : F, b0 = i0 > F ? i0 : F;
-                if (a1 > a0) {
-                    gather(gu_p, nt, GU, a0, a1 - a0, L->gu_bias, g + a0);
-                    gather(gu_p, nt, GU, F + a0, a1 - a0, L->gu_bias, g + F + a0);
-                    gated(m->activation, g + a0, g + F + a0, L->cats_tau, z + a0, a1 - a0);
-                }
-                if (i1 > b0) gather(gu_p, nt, GU, F + b0, i1 - b0, L->gu_bias, z + b0); /* bypass j: gu[F + j] */
-                if (L->cats_tau) { /* CATS: rows of thresholded neurons are never read */
+                if (L->up_t.w) { /* CATS: gate thresholded, then up and down only for the neurons that pass */
                     int64_t nrows = 0;
-                    for (int64_t j = i0; j < i1; j++)
-                        if (z[j] != 0.0f || j >= F) rows[nrows++] = (int32_t)j;
-                    const int64_t unread = (i1 - i0 - nrows) * L->down.ld * (int64_t)sizeof(float);
+                    if (a1 > a0) {
+                        gather(gu_p, nt, GU, a0, a1 - a0, L->gu_bias, g + a0);
+                        gated(m->activation, g + a0, NULL, L->cats_tau, z + a0, a1 - a0);
+                    }
+                    for (int64_t j = a0; j < a1; j++) {
+                        if (z[j] == 0.0f) continue;
+                        const float *w = L->up_t.w + j * L->up_t.ld;
+                        float u = L->up_bias ? L->up_bias[j] : 0.0f;
+#pragma omp simd reduction(+ : u)
+                        for (int64_t c = 0; c < D; c++) u += w[c] * h[c];
+                        z[j] *= u;
+                        rows[nrows++] = (int32_t)j;
+                    }
+                    const int64_t unread = 2 * ((a1 > a0 ? a1 - a0 : 0) - nrows) * D * (int64_t)sizeof(float);
+                    if (i1 > b0) gather(gu_p, nt, GU, b0, i1 - b0, NULL, z + b0); /* bypass j: gu[j] (after gate) */
+                    for (int64_t j = b0; j < i1; j++) rows[nrows++] = (int32_t)j;
 #pragma omp atomic
                     *skipped += unread;
                     gemv_part(z, &L->down, rows, 0, nrows, down_p + tid * D);
                 } else {
+                    if (a1 > a0) {
+                        gather(gu_p, nt, GU, a0, a1 - a0, L->gu_bias, g + a0);
+                        gather(gu_p, nt, GU, F + a0, a1 - a0, L->gu_bias, g + F + a0);
+                        gated(m->activation, g + a0, g + F + a0, NULL, z + a0, a1 - a0);
+                    }
+                    if (i1 > b0) gather(gu_p, nt, GU, F + b0, i1 - b0, L->gu_bias, z + b0); /* bypass j: gu[F + j] */
                     gemv_part(z, &L->down, NULL, i0, i1, down_p + tid * D);
                 }
 #pragma omp barrier

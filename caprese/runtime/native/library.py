@@ -34,7 +34,7 @@ class Layer(ctypes.Structure):
         ("gu1", Mat), ("gu2", Mat), ("gu_bias", ctypes.c_void_p), ("down", Mat), ("down_bias", ctypes.c_void_p),
         ("n_ff", ctypes.c_int64), ("rank", ctypes.c_int64), ("cats_tau", ctypes.c_void_p),
         ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("window", ctypes.c_int64),
-        ("scale", ctypes.c_float), ("softcap", ctypes.c_float)]
+        ("scale", ctypes.c_float), ("softcap", ctypes.c_float), ("up_t", Mat), ("up_bias", ctypes.c_void_p)]
 
 
 class Model(ctypes.Structure):
