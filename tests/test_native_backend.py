@@ -208,6 +208,15 @@ def test_kernel_is_built_once_per_source_and_machine(tmp_path, monkeypatch):
     mtime = path.stat().st_mtime_ns
     library.load()
     assert path.stat().st_mtime_ns == mtime
+    # a damaged file at the cache path (by hand: builds are renamed into place) is a one-line error; it is a
+    # new path here, because dlopen hands back the library already loaded from `path`
+    damaged = path.with_name("decode_step-damaged.so")
+    damaged.write_bytes(b"not a shared object")
+    monkeypatch.setattr(library, "_LOADED", None)
+    monkeypatch.setattr(library, "library_path", lambda: damaged)
+    with pytest.raises(CapreseError, match="delete it to rebuild") as e:
+        library.load()
+    assert "\n" not in str(e.value)
 
 
 @needs_cc

@@ -107,7 +107,11 @@ def load() -> ctypes.CDLL:
         path = library_path()
         if not path.exists():
             build(path)
-        lib = ctypes.CDLL(str(path))
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:
+            raise CapreseError(f"cannot load the native kernel {path} ({str(e).splitlines()[0]}); delete it to "
+                               "rebuild, or use --backend onnxruntime") from None
         lib.caprese_native_abi.restype = ctypes.c_int64
         lib.caprese_scratch_floats.restype = ctypes.c_int64
         lib.caprese_scratch_floats.argtypes = [ctypes.POINTER(Model)]
