@@ -4,9 +4,10 @@
  * Why it exists: at batch 1 a decode step is a chain of matrix-vector products that must stream every weight
  * once. ONNX Runtime's MatMul (MLAS) does that at the machine's streaming bandwidth on large matrices, but a
  * step is ~10 nodes per layer, each a separate parallel dispatch, and the per-prompt GRIFFIN matrices arrive
- * as graph inputs that MLAS cannot pre-pack. Here every product is one pass over the weight rows (columns
- * split between threads, rows streamed in order), and everything between two products is recomputed by each
- * thread on its own copy of the residual stream (a few hundred floats) instead of waiting for one thread.
+ * as graph inputs that MLAS cannot pre-pack. Here every product is one pass over the weight rows (each thread
+ * streams its own contiguous stretch of rows; the readers add the threads' partial sums), and everything
+ * between two products is recomputed by each thread on its own copy of the residual stream (a few hundred
+ * floats) instead of waiting for one thread.
  *
  * Semantics are those of the engine's decode graph (caprese/export/onnx_graph.py): RMSNorm (Gemma 2's
  * pre-added 1 + w weights and its post-attention / pre- and post-FFN norms), fused QKV (+ bias), optional
