@@ -83,6 +83,7 @@ class NativeBackend(OrtBackend):
             raise CapreseError(f"the native backend has no {model.get('activation')!r} activation; use --backend "
                                "onnxruntime")
         self.lib = lib_.load()
+        self.kernel = lib_.library_path()
         super().__init__(manifest, threads=threads, kv_policy=kv_policy, device="cpu")
         self.nthreads = int(threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                         else os.cpu_count() or 1))
@@ -202,8 +203,9 @@ class NativeBackend(OrtBackend):
             L.softcap = float(m.get("attn_softcap") or 0.0)
         M = self._model
         M.abi, M.num_layers, M.hidden = lib_.ABI, lay.num_layers, D
-        M.num_heads, M.num_kv_heads, M.head_dim, M.vocab = m["num_heads"], lay.num_kv_heads, lay.head_dim, lay.vocab_size
-        M.max_ff, M.threads, M.activation, M.gemma = max_ff, self.nthreads, _ACTIVATIONS[m["activation"]], int(bool(m.get("gemma_norms")))
+        M.num_heads, M.num_kv_heads, M.head_dim = m["num_heads"], lay.num_kv_heads, lay.head_dim
+        M.vocab, M.max_ff, M.threads = lay.vocab_size, max_ff, self.nthreads
+        M.activation, M.gemma = _ACTIVATIONS[m["activation"]], int(bool(m.get("gemma_norms")))
         M.eps, M.final_softcap = float(m["rms_norm_eps"]), float(m.get("final_softcap") or 0.0)
         M.embed_scale = float(D ** 0.5) if m.get("gemma_norms") else 1.0
         M.embed, M.lm_head = _ptr(A["model.embed_tokens.weight"]), _ptr(A[self._head_name()])
@@ -223,9 +225,11 @@ class NativeBackend(OrtBackend):
     def decode(self, token: int, slot: int):
         if slot >= self.capacity:
             raise RuntimeError(f"decode at slot {slot} past the KV cache ({self.capacity}); reserve first")
-        rc = self.lib.caprese_decode_step(ctypes.byref(self._model), int(token), int(slot), ctypes.byref(self._skipped))
+        rc = self.lib.caprese_decode_step(ctypes.byref(self._model), int(token), int(slot),
+                                          ctypes.byref(self._skipped))
         if rc:
-            raise RuntimeError(f"the native decode step failed (code {rc}: {'bad token or slot' if rc == 1 else 'out of memory'})")
+            why = "bad token or slot" if rc == 1 else "out of memory"
+            raise RuntimeError(f"the native decode step failed (code {rc}: {why})")
         return self._logits()
 
     def attended(self, slot: int) -> int:
@@ -236,4 +240,4 @@ class NativeBackend(OrtBackend):
 
     def describe(self) -> dict:
         return {"threads": self.nthreads, "kv_policy": self.kv_policy, "prefill": "onnxruntime",
-                "kernel": str(lib_.library_path().name)}
+                "kernel": str(self.kernel)}
