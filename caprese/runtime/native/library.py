@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -80,6 +81,7 @@ def library_path() -> Path:
 def build(path: Path) -> Path:
     """Compile decode_step.c to `path` (atomically); a failed build is a one-line error."""
     cc = _compiler()
+    print(f"[caprese] building the native decode kernel with {cc} (once per machine) -> {path}", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
