@@ -68,13 +68,22 @@ def reference_errors(model_dir, art, samples):
 
 @pytest.mark.parametrize("kind, method, layers", [("llama", "griffin", "all"), ("gemma2", "cats", "all"),
                                                   ("qwen2", "griffin", "1")])
-def test_sequential_metrics_match_whole_model_forwards(tiny_model_dir, tmp_path, kind, method, layers):
+def test_sequential_metrics_match_whole_model_forwards(tiny_model_dir, tmp_path, kind, method, layers,
+                                                       monkeypatch):
     # tolerance: stored states are float32 copies of float32 activations (exact); the one-block-at-a-time
     # pass and the whole forward differ only in reduction order, so relative agreement to 1e-4
+    import caprese.calibration.sequential as seq
+
     model = tiny_model_dir(kind)
     samples = make_samples(10, seed=4)
+    dense_passes = []  # per propagation: did it run the dense (teacher) pass itself?
+    open_write = seq._States.open_write
+    monkeypatch.setattr(seq._States, "open_write", lambda st, teacher=True: (dense_passes.append(teacher),
+                                                                             open_write(st, teacher))[1])
     art = calibrate(model, tmp_path / "seq", method, 0.5, layers, 8, samples, stage="layerwise",
                     layerwise_cfg=LayerwiseConfig(**CFG, mode="sequential"), progress=False)
+    # a trained layer's capture already wrote the next teacher rows; a layer below the first target did not
+    assert dense_passes == [i not in art.layers for i in range(max(art.layers))]  # propagations 0 .. last - 1
     assert not (tmp_path / "seq.work").exists()
     assert art.recipe["layerwise"]["mode"] == "sequential"
     ref = reference_errors(model, load_artifact(tmp_path / "seq"), samples)
@@ -120,14 +129,30 @@ def test_sequential_resumes_after_kills_with_identical_adapters(tiny_model_dir, 
                 raise KeyboardInterrupt("simulated kill")
         return cb
 
-    with pytest.raises(KeyboardInterrupt):  # killed while capturing layer 1
-        calibrate(model, tmp_path / "out", **kw,
-                  callback=killer(lambda e: e["stage"] == "capture" and e.get("layer") == 1 and e["sample"] == 3))
+    import caprese.calibration.layerwise as lw
+    import caprese.calibration.sequential as seq
+
+    def mid_capture(mp):
+        """Kill while capturing layer 1: samples 1-2 synced, 3-4 written (rows and next teacher rows) but not."""
+        def when(e):
+            if e["stage"] == "capture" and e.get("layer") == 1 and e["sample"] == 2:
+                mp.setattr(lw, "_CAPTURE_SYNC_S", 1e9)
+            return e["stage"] == "capture" and e.get("layer") == 1 and e["sample"] == 4
+        return when
+
+    with pytest.raises(KeyboardInterrupt), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lw, "_CAPTURE_SYNC_S", 0.0)
+        calibrate(model, tmp_path / "out", **kw, callback=killer(mid_capture(mp)))
     work = tmp_path / "out.work"
     assert (work / "layer_0.safetensors").is_file() and (work / "sequential" / "states_1.json").is_file()
-    with pytest.raises(KeyboardInterrupt):  # killed while training layer 2
+    dense_passes = []
+    with pytest.raises(KeyboardInterrupt), pytest.MonkeyPatch.context() as mp:  # killed while training layer 2
+        open_write = seq._States.open_write
+        mp.setattr(seq._States, "open_write", lambda st, teacher=True: (dense_passes.append(teacher),
+                                                                        open_write(st, teacher))[1])
         calibrate(model, tmp_path / "out", **kw,
                   callback=killer(lambda e: e["stage"] == "layerwise" and e["layer"] == 2 and e.get("step") == 1))
+    assert dense_passes == [False]  # the resumed capture of layer 1 left complete teacher rows for boundary 2
     events.clear()
     art = calibrate(model, tmp_path / "out", **kw, callback=events.append)
     assert sorted({e["layer"] for e in events if e["stage"] == "layerwise"}) == [2]  # layers 0, 1 reused

@@ -13,9 +13,10 @@ The model runs one block at a time over stored residual-stream states (Decoder.b
 states_{b}.t holds the dense model's states entering layer b for every token of every sample, states_{b}.s the
 student's for the response tokens (the prompt is prefilled densely, so its states are the dense model's).
 Per layer, per sample: the dense pass over prompt + response (teacher), the prompt alone (GRIFFIN selection /
-CATS τ, prompt K/V), then the response as one decode chunk (student) -- once to capture (x, target) rows, and
-again with the trained bypass to write the next states. Resumable per layer: the trained layers are the same
-files as the parallel stage's, and a boundary's states are kept until the next boundary is complete.
+CATS τ, prompt K/V), then the response as one decode chunk (student) -- once to capture (x, target) rows
+(the teacher's output rows are written as the next boundary's teacher states on the way), and again with the
+trained bypass to write the next student states. Resumable per layer: the trained layers are the same files
+as the parallel stage's, and a boundary's states are kept until the next boundary is complete.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class _States:
         self.dim, self.key = dim, key
         self.t_path, self.s_path = folder / f"states_{boundary}.t", folder / f"states_{boundary}.s"
         self.meta = folder / f"states_{boundary}.json"
+        self.t_meta = folder / f"states_{boundary}.t.json"  # the teacher rows alone, written by a capture
         lens_t = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
         lens_s = [len(s.response_ids) for s in samples]
         self.off_t, self.off_s = np.cumsum([0] + lens_t), np.cumsum([0] + lens_s)
@@ -58,9 +60,32 @@ class _States:
                       for p, off in ((self.t_path, self.off_t), (self.s_path, self.off_s)))
         return bool(st and st.get("key") == self.key and st.get("complete")) and rows_ok
 
-    def open_write(self):
+    @property
+    def teacher_ready(self) -> bool:
+        st = _read_json(self.t_meta)
+        return bool(st and st.get("key") == self.key and st.get("complete")) and self.t_path.is_file() and \
+            self.t_path.stat().st_size == int(self.off_t[-1]) * self.dim * 4
+
+    def open_teacher(self, first: int):
+        """The teacher file for appending rows from sample `first` on (rows after it dropped); None when the
+        rows before `first` are not there (then the propagation writes them all itself)."""
+        self.t_meta.unlink(missing_ok=True)
         self.meta.unlink(missing_ok=True)
-        return open(self.t_path, "wb"), open(self.s_path, "wb")
+        size = int(self.off_t[first]) * self.dim * 4
+        if first and (not self.t_path.is_file() or self.t_path.stat().st_size < size):
+            return None
+        with open(self.t_path, "ab"):
+            pass
+        os.truncate(self.t_path, size)
+        return open(self.t_path, "ab")
+
+    def finish_teacher(self) -> None:
+        write_json_atomic(self.t_meta, {"key": self.key, "complete": True})
+
+    def open_write(self, teacher: bool = True):
+        """(teacher file or None when the teacher rows are kept, student file), both from the start."""
+        self.meta.unlink(missing_ok=True)
+        return (open(self.t_path, "wb") if teacher else None), open(self.s_path, "wb")
 
     def finish(self) -> None:
         write_json_atomic(self.meta, {"key": self.key, "complete": True})
@@ -76,7 +101,7 @@ class _States:
 
     def remove(self) -> None:
         self._t = self._s = None
-        for p in (self.t_path, self.s_path, self.meta):
+        for p in (self.t_path, self.s_path, self.meta, self.t_meta):
             p.unlink(missing_ok=True)
 
 
@@ -161,8 +186,9 @@ def run_sequential(decoder, samples, method: str, density: float, layers: list[i
         if i in ffns:
             if finished[i] is None:
                 t0 = time.monotonic()
+                nxt = boundary(i + 1) if i < layers[-1] else None
                 cap = _capture(decoder, block, ffns[i], i, samples, src, folder, train_key, cfg.store, progress,
-                               callback)
+                               callback, nxt)
                 timing["capture_s"] += time.monotonic() - t0
                 t1 = time.monotonic()
                 desc = f"layer {i} ({layers.index(i) + 1}/{len(layers)}, sequential)"
@@ -185,8 +211,10 @@ def run_sequential(decoder, samples, method: str, density: float, layers: list[i
 
 
 def _capture(decoder, block, ffn: EfficientFFN, i: int, samples, src, folder: Path, train_key: str, store: str,
-             progress: bool, callback: Callback | None) -> _CaptureLayer:
-    """(x, target − FF̂(x)) rows of layer i on the response tokens, the student's inputs, the dense outputs."""
+             progress: bool, callback: Callback | None, nxt: _States | None = None) -> _CaptureLayer:
+    """(x, target − FF̂(x)) rows of layer i on the response tokens, the student's inputs, the dense outputs;
+    the dense outputs of every token also become the teacher rows of boundary i + 1 (`nxt`), so the
+    propagation after training does not run the dense pass again."""
     cap = _CaptureLayer(folder, i, decoder.spec.hidden_size, digest({"train": train_key, "capture": i}), store)
     if cap.complete:
         return cap
@@ -206,6 +234,7 @@ def _capture(decoder, block, ffn: EfficientFFN, i: int, samples, src, folder: Pa
     first = cap.state["samples_done"]
     bar = _bar(len(samples), f"capture layer {i} (sequential)", progress, initial=first)
     cap.open()
+    ft = nxt.open_teacher(first) if nxt is not None else None
     t_sync = time.monotonic()
     try:
         for j in range(first, len(samples)):
@@ -213,7 +242,8 @@ def _capture(decoder, block, ffn: EfficientFFN, i: int, samples, src, folder: Pa
             p = len(s.prompt_ids)
             h_t, h_s = src(j)
             with torch.inference_mode():
-                t = decoder.blocks(h_t, 0, i, i + 1, phase="prefill")[0, p:]  # the dense layer output
+                t_all = decoder.blocks(h_t, 0, i, i + 1, phase="prefill")[0]  # the dense layer output
+                t = t_all[p:]
                 decoder.blocks(h_t[:, :p], 0, i, i + 1, phase="prefill")  # selection / τ from the prompt
                 on["student"] = True
                 try:
@@ -226,44 +256,56 @@ def _capture(decoder, block, ffn: EfficientFFN, i: int, samples, src, folder: Pa
                 y = ffn.dense(x[None])[0]
                 target = branch_target(block, mid, t, y)
                 cap.append(x, y, target.float() - ffn.approx(x[None])[0].float())
+            if ft is not None:
+                ft.write(_to_bytes(t_all, "fp32"))
             cap.state["samples_done"] = j + 1
             bar.update(1)
             if time.monotonic() - t_sync >= layerwise._CAPTURE_SYNC_S:
+                if ft is not None:  # the teacher rows of the samples the manifest counts are in the file
+                    ft.flush()
                 cap.sync()
                 t_sync = time.monotonic()
             if callback is not None:
                 callback({"stage": "capture", "layer": i, "sample": j + 1, "samples": len(samples)})
+        if ft is not None:
+            ft.flush()
+            os.fsync(ft.fileno())
+            nxt.finish_teacher()
         cap.sync(complete=True)
     finally:
         bar.close()
         cap.close()
+        if ft is not None:
+            ft.close()
         for h in handles:
             h.remove()
     return cap
 
 
 def _propagate(decoder, block, i: int, samples, src, dst: _States, efficient: bool, progress: bool) -> None:
-    """States entering layer i+1: the dense pass for the teacher, prompt then response chunk for the student."""
-    ft, fs = dst.open_write()
+    """States entering layer i+1: the dense pass for the teacher (unless the capture wrote its rows), the
+    prompt (prompt K/V, selection) then the response chunk for the student."""
+    teacher = not dst.teacher_ready
+    ft, fs = dst.open_write(teacher)
+    files = [f for f in (ft, fs) if f is not None]
     bar = _bar(len(samples), f"layer {i} -> {i + 1} states", progress)
     try:
         for j, s in enumerate(samples):
             p = len(s.prompt_ids)
             h_t, h_s = src(j)
             with torch.inference_mode():
-                t = decoder.blocks(h_t, 0, i, i + 1, phase="prefill")
-                if efficient:
+                if teacher:
+                    ft.write(_to_bytes(decoder.blocks(h_t, 0, i, i + 1, phase="prefill")[0], "fp32"))
+                if efficient or not teacher:  # the dense pass above also wrote the prompt's K/V
                     decoder.blocks(h_t[:, :p], 0, i, i + 1, phase="prefill")
                 out = decoder.blocks(h_s, p, i, i + 1, phase="decode")
-            ft.write(_to_bytes(t[0], "fp32"))
             fs.write(_to_bytes(out[0], "fp32"))
             bar.update(1)
-        ft.flush()
-        fs.flush()
-        os.fsync(ft.fileno())
-        os.fsync(fs.fileno())
+        for f in files:
+            f.flush()
+            os.fsync(f.fileno())
     finally:
         bar.close()
-        ft.close()
-        fs.close()
+        for f in files:
+            f.close()
     dst.finish()
