@@ -28,8 +28,10 @@ Timing. Every row runs the same random prompt ids (seeded) and generates exactly
 ignored, greedy). Decode only: onnxruntime rows report the Generator's RuntimeStats.ms_per_token (mean of the
 decode steps after the first token; prefill and selection excluded); genai-dense times each
 `generate_next_token()` after the first (one decode step + greedy pick each) the same way; the two PyTorch rows
-take (time for N new tokens - time for 1 new token) / (N - 1). Rows run interleaved over the repeats (A B C A B
-C ...), with the bandwidth measurement as one more entry of each round, so drift hits all of them equally. Every
+take (time for N new tokens - time for 1 new token) / (N - 1). Rows run interleaved over the repeats, each
+round rotated by one (A B C, B C A, C A B ...: a disturbance that recurs at the same point of every round, as
+seen on these VMs, does not land on the same row every time), with the bandwidth measurement as one more entry
+of each round, so drift hits all of them equally. Every
 row uses --threads (ONNX Runtime intra-op threads, GenAI's session options, torch.set_num_threads).
 
 Bytes per step: onnxruntime rows from the engine (RuntimeStats.bytes_per_step: the decode graph's weights per
@@ -458,7 +460,8 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
     samples: dict[str, list[Sample]] = {r.name: [] for r in built}
     bandwidth: list[float] = []
     for rnd in range(repeats + 1):  # round 0 is the warm-up
-        for row in built:
+        k = (rnd - 1) % len(built) if rnd and built else 0  # rotated: each row takes every place in turn
+        for row in built[k:] + built[:k]:
             s = row.run(ids, new_tokens)
             if rnd:
                 samples[row.name].append(s)
