@@ -1,5 +1,5 @@
 /* One fp32 decode step (batch 1) of a caprese engine, on CPU threads: the whole model in ONE OpenMP parallel
- * region, so a step pays ~6 thread barriers per layer instead of one thread-pool dispatch per graph node.
+ * region, so a step pays 5 thread barriers per layer instead of one thread-pool dispatch per graph node.
  *
  * Why it exists: at batch 1 a decode step is a chain of matrix-vector products that must stream every weight
  * once. ONNX Runtime's MatMul (MLAS) does that at the machine's streaming bandwidth on large matrices, but a
@@ -12,8 +12,9 @@
  * Semantics are those of the engine's decode graph (caprese/export/onnx_graph.py): RMSNorm (Gemma 2's
  * pre-added 1 + w weights and its post-attention / pre- and post-FFN norms), fused QKV (+ bias), optional
  * per-head q/k RMSNorm, rotary (rotate-half, cos/sin tables [max_seq, head_dim / 2]), the in-place KV write,
- * GQA attention with sliding window and soft-cap, o projection, gated FFN (dense, GRIFFIN's folded
- * [Ŵ_g, Ŵ_1, L] / [Ŵ_2 ; R], CATS' threshold with an optional bypass), LM head with the final soft-cap.
+ * GQA attention with sliding window and soft-cap (the slots split between the threads, the shares merged),
+ * o projection, gated FFN (dense, GRIFFIN's folded [Ŵ_g, Ŵ_1, L] / [Ŵ_2 ; R], CATS' threshold with an
+ * optional bypass), LM head with the final soft-cap.
  * CATS: the up projection (kept transposed) and the down projection are read only for the neurons whose
  * activation passes the threshold.
  * Layout of every matrix: math layout [in, out], row-major; the LM head is [vocab, hidden] (the embedding).
@@ -63,14 +64,14 @@ typedef struct {
     const float *rope_cos, *rope_sin; /* [max_seq, head_dim / 2] */
     const Layer *layers;
     float *logits;           /* [vocab] */
-    float *scratch;          /* caprese_scratch_floats(m) floats: attention output + per-thread partial sums */
+    float *scratch;          /* caprese_scratch_floats(m) floats: the threads' partial sums and attention shares */
 } Model;
 
 int64_t caprese_native_abi(void) { return CAPRESE_NATIVE_ABI; }
 
 int64_t caprese_scratch_floats(const Model *m) {
     int64_t qkv = (m->num_heads + 2 * m->num_kv_heads) * m->head_dim;
-    return m->num_heads * m->head_dim + m->threads * (qkv + m->hidden + 2 * m->max_ff + m->hidden);
+    return m->threads * (qkv + m->hidden + 2 * m->max_ff + m->hidden + m->num_heads * (2 + m->head_dim));
 }
 
 static void rms_norm(const float *x, const float *w, float *y, int64_t n, float eps) {
@@ -173,35 +174,67 @@ static void rope(float *v, const float *cos, const float *sin, int64_t half) {
     }
 }
 
-/* Attention of one query head over kv head `kvh`, slots lo .. slot (the new K/V already written). */
-static void attend(const Model *m, const Layer *L, const float *q, int64_t kvh, int64_t lo, int64_t slot,
-                   float *scores, float *out) {
-    const int64_t hd = m->head_dim, cap = m->capacity;
+/* This thread's share of the attention of kv head `kvh`'s query group (q: group × head_dim, rotated) over the
+ * cache slots [s0, s1): per query head the running max m, the sum l of exp(score - m) and the unnormalised
+ * output o = Σ exp(score - m) · v (the readers merge the threads' shares). K and V rows are read once for the
+ * whole group. sc: group × (s1 - s0) floats. */
+static void attend_part(const Model *m, const Layer *L, const float *q, int64_t kvh, int64_t group, int64_t s0,
+                        int64_t s1, float *sc, float *pm, float *pl, float *po) {
+    const int64_t hd = m->head_dim, cap = m->capacity, n = s1 - s0;
     const float *K = L->k_cache + kvh * cap * hd, *V = L->v_cache + kvh * cap * hd;
-    float mx = -INFINITY;
-    for (int64_t s = lo; s <= slot; s++) {
+    for (int64_t s = s0; s < s1; s++) {
         const float *k = K + s * hd;
-        float d = 0.0f;
+        for (int64_t g = 0; g < group; g++) {
+            const float *qg = q + g * hd;
+            float d = 0.0f;
 #pragma omp simd reduction(+ : d)
-        for (int64_t j = 0; j < hd; j++) d += q[j] * k[j];
-        d *= L->scale;
-        if (L->softcap > 0.0f) d = tanhf(d / L->softcap) * L->softcap;
-        scores[s] = d;
-        if (d > mx) mx = d;
+            for (int64_t j = 0; j < hd; j++) d += qg[j] * k[j];
+            d *= L->scale;
+            if (L->softcap > 0.0f) d = tanhf(d / L->softcap) * L->softcap;
+            sc[g * n + (s - s0)] = d;
+        }
     }
-    float sum = 0.0f;
+    for (int64_t g = 0; g < group; g++) {
+        float *row = sc + g * n, mx = -INFINITY, sum = 0.0f;
+        for (int64_t i = 0; i < n; i++) mx = row[i] > mx ? row[i] : mx;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t s = lo; s <= slot; s++) {
-        scores[s] = exp_vec(scores[s] - mx);
-        sum += scores[s];
+        for (int64_t i = 0; i < n; i++) {
+            row[i] = exp_vec(row[i] - mx);
+            sum += row[i];
+        }
+        pm[g] = mx;
+        pl[g] = sum;
+        for (int64_t j = 0; j < hd; j++) po[g * hd + j] = 0.0f;
     }
-    const float inv = 1.0f / sum;
-    for (int64_t j = 0; j < hd; j++) out[j] = 0.0f;
-    for (int64_t s = lo; s <= slot; s++) {
-        const float p = scores[s] * inv;
+    for (int64_t s = s0; s < s1; s++) {
         const float *v = V + s * hd;
+        for (int64_t g = 0; g < group; g++) {
+            const float p = sc[g * n + (s - s0)];
+            float *o = po + g * hd;
 #pragma omp simd
-        for (int64_t j = 0; j < hd; j++) out[j] += p * v[j];
+            for (int64_t j = 0; j < hd; j++) o[j] += p * v[j];
+        }
+    }
+}
+
+/* out[h] = the merged attention output of query head h from the nt threads' shares. */
+static void attend_merge(const float *pm, const float *pl, const float *po, int nt, int64_t Hq, int64_t hd,
+                         float *out) {
+    for (int64_t h = 0; h < Hq; h++) {
+        float mx = -INFINITY, l = 0.0f;
+        for (int t = 0; t < nt; t++) mx = pm[t * Hq + h] > mx ? pm[t * Hq + h] : mx;
+        float *o = out + h * hd;
+        for (int64_t j = 0; j < hd; j++) o[j] = 0.0f;
+        for (int t = 0; t < nt; t++) {
+            if (pl[t * Hq + h] == 0.0f) continue; /* an empty share */
+            const float w = expf(pm[t * Hq + h] - mx);
+            const float *pt = po + (t * Hq + h) * hd;
+            l += w * pl[t * Hq + h];
+#pragma omp simd
+            for (int64_t j = 0; j < hd; j++) o[j] += w * pt[j];
+        }
+        const float inv = 1.0f / l;
+        for (int64_t j = 0; j < hd; j++) o[j] *= inv;
     }
 }
 
@@ -218,9 +251,10 @@ int caprese_decode_step(const Model *m, int64_t token, int64_t slot, int64_t *sk
     const int64_t D = m->hidden, hd = m->head_dim, half = hd / 2, Hq = m->num_heads, Hkv = m->num_kv_heads;
     const int64_t group = Hq / Hkv, nqkv = (Hq + 2 * Hkv) * hd, GU = 2 * m->max_ff;
     const int nt_max = (int)m->threads;
-    /* shared: attention output, then the threads' partial sums of each product (nt_max parts each) */
-    float *attn = m->scratch, *qkv_p = attn + Hq * hd, *o_p = qkv_p + nt_max * nqkv, *gu_p = o_p + nt_max * D;
-    float *down_p = gu_p + nt_max * GU;
+    /* shared: the threads' partial sums of each product and their attention shares (nt_max parts each) */
+    float *qkv_p = m->scratch, *o_p = qkv_p + nt_max * nqkv, *gu_p = o_p + nt_max * D;
+    float *down_p = gu_p + nt_max * GU, *att_m = down_p + nt_max * D, *att_l = att_m + nt_max * Hq;
+    float *att_o = att_l + nt_max * Hq;
     const float *cos = m->rope_cos + slot * half, *sin = m->rope_sin + slot * half;
     int failed = 0;
     *skipped = 0;
@@ -231,10 +265,10 @@ int caprese_decode_step(const Model *m, int64_t token, int64_t slot, int64_t *sk
         /* per thread: residual stream x, normed h, a summed product y, FFN input z, CATS row list, scores, a head */
         float *x = malloc(sizeof(float) * D), *h = malloc(sizeof(float) * D), *y = malloc(sizeof(float) * D);
         float *g = malloc(sizeof(float) * GU), *z = malloc(sizeof(float) * m->max_ff);
-        float *scores = malloc(sizeof(float) * m->capacity), *qh = malloc(sizeof(float) * hd);
-        float *t = malloc(sizeof(float) * D);
+        float *scores = malloc(sizeof(float) * m->capacity * group), *qh = malloc(sizeof(float) * Hq * hd);
+        float *t = malloc(sizeof(float) * D), *attn = malloc(sizeof(float) * Hq * hd);
         int32_t *rows = malloc(sizeof(int32_t) * m->max_ff);
-        int ok = x && h && y && g && z && scores && qh && t && rows;
+        int ok = x && h && y && g && z && scores && qh && t && attn && rows;
 #pragma omp atomic
         failed += !ok;
 #pragma omp barrier
@@ -249,23 +283,40 @@ int caprese_decode_step(const Model *m, int64_t token, int64_t slot, int64_t *sk
                 rows_of(D, tid, nt, &i0, &i1);
                 gemv_part(h, &L->qkv, NULL, i0, i1, qkv_p + tid * nqkv);
 #pragma omp barrier
-                for (int64_t kv = tid; kv < Hkv; kv += nt) { /* new K (normed, rotated) and V into the cache */
-                    float *kd = L->k_cache + (kv * m->capacity + slot) * hd;
-                    float *vd = L->v_cache + (kv * m->capacity + slot) * hd;
-                    gather(qkv_p, nt, nqkv, (Hq + kv) * hd, hd, L->qkv_bias, qh);
-                    if (L->k_norm) rms_norm(qh, L->k_norm, kd, hd, m->eps); else memcpy(kd, qh, sizeof(float) * hd);
-                    rope(kd, cos, sin, half);
-                    gather(qkv_p, nt, nqkv, (Hq + Hkv + kv) * hd, hd, L->qkv_bias, vd);
-                }
-#pragma omp barrier
+                /* attention: the slots lo .. slot are split between the threads (every query head in each
+                 * share, K/V rows read once per group); the last share holds the new slot, so the thread that
+                 * writes the new K/V into the cache is the only one that reads them this step */
                 const int64_t lo = (L->window > 0 && slot - L->window + 1 > 0) ? slot - L->window + 1 : 0;
-                for (int64_t hq = tid; hq < Hq; hq += nt) {
+                const int64_t n_att = slot - lo + 1;
+                const int64_t s0 = lo + n_att * tid / nt, s1 = lo + n_att * (tid + 1) / nt;
+                if (tid == nt - 1)
+                    for (int64_t kv = 0; kv < Hkv; kv++) { /* new K (normed, rotated) and V into the cache */
+                        float *kd = L->k_cache + (kv * m->capacity + slot) * hd;
+                        float *vd = L->v_cache + (kv * m->capacity + slot) * hd;
+                        gather(qkv_p, nt, nqkv, (Hq + kv) * hd, hd, L->qkv_bias, t);
+                        if (L->k_norm) rms_norm(t, L->k_norm, kd, hd, m->eps); else memcpy(kd, t, sizeof(float) * hd);
+                        rope(kd, cos, sin, half);
+                        gather(qkv_p, nt, nqkv, (Hq + Hkv + kv) * hd, hd, L->qkv_bias, vd);
+                    }
+                for (int64_t hq = 0; hq < Hq; hq++) { /* every query head, normed and rotated */
                     gather(qkv_p, nt, nqkv, hq * hd, hd, L->qkv_bias, t);
-                    if (L->q_norm) rms_norm(t, L->q_norm, qh, hd, m->eps); else memcpy(qh, t, sizeof(float) * hd);
-                    rope(qh, cos, sin, half);
-                    attend(m, L, qh, hq / group, lo, slot, scores, attn + hq * hd);
+                    if (L->q_norm) rms_norm(t, L->q_norm, qh + hq * hd, hd, m->eps);
+                    else memcpy(qh + hq * hd, t, sizeof(float) * hd);
+                    rope(qh + hq * hd, cos, sin, half);
+                }
+                for (int64_t kv = 0; kv < Hkv; kv++) {
+                    const int64_t h0 = kv * group;
+                    if (s1 > s0)
+                        attend_part(m, L, qh + h0 * hd, kv, group, s0, s1, scores, att_m + tid * Hq + h0,
+                                    att_l + tid * Hq + h0, att_o + (tid * Hq + h0) * hd);
+                    else /* an empty share (more threads than slots): nothing to merge */
+                        for (int64_t g2 = 0; g2 < group; g2++) {
+                            att_l[tid * Hq + h0 + g2] = 0.0f;
+                            att_m[tid * Hq + h0 + g2] = -INFINITY;
+                        }
                 }
 #pragma omp barrier
+                attend_merge(att_m, att_l, att_o, nt, Hq, hd, attn);
                 rows_of(Hq * hd, tid, nt, &i0, &i1);
                 gemv_part(attn, &L->o, NULL, i0, i1, o_p + tid * D);
 #pragma omp barrier
@@ -353,7 +404,7 @@ int caprese_decode_step(const Model *m, int64_t token, int64_t slot, int64_t *sk
             if (cap > 0.0f)
                 for (v = i0; v < i1; v++) m->logits[v] = tanhf(m->logits[v] / cap) * cap;
         }
-        free(x); free(h); free(y); free(g); free(z); free(scores); free(qh); free(t); free(rows);
+        free(x); free(h); free(y); free(g); free(z); free(scores); free(qh); free(t); free(attn); free(rows);
     }
     return failed ? 2 : 0;
 }
