@@ -1,10 +1,11 @@
 """The native backend (one call of caprese's C kernel per decode step) against ONNX Runtime running the same
 engine's decode graph: the logits of every decode step, the greedy tokens, GRIFFIN re-selection, CATS' skipped
-rows, one and two threads, every model family of the tiny set; and its one-line refusals.
+rows, 1 to 16 threads, every model family of the tiny set, chat turns that regrow the cache; and its one-line
+refusals and build errors.
 
 Tolerance (fp32 on both sides): the kernel sums the products in another order than MLAS (rows split between
-threads, four at a time), keeps the RMSNorm sum of squares in float64 and uses its own exp in the activations,
-so the two differ by float32 rounding only. Logits of these tiny models are O(1); max |Δ| seen here is 2e-6 to
+threads, four at a time; attention shares merged by max and sum), keeps the RMSNorm sum of squares in float64
+and uses its own exp in the activations and softmax, so the two differ by float32 rounding only. Logits of these tiny models are O(1); max |Δ| seen here is 2e-6 to
 1e-5, and the bound is 5e-5 + 5e-5·|logit|: an error in any real computation (a wrong row, norm, rotary sign
 or mask) moves logits by 1e-2 or more."""
 
@@ -62,7 +63,7 @@ def recorded(g: Generator, prompt: list[int], rho: int):
 CASES = [  # (kind, method, rho, target, what it exercises)
     ("llama", "dense", 0, "tensorrt"),  # q/k/v/o + MLP biases, untied head, head_dim 24, GQA 3:1
     ("llama", "griffin", 8, "tensorrt"),  # GRIFFIN folded buffers + b_gul, re-selection every 8 steps
-    ("llama", "cats", 0, "tensorrt"),  # CATS threshold with a bypass and MLP biases: skipped rows
+    ("llama", "cats", 0, "tensorrt"),  # CATS threshold with a bypass and MLP biases: sparse up / down rows
     ("llama3", "dense", 0, "tensorrt"),  # Llama 3.1 RoPE scaling (in the tables), MQA, tied embeddings
     ("mistral", "dense", 0, "tensorrt"),  # sliding window 8 on every layer
     ("qwen2", "griffin", 8, "tensorrt"),  # q/k/v biases, a window on layer 1 only
