@@ -72,10 +72,10 @@ ROW_NAMES = ("genai-dense", "ort-dense", "ort-griffin", "ort-caprese-griffin", "
              "torch-dense", "transformers")
 ORT_ROWS = ("ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats", "ort-contrib-dense",
             "ort-contrib-caprese-griffin")
-# issue 5's CPU targets: (row, max ratio to the peer, max ratio to the floor)
 # native rows: the native backend (caprese/runtime/native) on the engine folder of the row named here
 NATIVE_ROWS = {"native-dense": "ort-contrib-dense", "native-caprese-griffin": "ort-contrib-caprese-griffin",
                "native-caprese-cats": "ort-caprese-cats"}
+# issue 5's CPU targets: (row, max ratio to the peer, max ratio to the floor)
 TARGETS = (("ort-dense", 0.95, 1.25), ("ort-caprese-griffin", 0.70, 1.25), ("ort-contrib-dense", 0.95, 1.25),
            ("ort-contrib-caprese-griffin", 0.70, 1.25), ("native-dense", 0.95, 1.25),
            ("native-caprese-griffin", 0.70, 1.25))

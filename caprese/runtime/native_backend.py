@@ -29,30 +29,34 @@ def _ptr(a: np.ndarray | None) -> int | None:
 
 
 class _Arena:
-    """The decode step's weights, copied out of weights.bin into one 2 MiB-aligned buffer (THP-advised)."""
+    """The decode step's weights, copied out of weights.bin into one 2 MiB-aligned buffer (THP-advised); the
+    `mapped` ones (a table a step reads one row of) stay in the read-only memory map of weights.bin instead."""
 
-    def __init__(self, manifest, names: list[str]):
+    def __init__(self, manifest, names: list[str], mapped: set[str] = frozenset()):
         table = manifest.data["weights"]
         offsets, total = {}, 0
         for n in dict.fromkeys(names):
-            offsets[n] = total
-            total += -(-int(table[n]["length"]) // 64) * 64
+            if n not in mapped:
+                offsets[n] = total
+                total += -(-int(table[n]["length"]) // 64) * 64
         raw = np.empty(total + _HUGE, np.uint8)
         start = -raw.ctypes.data % _HUGE
         self.buf = raw[start:start + total]
         self._raw = raw
         _advise_huge(self.buf)
-        src = np.memmap(manifest.file("weights"), dtype=np.uint8, mode="r")
+        self._src = np.memmap(manifest.file("weights"), dtype=np.uint8, mode="r")
         self.views: dict[str, np.ndarray] = {}
-        for n, off in offsets.items():
+        for n in dict.fromkeys(names):
             e = table[n]
             if e["dtype"] != "float32":
                 raise CapreseError(f"the native backend runs fp32 engines; {n} is {e['dtype']}")
-            length = int(e["length"])
-            dst = self.buf[off:off + length]
-            dst[:] = src[int(e["offset"]):int(e["offset"]) + length]
+            begin, length = int(e["offset"]), int(e["length"])
+            if n in mapped:
+                dst = self._src[begin:begin + length]
+            else:
+                dst = self.buf[offsets[n]:offsets[n] + length]
+                dst[:] = self._src[begin:begin + length]
             self.views[n] = dst.view(np.float32).reshape(e["shape"])
-        del src
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.views[name]
@@ -83,11 +87,12 @@ class NativeBackend(OrtBackend):
             raise CapreseError(f"the native backend has no {model.get('activation')!r} activation; use --backend "
                                "onnxruntime")
         self.lib = lib_.load()
-        self.kernel = lib_.library_path()
+        self.kernel = self.lib.path
         super().__init__(manifest, threads=threads, kv_policy=kv_policy, device="cpu")
         self.nthreads = int(threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                         else os.cpu_count() or 1))
-        self.arena = _Arena(manifest, self._weight_names())
+        embed = "model.embed_tokens.weight"  # untied: only its token's row is read, so it stays mapped
+        self.arena = _Arena(manifest, self._weight_names(), mapped={embed} if self._head_name() != embed else set())
         self._extra: list[np.ndarray] = []  # arrays the structs point into (concatenated biases)
         self._layers = (lib_.Layer * self.layout.num_layers)()
         self._model = lib_.Model()

@@ -122,5 +122,6 @@ def load() -> ctypes.CDLL:
                                            ctypes.POINTER(ctypes.c_int64)]
         if lib.caprese_native_abi() != ABI:
             raise CapreseError(f"{path} is a native kernel of another version; delete it and run again")
+        lib.path = path  # where it was loaded from (for reports; library_path() would run the compiler again)
         _LOADED = lib
     return _LOADED
