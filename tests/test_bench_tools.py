@@ -85,7 +85,8 @@ def test_native_rows_run_the_onnxruntime_target_engines(bench, tiny_model_dir, t
     give that row's greedy tokens."""
     model = tiny_model_dir("llama")
     logs: list[str] = []
-    res = bench.run_bench(model, ["ort-contrib-dense", "native-dense", "native-caprese-griffin"], prompt_tokens=8,
+    res = bench.run_bench(model, ["ort-contrib-dense", "native-dense", "native-caprese-griffin",
+                                  "native-dense-full-head"], prompt_tokens=8,
                           new_tokens=6, repeats=1, threads=1, rank=8, out_dir=tmp_path / "cache", bandwidth_mb=8,
                           settle_s=0.0, log=logs.append)
     by = {r["row"]: r for r in res["rows"]}
@@ -94,7 +95,10 @@ def test_native_rows_run_the_onnxruntime_target_engines(bench, tiny_model_dir, t
     assert by["native-caprese-griffin"]["engine"].endswith("ort-contrib-caprese-griffin-fp32")
     assert sum("exporting" in m for m in logs) == 2  # the two ort-contrib engines, nothing for native
     assert by["native-dense"]["first_tokens"] == by["ort-contrib-dense"]["first_tokens"]
-    assert {"native-dense", "native-caprese-griffin"} <= set(res["targets"])
+    assert by["native-dense-full-head"]["label"] == "caprese dense [native, full head]"
+    assert by["native-dense-full-head"]["first_tokens"] == by["native-dense"]["first_tokens"]
+    assert by["native-dense-full-head"]["bytes_per_step"] > by["native-dense"]["bytes_per_step"]
+    assert {"native-dense", "native-caprese-griffin", "native-dense-full-head"} <= set(res["targets"])
 
 
 def test_genai_row_skips_with_a_reason(bench, tiny_model_dir, tmp_path, monkeypatch):

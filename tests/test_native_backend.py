@@ -1,7 +1,8 @@
 """The native backend (one call of caprese's C kernel per decode step) against ONNX Runtime running the same
 engine's decode graph: the logits of every decode step, the greedy tokens, GRIFFIN re-selection, CATS' skipped
-rows, 1 to 16 threads, every model family of the tiny set, chat turns that regrow the cache; and its one-line
-refusals and build errors.
+rows, 1 to 16 threads, every model family of the tiny set, chat turns that regrow the cache; the screened LM head
+of greedy steps against the full one (same tokens, bytes counted, a head built to defeat the int8 screen); and its
+one-line refusals and build errors.
 
 Tolerance (fp32 on both sides): the kernel sums the products in another order than MLAS (rows split between
 threads, four at a time; attention shares merged by max and sum), keeps the RMSNorm sum of squares in float64
@@ -35,10 +36,13 @@ ATOL = RTOL = 5e-5
 _GENERATORS: dict = {}
 
 
-def generator(engine, backend: str, threads: int = 1) -> Generator:
-    key = (str(engine), backend, threads)
+def generator(engine, backend: str, threads: int = 1, head: str = "full") -> Generator:
+    """A cached Generator; the native one computes every logit unless head="screened" (the default of
+    Generator.load), so that the logits of greedy steps can be recorded and compared."""
+    key = (str(engine), backend, threads, head)
     if key not in _GENERATORS:
-        _GENERATORS[key] = Generator.load(engine, backend=backend, threads=threads)
+        options = {"head": head} if backend == "native" else {}
+        _GENERATORS[key] = Generator.load(engine, backend=backend, threads=threads, **options)
     return _GENERATORS[key]
 
 
@@ -164,6 +168,111 @@ def test_cats_rows_below_the_threshold_are_not_read(tmp_path_factory, tiny_model
     assert r.stats.weight_bytes_per_step == generator(dense, "onnxruntime").traffic.weight_bytes
 
 
+def head_traffic(g: Generator, rows: int) -> int:
+    """Bytes a screened step does not read of the fp32 head: V x D x (4 - 1) less the per-row scale and bound,
+    less the fp32 rows recomputed."""
+    lay = g.manifest.layout
+    return lay.vocab_size * lay.hidden_size * 3 - lay.vocab_size * 8 - rows * lay.hidden_size * 4
+
+
+@needs_cc
+@pytest.mark.parametrize("kind,method,rho,target", CASES)
+def test_screened_head_picks_the_full_heads_tokens(kind, method, rho, target, tmp_path_factory, tiny_model_dir):
+    """Greedy steps on the default head (int8 screen + fp32 recomputation of the candidates) give the tokens of
+    the full fp32 head, on every family and method (Gemma 2's final soft-cap included), and the report counts
+    the head's bytes as read: the int8 copy, its scales and bounds, the recomputed rows."""
+    engine, _ = get_export(tmp_path_factory, tiny_model_dir, kind, method, target=target)
+    prompt = prompt_ids(14, seed=3)[0].tolist()
+    full = generator(engine, "native")
+    screened = generator(engine, "native", head="screened")
+    with one_torch_thread():
+        want = full.generate(prompt, NEW, reselect_every=rho, ignore_eos=True)
+        got = screened.generate(prompt, NEW, reselect_every=rho, ignore_eos=True)
+    assert got.tokens == want.tokens
+    b = screened.backend
+    assert b.describe()["head"] == "screened" and 1 <= b.head_rows <= screened.manifest.layout.vocab_size
+    cats = full.backend.skipped_bytes()  # the same last step, the same CATS rows skipped
+    assert b.skipped_bytes() == cats + head_traffic(screened, b.head_rows)
+    assert got.stats.weight_bytes_per_step < want.stats.weight_bytes_per_step
+
+
+def _defeat_the_screen(engine, dst, seed: int = 0):
+    """A copy of `engine` whose LM head rows are one random row plus noise of 1e-3 (a third of the int8 step):
+    the int8 copy cannot tell the rows apart, so nearly every row is a candidate and the fp32 pass decides."""
+    import numpy as np
+
+    moved = shutil.copytree(engine, dst)
+    m = json.loads((moved / "manifest.json").read_text())
+    e = m["weights"]["lm_head.weight"]
+    V, D = e["shape"]
+    w = np.memmap(moved / m["files"]["weights"], dtype=np.float32, mode="r+", offset=int(e["offset"]), shape=(V, D))
+    rng = np.random.default_rng(seed)
+    w[:] = rng.normal(0, 0.15, (1, D)) + rng.normal(0, 1e-3, (V, D))
+    w.flush()
+    del w
+    return moved
+
+
+@needs_cc
+@pytest.mark.parametrize("threads", [1, 3])
+def test_screened_head_when_the_int8_copy_cannot_decide(threads, tmp_path_factory, tiny_model_dir, tmp_path):
+    """Head rows closer together than the int8 step: the screen keeps most rows as candidates and only the
+    fp32 recomputation can pick the token. It must still be the full head's argmax (and it is not the argmax of
+    the screening values, so this test fails if the fp32 pass picks wrongly)."""
+    engine, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "dense")
+    engine = _defeat_the_screen(engine, tmp_path / "engine")
+    prompt = prompt_ids(14, seed=5)[0].tolist()
+    full = Generator.load(engine, backend="native", threads=threads, head="full")
+    screened = Generator.load(engine, backend="native", threads=threads)
+    b = screened.backend
+    rows, screen_argmax, decode_greedy = [], [], b.decode_greedy
+
+    def record(token, slot):
+        out = decode_greedy(token, slot)
+        rows.append(b.head_rows)
+        screen_argmax.append(int(b.logits.host.argmax()))
+        return out
+
+    b.decode_greedy = record
+    with one_torch_thread():
+        want = full.generate(prompt, 24, ignore_eos=True)
+        got = screened.generate(prompt, 24, ignore_eos=True)
+    V = screened.manifest.layout.vocab_size
+    print(f"candidate rows per step: min {min(rows)}, mean {sum(rows) / len(rows):.0f} of {V}")
+    assert got.tokens == want.tokens
+    assert min(rows) > V // 4
+    assert sum(a != t for a, t in zip(screen_argmax, got.tokens[1:])) >= len(rows) // 2
+
+
+def test_quantized_head_bound_holds_in_float64():
+    """The stored bound covers |W_v . h - s_v (q_v . h)| for random h (float64 reference), rows with an outlier
+    and an all-zero row included, and is the formula's value (not an arbitrary slack): within 0.2% + the
+    rounding term of |e_v|_2."""
+    import numpy as np
+
+    from caprese.runtime.native.screened_head import U, quantize_head
+
+    rng = np.random.default_rng(0)
+    V, D = 1000, 96
+    w = rng.normal(0, 0.05, (V, D)).astype(np.float32)
+    w[7, 3] = 4.0  # an outlier: a coarse int8 step for row 7
+    w[11] = 0.0
+    q, s, bound = quantize_head(w, chunk=256)  # several chunks
+    assert q.dtype == np.int8 and np.abs(q.astype(int)).max() <= 127 and bound.dtype == np.float32
+    sq = q.astype(np.float64) * s.astype(np.float64)[:, None]
+    err = np.linalg.norm(w.astype(np.float64) - sq, axis=1)
+    assert np.all(np.abs(w - sq) <= s[:, None].astype(np.float64) / 2 * (1 + 1e-6))
+    assert bound[11] == 0.0 and bound[7] > 10 * np.median(bound)
+    gamma = (D + 2) * U / (1 - (D + 2) * U)
+    slack = 2 * gamma * (np.linalg.norm(sq, axis=1) + np.linalg.norm(w.astype(np.float64), axis=1))
+    assert np.all(bound >= err) and np.all(bound <= (err + slack) * 1.002 + 1e-12)
+    for _ in range(20):
+        h = rng.normal(0, 3, D) * (rng.random(D) < 0.9)
+        exact = w.astype(np.float64) @ h
+        approx = sq @ h
+        assert np.all(np.abs(exact - approx) <= np.linalg.norm(h) * bound)
+
+
 @needs_cc
 def test_native_refusals_are_one_line(tmp_path_factory, tiny_model_dir, tmp_path):
     fp16, _ = get_export(tmp_path_factory, tiny_model_dir, "qwen2", "dense", precision="fp16")
@@ -241,3 +350,12 @@ def test_cli_generate_on_native(tmp_path_factory, tiny_model_dir, monkeypatch, c
     assert got["backend"] == "native" and got["text"] == ref["text"]
     rc, out, err = run_cli(caprese_main, [*args, "--backend", "native", "--device", "cuda"], monkeypatch, capsys)
     assert_one_line_error(rc, err, "runs on the CPU")
+    # --full-head: every logit in fp32 (the same text here); refused where it means nothing
+    run = ["run", engine, "-p", "the cat sat", "-n", "8", "--json"]
+    rc, out, err = run_cli(caprese_main, [*run, "--backend", "native", "--full-head"], monkeypatch, capsys)
+    assert rc == 0, err
+    full = json.loads(out)
+    assert full["head"] == "full" and got["head"] == "screened" and full["text"] == ref["text"]
+    assert full["bytes_per_step"] > got["bytes_per_step"]
+    rc, out, err = run_cli(caprese_main, [*run, "--full-head"], monkeypatch, capsys)
+    assert_one_line_error(rc, err, "--full-head applies to --backend native")

@@ -12,7 +12,11 @@ Rows (--rows, comma-separated; default: all):
                        GroupQueryAttention, SkipSimplifiedLayerNormalization), onnxruntime
   native-dense, native-caprese-griffin, native-caprese-cats
                        the native backend (prefill on ONNX Runtime, each decode step in one call of caprese's C
-                       kernel) on the engines of ort-contrib-dense, ort-contrib-caprese-griffin, ort-caprese-cats
+                       kernel) on the engines of ort-contrib-dense, ort-contrib-caprese-griffin, ort-caprese-cats;
+                       greedy steps screen the LM head with its int8 copy (the backend's default: the fp32
+                       argmax, a quarter of the head's bytes)
+  native-dense-full-head, native-caprese-griffin-full-head
+                       the same with every logit of the head in fp32 (--full-head): what the screen saves
   torch-dense          caprese's PyTorch reference decoder (caprese.model.generation.generate)
   transformers         transformers' `generate`, same model and prompt
 
@@ -35,7 +39,9 @@ of each round, so drift hits all of them equally. Every
 row uses --threads (ONNX Runtime intra-op threads, GenAI's session options, torch.set_num_threads).
 
 Bytes per step: onnxruntime rows from the engine (RuntimeStats.bytes_per_step: the decode graph's weights per
-the manifest, one row of gathered tables, the folded selection inputs, K/V of the allocated slots); genai-dense,
+the manifest, one row of gathered tables, the folded selection inputs, K/V of the allocated slots; native rows:
+less what the kernel did not read, i.e. CATS' skipped rows and, with the screened head, three quarters of the
+head's bytes less its scales, bounds and recomputed rows, K/V of the valid prefix only); genai-dense,
 torch-dense and transformers use the dense byte count of the model (every weight once, the embedding table only
 gathered unless tied, + K/V over the mean context prompt + new/2).
 
@@ -69,16 +75,20 @@ BENCH_VERSION = 2
 PEER = "genai-dense"
 ROW_NAMES = ("genai-dense", "ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats", "ort-contrib-dense",
              "ort-contrib-caprese-griffin", "native-dense", "native-caprese-griffin", "native-caprese-cats",
-             "torch-dense", "transformers")
+             "native-dense-full-head", "native-caprese-griffin-full-head", "torch-dense", "transformers")
 ORT_ROWS = ("ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats", "ort-contrib-dense",
             "ort-contrib-caprese-griffin")
-# native rows: the native backend (caprese/runtime/native) on the engine folder of the row named here
-NATIVE_ROWS = {"native-dense": "ort-contrib-dense", "native-caprese-griffin": "ort-contrib-caprese-griffin",
-               "native-caprese-cats": "ort-caprese-cats"}
+# native rows: the native backend (caprese/runtime/native) on the engine folder of the row named here, its head
+NATIVE_ROWS = {"native-dense": ("ort-contrib-dense", "screened"),
+               "native-caprese-griffin": ("ort-contrib-caprese-griffin", "screened"),
+               "native-caprese-cats": ("ort-caprese-cats", "screened"),
+               "native-dense-full-head": ("ort-contrib-dense", "full"),
+               "native-caprese-griffin-full-head": ("ort-contrib-caprese-griffin", "full")}
 # issue 5's CPU targets: (row, max ratio to the peer, max ratio to the floor)
 TARGETS = (("ort-dense", 0.95, 1.25), ("ort-caprese-griffin", 0.70, 1.25), ("ort-contrib-dense", 0.95, 1.25),
            ("ort-contrib-caprese-griffin", 0.70, 1.25), ("native-dense", 0.95, 1.25),
-           ("native-caprese-griffin", 0.70, 1.25))
+           ("native-caprese-griffin", 0.70, 1.25), ("native-dense-full-head", 0.95, 1.25),
+           ("native-caprese-griffin-full-head", 0.70, 1.25))
 
 
 # ---------------------------------------------------------------- measurements shared by all rows
@@ -299,12 +309,14 @@ class Row:
         raise NotImplementedError
 
 
-def engine_label(manifest, backend: str = "onnxruntime") -> str:
+def engine_label(manifest, backend: str = "onnxruntime", head: str = "screened") -> str:
     """caprese dense / GRIFFIN(d=0.5, all layers) / Caprese(GRIFFIN, d=0.5, all layers, r=64), from the manifest;
     " [ORT ops]" for an engine exported with --target onnxruntime run by ONNX Runtime, " [native]" on the native
-    backend (which runs its own decode step whatever the target)."""
+    backend (which runs its own decode step whatever the target), " [native, full head]" with head="full"."""
     m = manifest.data["method"]
-    tag = " [native]" if backend == "native" else " [ORT ops]" if manifest.data.get("target") == "onnxruntime" else ""
+    tag = " [ORT ops]" if manifest.data.get("target") == "onnxruntime" else ""
+    if backend == "native":
+        tag = " [native, full head]" if head == "full" else " [native]"
     if m["name"] == "dense":
         return "caprese dense" + tag
     layers = list(m.get("layers", []))
@@ -316,12 +328,13 @@ def engine_label(manifest, backend: str = "onnxruntime") -> str:
 
 
 class EngineRow(Row):
-    def __init__(self, name: str, engine: Path, threads: int, adapters: str, backend: str = "onnxruntime"):
+    def __init__(self, name: str, engine: Path, threads: int, adapters: str, backend: str = "onnxruntime",
+                 **options):
         from caprese.runtime import Generator
 
         self.name, self.engine, self.backend = name, engine, backend
-        self.g = Generator.load(engine, backend=backend, threads=threads)
-        self.label = engine_label(self.g.manifest, backend)
+        self.g = Generator.load(engine, backend=backend, threads=threads, **options)
+        self.label = engine_label(self.g.manifest, backend, options.get("head", "screened"))
         self.notes = {"engine": str(engine), "adapters": adapters,
                       "bytes_source": "engine manifest (RuntimeStats.bytes_per_step)"}
 
@@ -442,9 +455,9 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
             engine, adapters = prepare_engine(model_dir, root, name, row_recipe(name, density, rank), precision, log)
             built.append(EngineRow(name, engine, threads, adapters))
         elif name in NATIVE_ROWS:
-            src = NATIVE_ROWS[name]
+            src, head = NATIVE_ROWS[name]
             engine, adapters = prepare_engine(model_dir, root, src, row_recipe(src, density, rank), precision, log)
-            built.append(EngineRow(name, engine, threads, adapters, backend="native"))
+            built.append(EngineRow(name, engine, threads, adapters, backend="native", head=head))
         elif name == "torch-dense":
             built.append(TorchRow(name, "caprese PyTorch reference decoder, dense", time_ours, dense_decoder,
                                   dense_bytes))
@@ -518,16 +531,17 @@ def format_table(res: dict) -> str:
              f"{res['prompt_tokens']} tokens, {res['new_tokens']} new tokens, median of {res['repeats']} "
              f"interleaved repeats; read bandwidth {res['measured_bandwidth_gbs']} GB/s (median of "
              f"{res['bandwidth_samples_gbs']})"]
-    head = (f"{'row':<29}{'what':<53}{'ms/token':>9}{'tok/s':>8}{'MB/step':>9}{'GB/s':>7}{'x peer':>8}"
+    w = max([29] + [len(r["row"]) + 2 for r in res["rows"]] + [len(n) + 2 for n in res["skipped"]])
+    head = (f"{'row':<{w}}{'what':<64}{'ms/token':>9}{'tok/s':>8}{'MB/step':>9}{'GB/s':>7}{'x peer':>8}"
             f"{'floor ms':>9}{'x floor':>8}")
     lines += [head, "-" * len(head)]
     for r in res["rows"]:
         peer = "-" if r["ratio_to_peer"] is None else f"{r['ratio_to_peer']:.3f}"
-        lines.append(f"{r['row']:<29}{r['label'][:52]:<53}{r['ms_per_token']:>9.2f}{r['tokens_per_s']:>8.1f}"
+        lines.append(f"{r['row']:<{w}}{r['label'][:63]:<64}{r['ms_per_token']:>9.2f}{r['tokens_per_s']:>8.1f}"
                      f"{r['bytes_per_step'] / 1e6:>9.1f}{r['gb_per_s']:>7.2f}{peer:>8}"
                      f"{r['floor_ms_per_token']:>9.2f}{r['ratio_to_floor']:>8.3f}")
     for name, why in res["skipped"].items():
-        lines.append(f"{name:<29}skipped: {why}")
+        lines.append(f"{name:<{w}}skipped: {why}")
     adapters = {r["row"]: r["adapters"] for r in res["rows"] if r.get("adapters") not in (None, "n/a", "none")}
     if adapters:
         lines.append("adapters: " + "; ".join(f"{k}: {v}" for k, v in adapters.items()))

@@ -66,8 +66,8 @@ def _main_thread() -> bool:
 @sampling_options
 @click.option("--json", "as_json", is_flag=True,
               help="Print each reply as one JSON object (text + latency) instead of streaming it.")
-def chat_command(engine_dir, system, max_new_tokens, backend, threads, device, cuda_graph, temperature, top_k, top_p,
-                 seed, reselect_every, as_json) -> None:
+def chat_command(engine_dir, system, max_new_tokens, backend, threads, device, cuda_graph, full_head, temperature,
+                 top_k, top_p, seed, reselect_every, as_json) -> None:
     """Chat with an engine folder from `caprese-export` (reads your turns from stdin).
 
     \b
@@ -79,7 +79,7 @@ def chat_command(engine_dir, system, max_new_tokens, backend, threads, device, c
     from caprese.runtime.generator import sampling_from
 
     sampling = sampling_from(temperature, top_k, top_p, seed)
-    g = open_generator(engine_dir, backend, threads, device, cuda_graph)
+    g = open_generator(engine_dir, backend, threads, device, cuda_graph, full_head)
     conv = Conversation(g, system)
     tty = sys.stdin.isatty()
     if tty:

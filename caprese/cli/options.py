@@ -16,7 +16,7 @@ BACKEND_CHOICES = ["onnxruntime", "native", "torch", "tensorrt"]
 
 
 def engine_options(f):
-    """--backend, --threads, --device, --cuda-graph (`run`, `chat`)."""
+    """--backend, --threads, --device, --cuda-graph, --full-head (`run`, `chat`)."""
     return _apply(f, [
         click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(BACKEND_CHOICES),
                      help="What runs the engine: the ONNX graphs on ONNX Runtime; native (CPU, fp32: prefill on "
@@ -28,6 +28,10 @@ def engine_options(f):
                      help="onnxruntime / torch device. Default: cuda where the backend can use it, else cpu."),
         click.option("--cuda-graph/--no-cuda-graph", default=None,
                      help="torch on cuda: capture the decode step once as a CUDA graph and replay it (default on)."),
+        click.option("--full-head", is_flag=True,
+                     help="native: compute every logit of the LM head in fp32 on greedy steps too. By default a "
+                          "greedy step screens the head with an int8 copy and recomputes in fp32 only the rows "
+                          "that can hold the argmax: the same token, a quarter of the head's bytes."),
     ])
 
 

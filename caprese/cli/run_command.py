@@ -13,12 +13,17 @@ import click
 from caprese.cli.options import engine_options, prompt_options, sampling_options
 
 def open_generator(engine_dir: str, backend: str, threads: int | None, device: str | None,
-                   cuda_graph: bool | None = None):
+                   cuda_graph: bool | None = None, full_head: bool = False):
+    from caprese.errors import CapreseError
     from caprese.runtime.generator import Generator
 
     options = {} if device is None or backend == "tensorrt" else {"device": device}
     if cuda_graph is not None and backend == "torch":
         options["cuda_graph"] = cuda_graph
+    if full_head:
+        if backend != "native":
+            raise CapreseError("--full-head applies to --backend native (the other backends compute every logit)")
+        options["head"] = "full"
     return Generator.load(engine_dir, backend=backend, threads=threads, **options)
 
 
@@ -36,8 +41,8 @@ def describe(g, engine_dir: str) -> dict:
 @sampling_options
 @click.option("--ignore-eos", is_flag=True, help="Always generate --max-new-tokens tokens (benchmarks).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text + latency) instead of streaming.")
-def run_command(engine_dir, prompt, chat, system, max_new_tokens, backend, threads, device, cuda_graph, temperature,
-                top_k, top_p, seed, reselect_every, ignore_eos, as_json) -> None:
+def run_command(engine_dir, prompt, chat, system, max_new_tokens, backend, threads, device, cuda_graph, full_head,
+                temperature, top_k, top_p, seed, reselect_every, ignore_eos, as_json) -> None:
     """Generate a reply with an engine folder from `caprese-export`.
 
     Text streams to stdout; the latency report (time to first token, ms per output token, achieved GB/s,
@@ -45,15 +50,15 @@ def run_command(engine_dir, prompt, chat, system, max_new_tokens, backend, threa
     `caprese generate --json` plus bytes_per_step, gb_per_s, peak_rss_mb, kv_slots and the backend's own.
     """
     run_engine(engine_dir, prompt, chat, system, max_new_tokens, backend, threads, device, cuda_graph, temperature,
-               top_k, top_p, seed, reselect_every, ignore_eos, as_json)
+               top_k, top_p, seed, reselect_every, ignore_eos, as_json, full_head)
 
 
 def run_engine(engine_dir, prompt, chat, system, max_new_tokens, backend, threads, device, cuda_graph, temperature,
-               top_k, top_p, seed, reselect_every, ignore_eos, as_json) -> None:
+               top_k, top_p, seed, reselect_every, ignore_eos, as_json, full_head=False) -> None:
     """`caprese run`'s body; `caprese generate ENGINE_DIR` comes here too."""
     from caprese.runtime.generator import sampling_from
 
-    g = open_generator(engine_dir, backend, threads, device, cuda_graph)
+    g = open_generator(engine_dir, backend, threads, device, cuda_graph, full_head)
     stream = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     result = g.generate(prompt, max_new_tokens, sampling_from(temperature, top_k, top_p, seed), chat, system,
                         reselect_every, stream, ignore_eos=ignore_eos)

@@ -8,6 +8,7 @@ A backend owns the KV cache and the decode graph's persistent selection inputs o
                              CATS thresholds per layer
   decode(token, slot)        one token through the decode graph -> logits [1, V] (float32 torch tensor on
                              logits_device, valid until the next call)
+  decode_greedy(token, slot) the same step -> the argmax token (a backend may find it without every logit)
   attended(slot)             KV slots a decode step at `slot` reads (for the bandwidth report)
   skipped_bytes()            weight bytes the last decode step did not read (for the bandwidth report)
 Backends are imported lazily; a missing one is a one-line CapreseError.
@@ -22,6 +23,7 @@ import inspect
 import torch
 
 from caprese.errors import CapreseError
+from caprese.model.sampling import Sampling, sample
 
 BACKENDS = {"onnxruntime": ("caprese.runtime.ort_backend", "OrtBackend"),
             "torch": ("caprese.runtime.torch_backend", "TorchBackend"),
@@ -34,6 +36,9 @@ class PrefillOut:
     logits: torch.Tensor  # [1, V] float32, the last token's
     griffin: dict[int, torch.Tensor]  # layer -> griffin_stat [1, F] float32 (this call's tokens only)
     tau: dict[int, torch.Tensor]  # layer -> cats_tau [1] float32 (this call's tokens only)
+
+
+_GREEDY = Sampling()
 
 
 class Backend:
@@ -57,6 +62,9 @@ class Backend:
 
     def decode(self, token: int, slot: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def decode_greedy(self, token: int, slot: int) -> int:
+        return int(sample(self.decode(token, slot), _GREEDY)[0])
 
     def attended(self, slot: int) -> int:
         return self.capacity

@@ -156,7 +156,8 @@ class Generator:
         """Open ENGINE_DIR (manifest validated) on `backend`: "onnxruntime", "native", "torch" or "tensorrt".
 
         options go to the backend: device ("cpu" / "cuda"), kv_policy ("fit" / "max" / slots; onnxruntime),
-        share_weights (onnxruntime), source / base_model / static / cuda_graph (torch)."""
+        share_weights (onnxruntime), source / base_model / static / cuda_graph (torch), head ("screened" /
+        "full"; native: how greedy steps compute the LM head)."""
         manifest = load_manifest(engine_dir)
         tokenizer = load_tokenizer(manifest.folder)
         return cls(manifest, open_backend(backend, manifest, threads, **options), tokenizer)
@@ -273,11 +274,15 @@ class Generator:
                     self._select()
                     logits = out.logits
                 else:
-                    logits = b.decode(token, slot + i)
+                    logits = None
+                    if sampling.greedy:  # a backend may find the argmax without every logit
+                        nxt = b.decode_greedy(token, slot + i)
+                    else:
+                        logits = b.decode(token, slot + i)
                     run.attended.append(b.attended(slot + i))
                     run.skipped.append(b.skipped_bytes())
                 self.cached.append(token)
-                token = int(sample(logits, sampling, generator)[0])
+                token = nxt if logits is None else int(sample(logits, sampling, generator)[0])
                 now = time.perf_counter()
                 run.step_ms.append((now - last) * 1000)
                 last = now

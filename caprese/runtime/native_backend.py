@@ -6,6 +6,11 @@ layer, each a separate thread-pool dispatch, and cannot pre-pack GRIFFIN's per-p
 the whole step in one parallel region over the weights of weights.bin (copied once into one 2 MiB-aligned
 arena, transparent huge pages requested), the KV buffers and the folded selection buffers the onnxruntime
 backend already owns. fp32 engines only; the prefill graph is ONNX Runtime's.
+
+Greedy steps screen the LM head by default (head="screened"): an int8 copy of it with per-row error bounds
+picks the few rows that can hold the argmax, and only those are recomputed in fp32, so the token is the fp32
+argmax while the head (a fifth of a small model's bytes) costs a quarter of its bytes. head="full" computes
+every logit in fp32 on every step; sampling always does.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ import numpy as np
 from caprese.errors import CapreseError
 from caprese.export import contract as C
 from caprese.runtime.native import library as lib_
+from caprese.runtime.native.screened_head import quantize_head
 from caprese.runtime.ort_backend import OrtBackend
 
 _ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 _HUGE = 2 << 20
+HEADS = ("screened", "full")
 
 
 def _ptr(a: np.ndarray | None) -> int | None:
@@ -39,11 +46,7 @@ class _Arena:
             if n not in mapped:
                 offsets[n] = total
                 total += -(-int(table[n]["length"]) // 64) * 64
-        raw = np.empty(total + _HUGE, np.uint8)
-        start = -raw.ctypes.data % _HUGE
-        self.buf = raw[start:start + total]
-        self._raw = raw
-        _advise_huge(self.buf)
+        self.buf = huge_buffer(total)
         self._src = np.memmap(manifest.file("weights"), dtype=np.uint8, mode="r")
         self.views: dict[str, np.ndarray] = {}
         for n in dict.fromkeys(names):
@@ -62,6 +65,15 @@ class _Arena:
         return self.views[name]
 
 
+def huge_buffer(nbytes: int) -> np.ndarray:
+    """nbytes of uint8 starting on a 2 MiB boundary, THP-advised (the view keeps its allocation alive)."""
+    raw = np.empty(nbytes + _HUGE, np.uint8)
+    start = -raw.ctypes.data % _HUGE
+    buf = raw[start:start + nbytes]
+    _advise_huge(buf)
+    return buf
+
+
 def _advise_huge(buf: np.ndarray) -> None:
     """madvise(MADV_HUGEPAGE) where Linux offers it: fewer TLB misses while streaming ~0.5 GB per step."""
     try:
@@ -75,8 +87,11 @@ class NativeBackend(OrtBackend):
     name = "native"
     graphs = (C.PREFILL,)
 
-    def __init__(self, manifest, threads: int | None = None, kv_policy: str | int = "fit", device: str | None = None):
+    def __init__(self, manifest, threads: int | None = None, kv_policy: str | int = "fit", device: str | None = None,
+                 head: str = "screened"):
         model = manifest.data["model"]
+        if head not in HEADS:
+            raise CapreseError(f"head must be one of {', '.join(HEADS)} (got {head!r})")
         if device not in (None, "cpu"):
             raise CapreseError(f"the native backend runs on the CPU (asked device {device}); use --backend torch or "
                                "tensorrt for a GPU")
@@ -100,6 +115,19 @@ class NativeBackend(OrtBackend):
         self._scratch = np.zeros(self.lib.caprese_scratch_floats(ctypes.byref(self._model)), np.float32)
         self._model.scratch = _ptr(self._scratch)
         self._skipped = ctypes.c_int64(0)
+        self.head = head
+        self._next = (ctypes.c_int64 * 2)()
+        self.head_rows = 0  # fp32 head rows the last screened step recomputed
+        if head == "screened":
+            self._screen_head()
+
+    def _screen_head(self) -> None:
+        w = self.arena[self._head_name()]
+        q = huge_buffer(w.size).reshape(w.shape).view(np.int8)
+        q, self._head_scale, self._head_bound = quantize_head(w, q_out=q)
+        self._head_q = q
+        M = self._model
+        M.head_q, M.head_scale, M.head_bound = _ptr(q), _ptr(self._head_scale), _ptr(self._head_bound)
 
     # ---- which weights.bin tensors a decode step reads ----
     def _has(self, name: str) -> bool:
@@ -227,15 +255,25 @@ class NativeBackend(OrtBackend):
         self._model.capacity = self.capacity
 
     # ---- running ----
-    def decode(self, token: int, slot: int):
+    def _step(self, token: int, slot: int, greedy: bool) -> None:
         if slot >= self.capacity:
             raise RuntimeError(f"decode at slot {slot} past the KV cache ({self.capacity}); reserve first")
         rc = self.lib.caprese_decode_step(ctypes.byref(self._model), int(token), int(slot),
-                                          ctypes.byref(self._skipped))
+                                          ctypes.byref(self._skipped), self._next if greedy else None)
         if rc:
-            why = "bad token or slot" if rc == 1 else "out of memory"
+            why = {1: "bad token or slot", 2: "out of memory", 3: "no finite logit"}.get(rc, "?")
             raise RuntimeError(f"the native decode step failed (code {rc}: {why})")
+
+    def decode(self, token: int, slot: int):
+        self._step(token, slot, greedy=False)
         return self._logits()
+
+    def decode_greedy(self, token: int, slot: int) -> int:
+        if self.head != "screened":
+            return super().decode_greedy(token, slot)
+        self._step(token, slot, greedy=True)
+        self.head_rows = int(self._next[1])
+        return int(self._next[0])
 
     def attended(self, slot: int) -> int:
         return slot + 1  # the kernel reads the valid prefix of the cache, not the whole buffer
@@ -245,4 +283,4 @@ class NativeBackend(OrtBackend):
 
     def describe(self) -> dict:
         return {"threads": self.nthreads, "kv_policy": self.kv_policy, "prefill": "onnxruntime",
-                "kernel": str(self.kernel)}
+                "kernel": str(self.kernel), "head": self.head}

@@ -20,7 +20,7 @@ from pathlib import Path
 from caprese.errors import CapreseError
 
 SOURCE = Path(__file__).with_name("decode_step.c")
-ABI = 1
+ABI = 2
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared"]
 
 
@@ -43,7 +43,8 @@ class Model(ctypes.Structure):
                                               "vocab", "capacity", "max_ff", "threads", "activation", "gemma")] + [
         ("eps", ctypes.c_float), ("final_softcap", ctypes.c_float), ("embed_scale", ctypes.c_float)] + [
         (n, ctypes.c_void_p) for n in ("embed", "lm_head", "final_norm", "rope_cos", "rope_sin")] + [
-        ("layers", ctypes.POINTER(Layer)), ("logits", ctypes.c_void_p), ("scratch", ctypes.c_void_p)]
+        ("layers", ctypes.POINTER(Layer)), ("logits", ctypes.c_void_p), ("scratch", ctypes.c_void_p),
+        ("head_q", ctypes.c_void_p), ("head_scale", ctypes.c_void_p), ("head_bound", ctypes.c_void_p)]
 
 
 def _cpu_flags() -> str:
@@ -119,7 +120,7 @@ def load() -> ctypes.CDLL:
         lib.caprese_scratch_floats.argtypes = [ctypes.POINTER(Model)]
         lib.caprese_decode_step.restype = ctypes.c_int
         lib.caprese_decode_step.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, ctypes.c_int64,
-                                           ctypes.POINTER(ctypes.c_int64)]
+                                           ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64)]
         if lib.caprese_native_abi() != ABI:
             raise CapreseError(f"{path} is a native kernel of another version; delete it and run again")
         lib.path = path  # where it was loaded from (for reports; library_path() would run the compiler again)
