@@ -74,6 +74,13 @@ def huge_buffer(nbytes: int) -> np.ndarray:
     return buf
 
 
+def _copy_huge(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of `a` in a huge_buffer."""
+    out = huge_buffer(a.nbytes).view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
 def _advise_huge(buf: np.ndarray) -> None:
     """madvise(MADV_HUGEPAGE) where Linux offers it: fewer TLB misses while streaming ~0.5 GB per step."""
     try:
@@ -107,8 +114,10 @@ class NativeBackend(OrtBackend):
         self.nthreads = int(threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                         else os.cpu_count() or 1))
         embed = "model.embed_tokens.weight"  # untied: only its token's row is read, so it stays mapped
-        self.arena = _Arena(manifest, self._weight_names(), mapped={embed} if self._head_name() != embed else set())
-        self._extra: list[np.ndarray] = []  # arrays the structs point into (concatenated biases)
+        mapped = {embed} if self._head_name() != embed else set()
+        mapped |= {self._layer_names(i)["gu1"] for i in self.layout.layers_of(C.CATS)}  # re-laid out below
+        self.arena = _Arena(manifest, self._weight_names(), mapped=mapped)
+        self._extra: list[np.ndarray] = []  # arrays the structs point into (biases, CATS layouts)
         self._layers = (lib_.Layer * self.layout.num_layers)()
         self._model = lib_.Model()
         self._fill_model()
@@ -216,14 +225,15 @@ class NativeBackend(OrtBackend):
                 else:
                     L.n_ff, L.rank = F, g1.shape[1] - 2 * F
                     L.gu_bias = _ptr(A[n["gu_bias"]]) if n.get("gu_bias") else None
-                if kind == C.CATS:  # gate (+ L) as the product; up transposed, read for passing neurons only
+                if kind == C.CATS:  # [W_g, L] as the product; up transposed, read for passing neurons only
                     L.cats_tau = _ptr(self.selection[C.cats_tau(i)].host)
-                    up_t = np.ascontiguousarray(g1[:, F:2 * F].T)
-                    self._extra.append(up_t)
+                    gate_l = _copy_huge(np.concatenate([g1[:, :F], g1[:, 2 * F:]], axis=1))
+                    up_t = _copy_huge(g1[:, F:2 * F].T)
+                    self._extra += [gate_l, up_t]
                     L.up_t = self._mat(up_t)
-                    L.gu1 = lib_.Mat(_ptr(g1), g1.shape[1], F)
+                    L.gu1 = lib_.Mat(_ptr(gate_l), gate_l.shape[1], F)
                     if L.rank:
-                        L.gu2 = lib_.Mat(_ptr(g1) + 2 * F * g1.itemsize, g1.shape[1], L.rank)
+                        L.gu2 = lib_.Mat(_ptr(gate_l) + F * gate_l.itemsize, gate_l.shape[1], L.rank)
                     if n.get("gu_bias"):
                         L.up_bias = _ptr(A[n["gu_bias"]]) + F * 4
                 if down.shape != (L.n_ff + L.rank, D):
