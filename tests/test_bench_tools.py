@@ -98,6 +98,7 @@ def test_native_rows_run_the_onnxruntime_target_engines(bench, tiny_model_dir, t
     assert by["native-dense-full-head"]["label"] == "caprese dense [native, full head]"
     assert by["native-dense-full-head"]["first_tokens"] == by["native-dense"]["first_tokens"]
     assert by["native-dense-full-head"]["bytes_per_step"] > by["native-dense"]["bytes_per_step"]
+    assert by["native-dense"]["head_rows_per_step"] >= 1 and "head_rows_per_step" not in by["native-dense-full-head"]
     assert {"native-dense", "native-caprese-griffin", "native-dense-full-head"} <= set(res["targets"])
 
 

@@ -343,6 +343,9 @@ class EngineRow(Row):
         if r.stats.tokens_generated != n:
             raise RuntimeError(f"{self.name}: generated {r.stats.tokens_generated} tokens, asked for {n}")
         self.notes["kv_slots"] = r.stats.kv_slots
+        b = self.g.backend
+        if getattr(b, "head_steps", 0):  # native, screened head: fp32 head rows recomputed per step, all runs
+            self.notes["head_rows_per_step"] = round(b.head_rows_total / b.head_steps, 2)
         return Sample(r.stats.ms_per_token, r.stats.bytes_per_step, r.tokens)
 
 
@@ -545,6 +548,10 @@ def format_table(res: dict) -> str:
     adapters = {r["row"]: r["adapters"] for r in res["rows"] if r.get("adapters") not in (None, "n/a", "none")}
     if adapters:
         lines.append("adapters: " + "; ".join(f"{k}: {v}" for k, v in adapters.items()))
+    screened = {r["row"]: r["head_rows_per_step"] for r in res["rows"] if "head_rows_per_step" in r}
+    if screened:
+        lines.append("screened head, fp32 rows recomputed per step: " +
+                     "; ".join(f"{k}: {v}" for k, v in screened.items()))
     for name, t in res["targets"].items():
         peer = ("n/a (no peer)" if t["met_peer"] is None else
                 f"{t['ratio_to_peer']:.3f}x peer (target <= {t['peer_max']}: {'met' if t['met_peer'] else 'NOT met'})")

@@ -127,6 +127,7 @@ class NativeBackend(OrtBackend):
         self.head = head
         self._next = (ctypes.c_int64 * 2)()
         self.head_rows = 0  # fp32 head rows the last screened step recomputed
+        self.head_rows_total = self.head_steps = 0  # summed over the screened steps since load
         if head == "screened":
             self._screen_head()
 
@@ -283,6 +284,8 @@ class NativeBackend(OrtBackend):
             return super().decode_greedy(token, slot)
         self._step(token, slot, greedy=True)
         self.head_rows = int(self._next[1])
+        self.head_rows_total += self.head_rows
+        self.head_steps += 1
         return int(self._next[0])
 
     def attended(self, slot: int) -> int:
