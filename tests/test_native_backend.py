@@ -214,7 +214,7 @@ def _defeat_the_screen(engine, dst, seed: int = 0):
 
 
 @needs_cc
-@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("threads", [1, 5])  # 5: stretches of 76-77 rows, so the last rows of each come singly
 def test_screened_head_when_the_int8_copy_cannot_decide(threads, tmp_path_factory, tiny_model_dir, tmp_path):
     """Head rows closer together than the int8 step: the screen keeps most rows as candidates and only the
     fp32 recomputation can pick the token. It must still be the full head's argmax (and it is not the argmax of
@@ -242,6 +242,28 @@ def test_screened_head_when_the_int8_copy_cannot_decide(threads, tmp_path_factor
     assert got.tokens == want.tokens
     assert min(rows) > V // 4
     assert sum(a != t for a, t in zip(screen_argmax, got.tokens[1:])) >= len(rows) // 2
+
+
+@needs_cc
+def test_hidden_size_not_a_multiple_of_the_vector_width(tmp_path, monkeypatch):
+    """Hidden size 72 and FFN size 136 (not multiples of 16): the vector loops' scalar tails, in the products
+    and in the screened head, give ONNX Runtime's logits and the full head's tokens."""
+    import tiny_models
+
+    from caprese.export.exporter import export
+
+    monkeypatch.setitem(tiny_models.CONFIGS, "llama72", ("llama", dict(
+        hidden_size=72, intermediate_size=136, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
+        head_dim=24, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})))
+    model = tiny_models.make_tiny_model("llama72", tmp_path / "model")
+    engine = export(model, tmp_path / "engine", max_seq_len=64, max_prompt_len=63).out
+    prompt = prompt_ids(14, seed=6)[0].tolist()
+    ref, ref_logits = recorded(generator(engine, "onnxruntime"), prompt, 0)
+    got, got_logits = recorded(generator(engine, "native", threads=5), prompt, 0)
+    torch.testing.assert_close(got_logits, ref_logits, atol=ATOL, rtol=RTOL)
+    with one_torch_thread():
+        screened = generator(engine, "native", threads=5, head="screened").generate(prompt, NEW, ignore_eos=True)
+    assert screened.tokens == got.tokens == ref.tokens
 
 
 def test_quantized_head_bound_holds_in_float64():
