@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -158,3 +159,18 @@ def test_gemv_inputs_forms_compute_the_same_chain():
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=form)
     res = mod.measure(8, 24, 2, threads=1, repeats=1, runs=1)
     assert set(res["rows"]) == set(mod.FORMS) and res["rows"]["init"]["x_init"] == 1.0
+
+
+def test_gpu_checks_script_runs_on_cpu(tmp_path):
+    """tools/gpu_checks.sh (what a session lent a GPU runs in one go) on this CPU: the gpu/tensorrt tests skip,
+    the GPU bench runs its smoke shape, and both logs and the bench JSON land in $OUT."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "TEST_TIMEOUT": "120",
+           "BENCH_ARGS": "--shape tiny --device cpu --precision fp32 --rank 8 --repeats 1 --new-tokens 3 "
+                         "--prompt-tokens 6 --bandwidth-mb 8"}
+    proc = subprocess.run(["bash", str(BENCH.parent / "gpu_checks.sh")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "tests exit 0, bench exit 0" in proc.stdout
+    assert {p.name for p in tmp_path.iterdir()} == {"env.txt", "pytest.log", "bench_gpu.log", "bench_gpu.json"}
+    assert [r["row"] for r in json.loads((tmp_path / "bench_gpu.json").read_text())["rows"]] == \
+        ["dense", "caprese-griffin"]

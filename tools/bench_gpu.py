@@ -4,7 +4,7 @@ bandwidth measured in the same run: issue 5's GPU targets.
 
     python tools/bench_gpu.py                          # random Llama-3.2-1B-shaped model, bf16, cuda
     python tools/bench_gpu.py MODEL_DIR --precision bf16 --json out.json
-    python tools/bench_gpu.py --shape tiny --device cpu --precision fp32   # smoke run (no CUDA graph on CPU)
+    python tools/bench_gpu.py --shape tiny --device cpu --precision fp32 --rank 8   # smoke run (no CUDA graph)
 
 Rows: dense, and Caprese(GRIFFIN, --density, all layers, rank --rank) on the same weights (random adapters:
 right shapes and bytes, not calibrated). Each repeat prefills a random --prompt-tokens prompt (eager), then
@@ -233,6 +233,11 @@ def main() -> int:
     rows = [r for r in ("dense", "caprese-griffin") if r in args.rows.split(",")]
     dec = load(args.model_dir, args.precision, args.device) if args.model_dir else \
         random_decoder(args.shape, args.precision, args.device)
+    hidden = dec.spec.hidden_size
+    if "caprese-griffin" in rows and not 0 < args.rank < hidden:
+        print(f"error: --rank must be between 1 and the hidden size - 1 ({hidden - 1}); got {args.rank}",
+              file=sys.stderr)
+        return 2
     res = run(dec, rows, args.prompt_tokens, args.new_tokens, args.repeats, args.density, args.rank,
               args.device.startswith("cuda") and not args.no_cuda_graph, args.bandwidth_mb,
               log=lambda m: print(m, file=sys.stderr, flush=True))
