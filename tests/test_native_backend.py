@@ -23,6 +23,7 @@ import torch
 from caprese.errors import CapreseError
 from caprese.export import contract as C
 from caprese.runtime import Generator
+from caprese.runtime.generator import sampling_from
 from caprese.runtime.native import library
 from cli_helpers import assert_one_line_error, run_cli
 from test_export_support import get_export, one_torch_thread, prompt_ids
@@ -180,7 +181,8 @@ def head_traffic(g: Generator, rows: int) -> int:
 def test_screened_head_picks_the_full_heads_tokens(kind, method, rho, target, tmp_path_factory, tiny_model_dir):
     """Greedy steps on the default head (int8 screen + fp32 recomputation of the candidates) give the tokens of
     the full fp32 head, on every family and method (Gemma 2's final soft-cap included), and the report counts
-    the head's bytes as read: the int8 copy, its scales and bounds, the recomputed rows."""
+    the head's bytes as read: the int8 copy, its scales and bounds, the recomputed rows. Top-k sampling with a
+    seed gives the full head's samples (its candidates' logits are the same bits)."""
     engine, _ = get_export(tmp_path_factory, tiny_model_dir, kind, method, target=target)
     prompt = prompt_ids(14, seed=3)[0].tolist()
     full = generator(engine, "native")
@@ -194,6 +196,20 @@ def test_screened_head_picks_the_full_heads_tokens(kind, method, rho, target, tm
     cats = full.backend.skipped_bytes()  # the same last step, the same CATS rows skipped
     assert b.skipped_bytes() == cats + head_traffic(screened, b.head_rows)
     assert got.stats.weight_bytes_per_step < want.stats.weight_bytes_per_step
+    # top-k sampling reads the screened top-k logits: the same samples as from the full head, same seed
+    sampling = sampling_from(temperature=0.9, top_k=5, top_p=0.9, seed=11)
+    with one_torch_thread():
+        want_s = full.generate(prompt, NEW, sampling, reselect_every=rho, ignore_eos=True)
+        got_s = screened.generate(prompt, NEW, sampling, reselect_every=rho, ignore_eos=True)
+    assert got_s.tokens == want_s.tokens and len(set(got_s.tokens)) > 1
+    # one more step by hand on both: where the screened logits are finite they are the full head's, bit for bit,
+    # and the full head's 5 largest are among them
+    token, slot = got_s.tokens[-1], len(prompt) + NEW - 1
+    ref = full.backend.decode(token, slot).clone()
+    top = b.decode_top(token, slot, 5).clone()
+    finite = torch.isfinite(top)
+    assert set(ref[0].topk(5).indices.tolist()) <= set(finite[0].nonzero()[:, 0].tolist())
+    assert torch.equal(top[finite], ref[finite]) and finite.sum() == b.head_rows
 
 
 def _defeat_the_screen(engine, dst, seed: int = 0):
@@ -217,31 +233,46 @@ def _defeat_the_screen(engine, dst, seed: int = 0):
 @pytest.mark.parametrize("threads", [1, 5])  # 5: stretches of 76-77 rows, so the last rows of each come singly
 def test_screened_head_when_the_int8_copy_cannot_decide(threads, tmp_path_factory, tiny_model_dir, tmp_path):
     """Head rows closer together than the int8 step: the screen keeps most rows as candidates and only the
-    fp32 recomputation can pick the token. It must still be the full head's argmax (and it is not the argmax of
-    the screening values, so this test fails if the fp32 pass picks wrongly)."""
+    fp32 recomputation can pick the token. Greedy and top-k sampled tokens must still be the full head's, and
+    the int8 copy's own argmax (from the reference decoder's hidden states, float64) is wrong in most steps, so
+    a kernel that picked by the screening values would fail here."""
+    import numpy as np
+
+    from caprese.model import load_decoder
+
+    src = tiny_model_dir("llama")
     engine, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "dense")
     engine = _defeat_the_screen(engine, tmp_path / "engine")
     prompt = prompt_ids(14, seed=5)[0].tolist()
     full = Generator.load(engine, backend="native", threads=threads, head="full")
     screened = Generator.load(engine, backend="native", threads=threads)
     b = screened.backend
-    rows, screen_argmax, decode_greedy = [], [], b.decode_greedy
+    rows, decode_greedy = [], b.decode_greedy
 
     def record(token, slot):
         out = decode_greedy(token, slot)
         rows.append(b.head_rows)
-        screen_argmax.append(int(b.logits.host.argmax()))
         return out
 
     b.decode_greedy = record
+    top_k = sampling_from(temperature=1.0, top_k=20, seed=7)
     with one_torch_thread():
         want = full.generate(prompt, 24, ignore_eos=True)
         got = screened.generate(prompt, 24, ignore_eos=True)
+        want_s = full.generate(prompt, 24, top_k, ignore_eos=True)
+        got_s = screened.generate(prompt, 24, top_k, ignore_eos=True)
     V = screened.manifest.layout.vocab_size
     print(f"candidate rows per step: min {min(rows)}, mean {sum(rows) / len(rows):.0f} of {V}")
-    assert got.tokens == want.tokens
+    assert got.tokens == want.tokens and got_s.tokens == want_s.tokens
     assert min(rows) > V // 4
-    assert sum(a != t for a, t in zip(screen_argmax, got.tokens[1:])) >= len(rows) // 2
+    dec = load_decoder(src, "fp32").double()
+    dec.setup_caches(1, len(prompt) + len(want.tokens))
+    with torch.no_grad():
+        h = dec.hidden_states(torch.tensor([prompt + want.tokens[:-1]]), 0)[0, len(prompt):].numpy()
+    w = b.arena["lm_head.weight"].astype(np.float64)
+    int8 = (b._head_q.astype(np.float64) * b._head_scale.astype(np.float64)[:, None]) @ h.T
+    assert ((w @ h.T).argmax(0) == np.array(want.tokens[1:])).all()  # h is the engine's
+    assert (int8.argmax(0) != np.array(want.tokens[1:])).sum() >= len(rows) // 2
 
 
 @needs_cc

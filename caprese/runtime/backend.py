@@ -9,6 +9,8 @@ A backend owns the KV cache and the decode graph's persistent selection inputs o
   decode(token, slot)        one token through the decode graph -> logits [1, V] (float32 torch tensor on
                              logits_device, valid until the next call)
   decode_greedy(token, slot) the same step -> the argmax token (a backend may find it without every logit)
+  decode_top(token, slot, k) the same step -> logits exact at least where the k largest are (a backend may
+                             leave the others at -inf): what top-k sampling reads
   attended(slot)             KV slots a decode step at `slot` reads (for the bandwidth report)
   skipped_bytes()            weight bytes the last decode step did not read (for the bandwidth report)
 Backends are imported lazily; a missing one is a one-line CapreseError.
@@ -65,6 +67,9 @@ class Backend:
 
     def decode_greedy(self, token: int, slot: int) -> int:
         return int(sample(self.decode(token, slot), _GREEDY)[0])
+
+    def decode_top(self, token: int, slot: int, k: int) -> torch.Tensor:
+        return self.decode(token, slot)
 
     def attended(self, slot: int) -> int:
         return self.capacity

@@ -157,7 +157,7 @@ class Generator:
 
         options go to the backend: device ("cpu" / "cuda"), kv_policy ("fit" / "max" / slots; onnxruntime),
         share_weights (onnxruntime), source / base_model / static / cuda_graph (torch), head ("screened" /
-        "full"; native: how greedy steps compute the LM head)."""
+        "full"; native: whether greedy and top-k steps screen the LM head)."""
         manifest = load_manifest(engine_dir)
         tokenizer = load_tokenizer(manifest.folder)
         return cls(manifest, open_backend(backend, manifest, threads, **options), tokenizer)
@@ -275,8 +275,10 @@ class Generator:
                     logits = out.logits
                 else:
                     logits = None
-                    if sampling.greedy:  # a backend may find the argmax without every logit
+                    if sampling.greedy:  # a backend may find the argmax (or the top k) without every logit
                         nxt = b.decode_greedy(token, slot + i)
+                    elif sampling.top_k:
+                        logits = b.decode_top(token, slot + i, sampling.top_k)
                     else:
                         logits = b.decode(token, slot + i)
                     run.attended.append(b.attended(slot + i))

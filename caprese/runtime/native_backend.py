@@ -7,10 +7,11 @@ the whole step in one parallel region over the weights of weights.bin (copied on
 arena, transparent huge pages requested), the KV buffers and the folded selection buffers the onnxruntime
 backend already owns. fp32 engines only; the prefill graph is ONNX Runtime's.
 
-Greedy steps screen the LM head by default (head="screened"): an int8 copy of it with per-row error bounds
-picks the few rows that can hold the argmax, and only those are recomputed in fp32, so the token is the fp32
-argmax while the head (a fifth of a small model's bytes) costs a quarter of its bytes. head="full" computes
-every logit in fp32 on every step; sampling always does.
+Greedy and top-k steps screen the LM head by default (head="screened"): an int8 copy of it with per-row
+error bounds picks the few rows that can be among the k largest logits, and only those are recomputed in fp32,
+so the argmax (or the top k, hence a top-k sample) is the fp32 one while the head (a fifth of a small model's
+bytes) costs a quarter of its bytes. head="full" computes every logit in fp32 on every step; sampling without
+top-k (or with k > 256) always does.
 """
 
 from __future__ import annotations
@@ -266,27 +267,39 @@ class NativeBackend(OrtBackend):
         self._model.capacity = self.capacity
 
     # ---- running ----
-    def _step(self, token: int, slot: int, greedy: bool) -> None:
+    def _step(self, token: int, slot: int, top: int = 0) -> None:
+        """One kernel call; top = k > 0: a screened step for the k largest logits."""
         if slot >= self.capacity:
             raise RuntimeError(f"decode at slot {slot} past the KV cache ({self.capacity}); reserve first")
+        self._next[0] = top
         rc = self.lib.caprese_decode_step(ctypes.byref(self._model), int(token), int(slot),
-                                          ctypes.byref(self._skipped), self._next if greedy else None)
+                                          ctypes.byref(self._skipped), self._next if top else None)
         if rc:
-            why = {1: "bad token or slot", 2: "out of memory", 3: "no finite logit"}.get(rc, "?")
+            why = {1: "bad token, slot or k", 2: "out of memory", 3: "no finite logit"}.get(rc, "?")
             raise RuntimeError(f"the native decode step failed (code {rc}: {why})")
+        if top:
+            self.head_rows = int(self._next[1])
+            self.head_rows_total += self.head_rows
+            self.head_steps += 1
+
+    def _screens(self, k: int) -> bool:
+        return self.head == "screened" and 1 <= k <= min(lib_.HEAD_TOPK_MAX, self.layout.vocab_size)
 
     def decode(self, token: int, slot: int):
-        self._step(token, slot, greedy=False)
+        self._step(token, slot)
         return self._logits()
 
     def decode_greedy(self, token: int, slot: int) -> int:
-        if self.head != "screened":
+        if not self._screens(1):
             return super().decode_greedy(token, slot)
-        self._step(token, slot, greedy=True)
-        self.head_rows = int(self._next[1])
-        self.head_rows_total += self.head_rows
-        self.head_steps += 1
+        self._step(token, slot, top=1)
         return int(self._next[0])
+
+    def decode_top(self, token: int, slot: int, k: int):
+        if not self._screens(k):
+            return self.decode(token, slot)
+        self._step(token, slot, top=k)
+        return self._logits()  # exact where the k largest can be, -inf elsewhere
 
     def attended(self, slot: int) -> int:
         return slot + 1  # the kernel reads the valid prefix of the cache, not the whole buffer

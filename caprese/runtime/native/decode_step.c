@@ -17,10 +17,10 @@
  * optional bypass), LM head with the final soft-cap.
  * CATS: the up projection (kept transposed) and the down projection are read only for the neurons whose
  * activation passes the threshold.
- * Greedy steps with a screened head (`next` given): the LM head is first read as an int8 copy with a per-row
- * scale and a per-row error bound; only the rows whose bound reaches the best lower bound (1-10 of 49152 on
- * SmolLM2) are recomputed from the fp32 head, so the token is the fp32 argmax while the head costs a quarter
- * of its bytes (the bound: caprese/runtime/native/screened_head.py).
+ * Screened head (`next` given, for greedy and top-k steps): the LM head is first read as an int8 copy with a
+ * per-row scale and a per-row error bound; only the rows whose upper bound reaches the k-th largest lower bound
+ * (1-10 of 49152 on SmolLM2 for k = 1) are recomputed from the fp32 head, so the k largest fp32 logits are
+ * exact while the head costs a quarter of its bytes (the bound: caprese/runtime/native/screened_head.py).
  * Layout of every matrix: math layout [in, out], row-major; the LM head is [vocab, hidden] (the embedding).
  */
 #include <math.h>
@@ -32,7 +32,8 @@
 #include <immintrin.h>
 #endif
 
-#define CAPRESE_NATIVE_ABI 2
+#define CAPRESE_NATIVE_ABI 3
+#define HEAD_TOPK_MAX 256 /* largest k of a screened top-k step */
 
 typedef struct {
     const float *w;   /* [rows, ld] */
@@ -81,7 +82,8 @@ int64_t caprese_native_abi(void) { return CAPRESE_NATIVE_ABI; }
 
 int64_t caprese_scratch_floats(const Model *m) {
     int64_t qkv = (m->num_heads + 2 * m->num_kv_heads) * m->head_dim;
-    return m->threads * (qkv + m->hidden + 2 * m->max_ff + m->hidden + m->num_heads * (2 + m->head_dim) + 4);
+    return m->threads * (qkv + m->hidden + 2 * m->max_ff + m->hidden + m->num_heads * (2 + m->head_dim) + 3 +
+                         HEAD_TOPK_MAX);
 }
 
 static void rms_norm(const float *x, const float *w, float *y, int64_t n, float eps) {
@@ -254,31 +256,44 @@ static void rows_of(int64_t n, int tid, int nt, int64_t *i0, int64_t *i1) {
     *i1 = n * (tid + 1) / nt;
 }
 
-/* fp32 dot product of one row with h (the candidates of a screened head). */
-static float dot_row(const float *restrict w, const float *restrict h, int64_t n) {
-    float d = 0.0f;
-#pragma omp simd reduction(+ : d)
-    for (int64_t j = 0; j < n; j++) d += w[j] * h[j];
-    return d;
+/* d[k] = w_k . h for four fp32 head rows. Every head logit, of the full head and of a screened head's
+ * candidates (called with one row four times), comes from this one compiled body, so a row's logit has the same
+ * bits on both paths and sampling from a screened top-k gives the full head's tokens. */
+__attribute__((noinline)) static void dot4_f32(const float *w0, const float *w1, const float *w2, const float *w3,
+                                               const float *restrict h, int64_t n, float d[4]) {
+    float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+    for (int64_t j = 0; j < n; j++) {
+        d0 += w0[j] * h[j];
+        d1 += w1[j] * h[j];
+        d2 += w2[j] * h[j];
+        d3 += w3[j] * h[j];
+    }
+    d[0] = d0; d[1] = d1; d[2] = d2; d[3] = d3;
+}
+
+static float head_row(const Model *m, const float *h, int64_t v) { /* one exact logit, soft-capped */
+    const float *w = m->lm_head + v * m->hidden;
+    float d[4];
+    dot4_f32(w, w, w, w, h, m->hidden, d);
+    return m->final_softcap > 0.0f ? tanhf(d[0] / m->final_softcap) * m->final_softcap : d[0];
 }
 
 /* The full head over this thread's rows [i0, i1): logits = W h (+ soft-cap). */
 static void head_full(const Model *m, const float *h, int64_t i0, int64_t i1) {
     const int64_t D = m->hidden;
     int64_t v = i0;
+    float d[4];
     for (; v + 4 <= i1; v += 4) { /* four rows at a time: four independent sums */
-        const float *w0 = m->lm_head + v * D, *w1 = w0 + D, *w2 = w1 + D, *w3 = w2 + D;
-        float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
-#pragma omp simd reduction(+ : d0, d1, d2, d3)
-        for (int64_t j = 0; j < D; j++) {
-            d0 += w0[j] * h[j];
-            d1 += w1[j] * h[j];
-            d2 += w2[j] * h[j];
-            d3 += w3[j] * h[j];
-        }
-        m->logits[v] = d0; m->logits[v + 1] = d1; m->logits[v + 2] = d2; m->logits[v + 3] = d3;
+        const float *w0 = m->lm_head + v * D;
+        dot4_f32(w0, w0 + D, w0 + 2 * D, w0 + 3 * D, h, D, d);
+        for (int k = 0; k < 4; k++) m->logits[v + k] = d[k];
     }
-    for (; v < i1; v++) m->logits[v] = dot_row(m->lm_head + v * D, h, D);
+    for (; v < i1; v++) {
+        const float *w = m->lm_head + v * D;
+        dot4_f32(w, w, w, w, h, D, d);
+        m->logits[v] = d[0];
+    }
     const float cap = m->final_softcap;
     if (cap > 0.0f)
         for (v = i0; v < i1; v++) m->logits[v] = tanhf(m->logits[v] / cap) * cap;
@@ -317,52 +332,91 @@ static void dot4_i8(const int8_t *restrict q, const float *restrict h, int64_t n
     d[0] = d0; d[1] = d1; d[2] = d2; d[3] = d3;
 }
 
-/* Screened greedy head, pass 1 over this thread's rows: a[v] = scale[v] * (q[v] . h) into logits[v]; returns
- * the largest lower bound a[v] - |h| bound[v]. */
-static float head_screen(const Model *m, const float *h, float hn, int64_t i0, int64_t i1) {
+/* heap[0..k) is a min-heap of the k largest values seen: offer x. */
+static void heap_offer(float *heap, int64_t k, float x) {
+    if (!(x > heap[0])) return;
+    int64_t i = 0;
+    for (;;) { /* sift the new value down from the root */
+        int64_t c = 2 * i + 1;
+        if (c >= k) break;
+        if (c + 1 < k && heap[c + 1] < heap[c]) c++;
+        if (!(heap[c] < x)) break;
+        heap[i] = heap[c];
+        i = c;
+    }
+    heap[i] = x;
+}
+
+/* Screened head, pass 1 over this thread's rows: a[v] = scale[v] * (q[v] . h) into logits[v]; heap[0..k) gets
+ * the k largest lower bounds a[v] - |h| bound[v] of these rows (-inf where fewer). */
+static void head_screen(const Model *m, const float *h, float hn, int64_t i0, int64_t i1, float *heap, int64_t k) {
     const int64_t D = m->hidden;
-    float lo = -INFINITY, d[4];
+    float d[4];
+    for (int64_t i = 0; i < k; i++) heap[i] = -INFINITY;
     for (int64_t v = i0; v < i1; v += 4) {
         const int64_t k_n = i1 - v < 4 ? i1 - v : 4;
         if (k_n == 4) {
             dot4_i8(m->head_q + v * D, h, D, d);
         } else { /* the last rows of the stretch, one at a time */
-            for (int64_t k = 0; k < k_n; k++) {
-                const int8_t *q = m->head_q + (v + k) * D;
+            for (int64_t r = 0; r < k_n; r++) {
+                const int8_t *q = m->head_q + (v + r) * D;
                 float t = 0.0f;
                 for (int64_t j = 0; j < D; j++) t += (float)q[j] * h[j];
-                d[k] = t;
+                d[r] = t;
             }
         }
-        for (int64_t k = 0; k < k_n; k++) {
-            const float a = m->head_scale[v + k] * d[k], l = a - hn * m->head_bound[v + k];
-            m->logits[v + k] = a;
-            lo = l > lo ? l : lo;
+        for (int64_t r = 0; r < k_n; r++) {
+            const float a = m->head_scale[v + r] * d[r];
+            m->logits[v + r] = a;
+            heap_offer(heap, k, a - hn * m->head_bound[v + r]);
         }
     }
-    return lo;
+}
+
+/* The k-th largest of a[0..n) (k <= n; a is reordered). Quickselect: n is at most threads x HEAD_TOPK_MAX. */
+static float kth_largest(float *a, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1, want = k - 1;
+    while (lo < hi) {
+        const float pivot = a[(lo + hi) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] > pivot) i++;
+            while (a[j] < pivot) j--;
+            if (i <= j) { const float t = a[i]; a[i] = a[j]; a[j] = t; i++; j--; }
+        }
+        if (want <= j) hi = j; else if (want >= i) lo = i; else break;
+    }
+    return a[want];
 }
 
 /* One token at `slot` (= its position; batch 1, no padding): writes K/V at slot of every layer, and the weight
  * bytes this step did not read (*skipped: CATS' thresholded up / down rows, the screened head's savings).
- * next == NULL: every logit into m->logits. next != NULL (needs m->head_q): a greedy step, next[0] = the argmax
- * token, next[1] = how many head rows were recomputed in fp32; m->logits then holds screening values only.
+ * next == NULL: every logit into m->logits. next != NULL (needs m->head_q): a screened step for the next[0] = k
+ * largest logits (1 <= k <= min(HEAD_TOPK_MAX, vocab)): m->logits holds the exact logit of every row that may
+ * be among them (those k included, ties at the k-th value too) and -inf elsewhere; next[0] = the argmax,
+ * next[1] = how many rows were recomputed in fp32.
  * 0 = done, 1 = bad arguments, 2 = out of memory, 3 = no finite logit. */
 int caprese_decode_step(const Model *m, int64_t token, int64_t slot, int64_t *skipped, int64_t *next) {
+    const int64_t topk = next ? next[0] : 0;
     if (m->abi != CAPRESE_NATIVE_ABI || token < 0 || token >= m->vocab || slot < 0 || slot >= m->capacity ||
-        (next && !m->head_q)) return 1;
+        (next && (!m->head_q || topk < 1 || topk > HEAD_TOPK_MAX || topk > m->vocab))) return 1;
     const int64_t D = m->hidden, hd = m->head_dim, half = hd / 2, Hq = m->num_heads, Hkv = m->num_kv_heads;
     const int64_t group = Hq / Hkv, nqkv = (Hq + 2 * Hkv) * hd, GU = 2 * m->max_ff;
     const int nt_max = (int)m->threads;
     /* shared: the threads' partial sums of each product and their attention shares (nt_max parts each) */
     float *qkv_p = m->scratch, *o_p = qkv_p + nt_max * nqkv, *gu_p = o_p + nt_max * D;
     float *down_p = gu_p + nt_max * GU, *att_m = down_p + nt_max * D, *att_l = att_m + nt_max * Hq;
-    float *att_o = att_l + nt_max * Hq, *head_lo = att_o + nt_max * Hq * hd, *head_best = head_lo + nt_max;
+    float *att_o = att_l + nt_max * Hq, *head_best = att_o + nt_max * Hq * hd;
     int32_t *head_arg = (int32_t *)(head_best + nt_max), *head_cand = head_arg + nt_max; /* float-sized slots */
+    float *head_lo = (float *)(head_cand + nt_max); /* the threads' k largest lower bounds, HEAD_TOPK_MAX each */
     const float *cos = m->rope_cos + slot * half, *sin = m->rope_sin + slot * half;
     int failed = 0;
     *skipped = 0;
-    for (int k = 0; k < nt_max; k++) { head_arg[k] = -1; head_cand[k] = 0; } /* threads OpenMP did not start */
+    for (int k = 0; k < nt_max; k++) { /* as threads OpenMP did not start leave them */
+        head_arg[k] = -1;
+        head_cand[k] = 0;
+        for (int64_t i = 0; i < topk; i++) head_lo[k * HEAD_TOPK_MAX + i] = -INFINITY;
+    }
 
 #pragma omp parallel num_threads(nt_max)
     {
@@ -373,7 +427,8 @@ int caprese_decode_step(const Model *m, int64_t token, int64_t slot, int64_t *sk
         float *scores = malloc(sizeof(float) * m->capacity * group), *qh = malloc(sizeof(float) * Hq * hd);
         float *t = malloc(sizeof(float) * D), *attn = malloc(sizeof(float) * Hq * hd);
         int32_t *rows = malloc(sizeof(int32_t) * m->max_ff);
-        int ok = x && h && y && g && z && scores && qh && t && attn && rows;
+        float *lows = next ? malloc(sizeof(float) * nt_max * topk) : NULL; /* all threads' bounds, to select in */
+        int ok = x && h && y && g && z && scores && qh && t && attn && rows && (lows || !next);
 #pragma omp atomic
         failed += !ok;
 #pragma omp barrier
@@ -491,16 +546,21 @@ int caprese_decode_step(const Model *m, int64_t token, int64_t slot, int64_t *sk
                 double ss = 0.0;
                 for (int64_t j = 0; j < D; j++) ss += (double)h[j] * h[j];
                 const float hn = (float)(sqrt(ss) * (1.0 + 1e-6)); /* |h|_2, rounded up */
-                head_lo[tid] = head_screen(m, h, hn, i0, i1);
+                head_screen(m, h, hn, i0, i1, head_lo + tid * HEAD_TOPK_MAX, topk);
 #pragma omp barrier
-                float floor_ = -INFINITY;
-                for (int k = 0; k < nt; k++) floor_ = head_lo[k] > floor_ ? head_lo[k] : floor_;
+                /* the k-th largest lower bound over all rows: at least k rows have a logit >= it */
+                for (int k = 0; k < nt_max; k++)
+                    memcpy(lows + k * topk, head_lo + k * HEAD_TOPK_MAX, sizeof(float) * topk);
+                const float floor_ = kth_largest(lows, nt_max * topk, topk);
                 float best = -INFINITY;
                 int32_t arg = -1, cand = 0;
                 for (int64_t v = i0; v < i1; v++) {
-                    if (!(m->logits[v] + hn * m->head_bound[v] >= floor_)) continue;
-                    float d = dot_row(m->lm_head + v * D, h, D);
-                    if (m->final_softcap > 0.0f) d = tanhf(d / m->final_softcap) * m->final_softcap;
+                    if (!(m->logits[v] + hn * m->head_bound[v] >= floor_)) {
+                        m->logits[v] = -INFINITY;
+                        continue;
+                    }
+                    const float d = head_row(m, h, v);
+                    m->logits[v] = d;
                     cand++;
                     if (d > best) { best = d; arg = (int32_t)v; }
                 }
@@ -510,6 +570,7 @@ int caprese_decode_step(const Model *m, int64_t token, int64_t slot, int64_t *sk
             }
         }
         free(x); free(h); free(y); free(g); free(z); free(scores); free(qh); free(t); free(attn); free(rows);
+        free(lows);
     }
     if (failed) return 2;
     if (next) { /* the threads' rows are in vocabulary order: the first of equal maxima wins, as argmax does */

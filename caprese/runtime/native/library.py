@@ -20,7 +20,8 @@ from pathlib import Path
 from caprese.errors import CapreseError
 
 SOURCE = Path(__file__).with_name("decode_step.c")
-ABI = 2
+ABI = 3
+HEAD_TOPK_MAX = 256  # decode_step.c's largest k of a screened top-k step
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared"]
 
 

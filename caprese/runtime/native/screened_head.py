@@ -1,5 +1,5 @@
-"""An int8 copy of the LM head with a per-row error bound, so that a greedy decode step reads a quarter of the
-head's bytes and still returns the argmax of the fp32 logits.
+"""An int8 copy of the LM head with a per-row error bound, so that a greedy (or top-k) decode step reads a
+quarter of the head's bytes and still returns the argmax (the k largest) of the fp32 logits.
 
 Why: at batch 1 the LM head is a fifth of SmolLM2-135M's decode bytes (49152 x 576 fp32), yet a greedy step
 needs only its argmax. Row v of the head is W_v = s_v q_v + e_v (q_v int8, s_v = max|W_v| / 127). For the final
@@ -10,7 +10,8 @@ hidden state h the kernel computes a_v = s_v (q_v . h) and, with the bound store
 (Cauchy-Schwarz for the quantisation error e_v; gamma = (n + 2) u / (1 - (n + 2) u), n = hidden size,
 u = 2^-24, covers the float32 rounding of both dot products and of a_v +- the bound). The fp32 argmax v* has
 a_v* + |h| bound_v* >= max_v (a_v - |h| bound_v), so recomputing in fp32 only the rows that pass that test
-finds it: 1-10 rows per step on SmolLM2-135M (mean 2.2 over 128 greedy steps of a chat reply).
+finds it: 1-10 rows per step on SmolLM2-135M (mean 2.2 over 128 greedy steps of a chat reply). For the k
+largest, the same test against the k-th largest lower bound.
 """
 
 from __future__ import annotations
