@@ -50,17 +50,25 @@ class _Arena:
         self.buf = huge_buffer(total)
         self._src = np.memmap(manifest.file("weights"), dtype=np.uint8, mode="r")
         self.views: dict[str, np.ndarray] = {}
-        for n in dict.fromkeys(names):
-            e = table[n]
-            if e["dtype"] != "float32":
-                raise CapreseError(f"the native backend runs fp32 engines; {n} is {e['dtype']}")
-            begin, length = int(e["offset"]), int(e["length"])
-            if n in mapped:
-                dst = self._src[begin:begin + length]
-            else:
-                dst = self.buf[offsets[n]:offsets[n] + length]
-                dst[:] = self._src[begin:begin + length]
-            self.views[n] = dst.view(np.float32).reshape(e["shape"])
+        with open(manifest.file("weights"), "rb", buffering=0) as f:  # read, not mapped: the copied tensors'
+            for n in dict.fromkeys(names):                           # file pages stay out of this process's RSS
+                e = table[n]
+                if e["dtype"] != "float32":
+                    raise CapreseError(f"the native backend runs fp32 engines; {n} is {e['dtype']}")
+                begin, length = int(e["offset"]), int(e["length"])
+                if n in mapped:
+                    dst = self._src[begin:begin + length]
+                else:
+                    dst = self.buf[offsets[n]:offsets[n] + length]
+                    f.seek(begin)
+                    view, got = memoryview(dst), 0
+                    while got < length:  # one read() returns at most ~2 GiB on Linux
+                        k = f.readinto(view[got:])
+                        if not k:
+                            raise CapreseError(f"{manifest.file('weights')} ends inside {n}; export the engine "
+                                               "again")
+                        got += k
+                self.views[n] = dst.view(np.float32).reshape(e["shape"])
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.views[name]
