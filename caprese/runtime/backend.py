@@ -75,8 +75,9 @@ class Backend:
         return self.capacity
 
     def skipped_bytes(self) -> int:
-        """Weight bytes of the decode graph the last decode() did not read (the native kernel skips the up and down
-        rows of CATS' zeroed neurons); 0 for backends that run the graph as written."""
+        """Weight bytes of the decode graph the last decode step did not read (the native kernel skips the up and
+        down rows of CATS' zeroed neurons, and on a screened step three quarters of the LM head less its scales,
+        bounds and recomputed rows); 0 for backends that run the graph as written."""
         return 0
 
     def peak_device_mb(self) -> float | None:

@@ -291,7 +291,7 @@ class NativeBackend(OrtBackend):
             self.head_steps += 1
 
     def _screens(self, k: int) -> bool:
-        return self.head == "screened" and 1 <= k <= min(lib_.HEAD_TOPK_MAX, self.layout.vocab_size)
+        return self.head == "screened" and 1 <= k <= min(self.lib.head_topk_max, self.layout.vocab_size)
 
     def decode(self, token: int, slot: int):
         self._step(token, slot)

@@ -4,7 +4,8 @@ Every backend fills the same object, so `--json` has the same fields whichever r
   ttft_ms, ms_per_token (mean, p50, p90), tokens_per_s, tokens_generated, prompt_tokens   (GenerationStats)
   bytes_per_step   weights the decode graph reads per step (manifest "weights" table: the decode graph's
                    initializers, one row of each table only gathered from, the GRIFFIN selection buffers;
-                   less what the backend skipped: the native kernel's unread CATS up/down rows, mean over the steps)
+                   less what the backend skipped: the native kernel's unread CATS up/down rows and screened-head
+                   savings, mean over the steps)
                    + the KV cache the step attends to (mean over the steps of the slots read)
   gb_per_s         achieved bandwidth: bytes_per_step / ms_per_token
   peak_rss_mb      the process's peak resident memory (host); peak_device_mb where the backend can tell

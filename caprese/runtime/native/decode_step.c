@@ -80,6 +80,8 @@ typedef struct {
 
 int64_t caprese_native_abi(void) { return CAPRESE_NATIVE_ABI; }
 
+int64_t caprese_head_topk_max(void) { return HEAD_TOPK_MAX; }
+
 int64_t caprese_scratch_floats(const Model *m) {
     int64_t qkv = (m->num_heads + 2 * m->num_kv_heads) * m->head_dim;
     return m->threads * (qkv + m->hidden + 2 * m->max_ff + m->hidden + m->num_heads * (2 + m->head_dim) + 3 +

@@ -21,7 +21,6 @@ from caprese.errors import CapreseError
 
 SOURCE = Path(__file__).with_name("decode_step.c")
 ABI = 3
-HEAD_TOPK_MAX = 256  # decode_step.c's largest k of a screened top-k step
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared"]
 
 
@@ -117,6 +116,7 @@ def load() -> ctypes.CDLL:
             raise CapreseError(f"cannot load the native kernel {path} ({str(e).splitlines()[0]}); delete it to "
                                "rebuild, or use --backend onnxruntime") from None
         lib.caprese_native_abi.restype = ctypes.c_int64
+        lib.caprese_head_topk_max.restype = ctypes.c_int64
         lib.caprese_scratch_floats.restype = ctypes.c_int64
         lib.caprese_scratch_floats.argtypes = [ctypes.POINTER(Model)]
         lib.caprese_decode_step.restype = ctypes.c_int
@@ -125,5 +125,6 @@ def load() -> ctypes.CDLL:
         if lib.caprese_native_abi() != ABI:
             raise CapreseError(f"{path} is a native kernel of another version; delete it and run again")
         lib.path = path  # where it was loaded from (for reports; library_path() would run the compiler again)
+        lib.head_topk_max = int(lib.caprese_head_topk_max())  # the largest k of a screened top-k step
         _LOADED = lib
     return _LOADED
