@@ -1,12 +1,15 @@
-"""Write a folder all at once: build it in a temporary sibling, rename it into place only when complete.
+"""Write a folder or a file all at once: build it under a temporary sibling name, rename it into place only
+when complete.
 
-A killed or failed run leaves no half-written output behind (only, at worst, a hidden `.NAME-*` temp folder,
-which the next successful run does not trust or reuse).
+A killed or failed run leaves no half-written output behind (only, at worst, a hidden `.NAME-*` temp folder or
+`.NAME.PID.tmp` file, which the next successful run does not trust or reuse).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,3 +35,23 @@ def atomic_dir(out: str | Path, force: bool = False, hint: str = "pass --force t
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path):
+    """`with atomic_file(path) as tmp:` write the file tmp; on success it replaces path (readers see the old file
+    or the new one, never a torn one); on failure it is removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """`obj` as indented JSON at path, all at once (atomic_file)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1))

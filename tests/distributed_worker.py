@@ -31,21 +31,22 @@ def make_samples(n: int = 12, seed: int = 0, vocab: int = 300):
 def run(model_dir: str, out_dir: Path, progress: bool = False):
     """(layer-wise artifact, end-to-end artifact) with the shared settings; the same in one or many processes."""
     from caprese.calibration.calibrate import calibrate
-    from caprese.calibration.e2e import E2EConfig
-    from caprese.calibration.layerwise import LayerwiseConfig
+    from caprese.calibration.recipe import CalibrationOptions, CalibrationRecipe, E2EConfig, LayerwiseConfig
 
     samples = make_samples()
-    lw = calibrate(model_dir, out_dir / "lw", samples=samples, stage="layerwise", work_dir=out_dir / "lw.work",
-                   layerwise_cfg=LayerwiseConfig(**LAYERWISE), progress=progress, **CALIB)
-    e2 = calibrate(model_dir, out_dir / "e2e", samples=samples, stage="e2e", init=out_dir / "lw",
-                   work_dir=out_dir / "e2e.work", e2e_cfg=E2EConfig(**E2E), progress=progress)
+    lw = calibrate(model_dir, out_dir / "lw",
+                   CalibrationRecipe(stage="layerwise", layerwise=LayerwiseConfig(**LAYERWISE), **CALIB), samples,
+                   CalibrationOptions(work_dir=out_dir / "lw.work", progress=progress))
+    e2 = calibrate(model_dir, out_dir / "e2e", CalibrationRecipe(stage="e2e", init=out_dir / "lw",
+                                                                 e2e=E2EConfig(**E2E)), samples,
+                   CalibrationOptions(work_dir=out_dir / "e2e.work", progress=progress))
     return lw, e2
 
 
 def main() -> None:
     import torch.distributed as dist
 
-    from caprese.calibration.layerwise import init_distributed
+    from caprese.calibration.distributed import init_distributed
 
     torch.set_num_threads(1)
     model_dir, out_dir = sys.argv[1], Path(sys.argv[2])

@@ -6,6 +6,7 @@ FFN inputs / outputs (forward hooks) and final hidden states against a second de
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -20,14 +21,15 @@ from distributed_worker import make_samples, run as run_shared
 
 from caprese.calibration.artifact import load_artifact
 from caprese.calibration.calibrate import calibrate
-from caprese.calibration.e2e import Distiller, E2EConfig
-from caprese.calibration.layerwise import LayerwiseConfig
-from caprese.calibration.methods import apply_method, efficient_layers
+from caprese.calibration.e2e import Distiller
+from caprese.calibration.methods import EfficientFFN, apply_method, efficient_layers
+from caprese.calibration.recipe import CalibrationOptions, CalibrationRecipe, E2EConfig, LayerwiseConfig
 from caprese.calibration.schedule import linear_schedule, lr_factor, warmup_steps
 from caprese.model.ffn import FFNContext
 from caprese.model.loading import load_decoder
 
 ROOT = Path(__file__).resolve().parents[1]
+QUIET = CalibrationOptions(progress=False)
 
 
 def adapters_equal(a, b) -> bool:
@@ -122,8 +124,10 @@ def test_linear_schedule_warms_up_then_decays_to_the_last_step():
 def test_layerwise_lowers_every_layer_residual(tiny_model_dir, tmp_path, kind, method):
     model = tiny_model_dir(kind)
     samples = make_samples(16, seed=1)
-    art = calibrate(model, tmp_path / "lw", method, 0.5, "all", 16, samples, stage="layerwise",
-                    layerwise_cfg=LayerwiseConfig(epochs=25, lr=5e-3, batch_size=32), progress=False)
+    art = calibrate(model, tmp_path / "lw", CalibrationRecipe(method, 0.5, "all", 16, stage="layerwise",
+                                                             layerwise=LayerwiseConfig(epochs=25, lr=5e-3,
+                                                                                       batch_size=32)),
+                    samples, QUIET)
     assert not (tmp_path / "lw.work").exists()  # removed after success
     errs = layer_errors(model, load_artifact(tmp_path / "lw"), samples)
     recorded = art.metrics["layerwise"]["layers"]
@@ -136,15 +140,16 @@ def test_layerwise_lowers_every_layer_residual(tiny_model_dir, tmp_path, kind, m
 
 
 def test_layerwise_resumes_after_kills_with_identical_adapters(tiny_model_dir, tmp_path, monkeypatch):
-    import caprese.calibration.layerwise as lw
+    import caprese.calibration.capture_store as store
 
     model = tiny_model_dir("gemma2")
     samples = make_samples(12, seed=2)
-    kw = dict(method="griffin", density=0.5, layers="all", rank=8, samples=samples, stage="layerwise",
-              layerwise_cfg=LayerwiseConfig(epochs=3, batch_size=16, seed=5), progress=False)
+    kw = dict(recipe=CalibrationRecipe("griffin", 0.5, "all", 8, stage="layerwise",
+                                       layerwise=LayerwiseConfig(epochs=3, batch_size=16, seed=5)),
+              samples=samples, options=QUIET)
     ref = calibrate(model, tmp_path / "ref", **kw)
 
-    monkeypatch.setattr(lw, "_CAPTURE_SYNC_S", 0.0)  # sync the capture manifest after every sample
+    monkeypatch.setattr(store, "SYNC_S", 0.0)  # sync the capture manifest after every sample
     events = []
 
     def killer(when):
@@ -239,10 +244,13 @@ def test_chunked_decode_equals_token_by_token_decode(tiny_model_dir):
 def test_e2e_lowers_final_hidden_mse_from_a_layerwise_artifact(tiny_model_dir, tmp_path):
     model = tiny_model_dir("llama")
     samples = make_samples(16, seed=4)
-    lw = calibrate(model, tmp_path / "lw", "griffin", 0.5, "all", 16, samples, stage="layerwise",
-                   layerwise_cfg=LayerwiseConfig(epochs=3, lr=3e-3, batch_size=32), progress=False)
-    e2 = calibrate(model, tmp_path / "e2e", samples=samples, stage="e2e", init=tmp_path / "lw",
-                   e2e_cfg=E2EConfig(epochs=4, lr=3e-3, batch_size=4), progress=False)
+    lw = calibrate(model, tmp_path / "lw", CalibrationRecipe("griffin", 0.5, "all", 16, stage="layerwise",
+                                                             layerwise=LayerwiseConfig(epochs=3, lr=3e-3,
+                                                                                       batch_size=32)),
+                   samples, QUIET)
+    e2 = calibrate(model, tmp_path / "e2e", CalibrationRecipe(stage="e2e", init=tmp_path / "lw",
+                                                              e2e=E2EConfig(epochs=4, lr=3e-3, batch_size=4)),
+                   samples, QUIET)
     assert (e2.method, e2.density, e2.layers, e2.rank) == ("griffin", 0.5, [0, 1], 16)
     before = final_hidden_mse(model, load_artifact(tmp_path / "lw"), samples)
     after = final_hidden_mse(model, load_artifact(tmp_path / "e2e"), samples)
@@ -258,9 +266,9 @@ def test_e2e_lowers_final_hidden_mse_from_a_layerwise_artifact(tiny_model_dir, t
 def test_e2e_resumes_per_epoch_with_identical_adapters(tiny_model_dir, tmp_path):
     model = tiny_model_dir("llama3")
     samples = make_samples(8, seed=5)
-    kw = dict(method="cats", density=0.5, layers="all", rank=4, samples=samples, stage="both",
-              layerwise_cfg=LayerwiseConfig(epochs=1), e2e_cfg=E2EConfig(epochs=3, lr=1e-3, batch_size=3),
-              progress=False)
+    kw = dict(recipe=CalibrationRecipe("cats", 0.5, "all", 4, stage="both", layerwise=LayerwiseConfig(epochs=1),
+                                       e2e=E2EConfig(epochs=3, lr=1e-3, batch_size=3)),
+              samples=samples, options=QUIET)
     ref = calibrate(model, tmp_path / "ref", **kw)
 
     def kill_at(epoch, step_in_epoch):
@@ -284,12 +292,13 @@ def test_e2e_resumes_per_epoch_with_identical_adapters(tiny_model_dir, tmp_path)
 def test_e2e_stage_can_start_from_a_kept_layerwise_work_dir(tiny_model_dir, tmp_path):
     model = tiny_model_dir("llama3")
     samples = make_samples(6, seed=6)
-    kw = dict(method="magnitude", density=0.5, layers="all", rank=4, samples=samples, work_dir=tmp_path / "work",
-              layerwise_cfg=LayerwiseConfig(epochs=2), progress=False)
-    lw = calibrate(model, tmp_path / "lw", stage="layerwise", keep_work=True, **kw)
+    recipe = CalibrationRecipe("magnitude", 0.5, "all", 4, stage="layerwise", layerwise=LayerwiseConfig(epochs=2))
+    opts = CalibrationOptions(work_dir=tmp_path / "work", progress=False)
+    lw = calibrate(model, tmp_path / "lw", recipe, samples, dataclasses.replace(opts, keep_work=True))
     assert sorted(p.name for p in (tmp_path / "work").glob("layer_*.safetensors")) == [
         "layer_0.safetensors", "layer_1.safetensors"]
-    e2 = calibrate(model, tmp_path / "e2e", stage="e2e", e2e_cfg=E2EConfig(epochs=1, batch_size=2), **kw)
+    e2 = calibrate(model, tmp_path / "e2e", dataclasses.replace(recipe, stage="e2e",
+                                                                 e2e=E2EConfig(epochs=1, batch_size=2)), samples, opts)
     assert e2.metrics["layerwise"] == lw.metrics["layerwise"]
     # e2e started from exactly the layer-wise adapters found in the work dir
     assert e2.metrics["e2e"]["mse_before"] == pytest.approx(final_hidden_mse(model, lw, samples), rel=1e-4)
@@ -408,7 +417,7 @@ def test_cli_synthetic_calibration_artifact_applies_the_bypass(tiny_model_dir, t
     dec = load_decoder(model)
     art.apply(dec)
     ffn = dec.layers[0].mlp
-    assert ffn.bypass is not None and isinstance(dec.layers[1].mlp, torch.nn.Module)
+    assert ffn.bypass is not None and not isinstance(dec.layers[1].mlp, EfficientFFN)  # --layers 0 only
     x = torch.randn(1, 7, dec.spec.hidden_size)
     with torch.no_grad():
         ffn(x[:, :4], FFNContext("prefill", 0))

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from caprese.calibration.bypass import LowRankBypass, fold, folded_ffn
 from caprese.calibration.methods import (CatsFFN, EfficientFFN, GriffinFFN, MagnitudeFFN, apply_method,
-                                         efficient_layers, griffin_statistic_sq, parse_layers, percentile_linear)
+                                         efficient_layers, griffin_statistic_sq, percentile_linear)
+from caprese.calibration.recipe import parse_layers
 from caprese.model import load_decoder
 from caprese.model.ffn import DenseFFN, FFNContext
 from caprese.model.generation import decode_one_token, generate, left_pad
@@ -648,9 +649,12 @@ def test_parse_layers_errors(layers, n):
 
 def test_apply_method_replaces_selected_layers(llama_dir):
     model = load_decoder(llama_dir)
-    assert apply_method(model, "cats", 0.5) == [0]  # default: first half of 2 layers
-    assert isinstance(model.layers[0].mlp, CatsFFN) and type(model.layers[1].mlp) is DenseFFN
+    assert apply_method(model, "griffin", 0.5) == [0]  # GRIFFIN's default: the first half of 2 layers
+    assert isinstance(model.layers[0].mlp, GriffinFFN) and type(model.layers[1].mlp) is DenseFFN
     dense0 = model.layers[0].mlp.dense
+    assert apply_method(model, "cats", 0.5) == [0, 1]  # CATS's default: all layers (the paper's Caprese(CATS))
+    assert isinstance(model.layers[0].mlp, CatsFFN) and isinstance(model.layers[1].mlp, CatsFFN)
+    assert model.layers[0].mlp.dense is dense0
     assert apply_method(model, "griffin", 0.33, "0") == [0]  # re-applying wraps the original dense FFN
     assert isinstance(model.layers[0].mlp, GriffinFFN) and model.layers[0].mlp.dense is dense0
     assert model.layers[0].mlp.k == 52  # int(160 * 0.33) = int(52.8)

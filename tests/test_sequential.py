@@ -9,6 +9,8 @@ branch_target(t, mid) − FF̂(x); the recorded per-layer metrics must match the
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -16,13 +18,14 @@ from distributed_worker import make_samples
 
 from caprese.calibration.artifact import load_artifact
 from caprese.calibration.calibrate import calibrate
-from caprese.calibration.layerwise import LayerwiseConfig
 from caprese.calibration.methods import efficient_layers
+from caprese.calibration.recipe import CalibrationOptions, CalibrationRecipe, LayerwiseConfig
 from caprese.calibration.sequential import branch_target
 from caprese.errors import CapreseError
 from caprese.model.loading import load_decoder
 
 CFG = dict(epochs=6, lr=5e-3, batch_size=32, seed=1)
+QUIET = CalibrationOptions(progress=False)
 
 
 def reference_errors(model_dir, art, samples):
@@ -80,8 +83,9 @@ def test_sequential_metrics_match_whole_model_forwards(tiny_model_dir, tmp_path,
     open_write = seq._States.open_write
     monkeypatch.setattr(seq._States, "open_write", lambda st, teacher=True: (dense_passes.append(teacher),
                                                                              open_write(st, teacher))[1])
-    art = calibrate(model, tmp_path / "seq", method, 0.5, layers, 8, samples, stage="layerwise",
-                    layerwise_cfg=LayerwiseConfig(**CFG, mode="sequential"), progress=False)
+    art = calibrate(model, tmp_path / "seq", CalibrationRecipe(method, 0.5, layers, 8, stage="layerwise",
+                                                              layerwise=LayerwiseConfig(**CFG, mode="sequential")),
+                    samples, QUIET)
     # a trained layer's capture already wrote the next teacher rows; a layer below the first target did not
     assert dense_passes == [i not in art.layers for i in range(max(art.layers))]  # propagations 0 .. last - 1
     assert not (tmp_path / "seq.work").exists()
@@ -102,10 +106,11 @@ def test_sequential_first_layer_equals_the_parallel_stage(tiny_model_dir, tmp_pa
     # of (mid + FF(x)) − mid, and its rows equal the parallel stage's: same metrics, nearly the same adapters.
     model = tiny_model_dir("llama")
     samples = make_samples(10, seed=5)
-    kw = dict(method="griffin", density=0.5, layers="all", rank=8, samples=samples, stage="layerwise",
-              progress=False)
-    seq = calibrate(model, tmp_path / "seq", **kw, layerwise_cfg=LayerwiseConfig(**CFG, mode="sequential"))
-    par = calibrate(model, tmp_path / "par", **kw, layerwise_cfg=LayerwiseConfig(**CFG))
+    recipe = CalibrationRecipe("griffin", 0.5, "all", 8, stage="layerwise")
+    seq = calibrate(model, tmp_path / "seq",
+                    dataclasses.replace(recipe, layerwise=LayerwiseConfig(**CFG, mode="sequential")), samples, QUIET)
+    par = calibrate(model, tmp_path / "par", dataclasses.replace(recipe, layerwise=LayerwiseConfig(**CFG)), samples,
+                    QUIET)
     a, b = seq.metrics["layerwise"]["layers"]["0"], par.metrics["layerwise"]["layers"]["0"]
     assert a["before"] == pytest.approx(b["before"], rel=1e-5) and a["ff_sq"] == pytest.approx(b["ff_sq"], rel=1e-6)
     assert torch.allclose(seq.adapters[0][1], par.adapters[0][1], atol=1e-4)
@@ -117,8 +122,9 @@ def test_sequential_first_layer_equals_the_parallel_stage(tiny_model_dir, tmp_pa
 def test_sequential_resumes_after_kills_with_identical_adapters(tiny_model_dir, tmp_path):
     model = tiny_model_dir("gemma2")
     samples = make_samples(8, seed=6)
-    kw = dict(method="griffin", density=0.5, layers="all", rank=8, samples=samples, stage="layerwise",
-              layerwise_cfg=LayerwiseConfig(epochs=3, batch_size=16, seed=2, mode="sequential"), progress=False)
+    kw = dict(recipe=CalibrationRecipe("griffin", 0.5, "all", 8, stage="layerwise",
+                                       layerwise=LayerwiseConfig(epochs=3, batch_size=16, seed=2, mode="sequential")),
+              samples=samples, options=QUIET)
     ref = calibrate(model, tmp_path / "ref", **kw)
     events = []
 
@@ -129,19 +135,19 @@ def test_sequential_resumes_after_kills_with_identical_adapters(tiny_model_dir, 
                 raise KeyboardInterrupt("simulated kill")
         return cb
 
-    import caprese.calibration.layerwise as lw
+    import caprese.calibration.capture_store as store
     import caprese.calibration.sequential as seq
 
     def mid_capture(mp):
         """Kill while capturing layer 1: samples 1-2 synced, 3-4 written (rows and next teacher rows) but not."""
         def when(e):
             if e["stage"] == "capture" and e.get("layer") == 1 and e["sample"] == 2:
-                mp.setattr(lw, "_CAPTURE_SYNC_S", 1e9)
+                mp.setattr(store, "SYNC_S", 1e9)
             return e["stage"] == "capture" and e.get("layer") == 1 and e["sample"] == 4
         return when
 
     with pytest.raises(KeyboardInterrupt), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lw, "_CAPTURE_SYNC_S", 0.0)
+        mp.setattr(store, "SYNC_S", 0.0)
         calibrate(model, tmp_path / "out", **kw, callback=killer(mid_capture(mp)))
     work = tmp_path / "out.work"
     assert (work / "layer_0.safetensors").is_file() and (work / "sequential" / "states_1.json").is_file()
@@ -165,8 +171,9 @@ def test_sequential_mode_refuses_torchrun_and_unknown_modes(tiny_model_dir, tmp_
     import caprese.calibration.sequential as seq
 
     with pytest.raises(CapreseError, match="layer-wise mode"):
-        LayerwiseConfig(mode="greedy").validate()
+        LayerwiseConfig(mode="greedy")
     monkeypatch.setattr(seq, "world", lambda: (0, 2))
     with pytest.raises(CapreseError, match="without torchrun"):
-        calibrate(tiny_model_dir("llama"), tmp_path / "x", "griffin", 0.5, "all", 8, make_samples(4),
-                  stage="layerwise", layerwise_cfg=LayerwiseConfig(epochs=1, mode="sequential"), progress=False)
+        calibrate(tiny_model_dir("llama"), tmp_path / "x",
+                  CalibrationRecipe("griffin", 0.5, "all", 8, stage="layerwise",
+                                    layerwise=LayerwiseConfig(epochs=1, mode="sequential")), make_samples(4), QUIET)

@@ -1,44 +1,29 @@
 """Calibration artifact: `caprese.json` (recipe, base model + fingerprint, metrics) + `adapters.safetensors`.
 
 The adapters only make sense on the exact base weights they were trained against, so loading checks a
-fingerprint of the base model (config.json, weight file sizes and sampled bytes) and refuses a mismatch.
+fingerprint of the base model (fingerprint.py: config.json, weight file sizes and sampled bytes) and refuses a
+mismatch. `recipe` is CalibrationRecipe.to_dict() of the resolved recipe plus how the run went (precision,
+device, world size, samples); readers take its keys with .get(): artifacts from before a key existed still load.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 
 from caprese.atomic_output import atomic_dir
+from caprese.calibration.fingerprint import fingerprint
 from caprese.calibration.methods import EfficientFFN, apply_method, efficient_layers
 from caprese.errors import CapreseError
-from caprese.model.loading import weight_files
 from caprese.model.spec import read_json
 
 FORMAT = "caprese-artifact"
 VERSION = 1
 MANIFEST = "caprese.json"
 ADAPTERS = "adapters.safetensors"
-_SAMPLE = 1 << 20
-
-
-def fingerprint(model_dir: str | Path) -> str:
-    """sha256 over config.json and, per weight file, its size and its first and last MiB."""
-    model_dir = Path(model_dir)
-    h = hashlib.sha256()
-    h.update(json.dumps(read_json(model_dir / "config.json", "config.json"), sort_keys=True).encode())
-    for f in weight_files(model_dir):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(_SAMPLE))
-            fh.seek(max(0, size - _SAMPLE))
-            h.update(fh.read(_SAMPLE))
-    return h.hexdigest()
 
 
 @dataclasses.dataclass
@@ -131,3 +116,8 @@ def load_artifact(src: str | Path, base_model: str | Path | None = None, check: 
                 adapters[i] = (t[f"layers.{i}.L"], t[f"layers.{i}.R"])
     return Artifact(src, str(base), m["fingerprint"], m["method"], m["density"], m["layers"], m["rank"],
                     m.get("recipe", {}), m.get("metrics", {}), adapters)
+
+
+# fingerprint lives in fingerprint.py; export and runtime read it from here, next to the artifact it guards
+__all__ = ["Artifact", "FORMAT", "VERSION", "MANIFEST", "ADAPTERS", "collect_adapters", "fingerprint", "is_artifact",
+           "load_artifact", "save_artifact"]

@@ -26,44 +26,21 @@ with a generator seeded by (seed, epoch), so the result equals an uninterrupted 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from caprese.calibration.layerwise import _bar, barrier, digest, ensure_caches, world
+from caprese.atomic_output import atomic_file
+from caprese.calibration.distributed import all_reduce_sum, barrier, world
+from caprese.calibration.fingerprint import adapters_digest, digest
+from caprese.calibration.layerwise import ensure_caches
 from caprese.calibration.methods import apply_method, efficient_layers
+from caprese.calibration.progress import Callback, bar
+from caprese.calibration.recipe import CalibrationOptions, CalibrationPlan
 from caprese.calibration.schedule import linear_schedule
-
-Callback = Callable[[dict], None]
-
-
-@dataclasses.dataclass
-class E2EConfig:
-    epochs: int = 3
-    lr: float = 1e-4  # paper: 4e-6 .. 2e-4, smaller for larger models
-    batch_size: int = 16  # sequences per Adam step
-    warmup: float = 0.02
-    seed: int = 0
-    teacher_cache_bytes: int = 1 << 30  # per process; teacher states beyond this are recomputed every epoch
-
-    def key_fields(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("teacher_cache_bytes")
-        return d
-
-    def validate(self) -> None:
-        from caprese.errors import CapreseError
-
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise CapreseError("end-to-end epochs and batch size must be >= 1 and lr > 0")
-        if not 0 <= self.warmup < 1:
-            raise CapreseError(f"warm-up fraction must be in [0, 1); got {self.warmup}")
 
 
 @dataclasses.dataclass
@@ -79,14 +56,6 @@ def detach_caches(decoder) -> None:
         c = layer.self_attn.cache
         if c is not None and (c.k.requires_grad or c.v.requires_grad):
             c.k, c.v = c.k.detach(), c.v.detach()
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -145,7 +114,7 @@ class Distiller:
             acc[0] += self.sse(j).double()
             acc[1] += len(self.samples[j].response_ids) * self.dim
         detach_caches(self.decoder)
-        _all_reduce(acc)
+        all_reduce_sum(acc)
         return float(acc[0] / acc[1].clamp_min(1))
 
 
@@ -166,9 +135,8 @@ def _without_bypass_mse(dist: Distiller) -> float:
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _load_checkpoint(path: Path, key: str) -> dict | None:
@@ -181,26 +149,24 @@ def _load_checkpoint(path: Path, key: str) -> dict | None:
     return state if state.get("key") == key else None
 
 
-def run_e2e(decoder, samples, method: str, density: float, layers: list[int], rank: int,
-            init_adapters: dict[int, tuple[torch.Tensor, torch.Tensor]], work: Path, cfg: E2EConfig, key: str,
-            progress: bool = True, callback: Callback | None = None) -> E2EResult:
-    """Jointly fine-tune every layer's (L, R) from `init_adapters`; returns the trained adapters (fp32, cpu).
+def run_e2e(decoder, samples, plan: CalibrationPlan, init_adapters: dict[int, tuple[torch.Tensor, torch.Tensor]],
+            work: Path, key: str, options: CalibrationOptions, callback: Callback | None = None) -> E2EResult:
+    """Jointly fine-tune every layer's (L, R) of `plan` from `init_adapters`; returns the trained adapters (fp32,
+    cpu).
 
     `key` must identify the base model, method, density, layers, samples and precision; the checkpoint key adds
-    rank, `cfg` and the initial adapters.
+    rank, the end-to-end config and the initial adapters.
     """
     t_start = time.monotonic()
     me, ws = world()
+    cfg, progress = plan.recipe.e2e, options.progress
     work = Path(work) / "e2e"
     work.mkdir(parents=True, exist_ok=True)
     ckpt_path = work / "checkpoint.pt"
-    h = hashlib.sha256()
-    for i, (L, R) in sorted(init_adapters.items()):
-        h.update(f"{i}:".encode() + L.float().contiguous().numpy().tobytes() + R.float().contiguous().numpy().tobytes())
-    init_digest = h.hexdigest()[:32]
-    ckey = digest({"base": key, "rank": rank, "cfg": cfg.key_fields(), "init": init_digest})
+    ckey = digest({"base": key, "rank": plan.rank, "cfg": dataclasses.asdict(cfg),
+                   "init": adapters_digest(init_adapters)})
 
-    apply_method(decoder, method, density, layers, rank, seed=cfg.seed)
+    apply_method(decoder, plan.method, plan.density, list(plan.layers), plan.rank, seed=cfg.seed)
     decoder.requires_grad_(False)
     bps = _bypasses(decoder)
     missing = [i for i, _ in bps if i not in init_adapters]
@@ -220,7 +186,7 @@ def run_e2e(decoder, samples, method: str, density: float, layers: list[int], ra
     spe = max(1, math.ceil(n / cfg.batch_size))
     total = cfg.epochs * spe
     sched = linear_schedule(opt, total, cfg.warmup)
-    dist_ = Distiller(decoder, samples, cfg.teacher_cache_bytes)
+    dist_ = Distiller(decoder, samples, options.teacher_cache_bytes)
 
     state = _load_checkpoint(ckpt_path, ckey)
     if state is not None:
@@ -241,7 +207,7 @@ def run_e2e(decoder, samples, method: str, density: float, layers: list[int], ra
               f"layer-wise bypass {before['mse_before']:.5g}", file=sys.stderr)
 
     t_train = time.monotonic()
-    bar = _bar(total, "e2e", progress and me == 0, initial=start_epoch * spe)
+    pbar = bar(total, "e2e", progress and me == 0, initial=start_epoch * spe)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).tolist()
@@ -257,7 +223,7 @@ def run_e2e(decoder, samples, method: str, density: float, layers: list[int], ra
                 detach_caches(decoder)
                 flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten()
                                   for p in params] + [torch.tensor([local], device=params[0].device)])
-                _all_reduce(flat)
+                all_reduce_sum(flat)
                 off = 0
                 for m, p in zip(master, params):
                     m.grad = flat[off:off + p.numel()].view_as(m).clone()
@@ -272,8 +238,8 @@ def run_e2e(decoder, samples, method: str, density: float, layers: list[int], ra
                         p.copy_(m)
                 ep_sse += batch_loss * denom
                 ep_count += denom
-                bar.update(1)
-                bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{batch_loss:.4g}", refresh=False)
+                pbar.update(1)
+                pbar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{batch_loss:.4g}", refresh=False)
                 if callback is not None:
                     callback({"stage": "e2e", "event": "step", "epoch": epoch, "step": epoch * spe + b + 1,
                               "steps": total, "loss": batch_loss})
@@ -287,7 +253,7 @@ def run_e2e(decoder, samples, method: str, density: float, layers: list[int], ra
             if callback is not None:
                 callback({"stage": "e2e", "event": "epoch_done", "epoch": epoch, "train_mse": history[-1]})
     finally:
-        bar.close()
+        pbar.close()
         detach_caches(decoder)
     train_s = time.monotonic() - t_train
     t0 = time.monotonic()

@@ -12,9 +12,8 @@ import torch
 from torch import nn
 
 from caprese.calibration.bypass import LowRankBypass
+from caprese.calibration.recipe import METHODS, default_layers, parse_layers
 from caprese.model.ffn import DenseFFN, FFNContext
-
-METHODS = ("griffin", "cats", "magnitude")
 
 
 def neuron_count(inter: int, density: float) -> int:
@@ -204,42 +203,25 @@ class CatsFFN(EfficientFFN):
 
 
 _CLASSES = {"griffin": GriffinFFN, "cats": CatsFFN, "magnitude": MagnitudeFFN}
+assert tuple(_CLASSES) == METHODS  # recipe.py lists the methods (and their default layers) without importing torch
 
 
-def parse_layers(layers: str | list[int], num_layers: int) -> list[int]:
-    """'all', 'first-half' (the paper's GRIFFIN default), 'second-half', or a list like '0,2,5-9'."""
-    if isinstance(layers, (list, tuple)):
-        out = sorted(set(int(i) for i in layers))
-    elif layers == "all":
-        out = list(range(num_layers))
-    elif layers == "first-half":
-        out = list(range(num_layers // 2))
-    elif layers == "second-half":
-        out = list(range(num_layers // 2, num_layers))
-    else:
-        out = set()
-        try:
-            for part in str(layers).split(","):
-                if "-" in part:
-                    lo, hi = part.split("-")
-                    out.update(range(int(lo), int(hi) + 1))
-                elif part.strip():
-                    out.add(int(part))
-        except ValueError:
-            raise ValueError(f"layers must be all, first-half, second-half or a list like 0,2,5-9; got {layers!r}")
-        out = sorted(out)
-    bad = [i for i in out if not 0 <= i < num_layers]
-    if bad or not out:
-        raise ValueError(f"layer indices {bad or out} are outside 0..{num_layers - 1}")
-    return out
-
-
-def apply_method(decoder, method: str, density: float, layers: str | list[int] = "first-half",
-                 rank: int = 0, seed: int = 0) -> list[int]:
-    """Replace the FFN of each selected layer with `method` (and a rank-`rank` bypass if rank > 0), in place."""
+def make_method_ffn(dense: DenseFFN, method: str, density: float,
+                    bypass: LowRankBypass | None = None) -> EfficientFFN:
+    """`method`'s FFN around `dense` (ValueError for an unknown method)."""
     if method not in _CLASSES:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    idx = parse_layers(layers, decoder.spec.num_layers)
+    return _CLASSES[method](dense, density, bypass)
+
+
+def apply_method(decoder, method: str, density: float, layers: str | list[int] | None = None,
+                 rank: int = 0, seed: int = 0) -> list[int]:
+    """Replace the FFN of each selected layer with `method` (and a rank-`rank` bypass if rank > 0), in place.
+
+    layers None: the method's default (recipe.METHOD_LAYERS: GRIFFIN and magnitude the first half, CATS all)."""
+    if method not in _CLASSES:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    idx = parse_layers(default_layers(method) if layers is None else layers, decoder.spec.num_layers)
     d = decoder.spec.hidden_size
     if rank < 0 or rank >= d:
         raise ValueError(f"rank must be in [0, hidden size {d}); got {rank}")
@@ -248,7 +230,7 @@ def apply_method(decoder, method: str, density: float, layers: str | list[int] =
         dense = layer.mlp.dense if isinstance(layer.mlp, EfficientFFN) else layer.mlp
         w = dense.gate_proj.weight
         bypass = LowRankBypass(d, rank, w.dtype, w.device, seed=seed + i) if rank else None
-        layer.mlp = _CLASSES[method](dense, density, bypass)
+        layer.mlp = make_method_ffn(dense, method, density, bypass)
     return idx
 
 

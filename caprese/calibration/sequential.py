@@ -28,11 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from caprese.calibration import layerwise
-from caprese.calibration.layerwise import (Callback, LayerwiseConfig, LayerwiseResult, _bar, _CaptureLayer,
-                                           _read_json, _to_bytes, digest, ensure_caches, layer_train_key, load_layer,
-                                           train_captured, world, write_json_atomic)
+from caprese.atomic_output import write_json_atomic
+from caprese.calibration import capture_store
+from caprese.calibration.capture_store import CaptureLayer, read_json_or_none, to_bytes
+from caprese.calibration.distributed import world
+from caprese.calibration.fingerprint import digest
+from caprese.calibration.layerwise import LayerwiseResult, ensure_caches, layer_train_key, load_layer, train_captured
 from caprese.calibration.methods import EfficientFFN, apply_method, efficient_layers
+from caprese.calibration.progress import Callback, bar
+from caprese.calibration.recipe import CalibrationOptions, CalibrationPlan
 from caprese.errors import CapreseError
 
 
@@ -55,14 +59,14 @@ class _States:
 
     @property
     def complete(self) -> bool:
-        st = _read_json(self.meta)
+        st = read_json_or_none(self.meta)
         rows_ok = all(p.is_file() and p.stat().st_size == int(off[-1]) * self.dim * 4
                       for p, off in ((self.t_path, self.off_t), (self.s_path, self.off_s)))
         return bool(st and st.get("key") == self.key and st.get("complete")) and rows_ok
 
     @property
     def teacher_ready(self) -> bool:
-        st = _read_json(self.t_meta)
+        st = read_json_or_none(self.t_meta)
         return bool(st and st.get("key") == self.key and st.get("complete")) and self.t_path.is_file() and \
             self.t_path.stat().st_size == int(self.off_t[-1]) * self.dim * 4
 
@@ -123,25 +127,24 @@ def _mid_norm(block):
     return block.pre_feedforward_layernorm if block.gemma else block.post_attention_layernorm
 
 
-def run_sequential(decoder, samples, method: str, density: float, layers: list[int], rank: int, work: Path,
-                   cfg: LayerwiseConfig, key: str, progress: bool = True, callback: Callback | None = None
-                   ) -> LayerwiseResult:
+def run_sequential(decoder, samples, plan: CalibrationPlan, work: Path, key: str, options: CalibrationOptions,
+                   callback: Callback | None = None) -> LayerwiseResult:
     """Train every layer's (L, R) in order, each on the student's inputs against the dense layer output.
 
-    Same contract as layerwise.run_layerwise (key, result); the decoder's target layers get `method` FFNs with
-    the trained bypasses installed (so it leaves as the calibrated student)."""
+    Same contract as layerwise.run_layerwise (key, result); the decoder's target layers get the plan's method
+    FFNs with the trained bypasses installed (so it leaves as the calibrated student)."""
     if world()[1] > 1:
         raise CapreseError("sequential layer-wise training runs in one process (each layer's inputs come from the "
                            "layers trained before it); run it without torchrun, or use --layerwise-mode parallel")
     work = Path(work)
     folder = work / "sequential"
     folder.mkdir(parents=True, exist_ok=True)
-    layers = sorted(layers)
-    train_key = layer_train_key(key, rank, cfg)
+    layers, cfg, progress = sorted(plan.layers), plan.recipe.layerwise, options.progress
+    train_key = layer_train_key(key, plan.rank, cfg)
     dim = decoder.spec.hidden_size
     w = decoder.model.embed_tokens.weight
     device, dtype = w.device, w.dtype
-    apply_method(decoder, method, density, layers, rank=rank, seed=cfg.seed)
+    apply_method(decoder, plan.method, plan.density, layers, rank=plan.rank, seed=cfg.seed)
     ffns = {i: f for i, f in efficient_layers(decoder).items() if i in layers}
     ensure_caches(decoder, samples)
 
@@ -192,7 +195,7 @@ def run_sequential(decoder, samples, method: str, density: float, layers: list[i
                 timing["capture_s"] += time.monotonic() - t0
                 t1 = time.monotonic()
                 desc = f"layer {i} ({layers.index(i) + 1}/{len(layers)}, sequential)"
-                finished[i] = train_captured(cap, device, rank, cfg, work, train_key, desc, progress, callback,
+                finished[i] = train_captured(cap, device, plan, work, train_key, desc, options, callback,
                                              extra={"mode": "sequential"})
                 timing["train_s"] += time.monotonic() - t1
             adapters[i], metrics[i] = finished[i][:2], finished[i][2]
@@ -211,11 +214,11 @@ def run_sequential(decoder, samples, method: str, density: float, layers: list[i
 
 
 def _capture(decoder, block, ffn: EfficientFFN, i: int, samples, src, folder: Path, train_key: str, store: str,
-             progress: bool, callback: Callback | None, nxt: _States | None = None) -> _CaptureLayer:
+             progress: bool, callback: Callback | None, nxt: _States | None = None) -> CaptureLayer:
     """(x, target − FF̂(x)) rows of layer i on the response tokens, the student's inputs, the dense outputs;
     the dense outputs of every token also become the teacher rows of boundary i + 1 (`nxt`), so the
     propagation after training does not run the dense pass again."""
-    cap = _CaptureLayer(folder, i, decoder.spec.hidden_size, digest({"train": train_key, "capture": i}), store)
+    cap = CaptureLayer(folder, i, decoder.spec.hidden_size, digest({"train": train_key, "capture": i}), store)
     if cap.complete:
         return cap
     got: dict = {}
@@ -232,7 +235,7 @@ def _capture(decoder, block, ffn: EfficientFFN, i: int, samples, src, folder: Pa
 
     handles = [block.mlp.register_forward_pre_hook(at_ffn), _mid_norm(block).register_forward_pre_hook(at_mid)]
     first = cap.state["samples_done"]
-    bar = _bar(len(samples), f"capture layer {i} (sequential)", progress, initial=first)
+    pbar = bar(len(samples), f"capture layer {i} (sequential)", progress, initial=first)
     cap.open()
     ft = nxt.open_teacher(first) if nxt is not None else None
     t_sync = time.monotonic()
@@ -257,10 +260,10 @@ def _capture(decoder, block, ffn: EfficientFFN, i: int, samples, src, folder: Pa
                 target = branch_target(block, mid, t, y)
                 cap.append(x, y, target.float() - ffn.approx(x[None])[0].float())
             if ft is not None:
-                ft.write(_to_bytes(t_all, "fp32"))
+                ft.write(to_bytes(t_all, "fp32"))
             cap.state["samples_done"] = j + 1
-            bar.update(1)
-            if time.monotonic() - t_sync >= layerwise._CAPTURE_SYNC_S:
+            pbar.update(1)
+            if time.monotonic() - t_sync >= capture_store.SYNC_S:
                 if ft is not None:  # the teacher rows of the samples the manifest counts are in the file
                     ft.flush()
                 cap.sync()
@@ -273,7 +276,7 @@ def _capture(decoder, block, ffn: EfficientFFN, i: int, samples, src, folder: Pa
             nxt.finish_teacher()
         cap.sync(complete=True)
     finally:
-        bar.close()
+        pbar.close()
         cap.close()
         if ft is not None:
             ft.close()
@@ -288,24 +291,24 @@ def _propagate(decoder, block, i: int, samples, src, dst: _States, efficient: bo
     teacher = not dst.teacher_ready
     ft, fs = dst.open_write(teacher)
     files = [f for f in (ft, fs) if f is not None]
-    bar = _bar(len(samples), f"layer {i} -> {i + 1} states", progress)
+    pbar = bar(len(samples), f"layer {i} -> {i + 1} states", progress)
     try:
         for j, s in enumerate(samples):
             p = len(s.prompt_ids)
             h_t, h_s = src(j)
             with torch.inference_mode():
                 if teacher:
-                    ft.write(_to_bytes(decoder.blocks(h_t, 0, i, i + 1, phase="prefill")[0], "fp32"))
+                    ft.write(to_bytes(decoder.blocks(h_t, 0, i, i + 1, phase="prefill")[0], "fp32"))
                 if efficient or not teacher:  # the dense pass above also wrote the prompt's K/V
                     decoder.blocks(h_t[:, :p], 0, i, i + 1, phase="prefill")
                 out = decoder.blocks(h_s, p, i, i + 1, phase="decode")
-            fs.write(_to_bytes(out[0], "fp32"))
-            bar.update(1)
+            fs.write(to_bytes(out[0], "fp32"))
+            pbar.update(1)
         for f in files:
             f.flush()
             os.fsync(f.fileno())
     finally:
-        bar.close()
+        pbar.close()
         for f in files:
             f.close()
     dst.finish()

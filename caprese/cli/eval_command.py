@@ -7,9 +7,8 @@ from pathlib import Path
 
 import click
 
+from caprese.cli.options import method_options
 from caprese.errors import CapreseError
-
-METHOD_CHOICES = ("dense", "griffin", "cats", "magnitude")
 
 
 def _row(name: str, r) -> list[str]:
@@ -37,13 +36,7 @@ def format_table(rows: list[list[str]]) -> str:
                    "per line, GSM8K {\"question\", \"answer\": \"... #### 42\"} or {\"prompt\", \"answer\"}.")
 @click.option("--limit", default=200, show_default=True, type=click.IntRange(min=1),
               help="Evaluate the first N problems.")
-@click.option("--method", default=None, type=click.Choice(METHOD_CHOICES),
-              help="For a plain model folder: run this efficient FFN method without adapters (the baseline). "
-                   "An artifact brings its own method. [default: dense]")
-@click.option("--density", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="Fraction of FFN neurons kept (GRIFFIN/magnitude) or CATS's kept share, in (0, 1].")
-@click.option("--layers", default="first-half", show_default=True,
-              help="Layers that get --method: all, first-half, second-half or a list like 0,2,5-9.")
+@method_options
 @click.option("--base-model", default=None, type=click.Path(path_type=str), metavar="DIR",
               help="For an artifact: the base model folder, if it moved since calibration.")
 @click.option("--reselect-every", default=0, show_default=True, type=click.IntRange(min=0), metavar="N",

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from caprese.cli.entry import run
-from caprese.cli.options import BACKEND_CHOICES, prompt_options, sampling_options
+from caprese.cli.options import BACKEND_CHOICES, method_options, prompt_options, sampling_options
 from caprese.errors import CapreseError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -46,12 +46,7 @@ def fetch_default_cmd(force: bool) -> None:
               help="Weights and activations dtype (reductions stay in fp32).")
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1 ...")
 @sampling_options
-@click.option("--method", type=click.Choice(["dense", "griffin", "cats", "magnitude"]), default=None,
-              help="Efficient FFN for decoding, without adapters (the plain baseline). An artifact brings its own.")
-@click.option("--density", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="Share of FFN neurons kept (GRIFFIN/magnitude) or of activations kept (CATS).")
-@click.option("--layers", default="first-half", show_default=True,
-              help="Approximated layers: all, first-half, second-half, or a list like 0,2,5-9.")
+@method_options
 @click.option("--base-model", default=None, type=click.Path(path_type=str),
               help="For an artifact: the base model folder, when it has moved since calibration.")
 @click.option("--backend", default=None, type=click.Choice(BACKEND_CHOICES),

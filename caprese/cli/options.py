@@ -1,9 +1,11 @@
-"""Options shared by the commands that generate text (`generate`, `run`, `chat`): one definition each, so the
-flags, defaults and help read the same everywhere."""
+"""Options shared by the commands that generate text (`generate`, `run`, `chat`) or evaluate (`eval`): one
+definition each, so the flags, defaults and help read the same everywhere."""
 
 from __future__ import annotations
 
 import click
+
+from caprese.calibration.recipe import DEFAULT_DENSITY, METHODS, layers_default_help
 
 
 def _apply(f, options):
@@ -58,4 +60,23 @@ def sampling_options(f):
         click.option("--reselect-every", default=0, show_default=True, type=click.IntRange(min=0),
                      help="GRIFFIN: every N decode steps, run the last N tokens through a dense (prefill) pass and "
                           "re-select the neurons (0 = never)."),
+    ])
+
+
+METHOD_CHOICES = ["dense", *METHODS]
+
+
+def method_options(f):
+    """--method, --density, --layers: a plain model folder run with an efficient FFN method, no adapters
+    (`generate`, `eval`). The layers default to the method's own (recipe.METHOD_LAYERS)."""
+    return _apply(f, [
+        click.option("--method", type=click.Choice(METHOD_CHOICES), default=None,
+                     help="For a plain model folder: decode with this efficient FFN method, without adapters (the "
+                          "baseline). An artifact brings its own method.  [default: dense]"),
+        click.option("--density", default=DEFAULT_DENSITY, show_default=True,
+                     type=click.FloatRange(0, 1, min_open=True),
+                     help="Share of FFN neurons kept (GRIFFIN/magnitude) or of activations kept (CATS)."),
+        click.option("--layers", default=None,
+                     help="Layers that get --method: all, first-half, second-half, or a list like 0,2,5-9.  "
+                          f"[default: the method's ({layers_default_help()})]"),
     ])
