@@ -12,11 +12,12 @@ Per sample:
 The response's K/V are written into the static cache in place, so autograd runs through the cache writes
 (CopySlices); before every sample the cache tensors are detached so no graph outlives its sample.
 
-Batches: `batch_size` sequences per Adam step; their gradients are accumulated sample by sample (loss scaled by the
-batch's response-token count, so the step minimises the token-mean MSE of the batch). Under torchrun each rank
-runs every world_size-th sequence of each batch and the gradients are all-reduced (summed) before the step: plain
-data parallelism, identical adapters on every rank. Trainable parameters are fp32 master copies of L, R
-(the model's own L, R may be bf16); the optimiser steps the masters, which are copied back into the model.
+Batches: `batch_size` sequences per Adam step; their gradients are accumulated sample by sample in float32
+(`batch_gradients`: a bf16 model's per-sample gradients are bf16, and summing 16 of them in bf16 would round
+away the small ones), the loss scaled by the batch's response-token count, so the step minimises the token-mean
+MSE of the batch. Under torchrun each rank runs every world_size-th sequence of each batch and the gradients are
+all-reduced (summed) before the step: plain data parallelism, identical adapters on every rank. The optimiser
+steps fp32 master copies of L, R, which are copied back into the model's own (bf16 in a bf16 model).
 
 Resumable per epoch: WORK/e2e/checkpoint.pt (masters, optimiser, schedule step, losses; temp + rename) is written
 after each epoch; a rerun with the same key continues after the last finished epoch, reshuffling each epoch
@@ -134,6 +135,27 @@ def _without_bypass_mse(dist: Distiller) -> float:
             f.bypass = saved[i]
 
 
+def batch_gradients(dist: Distiller, params: list[torch.Tensor], indices, denom: float
+                    ) -> tuple[list[torch.Tensor], float]:
+    """(Σ_j ∇ sse_j / denom for each of `params`, as float32 tensors; Σ_j sse_j / denom) over samples `indices`.
+
+    Each sample's backward fills p.grad in the parameter's dtype; it is added into a float32 buffer and cleared
+    before the next sample, so the batch's sum is float32 whatever the model's dtype (for fp32 parameters the
+    same sums in the same order as accumulating in p.grad)."""
+    acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+    total = 0.0
+    for j in indices:
+        loss = dist.sse(j) / denom
+        loss.backward()
+        total += float(loss.detach())
+        for a, p in zip(acc, params):
+            if p.grad is not None:
+                a.add_(p.grad)
+                p.grad = None
+    detach_caches(dist.decoder)
+    return acc, total
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     with atomic_file(path) as tmp:
         torch.save(state, tmp)
@@ -215,20 +237,13 @@ def run_e2e(decoder, samples, plan: CalibrationPlan, init_adapters: dict[int, tu
             for b in range(spe):
                 batch = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
                 denom = float(sum(len(samples[j].response_ids) for j in batch) * dist_.dim)
-                local = 0.0
-                for j in batch[me::ws]:
-                    loss = dist_.sse(j) / denom
-                    loss.backward()
-                    local += float(loss.detach())
-                detach_caches(decoder)
-                flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten()
-                                  for p in params] + [torch.tensor([local], device=params[0].device)])
+                grads, local = batch_gradients(dist_, params, batch[me::ws], denom)
+                flat = torch.cat([g.flatten() for g in grads] + [torch.tensor([local], device=params[0].device)])
                 all_reduce_sum(flat)
                 off = 0
                 for m, p in zip(master, params):
                     m.grad = flat[off:off + p.numel()].view_as(m).clone()
                     off += p.numel()
-                    p.grad = None
                 batch_loss = float(flat[-1])
                 opt.step()
                 sched.step()

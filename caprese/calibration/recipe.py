@@ -113,7 +113,7 @@ class E2EConfig:
 
     epochs: int = 3
     lr: float = 1e-4
-    batch_size: int = 16  # sequences per Adam step
+    batch_size: int = 16  # sequences per Adam step (gradients accumulated in fp32)
     warmup: float = 0.02
     seed: int = 0  # the per-epoch shuffles
 

@@ -64,7 +64,7 @@ _LW, _E2E, _OPTS = LayerwiseConfig(), E2EConfig(), CalibrationOptions()  # the d
 @click.option("--e2e-lr", default=_E2E.lr, show_default=True, type=float,
               help="End-to-end Adam learning rate (paper: 4e-6 .. 2e-4, smaller for larger models).")
 @click.option("--e2e-batch-size", default=_E2E.batch_size, show_default=True, type=int,
-              help="End-to-end batch, in sequences (gradients accumulated).")
+              help="End-to-end batch, in sequences (gradients accumulated in fp32).")
 @click.option("--warmup", default=_LW.warmup, show_default=True, type=float,
               help="Warm-up fraction of the linear schedule (both stages).")
 @click.option("--seed", default=_LW.seed, show_default=True, type=int,
