@@ -1,16 +1,14 @@
-"""Static TensorRT check: every node of an ONNX graph against TensorRT's ONNX operator table.
+"""Static TensorRT check: every node of an ONNX graph against the rules TensorRT's ONNX importer applies.
 
-The facts live in the project's own copy of the table (tensorrt_onnx_ops.tsv beside this module, copied from
-onnx-tensorrt's docs/operators.md for TensorRT 10.15). What is checked, per node:
-- the op is in the table and in the default ONNX domain (other domains, e.g. com.microsoft, need plugins);
-- the dtype of its primary tensors (those sharing the type constraint of the first input, e.g. T for most ops,
-  T1 for Attention's Q/K/Y) is one the table lists for the op; Cast's target type too;
-- the table's restrictions that a graph can show without running it: Attention (4-D Q/K/V/mask, no
-  past/present/nonpad inputs or outputs, no softcap / qk_matmul_output_mode), TensorScatter (4-D cache and
-  update, axis -2), Reduce*/Squeeze/Unsqueeze/CumSum/OneHot (axes/axis/depth constant), TopK (sorted = 1,
-  constant K < 3840), RotaryEmbedding (int64 position_ids), ScatterND (no reduction), Constant (no sparse or
-  string values), LayerNormalization (only Y), DequantizeLinear/QuantizeLinear zero points.
-It cannot see what only a build shows (e.g. unsupported shape combinations, tactic availability).
+TensorRT cannot run here, so what it will refuse is read from its own sources (TensorRT 10.15 / 10.16):
+- the operator table, tensorrt_onnx_ops.tsv beside this module (onnx-tensorrt docs/operators.md, extended with the
+  rules below; its `source` column names where each rule comes from): op present, default domain, the dtypes of
+  the op's data tensors, the graph's input/output dtypes;
+- one small function per op (below) for what a graph can break statically, each citing its source:
+  onnx-tensorrt's static op checkers (onnxOpCheckers.cpp), its importers (onnxOpImporters.cpp, AttentionHelpers.cpp,
+  importerUtils.cpp) and TensorRT's layer contracts (NvInfer.h; the operator pages under
+  docs.nvidia.com/deeplearning/tensorrt/latest/_static/operators/).
+Not checked: what only a build shows (tactics, shapes known at run time, values of weights stored outside the .onnx).
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -25,6 +24,7 @@ from onnx import TensorProto, numpy_helper
 
 TABLE_FILE = Path(__file__).with_name("tensorrt_onnx_ops.tsv")
 TENSORRT_TABLE_VERSION = "10.15"
+DEFAULT_SOURCE = "onnx-tensorrt docs/operators.md"
 
 TYPE_TOKENS = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.BFLOAT16: "BF16",
                TensorProto.INT32: "INT32", TensorProto.INT64: "INT64", TensorProto.INT8: "INT8",
@@ -32,10 +32,16 @@ TYPE_TOKENS = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorPro
                TensorProto.FLOAT8E4M3FN: "FP8", TensorProto.INT4: "INT4"}
 if hasattr(TensorProto, "FLOAT4E2M1"):
     TYPE_TOKENS[TensorProto.FLOAT4E2M1] = "FP4"
+FLOATS = ("FP32", "FP16", "BF16")
 # what TensorRT accepts at all (DOUBLE only in limited places, UINT8 only as network I/O)
 GRAPH_IO_TYPES = {"FP32", "FP16", "BF16", "INT32", "INT64", "INT8", "UINT8", "BOOL", "FP8", "FP4", "INT4"}
+# importerUtils.cpp convertDtype: the ONNX types the importer maps to a TensorRT type (Cast's `to`, output_dtype)
+CONVERTIBLE = {"DOUBLE", "FP32", "INT8", "UINT8", "FP16", "BF16", "BOOL", "INT32", "INT64", "FP8", "INT4", "FP4"}
 TOPK_MAX_K = 3840
-_REDUCE_OPS = ("ReduceL2", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceSum", "ReduceSumSquare")
+_REDUCE_OPS = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
+               "ReduceProd", "ReduceSum", "ReduceSumSquare")
+# ops that only move data: a tensor they produce from a constant is still "rooted at a constant" for TensorRT
+_DATA_MOVES = ("Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +49,7 @@ class OpRule:
     op: str
     types: frozenset
     restriction: str
+    source: str = DEFAULT_SOURCE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +64,14 @@ class Violation:
 
 @functools.lru_cache(maxsize=None)
 def load_table(path: str | None = None) -> dict[str, OpRule]:
+    """op -> OpRule from the TSV (columns: op, types, restriction[, source]; '#' lines are comments)."""
     rules = {}
     for line in Path(path or TABLE_FILE).read_text(encoding="utf-8").splitlines():
         if not line.strip() or line.startswith("#") or line.startswith("op\t"):
             continue
-        parts = line.split("\t")
-        op, types = parts[0].strip(), parts[1].strip() if len(parts) > 1 else ""
-        rules[op] = OpRule(op, frozenset(t for t in types.split(",") if t), parts[2].strip() if len(parts) > 2 else "")
+        parts = [p.strip() for p in line.split("\t")] + ["", "", ""]
+        rules[parts[0]] = OpRule(parts[0], frozenset(t for t in parts[1].split(",") if t), parts[2],
+                                 parts[3] or DEFAULT_SOURCE)
     return rules
 
 
@@ -71,49 +79,400 @@ def _type_name(elem_type: int) -> str:
     return TYPE_TOKENS.get(elem_type, TensorProto.DataType.Name(elem_type) if elem_type else "UNKNOWN")
 
 
+def _dims(tensor_type) -> tuple | None:
+    """Static dims as ints, symbolic ones as their name (or None when unnamed)."""
+    if not tensor_type.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
+
+
 class _GraphFacts:
-    """Dtypes, ranks and constant values of a graph's tensors (from shape inference, without weight bytes)."""
+    """Dtypes, shapes and constants of a graph's tensors (from shape inference, without reading weight bytes)."""
 
     def __init__(self, model: onnx.ModelProto):
         g = model.graph
         try:
-            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-            vis = list(inferred.graph.value_info)
-        except Exception:  # a graph shape inference cannot read still gets the op/domain checks
+            vis = list(onnx.shape_inference.infer_shapes(model, strict_mode=False).graph.value_info)
+        except Exception:  # a graph shape inference cannot read still gets the op/domain/attribute checks
             vis = []
+        self.inputs = {vi.name: _dims(vi.type.tensor_type) for vi in g.input}
+        self.outputs = {vi.name: _dims(vi.type.tensor_type) for vi in g.output}
         self.types: dict[str, int] = {}
-        self.ranks: dict[str, int] = {}
-        for vi in list(g.input) + list(g.output) + vis:
+        self.shapes: dict[str, tuple | None] = {}
+        for vi in vis + list(g.output) + list(g.input):  # declared graph I/O wins over inferred
             tt = vi.type.tensor_type
             if tt.elem_type:
                 self.types[vi.name] = tt.elem_type
             if tt.HasField("shape"):
-                self.ranks[vi.name] = len(tt.shape.dim)
+                self.shapes[vi.name] = _dims(tt)
         self.constants: dict[str, onnx.TensorProto] = {}
-        for init in g.initializer:
-            self.types[init.name] = init.data_type
-            self.ranks[init.name] = len(init.dims)
-            self.constants[init.name] = init
-        for node in g.node:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                for a in node.attribute:
-                    if a.name == "value" and a.t is not None:
-                        self.constants[node.output[0]] = a.t
-                        self.types[node.output[0]] = a.t.data_type
-                        self.ranks[node.output[0]] = len(a.t.dims)
+        self.producer: dict[str, onnx.NodeProto] = {o: n for n in g.node for o in n.output if o}
+        consts = [(t.name, t) for t in g.initializer] + [
+            (n.output[0], a.t) for n in g.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
+            for a in n.attribute if a.name == "value"]
+        for name, t in consts:
+            self.constants[name] = t
+            self.types[name] = t.data_type
+            self.shapes[name] = tuple(t.dims)
 
-    def const_value(self, name: str):
-        t = self.constants.get(name)
+    def rank(self, name: str | None) -> int | None:
+        s = self.shapes.get(name) if name else None
+        return None if s is None else len(s)
+
+    def const_value(self, name: str | None):
+        t = self.constants.get(name) if name else None
         if t is None or t.data_location == TensorProto.EXTERNAL:
             return None
         return numpy_helper.to_array(t)
 
+    def rooted_at_constant(self, name: str | None) -> bool:
+        """An initializer, a Constant, or a data move of one (what TensorRT's importer sees as weights)."""
+        while name and name not in self.constants:
+            node = self.producer.get(name)
+            if node is None or node.op_type not in _DATA_MOVES:
+                return False
+            name = node.input[0] if node.input else None
+        return bool(name)
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
+
+class _Node:
+    """One node under check: its attributes and tensors, and the violations found so far."""
+
+    def __init__(self, node: onnx.NodeProto, facts: _GraphFacts, out: list[Violation]):
+        self.node, self.f, self._out = node, facts, out
+
+    def bad(self, msg: str) -> None:
+        n = self.node
+        self._out.append(Violation(n.name, n.op_type if not n.domain else f"{n.domain}::{n.op_type}", msg))
+
+    def inp(self, i: int) -> str | None:
+        return self.node.input[i] if len(self.node.input) > i and self.node.input[i] else None
+
+    def has(self, name: str) -> bool:
+        return any(a.name == name for a in self.node.attribute)
+
+    def attr(self, name: str, default=None):
+        for a in self.node.attribute:
+            if a.name == name:
+                v = onnx.helper.get_attribute_value(a)
+                return v.decode() if isinstance(v, bytes) else v
+        return default
+
+    def dtype(self, name: str | None) -> str | None:
+        return _type_name(self.f.types[name]) if name in self.f.types else None
+
+    def rank(self, name: str | None) -> int | None:
+        return self.f.rank(name)
+
+    def shape(self, name: str | None) -> tuple | None:
+        return self.f.shapes.get(name) if name else None
+
+    def want_rank(self, i: int, what: str, *ranks: int) -> None:
+        r = self.rank(self.inp(i))
+        if r is not None and r not in ranks:
+            self.bad(f"{what} must be {' or '.join(f'{k}-D' for k in ranks)}, got {r}-D")
+
+    def want_constant(self, i: int, what: str, why: str) -> None:
+        if self.inp(i) and not self.f.rooted_at_constant(self.inp(i)):
+            self.bad(f"{what} must be an initializer / Constant, got the computed tensor {self.inp(i)!r} ({why})")
+
+
+_RULES: dict[str, Callable[[_Node], None]] = {}
+
+
+def _rule(*ops: str):
+    def register(fn):
+        for op in ops:
+            _RULES[op] = fn
+        return fn
+    return register
+
+
+@_rule("Attention")
+def _attention(n: _Node) -> None:
+    # onnxOpCheckers.cpp checkAttention: softmax_precision is refused whatever its value; softcap must be 0
+    if n.has("softmax_precision"):
+        n.bad("attribute softmax_precision is refused whatever its value (onnx-tensorrt onnxOpCheckers.cpp "
+              "checkAttention): drop it and keep the fp32 softmax another way")
+    if n.attr("softcap", 0.0):
+        n.bad("softcap must be 0 (onnxOpCheckers.cpp checkAttention): write the soft-cap out around an explicit QKᵀ")
+    if n.attr("qk_matmul_output_mode", 0):  # operators.md
+        n.bad("qk_matmul_output_mode is not supported (operators.md)")
+    # onnxOpImporters.cpp importAttention: exactly one output (even an empty-named extra output is refused)
+    if len(n.node.output) != 1:
+        n.bad(f"has {len(n.node.output)} outputs; TensorRT's importer takes exactly one (Y): no present_key, "
+              "present_value or qk_matmul_output, not even as empty names (onnxOpImporters.cpp importAttention)")
+    for i, what in ((4, "past_key"), (5, "past_value"), (6, "nonpad_kv_seqlen")):  # importAttention; operators.md
+        if n.inp(i):
+            n.bad(f"input {what} is not supported (importAttention / operators.md): feed the updated cache and a mask")
+    # importAttention: Q, K, V of one rank; AttentionHelpers.cpp reshapeQKVTensor: 3-D needs q_num_heads/kv_num_heads
+    ranks = [n.rank(n.inp(i)) for i in range(3)]
+    if None not in ranks and len(set(ranks)) > 1:
+        n.bad(f"Q, K and V must have the same rank, got {ranks} (importAttention)")
+    n.want_rank(0, "Q", 3, 4)
+    if ranks[0] == 3 and not (n.attr("q_num_heads") and n.attr("kv_num_heads")):
+        n.bad("3-D Q/K/V need the q_num_heads and kv_num_heads attributes (AttentionHelpers.cpp reshapeQKVTensor)")
+    q, v, mask = n.dtype(n.inp(0)), n.dtype(n.inp(2)), n.inp(3)
+    if q and v and q != v:  # TensorRT Attention operator page: query, key, value all of type T1
+        n.bad(f"V has dtype {v} but Q has {q}; TensorRT's attention takes one dtype for Q, K and V (Attention op page)")
+    if mask:
+        n.want_rank(3, "attn_mask", 1, 2, 3, 4)  # AttentionHelpers.cpp convertToMaskTensor: rank <= 4
+        m = n.dtype(mask)
+        if m and q and m not in ("BOOL", q):  # Attention operator page: T2 is bool or the same type as T1
+            n.bad(f"attn_mask has dtype {m}; TensorRT takes a BOOL mask or one of Q's dtype {q} (Attention op page)")
+        if n.attr("is_causal", 0):  # NvInfer.h IAttention::setCausal: "Cannot be used together with setMask()"
+            n.bad("is_causal=1 together with attn_mask is refused (IAttention::setCausal cannot be combined with a "
+                  "mask): put the causal part into the mask")
+    if n.attr("TRT_normalization_op", "softmax") not in ("softmax", "none"):  # AttentionHelpers parseNormalizationOp
+        n.bad(f"TRT_normalization_op must be 'softmax' or 'none', got {n.attr('TRT_normalization_op')!r}")
+
+
+@_rule("TensorScatter")
+def _tensor_scatter(n: _Node) -> None:
+    cache, out = n.inp(0), n.node.output[0] if n.node.output else None
+    # onnxOpImporters.cpp importTensorScatter: 4-D past_cache and update, axis -2 (a positive axis minus the rank),
+    # mode 'linear'; it becomes an IKVCacheUpdateLayer
+    n.want_rank(0, "past_cache", 4)
+    n.want_rank(1, "update", 4)
+    axis, rank = n.attr("axis", -2), n.rank(cache) or 4
+    if (axis - rank if axis >= 0 else axis) != -2:
+        n.bad(f"axis must be -2 (the sequence axis of the 4-D cache), got {axis} (importTensorScatter)")
+    if n.attr("mode", "linear") != "linear":
+        n.bad(f"mode must be 'linear', got {n.attr('mode')!r} (importTensorScatter)")
+    d = n.dtype(cache)
+    if d and d not in FLOATS:  # NvInfer.h addKVCacheUpdate, KVCacheUpdate op page: T is float32/float16/bfloat16
+        n.bad(f"past_cache has dtype {d}; IKVCacheUpdateLayer takes FP32, FP16 or BF16 (addKVCacheUpdate)")
+    # KVCacheUpdate operator page: the cache "must be a network input and have a static sequence length dimension";
+    # the output "must be a network output and shares the same device memory address with the cache input"
+    if cache and cache not in n.f.inputs:
+        n.bad(f"past_cache {cache!r} must be a graph input (KVCacheUpdate op page: the cache is a network input "
+              "updated in place)")
+    elif cache and n.f.inputs[cache] is not None and len(n.f.inputs[cache]) == 4:
+        seq = n.f.inputs[cache][2]
+        if not isinstance(seq, int) or seq <= 0:
+            n.bad(f"past_cache {cache!r} has the {'symbolic' if seq else 'unknown'} sequence length "
+                  f"{seq or '?'}; KVCacheUpdate needs a static one (KVCacheUpdate op page): export the graph "
+                  "TensorRT parses with the cache length fixed at max_seq_len")
+    if out and out not in n.f.outputs:
+        n.bad(f"output {out!r} must be a graph output bound to the cache's memory (KVCacheUpdate op page)")
+
+
+@_rule("RotaryEmbedding")
+def _rotary(n: _Node) -> None:
+    pos = n.inp(3)
+    if pos and n.dtype(pos) not in (None, "INT64"):  # operators.md; RotaryEmbedding op page (M: int64)
+        n.bad(f"position_ids must be INT64, got {n.dtype(pos)} (operators.md)")
+    # onnxOpImporters.cpp importRotaryEmbedding: 3-D input needs num_heads; NvInfer.h addRotaryEmbedding: the layer
+    # takes [batch, heads, seq, head_dim]
+    n.want_rank(0, "input", 3, 4)
+    if n.rank(n.inp(0)) == 3 and not n.has("num_heads"):
+        n.bad("a 3-D input needs the num_heads attribute (importRotaryEmbedding)")
+    # NvInfer.h addRotaryEmbedding: with position_ids, cos/sin are [max_position + 1, dim / 2] and position_ids
+    # [batch, seq]; without them, cos/sin are [batch, seq, dim / 2]
+    for i, what in ((1, "cos_cache"), (2, "sin_cache")):
+        n.want_rank(i, what, 2 if pos else 3)
+    if pos:
+        n.want_rank(3, "position_ids", 2)
+    dim = n.attr("rotary_embedding_dim", 0)
+    if dim < 0 or dim % 2:  # NvInfer.h IRotaryEmbeddingLayer::setRotaryEmbeddingDim: non-negative and even
+        n.bad(f"rotary_embedding_dim must be non-negative and even, got {dim} (IRotaryEmbeddingLayer)")
+
+
+@_rule("DequantizeLinear")
+def _dequantize(n: _Node) -> None:
+    x, scale, zp = n.inp(0), n.inp(1), n.inp(2)
+    xt, st = n.dtype(x), n.dtype(scale)
+    if st and st not in FLOATS:  # NvInfer.h addDequantize: scale is FLOAT, HALF or BF16
+        n.bad(f"x_scale has dtype {st}; TensorRT takes FP32, FP16 or BF16 scales (addDequantize)")
+    n.want_constant(1, "x_scale", "Dequantize op page: the scale must be a build-time constant")
+    sv = n.f.const_value(scale)
+    if sv is not None and np.any(np.asarray(sv, dtype=np.float64) <= 0):  # QuantDequantLinearHelper
+        n.bad("x_scale coefficients must all be positive (onnxOpImporters.cpp QuantDequantLinearHelper)")
+    if zp:  # NvInfer.h IDequantizeLayer: zeroPt is a build-time constant containing only zeros, scale's size
+        n.want_constant(2, "x_zero_point", "IDequantizeLayer: a build-time constant of zeros")
+        zv = n.f.const_value(zp)
+        if zv is not None and np.any(np.asarray(zv).astype(np.float64) != 0):
+            n.bad("x_zero_point must be all zeros: TensorRT quantization is symmetric (operators.md, IDequantizeLayer)")
+        zs, ss = n.shape(zp), n.shape(scale)
+        if zs is not None and ss is not None and all(isinstance(k, int) for k in zs + ss) and \
+                int(np.prod(zs)) != int(np.prod(ss)):
+            n.bad(f"x_zero_point {list(zs)} and x_scale {list(ss)} must have the same size (QuantDequantLinearHelper)")
+        if n.has("output_dtype"):  # QuantDequantLinearHelper compares output_dtype with the zero point's dtype
+            n.bad("output_dtype together with x_zero_point is refused (QuantDequantLinearHelper compares output_dtype "
+                  "with the zero point's dtype): drop the all-zero zero point or output_dtype")
+    od = n.attr("output_dtype", 0)
+    if od:
+        o = _type_name(od)
+        if o not in FLOATS:  # QuantDequantLinearHelper: output_dtype of a DequantizeLinear is FLOAT, HALF or BF16
+            n.bad(f"output_dtype {o} is refused; TensorRT dequantizes to FP32, FP16 or BF16")
+        elif st in ("FP16", "BF16") and o != st:  # NvInfer.h addDequantize (strongly typed networks)
+            n.bad(f"output_dtype {o} differs from the {st} scale; a strongly typed network needs them equal "
+                  "(addDequantize)")
+    if xt == "INT4":  # "Working with Quantized Types": INT4 is weight-only quantization
+        n.want_constant(0, "an INT4 input", "TensorRT supports INT4 for weight-only quantization")
+    xs, ss = n.shape(x), n.shape(scale)
+    static = xs is not None and ss is not None and all(isinstance(k, int) for k in xs + ss)
+    if xt in ("INT4", "FP4") and xs is not None and all(isinstance(k, int) for k in xs) and int(np.prod(xs)) % 2:
+        n.bad(f"4-bit input {list(xs)} needs an even number of elements (QuantDequantLinearHelper)")
+    if ss is None or (static and int(np.prod(ss)) == 1):
+        return  # per-tensor
+    axis = n.attr("axis", 1)
+    if len(ss) == 1:  # per-axis
+        n.want_constant(0, "a per-channel input", "IDequantizeLayer: per-channel dequantization only of weights")
+        if static and len(xs) > (axis % len(xs)) and xs[axis % len(xs)] != ss[0]:
+            n.bad(f"{ss[0]} scales for axis {axis} of {list(xs)} (QuantDequantLinearHelper: one scale per channel)")
+        return
+    if xs is not None and len(ss) != len(xs):
+        n.bad(f"x_scale rank {len(ss)} is neither 0, 1 nor the input's rank {len(xs)} (QuantDequantLinearHelper)")
+        return
+    # block quantization: IDequantizeLayer (NvInfer.h 10.16): scale rank <= 2, input types FP4, FP8 and INT4 only,
+    # blocking on the last or second-to-last dimension; QuantDequantLinearHelper: exactly one blocked dimension, an
+    # integer block (TensorRT infers the block from the shapes and never reads block_size)
+    if len(ss) > 2:
+        n.bad(f"block quantization needs a 2-D input and scale, got {len(ss)}-D (IDequantizeLayer: scale rank <= 2)")
+    if xt and xt not in ("INT4", "FP8", "FP4"):
+        n.bad(f"block quantization of {xt} is not supported; TensorRT blocks FP4, FP8 and INT4 only (IDequantizeLayer)")
+    if not static:
+        return
+    blocked = [i for i, (a, b) in enumerate(zip(xs, ss)) if a != b]
+    if len(blocked) != 1:
+        n.bad(f"exactly one blocked dimension is allowed, got input {list(xs)} and scale {list(ss)} "
+              "(QuantDequantLinearHelper)")
+        return
+    b = blocked[0]
+    if b < len(xs) - 2:
+        n.bad(f"the blocked dimension {b} must be the last or second-to-last one (IDequantizeLayer)")
+    if ss[b] == 0 or xs[b] % ss[b]:
+        n.bad(f"dimension {b} of {list(xs)} is not a whole number of {ss[b]} blocks (QuantDequantLinearHelper)")
+    elif n.attr("block_size", 0) and n.attr("block_size") != xs[b] // ss[b]:
+        n.bad(f"block_size {n.attr('block_size')} disagrees with the shapes ({xs[b]} / {ss[b]}): TensorRT infers the "
+              "block from the shapes (QuantDequantLinearHelper)")
+
+
+@_rule("QuantizeLinear")
+def _quantize(n: _Node) -> None:
+    zv = n.f.const_value(n.inp(2))  # operators.md: y_zero_point must be 0
+    if zv is not None and np.any(np.asarray(zv).astype(np.float64) != 0):
+        n.bad("y_zero_point must be 0 (operators.md)")
+
+
+@_rule("Gemm")
+def _gemm(n: _Node) -> None:
+    n.want_rank(0, "A", 2)  # onnxOpImporters.cpp importGemm: "GEMM must have 2D inputs"
+    n.want_rank(1, "B", 2)
+    a = n.dtype(n.inp(0))
+    # importGemm scales by alpha / beta with an FP32 constant; NvInfer.h addElementWise pairs only same types (or
+    # FP32 with FP16 in weakly typed networks), so alpha / beta other than 1 only work on FP32 inputs
+    if a and a != "FP32" and (n.attr("alpha", 1.0) != 1.0 or (n.inp(2) and n.attr("beta", 1.0) != 1.0)):
+        n.bad(f"alpha/beta other than 1 with {a} inputs: importGemm multiplies by an FP32 constant, which a strongly "
+              "typed network refuses; fold them into the weights")
+
+
+@_rule("Cast")
+def _cast(n: _Node) -> None:
+    to, table = _type_name(n.attr("to", 0)), load_table()["Cast"].types
+    if to not in CONVERTIBLE:  # onnxOpCheckers.cpp checkCast -> importerUtils.cpp convertDtype
+        n.bad(f"to={to} is not a TensorRT type (onnxOpCheckers.cpp checkCast)")
+    elif to not in table:
+        n.bad(f"to={to}: TensorRT's Cast takes {', '.join(sorted(table))} (operators.md)")
+
+
+@_rule("Range")
+def _range(n: _Node) -> None:
+    ts = {n.dtype(n.inp(i)) for i in range(3)} - {None}
+    if len(ts) > 1:  # onnxOpImporters.cpp importRange
+        n.bad(f"start, limit and delta must share one dtype, got {sorted(ts)} (importRange)")
+    if ts - {"INT32", "INT64", "FP32"}:  # importRange: "only supports int32, int64, and float input types"
+        n.bad(f"dtype {sorted(ts)[0]}: TensorRT's Range takes INT32, INT64 or FP32 only (importRange)")
+
+
+@_rule("Mod")
+def _mod(n: _Node) -> None:
+    d = n.dtype(n.inp(0))
+    if not n.attr("fmod", 0) and d and d not in ("INT32", "INT64"):  # onnxOpImporters.cpp importMod
+        n.bad(f"fmod=0 needs integer inputs, got {d} (importMod): set fmod=1 for floating point")
+
+
+@_rule("Gelu")
+def _gelu(n: _Node) -> None:
+    if n.attr("approximate", "none") not in ("none", "tanh"):  # onnxOpImporters.cpp importGelu
+        n.bad(f"approximate must be 'none' or 'tanh', got {n.attr('approximate')!r} (importGelu)")
+    if n.dtype(n.inp(0)) == "INT32":  # importerUtils.cpp activationHelper refuses INT32, BOOL, UINT8
+        n.bad("INT32 input is refused by the activation importer (importerUtils.cpp activationHelper)")
+
+
+@_rule("Split")
+def _split(n: _Node) -> None:
+    if n.inp(1) and n.has("num_outputs"):  # onnxOpImporters.cpp importSplit (opset >= 18)
+        n.bad("give either the split input or num_outputs, not both (importSplit)")
+    sv = n.f.const_value(n.inp(1))
+    if sv is not None and np.asarray(sv).size != len(n.node.output):  # importSplit
+        n.bad(f"{np.asarray(sv).size} split lengths for {len(n.node.output)} outputs (importSplit)")
+
+
+@_rule("Slice")
+def _slice(n: _Node) -> None:
+    if not 3 <= len(n.node.input) <= 5:  # onnxOpCheckers.cpp checkSlice
+        n.bad(f"Slice needs 3 to 5 inputs, got {len(n.node.input)} (onnxOpCheckers.cpp checkSlice)")
+
+
+@_rule("If")
+def _if(n: _Node) -> None:
+    then_g, else_g = n.attr("then_branch"), n.attr("else_branch")  # onnxOpCheckers.cpp checkIf
+    if then_g is not None and else_g is not None and len(then_g.output) != len(else_g.output):
+        n.bad(f"then/else branches have {len(then_g.output)} and {len(else_g.output)} outputs; they must have the same"
+              " number (onnxOpCheckers.cpp checkIf)")
+
+
+@_rule("Constant")
+def _constant(n: _Node) -> None:
+    for a in n.node.attribute:  # onnxOpCheckers.cpp checkConstant
+        if a.name in ("sparse_value", "value_string", "value_strings"):
+            n.bad(f"attribute {a.name} is not supported (onnxOpCheckers.cpp checkConstant)")
+
+
+@_rule("ConstantOfShape")
+def _constant_of_shape(n: _Node) -> None:
+    v = n.attr("value")  # onnxOpCheckers.cpp checkConstantOfShape: no UINT8 value
+    if v is not None and _type_name(v.data_type) == "UINT8":
+        n.bad("a UINT8 value is refused (onnxOpCheckers.cpp checkConstantOfShape)")
+
+
+# inputs that must be build-time constants: op -> (input index, name, source)
+_CONSTANT_INPUTS = {**{op: (1, "axes", "importerUtils.cpp reduceTensor: 'Axis input must be an initializer'")
+                       for op in _REDUCE_OPS},
+                    **{op: (1, "axes", "operators.md: axes must be resolvable to a constant")
+                       for op in ("Squeeze", "Unsqueeze")},
+                    "CumSum": (1, "axis", "operators.md: a build-time constant"),
+                    "OneHot": (1, "depth", "operators.md: a build-time constant")}
+
+
+@_rule(*_CONSTANT_INPUTS)
+def _constant_input(n: _Node) -> None:
+    n.want_constant(*_CONSTANT_INPUTS[n.node.op_type])
+
+
+@_rule("TopK")
+def _topk(n: _Node) -> None:
+    if n.attr("sorted", 1) != 1:  # operators.md
+        n.bad("sorted must be 1 (operators.md)")
+    k = n.f.const_value(n.inp(1))
+    if k is None:
+        n.bad(f"K must be a constant below {TOPK_MAX_K} (it is computed at run time) (operators.md)")
+    elif int(np.asarray(k).reshape(-1)[0]) >= TOPK_MAX_K:
+        n.bad(f"K = {int(np.asarray(k).reshape(-1)[0])} must be less than {TOPK_MAX_K} (operators.md)")
+
+
+@_rule("ScatterND")
+def _scatter_nd(n: _Node) -> None:
+    if n.attr("reduction", "none") != "none":  # operators.md; onnxOpImporters.cpp importScatterND
+        n.bad("reduction other than none is not supported (importScatterND)")
+
+
+@_rule("LayerNormalization")
+def _layer_norm(n: _Node) -> None:
+    if any(n.node.output[1:]):  # onnxOpCheckers.cpp checkLayerNormalization
+        n.bad("only the first output Y is supported (onnxOpCheckers.cpp checkLayerNormalization)")
 
 
 def _primary_tensors(node: onnx.NodeProto) -> list[str]:
@@ -129,14 +488,8 @@ def _primary_tensors(node: onnx.NodeProto) -> list[str]:
     primary = formal_in[1 if node.op_type == "Where" else 0].type_str
 
     def pick(names, formals):
-        out = []
-        for j, name in enumerate(names):
-            if not name:
-                continue
-            f = formals[min(j, len(formals) - 1)] if formals else None
-            if f is not None and f.type_str == primary:
-                out.append(name)
-        return out
+        return [name for j, name in enumerate(names)
+                if name and formals and formals[min(j, len(formals) - 1)].type_str == primary]
 
     return pick(node.input, formal_in) + pick(node.output, formal_out)
 
@@ -145,106 +498,29 @@ def check_model(model: onnx.ModelProto | str | Path) -> list[Violation]:
     """All TensorRT violations of a graph (a ModelProto or a path; weights are never read)."""
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
-    table = load_table()
-    facts = _GraphFacts(model)
+    table, facts = load_table(), _GraphFacts(model)
     out: list[Violation] = []
-    g = model.graph
-    for vi in list(g.input) + list(g.output):
+    for vi in list(model.graph.input) + list(model.graph.output):  # operators.md: the data types TensorRT takes
         name = _type_name(vi.type.tensor_type.elem_type)
         if name not in GRAPH_IO_TYPES:
             out.append(Violation("", "graph", f"graph input/output {vi.name!r} has dtype {name}, which TensorRT "
                                               "does not accept"))
-    for node in g.node:
-        out += _check_node(node, table, facts)
+    for node in model.graph.node:
+        n = _Node(node, facts, out)
+        if node.domain not in ("", "ai.onnx"):  # onnxOpCheckers.cpp FallbackPluginImporter: needs a plugin
+            n.bad(f"domain {node.domain!r} is not the standard ONNX domain; TensorRT parses it only through a plugin")
+            continue
+        rule = table.get(node.op_type)
+        if rule is None:
+            n.bad("op is not in TensorRT's ONNX operator table (operators.md)")
+            continue
+        for t in _primary_tensors(node):
+            tn = n.dtype(t)
+            if tn and tn not in rule.types:
+                n.bad(f"tensor {t!r} has dtype {tn}; TensorRT's {node.op_type} takes {', '.join(sorted(rule.types))}")
+        if node.op_type in _RULES:
+            _RULES[node.op_type](n)
     return out
-
-
-def _check_node(node: onnx.NodeProto, table: dict[str, OpRule], facts: _GraphFacts) -> list[Violation]:
-    name, op = node.name, node.op_type
-    v = []
-
-    def bad(msg: str) -> None:
-        v.append(Violation(name, op if not node.domain else f"{node.domain}::{op}", msg))
-
-    if node.domain not in ("", "ai.onnx"):
-        bad(f"domain {node.domain!r} is not the standard ONNX domain; TensorRT parses it only through a plugin")
-        return v
-    rule = table.get(op)
-    if rule is None:
-        bad("op is not in TensorRT's ONNX operator table")
-        return v
-    checked = _primary_tensors(node) + (list(node.output[:1]) if op == "Cast" else [])
-    for t in checked:
-        if t in facts.types:
-            tn = _type_name(facts.types[t])
-            if tn not in rule.types:
-                bad(f"tensor {t!r} has dtype {tn}; TensorRT's {op} takes {', '.join(sorted(rule.types))}")
-
-    def rank(i: int, what: str, want: int) -> None:
-        if len(node.input) > i and node.input[i] and facts.ranks.get(node.input[i], want) != want:
-            bad(f"{what} must be {want}-D, got {facts.ranks[node.input[i]]}-D")
-
-    def constant_input(i: int, what: str) -> None:
-        if len(node.input) > i and node.input[i] and node.input[i] not in facts.constants:
-            bad(f"{what} must be an initializer / constant (got the computed tensor {node.input[i]!r})")
-
-    if op == "Attention":
-        for i, what in ((0, "Q"), (1, "K"), (2, "V"), (3, "attn_mask")):
-            rank(i, what, 4)
-        for i, what in ((4, "past_key"), (5, "past_value"), (6, "nonpad_kv_seqlen")):
-            if len(node.input) > i and node.input[i]:
-                bad(f"input {what} is not supported: feed the updated cache and a mask instead")
-        for j, what in ((1, "present_key"), (2, "present_value"), (3, "qk_matmul_output")):
-            if len(node.output) > j and node.output[j]:
-                bad(f"output {what} is not supported")
-        if _attr(node, "softcap", 0.0):
-            bad("softcap is not supported: write the soft-cap out (Div, Tanh, Mul) around an explicit QKᵀ")
-        if _attr(node, "qk_matmul_output_mode", 0):
-            bad("qk_matmul_output_mode is not supported")
-        if _attr(node, "q_num_heads") is not None or _attr(node, "kv_num_heads") is not None:
-            bad("q_num_heads/kv_num_heads are taken from dim 1 of 4-D Q and K/V; use 4-D inputs")
-    elif op == "TensorScatter":
-        rank(0, "past_cache", 4)
-        rank(1, "update", 4)
-        if _attr(node, "axis", -2) != -2:
-            bad(f"axis must be -2, got {_attr(node, 'axis')}")
-        if _attr(node, "mode", b"linear") not in ("linear", b"linear"):
-            bad("only mode 'linear' is listed")
-    elif op in _REDUCE_OPS:
-        constant_input(1, "axes")
-    elif op in ("Squeeze", "Unsqueeze"):
-        constant_input(1, "axes")
-    elif op == "CumSum":
-        constant_input(1, "axis")
-    elif op == "OneHot":
-        constant_input(1, "depth")
-    elif op == "TopK":
-        if _attr(node, "sorted", 1) != 1:
-            bad("sorted must be 1")
-        k = facts.const_value(node.input[1]) if len(node.input) > 1 else None
-        if k is None:
-            bad(f"K must be a constant below {TOPK_MAX_K} (it is computed at run time)")
-        elif int(np.asarray(k).reshape(-1)[0]) >= TOPK_MAX_K:
-            bad(f"K = {int(np.asarray(k).reshape(-1)[0])} must be less than {TOPK_MAX_K}")
-    elif op == "RotaryEmbedding":
-        if len(node.input) > 3 and node.input[3] and facts.types.get(node.input[3], TensorProto.INT64) != \
-                TensorProto.INT64:
-            bad("position_ids must be INT64")
-    elif op == "ScatterND":
-        if _attr(node, "reduction", "none") not in ("none", b"none"):
-            bad("reduction other than none is not supported")
-    elif op == "Constant":
-        for a in node.attribute:
-            if a.name in ("sparse_value", "value_string", "value_strings"):
-                bad(f"attribute {a.name} is not supported")
-    elif op == "LayerNormalization":
-        if any(node.output[1:]):
-            bad("only the first output Y is supported")
-    elif op in ("DequantizeLinear", "QuantizeLinear"):
-        zp = facts.const_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if zp is not None and np.any(np.asarray(zp) != 0):
-            bad("zero point must be 0")
-    return v
 
 
 def format_violations(violations: list[Violation], limit: int | None = None) -> str:
