@@ -129,18 +129,21 @@ def test_griffin_memory_cost_is_recorded(tmp_path_factory, tiny_model_dir):
     assert load_manifest(dense).data["tensorrt_graphs"]["memory"]["duplicated_weights_bytes"] == 0
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_tensorrt_files_match_reference_fp32(method, tmp_path_factory, tiny_model_dir):
+@pytest.mark.parametrize("kind,method", [("llama", m) for m in METHODS] + [
+    ("gemma2", "dense"), ("qwen3", "dense"), ("mistral", "dense"), ("llama3", "cats")])
+def test_tensorrt_files_match_reference_fp32(kind, method, tmp_path_factory, tiny_model_dir):
     """The exact files TensorRT parses, run on ONNX Runtime in both roles (prefill, then 32 decode steps through the
-    shared graph or GRIFFIN's decode copy): logits and greedy tokens equal the reference decoder's."""
-    engine, src = get_export(tmp_path_factory, tiny_model_dir, "llama", method)
+    shared graph, i.e. the prefill graph at T = 1, or GRIFFIN's decode copy): logits and greedy tokens equal the
+    reference decoder's. Gemma 2 (soft-cap, sliding layers), Qwen3 (q/k norms), Mistral (window crossed), Llama 3
+    (MQA) too."""
+    engine, src = get_export(tmp_path_factory, tiny_model_dir, kind, method)
     prompt = prompt_ids(14, seed=3)
     ref_tokens, ref_logits = reference_greedy(reference_decoder(src), prompt, STEPS)
     loop = OrtLoop(engine, tensorrt=True)
     assert loop.role_inputs == (method == "cats")
     tokens, logits = loop.greedy(prompt.numpy(), STEPS)
     for step, (a, b) in enumerate(zip(logits, ref_logits)):
-        assert_close(a, b.numpy(), f"{method} TensorRT graph logits at step {step}")
+        assert_close(a, b.numpy(), f"{kind}/{method} TensorRT graph logits at step {step}")
     assert tokens.tolist() == ref_tokens.tolist()
 
 

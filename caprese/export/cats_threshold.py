@@ -12,7 +12,9 @@ from __future__ import annotations
 from fractions import Fraction
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, helper
+
+from caprese.export import contract as C
 
 # The bracket [-1, max|a|] shrinks 2^-48 times, to one float32 ulp of any threshold above ~1e-6 · max|a|, so τ
 # equals caprese's percentile_linear to float precision.
@@ -61,3 +63,18 @@ def percentile_threshold(g, layer: int, absa: str, valid: str, nvalid: str, feat
     x_hi = op("Where", [tied, x_lo, nxt], "Where_next")
     step = op("Mul", [op("Sub", [x_hi, x_lo], "Sub_gap"), frac], "Mul_frac")
     return g.op("Add", [x_lo, step], "mlp", "tau_Add_out", layer, out=out)
+
+
+def role_switched_tau(g, layer: int, absa: str, valid: str, nvalid: str, features: int, density: float) -> str:
+    """The shared graph's cats_tau.{layer} = If(decode_flag, then: cats_tau_in.{layer}, else: the τ search over
+    absa), so only the prefill role runs the search. Branch outputs have the same rank and different names
+    (onnx-tensorrt's If rules); the branches read outer values (absa, the valid-token mask, constants) by name."""
+    spec = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [C.BATCH])  # noqa: E731
+    with g.subgraph() as then_nodes:
+        t_out = g.op("Identity", [C.cats_tau_in(layer)], "mlp", "tau_then_Identity", layer)
+    with g.subgraph() as else_nodes:
+        e_out = percentile_threshold(g, layer, absa, valid, nvalid, features, density)
+    then_g = helper.make_graph(then_nodes, f"layer{layer}_decode_tau", [], [spec(t_out)])
+    else_g = helper.make_graph(else_nodes, f"layer{layer}_prefill_tau", [], [spec(e_out)])
+    return g.op("If", [C.DECODE_FLAG], "mlp", "If_role_tau", layer, out=C.cats_tau(layer), then_branch=then_g,
+                else_branch=else_g)

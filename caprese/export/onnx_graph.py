@@ -31,7 +31,8 @@ import torch
 from onnx import TensorProto, helper
 
 from caprese.export import contract as C
-from caprese.export.cats_threshold import CATS_BISECTION_STEPS, percentile_threshold
+from caprese.export.attention_graph import explicit_attention
+from caprese.export.cats_threshold import CATS_BISECTION_STEPS, percentile_threshold, role_switched_tau
 from caprese.export.weights import ONNX_DTYPES, WeightsWriter
 
 __all__ = ["CATS_BISECTION_STEPS", "ExportModel", "GraphBuilder", "build_graphs", "build_shared_graph", "layout_for"]
@@ -346,7 +347,8 @@ class _Builder:
             y = g.op("Attention", [heads["q"], k_all, v_all, self.masks[attn.window]], "attn", "Attention", i,
                      scale=scale)
         else:
-            y = self._explicit_attention(i, heads["q"], k_all, v_all, attn.window, scale, attn.softcap)
+            y = explicit_attention(g, i, heads["q"], k_all, v_all, self._group_mask(attn.window), spec, scale,
+                                   attn.softcap)
         if self.prefill:
             y = g.op("Transpose", [y], "attn", "Transpose_out", i, perm=[0, 2, 1, 3])
         # decode (T = 1): [B, H, 1, hd] and [B, 1, H, hd] are the same bytes, so a Reshape is the transpose
@@ -408,35 +410,6 @@ class _Builder:
             self._group_masks[window] = self.g.op("Tile", [self.masks[window], self.g.const([1, 1, grp, 1], "int64")],
                                                   "mask", f"Tile_groups_{tag}")
         return self._group_masks[window]
-
-    def _explicit_attention(self, i, q, k, v, window, scale: float, cap: float | None) -> str:
-        """softmax(q·scale·kᵀ [soft-capped], masked) in float32, times v. Written out for Gemma 2's soft-cap and at
-        fp16/bf16, where TensorRT's Attention refuses softcap / softmax_precision: here the Softmax's input is
-        float32, which in a strongly typed network is its precision. The g query heads of a KV group are folded
-        into the query length ([B, Hq, T, hd] is [B, Hkv, g·T, hd], the same bytes), so every MatMul is 4-D and
-        K/V are never repeated; q is scaled before the first MatMul, as TensorRT's attention fusion asks."""
-        g, spec = self.g, self.spec
-        hkv, grp, hd = spec.num_kv_heads, spec.gqa_groups, spec.head_dim
-        q = g.op("Mul", [q, g.fconst(scale)], "attn", "Mul_scale", i)
-        if grp > 1:
-            q = g.op("Reshape", [q, g.const([0, hkv, -1, hd], "int64")], "attn", "Reshape_q_groups", i)
-        # the K transpose feeds the MatMul directly: ONNX Runtime fuses the pair into one FusedMatMul reading K
-        # transposed (no per-token copy of the cache), TensorRT folds it into the matrix multiply
-        kt = g.op("Transpose", [k], "attn", "Transpose_kT", i, perm=[0, 1, 3, 2])  # [B, Hkv, hd, S]
-        s = g.op("MatMul", [q, kt], "attn", "MatMul_qk", i)  # [B, Hkv, g·T, S]
-        if cap is not None:
-            s = g.op("Div", [s, g.fconst(float(cap))], "attn", "softcap_Div", i)
-            s = g.op("Tanh", [s], "attn", "softcap_Tanh", i)
-            s = g.op("Mul", [s, g.fconst(float(cap))], "attn", "softcap_Mul", i)
-        s = self.to_float32(s, "attn", "Cast_scores", i)
-        s = g.op("Where", [self._group_mask(window), s, g.const(-np.inf, "float32")], "attn", "Where_mask", i)
-        pr = g.op("Softmax", [s], "attn", "Softmax", i, axis=-1)
-        if self.lay.dtype != "float32":
-            pr = g.op("Cast", [pr], "attn", "Cast_probs", i, to=self.g.ft)
-        y = g.op("MatMul", [pr, v], "attn", "MatMul_pv", i)  # [B, Hkv, g·T, hd]
-        if grp > 1:
-            y = g.op("Reshape", [y, g.const([0, spec.num_heads, -1, hd], "int64")], "attn", "Reshape_heads", i)
-        return y
 
     # ---- FFN ----
     def _mlp(self, i: int, mlp, x: str) -> str:
@@ -554,23 +527,9 @@ class _Builder:
         if low is not None:
             gate = g.op("Cast", [C.DECODE_FLAG], "mlp", "Cast_role_bypass", i, to=g.ft)
             low = g.op("Mul", [low, gate], "mlp", "Mul_role_bypass", i)
-        self._cats_tau_if(i, absa, ffn)
+        _, vb, nvalid = self.valid()  # built in the graph, before the If's branches read it
+        role_switched_tau(g, i, absa, vb, nvalid, self.lay.intermediate_size, ffn.density)
         return kept, low
-
-    def _cats_tau_if(self, i: int, absa: str, ffn) -> None:
-        """cats_tau.i = If(decode_flag, then: cats_tau_in.i, else: the τ search over absa). Branch outputs: same rank,
-        different names (onnx-tensorrt's If rules); outer values are read by name from the branches."""
-        g = self.g
-        _, vb, nvalid = self.valid()  # built in the graph, before the branches read it
-        spec = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [C.BATCH])  # noqa: E731
-        with g.subgraph() as then_nodes:
-            t_out = g.op("Identity", [C.cats_tau_in(i)], "mlp", "tau_then_Identity", i)
-        with g.subgraph() as else_nodes:
-            e_out = percentile_threshold(g, i, absa, vb, nvalid, self.lay.intermediate_size, ffn.density)
-        then_g = helper.make_graph(then_nodes, f"layer{i}_decode_tau", [], [spec(t_out)])
-        else_g = helper.make_graph(else_nodes, f"layer{i}_prefill_tau", [], [spec(e_out)])
-        g.op("If", [C.DECODE_FLAG], "mlp", "If_role_tau", i, out=C.cats_tau(i), then_branch=then_g,
-             else_branch=else_g)
 
 
 def build_graphs(em: ExportModel, weights: WeightsWriter) -> dict[str, onnx.ModelProto]:
