@@ -40,7 +40,7 @@ def test_export_check_and_force(tiny_model_dir, tmp_path, monkeypatch, capsys):
     rc, stdout, err = run_cli(args + ["--check"], monkeypatch, capsys)
     assert rc == 0, err
     assert stdout.strip().splitlines()[-1] == str(out)
-    assert "prefill.onnx: passes the static TensorRT" in stdout
+    assert "tensorrt_model.onnx: passes the static TensorRT" in stdout  # the file TensorRT parses
     m = load_manifest(out)
     assert m.data["max_seq_len"] == 64 and m.data["max_prompt_len"] == 63
     rc, _, err = run_cli(args, monkeypatch, capsys)
@@ -52,7 +52,7 @@ def test_export_check_and_force(tiny_model_dir, tmp_path, monkeypatch, capsys):
     assert not marker.exists() and load_manifest(out).data["max_prompt_len"] == 16
     assert leftovers(tmp_path, "engine") == []
     rc, stdout, err = run_cli([out, "--check"], monkeypatch, capsys)
-    assert rc == 0 and "decode.onnx: passes" in stdout, err
+    assert rc == 0 and "tensorrt_model.onnx: passes" in stdout and "decode.onnx" not in stdout, err
 
 
 def test_check_alone_lists_violations(tmp_path, monkeypatch, capsys):

@@ -84,9 +84,13 @@ def reference_decoder(src: Path, precision: str = "fp32"):
 
 
 class OrtLoop:
-    """Drive an engine folder's two graphs on ONNX Runtime (CPU) for one batch, KV cache bound in place."""
+    """Drive an engine folder's two graphs on ONNX Runtime (CPU) for one batch, KV cache bound in place.
 
-    def __init__(self, engine: Path, batch: int = 1, cache_len: int = MAX_SEQ, threads: int = 1):
+    tensorrt=True drives the files TensorRT parses instead (manifest "tensorrt_graphs", static cache length): the
+    shared graph in both roles (decode_flag, cats_tau_in.{i}) or GRIFFIN's two copies."""
+
+    def __init__(self, engine: Path, batch: int = 1, cache_len: int = MAX_SEQ, threads: int = 1,
+                 tensorrt: bool = False):
         import onnxruntime as ort
 
         from caprese.export.folding import Folder
@@ -98,8 +102,14 @@ class OrtLoop:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
-        self.sessions = {g: ort.InferenceSession(str(self.m.file(g)), opts, providers=["CPUExecutionProvider"])
-                         for g in C.GRAPHS}
+        files = {g: self.m.file(g) for g in C.GRAPHS}
+        if tensorrt:  # role -> the file of the engine serving it
+            record = self.m.data["tensorrt_graphs"]
+            files = {role: engine / r["onnx"] for r in record["engines"].values() for role in r["roles"]}
+            cache_len = record["cache_len"]
+        sessions = {p: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for p in set(files.values())}
+        self.sessions = {g: sessions[p] for g, p in files.items()}
+        self.role_inputs = C.DECODE_FLAG in {i.name for i in self.sessions[C.PREFILL].get_inputs()}
         np_dt = {"float32": np.float32, "float16": np.float16}[self.lay.dtype]
         shape = (batch, self.lay.num_kv_heads, cache_len, self.lay.head_dim)
         self.kv = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np_dt))
@@ -135,7 +145,15 @@ class OrtLoop:
         for past, value in self.kv.items():  # present_* written into the very buffer past_* reads
             b.bind_ortvalue_input(past, value)
             b.bind_ortvalue_output(self.present[past], value)
-        if graph == C.DECODE:
+        if self.role_inputs:  # the shared graph: the role, and the decode τ under its input name
+            b.bind_cpu_input(C.DECODE_FLAG, np.array(graph == C.DECODE))
+            for i in self.lay.layers_of(C.CATS):
+                tau = self.selection.get(C.cats_tau(i))
+                if graph == C.PREFILL or tau is None:  # prefill must ignore it: garbage on purpose
+                    b.bind_cpu_input(C.cats_tau_in(i), np.full(self.batch, np.inf, np.float32))
+                else:
+                    b.bind_ortvalue_input(C.cats_tau_in(i), tau)
+        elif graph == C.DECODE:
             for n, v in self.selection.items():
                 b.bind_ortvalue_input(n, v)
         sess.run_with_iobinding(b)

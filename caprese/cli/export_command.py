@@ -41,11 +41,12 @@ def export(src: str, out: str | None, precision: str, max_seq_len: int | None, m
     """Export SRC (a Hugging Face model folder, or a calibration artifact from `caprese calibrate`) to ENGINE_DIR.
 
     \b
-    ENGINE_DIR gets prefill.onnx and decode.onnx (standard ONNX opset 24, one shared weights.bin), the
-    tokenizer files and manifest.json; with --engine, TensorRT plans too. A dense folder exports the dense
+    ENGINE_DIR gets prefill.onnx and decode.onnx (standard ONNX opset 24, one shared weights.bin; what ONNX
+    Runtime runs), the copies TensorRT parses (static KV length; one shared graph unless GRIFFIN), the tokenizer
+    files and manifest.json; with --engine, TensorRT plans too (one engine with two profiles unless GRIFFIN). A dense folder exports the dense
     model; an artifact exports its method (GRIFFIN: the decode graph takes the per-prompt folded matrices
     [W_g, W_1, L] and [W_2; R] as inputs; CATS: thresholds inside the graph) with the bypass folded in.
-    Every standard export checks both graphs against TensorRT's ONNX operator table; --target onnxruntime
+    Every standard export checks the graphs TensorRT parses against its ONNX rules; --target onnxruntime
     trades that for ONNX Runtime's fused contrib ops (CPU/edge deployments).
     """
     from caprese.export.exporter import check_folder, export as run_export

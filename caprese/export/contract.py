@@ -41,6 +41,18 @@ Decode only:
   cats_tau.{i}     [batch]                         CATS layers: the threshold (from prefill, or a fixed τ)
 Dense layers keep constant weights in both graphs.
 
+TensorRT graph copies (what `--engine` parses; see TENSORRT_ENGINES and GraphLayout.tensorrt_engines):
+  The KV cache of a TensorRT graph has the STATIC length max_seq_len (TensorScatter is imported as
+  IKVCacheUpdateLayer, whose cache must be a network input with a static sequence length); everything else is
+  as above. Without GRIFFIN layers ONE engine serves prefill and decode (two optimization profiles), so the
+  weights are on the GPU once: its graph is the prefill graph, plus, when CATS layers are present,
+    decode_flag      []                              bool    true: a decode step (CATS thresholds with
+                                                             cats_tau_in, bypass on, no τ search); false: a
+                                                             prefill call (dense FFN, bypass off, cats_tau out)
+    cats_tau_in.{i}  [batch]                         float32 the decode threshold (read when decode_flag)
+  GRIFFIN engines keep two graphs (static-cache copies of prefill and decode): the per-prompt matrices are
+  decode inputs that the prefill graph's constant FFN cannot share.
+
 Node names: `/model/{embed,rope,mask,norm}/<op>`, `/model/layers.{i}/<scope>/<op>` with scope one of
 LAYER_SCOPES, and `/lm_head/<op>`; `<op>` is [A-Za-z0-9_.]+ and unique within the graph.
 """
@@ -64,6 +76,13 @@ GRAPH_FILES = {PREFILL: "prefill.onnx", DECODE: "decode.onnx"}
 WEIGHTS_FILE = "weights.bin"
 WEIGHT_ALIGNMENT = 4096  # every tensor in weights.bin starts at a page boundary (mmap-friendly)
 
+# TensorRT engines: name -> the roles (graphs) it serves, in optimization-profile order
+TRT_SHARED = "model"  # one engine, two profiles (prefill, decode): dense and CATS layouts
+TENSORRT_ENGINES = {TRT_SHARED: (PREFILL, DECODE), PREFILL: (PREFILL,), DECODE: (DECODE,)}
+TENSORRT_GRAPH_FILES = {TRT_SHARED: "tensorrt_model.onnx", PREFILL: "tensorrt_prefill.onnx",
+                        DECODE: "tensorrt_decode.onnx"}
+TENSORRT_PLAN_FILES = {TRT_SHARED: "model.plan", PREFILL: "prefill.plan", DECODE: "decode.plan"}
+
 # symbolic dimensions
 BATCH, SEQ, CACHE_LEN = "batch", "seq", "cache_len"
 
@@ -73,6 +92,7 @@ POSITION_IDS = "position_ids"
 WRITE_INDICES = "write_indices"
 ATTENTION_MASK = "attention_mask"
 LOGITS = "logits"
+DECODE_FLAG = "decode_flag"  # the shared TensorRT graph of a CATS layout: which role this call plays
 
 # per-layer FFN kinds in the graphs
 DENSE, GRIFFIN, CATS = "dense", "griffin", "cats"
@@ -109,6 +129,11 @@ def griffin_stat(i: int) -> str:
 
 def cats_tau(i: int) -> str:
     return f"cats_tau.{i}"
+
+
+def cats_tau_in(i: int) -> str:
+    """The decode threshold as an input of the shared (prefill + decode) graph, where cats_tau.{i} is an output."""
+    return f"cats_tau_in.{i}"
 
 
 def w_gul(i: int) -> str:
@@ -157,11 +182,16 @@ def fold_tensors(i: int, rank: int, mlp_bias: bool) -> dict:
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
     name: str
-    dtype: str  # numpy-style name: float32, float16, bfloat16, int64
+    dtype: str  # numpy-style name: float32, float16, bfloat16, int64, bool
     shape: tuple  # ints, or symbolic dim names
 
     def to_dict(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+def static_cache(specs: list[TensorSpec], cache_len: int) -> list[TensorSpec]:
+    """The same tensors with the symbolic cache length replaced by `cache_len` (TensorRT's static KV length)."""
+    return [TensorSpec(t.name, t.dtype, tuple(cache_len if d == CACHE_LEN else d for d in t.shape)) for t in specs]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +275,35 @@ class GraphLayout:
         elif graph != DECODE:
             raise ValueError(f"unknown graph {graph!r}")
         return out
+
+    # ---- TensorRT ----
+    @property
+    def shares_engine(self) -> bool:
+        """One TensorRT engine (two profiles) serves both roles: no layer takes per-prompt weight inputs."""
+        return GRIFFIN not in self.layer_kinds
+
+    def tensorrt_engines(self) -> dict[str, tuple]:
+        """{engine name: roles in profile order} of this layout's TensorRT engines."""
+        names = (TRT_SHARED,) if self.shares_engine else (PREFILL, DECODE)
+        return {n: TENSORRT_ENGINES[n] for n in names}
+
+    def tensorrt_io(self, engine: str, cache_len: int | None) -> dict[str, list[TensorSpec]]:
+        """{"inputs", "outputs"} of a TensorRT engine's graph: its standard graph's I/O (the shared engine: the
+        prefill graph's, + decode_flag and cats_tau_in.{i} with CATS layers) with the cache length static
+        (cache_len None: left symbolic, as the builder writes the graph before the static copy)."""
+        if engine == TRT_SHARED:
+            inputs, outputs = self.inputs(PREFILL), self.outputs(PREFILL)
+            cats = self.layers_of(CATS)
+            if cats:
+                inputs = inputs + [TensorSpec(DECODE_FLAG, "bool", ())] + [
+                    TensorSpec(cats_tau_in(i), "float32", (BATCH,)) for i in cats]
+        elif engine in (PREFILL, DECODE):
+            inputs, outputs = self.inputs(engine), self.outputs(engine)
+        else:
+            raise ValueError(f"unknown TensorRT engine {engine!r}")
+        if cache_len is None:
+            return {"inputs": inputs, "outputs": outputs}
+        return {"inputs": static_cache(inputs, cache_len), "outputs": static_cache(outputs, cache_len)}
 
     def io_dict(self) -> dict:
         """{graph: {"inputs": [...], "outputs": [...]}} as recorded in the manifest."""

@@ -1,10 +1,11 @@
 """`export(SRC, OUT)`: a HF folder (dense) or a calibration artifact (method + folded bypass) to an engine folder.
 
-ENGINE_DIR holds prefill.onnx + decode.onnx (one shared weights.bin), the tokenizer files, manifest.json and,
-with engine=True on a machine with TensorRT, prefill.plan + decode.plan (+ timing.cache). Output is atomic: it is
-built in a temporary sibling folder and renamed into place; an existing OUT is replaced only with force=True.
-Every export runs onnx's checker and, for the standard graphs (target "tensorrt", the default), the static
-TensorRT check (tensorrt_ops). target "onnxruntime" swaps attention and norms for ONNX Runtime's contrib ops
+ENGINE_DIR holds prefill.onnx + decode.onnx (one shared weights.bin), the tokenizer files, manifest.json, for
+target "tensorrt" (the default) the graphs TensorRT parses (tensorrt_graphs: static-cache copies, one shared
+graph unless GRIFFIN) and, with engine=True on a machine with TensorRT, their plans (+ timing.cache). Output is
+atomic: it is built in a temporary sibling folder and renamed into place; an existing OUT is replaced only with
+force=True. Every export runs onnx's checker on every graph and the static TensorRT check (tensorrt_ops) on the
+graphs TensorRT parses. target "onnxruntime" swaps attention and norms for ONNX Runtime's contrib ops
 (onnx_graph._Builder.ort); same I/O contract, batch 1, parity-tested against the standard graphs.
 """
 
@@ -22,6 +23,7 @@ from caprese.errors import CapreseError
 from caprese.export import contract as C
 from caprese.export.manifest import MANIFEST, FORMAT, VERSION, load_manifest, write_manifest
 from caprese.export.onnx_graph import CATS_BISECTION_STEPS, ExportModel, build_graphs, layout_for
+from caprese.export.tensorrt_graphs import MANIFEST_KEY as TRT_GRAPHS, manifest_record, tensorrt_models
 from caprese.export.tensorrt_ops import TENSORRT_TABLE_VERSION, check_model, format_violations
 from caprese.export.weights import WeightsWriter
 
@@ -155,7 +157,7 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
             from caprese.export.tensorrt_build import TensorRTUnavailable, build_engines
 
             try:
-                info = build_engines(tmp, layout, max_batch, prompt, seq,
+                info = build_engines(tmp, manifest[TRT_GRAPHS], layout, max_batch, prompt,
                                      Path(timing_cache) if timing_cache else None, log=log)
             except TensorRTUnavailable as e:
                 engines_error = e
@@ -181,6 +183,7 @@ def _write_folder(tmp: Path, em: ExportModel, spec, method: dict, art, src: Path
     layout = em.layout
     with WeightsWriter(tmp) as weights:
         graphs = build_graphs(em, weights)
+        trt_models = tensorrt_models(em, graphs, weights) if em.target == C.TARGET_TENSORRT else {}
         folding = {}
         for i in layout.layers_of(C.GRIFFIN):  # runtime-only tensors: the bypass of GRIFFIN layers
             names = C.fold_tensors(i, layout.rank, layout.mlp_bias)
@@ -192,16 +195,18 @@ def _write_folder(tmp: Path, em: ExportModel, spec, method: dict, art, src: Path
             if missing:
                 raise RuntimeError(f"fold tensors missing from weights.bin: {missing}")
             folding[str(i)] = names
-    for graph, model in graphs.items():
-        path = tmp / C.GRAPH_FILES[graph]
+    files = [(C.GRAPH_FILES[g], m, False) for g, m in graphs.items()]
+    files += [(C.TENSORRT_GRAPH_FILES[e], m, True) for e, m in trt_models.items()]
+    for name, model, for_tensorrt in files:
+        path = tmp / name
         path.write_bytes(model.SerializeToString())
         try:
             onnx.checker.check_model(str(path))
         except onnx.checker.ValidationError as e:  # a bug in the exporter, not in the user's input
-            raise RuntimeError(f"the exported {graph} graph fails onnx's checker: {str(e).splitlines()[0]}") from None
-        violations = check_model(model) if em.target == C.TARGET_TENSORRT else []
+            raise RuntimeError(f"the exported graph {name} fails onnx's checker: {str(e).splitlines()[0]}") from None
+        violations = check_model(model) if for_tensorrt else []  # TensorRT parses these files, not the others
         if violations:
-            raise CapreseError(f"the {graph} graph fails the static TensorRT {TENSORRT_TABLE_VERSION} check: "
+            raise CapreseError(f"{name} fails the static TensorRT {TENSORRT_TABLE_VERSION} check: "
                                f"{format_violations(violations, 5)}")
     tokenizer = []
     for name in TOKENIZER_FILES:
@@ -227,7 +232,10 @@ def _write_folder(tmp: Path, em: ExportModel, spec, method: dict, art, src: Path
         "weights": weights.table,
         "folding": folding,
         "target": em.target,
-        "tensorrt_check": {"table": TENSORRT_TABLE_VERSION, "violations": 0} if em.target == C.TARGET_TENSORRT
+        # the files TensorRT parses (static cache length) and their engines' GPU memory; None: not a TensorRT export
+        TRT_GRAPHS: manifest_record(trt_models, weights.table, layout, max_batch, seq) if trt_models else None,
+        "tensorrt_check": {"table": TENSORRT_TABLE_VERSION, "violations": 0,
+                           "files": [C.TENSORRT_GRAPH_FILES[e] for e in trt_models]} if trt_models
         else None,  # com.microsoft ops: not a TensorRT graph
         "tensorrt": None,
     }
@@ -263,7 +271,9 @@ def check_folder(path: str | Path) -> dict[str, list]:
                                ) from None
     if (path / MANIFEST).is_file():
         m = load_manifest(path)
-        return {m.data["files"][g]: check_model(m.file(g)) for g in C.GRAPHS}
+        trt = m.tensorrt_graphs  # the files TensorRT parses; folders from before they existed: the two graphs
+        files = {p.name: p for p in trt.values()} if trt else {m.data["files"][g]: m.file(g) for g in C.GRAPHS}
+        return {name: check_model(p) for name, p in files.items()}
     if path.is_dir():
         files = sorted(path.glob("*.onnx"))
         if files:

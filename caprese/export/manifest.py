@@ -9,13 +9,19 @@ Keys (format "caprese-engine", version FORMAT_VERSION):
   precision     fp32 | fp16 | bf16;  dtypes {"weights", "kv_cache", "logits", "selection"}
   max_seq_len, max_prompt_len, max_batch
   layout        contract.GraphLayout.to_dict();  io: layout.io_dict();  in_place: [[past, present], ...]
-  files         {"prefill", "decode", "weights", "tokenizer": [...], "engines": {graph: plan} (engines only),
+  files         {"prefill", "decode", "weights", "tokenizer": [...], "engines": {engine: plan} (engines only),
                  "timing_cache" (engines only)}: names relative to ENGINE_DIR, which must stay inside it
   weights       {tensor name: {"offset", "length", "shape", "dtype"}} of files.weights
   folding       {layer: contract.fold_tensors(...)} for GRIFFIN layers: the weights.bin tensors a runtime
                 slices and concatenates into w_gul / w_dr / b_gul
   target        "tensorrt" (the standard-domain graphs) | "onnxruntime" (com.microsoft contrib ops, batch 1)
-  tensorrt      null, or {"version", "compute_capability", "profiles", "strongly_typed", "weights_stripped"}
+  tensorrt_graphs  null (target onnxruntime), or the graphs TensorRT parses (export.tensorrt_graphs):
+                {"cache_len": max_seq_len (static), "engines": {engine: {"onnx": file, "roles": [prefill, decode]
+                 in profile order, "io": {"inputs", "outputs"}}}, "memory": {"weights_bytes": {engine: n},
+                 "duplicated_weights_bytes", "per_prompt_bytes", "kv_cache_bytes", "max_batch"}}
+  tensorrt_check  {"table", "violations", "files"}: the static check the export ran on those files
+  tensorrt      null, or {"version", "compute_capability", "profiles": {engine: [{input: [min, opt, max]}] per
+                role}, "strongly_typed", "weights_stripped"}
 """
 
 from __future__ import annotations
@@ -49,6 +55,12 @@ class Manifest:
     @property
     def engines(self) -> dict[str, Path]:
         return {g: self.folder / name for g, name in (self.data["files"].get("engines") or {}).items()}
+
+    @property
+    def tensorrt_graphs(self) -> dict[str, Path]:
+        """{engine: the ONNX file TensorRT parses for it}; empty for folders without TensorRT graphs."""
+        record = self.data.get("tensorrt_graphs") or {}
+        return {e: self.folder / r["onnx"] for e, r in (record.get("engines") or {}).items()}
 
     @property
     def method(self) -> str:
@@ -101,6 +113,7 @@ def load_manifest(engine_dir: str | Path, check_files: bool = True) -> Manifest:
     names = [(files.get(k), k) for k in ("prefill", "decode", "weights")]
     names += [(n, "tokenizer") for n in files.get("tokenizer") or []]
     names += [(n, f"{g} engine") for g, n in (files.get("engines") or {}).items()]
+    names += [(r.get("onnx"), f"TensorRT {e} graph") for e, r in _trt_engines(folder, data).items()]
     if files.get("timing_cache"):
         names.append((files["timing_cache"], "timing cache"))
     for name, what in names:
@@ -134,10 +147,35 @@ def _check_consistency(folder: Path, data: dict, spec: ModelSpec, layout: C.Grap
                            f"context ({spec.max_position_embeddings})")
     if data.get("target", C.TARGET_TENSORRT) not in C.TARGETS:
         raise CapreseError(f"{where}: unknown target {data.get('target')!r} (this caprese knows {', '.join(C.TARGETS)})")
+    record = data.get("tensorrt_graphs")
+    if record is not None:
+        engines = _trt_engines(folder, data)
+        if record.get("cache_len") != seq:
+            raise CapreseError(f"{where}: the TensorRT graphs' cache length {record.get('cache_len')} is not "
+                               f"max_seq_len ({seq}); export again")
+        want = layout.tensorrt_engines()
+        if {e: tuple(r.get("roles") or ()) for e, r in engines.items()} != want:
+            raise CapreseError(f"{where}: the TensorRT engines {sorted(engines)} do not match this layout's "
+                               f"{sorted(want)}; export again with this caprese")
+        for e, r in engines.items():
+            io = {k: [t.to_dict() for t in v] for k, v in layout.tensorrt_io(e, seq).items()}
+            if r.get("io") != io:
+                raise CapreseError(f"{where}: the recorded I/O of the TensorRT {e} graph does not match contract "
+                                   f"format {VERSION}; export again with this caprese")
     trt = data.get("tensorrt")
     if data["files"].get("engines") and not (isinstance(trt, dict) and trt.get("version")
                                              and trt.get("compute_capability")):
         raise CapreseError(f"{where} lists engines but not the TensorRT version and GPU compute capability")
+
+
+def _trt_engines(folder: Path, data: dict) -> dict:
+    record = data.get("tensorrt_graphs")
+    if record is None:
+        return {}
+    if not isinstance(record, dict) or not isinstance(record.get("engines"), dict) or not all(
+            isinstance(r, dict) for r in record["engines"].values()):
+        raise CapreseError(f"{folder / MANIFEST}: 'tensorrt_graphs' is malformed; export again")
+    return record["engines"]
 
 
 def _check_weights(folder: Path, data: dict) -> None:

@@ -5,21 +5,25 @@ Standard ONNX domain only, opset 24 (see contract.py for the I/O):
   over the UPDATED buffer with a boolean [B, 1, T, S] mask (causal + sliding window + left padding, built once
   per graph from write_indices and attention_mask), GQA through the 4-D shapes; no past/present inputs on
   Attention (TensorRT's importer rejects them).
-- Gemma 2's attention soft-cap is written out (MatMul, Mul, Div, Tanh, Mul, Where, Softmax, MatMul) because
-  TensorRT's Attention rejects `softcap`; its sliding windows are in the mask like every other model's.
+- Attention is written out (Mul(scale) on q, MatMul, Cast to float32, Where(mask), Softmax, Cast, MatMul; the
+  query heads of a KV group folded into the query length) for Gemma 2's soft-cap (+ Div, Tanh, Mul) and at
+  fp16/bf16: TensorRT's Attention refuses `softcap` and `softmax_precision`, and a float32 Softmax is what keeps
+  the softmax in float32 in a strongly typed network. fp32 graphs use the `Attention` op (no attribute needed).
 - `RMSNormalization` (stash_type float32) and `RotaryEmbedding` (non-interleaved, position_ids) ops.
 - Q, K and V come from one MatMul over [W_q, W_k, W_v], split on the head axis; the decode graph (T = 1) has
   no Transpose at all, since [B, 1, H·hd] and [B, H, 1, hd] are the same bytes.
 - The gated FFN runs gate and up as one MatMul with [W_g, W_1] (+ L for CATS bypass layers); GRIFFIN's decode
   FFN takes the per-prompt folded matrices [Ŵ_g, Ŵ_1, L] and [Ŵ_2 ; R] as graph inputs.
 - Reductions that pick neurons / thresholds (GRIFFIN statistic, CATS τ) and the logits are float32 at every
-  precision; softmax runs in float32 (Attention softmax_precision, or a Cast around Softmax).
+  precision; softmax runs in float32 (a Cast around Softmax, or the fp32 Attention op).
+- The shared TensorRT graph of a CATS layout (contract.TRT_SHARED) serves prefill and decode: the threshold and
+  the bypass are switched by decode_flag as data, and the τ search runs inside an If only in the prefill role.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from fractions import Fraction
+import contextlib
 
 import numpy as np
 import onnx
@@ -27,11 +31,11 @@ import torch
 from onnx import TensorProto, helper
 
 from caprese.export import contract as C
+from caprese.export.attention_graph import explicit_attention
+from caprese.export.cats_threshold import CATS_BISECTION_STEPS, percentile_threshold, role_switched_tau
 from caprese.export.weights import ONNX_DTYPES, WeightsWriter
 
-# CATS τ bisection steps: the bracket [-1, max|a|] shrinks 2^-48 times, to one float32 ulp of any threshold
-# above ~1e-6 · max|a| (see _cats_threshold), so τ equals caprese's percentile_linear to float precision.
-CATS_BISECTION_STEPS = 48
+__all__ = ["CATS_BISECTION_STEPS", "ExportModel", "GraphBuilder", "build_graphs", "build_shared_graph", "layout_for"]
 INT64_MAX = np.iinfo(np.int64).max
 GQA_HEAD_MULTIPLE = 16
 
@@ -73,6 +77,16 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=node, **attrs))
         return outs[0] if len(outs) == 1 else outs
 
+    @contextlib.contextmanager
+    def subgraph(self):
+        """Nodes added inside the block go to the list it yields (an If branch), not to the graph; names stay
+        unique across both, constants and weights stay initializers of the graph (outer-scope references)."""
+        outer, self.nodes = self.nodes, []
+        try:
+            yield self.nodes
+        finally:
+            self.nodes = outer
+
     def const(self, value, dtype: str) -> str:
         """A small inline initializer (shapes, axes, scalars), deduplicated by value."""
         arr = np.asarray(value, dtype={"float32": np.float32, "int64": np.int64, "float16": np.float16,
@@ -105,13 +119,16 @@ def _value_info(spec: C.TensorSpec) -> onnx.ValueInfoProto:
 
 
 class _Builder:
-    """One graph (prefill or decode) of one model."""
+    """One graph (prefill, decode, or the shared TensorRT graph C.TRT_SHARED) of one model."""
 
     def __init__(self, em: ExportModel, graph: str, weights: WeightsWriter):
         self.em, self.graph, self.lay = em, graph, em.layout
         self.spec = em.decoder.spec
         self.g = GraphBuilder(weights, self.lay.dtype)
-        self.prefill = graph == C.PREFILL
+        # the shared graph is the prefill graph (any T) with CATS layers switched by decode_flag
+        self.shared = graph == C.TRT_SHARED
+        self.prefill = graph in (C.PREFILL, C.TRT_SHARED)
+        self._group_masks: dict = {}
         # --target onnxruntime: GroupQueryAttention (rotary, cache write in the shared past/present buffer and
         # attention in one kernel) and SkipSimplifiedLayerNormalization (residual add + RMSNorm) from ONNX
         # Runtime's com.microsoft domain. Same I/O contract; batch 1 / no left padding (attention_mask unused).
@@ -151,8 +168,11 @@ class _Builder:
     # ---- graph ----
     def build(self) -> onnx.ModelProto:
         g, spec, dec = self.g, self.spec, self.em.decoder
-        inputs = self.lay.inputs(self.graph)
-        outputs = self.lay.outputs(self.graph)
+        if self.shared:
+            io = self.lay.tensorrt_io(C.TRT_SHARED, cache_len=None)
+            inputs, outputs = io["inputs"], io["outputs"]
+        else:
+            inputs, outputs = self.lay.inputs(self.graph), self.lay.outputs(self.graph)
 
         x = g.op("Gather", [g.weight("model.embed_tokens.weight", dec.model.embed_tokens.weight), C.INPUT_IDS],
                  "embed", "Gather", axis=0)
@@ -322,15 +342,13 @@ class _Builder:
                      out=C.present_key(i), axis=-2, mode="linear")
         v_all = g.op("TensorScatter", [C.past_value(i), heads["v"], C.WRITE_INDICES], "attn", "TensorScatter_v", i,
                      out=C.present_value(i), axis=-2, mode="linear")
-        mask = self.masks[attn.window]
         scale = float(attn.scale)
-        if attn.softcap is None:
-            attrs = {"scale": scale}
-            if self.lay.dtype != "float32":
-                attrs["softmax_precision"] = TensorProto.FLOAT
-            y = g.op("Attention", [heads["q"], k_all, v_all, mask], "attn", "Attention", i, **attrs)
+        if attn.softcap is None and self.lay.dtype == "float32":
+            y = g.op("Attention", [heads["q"], k_all, v_all, self.masks[attn.window]], "attn", "Attention", i,
+                     scale=scale)
         else:
-            y = self._softcap_attention(i, heads["q"], k_all, v_all, mask, scale, float(attn.softcap))
+            y = explicit_attention(g, i, heads["q"], k_all, v_all, self._group_mask(attn.window), spec, scale,
+                                   attn.softcap)
         if self.prefill:
             y = g.op("Transpose", [y], "attn", "Transpose_out", i, perm=[0, 2, 1, 3])
         # decode (T = 1): [B, H, 1, hd] and [B, 1, H, hd] are the same bytes, so a Reshape is the transpose
@@ -382,29 +400,16 @@ class _Builder:
             y = g.op("Reshape", [y, g.const([0, hq + 2 * hkv, 1, hd], "int64")], "attn", "Reshape_qkv", i)
         return g.op("Split", [y, g.const([hq, hkv, hkv], "int64")], "attn", "Split_qkv", i, n_out=3, axis=1)
 
-    def _softcap_attention(self, i, q, k, v, mask, scale, cap) -> str:
-        """Gemma 2: scores = tanh(q·kᵀ·scale / cap)·cap, masked, softmax in float32; GQA groups on a 5-D axis."""
-        g, spec = self.g, self.spec
-        hkv, grp, hd = spec.num_kv_heads, spec.gqa_groups, spec.head_dim
-        q5 = g.op("Reshape", [q, g.const([0, hkv, grp, -1, hd], "int64")], "attn", "Reshape_q_groups", i)
-        # Unsqueeze, then a last-two-axes Transpose straight into the MatMul: ONNX Runtime fuses that pair into one
-        # MatMul reading K transposed (no per-token copy of the cache) and TensorRT folds it into the matrix multiply.
-        k5 = g.op("Unsqueeze", [k, g.const([2], "int64")], "attn", "Unsqueeze_k", i)  # [B, Hkv, 1, S, hd]
-        kt = g.op("Transpose", [k5], "attn", "Transpose_kT", i, perm=[0, 1, 2, 4, 3])  # [B, Hkv, 1, hd, S]
-        s = g.op("MatMul", [q5, kt], "attn", "MatMul_qk", i)  # [B, Hkv, g, T, S]
-        s = g.op("Mul", [s, g.fconst(scale)], "attn", "Mul_scale", i)
-        s = g.op("Div", [s, g.fconst(cap)], "attn", "softcap_Div", i)
-        s = g.op("Tanh", [s], "attn", "softcap_Tanh", i)
-        s = g.op("Mul", [s, g.fconst(cap)], "attn", "softcap_Mul", i)
-        m5 = g.op("Unsqueeze", [mask, g.const([2], "int64")], "attn", "Unsqueeze_mask", i)  # [B, 1, 1, T, S]
-        s = g.op("Where", [m5, s, g.fconst(-np.inf)], "attn", "Where_mask", i)
-        s = self.to_float32(s, "attn", "Cast_scores", i)
-        pr = g.op("Softmax", [s], "attn", "Softmax", i, axis=-1)
-        if self.lay.dtype != "float32":
-            pr = g.op("Cast", [pr], "attn", "Cast_probs", i, to=self.g.ft)
-        v5 = g.op("Unsqueeze", [v, g.const([2], "int64")], "attn", "Unsqueeze_v", i)  # [B, Hkv, 1, S, hd]
-        y = g.op("MatMul", [pr, v5], "attn", "MatMul_pv", i)  # [B, Hkv, g, T, hd]
-        return g.op("Reshape", [y, g.const([0, spec.num_heads, -1, hd], "int64")], "attn", "Reshape_heads", i)
+    def _group_mask(self, window) -> str:
+        """The [B, 1, T, S] mask of `window` tiled to [B, 1, g·T, S] for queries folded per KV group."""
+        grp = self.spec.gqa_groups
+        if grp == 1:
+            return self.masks[window]
+        if window not in self._group_masks:
+            tag = "full" if window is None else f"window{window}"
+            self._group_masks[window] = self.g.op("Tile", [self.masks[window], self.g.const([1, 1, grp, 1], "int64")],
+                                                  "mask", f"Tile_groups_{tag}")
+        return self._group_masks[window]
 
     # ---- FFN ----
     def _mlp(self, i: int, mlp, x: str) -> str:
@@ -454,18 +459,13 @@ class _Builder:
                      axis=-1)
         gate, up = parts[0], parts[1]
         a = self.act(gate, i, "act")
-        if kind == C.CATS and self.prefill:
-            self._cats_threshold(i, a, ffn)
-        if kind == C.CATS and not self.prefill:
-            tau = g.op("Unsqueeze", [C.cats_tau(i), g.const([1, 2], "int64")], "mlp", "Unsqueeze_tau", i)
-            absa = self.to_float32(g.op("Abs", [a], "mlp", "Abs", i), "mlp", "Cast_abs", i)
-            keep = g.op("Greater", [absa, tau], "mlp", "Greater_tau", i)
-            a = g.op("Where", [keep, a, g.fconst(0.0)], "mlp", "Where_threshold", i)
+        low = parts[2] if r else None
+        if kind == C.CATS:
+            a, low = self._cats(i, a, ffn, low)
         z = g.op("Mul", [a, up], "mlp", "Mul_gate_up", i)
         if kind == C.GRIFFIN and self.prefill:
             self._griffin_statistic(i, z)
         if r:
-            low = parts[2] if not self.prefill else g.op("Mul", [parts[2], g.fconst(0.0)], "mlp", "Mul_bypass_off", i)
             z = g.op("Concat", [z, low], "mlp", "Concat_bypass", i, axis=-1)
         y = g.op("MatMul", [z, g.weight(w_down_name, torch.cat(rows, 0))], "mlp", "MatMul_down", i)
         if dense.down_proj.bias is not None:
@@ -503,60 +503,46 @@ class _Builder:
         sq = g.op("Mul", [sq, vf], "mlp", "Mul_stat_valid", i)
         g.op("ReduceSum", [sq, g.const([1], "int64")], "mlp", "ReduceSum_stat", i, out=C.griffin_stat(i), keepdims=0)
 
-    def _cats_threshold(self, i: int, a: str, ffn) -> None:
-        """cats_tau.i = numpy's linear percentile q = 1 - density of |a| over the valid new tokens, exactly:
-        x_lo + (x_hi - x_lo) · frac with x_lo, x_hi the order statistics ⌊q (N - 1)⌋ and the next one.
-
-        x_lo is found by bisection on the value (the smallest τ with #{|a| <= τ} > order) run until the bracket
-        is one float apart, then snapped to the largest value <= the bracket's top; x_hi is x_lo when it is tied,
-        else the smallest value above it. TopK cannot do this under TensorRT (K < 3840) and ONNX has no sort.
-        """
+    def _cats(self, i: int, a: str, ffn, low: str | None) -> tuple[str, str | None]:
+        """CATS: (activation, bypass columns) as the FFN uses them. Prefill: dense, bypass off, cats_tau.i out.
+        Decode: |a| > cats_tau.i kept, bypass on. Shared graph: both, chosen by decode_flag as data (τ = -1 keeps
+        every activation, a 0/1 gate switches the bypass), and the τ search inside an If so decode skips it."""
         g = self.g
-        _, vb, nvalid = self.valid()
-        q = Fraction(1.0 - ffn.density).limit_denominator(1 << 20)
-        i64 = lambda v: g.const(v, "int64")  # noqa: E731
-        f32 = lambda v: g.const(v, "float32")  # noqa: E731
-        axes_bt = i64([1, 2])
-
-        def op(op_type, inputs, name, **kw):
-            return g.op(op_type, inputs, "mlp", f"tau_{name}", i, **kw)
-
-        af = self.to_float32(op("Abs", [a], "Abs"), "mlp", "tau_Cast", i)
-        vals = op("Where", [vb, af, f32(np.inf)], "Where_valid")  # padding tokens: +inf, never counted
-        hi = op("ReduceMax", [op("Where", [vb, af, f32(0.0)], "Where_max"), axes_bt], "ReduceMax", keepdims=0)
-        n = op("Mul", [nvalid, i64(int(self.lay.intermediate_size))], "Mul_count")  # N per row [B]
-        pos = op("Mul", [op("Sub", [n, i64(1)], "Sub_n"), i64(q.numerator)], "Mul_q")  # q (N - 1) · den
-        order = op("Div", [pos, i64(q.denominator)], "Div_q")  # ⌊q (N - 1)⌋
-        frac = op("Div", [op("Cast", [op("Mod", [pos, i64(q.denominator)], "Mod_q"), ], "Cast_frac",
-                             to=TensorProto.FLOAT), f32(float(q.denominator))], "Div_frac")
-        need = op("Add", [order, i64(1)], "Add_need")  # [B]
-
-        def count_le(x, name):
-            le = op("LessOrEqual", [vals, op("Unsqueeze", [x, axes_bt], f"{name}_Unsqueeze")], f"{name}_LessOrEqual")
-            return op("ReduceSum", [op("Cast", [le], f"{name}_Cast", to=TensorProto.INT64), axes_bt],
-                      f"{name}_ReduceSum", keepdims=0)
-
-        lo, half = f32(-1.0), f32(0.5)
-        for s in range(CATS_BISECTION_STEPS):
-            mid = op("Mul", [op("Add", [lo, hi], f"{s}_Add"), half], f"{s}_Mul")
-            ok = op("GreaterOrEqual", [count_le(mid, str(s)), need], f"{s}_GreaterOrEqual")
-            hi = op("Where", [ok, mid, hi], f"{s}_Where_hi")
-            lo = op("Where", [ok, lo, mid], f"{s}_Where_lo")
-        hi3 = op("Unsqueeze", [hi, axes_bt], "Unsqueeze_hi")
-        below = op("Where", [op("LessOrEqual", [vals, hi3], "LessOrEqual_hi"), vals, f32(-np.inf)], "Where_below")
-        x_lo = op("ReduceMax", [below, axes_bt], "ReduceMax_lo", keepdims=0)
-        x_lo3 = op("Unsqueeze", [x_lo, axes_bt], "Unsqueeze_lo")
-        above = op("Where", [op("Greater", [vals, x_lo3], "Greater_lo"), vals, f32(np.inf)], "Where_above")
-        nxt = op("ReduceMin", [above, axes_bt], "ReduceMin_next", keepdims=0)
-        tied = op("Greater", [count_le(x_lo, "tie"), need], "Greater_tied")
-        x_hi = op("Where", [tied, x_lo, nxt], "Where_next")
-        step = op("Mul", [op("Sub", [x_hi, x_lo], "Sub_gap"), frac], "Mul_frac")
-        g.op("Add", [x_lo, step], "mlp", "tau_Add_out", i, out=C.cats_tau(i))
+        axes = g.const([1, 2], "int64")
+        if self.prefill and not self.shared:
+            absa = self.to_float32(g.op("Abs", [a], "mlp", "tau_Abs", i), "mlp", "tau_Cast", i)
+            _, vb, nvalid = self.valid()
+            percentile_threshold(g, i, absa, vb, nvalid, self.lay.intermediate_size, ffn.density, out=C.cats_tau(i))
+            off = None if low is None else g.op("Mul", [low, g.fconst(0.0)], "mlp", "Mul_bypass_off", i)
+            return a, off
+        absa = self.to_float32(g.op("Abs", [a], "mlp", "Abs", i), "mlp", "Cast_abs", i)
+        tau = C.cats_tau(i)
+        if self.shared:
+            tau = g.op("Where", [C.DECODE_FLAG, C.cats_tau_in(i), g.const(-1.0, "float32")], "mlp", "Where_role_tau", i)
+        tau3 = g.op("Unsqueeze", [tau, axes], "mlp", "Unsqueeze_tau", i)
+        keep = g.op("Greater", [absa, tau3], "mlp", "Greater_tau", i)
+        kept = g.op("Where", [keep, a, g.fconst(0.0)], "mlp", "Where_threshold", i)
+        if not self.shared:
+            return kept, low
+        if low is not None:
+            gate = g.op("Cast", [C.DECODE_FLAG], "mlp", "Cast_role_bypass", i, to=g.ft)
+            low = g.op("Mul", [low, gate], "mlp", "Mul_role_bypass", i)
+        _, vb, nvalid = self.valid()  # built in the graph, before the If's branches read it
+        role_switched_tau(g, i, absa, vb, nvalid, self.lay.intermediate_size, ffn.density)
+        return kept, low
 
 
 def build_graphs(em: ExportModel, weights: WeightsWriter) -> dict[str, onnx.ModelProto]:
     """{"prefill": ModelProto, "decode": ModelProto}, both pointing at the tensors written to `weights`."""
     return {graph: _Builder(em, graph, weights).build() for graph in C.GRAPHS}
+
+
+def build_shared_graph(em: ExportModel, weights: WeightsWriter) -> onnx.ModelProto:
+    """The graph one TensorRT engine runs in both roles (layouts without GRIFFIN layers; symbolic cache length,
+    see contract.GraphLayout.tensorrt_io). With no CATS layer it is the prefill graph itself."""
+    if not em.layout.shares_engine:
+        raise ValueError("GRIFFIN layouts have no shared graph (their decode graph takes per-prompt weights)")
+    return _Builder(em, C.TRT_SHARED if em.layout.layers_of(C.CATS) else C.PREFILL, weights).build()
 
 
 def layout_for(decoder, precision: str, ffns: dict) -> C.GraphLayout:
