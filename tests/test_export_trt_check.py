@@ -3,7 +3,6 @@ satisfies it; the exported graphs TensorRT parses pass at fp32, fp16 and bf16.""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from caprese.export import contract as C
+from caprese.export.manifest import load_manifest
 from caprese.export.tensorrt_ops import check_model, format_violations, load_table
 from test_export_support import get_export
 
@@ -320,13 +320,10 @@ def test_table_is_the_project_copy_with_sources():
 
 
 def _tensorrt_graphs(engine):
-    """The graph files TensorRT parses, as the manifest names them (files.tensorrt: {graph: file}) or else the
-    standard prefill/decode graphs."""
-    files = json.loads((engine / "manifest.json").read_text())["files"]
-    trt = files.get("tensorrt")
-    names = list(trt.values()) if isinstance(trt, dict) else list(trt) if isinstance(trt, list) else [
-        files[g] for g in C.GRAPHS]
-    return [engine / n for n in names]
+    """The graph files TensorRT parses, as the manifest names them (its tensorrt_graphs record)."""
+    paths = list(load_manifest(engine).tensorrt_graphs.values())
+    assert paths, f"{engine} names no graph for TensorRT"
+    return paths
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
@@ -344,3 +341,16 @@ def test_exported_graphs_of_other_architectures_pass(kind, method, tmp_path_fact
     engine, _ = get_export(tmp_path_factory, tiny_model_dir, kind, method)
     for path in _tensorrt_graphs(engine):
         assert check_model(path) == [], f"{path.name}: {format_violations(check_model(path), 10)}"
+
+
+def test_nodes_inside_if_branches_are_checked():
+    """TensorRT imports If branches as subgraphs: a refused node inside one is a violation of the whole graph."""
+    bad = helper.make_node("Attention", ["q", "k", "v"], ["y"], name="/inner/Attention", softmax_precision=1)
+    then_g = helper.make_graph([bad], "then", [], [_vi("y", F, [1, 2, 1, 8])])
+    else_g = helper.make_graph([helper.make_node("Identity", ["q"], ["z"], name="/inner/Identity")], "else", [],
+                               [_vi("z", F, [1, 2, 1, 8])])
+    node = helper.make_node("If", ["c"], ["out"], name="/outer/If", then_branch=then_g, else_branch=else_g)
+    ins = [_vi("c", TensorProto.BOOL, []), _vi("q", F, [1, 2, 1, 8]), _vi("k", F, [1, 2, 4, 8]),
+           _vi("v", F, [1, 2, 4, 8])]
+    v = check_model(_model([node], ins, [_vi("out", F, [1, 2, 1, 8])]))
+    assert [x.node for x in v] == ["/inner/Attention"] and "softmax_precision" in v[0].message

@@ -86,13 +86,24 @@ def _dims(tensor_type) -> tuple | None:
     return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
 
 
+def subgraphs(graph: onnx.GraphProto):
+    """The graph, then every graph nested in its nodes' attributes (If branches, Loop bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                        list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+                yield from subgraphs(sub)
+
+
 class _GraphFacts:
     """Dtypes, shapes and constants of a graph's tensors (from shape inference, without reading weight bytes)."""
 
     def __init__(self, model: onnx.ModelProto):
         g = model.graph
         try:
-            vis = list(onnx.shape_inference.infer_shapes(model, strict_mode=False).graph.value_info)
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+            vis = [vi for sg in subgraphs(inferred) for vi in sg.value_info]
         except Exception:  # a graph shape inference cannot read still gets the op/domain/attribute checks
             vis = []
         self.inputs = {vi.name: _dims(vi.type.tensor_type) for vi in g.input}
@@ -106,9 +117,10 @@ class _GraphFacts:
             if tt.HasField("shape"):
                 self.shapes[vi.name] = _dims(tt)
         self.constants: dict[str, onnx.TensorProto] = {}
-        self.producer: dict[str, onnx.NodeProto] = {o: n for n in g.node for o in n.output if o}
-        consts = [(t.name, t) for t in g.initializer] + [
-            (n.output[0], a.t) for n in g.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
+        nodes = [n for sg in subgraphs(g) for n in sg.node]  # If branches included: TensorRT imports them too
+        self.producer: dict[str, onnx.NodeProto] = {o: n for n in nodes for o in n.output if o}
+        consts = [(t.name, t) for sg in subgraphs(g) for t in sg.initializer] + [
+            (n.output[0], a.t) for n in nodes if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
             for a in n.attribute if a.name == "value"]
         for name, t in consts:
             self.constants[name] = t
@@ -505,7 +517,7 @@ def check_model(model: onnx.ModelProto | str | Path) -> list[Violation]:
         if name not in GRAPH_IO_TYPES:
             out.append(Violation("", "graph", f"graph input/output {vi.name!r} has dtype {name}, which TensorRT "
                                               "does not accept"))
-    for node in model.graph.node:
+    for node in (n for sg in subgraphs(model.graph) for n in sg.node):
         n = _Node(node, facts, out)
         if node.domain not in ("", "ai.onnx"):  # onnxOpCheckers.cpp FallbackPluginImporter: needs a plugin
             n.bad(f"domain {node.domain!r} is not the standard ONNX domain; TensorRT parses it only through a plugin")
