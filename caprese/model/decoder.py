@@ -60,27 +60,59 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
         k, v = self.cache.update(start, k, v)
-        y = self._attend(q, k, v, mask, causal_prefill=isinstance(start, int) and start == 0 and mask is None and t > 1)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        causal = isinstance(start, int) and start == 0 and mask is None and t > 1
+        return self.o_proj(grouped_attention(q, k, v, mask, causal, self.scale, self.softcap))
 
-    def _attend(self, q, k, v, mask, causal_prefill: bool) -> torch.Tensor:
-        b, h, t, d = q.shape
-        g = self.n_heads // self.n_kv
-        if self.softcap is not None:  # Gemma 2: scores soft-capped before the mask, softmax in float32
-            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-            scores = torch.matmul(q, k.transpose(2, 3)) * self.scale
-            scores = torch.tanh(scores / self.softcap) * self.softcap
-            if mask is None and causal_prefill:
-                mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=q.device).tril()
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
-        if t == 1 and mask is None and g > 1:
-            # One query per head: fold the GQA group into the query axis, so K/V are never repeated.
-            y = F.scaled_dot_product_attention(q.view(b, self.n_kv, g, d), k, v, scale=self.scale)
-            return y.view(b, h, 1, d)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal_prefill,
-                                              scale=self.scale, enable_gqa=g > 1)
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+                      scale: float, softcap: float | None = None, fold: bool | None = None) -> torch.Tensor:
+    """softmax(q·kᵀ·scale [soft-capped] + mask)·v for GQA, with K/V never repeated: [B, T, Hq·D].
+
+    q [B, Hq, T, D]; k, v [B, Hkv, S, D] (cache views, read in place); mask bool [B|1, 1, T, S] (True = attend) or
+    None, with `causal` = plain causal attention from slot 0 (T = S). Query head h uses KV head h // g (g = Hq/Hkv,
+    as transformers' repeat_kv). Each group's g query heads are folded into the query length: q becomes
+    [B, Hkv, g·T, D] (row j·T + t = head j of the group, token t), so K/V and Q have equal head counts and no
+    `enable_gqa` is needed; a mask broadcasts over the folded rows ([B|1, 1, 1, S] as it is for T = 1).
+
+    Why, from torch 2.13's CUDA SDPA dispatch (aten/.../cuda/sdp_utils.cpp, sdp_utils_cpp.h, the SDPA docstring):
+    - flash: no attn_mask at all; GQA (enable_gqa) yes; fp16/bf16 only; head_dim <= 256; is_causal needs T = S.
+    - memory-efficient: any bool/float mask (broadcastable to [B, H, L, S], last dim stride 1 on GPU; torch pads
+      it to 16 columns itself); no GQA: Hq == Hkv required (its docstring: GQA "works only for Flash_attention
+      and math"); fp32/fp16/bf16; head_dim a multiple of 8 (16-bit) or 4 (fp32 on sm80+); q/k/v last dim stride 1.
+    - cuDNN: masks yes; fp16/bf16 only, sm80+; head_dim a multiple of 8 and <= 128 (256 on sm90 with a recent
+      cuDNN); key length S != 1.
+    - `scale` (keyword only) is honoured by every backend; math is the fallback for everything else.
+    So "mask + enable_gqa" (every masked or static decode step) could only run on math, which repeats K/V and
+    materializes [B, Hq, T, S] scores. Folded, the same call meets efficient/cuDNN. Unmasked causal prefill
+    keeps enable_gqa + is_causal, which flash (and torch's CPU flash kernel) run natively without a mask.
+    Gemma 2's soft-cap (tanh before the mask) is no SDPA option: explicit matmuls on the same folded layout,
+    softmax in float32 as transformers' eager path.
+    `fold` (SDPA path): None folds decode (T = 1) everywhere and masked prefill off the CPU. torch's CPU flash
+    kernel takes mask + enable_gqa natively, and there a folded T > 1 call (mask copied g times) measured up to
+    ~10 % slower at T = 512; a folded T = 1 call is as fast (fp32) or faster (bf16: 6x with a mask).
+    """
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    g = h // hkv
+    if fold is None:
+        fold = t == 1 or q.device.type != "cpu"
+    if softcap is None and (g == 1 or causal or not fold):
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, attn_mask=mask, scale=scale, enable_gqa=g > 1)
+        return y.transpose(1, 2).reshape(b, t, h * d)
+    qf = q.reshape(b, hkv, g * t, d)  # a view for T = 1; for T > 1 at most one copy of q (never of K/V)
+    if causal:
+        mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=q.device).tril()[None, None]
+    if softcap is None:
+        if mask is not None and t > 1:  # [B|1, 1, T, S] -> [B|1, 1, g·T, S] in the folded row order
+            mask = mask.unsqueeze(2).expand(-1, -1, g, -1, -1).reshape(mask.shape[0], 1, g * t, mask.shape[-1])
+        y = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)
+    else:
+        scores = torch.matmul(qf, k.transpose(2, 3)) * scale  # [B, Hkv, g·T, S]: one bmm per KV head
+        scores = torch.tanh(scores / softcap) * softcap
+        if mask is not None:
+            scores = scores.view(b, hkv, g, t, -1).masked_fill(~mask.unsqueeze(2), float("-inf")).view_as(scores)
+        y = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+    return y.view(b, hkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, h * d)
 
 
 class Block(nn.Module):
