@@ -219,3 +219,13 @@ def test_manifest_spec_errors_are_one_line(engine, edit, needles):
     assert "\n" not in msg
     for n in needles:
         assert n in msg, msg
+
+
+def test_first_difference_names_the_place():
+    from caprese.export.engine_spec import first_difference
+
+    assert first_difference({"a": [1, {"b": 2}]}, {"a": [1, {"b": 2}]}) is None
+    assert first_difference({"a": [1, {"b": 2}]}, {"a": [1, {"b": 3}]}, "x") == "x.a.1.b: 2 != 3"
+    assert first_difference({"a": [1]}, {"a": [1, 2]}, "x") == "x.a: 1 entries != 2"
+    assert first_difference({"a": 1}, {"a": 1, "c": 0}, "x") == "x.c: missing"
+    assert first_difference({"a": {"big": list(range(99))}}, {"a": 5}, "x") == "x.a: a dict != a int"

@@ -338,12 +338,16 @@ def first_difference(got, want, path: str = "") -> str | None:
             if diff:
                 return diff
         return None
-    if isinstance(got, list) and isinstance(want, list) and len(got) == len(want):
+    if isinstance(got, list) and isinstance(want, list):
+        if len(got) != len(want):
+            return f"{path}: {len(got)} entries != {len(want)}"
         for j, (a, b) in enumerate(zip(got, want)):
             diff = first_difference(a, b, f"{path}.{j}")
             if diff:
                 return diff
         return None
+    if isinstance(got, (dict, list)) or isinstance(want, (dict, list)):
+        return None if got == want else f"{path}: a {type(got).__name__} != a {type(want).__name__}"
     return None if got == want else f"{path}: {got!r} != {want!r}"
 
 
