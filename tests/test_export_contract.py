@@ -82,8 +82,9 @@ def test_weights_stored_once_and_shared(engine):
     assert size < sum(e["length"] for e in table.values()) + C.WEIGHT_ALIGNMENT * len(table)
     shared = [n for n, gs in refs.items() if gs == set(C.GRAPHS)]
     assert "model.embed_tokens.weight" in shared and "model.layers.0.self_attn.qkv_proj.weight.t" in shared
-    for i, names in m.data["folding"].items():  # GRIFFIN: what the runtime folds is in the table
-        assert set(names.values()) <= set(table)
+    for t in m.spec.layers:  # GRIFFIN: what the runtime folds is in the table
+        if t.fold is not None:
+            assert {w.name for w in t.fold.roles().values()} <= set(table)
 
 
 def test_layout_round_trip_and_validation():

@@ -42,22 +42,24 @@ def test_manifest_records_the_export(engine, tiny_model_dir):
     m = load_manifest(engine)
     d = m.data
     assert d["format"] == "caprese-engine" and d["version"] == VERSION
-    assert m.spec == load_spec(tiny_model_dir("llama"))
-    assert d["method"]["name"] == "griffin" and d["method"]["density"] == DENSITY
-    assert d["method"]["layers"] == [0, 1] and d["method"]["rank"] == 8
-    assert d["method"]["k"] == int(m.spec.intermediate_size * DENSITY) == m.layout.k
+    assert m.model == load_spec(tiny_model_dir("llama"))
+    assert d["recipe"]["method"] == "griffin" and d["recipe"]["density"] == DENSITY
+    assert d["recipe"]["layers"] == [0, 1] and d["recipe"]["rank"] == 8
+    assert d["recipe"]["k"] == int(m.model.intermediate_size * DENSITY) == m.layout.k
     assert d["max_seq_len"] == MAX_SEQ and d["max_prompt_len"] == MAX_SEQ - 1
     assert d["precision"] == "fp32" and d["dtypes"]["logits"] == "float32"
     assert d["source"]["kind"] == "artifact" and d["tensorrt"] is None
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert f in d["files"]["tokenizer"] and (engine / f).is_file()
-    assert set(d["folding"]) == {"0", "1"} and set(d["folding"]["0"]) == {"gate_up", "down", "gate_up_bias", "L", "R"}
+    folds = [t.get("fold") for t in d["tensors"]["layers"]]
+    assert all(f is not None and set(f) == {"gate_up", "down", "gate_up_bias", "L", "R"} for f in folds)
 
 
 def test_dense_manifest(tmp_path_factory, tiny_model_dir):
     engine, _ = get_export(tmp_path_factory, tiny_model_dir, "qwen2")
     m = load_manifest(engine)
-    assert m.method == "dense" and m.data["folding"] == {} and m.layout.layer_kinds == (C.DENSE, C.DENSE)
+    assert m.method == "dense" and all(t.fold is None for t in m.spec.layers)
+    assert m.layout.layer_kinds == (C.DENSE, C.DENSE)
     assert m.data["source"]["kind"] == "hf"
 
 

@@ -292,11 +292,11 @@ def test_rule_refuses_a_graph_that_breaks_it(rule, bad, good, needle):
 
 
 def test_every_rule_function_has_a_case():
-    from caprese.export.tensorrt_ops import _RULES
+    from caprese.export.tensorrt_op_rules import RULES
 
     prefix = {"RotaryEmbedding": "rotary", "DequantizeLinear": "dq ", "QuantizeLinear": "quantize",
               "LayerNormalization": "layernorm", "Squeeze": "unsqueeze"}
-    for op in _RULES:
+    for op in RULES:
         p = "reduce" if op.startswith("Reduce") else prefix.get(op, op.lower() + " ")
         assert any(c[0].startswith(p) for c in CASES), f"no test case for the {op} rules"
 

@@ -313,18 +313,18 @@ def engine_label(manifest, backend: str = "onnxruntime", head: str = "screened")
     """caprese dense / GRIFFIN(d=0.5, all layers) / Caprese(GRIFFIN, d=0.5, all layers, r=64), from the manifest;
     " [ORT ops]" for an engine exported with --target onnxruntime run by ONNX Runtime, " [native]" on the native
     backend (which runs its own decode step whatever the target), " [native, full head]" with head="full"."""
-    m = manifest.data["method"]
-    tag = " [ORT ops]" if manifest.data.get("target") == "onnxruntime" else ""
+    r = manifest.spec.recipe
+    tag = " [ORT ops]" if manifest.spec.target == "onnxruntime" else ""
     if backend == "native":
         tag = " [native, full head]" if head == "full" else " [native]"
-    if m["name"] == "dense":
+    if r.method == "dense":
         return "caprese dense" + tag
-    layers = list(m.get("layers", []))
+    layers = list(r.layers)
     where = "all layers" if layers == list(range(manifest.layout.num_layers)) else \
         "layers " + ",".join(map(str, layers))
-    if m.get("rank"):
-        return f"Caprese({m['name'].upper()}, d={m['density']}, {where}, r={m['rank']}){tag}"
-    return f"{m['name'].upper()}(d={m['density']}, {where}){tag}"
+    if r.rank:
+        return f"Caprese({r.method.upper()}, d={r.density}, {where}, r={r.rank}){tag}"
+    return f"{r.method.upper()}(d={r.density}, {where}){tag}"
 
 
 class EngineRow(Row):

@@ -3,6 +3,7 @@
     from caprese.export.exporter import export
     export("path/to/hf-folder-or-artifact", "engine_dir", precision="fp32", max_seq_len=2048)
 
-contract.py is the graph I/O contract every runtime follows; manifest.py reads ENGINE_DIR/manifest.json;
-folding.py turns GRIFFIN's prefill statistic into the decode graph's folded weight inputs.
+contract.py is the graph I/O contract every runtime follows; engine_spec.py decides every weight's name, shape,
+dtype and storage by role (manifest.spec); manifest.py reads ENGINE_DIR/manifest.json; folding.py turns GRIFFIN's
+prefill statistic into the decode graph's folded weight inputs.
 """

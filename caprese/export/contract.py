@@ -2,7 +2,8 @@
 
 Everything a runtime needs to drive the exported graphs is defined here and nowhere else; the exporter builds
 its graphs from these definitions, the manifest records `GraphLayout.to_dict()` + the I/O lists, and the
-runtime rebuilds the lists from the manifest with the same functions and compares.
+runtime rebuilds the lists from the manifest with the same functions and compares. The weights inside
+weights.bin (names, shapes, dtypes, storage, by role) are the engine spec's: engine_spec.py.
 
 Two graphs (ENGINE_DIR/prefill.onnx, ENGINE_DIR/decode.onnx) share one external-data file (weights.bin):
 every weight is stored once and both graphs' initializers point at the same offsets.
@@ -62,7 +63,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the engine spec (engine_spec.py) in manifest.json
 OPSET = 24
 MS_DOMAIN = "com.microsoft"
 TARGET_TENSORRT = "tensorrt"  # the standard-domain graphs: the reference and the default
@@ -163,20 +164,6 @@ def node_name(scope: str, op: str, layer: int | None = None) -> str:
     if not NODE_NAME_RE.match(name):
         raise ValueError(f"node name {name!r} breaks the naming contract")
     return name
-
-
-# weights.bin tensors a runtime reads itself to fold GRIFFIN's compact matrices (names inside weights.bin; the
-# manifest's "weights" table gives offset, shape and dtype). Math layout [in, out]: the gate/up matrix holds the
-# gate columns then the up columns, so neuron j is columns j and F + j, and row j of the down matrix.
-def fold_tensors(i: int, rank: int, mlp_bias: bool) -> dict:
-    names = {"gate_up": f"model.layers.{i}.mlp.gate_up_proj.weight.t",  # [hidden, 2 * intermediate]
-             "down": f"model.layers.{i}.mlp.down_proj.weight.t"}  # [intermediate, hidden]
-    if mlp_bias:
-        names["gate_up_bias"] = f"model.layers.{i}.mlp.gate_up_proj.bias"  # [2 * intermediate]
-    if rank:
-        names["L"] = f"model.layers.{i}.mlp.bypass.L"  # [hidden, r]
-        names["R"] = f"model.layers.{i}.mlp.bypass.R"  # [r, hidden]
-    return names
 
 
 @dataclasses.dataclass(frozen=True)

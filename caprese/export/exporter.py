@@ -6,7 +6,9 @@ graph unless GRIFFIN) and, with engine=True on a machine with TensorRT, their pl
 atomic: it is built in a temporary sibling folder and renamed into place; an existing OUT is replaced only with
 force=True. Every export runs onnx's checker on every graph and the static TensorRT check (tensorrt_ops) on the
 graphs TensorRT parses. target "onnxruntime" swaps attention and norms for ONNX Runtime's contrib ops
-(onnx_graph._Builder.ort); same I/O contract, batch 1, parity-tested against the standard graphs.
+(ort_graph.OrtGraph); same I/O contract, batch 1, parity-tested against the standard graphs. The engine spec
+(engine_spec.EngineSpec: recipe, layout, every weight's name / shape / dtype) is built before the graphs and
+written into manifest.json.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import onnx
 
 from caprese.errors import CapreseError
 from caprese.export import contract as C
+from caprese.export.engine_spec import EngineSpec, Recipe
 from caprese.export.manifest import MANIFEST, FORMAT, VERSION, load_manifest, write_manifest
-from caprese.export.onnx_graph import CATS_BISECTION_STEPS, ExportModel, build_graphs, layout_for
+from caprese.export.onnx_graph import ExportModel, build_graphs
 from caprese.export.tensorrt_graphs import MANIFEST_KEY as TRT_GRAPHS, manifest_record, tensorrt_models
 from caprese.export.tensorrt_ops import TENSORRT_TABLE_VERSION, check_model, format_violations
 from caprese.export.weights import WeightsWriter
@@ -126,7 +129,6 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
 
     log(f"loading {base}")
     decoder = load_decoder(base, "fp32", "cpu", spec=spec)
-    method = {"name": "dense", "density": 1.0, "layers": [], "k": 0, "rank": 0}
     if art is not None:
         if art.method not in (C.GRIFFIN, C.CATS):
             raise CapreseError(f"exporting method {art.method!r} is not supported yet (griffin and cats are)")
@@ -136,22 +138,17 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
             raise CapreseError(f"cannot apply the artifact {src}: {e}") from None
     ffns = efficient_layers(decoder)
     try:
-        layout = layout_for(decoder, precision, ffns)
+        engine_spec = EngineSpec.build(spec, recipe_for(ffns), target, precision, seq, prompt, max_batch)
     except ValueError as e:
         raise CapreseError(str(e)) from None
-    if art is not None:
-        method = {"name": art.method, "density": art.density, "layers": sorted(ffns), "k": layout.k,
-                  "rank": layout.rank}
-        if art.method == C.CATS:
-            method["cats_quantile"] = 1.0 - art.density
-            method["cats_bisection_steps"] = CATS_BISECTION_STEPS
-    em = ExportModel(decoder, layout, ffns, seq, target=target)
+    em = ExportModel(decoder, engine_spec, ffns)
+    layout = engine_spec.layout
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         log(f"building graphs ({precision}, {len(ffns)} approximated layers)")
-        manifest = _write_folder(tmp, em, spec, method, art, src, base, precision, seq, prompt, max_batch)
+        manifest = _write_folder(tmp, em, art, src, base)
         engines_error = None
         if engine:
             from caprese.export.tensorrt_build import TensorRTUnavailable, build_engines
@@ -178,23 +175,34 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
     return ExportResult(out, manifest, engine)
 
 
-def _write_folder(tmp: Path, em: ExportModel, spec, method: dict, art, src: Path, base: Path, precision: str,
-                  seq: int, prompt: int, max_batch: int) -> dict:
-    layout = em.layout
+def recipe_for(ffns: dict) -> Recipe:
+    """The recipe of a decoder whose efficient FFNs are `ffns` (layer -> GriffinFFN / CatsFFN)."""
+    if not ffns:
+        return Recipe()
+    methods = {f.method for f in ffns.values()}
+    if len(methods) > 1 or not methods <= {C.GRIFFIN, C.CATS}:
+        raise ValueError(f"method {', '.join(sorted(methods))} has no export (griffin and cats do, one per model)")
+    method = methods.pop()
+    ks = {f.k for f in ffns.values()} if method == C.GRIFFIN else {0}
+    ranks = {f.bypass.rank if f.bypass is not None else 0 for f in ffns.values()}
+    densities = {f.density for f in ffns.values()}
+    if len(ks) > 1 or len(ranks) > 1 or len(densities) > 1:
+        raise ValueError("every approximated layer must share one density and one bypass rank")
+    return Recipe(method, densities.pop(), tuple(sorted(ffns)), k=ks.pop(), rank=ranks.pop())
+
+
+def _write_folder(tmp: Path, em: ExportModel, art, src: Path, base: Path) -> dict:
+    spec = em.spec
     with WeightsWriter(tmp) as weights:
         graphs = build_graphs(em, weights)
         trt_models = tensorrt_models(em, graphs, weights) if em.target == C.TARGET_TENSORRT else {}
-        folding = {}
-        for i in layout.layers_of(C.GRIFFIN):  # runtime-only tensors: the bypass of GRIFFIN layers
-            names = C.fold_tensors(i, layout.rank, layout.mlp_bias)
-            ffn = em.ffns[i]
-            if layout.rank:
-                weights.add(names["L"], ffn.bypass.L, layout.dtype)
-                weights.add(names["R"], ffn.bypass.R, layout.dtype)
-            missing = [n for n in names.values() if n not in weights.table]
-            if missing:
-                raise RuntimeError(f"fold tensors missing from weights.bin: {missing}")
-            folding[str(i)] = names
+        for t in spec.layers:  # runtime-only tensors: the bypass of GRIFFIN layers (their folding sources)
+            if t.fold is not None and t.fold.L is not None:
+                bypass = em.ffns[t.index].bypass
+                for ref, value in ((t.fold.L, bypass.L), (t.fold.R, bypass.R)):
+                    if tuple(value.shape) != ref.shape:
+                        raise ValueError(f"{ref.name}: shape {list(value.shape)}, the engine spec {list(ref.shape)}")
+                    weights.add(ref.name, value, ref.dtype)
     files = [(C.GRAPH_FILES[g], m, False) for g, m in graphs.items()]
     files += [(C.TENSORRT_GRAPH_FILES[e], m, True) for e, m in trt_models.items()]
     for name, model, for_tensorrt in files:
@@ -216,24 +224,22 @@ def _write_folder(tmp: Path, em: ExportModel, spec, method: dict, art, src: Path
             tokenizer.append(name)
     from caprese.calibration.artifact import fingerprint
 
+    layout = spec.layout
     manifest = {
         "format": FORMAT, "version": VERSION, "created_by": f"caprese {_version()}",
-        "model": spec.to_dict(),
+        # the engine spec: model, recipe, target, precision, max lengths / batch, layout, tensors (by role)
+        **spec.to_dict(),
         "source": {"kind": "artifact" if art is not None else "hf", "path": str(src), "base_model": str(base),
                    "fingerprint": art.fingerprint if art is not None else fingerprint(base)},
-        "method": method,
-        "precision": precision,
         "dtypes": {"weights": layout.dtype, "kv_cache": layout.dtype, "logits": "float32", "selection": "float32"},
-        "max_seq_len": seq, "max_prompt_len": prompt, "max_batch": max_batch,
-        "layout": layout.to_dict(), "io": layout.io_dict(), "in_place": [list(p) for p in layout.in_place_pairs()],
+        "io": layout.io_dict(), "in_place": [list(p) for p in layout.in_place_pairs()],
         "opset": C.OPSET,
         "files": {"prefill": C.GRAPH_FILES[C.PREFILL], "decode": C.GRAPH_FILES[C.DECODE], "weights": C.WEIGHTS_FILE,
                   "tokenizer": tokenizer},
-        "weights": weights.table,
-        "folding": folding,
-        "target": em.target,
+        "weights": weights.table,  # where each tensor the spec names sits in weights.bin
         # the files TensorRT parses (static cache length) and their engines' GPU memory; None: not a TensorRT export
-        TRT_GRAPHS: manifest_record(trt_models, weights.table, layout, max_batch, seq) if trt_models else None,
+        TRT_GRAPHS: manifest_record(trt_models, weights.table, layout, spec.max_batch, spec.max_seq_len)
+        if trt_models else None,
         "tensorrt_check": {"table": TENSORRT_TABLE_VERSION, "violations": 0,
                            "files": [C.TENSORRT_GRAPH_FILES[e] for e in trt_models]} if trt_models
         else None,  # com.microsoft ops: not a TensorRT graph

@@ -5,7 +5,7 @@ the top-k neurons per row, and fills the decode graph's persistent inputs of lay
     w_gul.{i} = [Ŵ_g, Ŵ_1, L]   [B, D, 2k + r]
     w_dr.{i}  = [Ŵ_2 ; R]       [B, k + r, D]
     b_gul.{i} = [b̂_g, b̂_1, 0]   [B, 2k + r]      (models with MLP biases only)
-from the weights.bin tensors the manifest's "folding" table names (caprese.export.contract.fold_tensors).
+from the weights.bin tensors the engine spec names (engine_spec.FoldSources: LayerTensors.fold).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def select_neurons(stat_sq: torch.Tensor, k: int) -> torch.Tensor:
 def fold_selected(tensors: dict[str, torch.Tensor], idx: torch.Tensor, intermediate: int):
     """(w_gul [B, D, 2k+r], w_dr [B, k+r, D], b_gul [B, 2k+r] or None) for neuron indices idx [B, k].
 
-    tensors: the layer's fold_tensors() entries by role ("gate_up", "down", optional "gate_up_bias", "L", "R").
+    tensors: the layer's fold sources by role (FoldSources.roles(): "gate_up", "down", optional "gate_up_bias",
+    "L", "R").
     """
     gu, down = tensors["gate_up"], tensors["down"]
     L, R = tensors.get("L"), tensors.get("R")
@@ -49,9 +50,9 @@ class Folder:
 
     def tensors(self, layer: int) -> dict[str, torch.Tensor]:
         if layer not in self._cache:
-            names = self.manifest.data["folding"][str(layer)]
-            table = self.manifest.data["weights"]
-            self._cache[layer] = {role: read_weight(self.weights_path, table[name]) for role, name in names.items()}
+            roles = self.manifest.spec.layers[layer].fold.roles()
+            self._cache[layer] = {role: read_weight(self.weights_path, self.manifest.entry(ref))
+                                  for role, ref in roles.items()}
         return self._cache[layer]
 
     def fold(self, layer: int, stat_sq: torch.Tensor):

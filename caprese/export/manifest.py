@@ -2,19 +2,24 @@
 
 Keys (format "caprese-engine", version FORMAT_VERSION):
   format, version, created_by
-  model         ModelSpec.to_dict() of the base model
+  the engine spec (engine_spec.EngineSpec.to_dict(); returned as Manifest.spec, rebuilt and checked on load):
+    model         ModelSpec.to_dict() of the base model
+    recipe        {"method": dense | griffin | cats, "density", "layers", "k", "rank", "cats_quantile",
+                   "weights": null (quantization, issue 15)}
+    target        "tensorrt" (the standard-domain graphs) | "onnxruntime" (com.microsoft contrib ops, batch 1)
+    precision     fp32 | fp16 | bf16
+    max_seq_len, max_prompt_len, max_batch
+    layout        contract.GraphLayout.to_dict() (derived from model, recipe and precision)
+    tensors       every weight by role: {"embed", "head", "final_norm", "rope_cos", "rope_sin": WeightRef,
+                   "layers": [{"kind", role: WeightRef, ..., "fold": {role: WeightRef} (GRIFFIN)}]},
+                   WeightRef = {"name", "shape", "dtype", "storage"[, "quant"]}
   source        {"kind": "hf" | "artifact", "path", "base_model", "fingerprint"}
-  method        {"name": dense | griffin | cats, "density", "layers", "k", "rank", "cats_quantile",
-                 "cats_bisection_steps"}
-  precision     fp32 | fp16 | bf16;  dtypes {"weights", "kv_cache", "logits", "selection"}
-  max_seq_len, max_prompt_len, max_batch
-  layout        contract.GraphLayout.to_dict();  io: layout.io_dict();  in_place: [[past, present], ...]
+  dtypes        {"weights", "kv_cache", "logits", "selection"}
+  io            layout.io_dict();  in_place: [[past, present], ...]
   files         {"prefill", "decode", "weights", "tokenizer": [...], "engines": {engine: plan} (engines only),
                  "timing_cache" (engines only)}: names relative to ENGINE_DIR, which must stay inside it
-  weights       {tensor name: {"offset", "length", "shape", "dtype"}} of files.weights
-  folding       {layer: contract.fold_tensors(...)} for GRIFFIN layers: the weights.bin tensors a runtime
-                slices and concatenates into w_gul / w_dr / b_gul
-  target        "tensorrt" (the standard-domain graphs) | "onnxruntime" (com.microsoft contrib ops, batch 1)
+  weights       {tensor name: {"offset", "length", "shape", "dtype"}} of files.weights: where each tensor the
+                spec names is stored (every entry named by the spec, with the spec's shape, dtype and length)
   tensorrt_graphs  null (target onnxruntime), or the graphs TensorRT parses (export.tensorrt_graphs):
                 {"cache_len": max_seq_len (static), "engines": {engine: {"onnx": file, "roles": [prefill, decode]
                  in profile order, "io": {"inputs", "outputs"}}}, "memory": {"weights_bytes": {engine: n},
@@ -33,21 +38,33 @@ from pathlib import Path
 
 from caprese.errors import CapreseError
 from caprese.export import contract as C
+from caprese.export.engine_spec import EngineSpec, WeightRef
 from caprese.model.spec import ModelSpec, read_json
 
 MANIFEST = "manifest.json"
 FORMAT = "caprese-engine"
 VERSION = C.FORMAT_VERSION
-REQUIRED = ("format", "version", "model", "method", "precision", "max_seq_len", "max_prompt_len", "layout", "io",
-            "files", "weights")
+REQUIRED = ("format", "version", "model", "recipe", "target", "precision", "max_seq_len", "max_prompt_len",
+            "max_batch", "layout", "tensors", "io", "files", "weights")
 
 
 @dataclasses.dataclass
 class Manifest:
     folder: Path
     data: dict
-    spec: ModelSpec
-    layout: C.GraphLayout
+    spec: EngineSpec  # model, recipe, target, precision, lengths, layout, every weight by role
+
+    @property
+    def model(self) -> ModelSpec:
+        return self.spec.model
+
+    @property
+    def layout(self) -> C.GraphLayout:
+        return self.spec.layout
+
+    def entry(self, ref: WeightRef) -> dict:
+        """Where `ref` is stored in weights.bin: {"offset", "length", "shape", "dtype"} (checked on load)."""
+        return self.data["weights"][ref.name]
 
     def file(self, key: str) -> Path:
         return self.folder / self.data["files"][key]
@@ -64,7 +81,7 @@ class Manifest:
 
     @property
     def method(self) -> str:
-        return self.data["method"]["name"]
+        return self.spec.recipe.method
 
 
 def write_manifest(folder: str | Path, data: dict) -> Path:
@@ -102,11 +119,10 @@ def load_manifest(engine_dir: str | Path, check_files: bool = True) -> Manifest:
     if missing:
         raise CapreseError(f"{folder / MANIFEST} lacks {', '.join(missing)}; export the model again")
     try:
-        spec = ModelSpec.from_dict(data["model"])
-        layout = C.GraphLayout.from_dict(data["layout"])
-    except (TypeError, ValueError, KeyError) as e:
-        raise CapreseError(f"{folder / MANIFEST} has an invalid model or layout record ({e}); export again") from None
-    _check_consistency(folder, data, spec, layout)
+        spec = EngineSpec.from_dict(data)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise CapreseError(f"{folder / MANIFEST} does not hold a valid engine spec ({e}); export again") from None
+    _check_consistency(folder, data, spec)
     files = data["files"]
     if not isinstance(files, dict):
         raise CapreseError(f"{folder / MANIFEST}: 'files' must be an object")
@@ -120,33 +136,22 @@ def load_manifest(engine_dir: str | Path, check_files: bool = True) -> Manifest:
         path = safe_member(folder, name, what)
         if check_files and not path.is_file():
             raise CapreseError(f"the {what} file {name} listed in {MANIFEST} is missing from {folder}; export again")
+    _check_tensors(folder, data, spec)
     if check_files:
         _check_weights(folder, data)
-    return Manifest(folder, data, spec, layout)
+    return Manifest(folder, data, spec)
 
 
-def _check_consistency(folder: Path, data: dict, spec: ModelSpec, layout: C.GraphLayout) -> None:
+def _check_consistency(folder: Path, data: dict, spec: EngineSpec) -> None:
     where = folder / MANIFEST
-    pairs = (("num_layers", spec.num_layers), ("hidden_size", spec.hidden_size),
-             ("intermediate_size", spec.intermediate_size), ("num_kv_heads", spec.num_kv_heads),
-             ("head_dim", spec.head_dim), ("vocab_size", spec.vocab_size))
-    for key, value in pairs:
-        if getattr(layout, key) != value:
-            raise CapreseError(f"{where}: layout {key} = {getattr(layout, key)} does not match the model's {value}")
-    if data["precision"] != layout.precision:
-        raise CapreseError(f"{where}: precision {data['precision']!r} does not match the layout's {layout.precision!r}")
+    layout = spec.layout
     if data["io"] != layout.io_dict():
         raise CapreseError(f"{where}: the recorded graph I/O does not match contract format {VERSION} for this "
                            "layout; export again with this caprese")
-    try:
-        seq, prompt = int(data["max_seq_len"]), int(data["max_prompt_len"])
-    except (TypeError, ValueError):
-        raise CapreseError(f"{where}: max_seq_len and max_prompt_len must be integers") from None
-    if not 1 <= prompt <= seq <= spec.max_position_embeddings:
-        raise CapreseError(f"{where}: need 1 <= max_prompt_len ({prompt}) <= max_seq_len ({seq}) <= the model's "
-                           f"context ({spec.max_position_embeddings})")
-    if data.get("target", C.TARGET_TENSORRT) not in C.TARGETS:
-        raise CapreseError(f"{where}: unknown target {data.get('target')!r} (this caprese knows {', '.join(C.TARGETS)})")
+    seq, prompt = spec.max_seq_len, spec.max_prompt_len
+    if seq > spec.model.max_position_embeddings:
+        raise CapreseError(f"{where}: max_seq_len ({seq}) exceeds the model's context "
+                           f"({spec.model.max_position_embeddings}); export again")
     record = data.get("tensorrt_graphs")
     if record is not None:
         engines = _trt_engines(folder, data)
@@ -176,6 +181,27 @@ def _trt_engines(folder: Path, data: dict) -> dict:
             isinstance(r, dict) for r in record["engines"].values()):
         raise CapreseError(f"{folder / MANIFEST}: 'tensorrt_graphs' is malformed; export again")
     return record["engines"]
+
+
+def _check_tensors(folder: Path, data: dict, spec: EngineSpec) -> None:
+    """Every tensor the spec names is in the weights table with the spec's shape, dtype and length, and the table
+    holds nothing the spec does not name."""
+    table, where, wfile = data["weights"], folder / MANIFEST, data["files"].get("weights")
+    if not isinstance(table, dict) or not all(isinstance(e, dict) for e in table.values()):
+        raise CapreseError(f"{where}: 'weights' must map tensor names to entries; export again")
+    named = set()
+    for path, ref in spec.refs():
+        e = table.get(ref.name)
+        if e is None:
+            raise CapreseError(f"{wfile} in {folder} has no {ref.name} (the engine spec's {path}); export again")
+        got = (e.get("shape"), e.get("dtype"), e.get("length"))
+        if got != (list(ref.shape), ref.dtype, ref.nbytes):
+            raise CapreseError(f"{where}: weights entry {ref.name} has shape/dtype/length {got}, the engine spec's "
+                               f"{path} says {(list(ref.shape), ref.dtype, ref.nbytes)}; export again")
+        named.add(ref.name)
+    extra = sorted(set(table) - named)
+    if extra:
+        raise CapreseError(f"{where}: weights.bin holds {extra[0]}, which the engine spec does not name; export again")
 
 
 def _check_weights(folder: Path, data: dict) -> None:

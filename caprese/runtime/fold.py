@@ -28,8 +28,8 @@ class FoldInto:
         self._tensors: dict[int, dict[str, torch.Tensor]] = {}
         self._scratch: np.ndarray | None = None
 
-    def _weight(self, name: str) -> torch.Tensor:
-        e = self.manifest.data["weights"][name]
+    def _weight(self, ref) -> torch.Tensor:
+        e = self.manifest.entry(ref)
         if self._map is None:  # copy-on-write: writable for torch, never written, so it stays shared
             self._map = np.memmap(self.manifest.file("weights"), dtype=np.uint8, mode="c")
         arr = self._map[int(e["offset"]):int(e["offset"]) + int(e["length"])].view(_NP[e["dtype"]])
@@ -38,8 +38,8 @@ class FoldInto:
 
     def tensors(self, layer: int) -> dict[str, torch.Tensor]:
         if layer not in self._tensors:
-            names = self.manifest.data["folding"][str(layer)]
-            self._tensors[layer] = {role: self._weight(n).to(self.device) for role, n in names.items()}
+            roles = self.manifest.spec.layers[layer].fold.roles()  # engine_spec.FoldSources
+            self._tensors[layer] = {role: self._weight(ref).to(self.device) for role, ref in roles.items()}
         return self._tensors[layer]
 
     def __call__(self, layer: int, stat_sq: torch.Tensor, w_gul: torch.Tensor, w_dr: torch.Tensor,

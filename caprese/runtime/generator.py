@@ -49,12 +49,12 @@ class RuntimeResult:
 
 def method_label(manifest) -> str:
     """What the engine runs, in the words `caprese generate` uses: dense, caprese(griffin, d=0.5, r=8), ..."""
-    m = manifest.data["method"]
-    if m["name"] == C.DENSE:
+    r = manifest.spec.recipe
+    if r.method == C.DENSE:
         return "dense"
-    if m.get("rank"):
-        return f"caprese({m['name']}, d={m['density']}, r={m['rank']})"
-    return f"{m['name']}(d={m['density']}, layers={','.join(map(str, m.get('layers', [])))})"
+    if r.rank:
+        return f"caprese({r.method}, d={r.density}, r={r.rank})"
+    return f"{r.method}(d={r.density}, layers={','.join(map(str, r.layers))})"
 
 
 class _Run:
@@ -143,7 +143,7 @@ class Generator:
         self.layout: C.GraphLayout = manifest.layout
         self.max_seq_len = int(manifest.data["max_seq_len"])
         self.max_prompt_len = int(manifest.data["max_prompt_len"])
-        self.eos_ids = stop_ids(manifest.spec.eos_token_ids, tokenizer)
+        self.eos_ids = stop_ids(manifest.model.eos_token_ids, tokenizer)
         self.traffic = decode_traffic(manifest)
         self.label = method_label(manifest)
         self.approximated = any(k != C.DENSE for k in self.layout.layer_kinds)

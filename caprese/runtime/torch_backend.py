@@ -46,10 +46,10 @@ def load_reference(manifest, device: str, source: str | None = None, base_model:
         art = load_artifact(path, base_model or rec.get("base_model"))
         if rec.get("fingerprint") and art.fingerprint != rec["fingerprint"]:
             raise CapreseError(f"the artifact {path} belongs to another base model than the engine's; export again")
-        method = manifest.data["method"]
-        if art.method != method["name"] or art.density != method["density"] or art.rank != method.get("rank", 0):
+        recipe = manifest.spec.recipe
+        if art.method != recipe.method or art.density != recipe.density or art.rank != recipe.rank:
             raise CapreseError(f"the artifact {path} ({art.method}, density {art.density}, rank {art.rank}) no longer "
-                               f"matches the engine ({method['name']}, density {method['density']}); export again")
+                               f"matches the engine ({recipe.method}, density {recipe.density}); export again")
         decoder = load_decoder(art.base_model, precision, device)
         art.apply(decoder)
     else:
