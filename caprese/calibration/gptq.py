@@ -1,0 +1,151 @@
+"""GPTQ (Frantar et al., arXiv 2210.17323) into caprese's one weight format (caprese/model/quantization.py).
+
+GPTQ only changes WHICH codes are chosen: it quantizes a linear layer one input feature at a time and spreads
+each one's rounding error over the input features not yet quantized, weighted by the inverse of the layer's input
+Hessian H = Σ x xᵀ, so that ‖X Wᵀ − X Ŵᵀ‖ (not ‖W − Ŵ‖) is what it minimises. The scales are the format's own
+(absmax / qmax of the block, rounded to the scale dtype, computed when the block is reached) and the codes are
+clamp(round(w / scale)) of the error-compensated weights, so the result is an ordinary QuantizedTensor: the same
+bytes, graphs and kernels as round-to-nearest, no extra op, nothing folded into another layer.
+
+Two storage orientations (the format blocks the LAST axis of the stored tensor):
+  block_axis="in"   stored [out, in] (nn.Linear layout), blocks along the input features: the scale of a block of
+                    inputs j..j+B-1 is computed from the (already error-updated) weights when GPTQ reaches j
+  block_axis="out"  stored [in, out] (the transpose), blocks along the output features (the down projection, so
+                    GRIFFIN / CATS rows are whole blocks): input feature j's row is quantized at once, its scales
+                    computed from that row when it is processed
+
+Act-order (quantize the input features in decreasing H_jj) is optional and off by default: with blocks along the
+inputs it cannot compute a block's scale after the updates of its own earlier members (they are no longer
+consecutive), so it falls back to scales from the original weights ("static groups"); with blocks along the
+outputs it changes nothing in the layout. Measure before turning it on.
+
+Dead inputs (H_jj = 0: never active in the calibration data) keep their weights and are rounded like RTN; the
+reference implementation zeroes them, which is wrong for a feature the calibration samples merely missed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from caprese.errors import CapreseError
+from caprese.model.quantization import QuantizedTensor, WeightFormat, block_scales, codes_for
+
+BLOCK_AXES = ("in", "out")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQConfig:
+    damp: float = 0.01  # added to H's diagonal, as a fraction of its mean (the paper's 1%)
+    act_order: bool = False
+    batch: int = 128  # lazy-batch width (columns updated together; a speed knob, a multiple of the block size)
+
+    def validate(self) -> None:
+        if not self.damp > 0:
+            raise CapreseError(f"GPTQ damping must be > 0; got {self.damp}")
+        if self.batch < 1:
+            raise CapreseError(f"GPTQ batch must be >= 1; got {self.batch}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTQConfig":
+        return cls(**{k: d[k] for k in ("damp", "act_order", "batch") if k in d})
+
+
+def stored_shape(out_features: int, in_features: int, block_axis: str) -> tuple[int, int]:
+    """The [R, C] a weight of nn.Linear shape [out, in] is stored as for `block_axis`."""
+    if block_axis not in BLOCK_AXES:
+        raise CapreseError(f"block axis must be 'in' or 'out'; got {block_axis!r}")
+    return (out_features, in_features) if block_axis == "in" else (in_features, out_features)
+
+
+def linear_weight(qt: QuantizedTensor, block_axis: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The nn.Linear weight [out, in] that a stored QuantizedTensor stands for."""
+    w = qt.dequantize(dtype)
+    return w if block_axis == "in" else w.t().contiguous()
+
+
+def _cholesky_inverse_upper(h: torch.Tensor, name: str) -> torch.Tensor:
+    """Upper Cholesky factor of H⁻¹ (the GPTQ paper's Hinv), float64."""
+    try:
+        lo = torch.linalg.cholesky(h)
+        return torch.linalg.cholesky(torch.cholesky_inverse(lo), upper=True)
+    except RuntimeError as e:  # torch.linalg.LinAlgError subclasses RuntimeError
+        raise CapreseError(f"{name}: the input Hessian is not positive definite even after damping "
+                           f"({str(e).splitlines()[0]}); raise the GPTQ damping or use more calibration samples")
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat, block_axis: str = "in",
+                  config: GPTQConfig = GPTQConfig(), name: str = "weight") -> QuantizedTensor:
+    """Quantize an nn.Linear weight [out, in] with input Hessian [in, in] (Σ x xᵀ over calibration tokens).
+
+    Returns the QuantizedTensor in the stored orientation of `block_axis` ([out, in] for "in", [in, out] for
+    "out"); `linear_weight(qt, block_axis)` is the weight the layer computes with."""
+    config.validate()
+    if weight.dim() != 2:
+        raise CapreseError(f"{name}: GPTQ needs a 2-D weight, got shape {list(weight.shape)}")
+    n_out, n_in = weight.shape
+    fmt.check_shape(stored_shape(n_out, n_in, block_axis), name)
+    if tuple(hessian.shape) != (n_in, n_in):
+        raise CapreseError(f"{name}: Hessian shape {list(hessian.shape)} does not match {n_in} input features")
+    if not torch.isfinite(weight).all() or not torch.isfinite(hessian).all():
+        raise CapreseError(f"{name}: the weight or its input Hessian contains inf or NaN")
+    bsz = fmt.block_size
+    along_in = block_axis == "in"
+    batch = max(bsz, config.batch // bsz * bsz)  # a block never straddles two lazy batches
+
+    w = weight.detach().to(torch.float64).clone()  # working copy, [out, in]
+    h = hessian.detach().to(torch.float64).clone()
+    diag = torch.diagonal(h)
+    diag[diag == 0] = 1.0  # dead inputs: rounded as RTN would, weights kept
+    if along_in:
+        scales = torch.empty(n_out, n_in // bsz, dtype=fmt.torch_scale_dtype)
+        if config.act_order:  # static groups: every block's scale from the original weights
+            scales.copy_(block_scales(w, fmt, name))
+    else:
+        scales = torch.empty(n_in, n_out // bsz, dtype=fmt.torch_scale_dtype)
+    perm = torch.argsort(torch.diagonal(h), descending=True) if config.act_order else torch.arange(n_in)
+    w = w[:, perm]
+    h = h[perm][:, perm]
+    diag = torch.diagonal(h)
+    diag += config.damp * float(diag.mean())
+    hinv = _cholesky_inverse_upper(h, name)
+    codes = torch.empty(n_out, n_in, dtype=torch.int8)  # permuted column order until the end
+
+    for i1 in range(0, n_in, batch):
+        i2 = min(i1 + batch, n_in)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.empty_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            wc = w1[:, i]
+            if along_in:
+                if not config.act_order and col % bsz == 0:  # columns col..col+B-1 are w1[:, i:i+B] (no perm)
+                    scales[:, col // bsz] = block_scales(w1[:, i:i + bsz], fmt, name)[:, 0]
+                s = scales[:, col // bsz].to(torch.float64)
+            else:
+                scales[col] = block_scales(wc.reshape(1, n_out), fmt, name)[0]
+                s = scales[col].to(torch.float64).repeat_interleave(bsz)
+            q = codes_for(wc, s, fmt)
+            codes[:, i1 + i] = q
+            e = (wc - q.to(torch.float64) * s) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    codes = codes[:, torch.argsort(perm)]
+    if along_in:
+        return QuantizedTensor(codes.contiguous(), scales, fmt)
+    return QuantizedTensor(codes.t().contiguous(), scales, fmt)
+
+
+def output_error(x: torch.Tensor, weight: torch.Tensor, approx: torch.Tensor) -> float:
+    """‖X Wᵀ − X Ŵᵀ‖_F / ‖X Wᵀ‖_F in float64: what GPTQ minimises, for tests and reports."""
+    x64 = x.to(torch.float64)
+    ref = x64 @ weight.to(torch.float64).t()
+    return float((ref - x64 @ approx.to(torch.float64).t()).norm() / ref.norm().clamp_min(1e-300))
