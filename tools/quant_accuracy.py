@@ -66,9 +66,12 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=64, help="GPTQ calibration samples")
     ap.add_argument("--heldout", type=int, default=32, help="held-out samples for the KL / agreement columns")
     ap.add_argument("--response-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a busy shared machine)")
     args = ap.parse_args()
 
     import torch
+
+    torch.set_num_threads(args.threads)
 
     from caprese.calibration.data import synthetic_samples
     from caprese.calibration.gptq import GPTQConfig

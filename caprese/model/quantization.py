@@ -179,20 +179,26 @@ class QuantizedTensor:
 
 
 def block_scales(w: torch.Tensor, fmt: WeightFormat, name: str = "weight") -> torch.Tensor:
-    """Scales [R, C / block] in fmt's scale dtype for w [R, C]: absmax / qmax rounded to the scale dtype,
-    floored at its smallest normal; 1 for an all-zero block."""
+    """Scales [R, C / block] in fmt's scale dtype for w [R, C] (see `scales_from_absmax`)."""
     fmt.check_shape(tuple(w.shape), name)
     r, c = w.shape
-    absmax = w.detach().reshape(r, c // fmt.block_size, fmt.block_size).abs().amax(dim=-1).to(torch.float64)
+    absmax = w.detach().reshape(r, c // fmt.block_size, fmt.block_size).abs().amax(dim=-1)
     if not torch.isfinite(absmax).all():
         raise CapreseError(f"{name}: contains inf or NaN values; the weights are corrupt")
+    return scales_from_absmax(absmax, fmt, name)
+
+
+def scales_from_absmax(absmax: torch.Tensor, fmt: WeightFormat, name: str = "weight") -> torch.Tensor:
+    """THE scale rule, for blocks with these (finite) absolute maxima: absmax / qmax rounded once to the scale
+    dtype (computed in float64, so correctly rounded), floored at that dtype's smallest normal; 1 for an all-zero
+    block. Every quantizer (RTN, GPTQ) gets its scales here."""
+    absmax = absmax.to(torch.float64)
     dt = fmt.torch_scale_dtype
     scale = (absmax / fmt.qmax).to(dt)
     if torch.isinf(scale).any():
         raise CapreseError(f"{name}: a block's largest value ({float(absmax.max()):.4g}) is beyond what "
                            f"{fmt.scale_dtype} scales can hold; use fp32 scales")
-    scale = torch.where(absmax == 0, torch.ones((), dtype=dt), scale.clamp_min(torch.finfo(dt).tiny))
-    return scale
+    return torch.where(absmax == 0, torch.ones((), dtype=dt), scale.clamp_min(torch.finfo(dt).tiny))
 
 
 def codes_for(w: torch.Tensor, scale: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
