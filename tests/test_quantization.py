@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 import torch
 
-from caprese.calibration.gptq import GPTQConfig, gptq_quantize, linear_weight, output_error
+from caprese.calibration.gptq import GPTQConfig, gptq_quantize, output_error
 from caprese.calibration.hessians import HessianCollector
 from caprese.calibration.weight_quant import QuantRecipe, check_decoder, quantize_decoder, weight_slots
 from caprese.errors import CapreseError
 from caprese.model import load_decoder
-from caprese.model.quantization import (QuantizedTensor, WeightFormat, block_scales, dequantize,
-                                        matmul_nbits_weight, pack_int4, quantize_rtn, unpack_int4)
+from caprese.model.quantization import (QuantizedTensor, WeightFormat, dequantize, linear_weight,
+                                        matmul_nbits_weight, pack_int4, quantize_linear_rtn, quantize_rtn,
+                                        unpack_int4)
 
 FORMATS = [WeightFormat(b, n, s) for b in (4, 8) for n in (32, 64, 128) for s in ("fp16", "fp32")]
 NP_DT = {"fp16": np.float16, "fp32": np.float32}
@@ -139,7 +140,9 @@ def test_bad_values_and_shapes_give_one_line_errors():
     bad[1, 3] = float("nan")
     assert "NaN" in one_line(pytest.raises(CapreseError, quantize_rtn, bad, fmt, "w.nan"))
     msg = one_line(pytest.raises(CapreseError, quantize_rtn, torch.zeros(4, 96), WeightFormat(4, 64), "x.weight"))
-    assert "x.weight" in msg and "96" in msg and "64" in msg
+    assert msg == ("x.weight: last axis = 96 is not a multiple of the block size 64; use block size 32")
+    msg = one_line(pytest.raises(CapreseError, quantize_rtn, torch.zeros(4, 144), WeightFormat(4, 32), "o"))
+    assert "no supported block size (32, 64, 128) divides it: leave it unquantized" in msg
     one_line(pytest.raises(CapreseError, quantize_rtn, torch.zeros(64), fmt))
     one_line(pytest.raises(CapreseError, quantize_rtn, torch.zeros(2, 2, 32), fmt))
     one_line(pytest.raises(CapreseError, quantize_rtn, torch.zeros(2, 32, dtype=torch.int32), fmt))
@@ -256,8 +259,8 @@ def test_gptq_beats_rtn_on_held_out_outputs(bits, axis, act_order):
     h = x_cal.double().t() @ x_cal.double()
     fmt = WeightFormat(bits, 32, "fp16")
     qt = gptq_quantize(w, h, fmt, axis, GPTQConfig(act_order=act_order))
-    stored = w if axis == "in" else w.t().contiguous()
-    rtn = quantize_rtn(stored, fmt)
+    stored = w if axis == "in" else w.t()
+    rtn = quantize_linear_rtn(w, fmt, axis)
     assert qt.shape == tuple(stored.shape) and qt.scales.dtype == torch.float16 and (qt.scales > 0).all()
     assert int(qt.codes.abs().max()) <= fmt.qmax
     e_gptq = output_error(x_test, w, linear_weight(qt, axis))
@@ -276,7 +279,7 @@ def test_gptq_with_a_diagonal_hessian_is_rtn(axis):
     h = torch.diag(torch.rand(96, generator=torch.Generator().manual_seed(1)).double() + 0.1)
     fmt = WeightFormat(4, 32, "fp16")
     qt = gptq_quantize(w, h, fmt, axis)
-    rtn = quantize_rtn(w if axis == "in" else w.t().contiguous(), fmt)
+    rtn = quantize_linear_rtn(w, fmt, axis)
     assert torch.equal(qt.codes, rtn.codes) and torch.equal(qt.scales, rtn.scales)
     assert torch.equal(linear_weight(qt, axis), rtn.dequantize() if axis == "in" else rtn.dequantize().t())
 
@@ -351,12 +354,12 @@ def test_quantize_decoder_errors_leave_the_model_untouched(llama_dir):
     model = load_decoder(llama_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     msg = one_line(pytest.raises(CapreseError, quantize_decoder, model, QuantRecipe(WeightFormat(4, 64))))
-    assert "model.layers.0.self_attn.q_proj.weight: its input features (96)" in msg and "64" in msg
+    assert "model.layers.0.self_attn.q_proj.weight: input features = 96 is not a multiple of the block size 64" in msg
     msg = one_line(pytest.raises(CapreseError, quantize_decoder, model, QuantRecipe(WeightFormat(4, 32))))
-    assert "model.layers.0.self_attn.o_proj.weight: its input features (144)" in msg  # 6 heads x 24
+    assert "model.layers.0.self_attn.o_proj.weight: input features = 144" in msg  # 6 heads x 24
     msg = one_line(pytest.raises(CapreseError, quantize_decoder, model,
                                  QuantRecipe(WeightFormat(8, 64), roles=("down",), block_axes=(("down", "in"),))))
-    assert "down_proj.weight: its input features (160)" in msg
+    assert "down_proj.weight: input features = 160" in msg
     one_line(pytest.raises(CapreseError, quantize_decoder, model, QuantRecipe(method="gptq"), samples=[]))
     one_line(pytest.raises(CapreseError, QuantRecipe, method="awq"))
     one_line(pytest.raises(CapreseError, QuantRecipe, roles=("q", "attention")))
@@ -401,3 +404,35 @@ def test_quantize_decoder_gptq_tied_head_beats_rtn(tiny_model_dir):
         errs[method] = logits_error(dense, model, test)
     print(f"tiny qwen2 int4 relative logits error on held-out tokens: {errs}")
     assert errs["gptq"] < errs["rtn"]
+
+
+def test_gptq_is_sequential_each_layer_sees_the_quantized_layers_below(tiny_model_dir):
+    """Reference: full forwards of a separately loaded model, Hessians from forward pre-hooks, layer 0 quantized
+    before layer 1's Hessian is taken. quantize_decoder must produce the same codes."""
+    folder = tiny_model_dir("llama3")
+    g = torch.Generator().manual_seed(1)
+    cal = [torch.randint(5, 300, (int(n),), generator=g).tolist() for n in torch.randint(8, 30, (6,), generator=g)]
+    recipe = QuantRecipe(WeightFormat(4, 32), "gptq", ("q", "down"))
+    got = quantize_decoder(load_decoder(folder), recipe, cal)
+
+    ref = load_decoder(folder)
+    ref.setup_caches(1, 32)
+    for i, layer in enumerate(ref.layers):
+        for role, mod in (("q", layer.self_attn.q_proj), ("down", layer.mlp.down_proj)):
+            h = torch.zeros(mod.in_features, mod.in_features, dtype=torch.float64)
+
+            def pre(module, args):
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                h.addmm_(x.t(), x)
+
+            handle = mod.register_forward_pre_hook(pre)
+            with torch.no_grad():
+                for s in cal:
+                    ref.hidden_states(torch.tensor([s]), 0)
+            handle.remove()
+            name = f"model.layers.{i}.{'self_attn.q_proj' if role == 'q' else 'mlp.down_proj'}.weight"
+            axis = recipe.block_axis(role)
+            qt = gptq_quantize(mod.weight.detach(), h, recipe.fmt, axis)
+            assert torch.equal(qt.codes, got[name].codes) and torch.equal(qt.scales, got[name].scales), name
+            with torch.no_grad():
+                mod.weight.copy_(linear_weight(qt, axis))

@@ -35,10 +35,9 @@ import torch
 
 from caprese.errors import CapreseError
 from caprese.model.quantization import (QuantizedTensor, WeightFormat, block_scales, codes_for,
-                                        scales_from_absmax)
+                                        linear_weight, scales_from_absmax, stored_shape)
 
-BLOCK_AXES = ("in", "out")
-
+__all__ = ["GPTQConfig", "gptq_quantize", "linear_weight", "output_error"]
 
 @dataclasses.dataclass(frozen=True)
 class GPTQConfig:
@@ -58,19 +57,6 @@ class GPTQConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "GPTQConfig":
         return cls(**{k: d[k] for k in ("damp", "act_order", "batch") if k in d})
-
-
-def stored_shape(out_features: int, in_features: int, block_axis: str) -> tuple[int, int]:
-    """The [R, C] a weight of nn.Linear shape [out, in] is stored as for `block_axis`."""
-    if block_axis not in BLOCK_AXES:
-        raise CapreseError(f"block axis must be 'in' or 'out'; got {block_axis!r}")
-    return (out_features, in_features) if block_axis == "in" else (in_features, out_features)
-
-
-def linear_weight(qt: QuantizedTensor, block_axis: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The nn.Linear weight [out, in] that a stored QuantizedTensor stands for."""
-    w = qt.dequantize(dtype)
-    return w if block_axis == "in" else w.t().contiguous()
 
 
 def _cholesky_inverse_upper(h: torch.Tensor, name: str) -> torch.Tensor:

@@ -19,10 +19,11 @@ stores the transpose [in, out] blocked along the outputs. Default: "out" for the
 or CATS-skipped neuron is a whole row of whole blocks), "in" for everything else. The embedding is stored
 [vocab, hidden] ("in": a looked-up row is whole blocks).
 
-GPTQ runs layer after layer (the paper's order): layer i's input Hessians come from the calibration samples
-passed through layers < i ALREADY QUANTIZED, so each layer corrects for the error upstream of it. Within a layer
-all Hessians come from the layer's dense input (q/k/v, gate/up share one). The embedding is always RTN (a lookup
-has no input Hessian); the LM head's Hessian is the final normed hidden state.
+GPTQ runs in the reference implementation's "true sequential" order: layer after layer, and inside a layer
+q/k/v, then o, then gate/up, then down; each group's input Hessians come from the calibration samples passed
+through everything before it ALREADY QUANTIZED, so each matrix corrects for the error upstream of it (q/k/v share
+one Hessian, gate/up another). A group's pass stops after its last module. The embedding is always RTN (a lookup
+has no input Hessian); the LM head's Hessian is the final normed hidden state of the quantized model.
 """
 
 from __future__ import annotations
@@ -33,15 +34,17 @@ import sys
 import torch
 from torch import nn
 
-from caprese.calibration.gptq import BLOCK_AXES, GPTQConfig, gptq_quantize, linear_weight, stored_shape
+from caprese.calibration.gptq import GPTQConfig, gptq_quantize
 from caprese.calibration.hessians import HessianCollector
 from caprese.errors import CapreseError
-from caprese.model.quantization import QuantizedTensor, WeightFormat, quantize_rtn
+from caprese.model.quantization import (BLOCK_AXES, QuantizedTensor, WeightFormat, linear_weight,
+                                        quantize_linear_rtn, quantize_rtn, stored_shape)
 
 DECODER_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 ALL_ROLES = DECODER_ROLES + ("lm_head", "embed")
 METHODS = ("rtn", "gptq")
 DEFAULT_BLOCK_AXES = {"down": "out"}  # every other role: "in"
+SEQUENTIAL_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))  # GPTQ's "true sequential" order
 _ATTN = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
 _MLP = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 EMBED_NAME, HEAD_NAME = "model.embed_tokens.weight", "lm_head.weight"
@@ -58,6 +61,9 @@ class QuantRecipe:
     block_axes: tuple = tuple(sorted(DEFAULT_BLOCK_AXES.items()))  # (role, "in" | "out") pairs; others: "in"
 
     def __post_init__(self):
+        object.__setattr__(self, "roles", tuple(self.roles))
+        axes = self.block_axes.items() if isinstance(self.block_axes, dict) else self.block_axes
+        object.__setattr__(self, "block_axes", tuple(sorted((str(r), str(a)) for r, a in axes)))
         if self.method not in METHODS:
             raise CapreseError(f"quantization method {self.method!r} is not supported: use rtn or gptq")
         bad = [r for r in self.roles if r not in ALL_ROLES]
@@ -149,6 +155,14 @@ def _ensure_cache(decoder, length: int) -> None:
             decoder.setup_caches(1, length)
 
 
+class _StopForward(Exception):
+    """Raised after the last module of a GPTQ group ran: the rest of the block is not needed for its Hessians."""
+
+
+def _stop_forward(module, args, output):
+    raise _StopForward
+
+
 def _assign(slot: WeightSlot, qt: QuantizedTensor, recipe: QuantRecipe) -> None:
     w = slot.weight
     axis = "in" if slot.role == "embed" else recipe.block_axis(slot.role)
@@ -158,9 +172,10 @@ def _assign(slot: WeightSlot, qt: QuantizedTensor, recipe: QuantRecipe) -> None:
 
 def _quantize_slot(slot: WeightSlot, recipe: QuantRecipe, hessian: torch.Tensor | None) -> QuantizedTensor:
     w = slot.weight.detach()
-    if slot.role == "embed" or hessian is None:
-        axis = "in" if slot.role == "embed" else recipe.block_axis(slot.role)
-        return quantize_rtn(w if axis == "in" else w.t().contiguous(), recipe.fmt, slot.name)
+    if slot.role == "embed":
+        return quantize_rtn(w, recipe.fmt, slot.name)
+    if hessian is None:
+        return quantize_linear_rtn(w, recipe.fmt, recipe.block_axis(slot.role), slot.name)
     return gptq_quantize(w, hessian, recipe.fmt, recipe.block_axis(slot.role), recipe.gptq, slot.name)
 
 
@@ -212,11 +227,22 @@ def quantize_decoder(decoder, recipe: QuantRecipe, samples=None, progress: bool 
     bar = tqdm(range(deepest + 1), desc="GPTQ", file=sys.stderr, disable=not progress, leave=False)
     for i in bar:
         mine = by_layer.get(i, [])
-        if mine:
-            with HessianCollector({s.name: s.module for s in mine}) as hc:
-                for x in states:
-                    decoder.blocks(x, 0, i, i + 1, phase="prefill")
-            for slot in mine:
+        for group in SEQUENTIAL_GROUPS:  # q/k/v, then o on the quantized q/k/v's output, then gate/up, then down
+            slots_g = [s for s in mine if s.role in group]
+            if not slots_g:
+                continue
+            stop = max(slots_g, key=lambda s: DECODER_ROLES.index(s.role)).module  # the group's last call
+            with HessianCollector({s.name: s.module for s in slots_g}) as hc:
+                handle = stop.register_forward_hook(_stop_forward)
+                try:
+                    for x in states:
+                        try:
+                            decoder.blocks(x, 0, i, i + 1, phase="prefill")
+                        except _StopForward:
+                            pass
+                finally:
+                    handle.remove()
+            for slot in slots_g:
                 done(slot, _quantize_slot(slot, recipe, hc.hessians[slot.name]))
             del hc
         if i < deepest or head:  # a later layer or the head needs this layer's (quantized) output

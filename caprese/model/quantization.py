@@ -58,6 +58,7 @@ from caprese.errors import CapreseError
 BITS = (4, 8)
 BLOCK_SIZES = (32, 64, 128)
 SCALE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+BLOCK_AXES = ("in", "out")  # which nn.Linear axis a weight's blocks run along (see `stored_shape`)
 SCHEME = "symmetric-absmax"  # recorded in to_dict: the rule above (absmax / qmax, zero point 0, ties to even)
 _ROW_CHUNK = 4096  # rows quantized at a time: bounds the float64 temporaries of a large matrix (an LM head)
 
@@ -103,9 +104,12 @@ class WeightFormat:
         `axis` names that axis in the message ("input features", ...)."""
         if len(shape) != 2:
             raise CapreseError(f"{name}: block quantization needs a 2-D tensor, got shape {list(shape)}")
-        if shape[1] % self.block_size:
-            raise CapreseError(f"{name}: its {axis} ({shape[1]}) are not a multiple of the block size "
-                               f"{self.block_size}; use a block size that divides {shape[1]}")
+        n = shape[1]
+        if n % self.block_size:
+            fits = [str(b) for b in BLOCK_SIZES if n % b == 0]
+            hint = (f"use block size {' or '.join(fits)}" if fits else
+                    f"no supported block size ({', '.join(map(str, BLOCK_SIZES))}) divides it: leave it unquantized")
+            raise CapreseError(f"{name}: {axis} = {n} is not a multiple of the block size {self.block_size}; {hint}")
 
     def code_bytes(self, rows: int, cols: int) -> int:
         return rows * cols * self.bits // 8
@@ -128,10 +132,13 @@ class WeightFormat:
         if d.get("scheme", SCHEME) != SCHEME:
             raise CapreseError(f"weight quantization scheme {d['scheme']!r} is not supported (this caprese "
                                f"reads {SCHEME!r}); re-quantize the model with this version")
-        return cls(int(d["bits"]), int(d.get("block_size", 32)), str(d.get("scale_dtype", "fp16")))
+        try:
+            return cls(int(d["bits"]), int(d.get("block_size", 32)), str(d.get("scale_dtype", "fp16")))
+        except (TypeError, ValueError) as e:
+            raise CapreseError(f"corrupt weight format record {d!r} ({e})") from None
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class QuantizedTensor:
     """codes int8 [R, C] (unpacked, one code per element), scales [R, C / block] in fmt's scale dtype."""
 
@@ -232,6 +239,28 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch
     b = qt.fmt.block_size
     w = qt.codes.reshape(r, c // b, b).to(torch.float32) * qt.scales.to(torch.float32)[..., None]
     return w.reshape(r, c).to(dtype)
+
+
+def stored_shape(out_features: int, in_features: int, block_axis: str) -> tuple[int, int]:
+    """The [R, C] that a weight of nn.Linear shape [out, in] is stored as: "in" -> [out, in] (blocks along the
+    input features), "out" -> [in, out] (the transpose, blocks along the output features)."""
+    if block_axis not in BLOCK_AXES:
+        raise CapreseError(f"block axis must be 'in' or 'out'; got {block_axis!r}")
+    return (out_features, in_features) if block_axis == "in" else (in_features, out_features)
+
+
+def quantize_linear_rtn(weight: torch.Tensor, fmt: WeightFormat, block_axis: str = "in",
+                        name: str = "weight") -> QuantizedTensor:
+    """RTN of an nn.Linear weight [out, in], stored in `block_axis` orientation."""
+    stored_shape(*weight.shape, block_axis)
+    return quantize_rtn(weight if block_axis == "in" else weight.t().contiguous(), fmt, name)
+
+
+def linear_weight(qt: QuantizedTensor, block_axis: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The nn.Linear weight [out, in] that a stored QuantizedTensor stands for."""
+    stored_shape(1, 1, block_axis)
+    w = qt.dequantize(dtype)
+    return w if block_axis == "in" else w.t().contiguous()
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
