@@ -230,7 +230,8 @@ def test_onnxruntime_dequantizelinear_and_matmulnbits_read_our_bytes(fmt):
                           bits=fmt.bits, block_size=fmt.block_size, accuracy_level=0)
     graph = helper.make_graph([mm], "mm", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [3, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])], [bt, st])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     a = torch.randn(3, k, generator=g)
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"a": a.numpy()})[0]

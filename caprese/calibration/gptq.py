@@ -39,6 +39,7 @@ from caprese.model.quantization import (QuantizedTensor, WeightFormat, block_sca
 
 __all__ = ["GPTQConfig", "gptq_quantize", "linear_weight", "output_error"]
 
+
 @dataclasses.dataclass(frozen=True)
 class GPTQConfig:
     damp: float = 0.01  # added to H's diagonal, as a fraction of its mean (the paper's 1%)
@@ -89,16 +90,17 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat
     along_in = block_axis == "in"
     batch = max(bsz, config.batch // bsz * bsz)  # a block never straddles two lazy batches
 
-    h = hessian.detach().to(torch.float64).clone()
+    dev = weight.device
+    h = hessian.detach().to(dev, torch.float64).clone()
     diag = torch.diagonal(h)
     diag[diag == 0] = 1.0  # dead inputs: rounded as RTN would, weights kept
     if along_in:
-        scales = torch.empty(n_out, n_in // bsz, dtype=fmt.torch_scale_dtype)
+        scales = torch.empty(n_out, n_in // bsz, dtype=fmt.torch_scale_dtype, device=dev)
         if config.act_order:  # static groups: every block's scale from the original weights
             scales.copy_(block_scales(weight, fmt, name))
     else:
-        scales = torch.empty(n_in, n_out // bsz, dtype=fmt.torch_scale_dtype)
-    perm = torch.argsort(torch.diagonal(h), descending=True) if config.act_order else torch.arange(n_in)
+        scales = torch.empty(n_in, n_out // bsz, dtype=fmt.torch_scale_dtype, device=dev)
+    perm = torch.argsort(torch.diagonal(h), descending=True) if config.act_order else torch.arange(n_in, device=dev)
     order = perm.tolist()
     h = h[perm][:, perm]
     diag = torch.diagonal(h)
@@ -106,12 +108,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat
     hinv = _cholesky_inverse_upper(h, name).to(torch.float32)
     # Work on Wᵀ [in, out] (permuted rows), float32 like the reference: input feature j is a contiguous row.
     wt = weight.detach().to(torch.float32).t()[perm].contiguous()
-    codes_t = torch.empty(n_in, n_out, dtype=torch.int8)
+    codes_t = torch.empty(n_in, n_out, dtype=torch.int8, device=dev)
 
     for i1 in range(0, n_in, batch):
         i2 = min(i1 + batch, n_in)
         w1 = wt[i1:i2]  # a view: updated in place
-        err1 = torch.empty(i2 - i1, n_out, dtype=torch.float32)
+        err1 = torch.empty(i2 - i1, n_out, dtype=torch.float32, device=dev)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = order[i1 + i]

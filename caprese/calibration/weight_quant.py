@@ -243,13 +243,16 @@ def quantize_decoder(decoder, recipe: QuantRecipe, samples=None, progress: bool 
                 finally:
                     handle.remove()
             for slot in slots_g:
+                if slot.name not in hc.hessians:
+                    raise CapreseError(f"{slot.name}: the calibration forward never called this layer, so GPTQ has "
+                                       f"no statistics for it; quantize the dense model (before installing a method)")
                 done(slot, _quantize_slot(slot, recipe, hc.hessians[slot.name]))
             del hc
         if i < deepest or head:  # a later layer or the head needs this layer's (quantized) output
             states = [decoder.blocks(x, 0, i, i + 1, phase="prefill") for x in states]
     bar.close()
     for slot in by_layer.get(None, []):  # the LM head, on the final normed hidden states
-        h = torch.zeros(slot.weight.shape[1], slot.weight.shape[1], dtype=torch.float64)
+        h = torch.zeros(slot.weight.shape[1], slot.weight.shape[1], dtype=torch.float64, device=device)
         for x in states:
             f = decoder.model.norm(x).reshape(-1, x.shape[-1]).to(torch.float64)
             h.addmm_(f.t(), f)
