@@ -12,7 +12,7 @@ GPTQ calibrates on the first --samples synthetic samples (the dense model's own 
 "Please reason step by step.", as `caprese calibrate --synthetic` uses); the held-out ones come after them.
 Results go to OUT/results.json row by row, so a killed run resumes at the first row not yet measured.
 
-    python tools/quant_accuracy.py --limit 60                       # dense, int4 RTN, int4 GPTQ (block 32)
+    python tools/quant_accuracy.py --limit 100     # dense, int4 RTN, GPTQ without / with act-order (block 32)
     python tools/quant_accuracy.py --rows int4-gptq-ao,int8-rtn --limit 60
 """
 
@@ -25,15 +25,16 @@ import sys
 import time
 from pathlib import Path
 
-ROWS = {  # name -> (bits, method, act_order) or None for dense
+ROWS = {  # name -> (bits, method, act_order) or None for dense; "-ao": GPTQ with act-order (its default)
     "dense": None,
     "int8-rtn": (8, "rtn", False),
     "int8-gptq": (8, "gptq", False),
+    "int8-gptq-ao": (8, "gptq", True),
     "int4-rtn": (4, "rtn", False),
     "int4-gptq": (4, "gptq", False),
     "int4-gptq-ao": (4, "gptq", True),
 }
-DEFAULT_ROWS = "dense,int4-rtn,int4-gptq"
+DEFAULT_ROWS = "dense,int4-rtn,int4-gptq,int4-gptq-ao"
 
 
 def agreement(dense_logits: list, decoder, samples) -> dict:

@@ -14,10 +14,11 @@ Two storage orientations (the format blocks the LAST axis of the stored tensor):
                     GRIFFIN / CATS rows are whole blocks): input feature j's row is quantized at once, its scales
                     computed from that row when it is processed
 
-Act-order (quantize the input features in decreasing H_jj) is optional and off by default: with blocks along the
-inputs it cannot compute a block's scale after the updates of its own earlier members (they are no longer
-consecutive), so it falls back to scales from the original weights ("static groups"); with blocks along the
-outputs it changes nothing in the layout. Measure before turning it on.
+Act-order (quantize the input features in decreasing H_jj) is ON by default: it never changes the layout. With
+blocks along the outputs it only reorders rows; with blocks along the inputs a block's members are no longer
+consecutive in the processing order, so its scale comes from the original weights ("static groups") instead of
+the error-updated ones. Measured on SmolLM2-135M, int4 block 32 (tools/quant_accuracy.py, 2,033 held-out tokens):
+mean KL(dense ‖ quantized) 0.030 with act-order, 0.068 without, 0.268 for RTN.
 
 Cost: the per-feature loop is latency-bound (small vector ops); on SmolLM2-135M all 210 decoder matrices take
 about a minute on one thread of a busy 2-vCPU VM. On a contended machine, torch.set_num_threads(1): intra-op
@@ -43,7 +44,7 @@ __all__ = ["GPTQConfig", "gptq_quantize", "linear_weight", "output_error"]
 @dataclasses.dataclass(frozen=True)
 class GPTQConfig:
     damp: float = 0.01  # added to H's diagonal, as a fraction of its mean (the paper's 1%)
-    act_order: bool = False
+    act_order: bool = True  # quantize inputs in decreasing H_jj (see the module docstring)
     batch: int = 128  # lazy-batch width (columns updated together; a speed knob, a multiple of the block size)
 
     def validate(self) -> None:
