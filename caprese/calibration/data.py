@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
-from caprese.calibration.problems import calibration_prompt, problems
+from caprese.calibration.problems import PROBLEM_SET_VERSION, calibration_prompt, problems
 from caprese.errors import CapreseError
 from caprese.model.generation import generate
 from caprese.model.tokenizer import encode_prompt
@@ -279,9 +279,9 @@ def synthetic_samples(text_model, n: int, cache_dir: str | Path, response_tokens
     EOS when one is produced, at most `response_tokens`.
 
     Cached in `cache_dir/synthetic-<key>.jsonl`, the key hashing everything that decides the tokens but not n
-    (model fingerprint, tokenizer files, stop ids, weight dtype, response_tokens, seed, chat). Records are
-    appended batch by batch (flushed and fsynced), so an interrupted run resumes after its last finished batch,
-    and a call for n' <= the cached count returns without running the model. Problem i is the same for every n,
+    (model fingerprint, tokenizer files, stop ids, weight dtype, response_tokens, seed, chat, problem set version).
+    Records are appended batch by batch (flushed and fsynced), so an interrupted run resumes after its last finished
+    batch, and a call for n' <= the cached count returns without running the model. Problem i is the same for every n,
     so one cache serves all sizes.
     """
     from caprese.calibration.artifact import fingerprint
@@ -299,7 +299,7 @@ def synthetic_samples(text_model, n: int, cache_dir: str | Path, response_tokens
     eos_ids = tuple(int(e) for e in text_model.eos_ids)
     settings = {"fingerprint": fingerprint(model_dir), "tokenizer": _tokenizer_hash(model_dir),
                 "eos_ids": list(eos_ids), "dtype": str(text_model.decoder.model.embed_tokens.weight.dtype),
-                "response_tokens": response_tokens, "seed": seed, "chat": chat}
+                "response_tokens": response_tokens, "seed": seed, "chat": chat, "problems": PROBLEM_SET_VERSION}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
     cache_dir = Path(cache_dir)
     path = cache_dir / f"synthetic-{key}.jsonl"
