@@ -327,6 +327,35 @@ def test_long_prompt_past_window_and_original_context(kind, tiny_model_dir, hf_m
     assert d_broken > 100 * ATOL[torch.float32]
 
 
+def test_gemma2_untied_head_follows_the_config_like_hf(hf_model, tiny_model_dir, tmp_path):
+    """Gemma2Config ties by default, but an untied checkpoint keeps its own lm_head.weight: transformers uses it,
+    so must we (the spec used to force tying for Gemma 2 and the loader then dropped the head)."""
+    import json
+    import shutil
+
+    kind = "gemma2-untied"
+    folder, hf = tiny_model_dir(kind), hf_model(kind)
+    assert not hf.config.tie_word_embeddings
+    assert not torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight)  # the case really has two matrices
+    assert not load_spec(folder).tie_word_embeddings
+    model = ours(folder)
+    assert torch.equal(model.lm_head.weight, hf.lm_head.weight)
+    ids = prompt(PROMPT_LEN, offset=17)
+    ids = ids + hf_greedy(hf, ids, N_STEPS)
+    d = max_diff(our_stepwise_logits(model, ids, PROMPT_LEN), hf_stepwise_logits(hf, ids, PROMPT_LEN))
+    report(f"{kind} fp32 prefill + decode", d, ATOL[torch.float32])
+    assert d <= ATOL[torch.float32]
+    # A Gemma 2 config.json without the key is tied, as transformers' default says (the tiny gemma2 is such a one).
+    tied = tmp_path / "gemma2-no-key"
+    shutil.copytree(tiny_model_dir("gemma2"), tied)
+    cfg = json.loads((tied / "config.json").read_text())
+    cfg.pop("tie_word_embeddings", None)
+    (tied / "config.json").write_text(json.dumps(cfg))
+    assert load_spec(tied).tie_word_embeddings
+    tied_model = ours(tied)
+    assert tied_model.lm_head.weight is tied_model.model.embed_tokens.weight
+
+
 def test_spec_reads_tricky_config_fields(tiny_model_dir):
     """The configs do exercise what they claim (guards against the factory silently losing a field)."""
     s = {k: load_spec(tiny_model_dir(k)) for k in KINDS}
@@ -340,7 +369,7 @@ def test_spec_reads_tricky_config_fields(tiny_model_dir):
     assert s["qwen3"].qk_norm and s["qwen3"].head_dim == 24
     g = s["gemma2"]
     assert g.sliding_windows == (8, None, 8) and g.attn_softcap == 5.0 and g.final_softcap == 8.0
-    assert math.isclose(g.attn_scale, 40 ** -0.5) and g.head_dim == 24
+    assert math.isclose(g.attn_scale, 40 ** -0.5) and g.head_dim == 24 and g.tie_word_embeddings
     assert all(sp.eos_token_ids == (2, 4) for sp in s.values())
 
 

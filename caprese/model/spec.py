@@ -167,7 +167,8 @@ def _spec_from_config(cfg, model_dir: Path) -> ModelSpec:
         qkv_bias=True if mt == "qwen2" else attention_bias,
         o_bias=False if mt == "qwen2" else attention_bias,
         mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
-        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)) or gemma,
+        # as transformers does: the config decides (Gemma2Config defaults to tied when the key is absent)
+        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
         sliding_windows=tuple(windows),
         qk_norm=mt == "qwen3",
         gemma_norms=gemma,
