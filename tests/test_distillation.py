@@ -408,13 +408,20 @@ def test_cli_synthetic_calibration_artifact_applies_the_bypass(tiny_model_dir, t
     dec = load_decoder(model)
     art.apply(dec)
     ffn = dec.layers[0].mlp
-    assert ffn.bypass is not None and isinstance(dec.layers[1].mlp, torch.nn.Module)
+    assert ffn.bypass is not None and sorted(efficient_layers(dec)) == [0]
     x = torch.randn(1, 7, dec.spec.hidden_size)
     with torch.no_grad():
         ffn(x[:, :4], FFNContext("prefill", 0))
         got = ffn(x[:, 4:], FFNContext("decode", 4))
         torch.testing.assert_close(got, ffn.approx(x[:, 4:]) + x[:, 4:] @ L @ R, atol=1e-5, rtol=1e-5)
         assert (got - ffn.approx(x[:, 4:])).abs().max() > 1e-4
+        # layer 1 is outside --layers 0: it still computes the dense gated MLP of the checkpoint (written out here)
+        m = load_decoder(model).layers[1].mlp
+        g, u, d = m.gate_proj, m.up_proj, m.down_proj
+        want = (torch.nn.functional.silu(x @ g.weight.T + g.bias) * (x @ u.weight.T + u.bias)) @ d.weight.T + d.bias
+        torch.testing.assert_close(dec.layers[1].mlp(x, FFNContext("prefill", 0)), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dec.layers[1].mlp(x[:, 4:], FFNContext("decode", 4)), want[:, 4:], atol=1e-5,
+                                   rtol=1e-5)
 
     # --stage e2e --init: method and friends come from the init artifact
     rc, out, err = run_cmd([model, "-o", tmp_path / "art2", "--stage", "e2e", "--init", tmp_path / "art",

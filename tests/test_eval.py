@@ -7,6 +7,7 @@ unbatched replies, so the dense model must score exactly 1.0 on them (and 0.0 on
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import click
@@ -67,8 +68,20 @@ def test_is_correct(pred, gold, ok):
 def test_arithmetic_task_is_the_builtin_test_split():
     task = load_task("arithmetic", 7)
     assert task.name == "arithmetic" and len(task) == 7
-    assert task.items == [(eval_prompt(p), str(p.answer)) for p in problems("test", 7)]
-    assert len(load_task("arithmetic", None)) == 200
+    tail = " Give the final answer as a number at the end."
+    assert task.items[:4] == [  # literal: the eval set is pinned (problems.PROBLEM_SET_VERSION 2)
+        ("Mia buys 3 bags with 3 stickers in each bag. How many stickers does Mia have?" + tail, "9"),
+        ("What is 26 + 36?" + tail, "62"),
+        ("What is 11 times 5?" + tail, "55"),
+        ("What is 39 - 17?" + tail, "22")]
+    full = load_task("arithmetic", None)
+    assert len(full) == 200 and full.items[:7] == task.items
+    for prompt, gold in full.items:  # every gold is the arithmetic its prompt asks for, computed here
+        assert prompt.endswith(tail)
+        a, b = (int(x) for x in re.findall(r"\d+", prompt))
+        want = a + b if (" + " in prompt or "more" in prompt) else a - b if (" - " in prompt or "gave" in prompt) \
+            else a * b
+        assert gold == str(want), prompt
 
 
 def test_jsonl_task_reads_gsm8k_and_prompt_lines(tmp_path):
