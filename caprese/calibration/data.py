@@ -273,7 +273,7 @@ def _lock(f) -> None:
 
 
 def synthetic_samples(text_model, n: int, cache_dir: str | Path, response_tokens: int = 64, batch_size: int = 16,
-                      seed: int = 0, progress: bool = True) -> list[Sample]:
+                      seed: int = 0, progress: bool = True, threads: int | None = None) -> list[Sample]:
     """n samples: problems("train", n, seed) as chat prompts (calibration_prompt: "Please reason step by step.
     ..."), each answered greedily by the DENSE `text_model`; response = the generated tokens up to and including
     EOS when one is produced, at most `response_tokens`.
@@ -282,7 +282,8 @@ def synthetic_samples(text_model, n: int, cache_dir: str | Path, response_tokens
     (model fingerprint, tokenizer files, stop ids, weight dtype, response_tokens, seed, chat, problem set version).
     Records are appended batch by batch (flushed and fsynced), so an interrupted run resumes after its last finished
     batch, and a call for n' <= the cached count returns without running the model. Problem i is the same for every n,
-    so one cache serves all sizes.
+    so one cache serves all sizes. `threads`: CPU intra-op threads, by default one per free CPU
+    (caprese.cpu_threads).
     """
     from caprese.calibration.artifact import fingerprint
     from caprese.calibration.methods import efficient_layers
@@ -351,7 +352,7 @@ def synthetic_samples(text_model, n: int, cache_dir: str | Path, response_tokens
                                        f"({response_tokens}) exceeds the model's context of {limit}")
                 # No stop ids here: generate() drops the stop token and does not say which one it was, so run
                 # to the cap and cut at the first stop id ourselves (greedy, so the tokens are the same).
-                out = generate(text_model.decoder, batch, response_tokens, Sampling(), eos_ids=())
+                out = generate(text_model.decoder, batch, response_tokens, Sampling(), eos_ids=(), threads=threads)
                 lines = []
                 for i, p, toks in zip(idx, batch, out.tokens):
                     cut = next((j for j, t in enumerate(toks) if t in eos_ids), None)

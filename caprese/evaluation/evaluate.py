@@ -83,8 +83,11 @@ def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 
 def evaluate(text_model, task: Task, max_new_tokens: int = 256, batch_size: int = 8, chat: bool = True,
-             progress: bool = True, reselect_every: int = 0) -> EvalResult:
-    """Greedy replies to every prompt of `task`, scored against its golds. See the module docstring."""
+             progress: bool = True, reselect_every: int = 0, threads: int | None = None) -> EvalResult:
+    """Greedy replies to every prompt of `task`, scored against its golds. See the module docstring.
+
+    `threads`: CPU intra-op threads; by default one per free CPU, re-read as the load changes (caprese.cpu_threads).
+    """
     if max_new_tokens < 1:
         raise CapreseError(f"max_new_tokens must be at least 1; got {max_new_tokens}")
     if batch_size < 1:
@@ -109,7 +112,7 @@ def evaluate(text_model, task: Task, max_new_tokens: int = 256, batch_size: int 
     try:
         for group in _batches([len(x) for x in ids], batch_size):
             res = generate(text_model.decoder, [ids[i] for i in group], max_new_tokens, Sampling(),
-                           text_model.eos_ids, None, reselect_every)
+                           text_model.eos_ids, None, reselect_every, threads)
             for i, toks, reason in zip(group, res.tokens, res.stop_reason):
                 replies[i] = (toks, reason)
             if bar is not None:
