@@ -149,6 +149,61 @@ def test_evaluate_scores_exactly_against_the_models_own_replies(tiny_model_dir):
     assert set(d) >= {"accuracy", "correct", "total", "mean_generated_tokens", "extra_params_pct", "label"}
 
 
+def test_progress_ticks_once_per_problem_as_its_reply_ends(tiny_model_dir, monkeypatch):
+    """The bar moves by one problem when that problem's reply ends, inside its batch (not once per batch)."""
+    import collections
+
+    import tqdm
+
+    from caprese.model.generation import generate
+
+    ev = sys.modules["caprese.evaluation.evaluate"]  # the module (the package's `evaluate` is the function)
+
+    tm = TextModel.load(tiny_model_dir("llama"))
+    prompts = _prompts()[:8]
+    ids = [tm.encode(p, chat=True) for p in prompts]
+    free = [generate(tm.decoder, x, 16, eos_ids=()).tokens[0] for x in ids]
+    # a stop id that ends the replies at different steps: the most common token among steps 1..10
+    stop = collections.Counter(t for f in free for t in f[1:10]).most_common(1)[0][0]
+    ends = sorted({f.index(stop) for f in free if stop in f})
+    assert len(ends) >= 2, "the replies should stop at different steps"
+    monkeypatch.setattr(tm, "eos_ids", (stop,))
+
+    # generate()'s own report: rows in the order their replies end, each once
+    done: list[int] = []
+    res = generate(tm.decoder, ids, 16, eos_ids=(stop,), on_row_done=done.append)
+    stop_step = [len(t) if r == "eos" else 16 for t, r in zip(res.tokens, res.stop_reason)]
+    assert done == sorted(range(len(ids)), key=lambda i: (stop_step[i], i))
+
+    inside = {"generate": False}
+    real_generate = ev.generate
+
+    def tracked(*a, **k):
+        inside["generate"] = True
+        try:
+            return real_generate(*a, **k)
+        finally:
+            inside["generate"] = False
+
+    ticks = []
+
+    class Bar:
+        def __init__(self, total, **kw):
+            self.total, self.kw = total, kw
+
+        def update(self, n):
+            ticks.append((n, inside["generate"]))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(ev, "generate", tracked)
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    out = evaluate(tm, Task("t", [(p, "0") for p in prompts]), max_new_tokens=16, batch_size=8)
+    assert out.total == len(prompts)
+    assert ticks == [(1, True)] * len(prompts)  # one per problem, each while its batch is still running
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma2"])
 def test_batched_equals_unbatched_dense(tiny_model_dir, kind):
     tm = TextModel.load(tiny_model_dir(kind))
@@ -280,3 +335,4 @@ def test_eval_help_and_one_line_errors(tiny_model_dir, tmp_path, monkeypatch, ca
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
         assert rc == 2 and "Traceback" not in err, (args, err)
         assert lines[-1].startswith(("error:", "Error:")) and needle in err, (args, err)
+

@@ -108,15 +108,16 @@ def evaluate(text_model, task: Task, max_new_tokens: int = 256, batch_size: int 
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(ids), desc=f"eval {text_model.label}", unit="q", file=sys.stderr, leave=False)
+        # one tick per problem, as soon as its reply ends inside the batch, so the rate and ETA move steadily
+        bar = tqdm(total=len(ids), desc=f"eval {text_model.label}", unit="problem", file=sys.stderr, leave=False,
+                   bar_format="{desc}: {n_fmt}/{total_fmt} problems |{bar}| [{elapsed}<{remaining}, {rate_fmt}]")
     try:
         for group in _batches([len(x) for x in ids], batch_size):
             res = generate(text_model.decoder, [ids[i] for i in group], max_new_tokens, Sampling(),
-                           text_model.eos_ids, None, reselect_every, threads)
+                           text_model.eos_ids, None, reselect_every, threads,
+                           on_row_done=None if bar is None else (lambda i: bar.update(1)))
             for i, toks, reason in zip(group, res.tokens, res.stop_reason):
                 replies[i] = (toks, reason)
-            if bar is not None:
-                bar.update(len(group))
     finally:
         if bar is not None:
             bar.close()
