@@ -336,3 +336,24 @@ def test_eval_help_and_one_line_errors(tiny_model_dir, tmp_path, monkeypatch, ca
         assert rc == 2 and "Traceback" not in err, (args, err)
         assert lines[-1].startswith(("error:", "Error:")) and needle in err, (args, err)
 
+
+def test_one_reply_budget_for_cli_api_and_the_readme_table(monkeypatch, capsys):
+    """`caprese eval`, evaluate() and tools/calibration_table.py (the README's accuracy table) share one default."""
+    import inspect
+    import subprocess
+    from pathlib import Path
+
+    from caprese.calibration.problems import EVAL_MAX_NEW_TOKENS
+    from caprese.cli.main import main as caprese_main
+    from cli_helpers import run_cli
+
+    assert EVAL_MAX_NEW_TOKENS == 128  # the README's accuracy tables were measured with 128 new tokens
+    assert inspect.signature(evaluate).parameters["max_new_tokens"].default == EVAL_MAX_NEW_TOKENS
+    opt = next(p for p in eval_command.params if p.name == "max_new_tokens")
+    assert opt.default == EVAL_MAX_NEW_TOKENS
+    rc, out, _ = run_cli(caprese_main, ["eval", "--help"], monkeypatch, capsys)
+    assert rc == 0 and f"earlier). [default: {EVAL_MAX_NEW_TOKENS};" in " ".join(out.split()), out
+    tool = Path(__file__).resolve().parent.parent / "tools" / "calibration_table.py"
+    p = subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and f"(default {EVAL_MAX_NEW_TOKENS}," in " ".join(p.stdout.split()), p.stdout + p.stderr
+

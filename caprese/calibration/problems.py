@@ -16,6 +16,9 @@ REASON_PREFIX = "Please reason step by step."
 TEST_SHARE = 4  # one arithmetic core in TEST_SHARE belongs to the test split, the rest to train
 # Bump when the generator or the partition changes: synthetic-data caches key on it.
 PROBLEM_SET_VERSION = 2
+# The reply budget `caprese eval`, evaluate() and tools/calibration_table.py (the README's accuracy tables) share.
+# Here, in a module without torch, so the CLI can show it as its default without importing the evaluation stack.
+EVAL_MAX_NEW_TOKENS = 128
 
 _NAMES = ["Tom", "Mia", "Ali", "Sara", "Ben", "Lena", "Omar", "Nina", "Ravi", "Emma", "Kai", "Zoe"]
 _ITEMS = ["apples", "pencils", "marbles", "books", "cookies", "stickers", "coins", "cards", "shells", "eggs"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from caprese.calibration.problems import EVAL_MAX_NEW_TOKENS
 from caprese.errors import CapreseError
 
 METHOD_CHOICES = ("dense", "griffin", "cats", "magnitude")
@@ -49,7 +50,7 @@ def format_table(rows: list[list[str]]) -> str:
 @click.option("--reselect-every", default=0, show_default=True, type=click.IntRange(min=0), metavar="N",
               help="GRIFFIN reselection: every N decode steps re-run the new tokens densely and re-pick neurons "
                    "(0 = off).")
-@click.option("-n", "--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
+@click.option("-n", "--max-new-tokens", default=EVAL_MAX_NEW_TOKENS, show_default=True, type=click.IntRange(min=1),
               help="Longest reply per problem (EOS stops earlier).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Prompts generated together (left-padded; does not change greedy answers).")

@@ -17,6 +17,7 @@ import dataclasses
 import sys
 import time
 
+from caprese.calibration.problems import EVAL_MAX_NEW_TOKENS
 from caprese.errors import CapreseError
 from caprese.evaluation.answers import extract_answer, is_correct
 from caprese.evaluation.tasks import Task
@@ -82,7 +83,7 @@ def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def evaluate(text_model, task: Task, max_new_tokens: int = 256, batch_size: int = 8, chat: bool = True,
+def evaluate(text_model, task: Task, max_new_tokens: int = EVAL_MAX_NEW_TOKENS, batch_size: int = 8, chat: bool = True,
              progress: bool = True, reselect_every: int = 0, threads: int | None = None) -> EvalResult:
     """Greedy replies to every prompt of `task`, scored against its golds. See the module docstring.
 
