@@ -3,8 +3,9 @@
 Why: every op of a decode step ends in a barrier, so a thread that the kernel deschedules for another busy
 process stalls the whole step. Measured (tools/bench_threads.py, SmolLM2-135M fp32, AMD EPYC Zen 4 2 vCPUs, next
 to 0-2 busy processes on an already shared machine): the torch reference decoder with its own 2 threads took
-3.4-6.7x the ms/token of 1 thread; ONNX Runtime's spinning pool 1.8-4.4x. One thread per free CPU (and, for ONNX
-Runtime, a pool that blocks instead of spinning) stays within the noise of the best fixed count.
+3.4-6.7x the ms/token of 1 thread; ONNX Runtime's spinning pool 1.5-4.4x. One thread per free CPU (and, for ONNX
+Runtime, a pool that blocks instead of spinning when it is sized around busy CPUs) stays within the noise of the
+best fixed count.
 
     threads = explicit count (--threads, pin(), CAPRESE_THREADS, OMP_NUM_THREADS)
               else round(usable CPUs - CPU time other processes used lately), at least 1

@@ -115,10 +115,15 @@ def test_onnxruntime_backend_uses_the_policy(policy, tmp_path_factory, tiny_mode
     from caprese.runtime.generator import Generator
 
     engine, _ = get_export(tmp_path_factory, tiny_model_dir, "llama")
-    policy.setattr(cpu_threads, "default_threads", lambda: 1)
+    policy.setattr(cpu_threads, "usable_cpus", lambda: 4)
+    policy.setattr(cpu_threads, "default_threads", lambda: 3)  # one CPU busy: 3 threads that do not spin
     d = Generator.load(engine, "onnxruntime").backend.describe()
-    assert d["threads"] == 1 and d["spinning"] is False
-    assert Generator.load(engine, "onnxruntime", threads=2).backend.describe()["threads"] == 2
+    assert d["threads"] == 3 and d["spinning"] is False
+    policy.setattr(cpu_threads, "default_threads", lambda: 4)  # all free: ONNX Runtime's own spinning pool
+    assert Generator.load(engine, "onnxruntime").backend.describe()["spinning"] is True
+    d = Generator.load(engine, "onnxruntime", threads=2).backend.describe()  # explicit: as asked, ORT's default
+    assert d["threads"] == 2 and d["spinning"] is True
+    assert Generator.load(engine, "onnxruntime", threads=2, spinning=False).backend.describe()["spinning"] is False
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc/stat")
@@ -134,7 +139,8 @@ def test_cli_threads_flag_is_an_explicit_count(policy, tiny_model_dir, monkeypat
 
     seen: list[int | None] = []
     enter = cpu_threads.TorchThreads.__enter__
-    monkeypatch.setattr(cpu_threads.TorchThreads, "__enter__", lambda self: (seen.append(self.explicit), enter(self))[1])
+    monkeypatch.setattr(cpu_threads.TorchThreads, "__enter__",
+                        lambda self: (seen.append(self.explicit), enter(self))[1])
     folder = tiny_model_dir("llama")
     rc, _, err = run_cli(caprese_main, ["generate", folder, "-p", "hi", "-n", "3", "--threads", "1", "--json"],
                          monkeypatch, capsys)

@@ -8,12 +8,13 @@ the default thread policy (caprese/cpu_threads.py) against fixed thread counts, 
 
 Rows per (background load, backend): `auto` is the default path with no thread count given (what `caprese
 generate / eval / run` and the synthetic-data step do now); `fixed-N` pins N threads (for torch, fixed-<all
-CPUs> is the old default, torch's own count); `passive-N` is torch with OMP_WAIT_POLICY=PASSIVE; `spin-N` is
-ONNX Runtime's old default (N = all CPUs, its pool spinning between ops; the backend now turns spinning off).
+CPUs> is the old default, torch's own count, and for ONNX Runtime, whose pool spins between ops when the count
+is explicit, fixed-<all CPUs> is its old default); `passive-N` is torch with OMP_WAIT_POLICY=PASSIVE; `nospin-N`
+is ONNX Runtime with N threads that block instead of spinning (what the policy uses around busy CPUs).
 Each measurement is a fresh process (so environment variables take effect) that prefills --prompt-tokens
 random ids and decodes --new-tokens greedily, EOS ignored; the number is the mean decode step. Rows run
 interleaved, each round rotated by one, so drift hits all of them; the table shows the median over --repeats
-and its ratio to the best fixed count at that load (`spin-N` counts as fixed: it is the old default).
+and its ratio to the best fixed count at that load.
 
 The background load is N processes spinning in Python, started here, bounded in time (--load-timeout) and
 stopped when their level is done or this process exits. The CPU and its vector ISA head the output.
@@ -51,7 +52,7 @@ def cpu_name() -> str:
 
 def configs(backend: str, cpus: int) -> list[str]:
     fixed = [f"fixed-{cpus}"] + (["fixed-1"] if cpus > 1 else [])
-    extra = f"passive-{cpus}" if backend == "torch" else f"spin-{cpus}"
+    extra = f"passive-{cpus}" if backend == "torch" else f"nospin-{cpus}"
     return ["auto", *fixed, extra]
 
 
@@ -79,7 +80,7 @@ def child(args) -> None:
         return
     from caprese.runtime.generator import Generator
 
-    gen = Generator.load(args.engine, "onnxruntime", threads=threads, spinning=kind == "spin")
+    gen = Generator.load(args.engine, "onnxruntime", threads=threads, spinning=False if kind == "nospin" else None)
     gen.generate(ids[:8], 4, ignore_eos=True)  # warm-up
     res = gen.generate(ids, args.new_tokens, ignore_eos=True)
     print(json.dumps({"ms_per_token": res.stats.ms_per_token, "threads": gen.backend.describe().get("threads")}))
@@ -148,7 +149,7 @@ def main() -> None:
                     for c in cfgs[r % len(cfgs):] + cfgs[:r % len(cfgs)]:
                         got[c].append(measure(args, backend, c))
                 fixed_best = min(statistics.median(x["ms_per_token"] for x in got[c]) for c in cfgs
-                                 if c.startswith(("fixed", "spin")))
+                                 if c.startswith("fixed"))
                 for c in cfgs:
                     ms = [x["ms_per_token"] for x in got[c]]
                     row = {"load": load, "backend": backend, "config": c, "threads": [x["threads"] for x in got[c]],

@@ -83,7 +83,7 @@ class OrtBackend(Backend):
     graphs = C.GRAPHS  # the sessions this backend opens (the native backend runs its own decode step)
 
     def __init__(self, manifest, threads: int | None = None, kv_policy: str | int = "fit", device: str | None = None,
-                 share_weights: bool = False, spinning: bool = False):
+                 share_weights: bool = False, spinning: bool | None = None):
         super().__init__(manifest)
         ort = self.ort = import_onnxruntime()
         lay = self.layout
@@ -101,10 +101,13 @@ class OrtBackend(Backend):
         self.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else \
             ["CPUExecutionProvider"]
         self.threads, self.kv_policy, self.share_weights = threads, kv_policy, share_weights
-        # CPU: one thread per free CPU unless told (caprese.cpu_threads); ORT's own default is every core. The
-        # pool's threads block instead of spinning between ops (spinning=False): when other work arrives later,
-        # spinning workers take its CPU time and the step waits on them (bench: tools/bench_threads.py)
+        # CPU: one thread per free CPU unless told (caprese.cpu_threads); ORT's own default is every core. Its
+        # pool spins between ops (ORT's default, ~20% faster when idle: docs/performance.md) when the count is
+        # explicit or every usable CPU was free; a pool sized around busy CPUs blocks instead, since spinning
+        # workers next to other work cost 1.5-4.4x (tools/bench_threads.py). spinning=True/False forces it.
         self.intra_threads = cpu_threads.resolve(threads) if device == "cpu" else int(threads or 0)
+        if spinning is None:
+            spinning = bool(threads) or device != "cpu" or self.intra_threads >= cpu_threads.usable_cpus()
         self.spinning = bool(spinning)
         self.sessions = {g: self._session(g) for g in self.graphs}
         self.dtype = _NP[lay.dtype]
