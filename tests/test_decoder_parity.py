@@ -364,9 +364,11 @@ def test_gemma2_untied_head_follows_the_config_like_hf(hf_model, tiny_model_dir,
     assert tied_model.lm_head.weight is tied_model.model.embed_tokens.weight
 
 
-def test_reference_forward_future_warning_is_filtered_by_message_only(hf_model):
+def test_reference_forward_future_warning_is_filtered_by_message_only(hf_model, request):
     """pyproject's filterwarnings drops transformers' `past_key_values` FutureWarning (22 of them per run were
-    noise), and only that one: another FutureWarning still shows."""
+    noise), and only that one: another FutureWarning still shows. The ini filters are applied here explicitly,
+    so a -W on the command line does not change what this checks."""
+    import builtins
     import warnings
 
     hf = hf_model("llama")
@@ -377,7 +379,12 @@ def test_reference_forward_future_warning_is_filtered_by_message_only(hf_model):
             warnings.simplefilter("always")
             hf(input_ids=ids[:, 5:], past_key_values=past, use_cache=True)
         assert any(issubclass(w.category, FutureWarning) and "past_key_values" in str(w.message) for w in raw)
-        with warnings.catch_warnings(record=True) as seen:  # the filters pytest applies from pyproject.toml
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for line in request.config.getini("filterwarnings"):  # "action:message:category" as pytest reads it
+                action, message, category = (line.split(":") + ["", ""])[:3]
+                category = getattr(builtins, category.split(".")[-1] or "Warning")
+                warnings.filterwarnings(action, message=message, category=category)
             hf(input_ids=ids[:, 5:], past_key_values=past, use_cache=True)
             warnings.warn("some other future change", FutureWarning)
     assert [str(w.message) for w in seen] == ["some other future change"]
