@@ -74,7 +74,11 @@ def test_not_an_engine_manifest(engine):
     msg = expect_error(engine, "not valid JSON", "export again", "caprese-export")
     assert "re-download" not in msg
     (engine / MANIFEST).unlink()
-    expect_error(engine, "manifest.json not found", "not an engine folder")
+    expect_error(engine, "manifest.json not found", "engine folder is incomplete", "export again")
+    for f in engine.iterdir():
+        if f.suffix in (".onnx", ".bin"):
+            f.unlink()
+    expect_error(engine, "manifest.json not found", "not an engine folder from caprese-export")
 
 
 def test_missing_files(engine):

@@ -79,9 +79,11 @@ def _not_an_engine(folder: Path) -> None:
     from caprese.calibration.artifact import MANIFEST as ARTIFACT
 
     fix = f"export it first: caprese-export {folder} -o ENGINE_DIR, then run ENGINE_DIR"
+    if any((folder / n).is_file() for n in ("decode.onnx", "prefill.onnx", "weights.bin")):
+        raise CapreseError(f"{MANIFEST} not found in {folder}: the engine folder is incomplete; export again")
     if (folder / ARTIFACT).is_file():
         raise CapreseError(f"{folder} is a calibration artifact, not an engine folder; {fix}")
-    if (folder / "config.json").is_file():
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
         raise CapreseError(f"{folder} is a Hugging Face model folder, not an engine folder; {fix}")
     raise CapreseError(f"{MANIFEST} not found in {folder}: not an engine folder from caprese-export")
 
