@@ -18,9 +18,13 @@ def _one_torch_thread():
     files ~8x slower. The slow real-model tests run on one thread too: slower alone, but steady under load."""
     import torch
 
+    from caprese import cpu_threads
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    pinned = cpu_threads.pin(1)  # the decode loops' default policy (one thread per free CPU) too
     yield
+    cpu_threads.pin(pinned)
     torch.set_num_threads(before)
 
 
@@ -67,3 +71,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if skip_trt is not None and "tensorrt" in item.keywords:
             item.add_marker(skip_trt)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Timings that tests report but never assert (record_property names ending in _ms_per_token / _ttft_ms),
+    in their own section at the end instead of inside the progress line."""
+    rows = [(r.nodeid, name, value) for r in terminalreporter.stats.get("passed", [])
+            for name, value in getattr(r, "user_properties", ()) if name.endswith(("_ms_per_token", "_ttft_ms"))]
+    if rows:
+        terminalreporter.section("latency, reported not asserted (shared CPU: compare within a row only)")
+        for nodeid, name, value in rows:
+            terminalreporter.write_line(f"{nodeid.split('::')[-1]}: {name} = {value}")
+

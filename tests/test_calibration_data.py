@@ -305,3 +305,16 @@ def test_synthetic_refuses_a_non_dense_model(tiny_model_dir, tmp_path):
 def test_describe_empty():
     assert describe([]) == {"count": 0, "prompt_tokens_mean": 0.0, "prompt_tokens_max": 0,
                             "response_tokens_mean": 0.0, "response_tokens_total": 0, "tokens_total": 0}
+
+
+def test_demo_says_what_the_synthetic_step_costs():
+    """tools/demo.sh prints, before its calibrate step, what writing the synthetic samples cost when measured
+    (per sample, and in all for the count it passes), instead of "a few minutes"."""
+    import re
+
+    demo = (Path(__file__).resolve().parents[1] / "tools" / "demo.sh").read_text()
+    assert re.search(r"^SAMPLES=\d+$", demo, re.M)
+    assert '--synthetic "$SAMPLES"' in demo and "a few minutes" not in demo
+    cost = re.search(r'^SYNTHETIC_COST="(.+)"$', demo, re.M).group(1)
+    assert re.search(r"\d s per sample on a .*AMD EPYC", cost) and re.search(r"\d+ minutes for \$SAMPLES", cost)
+    assert demo.index(": $SYNTHETIC_COST;") < demo.index("$C calibrate")  # echoed before the step runs

@@ -118,9 +118,30 @@ def test_generate_bad_options_use_click_usage_errors(extra, broken_dirs, monkeyp
     assert rc == 2 and "Traceback" not in err and "Invalid value" in err
 
 
+@pytest.mark.parametrize("args, needles", [
+    (["generate", "M", "-p", "hi", "--no-such-flag"], ["No such option", "--no-such-flag", "caprese generate --help"]),
+    (["generate"], ["Missing argument 'MODEL_DIR'", "caprese generate --help"]),
+    (["generate", "M", "-p", "hi", "--precision", "fp8"], ["Invalid value for '--precision'", "'fp8'"]),
+    (["eval", "M", "--limit", "0"], ["Invalid value for '--limit'", "caprese eval --help"]),
+    (["eval", "M", "--method", "sparse"], ["Invalid value for '--method'"]),
+    (["run"], ["Missing argument 'ENGINE_DIR'"]),
+    (["run", "E", "-p", "hi", "--backend", "tpu"], ["Invalid value for '--backend'"]),
+    (["calibrate", "M", "-o", "out", "--bogus"], ["No such option", "--bogus", "caprese calibrate --help"]),
+    (["no-such-command"], ["No such command 'no-such-command'", "caprese --help"]),
+])
+def test_flag_errors_are_one_error_line_exit_2(args, needles, monkeypatch, capsys):
+    """click's usage errors (bad option, missing argument, bad choice) read like every other error: one line."""
+    rc, out, err = run_cli(caprese_main, args, monkeypatch, capsys)
+    assert_one_line_error(rc, err, *needles, code=2)
+    assert len(err.strip().splitlines()) == 1 and "Usage:" not in err and out == "", err
+
+
 def test_installed_scripts_exit_codes(tmp_path):
     """The real console scripts: a user error exits 2 with one line, no traceback; --help exits 0."""
     p = subprocess.run([BIN / "caprese", "generate", tmp_path / "nope", "-p", "hi"], capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "not found" in p.stderr, p.stderr
     p = subprocess.run([BIN / "caprese-export", "--help"], capture_output=True, text=True)
     assert p.returncode == 0 and "SRC" in p.stdout
+    for script, args in (("caprese", ["eval", "M", "--nope"]), ("caprese-export", ["M", "--precision", "int3"])):
+        p = subprocess.run([BIN / script, *args], capture_output=True, text=True)
+        assert p.returncode == 2 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr

@@ -22,7 +22,7 @@ from distributed_worker import make_samples, run as run_shared
 from caprese.calibration.artifact import load_artifact
 from caprese.calibration.calibrate import calibrate
 from caprese.calibration.e2e import Distiller, batch_gradients
-from caprese.calibration.methods import EfficientFFN, apply_method, efficient_layers
+from caprese.calibration.methods import apply_method, efficient_layers
 from caprese.calibration.recipe import CalibrationOptions, CalibrationRecipe, E2EConfig, LayerwiseConfig
 from caprese.calibration.schedule import linear_schedule, lr_factor, warmup_steps
 from caprese.model.ffn import FFNContext
@@ -480,13 +480,20 @@ def test_cli_synthetic_calibration_artifact_applies_the_bypass(tiny_model_dir, t
     dec = load_decoder(model)
     art.apply(dec)
     ffn = dec.layers[0].mlp
-    assert ffn.bypass is not None and not isinstance(dec.layers[1].mlp, EfficientFFN)  # --layers 0 only
+    assert ffn.bypass is not None and sorted(efficient_layers(dec)) == [0]  # --layers 0 only
     x = torch.randn(1, 7, dec.spec.hidden_size)
     with torch.no_grad():
         ffn(x[:, :4], FFNContext("prefill", 0))
         got = ffn(x[:, 4:], FFNContext("decode", 4))
         torch.testing.assert_close(got, ffn.approx(x[:, 4:]) + x[:, 4:] @ L @ R, atol=1e-5, rtol=1e-5)
         assert (got - ffn.approx(x[:, 4:])).abs().max() > 1e-4
+        # layer 1 is outside --layers 0: it still computes the dense gated MLP of the checkpoint (written out here)
+        m = load_decoder(model).layers[1].mlp
+        g, u, d = m.gate_proj, m.up_proj, m.down_proj
+        want = (torch.nn.functional.silu(x @ g.weight.T + g.bias) * (x @ u.weight.T + u.bias)) @ d.weight.T + d.bias
+        torch.testing.assert_close(dec.layers[1].mlp(x, FFNContext("prefill", 0)), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dec.layers[1].mlp(x[:, 4:], FFNContext("decode", 4)), want[:, 4:], atol=1e-5,
+                                   rtol=1e-5)
 
     # --stage e2e --init: method and friends come from the init artifact
     rc, out, err = run_cmd([model, "-o", tmp_path / "art2", "--stage", "e2e", "--init", tmp_path / "art",

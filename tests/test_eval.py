@@ -7,6 +7,7 @@ unbatched replies, so the dense model must score exactly 1.0 on them (and 0.0 on
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import click
@@ -67,8 +68,20 @@ def test_is_correct(pred, gold, ok):
 def test_arithmetic_task_is_the_builtin_test_split():
     task = load_task("arithmetic", 7)
     assert task.name == "arithmetic" and len(task) == 7
-    assert task.items == [(eval_prompt(p), str(p.answer)) for p in problems("test", 7)]
-    assert len(load_task("arithmetic", None)) == 200
+    tail = " Give the final answer as a number at the end."
+    assert task.items[:4] == [  # literal: the eval set is pinned (problems.PROBLEM_SET_VERSION 2)
+        ("Mia buys 3 bags with 3 stickers in each bag. How many stickers does Mia have?" + tail, "9"),
+        ("What is 26 + 36?" + tail, "62"),
+        ("What is 11 times 5?" + tail, "55"),
+        ("What is 39 - 17?" + tail, "22")]
+    full = load_task("arithmetic", None)
+    assert len(full) == 200 and full.items[:7] == task.items
+    for prompt, gold in full.items:  # every gold is the arithmetic its prompt asks for, computed here
+        assert prompt.endswith(tail)
+        a, b = (int(x) for x in re.findall(r"\d+", prompt))
+        want = a + b if (" + " in prompt or "more" in prompt) else a - b if (" - " in prompt or "gave" in prompt) \
+            else a * b
+        assert gold == str(want), prompt
 
 
 def test_jsonl_task_reads_gsm8k_and_prompt_lines(tmp_path):
@@ -134,6 +147,61 @@ def test_evaluate_scores_exactly_against_the_models_own_replies(tiny_model_dir):
     assert (res.accuracy, res.correct, res.total) == (0.0, 0, len(ref))
     d = res.to_dict()
     assert set(d) >= {"accuracy", "correct", "total", "mean_generated_tokens", "extra_params_pct", "label"}
+
+
+def test_progress_ticks_once_per_problem_as_its_reply_ends(tiny_model_dir, monkeypatch):
+    """The bar moves by one problem when that problem's reply ends, inside its batch (not once per batch)."""
+    import collections
+
+    import tqdm
+
+    from caprese.model.generation import generate
+
+    ev = sys.modules["caprese.evaluation.evaluate"]  # the module (the package's `evaluate` is the function)
+
+    tm = TextModel.load(tiny_model_dir("llama"))
+    prompts = _prompts()[:8]
+    ids = [tm.encode(p, chat=True) for p in prompts]
+    free = [generate(tm.decoder, x, 16, eos_ids=()).tokens[0] for x in ids]
+    # a stop id that ends the replies at different steps: the most common token among steps 1..10
+    stop = collections.Counter(t for f in free for t in f[1:10]).most_common(1)[0][0]
+    ends = sorted({f.index(stop) for f in free if stop in f})
+    assert len(ends) >= 2, "the replies should stop at different steps"
+    monkeypatch.setattr(tm, "eos_ids", (stop,))
+
+    # generate()'s own report: rows in the order their replies end, each once
+    done: list[int] = []
+    res = generate(tm.decoder, ids, 16, eos_ids=(stop,), on_row_done=done.append)
+    stop_step = [len(t) if r == "eos" else 16 for t, r in zip(res.tokens, res.stop_reason)]
+    assert done == sorted(range(len(ids)), key=lambda i: (stop_step[i], i))
+
+    inside = {"generate": False}
+    real_generate = ev.generate
+
+    def tracked(*a, **k):
+        inside["generate"] = True
+        try:
+            return real_generate(*a, **k)
+        finally:
+            inside["generate"] = False
+
+    ticks = []
+
+    class Bar:
+        def __init__(self, total, **kw):
+            self.total, self.kw = total, kw
+
+        def update(self, n):
+            ticks.append((n, inside["generate"]))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(ev, "generate", tracked)
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    out = evaluate(tm, Task("t", [(p, "0") for p in prompts]), max_new_tokens=16, batch_size=8)
+    assert out.total == len(prompts)
+    assert ticks == [(1, True)] * len(prompts)  # one per problem, each while its batch is still running
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma2"])
@@ -267,3 +335,25 @@ def test_eval_help_and_one_line_errors(tiny_model_dir, tmp_path, monkeypatch, ca
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
         assert rc == 2 and "Traceback" not in err, (args, err)
         assert lines[-1].startswith(("error:", "Error:")) and needle in err, (args, err)
+
+
+def test_one_reply_budget_for_cli_api_and_the_readme_table(monkeypatch, capsys):
+    """`caprese eval`, evaluate() and tools/calibration_table.py (the README's accuracy table) share one default."""
+    import inspect
+    import subprocess
+    from pathlib import Path
+
+    from caprese.calibration.problems import EVAL_MAX_NEW_TOKENS
+    from caprese.cli.main import main as caprese_main
+    from cli_helpers import run_cli
+
+    assert EVAL_MAX_NEW_TOKENS == 128  # the README's accuracy tables were measured with 128 new tokens
+    assert inspect.signature(evaluate).parameters["max_new_tokens"].default == EVAL_MAX_NEW_TOKENS
+    opt = next(p for p in eval_command.params if p.name == "max_new_tokens")
+    assert opt.default == EVAL_MAX_NEW_TOKENS
+    rc, out, _ = run_cli(caprese_main, ["eval", "--help"], monkeypatch, capsys)
+    assert rc == 0 and f"earlier). [default: {EVAL_MAX_NEW_TOKENS};" in " ".join(out.split()), out
+    tool = Path(__file__).resolve().parent.parent / "tools" / "calibration_table.py"
+    p = subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and f"(default {EVAL_MAX_NEW_TOKENS}," in " ".join(p.stdout.split()), p.stdout + p.stderr
+

@@ -126,8 +126,14 @@ def test_force_refuses_a_foreign_folder(tiny_model_dir, tmp_path, monkeypatch, c
 def test_usage_errors(tiny_model_dir, tmp_path, monkeypatch, capsys):
     rc, _, err = run_cli([tiny_model_dir("llama")], monkeypatch, capsys)
     assert rc == 2 and "missing -o/--output" in err and "Traceback" not in err
-    rc, _, err = run_cli([tiny_model_dir("llama"), "-o", tmp_path / "e", "--precision", "int4"], monkeypatch, capsys)
-    assert rc == 2 and "Invalid value" in err
+    # click's own flag errors: one `error:` line naming the fix, exit 2, no usage block
+    for args, needle in (([tiny_model_dir("llama"), "-o", tmp_path / "e", "--precision", "int4"],
+                          "Invalid value for '--precision'"),
+                         ([], "Missing argument 'SRC'"),
+                         ([tiny_model_dir("llama"), "--frobnicate"], "--frobnicate")):
+        rc, _, err = run_cli(args, monkeypatch, capsys)
+        cli_helpers.assert_one_line_error(rc, err, needle, "caprese-export --help", code=2)
+        assert len(err.strip().splitlines()) == 1 and "Usage:" not in err, err
     rc, _, err = run_cli([tmp_path, "--check"], monkeypatch, capsys)
     assert_one_line_error(rc, err, "--check needs an engine folder or an .onnx file")
 

@@ -71,10 +71,16 @@ def test_unknown_version(engine):
 def test_not_an_engine_manifest(engine):
     edit(engine, lambda d: d.update(format="something-else"))
     expect_error(engine, "not a caprese engine manifest")
-    (engine / MANIFEST).write_text("{broken")
-    expect_error(engine, "not valid JSON")
+    full = (engine / MANIFEST).read_text()
+    (engine / MANIFEST).write_text(full[:len(full) // 2])  # truncated: the fix is to export again, not to re-download
+    msg = expect_error(engine, "not valid JSON", "export again", "caprese-export")
+    assert "re-download" not in msg
     (engine / MANIFEST).unlink()
-    expect_error(engine, "not found")
+    expect_error(engine, "manifest.json not found", "engine folder is incomplete", "export again")
+    for f in engine.iterdir():
+        if f.suffix in (".onnx", ".bin"):
+            f.unlink()
+    expect_error(engine, "manifest.json not found", "not an engine folder from caprese-export")
 
 
 def test_missing_files(engine):

@@ -44,11 +44,14 @@ def test_prefill_decode_logits_and_greedy_tokens(kind, method, tmp_path_factory,
     assert tokens.tolist() == ref_tokens.tolist()
 
 
-@pytest.mark.parametrize("kind", ["llama3", "mistral", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama3", "mistral", "qwen3", "gemma2-untied"])
 def test_dense_other_architectures(kind, tmp_path_factory, tiny_model_dir):
     """Llama 3 RoPE scaling + MQA, Mistral's sliding window on every layer (the prompt + 24 tokens cross it), Qwen3
-    q/k norms: prefill + decode logits and greedy tokens."""
+    q/k norms, Gemma 2 with its own lm_head: prefill + decode logits and greedy tokens."""
     engine, src = get_export(tmp_path_factory, tiny_model_dir, kind)
+    if kind == "gemma2-untied":  # the graph reads the checkpoint's head, not the embedding
+        heads = {i.name for i in onnx.load(str(engine / "decode.onnx"), load_external_data=False).graph.initializer}
+        assert "lm_head.weight" in heads
     prompt = prompt_ids(10, seed=5)
     ref_tokens, ref_logits = reference_greedy(reference_decoder(src), prompt, 24)
     tokens, logits = OrtLoop(engine).greedy(prompt.numpy(), 24)

@@ -76,6 +76,7 @@ CASES = [  # (kind, method, rho, target, what it exercises)
     ("qwen3", "dense", 0, "tensorrt"),  # per-head q/k RMSNorm
     ("gemma2", "dense", 0, "tensorrt"),  # 1 + w norms, post norms, gelu-tanh, soft-caps, embedding scale
     ("gemma2", "griffin", 8, "tensorrt"),
+    ("gemma2-untied", "dense", 0, "tensorrt"),  # Gemma 2 with its own lm_head (the head the native kernel reads)
     ("qwen2", "dense", 0, "onnxruntime"),  # --target onnxruntime: gate and up as two matrices
     ("qwen2", "griffin", 8, "onnxruntime"),
 ]

@@ -99,7 +99,13 @@ def broken_engines(tmp_path_factory, tiny_model_dir, tmp_path):
     data = json.loads((moved / "manifest.json").read_text())
     data["source"]["path"] = str(tmp_path / "gone")
     (moved / "manifest.json").write_text(json.dumps(data))
-    return {"ok": engine, "bad_version": bad, "moved": moved, "missing": tmp_path / "nope"}
+    return {"ok": engine, "bad_version": bad, "moved": moved, "missing": tmp_path / "nope",
+            "model_folder": tiny_model_dir("llama"), "artifact": source_artifact(tmp_path_factory, tiny_model_dir)}
+
+
+def source_artifact(tmp_path_factory, tiny_model_dir):
+    _, src = get_export(tmp_path_factory, tiny_model_dir, "llama", "griffin")
+    return src
 
 
 @pytest.mark.parametrize("main", [run_main, chat_main], ids=["run", "chat"])
@@ -108,6 +114,8 @@ def broken_engines(tmp_path_factory, tiny_model_dir, tmp_path):
     ("bad_version", [], ["engine format version 99", "export the model again"]),
     ("ok", ["--backend", "tensorrt"], ["TensorRT is not available"]),
     ("moved", ["--backend", "torch"], ["is missing", "--backend onnxruntime"]),
+    ("model_folder", [], ["is a Hugging Face model folder, not an engine folder", "caprese-export ", "-o ENGINE_DIR"]),
+    ("artifact", [], ["is a calibration artifact, not an engine folder", "caprese-export ", "-o ENGINE_DIR"]),
 ])
 def test_errors_are_one_line(main, case, extra, needles, broken_engines, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tensorrt", None)

@@ -69,6 +69,40 @@ def reference_errors(model_dir, art, samples):
     return {i: tuple(v / rows for v in vals) for i, vals in sums.items()}
 
 
+@pytest.mark.parametrize("kind", ["gemma2", "llama"])
+def test_branch_target_recovers_the_dense_ffn_output_in_float64(tiny_model_dir, kind):
+    """Independent of the capture machinery: run the DENSE model in float64 and read, with forward hooks, each
+    block's residual stream entering the FFN branch (mid), its FFN output y and its output t. The FFN output that
+    makes the block output t is y itself, so branch_target(mid, t, y) must give y back: for Gemma 2 that is the
+    post-FFN norm (1 + w, per-token RMS) inverted exactly. branch_target works in float32, hence rtol 1e-5 (its
+    rounding is ~1e-7 relative; a wrong inverse, e.g. w for 1 + w or a missing RMS, is off by O(1))."""
+    dense = load_decoder(tiny_model_dir(kind), torch.float64)
+    ids = torch.tensor([make_samples(1, seed=9)[0].ids])
+    got: dict[tuple[str, int], torch.Tensor] = {}
+    hooks = []
+    for i, blk in enumerate(dense.layers):
+        norm = blk.pre_feedforward_layernorm if blk.gemma else blk.post_attention_layernorm
+        hooks += [norm.register_forward_pre_hook(lambda m, a, i=i: got.__setitem__(("mid", i), a[0][0].clone())),
+                  blk.mlp.register_forward_hook(lambda m, a, o, i=i: got.__setitem__(("y", i), o[0].clone())),
+                  blk.register_forward_hook(lambda m, a, o, i=i: got.__setitem__(("t", i), o[0].clone()))]
+    try:
+        with torch.no_grad():
+            dense.setup_caches(1, ids.shape[1])
+            dense.hidden_states(ids, 0, phase="prefill")
+    finally:
+        for h in hooks:
+            h.remove()
+    for i, blk in enumerate(dense.layers):
+        mid, y, t = got["mid", i], got["y", i], got["t", i]
+        assert mid.dtype == torch.float64 and y.abs().max() > 0.1
+        target = branch_target(blk, mid, t, y)
+        err = ((target - y).abs().max() / y.abs().max()).item()
+        print(f"{kind} layer {i}: max |branch_target - y| / max |y| = {err:.2e}")
+        torch.testing.assert_close(target, y, rtol=1e-5, atol=1e-5 * y.abs().max().item())
+        if blk.gemma:  # the post-FFN norm really moves the branch: t - mid is not y
+            assert ((t - mid) - y).abs().max() > 0.1 * y.abs().max()
+
+
 @pytest.mark.parametrize("kind, method, layers", [("llama", "griffin", "all"), ("gemma2", "cats", "all"),
                                                   ("qwen2", "griffin", "1")])
 def test_sequential_metrics_match_whole_model_forwards(tiny_model_dir, tmp_path, kind, method, layers,

@@ -77,6 +77,8 @@ KINDS: tuple[str, ...] = tuple(CONFIGS)
 # Not in KINDS (no test runs over them all): Gemma 2 with head_dim 16, what ONNX Runtime's GroupQueryAttention
 # kernel needs (a multiple of 16), so the --target onnxruntime graphs run its soft-cap and sliding window.
 CONFIGS["gemma2-hd16"] = ("gemma2", {**CONFIGS["gemma2"][1], "head_dim": 16})
+# Gemma 2 with its own lm_head (Gemma2Config ties by default; some fine-tunes untie): the head must be read.
+CONFIGS["gemma2-untied"] = ("gemma2", {**CONFIGS["gemma2"][1], "tie_word_embeddings": False})
 SLIDING_KINDS = ("mistral", "qwen2", "gemma2")
 
 

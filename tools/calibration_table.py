@@ -17,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from caprese.calibration.problems import EVAL_MAX_NEW_TOKENS  # noqa: E402  (the one reply budget of caprese eval)
+
 BIN = Path(sys.executable).parent
 # name -> (eval flags or artifact to build, calibrate args or None)
 ROWS = [
@@ -58,7 +61,8 @@ def main() -> int:
     ap.add_argument("--out", default="out/table")
     ap.add_argument("--model", default=None, help="model folder (default: caprese fetch-default)")
     ap.add_argument("--limit", type=int, default=200, help="problems of the built-in arithmetic task")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=EVAL_MAX_NEW_TOKENS,
+                    help="reply budget per problem (default %(default)s, caprese eval's own default)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--synthetic", type=int, default=192)
     ap.add_argument("--response-tokens", type=int, default=40)

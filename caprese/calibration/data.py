@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
-from caprese.calibration.problems import calibration_prompt, problems
+from caprese.calibration.problems import PROBLEM_SET_VERSION, calibration_prompt, problems
 from caprese.errors import CapreseError
 from caprese.model.generation import generate
 from caprese.model.tokenizer import encode_prompt
@@ -273,16 +273,17 @@ def _lock(f) -> None:
 
 
 def synthetic_samples(text_model, n: int, cache_dir: str | Path, response_tokens: int = 64, batch_size: int = 16,
-                      seed: int = 0, progress: bool = True) -> list[Sample]:
+                      seed: int = 0, progress: bool = True, threads: int | None = None) -> list[Sample]:
     """n samples: problems("train", n, seed) as chat prompts (calibration_prompt: "Please reason step by step.
     ..."), each answered greedily by the DENSE `text_model`; response = the generated tokens up to and including
     EOS when one is produced, at most `response_tokens`.
 
     Cached in `cache_dir/synthetic-<key>.jsonl`, the key hashing everything that decides the tokens but not n
-    (model fingerprint, tokenizer files, stop ids, weight dtype, response_tokens, seed, chat). Records are
-    appended batch by batch (flushed and fsynced), so an interrupted run resumes after its last finished batch,
-    and a call for n' <= the cached count returns without running the model. Problem i is the same for every n,
-    so one cache serves all sizes.
+    (model fingerprint, tokenizer files, stop ids, weight dtype, response_tokens, seed, chat, problem set version).
+    Records are appended batch by batch (flushed and fsynced), so an interrupted run resumes after its last finished
+    batch, and a call for n' <= the cached count returns without running the model. Problem i is the same for every n,
+    so one cache serves all sizes. `threads`: CPU intra-op threads, by default one per free CPU
+    (caprese.cpu_threads).
     """
     from caprese.calibration.artifact import fingerprint
     from caprese.calibration.methods import efficient_layers
@@ -299,7 +300,7 @@ def synthetic_samples(text_model, n: int, cache_dir: str | Path, response_tokens
     eos_ids = tuple(int(e) for e in text_model.eos_ids)
     settings = {"fingerprint": fingerprint(model_dir), "tokenizer": _tokenizer_hash(model_dir),
                 "eos_ids": list(eos_ids), "dtype": str(text_model.decoder.model.embed_tokens.weight.dtype),
-                "response_tokens": response_tokens, "seed": seed, "chat": chat}
+                "response_tokens": response_tokens, "seed": seed, "chat": chat, "problems": PROBLEM_SET_VERSION}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
     cache_dir = Path(cache_dir)
     path = cache_dir / f"synthetic-{key}.jsonl"
@@ -351,7 +352,7 @@ def synthetic_samples(text_model, n: int, cache_dir: str | Path, response_tokens
                                        f"({response_tokens}) exceeds the model's context of {limit}")
                 # No stop ids here: generate() drops the stop token and does not say which one it was, so run
                 # to the cap and cut at the first stop id ourselves (greedy, so the tokens are the same).
-                out = generate(text_model.decoder, batch, response_tokens, Sampling(), eos_ids=())
+                out = generate(text_model.decoder, batch, response_tokens, Sampling(), eos_ids=(), threads=threads)
                 lines = []
                 for i, p, toks in zip(idx, batch, out.tokens):
                     cut = next((j for j, t in enumerate(toks) if t in eos_ids), None)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from caprese.calibration.problems import EVAL_MAX_NEW_TOKENS
 from caprese.cli.options import method_options
 from caprese.errors import CapreseError
 
@@ -42,13 +43,15 @@ def format_table(rows: list[list[str]]) -> str:
 @click.option("--reselect-every", default=0, show_default=True, type=click.IntRange(min=0), metavar="N",
               help="GRIFFIN reselection: every N decode steps re-run the new tokens densely and re-pick neurons "
                    "(0 = off).")
-@click.option("-n", "--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
+@click.option("-n", "--max-new-tokens", default=EVAL_MAX_NEW_TOKENS, show_default=True, type=click.IntRange(min=1),
               help="Longest reply per problem (EOS stops earlier).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Prompts generated together (left-padded; does not change greedy answers).")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
               help="Weights and activations dtype.")
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1 ...")
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="CPU intra-op threads. Default: one per CPU not busy with other work, re-read every second.")
 @click.option("--no-chat", is_flag=True, help="Send prompts as plain text instead of a chat-template user turn.")
 @click.option("--no-dense", is_flag=True, help="Skip the dense reference run.")
 @click.option("--save", default=None, type=click.Path(path_type=str, dir_okay=False), metavar="FILE",
@@ -56,7 +59,7 @@ def format_table(rows: list[list[str]]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--quiet", is_flag=True, help="No progress bar on stderr.")
 def eval_command(src, task_spec, limit, method, density, layers, base_model, reselect_every, max_new_tokens,
-                 batch_size, precision, device, no_chat, no_dense, save, as_json, quiet) -> None:
+                 batch_size, precision, device, threads, no_chat, no_dense, save, as_json, quiet) -> None:
     """Greedy accuracy of SRC on a math task, next to the dense model on the same problems.
 
     \b
@@ -85,7 +88,8 @@ def eval_command(src, task_spec, limit, method, density, layers, base_model, res
         raise CapreseError("--base-model applies to a calibration artifact only; "
                            f"{src} is a plain model folder (no caprese.json)")
     task = load_task(task_spec, limit)
-    kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, chat=not no_chat, progress=not quiet)
+    kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, chat=not no_chat, progress=not quiet,
+                  threads=threads)
     artifact = is_artifact(src)
     tm = open_source(src, None if method == "dense" and not artifact else method, density, layers, precision,
                      device, base_model)

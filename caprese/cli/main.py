@@ -45,6 +45,8 @@ def fetch_default_cmd(force: bool) -> None:
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
               help="Weights and activations dtype (reductions stay in fp32).")
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1 ...")
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="CPU intra-op threads. Default: one per CPU not busy with other work, re-read every second.")
 @sampling_options
 @method_options
 @click.option("--base-model", default=None, type=click.Path(path_type=str),
@@ -53,7 +55,7 @@ def fetch_default_cmd(force: bool) -> None:
               help="For an engine folder: what runs it (default onnxruntime; the same as `caprese run`).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text + latency) instead of streaming.")
 def generate_cmd(model_dir, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, seed, reselect_every,
-                 precision, device, method, density, layers, base_model, backend, as_json) -> None:
+                 precision, device, threads, method, density, layers, base_model, backend, as_json) -> None:
     """Generate a reply with the PyTorch reference decoder, or with an engine folder's runtime.
 
     MODEL_DIR is a local Hugging Face folder, or a calibration artifact from `caprese calibrate` (which names
@@ -75,7 +77,7 @@ def generate_cmd(model_dir, prompt, chat, system, max_new_tokens, temperature, t
         if method is not None or base_model is not None or precision != "fp32":
             raise CapreseError(f"{model_dir} is an engine folder: its method and precision were fixed at export; "
                                "drop --method/--precision/--base-model (or pass the model folder)")
-        run_engine(model_dir, prompt, chat, system, max_new_tokens, backend or "onnxruntime", None, device, None,
+        run_engine(model_dir, prompt, chat, system, max_new_tokens, backend or "onnxruntime", threads, device, None,
                    temperature, top_k, top_p, seed, reselect_every, False, as_json)
         return
     if backend is not None:
@@ -85,7 +87,7 @@ def generate_cmd(model_dir, prompt, chat, system, max_new_tokens, temperature, t
     model = open_source(model_dir, method, density, layers, precision, device, base_model)
     stream = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     result = model.generate(prompt, chat, system, max_new_tokens, Sampling(temperature, top_k, top_p, seed), stream,
-                            reselect_every)
+                            reselect_every, threads)
     if as_json:
         click.echo(json.dumps({**result.to_dict(), "model_dir": str(model_dir), "method": model.label,
                                "backend": "torch", "device": device, "precision": precision}))

@@ -25,7 +25,8 @@ def engine_options(f):
                           "ONNX Runtime, each decode step in caprese's C kernel, compiled at first use); TensorRT "
                           "plans; or the PyTorch reference decoder of the exported model."),
         click.option("--threads", default=None, type=click.IntRange(min=1),
-                     help="Intra-op threads (ONNX Runtime / native / torch). Default: the backend's own choice."),
+                     help="Intra-op threads (ONNX Runtime / native / torch). Default: ONNX Runtime and torch use "
+                          "one per CPU not busy with other work; native its own choice."),
         click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]),
                      help="onnxruntime / torch device. Default: cuda where the backend can use it, else cpu."),
         click.option("--cuda-graph/--no-cuda-graph", default=None,

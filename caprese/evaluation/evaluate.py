@@ -17,6 +17,7 @@ import dataclasses
 import sys
 import time
 
+from caprese.calibration.problems import EVAL_MAX_NEW_TOKENS
 from caprese.errors import CapreseError
 from caprese.evaluation.answers import extract_answer, is_correct
 from caprese.evaluation.tasks import Task
@@ -82,9 +83,12 @@ def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def evaluate(text_model, task: Task, max_new_tokens: int = 256, batch_size: int = 8, chat: bool = True,
-             progress: bool = True, reselect_every: int = 0) -> EvalResult:
-    """Greedy replies to every prompt of `task`, scored against its golds. See the module docstring."""
+def evaluate(text_model, task: Task, max_new_tokens: int = EVAL_MAX_NEW_TOKENS, batch_size: int = 8, chat: bool = True,
+             progress: bool = True, reselect_every: int = 0, threads: int | None = None) -> EvalResult:
+    """Greedy replies to every prompt of `task`, scored against its golds. See the module docstring.
+
+    `threads`: CPU intra-op threads; by default one per free CPU, re-read as the load changes (caprese.cpu_threads).
+    """
     if max_new_tokens < 1:
         raise CapreseError(f"max_new_tokens must be at least 1; got {max_new_tokens}")
     if batch_size < 1:
@@ -105,15 +109,16 @@ def evaluate(text_model, task: Task, max_new_tokens: int = 256, batch_size: int 
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(ids), desc=f"eval {text_model.label}", unit="q", file=sys.stderr, leave=False)
+        # one tick per problem, as soon as its reply ends inside the batch, so the rate and ETA move steadily
+        bar = tqdm(total=len(ids), desc=f"eval {text_model.label}", unit="problem", file=sys.stderr, leave=False,
+                   bar_format="{desc}: {n_fmt}/{total_fmt} problems |{bar}| [{elapsed}<{remaining}, {rate_fmt}]")
     try:
         for group in _batches([len(x) for x in ids], batch_size):
             res = generate(text_model.decoder, [ids[i] for i in group], max_new_tokens, Sampling(),
-                           text_model.eos_ids, None, reselect_every)
+                           text_model.eos_ids, None, reselect_every, threads,
+                           on_row_done=None if bar is None else (lambda i: bar.update(1)))
             for i, toks, reason in zip(group, res.tokens, res.stop_reason):
                 replies[i] = (toks, reason)
-            if bar is not None:
-                bar.update(len(group))
     finally:
         if bar is not None:
             bar.close()

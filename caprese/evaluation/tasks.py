@@ -1,6 +1,6 @@
 """Evaluation tasks: a name and a list of (prompt text, gold answer) pairs.
 
-    load_task("arithmetic", 200)          # the built-in test split: disjoint from the first 2,000 calibration problems
+    load_task("arithmetic", 200)          # the built-in test split: disjoint from every calibration problem
     load_task("jsonl:gsm8k_test.jsonl")   # GSM8K lines {"question", "answer": "...#### 42"}
     load_task("jsonl:mine.jsonl", 50)     # or {"prompt", "answer"} lines, used as they are
 

@@ -103,12 +103,28 @@ def safe_member(folder: Path, name, what: str) -> Path:
     return folder / name
 
 
+def _not_an_engine(folder: Path) -> None:
+    """No manifest.json: say what the folder is instead, and the command that makes an engine of it."""
+    from caprese.calibration.artifact import MANIFEST as ARTIFACT
+
+    fix = f"export it first: caprese-export {folder} -o ENGINE_DIR, then run ENGINE_DIR"
+    if any((folder / n).is_file() for n in ("decode.onnx", "prefill.onnx", "weights.bin")):
+        raise CapreseError(f"{MANIFEST} not found in {folder}: the engine folder is incomplete; export again")
+    if (folder / ARTIFACT).is_file():
+        raise CapreseError(f"{folder} is a calibration artifact, not an engine folder; {fix}")
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        raise CapreseError(f"{folder} is a Hugging Face model folder, not an engine folder; {fix}")
+    raise CapreseError(f"{MANIFEST} not found in {folder}: not an engine folder from caprese-export")
+
+
 def load_manifest(engine_dir: str | Path, check_files: bool = True) -> Manifest:
     """Read and validate ENGINE_DIR/manifest.json; every problem is one CapreseError line."""
     folder = Path(engine_dir)
     if not folder.is_dir():
         raise CapreseError(f"engine folder not found: {folder}")
-    data = read_json(folder / MANIFEST, MANIFEST)
+    if not (folder / MANIFEST).is_file():
+        _not_an_engine(folder)
+    data = read_json(folder / MANIFEST, MANIFEST, fix=f"export again (caprese-export SRC -o {folder} --force)")
     if data.get("format") != FORMAT:
         raise CapreseError(f"{folder / MANIFEST} is not a caprese engine manifest (format {data.get('format')!r})")
     version = data.get("version")

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from caprese.cpu_threads import TorchThreads
 from caprese.model.decoder import Decoder
 from caprese.model.sampling import Sampling, sample
 
@@ -100,14 +101,27 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return torch.tensor([[pad_id] * n + p for n, p in zip(pads, prompts)]), torch.tensor(pads)
 
 
-@torch.inference_mode()
 def generate(model: Decoder, prompts: list[int] | list[list[int]], max_new_tokens: int,
              sampling: Sampling = Sampling(), eos_ids: tuple[int, ...] = (),
-             on_token: Callable[[int], None] | None = None, reselect_every: int = 0) -> GenerationResult:
+             on_token: Callable[[int], None] | None = None, reselect_every: int = 0,
+             threads: int | None = None, on_row_done: Callable[[int], None] | None = None) -> GenerationResult:
     """Generate for one prompt (list of ids) or a batch (list of lists, left-padded) until EOS or max_new_tokens.
 
-    `on_token` streams batch-1 tokens as they are chosen. The KV cache is reused when big enough.
+    `on_token` streams batch-1 tokens as they are chosen; `on_row_done(i)` is called as soon as row i of the
+    batch is finished (its stop token, or the last step), e.g. for a per-prompt progress bar. The KV cache is
+    reused when big enough. On the CPU the loop runs on `threads` intra-op threads, by default one per free CPU
+    (caprese.cpu_threads).
     """
+    args = (model, prompts, max_new_tokens, sampling, eos_ids, on_token, reselect_every, on_row_done)
+    if model.model.embed_tokens.weight.device.type != "cpu":
+        return _generate(*args, None)
+    with TorchThreads(threads) as tt:
+        return _generate(*args, tt)
+
+
+@torch.inference_mode()
+def _generate(model, prompts, max_new_tokens, sampling, eos_ids, on_token, reselect_every, on_row_done,
+              tt: TorchThreads | None) -> GenerationResult:
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     batch_prompts = prompts if prompts and isinstance(prompts[0], (list, tuple)) else [prompts]
@@ -136,6 +150,9 @@ def generate(model: Decoder, prompts: list[int] | list[list[int]], max_new_token
     produced, steps = [first], []
     if on_token is not None and b == 1 and not bool(done[0]):
         on_token(int(first[0]))
+    if on_row_done is not None:
+        for i in done.nonzero().flatten().tolist():
+            on_row_done(i)
     if not bool(done.all()):
         last = time.perf_counter()
 
@@ -149,10 +166,18 @@ def generate(model: Decoder, prompts: list[int] | list[list[int]], max_new_token
             last = now
             if on_token is not None and b == 1 and not bool(finished[0]):
                 on_token(int(tok[0]))
+            if on_row_done is not None:
+                for i in (finished & ~done).nonzero().flatten().tolist():
+                    on_row_done(i)
             done = done | finished
+            if tt is not None:
+                tt.tick()
             return stop
 
         decode_n_tokens(model, first, t, max_new_tokens - 1, sampling, generator, pad, on_step, reselect_every)
+    if on_row_done is not None:  # rows that ran to max_new_tokens
+        for i in (~done).nonzero().flatten().tolist():
+            on_row_done(i)
 
     seqs, reasons = [], []
     all_tokens = torch.stack(produced, dim=1).tolist()

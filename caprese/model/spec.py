@@ -65,14 +65,15 @@ class ModelSpec:
         return cls(**d)
 
 
-def read_json(path: Path, what: str) -> dict:
-    """Read a JSON object, turning every way it can be wrong into a one-line CapreseError."""
+def read_json(path: Path, what: str, fix: str = "re-download or re-save the model") -> dict:
+    """Read a JSON object, turning every way it can be wrong into a one-line CapreseError; `fix` says what to do
+    about a file that is not valid JSON (an engine's manifest: export again)."""
     if not path.is_file():
         raise CapreseError(f"{what} not found: {path}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CapreseError(f"{what} is not valid JSON ({path}: {e}); re-download or re-save the model") from None
+        raise CapreseError(f"{what} is not valid JSON ({path}: {e}); {fix}") from None
     if not isinstance(data, dict):
         raise CapreseError(f"{what} must hold a JSON object: {path}")
     return data
@@ -167,7 +168,8 @@ def _spec_from_config(cfg, model_dir: Path) -> ModelSpec:
         qkv_bias=True if mt == "qwen2" else attention_bias,
         o_bias=False if mt == "qwen2" else attention_bias,
         mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
-        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)) or gemma,
+        # as transformers does: the config decides (Gemma2Config defaults to tied when the key is absent)
+        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
         sliding_windows=tuple(windows),
         qk_norm=mt == "qwen3",
         gemma_norms=gemma,

@@ -58,15 +58,18 @@ class TextModel:
 
     def generate(self, prompt: str | list[int], chat: bool = False, system: str | None = None,
                  max_new_tokens: int = 256, sampling: Sampling = Sampling(),
-                 on_text: Callable[[str], None] | None = None, reselect_every: int = 0) -> TextResult:
-        """Reply to `prompt` (text, or token ids used as they are); `on_text` receives text pieces as they form."""
+                 on_text: Callable[[str], None] | None = None, reselect_every: int = 0,
+                 threads: int | None = None) -> TextResult:
+        """Reply to `prompt` (text, or token ids used as they are); `on_text` receives text pieces as they form.
+        `threads`: CPU intra-op threads, by default one per free CPU (caprese.cpu_threads)."""
         ids = list(prompt) if isinstance(prompt, (list, tuple)) else self.encode(prompt, chat, system)
         limit = self.decoder.spec.max_position_embeddings
         if len(ids) + max_new_tokens > limit:
             raise CapreseError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                                f"context of {limit}; ask for fewer new tokens")
         on_token = None if on_text is None else TextStreamer(self.tokenizer, on_text)
-        result = generate(self.decoder, ids, max_new_tokens, sampling, self.eos_ids, on_token, reselect_every)
+        result = generate(self.decoder, ids, max_new_tokens, sampling, self.eos_ids, on_token, reselect_every,
+                          threads)
         if on_token is not None:
             on_token.flush()
         tokens = result.tokens[0]

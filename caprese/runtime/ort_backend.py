@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from caprese import cpu_threads
 from caprese.errors import CapreseError
 from caprese.export import contract as C
 from caprese.runtime.backend import Backend, PrefillOut, kv_slots
@@ -82,7 +83,7 @@ class OrtBackend(Backend):
     graphs = C.GRAPHS  # the sessions this backend opens (the native backend runs its own decode step)
 
     def __init__(self, manifest, threads: int | None = None, kv_policy: str | int = "fit", device: str | None = None,
-                 share_weights: bool = False):
+                 share_weights: bool = False, spinning: bool | None = None):
         super().__init__(manifest)
         ort = self.ort = import_onnxruntime()
         lay = self.layout
@@ -100,6 +101,14 @@ class OrtBackend(Backend):
         self.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else \
             ["CPUExecutionProvider"]
         self.threads, self.kv_policy, self.share_weights = threads, kv_policy, share_weights
+        # CPU: one thread per free CPU unless told (caprese.cpu_threads); ORT's own default is every core. Its
+        # pool spins between ops (ORT's default, ~20% faster when idle: docs/performance.md) when the count is
+        # explicit or every usable CPU was free; a pool sized around busy CPUs blocks instead, since spinning
+        # workers next to other work cost 1.5-4.4x (tools/bench_threads.py). spinning=True/False forces it.
+        self.intra_threads = cpu_threads.resolve(threads) if device == "cpu" else int(threads or 0)
+        if spinning is None:
+            spinning = bool(threads) or device != "cpu" or self.intra_threads >= cpu_threads.usable_cpus()
+        self.spinning = bool(spinning)
         self.sessions = {g: self._session(g) for g in self.graphs}
         self.dtype = _NP[lay.dtype]
         self.fold = FoldInto(manifest)  # into the host arrays (on CPU: the bound buffers themselves)
@@ -126,8 +135,10 @@ class OrtBackend(Backend):
         ort = self.ort
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        opts.intra_op_num_threads = int(self.threads or 0)
+        opts.intra_op_num_threads = self.intra_threads
         opts.inter_op_num_threads = 1
+        if not self.spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.share_weights:  # no per-session packed copies: both sessions read the mapped weights.bin
             opts.add_session_config_entry("session.disable_prepacking", "1")
         path = self.manifest.file(graph)
@@ -226,5 +237,5 @@ class OrtBackend(Backend):
         return self._logits()
 
     def describe(self) -> dict:
-        return {"providers": self.providers, "threads": self.threads or 0, "kv_policy": self.kv_policy,
-                "share_weights": self.share_weights}
+        return {"providers": self.providers, "threads": self.intra_threads, "kv_policy": self.kv_policy,
+                "share_weights": self.share_weights, "spinning": self.spinning}

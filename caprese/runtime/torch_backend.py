@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from caprese import cpu_threads
 from caprese.errors import CapreseError
 from caprese.export import contract as C
 from caprese.export.folding import select_neurons
@@ -69,10 +70,10 @@ class TorchBackend(Backend):
         from caprese.calibration.methods import efficient_layers
 
         super().__init__(manifest)
-        if threads:
-            torch.set_num_threads(int(threads))
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if threads or device == "cpu":  # on the CPU: one thread per free CPU unless told (caprese.cpu_threads)
+            torch.set_num_threads(cpu_threads.resolve(threads))
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise CapreseError(f"device {device!r} was asked for but torch sees no CUDA GPU; use cpu")
         self.device = self.logits_device = device
