@@ -439,3 +439,20 @@ def test_gptq_is_sequential_each_layer_sees_the_quantized_layers_below(tiny_mode
             assert torch.equal(qt.codes, got[name].codes) and torch.equal(qt.scales, got[name].scales), name
             with torch.no_grad():
                 mod.weight.copy_(linear_weight(qt, axis))
+
+
+def test_row_blocks_are_per_channel_scales():
+    """block_size ROW (0): one scale per row, the layout TensorRT takes for INT8 weights; int8's default."""
+    from caprese.model.quantization import ROW, default_block
+
+    assert WeightFormat.parse("int8").block_size == ROW == default_block(8) and WeightFormat.parse("int4").block_size == 32
+    assert WeightFormat.parse("int4", "row").block_size == ROW and WeightFormat.parse("int8", "64").block_size == 64
+    fmt = WeightFormat(8, ROW, "fp32")
+    w = torch.randn(5, 40, generator=torch.Generator().manual_seed(3))
+    qt = quantize_rtn(w, fmt)
+    assert tuple(qt.scales.shape) == (5, 1) and fmt.nbytes(5, 40) == 5 * 40 + 5 * 4
+    ref = w.double().abs().amax(1, keepdim=True) / 127
+    np.testing.assert_array_equal(qt.scales.numpy(), ref.float().numpy())
+    assert (w - qt.dequantize()).abs().le(qt.scales.float() / 2 + 1e-7).all()
+    with pytest.raises(CapreseError, match="block size"):
+        WeightFormat.parse("int8", "17")

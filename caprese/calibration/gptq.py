@@ -87,8 +87,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat
         raise CapreseError(f"{name}: Hessian shape {list(hessian.shape)} does not match {n_in} input features")
     if not torch.isfinite(weight).all() or not torch.isfinite(hessian).all():
         raise CapreseError(f"{name}: the weight or its input Hessian contains inf or NaN")
-    bsz = fmt.block_size
     along_in = block_axis == "in"
+    bsz = fmt.block(n_in if along_in else n_out)
     batch = max(bsz, config.batch // bsz * bsz)  # a block never straddles two lazy batches
 
     dev = weight.device

@@ -57,6 +57,8 @@ from caprese.errors import CapreseError
 
 BITS = (4, 8)
 BLOCK_SIZES = (32, 64, 128)
+ROW = 0  # block_size 0: one block per row (per-channel scales): the only INT8 layout TensorRT's IDequantizeLayer
+#          takes for weights (it block-quantizes INT4 / FP8 / FP4 only), hence int8's default
 SCALE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 BLOCK_AXES = ("in", "out")  # which nn.Linear axis a weight's blocks run along (see `stored_shape`)
 SCHEME = "symmetric-absmax"  # recorded in to_dict: the rule above (absmax / qmax, zero point 0, ties to even)
@@ -65,7 +67,8 @@ _ROW_CHUNK = 4096  # rows quantized at a time: bounds the float64 temporaries of
 
 @dataclasses.dataclass(frozen=True)
 class WeightFormat:
-    """int{bits}, blocks of `block_size` along the last axis, `scale_dtype` ("fp16" | "fp32") scales."""
+    """int{bits}, blocks of `block_size` along the last axis (ROW = 0: the whole row, one scale per row),
+    `scale_dtype` ("fp16" | "fp32") scales."""
 
     bits: int = 4
     block_size: int = 32
@@ -74,18 +77,37 @@ class WeightFormat:
     def __post_init__(self):
         if isinstance(self.bits, bool) or self.bits not in BITS:
             raise CapreseError(f"weights int{self.bits} are not supported: use int4 or int8")
-        if isinstance(self.block_size, bool) or self.block_size not in BLOCK_SIZES:
-            raise CapreseError(f"block size {self.block_size} is not supported: use 32, 64 or 128")
+        if isinstance(self.block_size, bool) or self.block_size not in BLOCK_SIZES + (ROW,):
+            raise CapreseError(f"block size {self.block_size} is not supported: use 32, 64, 128 or row")
         if self.scale_dtype not in SCALE_DTYPES:
             raise CapreseError(f"scale dtype {self.scale_dtype!r} is not supported: use fp16 or fp32")
 
     @classmethod
-    def parse(cls, weights: str, block_size: int = 32, scale_dtype: str = "fp16") -> "WeightFormat":
-        """From the CLI spelling: weights "int4" | "int8"."""
+    def parse(cls, weights: str, block_size: int | str | None = None, scale_dtype: str = "fp16") -> "WeightFormat":
+        """From the CLI spelling: weights "int4" | "int8"; block_size 32 | 64 | 128 | "row" (None: the default of
+        the bit width, `default_block`)."""
         name = str(weights).strip().lower()
         if not (name.startswith("int") and name[3:].isdigit()):
             raise CapreseError(f"--weights {weights!r} is not a weight format: use int4 or int8")
-        return cls(int(name[3:]), int(block_size), scale_dtype)
+        bits = int(name[3:])
+        if block_size is None:
+            block_size = default_block(bits)
+        elif str(block_size).strip().lower() in ("row", "channel"):
+            block_size = ROW
+        else:
+            try:
+                block_size = int(block_size)
+            except ValueError:
+                raise CapreseError(f"--block-size {block_size!r} is not a block size: use 32, 64, 128 or row") from None
+        return cls(bits, block_size, scale_dtype)
+
+    def block(self, cols: int) -> int:
+        """Elements per block of a row of `cols` elements."""
+        return cols if self.block_size == ROW else self.block_size
+
+    @property
+    def block_name(self) -> str:
+        return "row" if self.block_size == ROW else str(self.block_size)
 
     @property
     def name(self) -> str:
@@ -105,6 +127,10 @@ class WeightFormat:
         if len(shape) != 2:
             raise CapreseError(f"{name}: block quantization needs a 2-D tensor, got shape {list(shape)}")
         n = shape[1]
+        if self.block_size == ROW:
+            if n < 1 or n * self.bits % 8:
+                raise CapreseError(f"{name}: {axis} = {n} cannot be stored as whole bytes of int{self.bits}")
+            return
         if n % self.block_size:
             fits = [str(b) for b in BLOCK_SIZES if n % b == 0]
             hint = (f"use block size {' or '.join(fits)}" if fits else
@@ -115,7 +141,7 @@ class WeightFormat:
         return rows * cols * self.bits // 8
 
     def scale_bytes(self, rows: int, cols: int) -> int:
-        return rows * (cols // self.block_size) * torch.finfo(self.torch_scale_dtype).bits // 8
+        return rows * (cols // self.block(cols)) * torch.finfo(self.torch_scale_dtype).bits // 8
 
     def nbytes(self, rows: int, cols: int) -> int:
         """Bytes of a [rows, cols] tensor in this format: packed codes + scales."""
@@ -151,7 +177,7 @@ class QuantizedTensor:
         if c.dtype != torch.int8 or c.dim() != 2:
             raise CapreseError(f"quantized codes must be a 2-D int8 tensor, got {c.dtype} {list(c.shape)}")
         f.check_shape(tuple(c.shape), "quantized codes")
-        want = (c.shape[0], c.shape[1] // f.block_size)
+        want = (c.shape[0], c.shape[1] // f.block(c.shape[1]))
         if tuple(s.shape) != want or s.dtype != f.torch_scale_dtype:
             raise CapreseError(f"quantized scales must be {f.scale_dtype} {list(want)}, got {s.dtype} "
                                f"{list(s.shape)}")
@@ -185,11 +211,18 @@ class QuantizedTensor:
         return QuantizedTensor(self.codes.index_select(0, rows), self.scales.index_select(0, rows), self.fmt)
 
 
+def default_block(bits: int) -> int:
+    """int4: blocks of 32 (GenAI's and TensorRT's INT4-AWQ granularity); int8: ROW, per-channel, because TensorRT
+    takes INT8 weights only per-tensor or per-channel, and int8 loses nothing measurable that way."""
+    return 32 if bits == 4 else ROW
+
+
 def block_scales(w: torch.Tensor, fmt: WeightFormat, name: str = "weight") -> torch.Tensor:
     """Scales [R, C / block] in fmt's scale dtype for w [R, C] (see `scales_from_absmax`)."""
     fmt.check_shape(tuple(w.shape), name)
     r, c = w.shape
-    absmax = w.detach().reshape(r, c // fmt.block_size, fmt.block_size).abs().amax(dim=-1)
+    b = fmt.block(c)
+    absmax = w.detach().reshape(r, c // b, b).abs().amax(dim=-1)
     if not torch.isfinite(absmax).all():
         raise CapreseError(f"{name}: contains inf or NaN values; the weights are corrupt")
     return scales_from_absmax(absmax, fmt, name)
@@ -217,11 +250,12 @@ def codes_for(w: torch.Tensor, scale: torch.Tensor, fmt: WeightFormat) -> torch.
 def quantize_with_scales(w: torch.Tensor, scales: torch.Tensor, fmt: WeightFormat) -> QuantizedTensor:
     """Codes for w [R, C] against given block scales [R, C / block] (round to nearest)."""
     r, c = w.shape
-    s = scales.reshape(r, c // fmt.block_size, 1)
+    bs = fmt.block(c)
+    s = scales.reshape(r, c // bs, 1)
     codes = torch.empty(r, c, dtype=torch.int8, device=w.device)
     for a in range(0, r, _ROW_CHUNK):
         b = min(a + _ROW_CHUNK, r)
-        blocks = w[a:b].reshape(b - a, c // fmt.block_size, fmt.block_size)
+        blocks = w[a:b].reshape(b - a, c // bs, bs)
         codes[a:b] = codes_for(blocks, s[a:b], fmt).reshape(b - a, c)
     return QuantizedTensor(codes, scales, fmt)
 
@@ -236,7 +270,7 @@ def quantize_rtn(w: torch.Tensor, fmt: WeightFormat, name: str = "weight") -> Qu
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """codes * scale in float32 (exact for fp16 scales), then cast to dtype: [R, C]."""
     r, c = qt.shape
-    b = qt.fmt.block_size
+    b = qt.fmt.block(c)
     w = qt.codes.reshape(r, c // b, b).to(torch.float32) * qt.scales.to(torch.float32)[..., None]
     return w.reshape(r, c).to(dtype)
 
@@ -292,7 +326,7 @@ def matmul_nbits_weight(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor
     are unsigned with the default zero point 2^(bits-1), so (c + 8) - 8 = c. Scales: [N, K / block] as stored
     (MatMulNBits wants them in the activation dtype: cast fp16 scales to fp32 for an fp32 graph; exact)."""
     n, k = qt.shape
-    b = qt.fmt.block_size
+    b = qt.fmt.block(k)
     flip = 0x88 if qt.fmt.bits == 4 else 0x80
     data = qt.packed() ^ flip
     return data.reshape(n, k // b, b * qt.fmt.bits // 8), qt.scales
