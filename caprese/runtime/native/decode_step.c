@@ -38,6 +38,7 @@
 #include <linux/futex.h>
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -378,6 +379,7 @@ struct Ctx {
     float *sel;                  /* leader: the screened head's lower bounds gathered from the chunks */
     _Alignas(64) int64_t ema_ns[PH_KINDS]; /* typical chunk time per kind (the wait before a chunk is run again) */
     int64_t ns_wait, n_phases;   /* leader: time spent waiting for other threads' chunks; phases run */
+    int64_t spin_ns;             /* how long an idle helper spins before it sleeps */
     Worker workers[MAX_THREADS];
 };
 
@@ -729,8 +731,11 @@ static void backup_loop(Ctx *c, uint64_t e, int tid, int until_done) {
     }
 }
 
-/* Helpers spin this long for the next phase before they sleep (between steps they sleep). */
+/* Helpers spin this long for the next phase before they sleep on a futex (a step's next phase comes within
+ * microseconds, the next step within ~0.1 ms of Python); with more threads than CPUs to run them, a spinning
+ * helper takes a CPU from a thread with work, so they sleep almost at once. */
 #define SPIN_NS 200000
+#define SPIN_NS_OVERSUBSCRIBED 2000
 
 static void *helper_main(void *arg) {
     Worker *w = arg;
@@ -752,7 +757,7 @@ static void *helper_main(void *arg) {
             const int64_t t0 = now_ns();
             int spins = 0;
             while (atomic_load_explicit(&c->epoch, memory_order_acquire) == seen && !atomic_load(&c->shutdown) &&
-                   (++spins < 64 || now_ns() - t0 < SPIN_NS))
+                   (++spins < 64 || now_ns() - t0 < c->spin_ns))
                 cpu_relax();
             if (atomic_load_explicit(&c->epoch, memory_order_acquire) != seen) continue;
         }
@@ -779,9 +784,9 @@ static uint64_t run_phase(Ctx *c, const Phase *ph) {
         atomic_store_explicit(&c->slots[p][i].started, t, memory_order_relaxed);
     }
     const int act = atomic_load_explicit(&c->active, memory_order_relaxed);
-    for (int t = 0; t < c->threads; t++) {
-        const int64_t lo = t < act ? ph->n_chunks * t / act : 0, hi = t < act ? ph->n_chunks * (t + 1) / act : 0;
-        atomic_store_explicit(&c->range[t].w, pack(e, (uint64_t)lo, (uint64_t)hi), memory_order_release);
+    for (int k = 0; k < c->threads; k++) {
+        const int64_t lo = k < act ? ph->n_chunks * k / act : 0, hi = k < act ? ph->n_chunks * (k + 1) / act : 0;
+        atomic_store_explicit(&c->range[k].w, pack(e, (uint64_t)lo, (uint64_t)hi), memory_order_release);
     }
     atomic_store_explicit(&c->epoch, e, memory_order_release);
     if (atomic_load_explicit(&c->active, memory_order_relaxed) > 1) {
@@ -860,6 +865,9 @@ Ctx *caprese_context_new(const Model *m, int64_t threads) {
     memset(c, 0, sizeof(Ctx));
     c->m = m;
     c->threads = (int)threads;
+    cpu_set_t cpus;
+    const int ncpu = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : (int)threads;
+    c->spin_ns = threads > ncpu ? SPIN_NS_OVERSUBSCRIBED : SPIN_NS;
     atomic_store(&c->active, (int)threads);
     c->res_floats = result_floats(m);
     const int64_t D = m->hidden, hc = (m->vocab + HEAD_ROWS - 1) / HEAD_ROWS;
