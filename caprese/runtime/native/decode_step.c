@@ -12,13 +12,18 @@
  *   C  gate/up(/L) product, chunks of rows             D  per block of neurons: activation + down rows (CATS:
  *   H  LM head, chunks of rows (full, or the int8        threshold, then up/down rows of the passing neurons)
  *      screen and then the fp32 recomputation)
- * The calling thread (the leader) publishes a phase; it and the pool's helper threads claim chunks from one
- * atomic counter, compute each into their own result area and commit it with one compare-and-swap; the leader
- * then sums the committed parts in chunk order and does the small serial work (K/V write, residual, norms)
- * before the next phase. Nobody waits for a thread that is not running: a chunk that its claimer has held for
- * twice the usual chunk time is computed again by whoever is waiting (first commit wins, the late copy is
- * dropped), helpers spin briefly and then sleep on a futex, and a helper that falls behind skips to the
- * current phase. The leader never waits for helpers at the end of a step.
+ * The calling thread (the leader) publishes a phase; it and the pool's helper threads each take chunks from the
+ * front of their own range of it (so that, at equal speed, each streams its own contiguous stretch of every
+ * matrix, as a static split does) and, once that is empty, from the back of another's; a thread computes a chunk
+ * into its own result area and commits it with one compare-and-swap. The leader then sums the committed parts
+ * in chunk order and does the small serial work (K/V write, residual, norms) before the next phase. Nobody waits
+ * for a thread that is not running: a chunk that has been held for twice the usual chunk time is computed again
+ * by whoever is waiting (first commit wins, the late copy is dropped), helpers spin briefly and then sleep on a
+ * futex, a helper that falls behind skips to the current phase, and the leader never waits for helpers at the
+ * end of a step. Per layer that is 4 phases where the OpenMP version had 5 barriers that every thread had to
+ * reach. Measured (2 vCPUs, AMD EPYC Zen 4, docs/performance.md 2026-12-02): as fast as that version on idle
+ * cores (within 1-5 %), 0.67-0.80x ONNX Runtime's step next to 1-4 busy processes where it was 0.9-1.2x with
+ * tails of 100-650 ms.
  * Every chunk's arithmetic is fixed by its index, and parts are summed in chunk order, so logits are the same
  * bits whatever the thread count and whoever ran each chunk.
  *
@@ -332,7 +337,7 @@ enum { PH_QKV, PH_ATTN, PH_GATE_UP, PH_DOWN, PH_HEAD_FULL, PH_HEAD_SCREEN, PH_HE
 /* Chunk sizes: rows of the QKV and gate/up products (each chunk's part is as wide as the product, so few
  * chunks), rows of the down product (parts [hidden] wide), rows of the LM head. */
 #define CHUNKS_WIDE 8
-#define HEAD_ROWS 1024
+#define HEAD_ROWS 512
 #define DOWN_BYTES 65536 /* rows of the down product per chunk: about this many floats */
 #define ATT_BLOCK 256  /* attention slots scored at a time (online softmax across blocks) */
 
@@ -342,6 +347,7 @@ typedef struct {  /* what a phase computes; every thread copies it before runnin
     int64_t prev_n, prev_stride; /* the previous phase's (whose results this one reads, at parity p ^ 1) */
     int64_t slot, topk;
     float hn, floor_;  /* screened head: |h|_2 rounded up, the k-th largest lower bound */
+    int64_t t0;        /* when it was published (ns): a chunk claimed but not started yet counts from then */
 } Phase;
 
 typedef struct Ctx Ctx;
@@ -353,10 +359,10 @@ typedef struct { /* a thread of the pool, and what it did (written by that threa
     int64_t stall_every, stall_us, stall_count; /* tests: this thread sleeps inside every stall_every-th chunk */
 } Worker;
 
-typedef struct { /* one chunk of the current phase, on its own cache line */
-    _Alignas(64) _Atomic uint64_t state; /* epoch << 8 | (0x80 | tid of the committed result, or 0) */
+typedef struct { /* one chunk, on its own cache line; tagged with the epoch, so a new phase resets nothing */
+    _Alignas(64) _Atomic uint64_t state; /* epoch << 8 | 0x80 | tid: committed in that epoch by that thread */
     _Atomic int64_t started;             /* when its latest execution started (ns) */
-    _Atomic int runs;                    /* executions started */
+    _Atomic uint64_t runs;               /* epoch << 8 | executions started in that epoch */
 } Slot;
 
 struct Ctx {
@@ -405,8 +411,22 @@ static void futex_wake_all(_Atomic uint32_t *w) {
     syscall(SYS_futex, (uint32_t *)w, FUTEX_WAKE_PRIVATE, MAX_THREADS, NULL, NULL, 0);
 }
 
-static inline uint64_t done_of(uint64_t s) { return s & 0x80; }
 static inline int winner_of(uint64_t s) { return (int)(s & 0x7f); }
+
+/* Chunk i of epoch e is committed (or the phase has moved on). */
+static inline int settled(uint64_t s, uint64_t e) { return (s >> 8) >= e; }
+
+/* Count one more execution of chunk i in epoch e, if fewer than `most` were started (most 0: always). */
+static int count_run(Slot *sl, uint64_t e, uint64_t most) {
+    uint64_t r = atomic_load_explicit(&sl->runs, memory_order_relaxed);
+    for (;;) {
+        const uint64_t n = (r >> 8) == e ? (r & 0xff) : 0;
+        if (most && n >= most) return 0;
+        if (atomic_compare_exchange_weak_explicit(&sl->runs, &r, e << 8 | (n + 1), memory_order_relaxed,
+                                                  memory_order_relaxed))
+            return 1;
+    }
+}
 
 /* The committed result of chunk i of the phase with parity p (its floats at stride `stride`). */
 static inline const float *result(const Ctx *c, int p, int64_t i, int64_t stride) {
@@ -658,9 +678,10 @@ static int execute(Ctx *c, const Phase *ph, uint64_t e, int64_t i, int tid) {
     if (w->stall_every && ++w->stall_count % w->stall_every == 0)
         usleep((useconds_t)w->stall_us); /* tests: a thread descheduled in the middle of a chunk */
     run_chunk(c, ph, i, c->res[tid][p] + i * ph->stride, tid);
-    uint64_t want = e << 8;
-    const int won = atomic_compare_exchange_strong_explicit(&sl->state, &want, (e << 8) | 0x80 | (uint64_t)tid,
-                                                            memory_order_acq_rel, memory_order_acquire);
+    uint64_t s = atomic_load_explicit(&sl->state, memory_order_acquire);
+    int won = 0;
+    while (!settled(s, e) && !(won = atomic_compare_exchange_weak_explicit(
+               &sl->state, &s, e << 8 | 0x80 | (uint64_t)tid, memory_order_acq_rel, memory_order_acquire))) {}
     const int64_t d = now_ns() - t0;
     if (tid == 0) { /* the typical chunk time: a preempted run (over 4x) only nudges it */
         int64_t *ema = &c->ema_ns[ph->kind];
@@ -698,7 +719,7 @@ static int64_t claim(Ctx *c, uint64_t e, int tid) {
 static void claim_loop(Ctx *c, uint64_t e, int tid) {
     const Phase ph = c->phase[e & 1]; /* a copy: valid if a claim below succeeds at epoch e */
     for (int64_t i; (i = claim(c, e, tid)) >= 0;) {
-        atomic_fetch_add_explicit(&c->slots[e & 1][i].runs, 1, memory_order_relaxed);
+        count_run(&c->slots[e & 1][i], e, 0);
         execute(c, &ph, e, i, tid);
     }
 }
@@ -711,19 +732,13 @@ static void backup_loop(Ctx *c, uint64_t e, int tid, int until_done) {
     for (int64_t i = 0; i < ph.n_chunks; i++) {
         for (;;) {
             Slot *sl = &c->slots[p][i];
-            const uint64_t s = atomic_load_explicit(&sl->state, memory_order_acquire);
-            if ((s >> 8) != e || done_of(s)) break; /* committed, or the phase moved on */
-            const int64_t wait = 2 * c->ema_ns[ph.kind] + 20000;
-            const int runs = atomic_load_explicit(&sl->runs, memory_order_relaxed);
-            const int64_t since = now_ns() - atomic_load_explicit(&sl->started, memory_order_relaxed);
-            if (runs < 3 && since > wait) {
-                int expect = runs;
-                if (atomic_compare_exchange_strong_explicit(&sl->runs, &expect, runs + 1, memory_order_relaxed,
-                                                            memory_order_relaxed)) {
-                    c->workers[tid].reruns++;
-                    execute(c, &ph, e, i, tid);
-                    continue;
-                }
+            if (settled(atomic_load_explicit(&sl->state, memory_order_acquire), e)) break;
+            const int64_t wait = 2 * c->ema_ns[ph.kind] + 20000, started = atomic_load_explicit(&sl->started,
+                                                                                                memory_order_relaxed);
+            if (now_ns() - (started > ph.t0 ? started : ph.t0) > wait && count_run(sl, e, 3)) {
+                c->workers[tid].reruns++;
+                execute(c, &ph, e, i, tid);
+                continue;
             }
             if (!until_done) break;
             cpu_relax();
@@ -773,19 +788,16 @@ static void *helper_main(void *arg) {
 static uint64_t run_phase(Ctx *c, const Phase *ph) {
     const uint64_t e = atomic_load_explicit(&c->epoch, memory_order_relaxed) + 1;
     const int p = (int)(e & 1);
-    const int64_t t = now_ns(); /* a chunk claimed but not started yet counts as started now */
+    const int64_t t = now_ns();
     c->phase[p] = *ph;
     c->phase[p].p = p;
     c->phase[p].prev_n = c->phase[p ^ 1].n_chunks;
     c->phase[p].prev_stride = c->phase[p ^ 1].stride;
-    for (int64_t i = 0; i < ph->n_chunks; i++) {
-        atomic_store_explicit(&c->slots[p][i].state, e << 8, memory_order_relaxed);
-        atomic_store_explicit(&c->slots[p][i].runs, 0, memory_order_relaxed);
-        atomic_store_explicit(&c->slots[p][i].started, t, memory_order_relaxed);
-    }
+    c->phase[p].t0 = t;
     const int act = atomic_load_explicit(&c->active, memory_order_relaxed);
     for (int k = 0; k < c->threads; k++) {
-        const int64_t lo = k < act ? ph->n_chunks * k / act : 0, hi = k < act ? ph->n_chunks * (k + 1) / act : 0;
+        const int64_t n = ph->n_chunks; /* the caller's range is the larger one: helpers join a little later */
+        const int64_t lo = k < act ? n - n * (act - k) / act : 0, hi = k < act ? n - n * (act - k - 1) / act : 0;
         atomic_store_explicit(&c->range[k].w, pack(e, (uint64_t)lo, (uint64_t)hi), memory_order_release);
     }
     atomic_store_explicit(&c->epoch, e, memory_order_release);
@@ -802,7 +814,7 @@ static uint64_t run_phase(Ctx *c, const Phase *ph) {
 }
 
 static Phase phase_of(int kind, int64_t layer, int64_t n, int64_t rows, int64_t stride, int64_t slot) {
-    Phase ph = {kind, 0, layer, (n + rows - 1) / rows, rows, stride, 0, 0, slot, 0, 0.0f, 0.0f};
+    Phase ph = {kind, 0, layer, (n + rows - 1) / rows, rows, stride, 0, 0, slot, 0, 0.0f, 0.0f, 0};
     return ph;
 }
 
@@ -885,6 +897,7 @@ Ctx *caprese_context_new(const Model *m, int64_t threads) {
     }
     for (int p = 0; p < 2; p++) {
         c->slots[p] = aligned_alloc(64, sizeof(Slot) * chunks);
+        if (c->slots[p]) memset(c->slots[p], 0, sizeof(Slot) * chunks); /* epoch 0: nothing committed */
         ok &= c->slots[p] != NULL;
     }
     c->x = malloc(sizeof(float) * D); c->h = malloc(sizeof(float) * D); c->y = malloc(sizeof(float) * D);
