@@ -555,6 +555,7 @@ static void stage_cats_down(const Ctx *c, const Phase *ph, int64_t i, float *out
     const int pg = ph->p ^ 1;
     const int64_t D = m->hidden, F = L->n_ff, n = F + L->rank, j0 = i * ph->rows;
     const int64_t j1 = j0 + ph->rows < n ? j0 + ph->rows : n, a1 = j1 < F ? j1 : F, b0 = j0 > F ? j0 : F;
+    const float *restrict h = c->h; /* a local pointer: read through c inside the simd loop, GCC gathers */
     int64_t nrows = 0;
     if (a1 > j0) { /* gu1 is [gate F | L rank]: the gate of neuron j is output j */
         sum_parts(c, pg, ph->prev_n, ph->prev_stride, j0, a1 - j0, L->gu_bias ? L->gu_bias + j0 : NULL, z + j0);
@@ -565,7 +566,7 @@ static void stage_cats_down(const Ctx *c, const Phase *ph, int64_t i, float *out
         const float *w = L->up_t.w + j * L->up_t.ld;
         float u = L->up_bias ? L->up_bias[j] : 0.0f;
 #pragma omp simd reduction(+ : u)
-        for (int64_t k = 0; k < D; k++) u += w[k] * c->h[k];
+        for (int64_t k = 0; k < D; k++) u += w[k] * h[k];
         z[j] *= u;
         rows[nrows++] = (int32_t)j;
     }
@@ -603,17 +604,18 @@ static void stage_head_screen(const Ctx *c, const Phase *ph, int64_t i, float *o
     const Model *m = c->m;
     const int64_t D = m->hidden, v0 = i * ph->rows, v1 = v0 + ph->rows < m->vocab ? v0 + ph->rows : m->vocab;
     const int64_t k = ph->topk;
+    const float *restrict h = c->h;
     float *heap = out + ph->rows, d[4];
     for (int64_t j = 0; j < k; j++) heap[j] = -INFINITY;
     for (int64_t v = v0; v < v1; v += 4) {
         const int64_t k_n = v1 - v < 4 ? v1 - v : 4;
         if (k_n == 4) {
-            dot4_i8(m->head_q + v * D, c->h, D, d);
+            dot4_i8(m->head_q + v * D, h, D, d);
         } else { /* the last rows, one at a time */
             for (int64_t r = 0; r < k_n; r++) {
                 const int8_t *q = m->head_q + (v + r) * D;
                 float t = 0.0f;
-                for (int64_t j = 0; j < D; j++) t += (float)q[j] * c->h[j];
+                for (int64_t j = 0; j < D; j++) t += (float)q[j] * h[j];
                 d[r] = t;
             }
         }
