@@ -21,7 +21,7 @@
  * by whoever is waiting (first commit wins, the late copy is dropped), helpers spin briefly and then sleep on a
  * futex, a helper that falls behind skips to the current phase, and the leader never waits for helpers at the
  * end of a step. Per layer that is 4 phases where the OpenMP version had 5 barriers that every thread had to
- * reach. Measured (2 vCPUs, AMD EPYC Zen 4, docs/performance.md 2026-12-02): as fast as that version on idle
+ * reach. Measured (2 vCPUs, AMD EPYC Zen 4, docs/performance.md, 2026-12-05): as fast as that version on idle
  * cores (within 1-5 %), 0.67-0.80x ONNX Runtime's step next to 1-4 busy processes where it was 0.9-1.2x with
  * tails of 100-650 ms.
  * Every chunk's arithmetic is fixed by its index, and parts are summed in chunk order, so logits are the same
@@ -381,7 +381,7 @@ struct Ctx {
     int64_t res_floats;          /* floats of one res area */
     float *tmp[MAX_THREADS];     /* per thread: its own scratch (activations, scores, a chunk's z) */
     int64_t tmp_floats;
-    float *x, *h, *y, *t;        /* leader: residual stream; the normed input every thread reads; scratch */
+    float *x, *h, *y, *t, *kv;   /* leader: residual stream; the normed input every thread reads; scratch */
     float *sel;                  /* leader: the screened head's lower bounds gathered from the chunks */
     _Alignas(64) int64_t ema_ns[PH_KINDS]; /* typical chunk time per kind (the wait before a chunk is run again) */
     int64_t ns_wait, n_phases;   /* leader: time spent waiting for other threads' chunks; phases run */
@@ -455,18 +455,18 @@ static void stage_qkv(const Ctx *c, const Phase *ph, int64_t i, float *out) {
     gemv_rows(c->h, &L->qkv, NULL, r0, r1, out);
 }
 
-/* The new slot's K (normed, rotated) and V of every KV head, from phase A's parts, into the cache (leader). */
-static void stage_kv_write(Ctx *c, const Phase *a, int pa) {
+/* The new slot's K (normed, rotated) and V of every KV head, from their sums over phase A's parts in c->kv
+ * ([k heads | v heads], bias added), into the cache (leader). */
+static void stage_kv_write(Ctx *c, int64_t li, int64_t slot) {
     const Model *m = c->m;
-    const Layer *L = m->layers + a->layer;
-    const int64_t hd = m->head_dim, Hq = m->num_heads, Hkv = m->num_kv_heads, slot = a->slot, half = hd / 2;
+    const Layer *L = m->layers + li;
+    const int64_t hd = m->head_dim, Hkv = m->num_kv_heads, half = hd / 2;
     for (int64_t kv = 0; kv < Hkv; kv++) {
         float *kd = L->k_cache + (kv * m->capacity + slot) * hd, *vd = L->v_cache + (kv * m->capacity + slot) * hd;
-        const int64_t ko = (Hq + kv) * hd, vo = (Hq + Hkv + kv) * hd;
-        sum_parts(c, pa, a->n_chunks, a->stride, ko, hd, L->qkv_bias ? L->qkv_bias + ko : NULL, c->t);
-        if (L->k_norm) rms_norm(c->t, L->k_norm, kd, hd, m->eps); else memcpy(kd, c->t, sizeof(float) * hd);
+        const float *k = c->kv + kv * hd;
+        if (L->k_norm) rms_norm(k, L->k_norm, kd, hd, m->eps); else memcpy(kd, k, sizeof(float) * hd);
         rope(kd, m->rope_cos + slot * half, m->rope_sin + slot * half, half);
-        sum_parts(c, pa, a->n_chunks, a->stride, vo, hd, L->qkv_bias ? L->qkv_bias + vo : NULL, vd);
+        memcpy(vd, c->kv + (Hkv + kv) * hd, sizeof(float) * hd);
     }
 }
 
@@ -726,25 +726,39 @@ static void claim_loop(Ctx *c, uint64_t e, int tid) {
     }
 }
 
-/* Run again, once, every chunk of epoch e whose execution has run for longer than `wait_ns` (its thread is
- * probably descheduled); the leader keeps doing so until every chunk is committed. */
-static void backup_loop(Ctx *c, uint64_t e, int tid, int until_done) {
-    const int p = (int)(e & 1);
-    const Phase ph = c->phase[p];
-    for (int64_t i = 0; i < ph.n_chunks; i++) {
-        for (;;) {
-            Slot *sl = &c->slots[p][i];
-            if (settled(atomic_load_explicit(&sl->state, memory_order_acquire), e)) break;
-            const int64_t wait = 2 * c->ema_ns[ph.kind] + 20000, started = atomic_load_explicit(&sl->started,
-                                                                                                memory_order_relaxed);
-            if (now_ns() - (started > ph.t0 ? started : ph.t0) > wait && count_run(sl, e, 3)) {
-                c->workers[tid].reruns++;
-                execute(c, &ph, e, i, tid);
-                continue;
-            }
-            if (!until_done) break;
-            cpu_relax();
-        }
+/* Run again every chunk of epoch e (at most twice) whose execution has run for longer than twice the usual
+ * chunk time: its thread is probably descheduled. Helpers pass once over the chunks. */
+static int rerun_if_late(Ctx *c, const Phase *ph, uint64_t e, int64_t i, int tid) {
+    Slot *sl = &c->slots[e & 1][i];
+    const int64_t wait = 2 * c->ema_ns[ph->kind] + 20000;
+    const int64_t started = atomic_load_explicit(&sl->started, memory_order_relaxed);
+    if (now_ns() - (started > ph->t0 ? started : ph->t0) > wait && count_run(sl, e, 3)) {
+        c->workers[tid].reruns++;
+        execute(c, ph, e, i, tid);
+        return 1;
+    }
+    return 0;
+}
+
+static void backup_loop(Ctx *c, uint64_t e, int tid) {
+    const Phase ph = c->phase[e & 1];
+    for (int64_t i = 0; i < ph.n_chunks; i++)
+        if (!settled(atomic_load_explicit(&c->slots[e & 1][i].state, memory_order_acquire), e))
+            rerun_if_late(c, &ph, e, i, tid);
+}
+
+/* What the leader does with each committed chunk, in chunk order, as soon as it is committed: while it waits
+ * for the last chunks of other threads, the parts of the first ones are already added up. */
+typedef void (*Reduce)(Ctx *c, const Phase *ph, int64_t i, const float *r, void *arg);
+
+/* Leader: wait for every chunk of epoch e in order (running late ones again) and reduce each. */
+static void await_all(Ctx *c, uint64_t e, Reduce reduce, void *arg) {
+    const Phase *ph = &c->phase[e & 1];
+    for (int64_t i = 0; i < ph->n_chunks; i++) {
+        Slot *sl = &c->slots[e & 1][i];
+        while (!settled(atomic_load_explicit(&sl->state, memory_order_acquire), e))
+            if (!rerun_if_late(c, ph, e, i, 0)) cpu_relax();
+        if (reduce) reduce(c, ph, i, result(c, ph->p, i, ph->stride), arg);
     }
 }
 
@@ -766,7 +780,7 @@ static void *helper_main(void *arg) {
             seen = e;
             atomic_fetch_add(&c->busy, 1);
             claim_loop(c, e, w->tid);
-            backup_loop(c, e, w->tid, 0);
+            backup_loop(c, e, w->tid);
             atomic_fetch_sub(&c->busy, 1);
             continue;
         }
@@ -786,8 +800,8 @@ static void *helper_main(void *arg) {
     return NULL;
 }
 
-/* Leader: publish phase *ph as the next epoch, work on it, and return once every chunk is committed. */
-static uint64_t run_phase(Ctx *c, const Phase *ph) {
+/* Leader: publish phase *ph as the next epoch, work on it, and return once every chunk is committed and reduced. */
+static uint64_t run_phase(Ctx *c, const Phase *ph, Reduce reduce, void *arg) {
     const uint64_t e = atomic_load_explicit(&c->epoch, memory_order_relaxed) + 1;
     const int p = (int)(e & 1);
     const int64_t t = now_ns();
@@ -809,7 +823,7 @@ static uint64_t run_phase(Ctx *c, const Phase *ph) {
     }
     claim_loop(c, e, 0);
     const int64_t t2 = now_ns();
-    backup_loop(c, e, 0, 1);
+    await_all(c, e, reduce, arg);
     c->ns_wait += now_ns() - t2;
     c->n_phases++;
     return e;
@@ -818,6 +832,53 @@ static uint64_t run_phase(Ctx *c, const Phase *ph) {
 static Phase phase_of(int kind, int64_t layer, int64_t n, int64_t rows, int64_t stride, int64_t slot) {
     Phase ph = {kind, 0, layer, (n + rows - 1) / rows, rows, stride, 0, 0, slot, 0, 0.0f, 0.0f, 0};
     return ph;
+}
+
+/* Reducers. A sum over the chunks of r[off:off + n] (+ bias), into out; unread: CATS' skipped bytes at r[at]. */
+typedef struct { int64_t off, n; const float *bias; float *out; int64_t at, *unread; } Sum;
+
+static void reduce_sum(Ctx *c, const Phase *ph, int64_t i, const float *r, void *arg) {
+    (void)c; (void)ph;
+    const Sum *a = arg;
+    const float *src = r + a->off;
+    if (i == 0) {
+#pragma omp simd
+        for (int64_t j = 0; j < a->n; j++) a->out[j] = src[j] + (a->bias ? a->bias[j] : 0.0f);
+    } else {
+#pragma omp simd
+        for (int64_t j = 0; j < a->n; j++) a->out[j] += src[j];
+    }
+    if (a->unread) {
+        int64_t u;
+        memcpy(&u, r + a->at, sizeof u);
+        *a->unread += u;
+    }
+}
+
+/* Head chunks: their logits into m->logits. */
+static void reduce_logits(Ctx *c, const Phase *ph, int64_t i, const float *r, void *arg) {
+    (void)arg;
+    const int64_t v0 = i * ph->rows, n = v0 + ph->rows < c->m->vocab ? ph->rows : c->m->vocab - v0;
+    memcpy(c->m->logits + v0, r, sizeof(float) * n);
+}
+
+/* Screened head, pass 1: each chunk's k largest lower bounds into c->sel. */
+static void reduce_bounds(Ctx *c, const Phase *ph, int64_t i, const float *r, void *arg) {
+    (void)arg;
+    memcpy(c->sel + i * ph->topk, r + ph->rows, sizeof(float) * ph->topk);
+}
+
+typedef struct { float best; int64_t arg, cand; } Pick;
+
+/* Screened head, pass 2: the logits, and the best row (in vocabulary order: the first of equal maxima wins). */
+static void reduce_pick(Ctx *c, const Phase *ph, int64_t i, const float *r, void *arg) {
+    Pick *a = arg;
+    int64_t v, nc;
+    memcpy(&v, r + ph->rows + 1, sizeof v);
+    memcpy(&nc, r + ph->rows + 3, sizeof nc);
+    a->cand += nc;
+    if (v >= 0 && (a->arg < 0 || r[ph->rows] > a->best)) { a->best = r[ph->rows]; a->arg = v; }
+    reduce_logits(c, ph, i, r, NULL);
 }
 
 static int64_t wide_rows(int64_t hidden) { return (hidden + CHUNKS_WIDE - 1) / CHUNKS_WIDE; }
@@ -866,7 +927,7 @@ void caprese_context_free(Ctx *c) {
         free(c->res[t][0]); free(c->res[t][1]); free(c->tmp[t]);
     }
     free(c->slots[0]); free(c->slots[1]);
-    free(c->x); free(c->h); free(c->y); free(c->t); free(c->sel);
+    free(c->x); free(c->h); free(c->y); free(c->t); free(c->kv); free(c->sel);
     free(c);
 }
 
@@ -905,7 +966,8 @@ Ctx *caprese_context_new(const Model *m, int64_t threads) {
     c->x = malloc(sizeof(float) * D); c->h = malloc(sizeof(float) * D); c->y = malloc(sizeof(float) * D);
     c->t = malloc(sizeof(float) * (D > m->head_dim ? D : m->head_dim));
     c->sel = malloc(sizeof(float) * hc * HEAD_TOPK_MAX);
-    ok &= c->x && c->h && c->y && c->t && c->sel;
+    c->kv = malloc(sizeof(float) * 2 * m->num_kv_heads * m->head_dim);
+    ok &= c->x && c->h && c->y && c->t && c->kv && c->sel;
     for (int t = 1; ok && t < threads; t++) {
         c->workers[t].tid = t;
         c->workers[t].c = c;
@@ -960,12 +1022,8 @@ static int run_head(Ctx *c, int64_t *next, int64_t *skipped) {
     const Model *m = c->m;
     const int64_t D = m->hidden, V = m->vocab;
     if (!next) {
-        Phase ph = phase_of(PH_HEAD_FULL, 0, V, HEAD_ROWS, HEAD_ROWS, 0);
-        const uint64_t e = run_phase(c, &ph);
-        for (int64_t i = 0; i < ph.n_chunks; i++) {
-            const int64_t v0 = i * HEAD_ROWS, n = v0 + HEAD_ROWS < V ? HEAD_ROWS : V - v0;
-            memcpy(m->logits + v0, result(c, (int)(e & 1), i, ph.stride), sizeof(float) * n);
-        }
+        const Phase ph = phase_of(PH_HEAD_FULL, 0, V, HEAD_ROWS, HEAD_ROWS, 0);
+        run_phase(c, &ph, reduce_logits, NULL);
         return 0;
     }
     const int64_t k = next[0];
@@ -974,31 +1032,18 @@ static int run_head(Ctx *c, int64_t *next, int64_t *skipped) {
     Phase s = phase_of(PH_HEAD_SCREEN, 0, V, HEAD_ROWS, HEAD_ROWS + k, 0);
     s.topk = k;
     s.hn = (float)(sqrt(ss) * (1.0 + 1e-6)); /* |h|_2, rounded up */
-    const uint64_t e1 = run_phase(c, &s);
+    run_phase(c, &s, reduce_bounds, NULL);
     /* the k-th largest lower bound over all rows: at least k rows have a logit >= it */
-    for (int64_t i = 0; i < s.n_chunks; i++)
-        memcpy(c->sel + i * k, result(c, (int)(e1 & 1), i, s.stride) + HEAD_ROWS, sizeof(float) * k);
     Phase pk = phase_of(PH_HEAD_PICK, 0, V, HEAD_ROWS, HEAD_ROWS + 5, 0);
     pk.hn = s.hn;
     pk.floor_ = kth_largest(c->sel, s.n_chunks * k, k);
-    const uint64_t e2 = run_phase(c, &pk);
-    float best = -INFINITY;
-    int64_t arg = -1, cand = 0;
-    for (int64_t i = 0; i < pk.n_chunks; i++) { /* in vocabulary order: the first of equal maxima wins */
-        const float *r = result(c, (int)(e2 & 1), i, pk.stride);
-        const int64_t v0 = i * HEAD_ROWS, n = v0 + HEAD_ROWS < V ? HEAD_ROWS : V - v0;
-        int64_t a, nc;
-        memcpy(&a, r + HEAD_ROWS + 1, sizeof a);
-        memcpy(&nc, r + HEAD_ROWS + 3, sizeof nc);
-        cand += nc;
-        if (a >= 0 && (arg < 0 || r[HEAD_ROWS] > best)) { best = r[HEAD_ROWS]; arg = a; }
-        memcpy(m->logits + v0, r, sizeof(float) * n);
-    }
-    if (arg < 0) return 3;
-    next[0] = arg;
-    next[1] = cand;
+    Pick best = {-INFINITY, -1, 0};
+    run_phase(c, &pk, reduce_pick, &best);
+    if (best.arg < 0) return 3;
+    next[0] = best.arg;
+    next[1] = best.cand;
     *skipped += V * D * (int64_t)(sizeof(float) - sizeof(int8_t)) - V * (int64_t)(2 * sizeof(float))
-                - cand * D * (int64_t)sizeof(float);
+                - best.cand * D * (int64_t)sizeof(float);
     return 0;
 }
 
@@ -1009,12 +1054,14 @@ static void run_attention(Ctx *c, int64_t li, int64_t slot) {
     const Layer *L = m->layers + li;
     const int64_t D = m->hidden, nqkv = (m->num_heads + 2 * m->num_kv_heads) * m->head_dim;
     rms_norm(c->x, L->input_norm, c->h, D, m->eps);
+    const int64_t kvo = m->num_heads * m->head_dim; /* K and V: the last 2 Hkv heads of QKV's outputs */
+    Sum kv = {kvo, nqkv - kvo, L->qkv_bias ? L->qkv_bias + kvo : NULL, c->kv, 0, NULL};
     const Phase a = phase_of(PH_QKV, li, D, wide_rows(D), nqkv, slot);
-    const uint64_t ea = run_phase(c, &a);
-    stage_kv_write(c, &c->phase[ea & 1], (int)(ea & 1));
+    run_phase(c, &a, reduce_sum, &kv);
+    stage_kv_write(c, li, slot);
+    Sum o = {0, D, L->o_bias, c->y, 0, NULL};
     const Phase b = phase_of(PH_ATTN, li, m->num_heads, 1, D, slot);
-    const uint64_t eb = run_phase(c, &b);
-    sum_parts(c, (int)(eb & 1), b.n_chunks, b.stride, 0, D, L->o_bias, c->y);
+    run_phase(c, &b, reduce_sum, &o);
     if (m->gemma) { /* x += norm(o); h = norm(x) with the pre-FFN norm */
         rms_norm(c->y, L->post_attn_norm, c->t, D, m->eps);
         for (int64_t j = 0; j < D; j++) c->x[j] += c->t[j];
@@ -1031,16 +1078,10 @@ static void run_ffn(Ctx *c, int64_t li, int64_t *skipped) {
     const Layer *L = m->layers + li;
     const int64_t D = m->hidden, gu = L->gu1.cols + (L->gu2.w ? L->gu2.cols : 0);
     const Phase g = phase_of(PH_GATE_UP, li, D, wide_rows(D), gu, 0);
-    run_phase(c, &g);
+    run_phase(c, &g, NULL, NULL); /* its parts are read by phase D's chunks */
+    Sum down = {0, D, L->down_bias, c->y, D, L->up_t.w ? skipped : NULL}; /* CATS: bytes not read at r[D] */
     const Phase d = phase_of(PH_DOWN, li, L->n_ff + L->rank, down_rows(D), D + 2, 0);
-    const uint64_t ed = run_phase(c, &d);
-    sum_parts(c, (int)(ed & 1), d.n_chunks, d.stride, 0, D, L->down_bias, c->y);
-    if (L->up_t.w)
-        for (int64_t i = 0; i < d.n_chunks; i++) {
-            int64_t unread;
-            memcpy(&unread, result(c, (int)(ed & 1), i, d.stride) + D, sizeof unread);
-            *skipped += unread;
-        }
+    run_phase(c, &d, reduce_sum, &down);
     if (m->gemma) {
         rms_norm(c->y, L->post_ffn_norm, c->t, D, m->eps);
         for (int64_t j = 0; j < D; j++) c->x[j] += c->t[j];
