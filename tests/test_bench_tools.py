@@ -79,11 +79,29 @@ def test_caprese_onnxruntime_rows(bench, tiny_model_dir, tmp_path):
     assert again["rows"][0]["row"] == "ort-dense"
 
 
-@pytest.mark.skipif(not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")),
-                    reason="no C compiler (the native kernel is built with one)")
-def test_native_rows_run_the_onnxruntime_target_engines(bench, tiny_model_dir, tmp_path):
+needs_cc = pytest.mark.skipif(
+    not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")),
+    reason="no C compiler (the native kernel is built with one)")
+
+
+@pytest.fixture
+def screened_by_default(monkeypatch):
+    """The native rows' default head is the load-time probe's choice; on these tiny heads it is made "screened"
+    so that the rows' bytes differ from the full head's."""
+    from caprese.runtime import native_backend
+    from caprese.runtime.native.head_choice import HeadChoice
+
+    monkeypatch.setattr(native_backend, "choose",
+                        lambda key, full, screened, folder: HeadChoice("screened", 1.0, 2.0, 1, "cached"))
+
+
+@needs_cc
+def test_native_rows_run_the_onnxruntime_target_engines(bench, tiny_model_dir, tmp_path, screened_by_default):
     """native-* rows time the native backend on the engine folder of their ort-* row (exported once, shared) and
-    give that row's greedy tokens."""
+    give that row's greedy tokens; each names its instruction set and head, and its ratio to ONNX Runtime on the
+    same engine."""
+    from caprese.runtime.native import library
+
     model = tiny_model_dir("llama")
     logs: list[str] = []
     res = bench.run_bench(model, ["ort-contrib-dense", "native-dense", "native-caprese-griffin",
@@ -91,16 +109,104 @@ def test_native_rows_run_the_onnxruntime_target_engines(bench, tiny_model_dir, t
                           new_tokens=6, repeats=1, threads=1, rank=8, out_dir=tmp_path / "cache", bandwidth_mb=8,
                           settle_s=0.0, log=logs.append)
     by = {r["row"]: r for r in res["rows"]}
-    assert by["native-dense"]["backend"] == "native" and by["native-dense"]["label"] == "caprese dense [native]"
+    isa = library.best_isa()
+    assert by["native-dense"]["backend"] == "native"
+    assert by["native-dense"]["label"] == f"caprese dense [native {isa}]" and by["native-dense"]["isa"] == isa
     assert by["native-dense"]["engine"] == by["ort-contrib-dense"]["engine"]
     assert by["native-caprese-griffin"]["engine"].endswith("ort-contrib-caprese-griffin-fp32")
     assert sum("exporting" in m for m in logs) == 2  # the two ort-contrib engines, nothing for native
     assert by["native-dense"]["first_tokens"] == by["ort-contrib-dense"]["first_tokens"]
-    assert by["native-dense-full-head"]["label"] == "caprese dense [native, full head]"
+    assert by["native-dense-full-head"]["label"] == f"caprese dense [native {isa}, full head]"
     assert by["native-dense-full-head"]["first_tokens"] == by["native-dense"]["first_tokens"]
     assert by["native-dense-full-head"]["bytes_per_step"] > by["native-dense"]["bytes_per_step"]
     assert by["native-dense"]["head_rows_per_step"] >= 1 and "head_rows_per_step" not in by["native-dense-full-head"]
+    assert by["native-dense"]["head"] == "screened" and by["native-dense-full-head"]["head"] == "full"
+    assert by["native-dense"]["kernel"]["phases"] > 0
+    x = by["native-dense"]["ms_per_token"] / by["ort-contrib-dense"]["ms_per_token"]
+    assert by["native-dense"]["ratio_to_same_engine_ort"] == pytest.approx(x, abs=1e-3)
+    assert by["native-caprese-griffin"].get("ratio_to_same_engine_ort") is None  # its ORT row did not run
     assert {"native-dense", "native-caprese-griffin", "native-dense-full-head"} <= set(res["targets"])
+    assert res["targets"]["native-dense head"]["ratio_to_full_head"] == pytest.approx(
+        by["native-dense"]["ms_per_token"] / by["native-dense-full-head"]["ms_per_token"], abs=1e-3)
+    assert "x ORT" in bench.format_table(res) and res["background_load"] == 0
+
+
+@needs_cc
+def test_native_rows_per_instruction_set(bench, tiny_model_dir, tmp_path, screened_by_default):
+    """--native-isa A,B: every native row once per instruction set (the second named ROW@B), same tokens; an
+    AVX2 row gets the "AVX2 at least matches ONNX Runtime" target."""
+    from caprese.runtime.native import library
+
+    if not library.X86:
+        pytest.skip("the x86-64 builds")
+    isas = [library.best_isa(), "scalar"] + (["avx2"] if library.best_isa() == "avx512" else [])
+    res = bench.run_bench(tiny_model_dir("llama"), ["ort-contrib-dense", "native-dense"], prompt_tokens=8,
+                          new_tokens=4, repeats=1, threads=1, out_dir=tmp_path / "cache", bandwidth_mb=8,
+                          settle_s=0.0, log=lambda m: None, native_isas=isas)
+    by = {r["row"]: r for r in res["rows"]}
+    assert [r["row"] for r in res["rows"]] == ["ort-contrib-dense", "native-dense"] + [
+        f"native-dense@{i}" for i in isas[1:]]
+    for i in isas[1:]:
+        row = by[f"native-dense@{i}"]
+        assert row["isa"] == i and f"[native {i}]" in row["label"]
+        assert row["first_tokens"] == by["native-dense"]["first_tokens"]
+        assert row["ratio_to_same_engine_ort"] is not None
+    if "avx2" in isas:
+        assert res["targets"]["native-dense@avx2 (avx2)"]["max"] == 1.0
+
+
+def test_background_load_starts_and_stops_its_processes(bench):
+    """N busy processes run inside the block and are gone after it, also when the block raises; each ends by
+    itself at its time bound; a negative N is refused."""
+    import time
+
+    with bench.BackgroundLoad(2, max_s=60) as load:
+        pids = [p.pid for p in load.procs]
+        assert load.alive() == 2 and len(set(pids)) == 2
+    assert load.procs == [] and not any(_running(p) for p in pids)
+    with pytest.raises(RuntimeError, match="boom"):
+        with bench.BackgroundLoad(1, max_s=60) as load:
+            pid = load.procs[0].pid
+            raise RuntimeError("boom")
+    assert not _running(pid)
+    with bench.BackgroundLoad(1, max_s=0.3) as load:
+        t0 = time.monotonic()
+        while load.alive() and time.monotonic() - t0 < 30:
+            time.sleep(0.05)
+        assert load.alive() == 0  # ended by itself at its deadline
+    with pytest.raises(ValueError, match="background-load"):
+        bench.BackgroundLoad(-1)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@needs_cc
+def test_contended_bench_has_the_same_engine_targets(bench, tiny_model_dir, tmp_path, screened_by_default,
+                                                     monkeypatch):
+    """--background-load 1: the rounds run next to a busy process, the result says so, and every native row with
+    its ONNX Runtime row gets the <= 1.10x target; no busy process is left afterwards."""
+    started: list[int] = []
+
+    class Recorded(bench.BackgroundLoad):
+        def __enter__(self):
+            out = super().__enter__()
+            started.extend(p.pid for p in self.procs)
+            return out
+
+    monkeypatch.setattr(bench, "BackgroundLoad", Recorded)
+    res = bench.run_bench(tiny_model_dir("llama"), ["ort-contrib-dense", "native-dense"], prompt_tokens=8,
+                          new_tokens=4, repeats=1, threads=1, out_dir=tmp_path / "cache", bandwidth_mb=8,
+                          settle_s=0.0, log=lambda m: None, background_load=1)
+    assert res["background_load"] == 1 and "1 busy process started by the bench" in bench.format_table(res)
+    t = res["targets"]["native-dense (contended)"]
+    assert t["max"] == 1.10 and t["met"] == (t["ratio_to_same_engine_ort"] <= 1.10)
+    assert len(started) == 1 and not _running(started[0])
 
 
 def test_genai_row_skips_with_a_reason(bench, tiny_model_dir, tmp_path, monkeypatch):

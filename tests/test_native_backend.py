@@ -1,21 +1,27 @@
 """The native backend (one call of caprese's C kernel per decode step) against ONNX Runtime running the same
 engine's decode graph: the logits of every decode step, the greedy tokens, GRIFFIN re-selection, CATS' skipped
 rows, 1 to 16 threads, every model family of the tiny set, chat turns that regrow the cache; the screened LM head
-of greedy steps against the full one (same tokens, bytes counted, a head built to defeat the int8 screen); and its
+of greedy steps against the full one (same tokens, bytes counted, a head built to defeat the int8 screen); the
+AVX2 and scalar builds next to the default one; the thread pool (same bits for any thread count, a helper that
+stalls inside its chunks, helpers switched off); the struct layout check; the load-time head choice; and its
 one-line refusals and build errors.
 
-Tolerance (fp32 on both sides): the kernel sums the products in another order than MLAS (rows split between
-threads, four at a time; attention shares merged by max and sum), keeps the RMSNorm sum of squares in float64
-and uses its own exp in the activations and softmax, so the two differ by float32 rounding only. Logits of these tiny models are O(1); max |Δ| seen here is 2e-6 to
-1e-5, and the bound is 5e-5 + 5e-5·|logit|: an error in any real computation (a wrong row, norm, rotary sign
-or mask) moves logits by 1e-2 or more."""
+Tolerance (fp32 on both sides): the kernel sums the products in another order than MLAS (row chunks whose parts
+are added in chunk order, four rows at a time; attention scores a block of slots at a time, merged by max and
+sum), keeps the RMSNorm sum of squares in float64 and uses its own exp in the activations and softmax, so the two
+differ by float32 rounding only. Logits of these tiny models are O(1); max |Δ| seen here is 2e-6 to 1e-5 (every
+ISA), and the bound is 5e-5 + 5e-5·|logit|: an error in any real computation (a wrong row, norm, rotary sign or
+mask) moves logits by 1e-2 or more. Between thread counts the kernel's logits are compared bit for bit: each
+chunk's arithmetic depends only on its index, whoever runs it."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
 import stat
+import time
 
 import pytest
 import torch
@@ -24,7 +30,7 @@ from caprese.errors import CapreseError
 from caprese.export import contract as C
 from caprese.runtime import Generator
 from caprese.runtime.generator import sampling_from
-from caprese.runtime.native import library
+from caprese.runtime.native import head_choice, library
 from cli_helpers import assert_one_line_error, run_cli
 from test_export_support import get_export, one_torch_thread, prompt_ids
 
@@ -37,12 +43,26 @@ ATOL = RTOL = 5e-5
 _GENERATORS: dict = {}
 
 
-def generator(engine, backend: str, threads: int = 1, head: str = "full") -> Generator:
-    """A cached Generator; the native one computes every logit unless head="screened" (the default of
-    Generator.load), so that the logits of greedy steps can be recorded and compared."""
-    key = (str(engine), backend, threads, head)
+def _flags() -> set[str]:
+    try:
+        return set(library._cpu_flags().split())
+    except Exception:  # pragma: no cover
+        return set()
+
+
+# the builds this CPU can run besides its default one: each is compiled once (a few seconds)
+OTHER_ISAS = [isa for isa, ok in (("avx2", library.X86 and {"avx2", "fma"} <= _flags()
+                                   and library.best_isa() != "avx2"),
+                                  ("scalar", library.X86 and library.best_isa() != "scalar")) if ok]
+ISAS = [None, *OTHER_ISAS]  # None: the default (the CPU's widest)
+
+
+def generator(engine, backend: str, threads: int = 1, head: str = "full", isa: str | None = None) -> Generator:
+    """A cached Generator; the native one computes every logit unless head="screened" (the default "auto"
+    decides by a timing probe), so that the logits of greedy steps can be recorded and compared."""
+    key = (str(engine), backend, threads, head, isa)
     if key not in _GENERATORS:
-        options = {"head": head} if backend == "native" else {}
+        options = {"head": head, "isa": isa} if backend == "native" else {}
         _GENERATORS[key] = Generator.load(engine, backend=backend, threads=threads, **options)
     return _GENERATORS[key]
 
@@ -82,18 +102,29 @@ CASES = [  # (kind, method, rho, target, what it exercises)
 ]
 
 
+# the other builds run the cases that reach their distinct code paths: fused / split gate-up, GRIFFIN, CATS' row
+# lists, q/k norms, Gemma 2 (soft-caps, gelu-tanh), a sliding window
+ISA_CASES = [(None, *c) for c in CASES] + [
+    (isa, *c) for isa in OTHER_ISAS for c in CASES if c[:2] in (("llama", "cats"), ("qwen2", "griffin"),
+                                                                ("qwen3", "dense"), ("gemma2", "dense"),
+                                                                ("mistral", "dense"))]
+
+
 @needs_cc
-@pytest.mark.parametrize("kind,method,rho,target", CASES)
-def test_native_decode_equals_onnxruntime(kind, method, rho, target, tmp_path_factory, tiny_model_dir):
+@pytest.mark.parametrize("isa,kind,method,rho,target", ISA_CASES)
+def test_native_decode_equals_onnxruntime(isa, kind, method, rho, target, tmp_path_factory, tiny_model_dir):
     engine, _ = get_export(tmp_path_factory, tiny_model_dir, kind, method, target=target)
     prompt = prompt_ids(14, seed=3)[0].tolist()
     ref, ref_logits = recorded(generator(engine, "onnxruntime"), prompt, rho)
-    got, got_logits = recorded(generator(engine, "native"), prompt, rho)
+    nat = generator(engine, "native", isa=isa)
+    got, got_logits = recorded(nat, prompt, rho)
     diff = (got_logits - ref_logits).abs().max().item()
-    print(f"{kind} {method} {target}: max |logits native - onnxruntime| = {diff:.2e} over {len(got_logits)} steps")
+    print(f"{kind} {method} {target} [{nat.backend.describe()['isa']}]: max |logits native - onnxruntime| = "
+          f"{diff:.2e} over {len(got_logits)} steps")
     assert got.tokens == ref.tokens
     torch.testing.assert_close(got_logits, ref_logits, atol=ATOL, rtol=RTOL)
     assert got.stats.backend == "native" and got.stats.tokens_generated == NEW
+    assert nat.backend.describe()["isa"] == (isa or library.best_isa())
 
 
 @needs_cc
@@ -231,8 +262,9 @@ def _defeat_the_screen(engine, dst, seed: int = 0):
 
 
 @needs_cc
-@pytest.mark.parametrize("threads", [1, 5])  # 5: stretches of 76-77 rows, so the last rows of each come singly
-def test_screened_head_when_the_int8_copy_cannot_decide(threads, tmp_path_factory, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("isa", ISAS)  # the int8 rows: AVX-512, AVX2 intrinsics, the plain loop
+@pytest.mark.parametrize("threads", [1, 5])
+def test_screened_head_when_the_int8_copy_cannot_decide(threads, isa, tmp_path_factory, tiny_model_dir, tmp_path):
     """Head rows closer together than the int8 step: the screen keeps most rows as candidates and only the
     fp32 recomputation can pick the token. Greedy and top-k sampled tokens must still be the full head's, and
     the int8 copy's own argmax (from the reference decoder's hidden states, float64) is wrong in most steps, so
@@ -245,8 +277,8 @@ def test_screened_head_when_the_int8_copy_cannot_decide(threads, tmp_path_factor
     engine, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "dense")
     engine = _defeat_the_screen(engine, tmp_path / "engine")
     prompt = prompt_ids(14, seed=5)[0].tolist()
-    full = Generator.load(engine, backend="native", threads=threads, head="full")
-    screened = Generator.load(engine, backend="native", threads=threads)
+    full = Generator.load(engine, backend="native", threads=threads, head="full", isa=isa)
+    screened = Generator.load(engine, backend="native", threads=threads, head="screened", isa=isa)
     b = screened.backend
     rows, decode_greedy = [], b.decode_greedy
 
@@ -277,24 +309,26 @@ def test_screened_head_when_the_int8_copy_cannot_decide(threads, tmp_path_factor
 
 
 @needs_cc
-def test_hidden_size_not_a_multiple_of_the_vector_width(tmp_path, monkeypatch):
-    """Hidden size 72 and FFN size 136 (not multiples of 16): the vector loops' scalar tails, in the products
-    and in the screened head, give ONNX Runtime's logits and the full head's tokens."""
+@pytest.mark.parametrize("isa", ISAS)
+def test_hidden_size_not_a_multiple_of_the_vector_width(isa, tmp_path, monkeypatch):
+    """Hidden size 76 and FFN size 140 (not multiples of 8 or 16): the vector loops' scalar tails (AVX-512 and
+    AVX2), in the products and in the screened head, give ONNX Runtime's logits and the full head's tokens."""
     import tiny_models
 
     from caprese.export.exporter import export
 
-    monkeypatch.setitem(tiny_models.CONFIGS, "llama72", ("llama", dict(
-        hidden_size=72, intermediate_size=136, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
+    monkeypatch.setitem(tiny_models.CONFIGS, "llama76", ("llama", dict(
+        hidden_size=76, intermediate_size=140, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
         head_dim=24, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})))
-    model = tiny_models.make_tiny_model("llama72", tmp_path / "model")
+    model = tiny_models.make_tiny_model("llama76", tmp_path / "model")
     engine = export(model, tmp_path / "engine", max_seq_len=64, max_prompt_len=63).out
     prompt = prompt_ids(14, seed=6)[0].tolist()
     ref, ref_logits = recorded(generator(engine, "onnxruntime"), prompt, 0)
-    got, got_logits = recorded(generator(engine, "native", threads=5), prompt, 0)
+    got, got_logits = recorded(generator(engine, "native", threads=5, isa=isa), prompt, 0)
     torch.testing.assert_close(got_logits, ref_logits, atol=ATOL, rtol=RTOL)
     with one_torch_thread():
-        screened = generator(engine, "native", threads=5, head="screened").generate(prompt, NEW, ignore_eos=True)
+        screened = generator(engine, "native", threads=5, head="screened", isa=isa).generate(prompt, NEW,
+                                                                                            ignore_eos=True)
     assert screened.tokens == got.tokens == ref.tokens
 
 
@@ -348,7 +382,7 @@ def test_native_refusals_are_one_line(tmp_path_factory, tiny_model_dir, tmp_path
 def test_kernel_build_errors_are_one_line_and_leave_nothing(tmp_path, monkeypatch):
     """No compiler, or a compiler that fails: a one-line error naming the way out, no file left in the cache."""
     monkeypatch.setenv("CAPRESE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(library, "_LOADED", None)
+    monkeypatch.setattr(library, "_LOADED", {})
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with pytest.raises(CapreseError, match="does not run") as e:
         library.load()
@@ -362,20 +396,20 @@ def test_kernel_build_errors_are_one_line_and_leave_nothing(tmp_path, monkeypatc
         library.load()
     assert "\n" not in str(e.value)
     assert not any((tmp_path / "cache" / "native").iterdir())
-    assert library._LOADED is None
+    assert library._LOADED == {}
 
 
 @needs_cc
 def test_kernel_is_built_once_per_source_and_machine(tmp_path, monkeypatch):
     """The first load compiles into the cache (atomically); a second process's load reuses it."""
     monkeypatch.setenv("CAPRESE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(library, "_LOADED", None)
+    monkeypatch.setattr(library, "_LOADED", {})
     path = library.library_path()
-    assert not path.exists()
+    assert not path.exists() and library.best_isa() in path.name
     lib = library.load()
-    assert path.exists() and lib.caprese_native_abi() == library.ABI
+    assert path.exists() and lib.isa == library.best_isa() and lib.path == path
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
-    monkeypatch.setattr(library, "_LOADED", None)
+    monkeypatch.setattr(library, "_LOADED", {})
     mtime = path.stat().st_mtime_ns
     library.load()
     assert path.stat().st_mtime_ns == mtime
@@ -383,18 +417,221 @@ def test_kernel_is_built_once_per_source_and_machine(tmp_path, monkeypatch):
     # new path here, because dlopen hands back the library already loaded from `path`
     damaged = path.with_name("decode_step-damaged.so")
     damaged.write_bytes(b"not a shared object")
-    monkeypatch.setattr(library, "_LOADED", None)
-    monkeypatch.setattr(library, "library_path", lambda: damaged)
+    monkeypatch.setattr(library, "_LOADED", {})
+    monkeypatch.setattr(library, "library_path", lambda isa=None: damaged)
     with pytest.raises(CapreseError, match="delete it to rebuild") as e:
         library.load()
     assert "\n" not in str(e.value)
+
+
+def _mirror(name: str, fields):
+    return type(name, (ctypes.Structure,), {"_fields_": fields})
+
+
+@needs_cc
+def test_ctypes_mirror_is_checked_against_the_compiled_layout():
+    """The library reports every struct's size and each field's offset and size; the mirrors match them, and a
+    mirror with a field missing, added, of another size or moved is refused with one line naming the field."""
+    lib = library.load()
+    compiled = library.compiled_layout(lib)
+    assert set(compiled) == {"Mat", "Layer", "Model"}
+    for cls in library.MIRRORS:
+        assert compiled[cls.__name__][""][1] == ctypes.sizeof(cls)
+        assert {f for f in compiled[cls.__name__] if f} == {f[0] for f in cls._fields_}
+    library.check_layout(lib, lib.path)  # the real mirrors pass
+    model = list(library.Model._fields_)
+    i64, f32 = ctypes.c_int64, ctypes.c_float
+    wrong = {
+        "missing": (model[:-1], "Model.head_bound is missing from the mirror"),
+        "added": (model + [("extra", i64)], "Model.extra is not in the compiled struct"),
+        "resized": ([("num_layers", ctypes.c_int32)] + model[1:], "Model.num_layers is at offset 0 (size 4)"),
+        "moved": ([model[1], model[0]] + model[2:], "Model.num_layers is at offset 8 (size 8) in the mirror and 0"),
+        "float for int": (model[:10] + [("eps", i64)] + model[11:], "Model.eps is at offset 80 (size 8)"),
+    }
+    assert f32  # the real eps is a float
+    for why, (fields, needle) in wrong.items():
+        with pytest.raises(CapreseError, match="does not match its ctypes mirror") as e:
+            library.check_layout(lib, lib.path, mirrors=(library.Mat, library.Layer, _mirror("Model", fields)))
+        assert needle in str(e.value) and "\n" not in str(e.value), why
+    with pytest.raises(CapreseError, match="has no struct Extra"):
+        library.check_layout(lib, lib.path, mirrors=(_mirror("Extra", [("a", i64)]),))
+
+
+def test_isa_choice_and_refusals(monkeypatch):
+    """CAPRESE_NATIVE_ISA / isa= pick the build; an unknown name, or an instruction set this CPU lacks, is a
+    one-line error; each ISA has its own flags (scalar: no vectorizer, no -march=native)."""
+    monkeypatch.delenv(library.ISA_ENV, raising=False)
+    monkeypatch.setattr(library, "X86", True)
+    monkeypatch.setattr(library, "_cpu_flags", lambda: "flags : fpu sse2 avx avx2 fma")
+    assert library.best_isa() == "avx2" and library.resolve_isa() == "avx2"
+    monkeypatch.setenv(library.ISA_ENV, "scalar")
+    assert library.resolve_isa() == "scalar" and library.resolve_isa("avx2") == "avx2"
+    for isa, needle in (("avx512", "no AVX-512"), ("sse9", "unknown native instruction set"),
+                        ("native", "for non-x86 CPUs")):
+        with pytest.raises(CapreseError, match=needle) as e:
+            library.resolve_isa(isa)
+        assert "\n" not in str(e.value)
+    monkeypatch.setattr(library, "_cpu_flags", lambda: "flags : fpu sse2")
+    assert library.best_isa() == "scalar"
+    with pytest.raises(CapreseError, match="no AVX2"):
+        library.resolve_isa("avx2")
+    monkeypatch.setattr(library, "_cpu_flags", lambda: "flags : fpu avx2 fma avx512f")
+    assert library.best_isa() == "avx512"
+    assert "-mno-avx512f" in library.isa_flags("avx2") and "-march=native" in library.isa_flags("avx512")
+    scalar = library.isa_flags("scalar")
+    assert "-fno-tree-vectorize" in scalar and "-march=native" not in scalar and "-fopenmp-simd" not in scalar
+    monkeypatch.setattr(library, "X86", False)
+    assert library.best_isa() == "native"
+    with pytest.raises(CapreseError, match="x86-64 instruction set"):
+        library.resolve_isa("avx2")
+
+
+def _steps(g: Generator, prompt: list[int], n: int):
+    """(logits [n, V] of n full-head decode steps after a prefill, seconds they took)."""
+    with one_torch_thread():
+        g.generate(prompt, 1, ignore_eos=True)  # prefill; the cache now holds the prompt
+    b, out = g.backend, []
+    t0 = time.perf_counter()
+    for i in range(n):
+        out.append(b.decode(7 + i, len(prompt) + i).clone())
+    return torch.cat(out), time.perf_counter() - t0
+
+
+@needs_cc
+@pytest.mark.parametrize("kind,method", [("llama", "griffin"), ("qwen2", "cats"), ("gemma2", "dense")])
+def test_any_thread_count_gives_the_same_bits(kind, method, tmp_path_factory, tiny_model_dir):
+    """A chunk's arithmetic depends only on its index and parts are added in chunk order: 1, 2 and 3 threads
+    give bit-identical logits. The calling thread pauses 0.2 ms in every third chunk it runs, so that on these
+    tiny shapes (a chunk is a microsecond) the helpers take part, from their own ranges and from the caller's."""
+    engine, _ = get_export(tmp_path_factory, tiny_model_dir, kind, method)
+    prompt = prompt_ids(14, seed=7)[0].tolist()
+    ref, _ = _steps(Generator.load(engine, backend="native", threads=1, head="full"), prompt, 12)
+    for threads in (2, 3):
+        g = Generator.load(engine, backend="native", threads=threads, head="full")
+        g.backend.lib.caprese_context_debug_stall(g.backend._ctx, 0, 3, 200)
+        got, _ = _steps(g, prompt, 12)
+        assert torch.equal(got, ref), threads
+        assert g.backend.kernel_stats()["helper_chunks"] > 0  # the helpers did take part
+
+
+@needs_cc
+def test_a_stalled_helper_does_not_stall_the_step(tmp_path_factory, tiny_model_dir):
+    """A helper that sleeps 40 ms inside every chunk it runs (what a descheduled thread looks like): the calling
+    thread runs those chunks again instead of waiting, the late copies are dropped, and the logits are the same
+    bits as one thread's. Waiting would cost 40 ms per stalled chunk (and commit the helper's runs)."""
+    engine, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "griffin")
+    prompt = prompt_ids(14, seed=8)[0].tolist()
+    ref, _ = _steps(Generator.load(engine, backend="native", threads=1, head="full"), prompt, 16)
+    g = Generator.load(engine, backend="native", threads=2, head="full")
+    b = g.backend
+    stall = b.lib.caprese_context_debug_stall
+    with one_torch_thread():
+        g.generate(prompt, 1, ignore_eos=True)
+    stall(b._ctx, 0, 1, 300)  # first step: the caller pauses in its chunks, so the helper surely takes one
+    stall(b._ctx, 1, 1, 40000)
+    first = b.decode(7, len(prompt)).clone()
+    stall(b._ctx, 0, 0, 0)
+    rest = []
+    t0 = time.perf_counter()
+    for i in range(1, 16):
+        rest.append(b.decode(7 + i, len(prompt) + i).clone())
+    seconds = time.perf_counter() - t0
+    stall(b._ctx, 1, 0, 0)
+    b.lib.caprese_context_quiesce(b._ctx)  # the helper is back from its last stall
+    st = b.kernel_stats()
+    print(f"stalled helper: {seconds * 1e3:.1f} ms for 15 steps, {st}")
+    assert torch.equal(torch.cat([first, *rest]), ref)
+    assert st["rerun_chunks"] > 0 and st["dropped_runs"] > 0
+    assert seconds < 0.040  # not one 40 ms stall waited for
+
+
+@needs_cc
+def test_helpers_switched_off_leave_the_work_to_the_caller(tmp_path_factory, tiny_model_dir):
+    """caprese_context_set_active(1): the helpers sleep, the calling thread runs every chunk, same bits."""
+    engine, _ = get_export(tmp_path_factory, tiny_model_dir, "qwen2", "dense")
+    prompt = prompt_ids(14, seed=9)[0].tolist()
+    g = Generator.load(engine, backend="native", threads=2, head="full")
+    b = g.backend
+    ref, _ = _steps(g, prompt, 6)
+    b.lib.caprese_context_set_active(b._ctx, 1)
+    before = b.kernel_stats()
+    got, _ = _steps(g, prompt, 6)
+    after = b.kernel_stats()
+    assert torch.equal(got, ref)
+    assert after["helper_chunks"] == before["helper_chunks"] and after["leader_chunks"] > before["leader_chunks"]
+
+
+def test_head_choice_by_probe_is_cached(tmp_path):
+    """The probe alternates the two heads and keeps the screened one only if it is strictly faster (a fake
+    clock makes the timings exact); the choice is cached per key and read back without probing; a damaged
+    cache is measured again; nothing temporary is left."""
+    def fake(full_ms: float, screened_ms: float):
+        now, calls = [0.0], []
+
+        def clock():
+            return now[0]
+
+        def full():
+            calls.append("full")
+            now[0] += full_ms / 1e3
+
+        def screened():
+            calls.append("screened")
+            now[0] += screened_ms / 1e3
+            return 3
+        return clock, full, screened, calls
+
+    clock, full, screened, calls = fake(4.0, 1.0)
+    assert head_choice.probe(full, screened, repeats=5, clock=clock) == (pytest.approx(1.0), pytest.approx(4.0), 3)
+    assert calls == ["full", "screened"] * 6  # one warm-up each, then alternating
+    for (f, sc), want in (((4.0, 1.0), "screened"), ((1.0, 4.0), "full"), ((2.0, 2.0), "full")):
+        clock, full, screened, calls = fake(f, sc)
+        got = head_choice.choose(f"k{f}{sc}", full, screened, tmp_path, clock=clock)
+        assert (got.head, got.source, got.rows) == (want, "measured", 3) and calls
+        clock, full, screened, calls = fake(f, sc)
+        again = head_choice.choose(f"k{f}{sc}", full, screened, tmp_path, clock=clock)
+        assert (again.head, again.source, again.screened_ms, again.full_ms) == (want, "cached", sc, f)
+        assert calls == []
+        assert want in again.describe() and "cached" in again.describe()
+    assert [p.name for p in tmp_path.iterdir()] == [head_choice.FILE]
+    (tmp_path / head_choice.FILE).write_text("{not json")
+    clock, full, screened, calls = fake(4.0, 1.0)
+    assert head_choice.choose("k", full, screened, tmp_path, clock=clock).source == "measured"
+    assert json.loads((tmp_path / head_choice.FILE).read_text())["k"]["head"] == "screened"
+
+
+@needs_cc
+def test_auto_head_is_the_probes_choice_and_reported(tmp_path_factory, tiny_model_dir, tmp_path, monkeypatch):
+    """head="auto" (the default) times both heads on this CPU once, caches the result under $CAPRESE_CACHE, runs
+    the faster one and reports it; the screened head's int8 copy is dropped when the full head wins."""
+    monkeypatch.setenv("CAPRESE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(library, "_LOADED", {})
+    engine, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "dense")
+    b = Generator.load(engine, backend="native", threads=2).backend
+    d = b.describe()
+    assert d["head"] in ("screened", "full") and d["head"] == b.head_choice.head
+    assert d["head_choice"].startswith(d["head"]) and "measured" in d["head_choice"] and d["isa"] == b.lib.isa
+    assert (b._model.head_q is None) == (d["head"] == "full")
+    cached = json.loads((tmp_path / "cache" / "native" / head_choice.FILE).read_text())
+    assert [k for k in cached if k.startswith(b.kernel.name)] and b.head_choice.source == "measured"
+    again = Generator.load(engine, backend="native", threads=2).backend
+    assert again.head == b.head and again.head_choice.source == "cached"
+    for forced in ("screened", "full"):
+        assert Generator.load(engine, backend="native", head=forced).backend.describe()["head"] == forced
+    with pytest.raises(CapreseError, match="head must be one of auto, screened, full"):
+        Generator.load(engine, backend="native", head="int8")
 
 
 @needs_cc
 def test_cli_generate_on_native(tmp_path_factory, tiny_model_dir, monkeypatch, capsys):
     from caprese.cli.main import main as caprese_main
 
+    from caprese.runtime import native_backend
+
     engine, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "griffin")
+    # the default head is the load-time probe's choice: made "screened" here, so the bytes below differ
+    monkeypatch.setattr(native_backend, "choose",
+                        lambda key, full, screened, folder: head_choice.HeadChoice("screened", 1.0, 2.0, 1, "cached"))
     args = ["generate", engine, "-p", "the cat sat", "-n", "8", "--json"]
     rc, out, err = run_cli(caprese_main, [*args, "--backend", "native"], monkeypatch, capsys)
     assert rc == 0, err
@@ -410,6 +647,7 @@ def test_cli_generate_on_native(tmp_path_factory, tiny_model_dir, monkeypatch, c
     assert rc == 0, err
     full = json.loads(out)
     assert full["head"] == "full" and got["head"] == "screened" and full["text"] == ref["text"]
+    assert got["head_choice"].startswith("screened (probe on this CPU") and got["isa"] == library.best_isa()
     assert full["bytes_per_step"] > got["bytes_per_step"]
     rc, out, err = run_cli(caprese_main, [*run, "--full-head"], monkeypatch, capsys)
     assert_one_line_error(rc, err, "--full-head applies to --backend native")

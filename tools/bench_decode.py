@@ -13,10 +13,12 @@ Rows (--rows, comma-separated; default: all):
   native-dense, native-caprese-griffin, native-caprese-cats
                        the native backend (prefill on ONNX Runtime, each decode step in one call of caprese's C
                        kernel) on the engines of ort-contrib-dense, ort-contrib-caprese-griffin, ort-caprese-cats;
-                       greedy steps screen the LM head with its int8 copy (the backend's default: the fp32
-                       argmax, a quarter of the head's bytes)
+                       its default head: greedy steps screen the LM head with its int8 copy (the fp32 argmax, a
+                       quarter of the head's bytes) where a probe at load found that faster on this CPU
   native-dense-full-head, native-caprese-griffin-full-head
                        the same with every logit of the head in fp32 (--full-head): what the screen saves
+  With --native-isa avx512,avx2 (the kernel's instruction sets, see caprese/runtime/native/library.py) every
+  native row runs once per instruction set; rows of the second and later ones are named ROW@ISA.
   torch-dense          caprese's PyTorch reference decoder (caprese.model.generation.generate)
   transformers         transformers' `generate`, same model and prompt
 
@@ -37,6 +39,11 @@ round rotated by one (A B C, B C A, C A B ...: a disturbance that recurs at the 
 seen on these VMs, does not land on the same row every time), with the bandwidth measurement as one more entry
 of each round, so drift hits all of them equally. Every
 row uses --threads (ONNX Runtime intra-op threads, GenAI's session options, torch.set_num_threads).
+"x ORT" is a native row's ms/token over the ONNX Runtime row on the same engine folder, per round and overall.
+
+Other work on the cores: --background-load N starts N busy processes (CPU-only Python loops) for the warm-up and
+the timed rounds and stops them after (each also ends by itself after --load-max-s, or when the bench is gone);
+with N >= 1 every native row has the target <= 1.10x ONNX Runtime on the same engine (issue 13).
 
 Bytes per step: onnxruntime rows from the engine (RuntimeStats.bytes_per_step: the decode graph's weights per
 the manifest, one row of gathered tables, the folded selection inputs, K/V of the allocated slots; native rows:
@@ -55,12 +62,15 @@ timing, not calibrated, so their text is meaningless. The GenAI row needs `pip i
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -79,16 +89,101 @@ ROW_NAMES = ("genai-dense", "ort-dense", "ort-griffin", "ort-caprese-griffin", "
 ORT_ROWS = ("ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats", "ort-contrib-dense",
             "ort-contrib-caprese-griffin")
 # native rows: the native backend (caprese/runtime/native) on the engine folder of the row named here, its head
-NATIVE_ROWS = {"native-dense": ("ort-contrib-dense", "screened"),
-               "native-caprese-griffin": ("ort-contrib-caprese-griffin", "screened"),
-               "native-caprese-cats": ("ort-caprese-cats", "screened"),
+NATIVE_ROWS = {"native-dense": ("ort-contrib-dense", "auto"),
+               "native-caprese-griffin": ("ort-contrib-caprese-griffin", "auto"),
+               "native-caprese-cats": ("ort-caprese-cats", "auto"),
                "native-dense-full-head": ("ort-contrib-dense", "full"),
                "native-caprese-griffin-full-head": ("ort-contrib-caprese-griffin", "full")}
+# the ONNX Runtime row that runs the same engine folder as each native row (the native rows' "x ORT" ratio)
+SAME_ENGINE = {"native-dense": "ort-contrib-dense", "native-caprese-griffin": "ort-contrib-caprese-griffin",
+               "native-caprese-cats": "ort-caprese-cats", "native-dense-full-head": "ort-contrib-dense",
+               "native-caprese-griffin-full-head": "ort-contrib-caprese-griffin"}
+# issue 13's targets: under --background-load N >= 1, native <= 1.10x ONNX Runtime on the same engine; idle, the
+# AVX2 build <= 1.0x it; the native rows' default head no slower than the full head (same ISA)
+CONTENDED_MAX = 1.10
+AVX2_MAX = 1.0
+FULL_HEAD_OF = {"native-dense": "native-dense-full-head", "native-caprese-griffin": "native-caprese-griffin-full-head"}
 # issue 5's CPU targets: (row, max ratio to the peer, max ratio to the floor)
 TARGETS = (("ort-dense", 0.95, 1.25), ("ort-caprese-griffin", 0.70, 1.25), ("ort-contrib-dense", 0.95, 1.25),
            ("ort-contrib-caprese-griffin", 0.70, 1.25), ("native-dense", 0.95, 1.25),
            ("native-caprese-griffin", 0.70, 1.25), ("native-dense-full-head", 0.95, 1.25),
            ("native-caprese-griffin-full-head", 0.70, 1.25))
+
+
+# ---------------------------------------------------------------- other CPU-heavy work on the machine
+# One busy process: a pure-Python loop (CPU only, no memory traffic), which exits by itself at its deadline or
+# as soon as its parent is gone (so a bench killed with SIGKILL leaves nothing running for long).
+BUSY_LOOP = """
+import os, sys, time
+parent, end = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+x = 0
+while True:
+    for _ in range(200000):
+        x += 1
+    if time.monotonic() > end or os.getppid() != parent:
+        break
+"""
+
+
+class BackgroundLoad:
+    """N busy processes started and stopped by the bench itself (--background-load N): what an edge device's
+    UI or camera pipeline does to a decode loop. Bounded in time (max_s, each process ends itself), killed on
+    exit, error, Ctrl-C and SIGTERM."""
+
+    def __init__(self, n: int, max_s: float = 3600.0):
+        if n < 0:
+            raise ValueError("--background-load must be >= 0")
+        self.n, self.max_s = n, max_s
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> "BackgroundLoad":
+        self._old_term = signal.getsignal(signal.SIGTERM)
+        if self.n:
+            signal.signal(signal.SIGTERM, self._on_term)
+            atexit.register(self.stop)
+        for _ in range(self.n):
+            self.procs.append(subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(os.getpid()), str(self.max_s)],
+                                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
+        return self
+
+    def _on_term(self, signum, frame):
+        self.stop()
+        raise SystemExit(128 + signum)
+
+    def alive(self) -> int:
+        return sum(p.poll() is None for p in self.procs)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # pragma: no cover - a process that ignores SIGKILL
+                pass
+        self.procs = []
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        if self.n:
+            atexit.unregister(self.stop)
+            signal.signal(signal.SIGTERM, self._old_term)
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the widest x86 vector ISA it has (every speed claim names both)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name in ("", platform.processor(), platform.machine()):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    return f"{name}, {os.cpu_count()} CPUs" + (f", {isa}" if isa else "")
 
 
 # ---------------------------------------------------------------- measurements shared by all rows
@@ -309,14 +404,15 @@ class Row:
         raise NotImplementedError
 
 
-def engine_label(manifest, backend: str = "onnxruntime", head: str = "screened") -> str:
+def engine_label(manifest, backend: str = "onnxruntime", head: str = "auto", isa: str | None = None) -> str:
     """caprese dense / GRIFFIN(d=0.5, all layers) / Caprese(GRIFFIN, d=0.5, all layers, r=64), from the manifest;
     " [ORT ops]" for an engine exported with --target onnxruntime run by ONNX Runtime, " [native]" on the native
-    backend (which runs its own decode step whatever the target), " [native, full head]" with head="full"."""
+    backend (which runs its own decode step whatever the target), " [native, full head]" with head="full";
+    " [native avx2]" etc. when the row names its instruction set."""
     r = manifest.spec.recipe
     tag = " [ORT ops]" if manifest.spec.target == "onnxruntime" else ""
     if backend == "native":
-        tag = " [native, full head]" if head == "full" else " [native]"
+        tag = " [native" + (f" {isa}" if isa else "") + (", full head]" if head == "full" else "]")
     if r.method == "dense":
         return "caprese dense" + tag
     layers = list(r.layers)
@@ -334,9 +430,14 @@ class EngineRow(Row):
 
         self.name, self.engine, self.backend = name, engine, backend
         self.g = Generator.load(engine, backend=backend, threads=threads, **options)
-        self.label = engine_label(self.g.manifest, backend, options.get("head", "screened"))
         self.notes = {"engine": str(engine), "adapters": adapters,
                       "bytes_source": "engine manifest (RuntimeStats.bytes_per_step)"}
+        isa = None
+        if backend == "native":  # what ran: the instruction set, the head the probe chose, the thread pool
+            d = self.g.backend.describe()
+            self.notes.update({k: d[k] for k in ("isa", "head", "head_choice", "threads") if k in d})
+            isa = d["isa"]
+        self.label = engine_label(self.g.manifest, backend, options.get("head", "auto"), isa)
 
     def run(self, ids, n):
         r = self.g.generate(ids, n, ignore_eos=True)
@@ -346,6 +447,8 @@ class EngineRow(Row):
         b = self.g.backend
         if getattr(b, "head_steps", 0):  # native, screened head: fp32 head rows recomputed per step, all runs
             self.notes["head_rows_per_step"] = round(b.head_rows_total / b.head_steps, 2)
+        if hasattr(b, "kernel_stats"):  # native: chunks run again because their thread was descheduled, etc.
+            self.notes["kernel"] = b.kernel_stats()
         return Sample(r.stats.ms_per_token, r.stats.bytes_per_step, r.tokens)
 
 
@@ -418,7 +521,8 @@ def _r(x, n=3):
 def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, new_tokens: int = 128,
               repeats: int = 5, threads: int = 2, precision: str = "fp32", density: float = 0.5, rank: int = 64,
               out_dir: str | Path | None = None, bandwidth_mb: int = 512, settle_s: float = 0.2,
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] = print, background_load: int = 0, load_max_s: float = 3600.0,
+              native_isas: list[str] | None = None) -> dict:
     """Prepare the rows, time them interleaved, return the result object (see the module docstring)."""
     from caprese.model.loading import load_decoder, resolve_dtype
     from caprese.model.spec import load_spec
@@ -460,7 +564,9 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
         elif name in NATIVE_ROWS:
             src, head = NATIVE_ROWS[name]
             engine, adapters = prepare_engine(model_dir, root, src, row_recipe(src, density, rank), precision, log)
-            built.append(EngineRow(name, engine, threads, adapters, backend="native", head=head))
+            for k, isa in enumerate(native_isas or [None]):
+                built.append(EngineRow(name if k == 0 else f"{name}@{isa}", engine, threads, adapters,
+                                       backend="native", head=head, isa=isa))
         elif name == "torch-dense":
             built.append(TorchRow(name, "caprese PyTorch reference decoder, dense", time_ours, dense_decoder,
                                   dense_bytes))
@@ -472,22 +578,27 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
                                                       attn_implementation=attn).eval()
             built.append(TorchRow(name, "transformers generate, dense", time_hf, hf, dense_bytes))
 
-    log(f"bench: {len(built)} rows, warm-up then {repeats} interleaved rounds")
+    log(f"bench: {len(built)} rows, warm-up then {repeats} interleaved rounds"
+        + (f", {background_load} busy processes running" if background_load else ""))
     samples: dict[str, list[Sample]] = {r.name: [] for r in built}
     bandwidth: list[float] = []
-    for rnd in range(repeats + 1):  # round 0 is the warm-up
-        k = (rnd - 1) % len(built) if rnd and built else 0  # rotated: each row takes every place in turn
-        for row in built[k:] + built[:k]:
-            s = row.run(ids, new_tokens)
+    with BackgroundLoad(background_load, load_max_s) as load:
+        for rnd in range(repeats + 1):  # round 0 is the warm-up
+            k = (rnd - 1) % len(built) if rnd and built else 0  # rotated: each row takes every place in turn
+            for row in built[k:] + built[:k]:
+                s = row.run(ids, new_tokens)
+                if rnd:
+                    samples[row.name].append(s)
+                elif s.tokens is not None:
+                    row.notes["first_tokens"] = s.tokens[:16]
+                time.sleep(settle_s)  # let the previous runtime's spinning threads go idle
             if rnd:
-                samples[row.name].append(s)
-            elif s.tokens is not None:
-                row.notes["first_tokens"] = s.tokens[:16]
-            time.sleep(settle_s)  # let the previous runtime's spinning threads go idle
-        if rnd:
-            bandwidth.append(measure_bandwidth_gbs(bandwidth_mb))
-            time.sleep(settle_s)
-        log(f"bench: round {rnd}/{repeats} done" + (" (warm-up)" if rnd == 0 else ""))
+                bandwidth.append(measure_bandwidth_gbs(bandwidth_mb))
+                time.sleep(settle_s)
+            if load.alive() != background_load:
+                raise RuntimeError(f"{background_load - load.alive()} of the {background_load} busy processes "
+                                   "ended early (raise load_max_s)")
+            log(f"bench: round {rnd}/{repeats} done" + (" (warm-up)" if rnd == 0 else ""))
     gbs = statistics.median(bandwidth)
 
     results = []
@@ -502,6 +613,12 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
                         "gb_per_s": _r(b / ms / 1e6), "floor_ms_per_token": _r(floor),
                         "ratio_to_floor": _r(ms / floor), "ratio_to_peer": None, **row.notes})
     by = {r["row"]: r for r in results}
+    for r in results:  # native rows: the ratio to ONNX Runtime on the same engine, per round and overall
+        ref = by.get(SAME_ENGINE.get(r["row"].split("@")[0], ""))
+        if ref:
+            per_round = [a / b for a, b in zip(r["ms_per_token_samples"], ref["ms_per_token_samples"])]
+            r["ratio_to_same_engine_ort"] = _r(r["ms_per_token"] / ref["ms_per_token"])
+            r["ratio_to_same_engine_ort_per_round"] = [_r(x) for x in per_round]
     if PEER in by:
         for r in results:
             r["ratio_to_peer"] = _r(r["ms_per_token"] / by[PEER]["ms_per_token"])
@@ -518,7 +635,24 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
                              "ratio_to_floor": r["ratio_to_floor"], "floor_max": floor_max,
                              "met_peer": None if r["ratio_to_peer"] is None else r["ratio_to_peer"] <= peer_max,
                              "met_floor": r["ratio_to_floor"] <= floor_max}
-    out = {"model_dir": model_dir, "precision": precision, "device": "cpu", "threads": threads,
+    for r in results:
+        x = r.get("ratio_to_same_engine_ort")
+        if x is None:
+            continue
+        if background_load:
+            targets[f"{r['row']} (contended)"] = {"ratio_to_same_engine_ort": x, "max": CONTENDED_MAX,
+                                                  "met": x <= CONTENDED_MAX}
+        elif r.get("isa") == "avx2":
+            targets[f"{r['row']} (avx2)"] = {"ratio_to_same_engine_ort": x, "max": AVX2_MAX, "met": x <= AVX2_MAX}
+    for r in results:  # the default head (the probe's choice) is no slower than the full head, same ISA
+        base, _, isa = r["row"].partition("@")
+        full = by.get(FULL_HEAD_OF.get(base, "") + (f"@{isa}" if isa else ""))
+        if full:
+            x = _r(r["ms_per_token"] / full["ms_per_token"])
+            targets[f"{r['row']} head"] = {"ratio_to_full_head": x, "head": r.get("head"), "max": 1.0,
+                                           "met": x <= 1.0}
+    out = {"model_dir": model_dir, "precision": precision, "device": "cpu", "cpu": cpu_name(),
+           "background_load": background_load, "threads": threads,
            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
            "density": density, "rank": rank, "cache_dir": str(root),
            "measured_bandwidth_gbs": _r(gbs, 2), "bandwidth_samples_gbs": [_r(x, 2) for x in bandwidth],
@@ -530,29 +664,47 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
 
 
 def format_table(res: dict) -> str:
-    lines = [f"model {res['model_dir']} ({res['precision']}, cpu, {res['threads']} threads), prompt "
-             f"{res['prompt_tokens']} tokens, {res['new_tokens']} new tokens, median of {res['repeats']} "
-             f"interleaved repeats; read bandwidth {res['measured_bandwidth_gbs']} GB/s (median of "
-             f"{res['bandwidth_samples_gbs']})"]
+    load = res.get("background_load", 0)
+    lines = [f"model {res['model_dir']} ({res['precision']}, {res.get('cpu', 'cpu')}, {res['threads']} threads), "
+             f"prompt {res['prompt_tokens']} tokens, {res['new_tokens']} new tokens, median of {res['repeats']} "
+             f"interleaved repeats, {load or 'no'} busy process{'es' if load != 1 else ''} started by the bench; "
+             f"read bandwidth {res['measured_bandwidth_gbs']} GB/s (median of {res['bandwidth_samples_gbs']})"]
     w = max([29] + [len(r["row"]) + 2 for r in res["rows"]] + [len(n) + 2 for n in res["skipped"]])
     head = (f"{'row':<{w}}{'what':<64}{'ms/token':>9}{'tok/s':>8}{'MB/step':>9}{'GB/s':>7}{'x peer':>8}"
-            f"{'floor ms':>9}{'x floor':>8}")
+            f"{'x ORT':>7}{'floor ms':>9}{'x floor':>8}")
     lines += [head, "-" * len(head)]
     for r in res["rows"]:
         peer = "-" if r["ratio_to_peer"] is None else f"{r['ratio_to_peer']:.3f}"
+        same = "-" if r.get("ratio_to_same_engine_ort") is None else f"{r['ratio_to_same_engine_ort']:.3f}"
         lines.append(f"{r['row']:<{w}}{r['label'][:63]:<64}{r['ms_per_token']:>9.2f}{r['tokens_per_s']:>8.1f}"
-                     f"{r['bytes_per_step'] / 1e6:>9.1f}{r['gb_per_s']:>7.2f}{peer:>8}"
+                     f"{r['bytes_per_step'] / 1e6:>9.1f}{r['gb_per_s']:>7.2f}{peer:>8}{same:>7}"
                      f"{r['floor_ms_per_token']:>9.2f}{r['ratio_to_floor']:>8.3f}")
+    lines.append("x ORT: a native row's ms/token over ONNX Runtime's on the same engine folder (per round: "
+                 + "; ".join(f"{r['row']} {r['ratio_to_same_engine_ort_per_round']}" for r in res["rows"]
+                             if r.get("ratio_to_same_engine_ort_per_round")) + ")")
     for name, why in res["skipped"].items():
         lines.append(f"{name:<{w}}skipped: {why}")
     adapters = {r["row"]: r["adapters"] for r in res["rows"] if r.get("adapters") not in (None, "n/a", "none")}
     if adapters:
         lines.append("adapters: " + "; ".join(f"{k}: {v}" for k, v in adapters.items()))
+    native = [r for r in res["rows"] if r.get("isa")]
+    if native:
+        lines.append("native rows: " + "; ".join(
+            f"{r['row']}: {r['isa']}, {r['threads']} threads, head {r.get('head_choice') or r['head']}"
+            + (f", {r['kernel']['rerun_chunks']} chunks run again" if r.get("kernel") else "") for r in native))
     screened = {r["row"]: r["head_rows_per_step"] for r in res["rows"] if "head_rows_per_step" in r}
     if screened:
         lines.append("screened head, fp32 rows recomputed per step: " +
                      "; ".join(f"{k}: {v}" for k, v in screened.items()))
     for name, t in res["targets"].items():
+        if "ratio_to_full_head" in t:  # the native default head against the full head
+            lines.append(f"target {name}: the default head ({t['head']}) {t['ratio_to_full_head']:.3f}x the full "
+                         f"head's ms/token (target <= {t['max']}: {'met' if t['met'] else 'NOT met'})")
+            continue
+        if "met_peer" not in t:  # native against ONNX Runtime on the same engine (contended, or the AVX2 build)
+            lines.append(f"target {name}: {t['ratio_to_same_engine_ort']:.3f}x ONNX Runtime on the same engine "
+                         f"(target <= {t['max']}: {'met' if t['met'] else 'NOT met'})")
+            continue
         peer = ("n/a (no peer)" if t["met_peer"] is None else
                 f"{t['ratio_to_peer']:.3f}x peer (target <= {t['peer_max']}: {'met' if t['met_peer'] else 'NOT met'})")
         lines.append(f"target {name}: {peer}; {t['ratio_to_floor']:.3f}x floor (target <= {t['floor_max']}: "
@@ -576,6 +728,13 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=64, help="rank of the Caprese rows' (random-init) adapters")
     ap.add_argument("--out-dir", default=None, help="engine / GenAI model cache (default out/bench/<model>)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the result object to this file")
+    ap.add_argument("--background-load", type=int, default=0, metavar="N",
+                    help="start N busy processes (CPU-only loops) for the timed rounds and stop them at the end "
+                         "(each ends by itself after --load-max-s or when the bench is gone); default 0")
+    ap.add_argument("--load-max-s", type=float, default=3600.0, help="time bound of each busy process (s)")
+    ap.add_argument("--native-isa", default=None, metavar="LIST",
+                    help="instruction sets of the native rows, comma-separated (avx512, avx2, scalar; default: "
+                         "$CAPRESE_NATIVE_ISA or the CPU's widest); each native row runs once per ISA")
     args = ap.parse_args()
 
     from caprese.errors import CapreseError
@@ -586,7 +745,9 @@ def main() -> int:
         model_dir = args.model_dir or str(fetch_default())
         res = run_bench(model_dir, rows, args.prompt_tokens, args.new_tokens, args.repeats, args.threads,
                         args.precision, args.density, args.rank, args.out_dir,
-                        log=lambda m: print(m, file=sys.stderr, flush=True))
+                        log=lambda m: print(m, file=sys.stderr, flush=True), background_load=args.background_load,
+                        load_max_s=args.load_max_s,
+                        native_isas=[x.strip() for x in args.native_isa.split(",")] if args.native_isa else None)
     except (CapreseError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,15 +3,20 @@ of a small C kernel (caprese/runtime/native/decode_step.c) over the same engine 
 
 Why: at batch 1 on a CPU a decode step streams every weight once; ONNX Runtime runs it as ~10 graph nodes per
 layer, each a separate thread-pool dispatch, and cannot pre-pack GRIFFIN's per-prompt matrices. The kernel runs
-the whole step in one parallel region over the weights of weights.bin (copied once into one 2 MiB-aligned
-arena, transparent huge pages requested), the KV buffers and the folded selection buffers the onnxruntime
-backend already owns. fp32 engines only; the prefill graph is ONNX Runtime's.
+the whole step in one call over the weights of weights.bin (copied once into one 2 MiB-aligned arena,
+transparent huge pages requested), the KV buffers and the folded selection buffers the onnxruntime backend
+already owns. fp32 engines only; the prefill graph is ONNX Runtime's. The kernel is built for the CPU's widest
+instruction set, or the one `isa` / $CAPRESE_NATIVE_ISA names (native/library.py), and the report names it.
 
-Greedy and top-k steps screen the LM head by default (head="screened"): an int8 copy of it with per-row
-error bounds picks the few rows that can be among the k largest logits, and only those are recomputed in fp32,
-so the argmax (or the top k, hence a top-k sample) is the fp32 one while the head (a fifth of a small model's
-bytes) costs a quarter of its bytes. head="full" computes every logit in fp32 on every step; sampling without
-top-k (or with k > 256) always does.
+Greedy and top-k steps may screen the LM head: an int8 copy of it with per-row error bounds picks the few rows
+that can be among the k largest logits, and only those are recomputed in fp32, so the argmax (or the top k,
+hence a top-k sample) is the fp32 one while the head (a fifth of a small model's bytes) costs a quarter of its
+bytes. head="auto" (default) screens where a probe at load found it faster on this CPU (native/head_choice.py),
+head="screened" always, head="full" never; sampling without top-k (or with k > 256) computes every logit.
+
+Threads (default: every CPU this process may run on): the calling thread and a pool of helpers share each phase
+of a step chunk by chunk, and a chunk whose thread is descheduled is run again by one that is waiting, so other
+programs on the cores slow a step down instead of stalling it at every barrier (decode_step.c).
 """
 
 from __future__ import annotations
@@ -24,12 +29,13 @@ import numpy as np
 from caprese.errors import CapreseError
 from caprese.export import contract as C
 from caprese.runtime.native import library as lib_
+from caprese.runtime.native.head_choice import HeadChoice, choose
 from caprese.runtime.native.screened_head import quantize_head
 from caprese.runtime.ort_backend import OrtBackend
 
 _ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 _HUGE = 2 << 20
-HEADS = ("screened", "full")
+HEADS = ("auto", "screened", "full")
 
 
 def _ptr(a: np.ndarray | None) -> int | None:
@@ -104,7 +110,7 @@ class NativeBackend(OrtBackend):
     graphs = (C.PREFILL,)
 
     def __init__(self, manifest, threads: int | None = None, kv_policy: str | int = "fit", device: str | None = None,
-                 head: str = "screened"):
+                 head: str = "auto", isa: str | None = None):
         model = manifest.data["model"]
         if head not in HEADS:
             raise CapreseError(f"head must be one of {', '.join(HEADS)} (got {head!r})")
@@ -117,7 +123,8 @@ class NativeBackend(OrtBackend):
         if model.get("activation") not in _ACTIVATIONS:
             raise CapreseError(f"the native backend has no {model.get('activation')!r} activation; use --backend "
                                "onnxruntime")
-        self.lib = lib_.load()
+        self._ctx = None
+        self.lib = lib_.load(isa)
         self.kernel = self.lib.path
         super().__init__(manifest, threads=threads, kv_policy=kv_policy, device="cpu")
         self.nthreads = int(threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
@@ -130,15 +137,55 @@ class NativeBackend(OrtBackend):
         self._layers = (lib_.Layer * self.layout.num_layers)()
         self._model = lib_.Model()
         self._fill_model()
-        self._scratch = np.zeros(self.lib.caprese_scratch_floats(ctypes.byref(self._model)), np.float32)
-        self._model.scratch = _ptr(self._scratch)
         self._skipped = ctypes.c_int64(0)
-        self.head = head
         self._next = (ctypes.c_int64 * 2)()
         self.head_rows = 0  # fp32 head rows the last screened step recomputed
         self.head_rows_total = self.head_steps = 0  # summed over the screened steps since load
-        if head == "screened":
+        if head != "full":
             self._screen_head()
+        ctx = self.lib.caprese_context_new(ctypes.byref(self._model), self.nthreads)
+        if not ctx:
+            raise CapreseError(f"the native kernel could not allocate its buffers or start {self.nthreads} threads; "
+                               "pass fewer --threads, or use --backend onnxruntime")
+        self._ctx = ctypes.c_void_p(ctx)
+        self.head_choice: HeadChoice | None = None
+        if head == "auto":
+            self.head_choice = self._choose_head()
+            head = self.head_choice.head
+            if head == "full":  # the int8 copy is not read: give its memory back
+                self._model.head_q = self._model.head_scale = self._model.head_bound = None
+                self._head_q = self._head_scale = self._head_bound = None
+        self.head = head
+
+    def _choose_head(self) -> HeadChoice:
+        """Time the screened and the full head on this CPU (or read the cached result): see head_choice.py."""
+        from caprese.model.default_model import cache_root
+
+        lay = self.layout
+        rng = np.random.default_rng(0)  # a final hidden state of the right scale: normed, times the norm weight
+        h = (rng.standard_normal(lay.hidden_size) * self.arena[self._norm_name("model.norm.weight")]).astype(
+            np.float32)
+        nxt = (ctypes.c_int64 * 2)()
+
+        def full():
+            self._check(self.lib.caprese_head_only(self._ctx, _ptr(h), None))
+
+        def screened():
+            nxt[0] = 1
+            self._check(self.lib.caprese_head_only(self._ctx, _ptr(h), nxt))
+            return int(nxt[1])
+
+        key = f"{self.kernel.name}|head {lay.vocab_size}x{lay.hidden_size}|threads {self.nthreads}"
+        return choose(key, full, screened, cache_root() / "native")
+
+    def close(self) -> None:
+        """Stop the kernel's threads and free its buffers (also on garbage collection)."""
+        if getattr(self, "_ctx", None):
+            self.lib.caprese_context_free(self._ctx)
+            self._ctx = None
+
+    def __del__(self):
+        self.close()
 
     def _screen_head(self) -> None:
         w = self.arena[self._head_name()]
@@ -255,9 +302,9 @@ class NativeBackend(OrtBackend):
             L.scale = float(m["attn_scale"]) if m.get("attn_scale") is not None else lay.head_dim ** -0.5
             L.softcap = float(m.get("attn_softcap") or 0.0)
         M = self._model
-        M.abi, M.num_layers, M.hidden = lib_.ABI, lay.num_layers, D
+        M.num_layers, M.hidden = lay.num_layers, D
         M.num_heads, M.num_kv_heads, M.head_dim = m["num_heads"], lay.num_kv_heads, lay.head_dim
-        M.vocab, M.max_ff, M.threads = lay.vocab_size, max_ff, self.nthreads
+        M.vocab, M.max_ff = lay.vocab_size, max_ff
         M.activation, M.gemma = _ACTIVATIONS[m["activation"]], int(bool(m.get("gemma_norms")))
         M.eps, M.final_softcap = float(m["rms_norm_eps"]), float(m.get("final_softcap") or 0.0)
         M.embed_scale = float(D ** 0.5) if m.get("gemma_norms") else 1.0
@@ -268,6 +315,8 @@ class NativeBackend(OrtBackend):
         M.logits = _ptr(self.logits.host)
 
     def _bind(self) -> None:
+        if self._ctx:  # no helper may still read the KV buffers that reserve() is about to drop
+            self.lib.caprese_context_quiesce(self._ctx)
         super()._bind()
         for i in range(self.layout.num_layers):  # the KV buffers were (re)allocated: point the kernel at them
             self._layers[i].k_cache = _ptr(self.kv[C.past_key(i)].host)
@@ -280,15 +329,18 @@ class NativeBackend(OrtBackend):
         if slot >= self.capacity:
             raise RuntimeError(f"decode at slot {slot} past the KV cache ({self.capacity}); reserve first")
         self._next[0] = top
-        rc = self.lib.caprese_decode_step(ctypes.byref(self._model), int(token), int(slot),
-                                          ctypes.byref(self._skipped), self._next if top else None)
-        if rc:
-            why = {1: "bad token, slot or k", 2: "out of memory", 3: "no finite logit"}.get(rc, "?")
-            raise RuntimeError(f"the native decode step failed (code {rc}: {why})")
+        self._check(self.lib.caprese_decode_step(self._ctx, int(token), int(slot), ctypes.byref(self._skipped),
+                                                 self._next if top else None))
         if top:
             self.head_rows = int(self._next[1])
             self.head_rows_total += self.head_rows
             self.head_steps += 1
+
+    @staticmethod
+    def _check(rc: int) -> None:
+        if rc:
+            why = {1: "bad token, slot or k", 3: "no finite logit"}.get(rc, "?")
+            raise RuntimeError(f"the native decode step failed (code {rc}: {why})")
 
     def _screens(self, k: int) -> bool:
         return self.head == "screened" and 1 <= k <= min(self.lib.head_topk_max, self.layout.vocab_size)
@@ -315,6 +367,20 @@ class NativeBackend(OrtBackend):
     def skipped_bytes(self) -> int:
         return int(self._skipped.value)
 
+    def kernel_stats(self) -> dict:
+        """Since load: chunks committed by the calling thread and by the helpers, chunks run again because their
+        thread was late (descheduled), executions dropped (another thread committed first), ms the calling thread
+        waited for other threads' chunks, phases run (a decode step is ~4 per layer)."""
+        out = (ctypes.c_int64 * 6)()
+        self.lib.caprese_context_stats(self._ctx, out)
+        d = dict(zip(("leader_chunks", "helper_chunks", "rerun_chunks", "dropped_runs", "wait_ms", "phases"),
+                     map(int, out)))
+        d["wait_ms"] = round(d["wait_ms"] / 1e6, 3)
+        return d
+
     def describe(self) -> dict:
-        return {"threads": self.nthreads, "kv_policy": self.kv_policy, "prefill": "onnxruntime",
-                "kernel": str(self.kernel), "head": self.head}
+        d = {"threads": self.nthreads, "kv_policy": self.kv_policy, "prefill": "onnxruntime",
+             "kernel": str(self.kernel), "isa": self.lib.isa, "head": self.head}
+        if self.head_choice is not None:
+            d["head_choice"] = self.head_choice.describe()
+        return d

@@ -1,39 +1,63 @@
-/* One fp32 decode step (batch 1) of a caprese engine, on CPU threads: the whole model in ONE OpenMP parallel
- * region, so a step pays 5 thread barriers per layer instead of one thread-pool dispatch per graph node.
+/* One fp32 decode step (batch 1) of a caprese engine on CPU threads that may be descheduled at any moment.
  *
  * Why it exists: at batch 1 a decode step is a chain of matrix-vector products that must stream every weight
- * once. ONNX Runtime's MatMul (MLAS) does that at the machine's streaming bandwidth on large matrices, but a
- * step is ~10 nodes per layer, each a separate parallel dispatch, and the per-prompt GRIFFIN matrices arrive
- * as graph inputs that MLAS cannot pre-pack. Here every product is one pass over the weight rows (each thread
- * streams its own contiguous stretch of rows; the readers add the threads' partial sums), and everything
- * between two products is recomputed by each thread on its own copy of the residual stream (a few hundred
- * floats) instead of waiting for one thread.
+ * once. ONNX Runtime's MatMul streams at the machine's bandwidth, but a step is ~10 graph nodes per layer, each
+ * a thread-pool dispatch, and GRIFFIN's per-prompt matrices arrive as graph inputs that it cannot pre-pack.
+ *
+ * Why it is built this way: on an edge device other programs share the cores. A step that is one OpenMP region
+ * with a barrier after every product waits, at every barrier, for whichever thread the OS descheduled (measured:
+ * 3-8x slower than ONNX Runtime next to two busy processes on 2 cores). Here a step is a chain of *phases*, each
+ * cut into chunks whose size depends only on the model's shapes:
+ *   A  QKV product, chunks of rows (partial sums)      B  per query head: attention + its o-projection rows
+ *   C  gate/up(/L) product, chunks of rows             D  per block of neurons: activation + down rows (CATS:
+ *   H  LM head, chunks of rows (full, or the int8        threshold, then up/down rows of the passing neurons)
+ *      screen and then the fp32 recomputation)
+ * The calling thread (the leader) publishes a phase; it and the pool's helper threads each take chunks from the
+ * front of their own range of it (so that, at equal speed, each streams its own contiguous stretch of every
+ * matrix, as a static split does) and, once that is empty, from the back of another's; a thread computes a chunk
+ * into its own result area and commits it with one compare-and-swap. The leader then sums the committed parts
+ * in chunk order and does the small serial work (K/V write, residual, norms) before the next phase. Nobody waits
+ * for a thread that is not running: a chunk that has been held for twice the usual chunk time is computed again
+ * by whoever is waiting (first commit wins, the late copy is dropped), helpers spin briefly and then sleep on a
+ * futex, a helper that falls behind skips to the current phase, and the leader never waits for helpers at the
+ * end of a step. Per layer that is 4 phases where the OpenMP version had 5 barriers that every thread had to
+ * reach. Measured (2 vCPUs, AMD EPYC Zen 4, docs/performance.md, 2026-12-05): as fast as that version on idle
+ * cores (within 1-5 %), 0.67-0.80x ONNX Runtime's step next to 1-4 busy processes where it was 0.9-1.2x with
+ * tails of 100-650 ms.
+ * Every chunk's arithmetic is fixed by its index, and parts are summed in chunk order, so logits are the same
+ * bits whatever the thread count and whoever ran each chunk.
  *
  * Semantics are those of the engine's decode graph (caprese/export/onnx_graph.py): RMSNorm (Gemma 2's
  * pre-added 1 + w weights and its post-attention / pre- and post-FFN norms), fused QKV (+ bias), optional
  * per-head q/k RMSNorm, rotary (rotate-half, cos/sin tables [max_seq, head_dim / 2]), the in-place KV write,
- * GQA attention with sliding window and soft-cap (the slots split between the threads, the shares merged),
- * o projection, gated FFN (dense, GRIFFIN's folded [Ŵ_g, Ŵ_1, L] / [Ŵ_2 ; R], CATS' threshold with an
- * optional bypass), LM head with the final soft-cap.
- * CATS: the up projection (kept transposed) and the down projection are read only for the neurons whose
- * activation passes the threshold.
+ * GQA attention with sliding window and soft-cap, o projection, gated FFN (dense, GRIFFIN's folded
+ * [W_g, W_1, L] / [W_2 ; R], CATS' threshold with an optional bypass), LM head with the final soft-cap.
  * Screened head (`next` given, for greedy and top-k steps): the LM head is first read as an int8 copy with a
- * per-row scale and a per-row error bound; only the rows whose upper bound reaches the k-th largest lower bound
- * (1-10 of 49152 on SmolLM2 for k = 1) are recomputed from the fp32 head, so the k largest fp32 logits are
- * exact while the head costs a quarter of its bytes (the bound: caprese/runtime/native/screened_head.py).
+ * per-row scale and error bound; only the rows whose upper bound reaches the k-th largest lower bound are
+ * recomputed from the fp32 head, so the k largest fp32 logits are exact (caprese/runtime/native/screened_head.py).
  * Layout of every matrix: math layout [in, out], row-major; the LM head is [vocab, hidden] (the embedding).
+ * ISA: the int8 head rows use AVX-512 or AVX2 intrinsics where the build targets them (caprese_isa()); all the
+ * rest is portable C that the compiler vectorizes (`omp simd`, -fopenmp-simd) or not (the scalar build).
  */
+#define _GNU_SOURCE
+#include <linux/futex.h>
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <omp.h>
-#if defined(__AVX512F__)
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
-#define CAPRESE_NATIVE_ABI 3
 #define HEAD_TOPK_MAX 256 /* largest k of a screened top-k step */
+#define MAX_THREADS 64
 
 typedef struct {
     const float *w;   /* [rows, ld] */
@@ -60,9 +84,8 @@ typedef struct {
 } Layer;
 
 typedef struct {
-    int64_t abi, num_layers, hidden, num_heads, num_kv_heads, head_dim, vocab, capacity;
+    int64_t num_layers, hidden, num_heads, num_kv_heads, head_dim, vocab, capacity;
     int64_t max_ff;          /* max over layers of n_ff + rank */
-    int64_t threads;         /* OpenMP threads of a step (the scratch holds one partial sum per thread) */
     int64_t activation;      /* 0 silu, 1 gelu (tanh), 2 gelu (erf) */
     int64_t gemma;           /* Gemma 2 norm placement + embedding scale */
     float eps, final_softcap, embed_scale;
@@ -72,22 +95,51 @@ typedef struct {
     const float *rope_cos, *rope_sin; /* [max_seq, head_dim / 2] */
     const Layer *layers;
     float *logits;           /* [vocab] */
-    float *scratch;          /* caprese_scratch_floats(m) floats: the threads' partial sums and attention shares */
-    const int8_t *head_q;    /* [vocab, hidden] int8 copy of the LM head, or NULL (no screened greedy steps) */
+    const int8_t *head_q;    /* [vocab, hidden] int8 copy of the LM head, or NULL (no screened steps) */
     const float *head_scale; /* [vocab]: row v of the head ~ head_scale[v] * head_q[v] */
     const float *head_bound; /* [vocab]: |h.w_v - head_scale[v] * h.head_q[v]| <= |h|_2 * head_bound[v] in fp32 */
 } Model;
 
-int64_t caprese_native_abi(void) { return CAPRESE_NATIVE_ABI; }
+/* ------------------------------------------------------------------ the structs' layout, for the ctypes mirror */
+typedef struct {
+    const char *type, *field; /* field "" = the struct itself */
+    int64_t offset, size;
+} LayoutField;
+
+#define FIELD(T, f) {#T, #f, (int64_t)offsetof(T, f), (int64_t)sizeof(((T *)0)->f)}
+#define STRUCT(T) {#T, "", 0, (int64_t)sizeof(T)}
+static const LayoutField LAYOUT[] = {
+    STRUCT(Mat), FIELD(Mat, w), FIELD(Mat, ld), FIELD(Mat, cols),
+    STRUCT(Layer), FIELD(Layer, input_norm), FIELD(Layer, post_attn_norm), FIELD(Layer, pre_ffn_norm),
+    FIELD(Layer, post_ffn_norm), FIELD(Layer, q_norm), FIELD(Layer, k_norm), FIELD(Layer, qkv),
+    FIELD(Layer, qkv_bias), FIELD(Layer, o), FIELD(Layer, o_bias), FIELD(Layer, gu1), FIELD(Layer, gu2),
+    FIELD(Layer, gu_bias), FIELD(Layer, down), FIELD(Layer, down_bias), FIELD(Layer, n_ff), FIELD(Layer, rank),
+    FIELD(Layer, cats_tau), FIELD(Layer, k_cache), FIELD(Layer, v_cache), FIELD(Layer, window),
+    FIELD(Layer, scale), FIELD(Layer, softcap), FIELD(Layer, up_t), FIELD(Layer, up_bias),
+    STRUCT(Model), FIELD(Model, num_layers), FIELD(Model, hidden), FIELD(Model, num_heads),
+    FIELD(Model, num_kv_heads), FIELD(Model, head_dim), FIELD(Model, vocab), FIELD(Model, capacity),
+    FIELD(Model, max_ff), FIELD(Model, activation), FIELD(Model, gemma), FIELD(Model, eps),
+    FIELD(Model, final_softcap), FIELD(Model, embed_scale), FIELD(Model, embed), FIELD(Model, lm_head),
+    FIELD(Model, final_norm), FIELD(Model, rope_cos), FIELD(Model, rope_sin), FIELD(Model, layers),
+    FIELD(Model, logits), FIELD(Model, head_q), FIELD(Model, head_scale), FIELD(Model, head_bound),
+    {NULL, NULL, 0, 0}};
+
+/* Every struct ctypes mirrors, with each field's offset and size as this compiler laid them out. */
+const LayoutField *caprese_layout_info(void) { return LAYOUT; }
 
 int64_t caprese_head_topk_max(void) { return HEAD_TOPK_MAX; }
 
-int64_t caprese_scratch_floats(const Model *m) {
-    int64_t qkv = (m->num_heads + 2 * m->num_kv_heads) * m->head_dim;
-    return m->threads * (qkv + m->hidden + 2 * m->max_ff + m->hidden + m->num_heads * (2 + m->head_dim) + 3 +
-                         HEAD_TOPK_MAX);
+const char *caprese_isa(void) {
+#if defined(__AVX512F__)
+    return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+    return "avx2";
+#else
+    return "scalar";
+#endif
 }
 
+/* ------------------------------------------------------------------ math shared by the stages */
 static void rms_norm(const float *x, const float *w, float *y, int64_t n, float eps) {
     double ss = 0.0;
     for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
@@ -136,10 +188,9 @@ static void gated(int64_t kind, const float *gate, const float *up, const float 
 
 /* y[0:n] = sum over rows r of x[r] * W[r, 0:n], for r = i in [i0, i1) (rows == NULL) or r = rows[i] (the
  * listed rows only: the others have x[r] == 0, CATS' thresholded neurons). Rows in order, four at a time, the
- * columns in tiles of 2048 so the partial sum stays in L1. The threads split the rows (one contiguous stretch of
- * the matrix each: the most regular read there is) and whoever reads y sums the threads' parts. */
+ * columns in tiles of 2048 so the partial sum stays in L1. */
 #define TILE 2048
-static void gemv_part(const float *restrict x, const Mat *a, const int32_t *rows, int64_t i0, int64_t i1,
+static void gemv_rows(const float *restrict x, const Mat *a, const int32_t *rows, int64_t i0, int64_t i1,
                       float *restrict y) {
     const int64_t ld = a->ld, n = a->cols;
     for (int64_t c0 = 0; c0 < n; c0 += TILE) {
@@ -167,95 +218,12 @@ static void gemv_part(const float *restrict x, const Mat *a, const int32_t *rows
     }
 }
 
-/* out[0:n] = sum of the nt partial sums parts[t * stride + off + 0:n] (+ bias[off:off + n]). */
-static void gather(const float *parts, int nt, int64_t stride, int64_t off, int64_t n, const float *bias,
-                   float *out) {
-    const float *p0 = parts + off;
-#pragma omp simd
-    for (int64_t j = 0; j < n; j++) out[j] = p0[j] + (bias ? bias[off + j] : 0.0f);
-    for (int t = 1; t < nt; t++) {
-        const float *pt = parts + t * stride + off;
-#pragma omp simd
-        for (int64_t j = 0; j < n; j++) out[j] += pt[j];
-    }
-}
-
 static void rope(float *v, const float *cos, const float *sin, int64_t half) {
     for (int64_t j = 0; j < half; j++) {
         float a = v[j], b = v[j + half];
         v[j] = a * cos[j] - b * sin[j];
         v[j + half] = b * cos[j] + a * sin[j];
     }
-}
-
-/* This thread's share of the attention of kv head `kvh`'s query group (q: group × head_dim, rotated) over the
- * cache slots [s0, s1): per query head the running max m, the sum l of exp(score - m) and the unnormalised
- * output o = Σ exp(score - m) · v (the readers merge the threads' shares). K and V rows are read once for the
- * whole group. sc: group × (s1 - s0) floats. */
-static void attend_part(const Model *m, const Layer *L, const float *q, int64_t kvh, int64_t group, int64_t s0,
-                        int64_t s1, float *sc, float *pm, float *pl, float *po) {
-    const int64_t hd = m->head_dim, cap = m->capacity, n = s1 - s0;
-    const float *K = L->k_cache + kvh * cap * hd, *V = L->v_cache + kvh * cap * hd;
-    for (int64_t s = s0; s < s1; s++) {
-        const float *k = K + s * hd;
-        for (int64_t g = 0; g < group; g++) {
-            const float *qg = q + g * hd;
-            float d = 0.0f;
-#pragma omp simd reduction(+ : d)
-            for (int64_t j = 0; j < hd; j++) d += qg[j] * k[j];
-            d *= L->scale;
-            if (L->softcap > 0.0f) d = tanhf(d / L->softcap) * L->softcap;
-            sc[g * n + (s - s0)] = d;
-        }
-    }
-    for (int64_t g = 0; g < group; g++) {
-        float *row = sc + g * n, mx = -INFINITY, sum = 0.0f;
-        for (int64_t i = 0; i < n; i++) mx = row[i] > mx ? row[i] : mx;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < n; i++) {
-            row[i] = exp_vec(row[i] - mx);
-            sum += row[i];
-        }
-        pm[g] = mx;
-        pl[g] = sum;
-        for (int64_t j = 0; j < hd; j++) po[g * hd + j] = 0.0f;
-    }
-    for (int64_t s = s0; s < s1; s++) {
-        const float *v = V + s * hd;
-        for (int64_t g = 0; g < group; g++) {
-            const float p = sc[g * n + (s - s0)];
-            float *o = po + g * hd;
-#pragma omp simd
-            for (int64_t j = 0; j < hd; j++) o[j] += p * v[j];
-        }
-    }
-}
-
-/* out[h] = the merged attention output of query head h from the nt threads' shares. */
-static void attend_merge(const float *pm, const float *pl, const float *po, int nt, int64_t Hq, int64_t hd,
-                         float *out) {
-    for (int64_t h = 0; h < Hq; h++) {
-        float mx = -INFINITY, l = 0.0f;
-        for (int t = 0; t < nt; t++) mx = pm[t * Hq + h] > mx ? pm[t * Hq + h] : mx;
-        float *o = out + h * hd;
-        for (int64_t j = 0; j < hd; j++) o[j] = 0.0f;
-        for (int t = 0; t < nt; t++) {
-            if (pl[t * Hq + h] == 0.0f) continue; /* an empty share */
-            const float w = expf(pm[t * Hq + h] - mx);
-            const float *pt = po + (t * Hq + h) * hd;
-            l += w * pl[t * Hq + h];
-#pragma omp simd
-            for (int64_t j = 0; j < hd; j++) o[j] += w * pt[j];
-        }
-        const float inv = 1.0f / l;
-        for (int64_t j = 0; j < hd; j++) o[j] *= inv;
-    }
-}
-
-/* This thread's stretch [*i0, *i1) of n rows. */
-static void rows_of(int64_t n, int tid, int nt, int64_t *i0, int64_t *i1) {
-    *i0 = n * tid / nt;
-    *i1 = n * (tid + 1) / nt;
 }
 
 /* d[k] = w_k . h for four fp32 head rows. Every head logit, of the full head and of a screened head's
@@ -281,29 +249,12 @@ static float head_row(const Model *m, const float *h, int64_t v) { /* one exact 
     return m->final_softcap > 0.0f ? tanhf(d[0] / m->final_softcap) * m->final_softcap : d[0];
 }
 
-/* The full head over this thread's rows [i0, i1): logits = W h (+ soft-cap). */
-static void head_full(const Model *m, const float *h, int64_t i0, int64_t i1) {
-    const int64_t D = m->hidden;
-    int64_t v = i0;
-    float d[4];
-    for (; v + 4 <= i1; v += 4) { /* four rows at a time: four independent sums */
-        const float *w0 = m->lm_head + v * D;
-        dot4_f32(w0, w0 + D, w0 + 2 * D, w0 + 3 * D, h, D, d);
-        for (int k = 0; k < 4; k++) m->logits[v + k] = d[k];
-    }
-    for (; v < i1; v++) {
-        const float *w = m->lm_head + v * D;
-        dot4_f32(w, w, w, w, h, D, d);
-        m->logits[v] = d[0];
-    }
-    const float cap = m->final_softcap;
-    if (cap > 0.0f)
-        for (v = i0; v < i1; v++) m->logits[v] = tanhf(m->logits[v] / cap) * cap;
-}
-
 /* d[k] = q_k . h for the four consecutive int8 rows q .. q + 3n. The loads run 32 KiB ahead with software
  * prefetch: the int8 rows are consumed 4x faster per byte than fp32 ones, and without it the stream stalls at
- * about half the DRAM bandwidth (measured: 28 MB read in 2.0 ms without, 1.15 ms with, 2 threads). */
+ * about half the DRAM bandwidth (measured: 28 MB read in 2.0 ms without, 1.15 ms with, 2 threads, AVX-512). The
+ * AVX2 body widens 8 bytes per row and step (vpmovsxbd + vcvtdq2ps + FMA, as the AVX-512 one does with 16):
+ * GCC's own vectorization of the plain loop widens through shuffles and read the int8 head slower than the
+ * fp32 one on an AVX2-only EPYC. */
 #define HEAD_PREFETCH 32768
 static void dot4_i8(const int8_t *restrict q, const float *restrict h, int64_t n, float d[4]) {
     int64_t j = 0;
@@ -322,6 +273,21 @@ static void dot4_i8(const int8_t *restrict q, const float *restrict h, int64_t n
     }
     d0 = _mm512_reduce_add_ps(a0); d1 = _mm512_reduce_add_ps(a1);
     d2 = _mm512_reduce_add_ps(a2); d3 = _mm512_reduce_add_ps(a3);
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; j + 8 <= n; j += 8) {
+        if (!(j & 8)) __builtin_prefetch(q + HEAD_PREFETCH + 4 * j, 0, 3); /* one line per 64 bytes read */
+        const __m256 hv = _mm256_loadu_ps(h + j);
+#define I8(r) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + (r) * n + j))))
+        a0 = _mm256_fmadd_ps(I8(0), hv, a0);
+        a1 = _mm256_fmadd_ps(I8(1), hv, a1);
+        a2 = _mm256_fmadd_ps(I8(2), hv, a2);
+        a3 = _mm256_fmadd_ps(I8(3), hv, a3);
+#undef I8
+    }
+    float s[4][8];
+    _mm256_storeu_ps(s[0], a0); _mm256_storeu_ps(s[1], a1); _mm256_storeu_ps(s[2], a2); _mm256_storeu_ps(s[3], a3);
+    for (int k = 0; k < 8; k++) { d0 += s[0][k]; d1 += s[1][k]; d2 += s[2][k]; d3 += s[3][k]; }
 #else
     for (int64_t c = 0; c < 4 * n; c += 64) __builtin_prefetch(q + HEAD_PREFETCH + c, 0, 3);
 #endif
@@ -349,33 +315,7 @@ static void heap_offer(float *heap, int64_t k, float x) {
     heap[i] = x;
 }
 
-/* Screened head, pass 1 over this thread's rows: a[v] = scale[v] * (q[v] . h) into logits[v]; heap[0..k) gets
- * the k largest lower bounds a[v] - |h| bound[v] of these rows (-inf where fewer). */
-static void head_screen(const Model *m, const float *h, float hn, int64_t i0, int64_t i1, float *heap, int64_t k) {
-    const int64_t D = m->hidden;
-    float d[4];
-    for (int64_t i = 0; i < k; i++) heap[i] = -INFINITY;
-    for (int64_t v = i0; v < i1; v += 4) {
-        const int64_t k_n = i1 - v < 4 ? i1 - v : 4;
-        if (k_n == 4) {
-            dot4_i8(m->head_q + v * D, h, D, d);
-        } else { /* the last rows of the stretch, one at a time */
-            for (int64_t r = 0; r < k_n; r++) {
-                const int8_t *q = m->head_q + (v + r) * D;
-                float t = 0.0f;
-                for (int64_t j = 0; j < D; j++) t += (float)q[j] * h[j];
-                d[r] = t;
-            }
-        }
-        for (int64_t r = 0; r < k_n; r++) {
-            const float a = m->head_scale[v + r] * d[r];
-            m->logits[v + r] = a;
-            heap_offer(heap, k, a - hn * m->head_bound[v + r]);
-        }
-    }
-}
-
-/* The k-th largest of a[0..n) (k <= n; a is reordered). Quickselect: n is at most threads x HEAD_TOPK_MAX. */
+/* The k-th largest of a[0..n) (k <= n; a is reordered). Quickselect. */
 static float kth_largest(float *a, int64_t n, int64_t k) {
     int64_t lo = 0, hi = n - 1, want = k - 1;
     while (lo < hi) {
@@ -391,202 +331,795 @@ static float kth_largest(float *a, int64_t n, int64_t k) {
     return a[want];
 }
 
+/* ------------------------------------------------------------------ the context: pool, scratch, phases */
+enum { PH_QKV, PH_ATTN, PH_GATE_UP, PH_DOWN, PH_HEAD_FULL, PH_HEAD_SCREEN, PH_HEAD_PICK, PH_KINDS };
+
+/* Chunk sizes: rows of the QKV and gate/up products (each chunk's part is as wide as the product, so few
+ * chunks), rows of the down product (parts [hidden] wide), rows of the LM head. */
+#define CHUNKS_WIDE 8
+#define HEAD_ROWS 512
+#define DOWN_BYTES 65536 /* rows of the down product per chunk: about this many floats */
+#define ATT_BLOCK 256  /* attention slots scored at a time (online softmax across blocks) */
+
+typedef struct {  /* what a phase computes; every thread copies it before running a chunk of it */
+    int kind, p;      /* p: the epoch's parity (which results / states it writes) */
+    int64_t layer, n_chunks, rows, stride; /* rows per chunk; stride: floats of one chunk's result */
+    int64_t prev_n, prev_stride; /* the previous phase's (whose results this one reads, at parity p ^ 1) */
+    int64_t slot, topk;
+    float hn, floor_;  /* screened head: |h|_2 rounded up, the k-th largest lower bound */
+    int64_t t0;        /* when it was published (ns): a chunk claimed but not started yet counts from then */
+} Phase;
+
+typedef struct Ctx Ctx;
+typedef struct { /* a thread of the pool, and what it did (written by that thread only: no shared lines) */
+    _Alignas(64) Ctx *c;
+    int tid;
+    pthread_t th;
+    int64_t committed, dropped, reruns;
+    int64_t stall_every, stall_us, stall_count; /* tests: this thread sleeps inside every stall_every-th chunk */
+} Worker;
+
+typedef struct { /* one chunk, on its own cache line; tagged with the epoch, so a new phase resets nothing */
+    _Alignas(64) _Atomic uint64_t state; /* epoch << 8 | 0x80 | tid: committed in that epoch by that thread */
+    _Atomic int64_t started;             /* when its latest execution started (ns) */
+    _Atomic uint64_t runs;               /* epoch << 8 | executions started in that epoch */
+} Slot;
+
+struct Ctx {
+    const Model *m;
+    int threads;                 /* the leader + threads - 1 helpers */
+    Phase phase[2];              /* by epoch parity: a phase's consumers read the previous one's results */
+    Slot *slots[2];              /* by epoch parity: the chunks of that phase */
+    /* written by the leader once per phase, read by every helper */
+    _Alignas(64) _Atomic uint64_t epoch; /* phase number: helpers follow it */
+    _Atomic uint32_t futex_word; /* the low bits of epoch, for futex waits */
+    _Atomic int active;          /* threads asked to work (1 .. threads) */
+    _Atomic int shutdown;
+    struct { _Alignas(64) _Atomic uint64_t w; } range[MAX_THREADS]; /* per thread: its chunks, packed by pack() */
+    _Alignas(64) _Atomic int sleepers, busy;
+    float *res[MAX_THREADS][2];  /* per thread and parity: the results of the chunks it committed */
+    int64_t res_floats;          /* floats of one res area */
+    float *tmp[MAX_THREADS];     /* per thread: its own scratch (activations, scores, a chunk's z) */
+    int64_t tmp_floats;
+    float *x, *h, *y, *t, *kv;   /* leader: residual stream; the normed input every thread reads; scratch */
+    float *sel;                  /* leader: the screened head's lower bounds gathered from the chunks */
+    _Alignas(64) int64_t ema_ns[PH_KINDS]; /* typical chunk time per kind (the wait before a chunk is run again) */
+    int64_t ns_wait, n_phases;   /* leader: time spent waiting for other threads' chunks; phases run */
+    int64_t spin_ns;             /* how long an idle helper spins before it sleeps */
+    Worker workers[MAX_THREADS];
+};
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static void futex_wait(_Atomic uint32_t *w, uint32_t v) {
+    syscall(SYS_futex, (uint32_t *)w, FUTEX_WAIT_PRIVATE, v, NULL, NULL, 0);
+}
+
+static void futex_wake_all(_Atomic uint32_t *w) {
+    syscall(SYS_futex, (uint32_t *)w, FUTEX_WAKE_PRIVATE, MAX_THREADS, NULL, NULL, 0);
+}
+
+static inline int winner_of(uint64_t s) { return (int)(s & 0x7f); }
+
+/* Chunk i of epoch e is committed (or the phase has moved on). */
+static inline int settled(uint64_t s, uint64_t e) { return (s >> 8) >= e; }
+
+/* Count one more execution of chunk i in epoch e, if fewer than `most` were started (most 0: always). */
+static int count_run(Slot *sl, uint64_t e, uint64_t most) {
+    uint64_t r = atomic_load_explicit(&sl->runs, memory_order_relaxed);
+    for (;;) {
+        const uint64_t n = (r >> 8) == e ? (r & 0xff) : 0;
+        if (most && n >= most) return 0;
+        if (atomic_compare_exchange_weak_explicit(&sl->runs, &r, e << 8 | (n + 1), memory_order_relaxed,
+                                                  memory_order_relaxed))
+            return 1;
+    }
+}
+
+/* The committed result of chunk i of the phase with parity p (its floats at stride `stride`). */
+static inline const float *result(const Ctx *c, int p, int64_t i, int64_t stride) {
+    const uint64_t s = atomic_load_explicit(&c->slots[p][i].state, memory_order_acquire);
+    return c->res[winner_of(s)][p] + i * stride;
+}
+
+/* out[0:n] = sum over the chunks of phase parity p of their result[off:off + n] (+ bias[0:n]), in chunk order. */
+static void sum_parts(const Ctx *c, int p, int64_t n_chunks, int64_t stride, int64_t off, int64_t n,
+                      const float *bias, float *out) {
+    const float *p0 = result(c, p, 0, stride) + off;
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) out[j] = p0[j] + (bias ? bias[j] : 0.0f);
+    for (int64_t k = 1; k < n_chunks; k++) {
+        const float *pk = result(c, p, k, stride) + off;
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) out[j] += pk[j];
+    }
+}
+
+/* ------------------------------------------------------------------ stages: one chunk of each phase kind */
+/* A: rows [r0, r1) of the QKV product of the normed input: a partial sum over all nqkv outputs. */
+static void stage_qkv(const Ctx *c, const Phase *ph, int64_t i, float *out) {
+    const Layer *L = c->m->layers + ph->layer;
+    const int64_t r0 = i * ph->rows, r1 = r0 + ph->rows < c->m->hidden ? r0 + ph->rows : c->m->hidden;
+    gemv_rows(c->h, &L->qkv, NULL, r0, r1, out);
+}
+
+/* The new slot's K (normed, rotated) and V of every KV head, from their sums over phase A's parts in c->kv
+ * ([k heads | v heads], bias added), into the cache (leader). */
+static void stage_kv_write(Ctx *c, int64_t li, int64_t slot) {
+    const Model *m = c->m;
+    const Layer *L = m->layers + li;
+    const int64_t hd = m->head_dim, Hkv = m->num_kv_heads, half = hd / 2;
+    for (int64_t kv = 0; kv < Hkv; kv++) {
+        float *kd = L->k_cache + (kv * m->capacity + slot) * hd, *vd = L->v_cache + (kv * m->capacity + slot) * hd;
+        const float *k = c->kv + kv * hd;
+        if (L->k_norm) rms_norm(k, L->k_norm, kd, hd, m->eps); else memcpy(kd, k, sizeof(float) * hd);
+        rope(kd, m->rope_cos + slot * half, m->rope_sin + slot * half, half);
+        memcpy(vd, c->kv + (Hkv + kv) * hd, sizeof(float) * hd);
+    }
+}
+
+/* B: query head i: its q from phase A's parts (normed, rotated), attention over the slots lo .. slot of its KV
+ * head (scores a block at a time, merged by their running max and sum), then its rows of the o projection: a
+ * partial sum over the hidden outputs. */
+static void stage_attention(const Ctx *c, const Phase *ph, int64_t i, float *out, float *tmp) {
+    const Model *m = c->m;
+    const Layer *L = m->layers + ph->layer;
+    const int64_t hd = m->head_dim, half = hd / 2, slot = ph->slot, kvh = i / (m->num_heads / m->num_kv_heads);
+    float *q = tmp, *o = q + hd, *sc = o + hd;
+    sum_parts(c, ph->p ^ 1, ph->prev_n, ph->prev_stride, i * hd, hd, L->qkv_bias ? L->qkv_bias + i * hd : NULL, sc);
+    if (L->q_norm) rms_norm(sc, L->q_norm, q, hd, m->eps); else memcpy(q, sc, sizeof(float) * hd);
+    rope(q, m->rope_cos + slot * half, m->rope_sin + slot * half, half);
+    const int64_t lo = (L->window > 0 && slot - L->window + 1 > 0) ? slot - L->window + 1 : 0;
+    const float *K = L->k_cache + kvh * m->capacity * hd, *V = L->v_cache + kvh * m->capacity * hd;
+    float mx = -INFINITY, l = 0.0f;
+    for (int64_t j = 0; j < hd; j++) o[j] = 0.0f;
+    for (int64_t b0 = lo; b0 <= slot; b0 += ATT_BLOCK) {
+        const int64_t b1 = b0 + ATT_BLOCK <= slot + 1 ? b0 + ATT_BLOCK : slot + 1;
+        float bm = -INFINITY;
+        for (int64_t s = b0; s < b1; s++) {
+            const float *k = K + s * hd;
+            float d = 0.0f;
+#pragma omp simd reduction(+ : d)
+            for (int64_t j = 0; j < hd; j++) d += q[j] * k[j];
+            d *= L->scale;
+            if (L->softcap > 0.0f) d = tanhf(d / L->softcap) * L->softcap;
+            sc[s - b0] = d;
+            bm = d > bm ? d : bm;
+        }
+        const float nm = bm > mx ? bm : mx, corr = mx == -INFINITY ? 0.0f : expf(mx - nm);
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t s = 0; s < b1 - b0; s++) {
+            sc[s] = exp_vec(sc[s] - nm);
+            sum += sc[s];
+        }
+        l = l * corr + sum;
+        for (int64_t j = 0; j < hd; j++) o[j] *= corr;
+        for (int64_t s = b0; s < b1; s++) {
+            const float p = sc[s - b0], *v = V + s * hd;
+#pragma omp simd
+            for (int64_t j = 0; j < hd; j++) o[j] += p * v[j];
+        }
+        mx = nm;
+    }
+    const float inv = 1.0f / l;
+    for (int64_t j = 0; j < hd; j++) o[j] *= inv;
+    const Mat rows = {L->o.w + i * hd * L->o.ld, L->o.ld, L->o.cols}; /* this head's rows of o */
+    gemv_rows(o, &rows, NULL, 0, hd, out);
+}
+
+/* C: rows [r0, r1) of the gate/up(/L) product: a partial sum over [gu1 cols | gu2 cols]. */
+static void stage_gate_up(const Ctx *c, const Phase *ph, int64_t i, float *out) {
+    const Layer *L = c->m->layers + ph->layer;
+    const int64_t r0 = i * ph->rows, r1 = r0 + ph->rows < c->m->hidden ? r0 + ph->rows : c->m->hidden;
+    gemv_rows(c->h, &L->gu1, NULL, r0, r1, out);
+    if (L->gu2.w) gemv_rows(c->h, &L->gu2, NULL, r0, r1, out + L->gu1.cols);
+}
+
+/* D (dense and GRIFFIN): neurons [j0, j1) of n_ff + rank: z = act(gate) * up (the bypass: x L), from phase C's
+ * parts, times their down rows: a partial sum over the hidden outputs. */
+static void stage_ffn_down(const Ctx *c, const Phase *ph, int64_t i, float *out, float *z) {
+    const Model *m = c->m;
+    const Layer *L = m->layers + ph->layer;
+    const int pg = ph->p ^ 1;
+    const int64_t F = L->n_ff, n = F + L->rank, j0 = i * ph->rows, j1 = j0 + ph->rows < n ? j0 + ph->rows : n;
+    const int64_t a1 = j1 < F ? j1 : F, b0 = j0 > F ? j0 : F;
+    if (a1 > j0) { /* gate and up of the FFN's neurons */
+        float *up = z + m->max_ff;
+        sum_parts(c, pg, ph->prev_n, ph->prev_stride, j0, a1 - j0, L->gu_bias ? L->gu_bias + j0 : NULL, z + j0);
+        sum_parts(c, pg, ph->prev_n, ph->prev_stride, F + j0, a1 - j0, L->gu_bias ? L->gu_bias + F + j0 : NULL, up);
+        gated(m->activation, z + j0, up, NULL, z + j0, a1 - j0);
+    }
+    if (j1 > b0) /* bypass j: output F + j of [gate | up | L] */
+        sum_parts(c, pg, ph->prev_n, ph->prev_stride, F + b0, j1 - b0, L->gu_bias ? L->gu_bias + F + b0 : NULL, z + b0);
+    gemv_rows(z, &L->down, NULL, j0, j1, out);
+}
+
+/* D (CATS): neurons [j0, j1): the gate thresholded; the up row (transposed) and the down row read only for the
+ * neurons that pass; the bypass rows as in stage_ffn_down. out[hidden] gets the count of bytes not read. */
+static void stage_cats_down(const Ctx *c, const Phase *ph, int64_t i, float *out, float *z, int32_t *rows) {
+    const Model *m = c->m;
+    const Layer *L = m->layers + ph->layer;
+    const int pg = ph->p ^ 1;
+    const int64_t D = m->hidden, F = L->n_ff, n = F + L->rank, j0 = i * ph->rows;
+    const int64_t j1 = j0 + ph->rows < n ? j0 + ph->rows : n, a1 = j1 < F ? j1 : F, b0 = j0 > F ? j0 : F;
+    const float *restrict h = c->h; /* a local pointer: read through c inside the simd loop, GCC gathers */
+    int64_t nrows = 0;
+    if (a1 > j0) { /* gu1 is [gate F | L rank]: the gate of neuron j is output j */
+        sum_parts(c, pg, ph->prev_n, ph->prev_stride, j0, a1 - j0, L->gu_bias ? L->gu_bias + j0 : NULL, z + j0);
+        gated(m->activation, z + j0, NULL, L->cats_tau, z + j0, a1 - j0);
+    }
+    for (int64_t j = j0; j < a1; j++) {
+        if (z[j] == 0.0f) continue;
+        const float *w = L->up_t.w + j * L->up_t.ld;
+        float u = L->up_bias ? L->up_bias[j] : 0.0f;
+#pragma omp simd reduction(+ : u)
+        for (int64_t k = 0; k < D; k++) u += w[k] * h[k];
+        z[j] *= u;
+        rows[nrows++] = (int32_t)j;
+    }
+    const int64_t unread = 2 * ((a1 > j0 ? a1 - j0 : 0) - nrows) * D * (int64_t)sizeof(float);
+    if (j1 > b0) sum_parts(c, pg, ph->prev_n, ph->prev_stride, b0, j1 - b0, NULL, z + b0); /* bypass j: output j */
+    for (int64_t j = b0; j < j1; j++) rows[nrows++] = (int32_t)j;
+    gemv_rows(z, &L->down, rows, 0, nrows, out);
+    memcpy(out + D, &unread, sizeof unread);
+}
+
+/* H, full head: logits of rows [v0, v1) (soft-capped). */
+static void stage_head_full(const Ctx *c, const Phase *ph, int64_t i, float *out) {
+    const Model *m = c->m;
+    const int64_t D = m->hidden, v0 = i * ph->rows, v1 = v0 + ph->rows < m->vocab ? v0 + ph->rows : m->vocab;
+    float d[4];
+    int64_t v = v0;
+    for (; v + 4 <= v1; v += 4) {
+        const float *w0 = m->lm_head + v * D;
+        dot4_f32(w0, w0 + D, w0 + 2 * D, w0 + 3 * D, c->h, D, d);
+        for (int k = 0; k < 4; k++) out[v - v0 + k] = d[k];
+    }
+    for (; v < v1; v++) {
+        const float *w = m->lm_head + v * D;
+        dot4_f32(w, w, w, w, c->h, D, d);
+        out[v - v0] = d[0];
+    }
+    const float cap = m->final_softcap;
+    if (cap > 0.0f)
+        for (v = 0; v < v1 - v0; v++) out[v] = tanhf(out[v] / cap) * cap;
+}
+
+/* H, screened head, pass 1: a[v] = scale[v] * (q[v] . h) for rows [v0, v1) into out[0 ..), and the k largest
+ * lower bounds a[v] - |h| bound[v] of these rows into out[rows ..] (-inf where fewer). */
+static void stage_head_screen(const Ctx *c, const Phase *ph, int64_t i, float *out) {
+    const Model *m = c->m;
+    const int64_t D = m->hidden, v0 = i * ph->rows, v1 = v0 + ph->rows < m->vocab ? v0 + ph->rows : m->vocab;
+    const int64_t k = ph->topk;
+    const float *restrict h = c->h;
+    float *heap = out + ph->rows, d[4];
+    for (int64_t j = 0; j < k; j++) heap[j] = -INFINITY;
+    for (int64_t v = v0; v < v1; v += 4) {
+        const int64_t k_n = v1 - v < 4 ? v1 - v : 4;
+        if (k_n == 4) {
+            dot4_i8(m->head_q + v * D, h, D, d);
+        } else { /* the last rows, one at a time */
+            for (int64_t r = 0; r < k_n; r++) {
+                const int8_t *q = m->head_q + (v + r) * D;
+                float t = 0.0f;
+                for (int64_t j = 0; j < D; j++) t += (float)q[j] * h[j];
+                d[r] = t;
+            }
+        }
+        for (int64_t r = 0; r < k_n; r++) {
+            const float a = m->head_scale[v + r] * d[r];
+            out[v + r - v0] = a;
+            heap_offer(heap, k, a - ph->hn * m->head_bound[v + r]);
+        }
+    }
+}
+
+/* H, screened head, pass 2: rows [v0, v1) whose upper bound reaches the floor get their exact logit, the others
+ * -inf; out[rows ..] = the best logit, its row, how many rows were recomputed. */
+static void stage_head_pick(const Ctx *c, const Phase *ph, int64_t i, float *out) {
+    const Model *m = c->m;
+    const int64_t v0 = i * ph->rows, v1 = v0 + ph->rows < m->vocab ? v0 + ph->rows : m->vocab;
+    const float *a = result(c, ph->p ^ 1, i, ph->prev_stride);
+    float best = -INFINITY;
+    int64_t arg = -1, cand = 0;
+    for (int64_t v = v0; v < v1; v++) {
+        if (!(a[v - v0] + ph->hn * m->head_bound[v] >= ph->floor_)) {
+            out[v - v0] = -INFINITY;
+            continue;
+        }
+        const float d = head_row(m, c->h, v);
+        out[v - v0] = d;
+        cand++;
+        if (d > best) { best = d; arg = v; }
+    }
+    out[ph->rows] = best;
+    memcpy(out + ph->rows + 1, &arg, sizeof arg);
+    memcpy(out + ph->rows + 3, &cand, sizeof cand);
+}
+
+/* ------------------------------------------------------------------ running chunks */
+static void run_chunk(Ctx *c, const Phase *ph, int64_t i, float *out, int tid) {
+    float *tmp = c->tmp[tid];
+    switch (ph->kind) {
+    case PH_QKV: stage_qkv(c, ph, i, out); break;
+    case PH_ATTN: stage_attention(c, ph, i, out, tmp); break;
+    case PH_GATE_UP: stage_gate_up(c, ph, i, out); break;
+    case PH_DOWN:
+        if (c->m->layers[ph->layer].up_t.w)
+            stage_cats_down(c, ph, i, out, tmp, (int32_t *)(tmp + 2 * c->m->max_ff));
+        else
+            stage_ffn_down(c, ph, i, out, tmp);
+        break;
+    case PH_HEAD_FULL: stage_head_full(c, ph, i, out); break;
+    case PH_HEAD_SCREEN: stage_head_screen(c, ph, i, out); break;
+    case PH_HEAD_PICK: stage_head_pick(c, ph, i, out); break;
+    }
+}
+
+/* Run chunk i of phase epoch e (copied into *ph) and commit it unless someone committed it first.
+ * 1 = this thread's result was committed. */
+static int execute(Ctx *c, const Phase *ph, uint64_t e, int64_t i, int tid) {
+    const int p = (int)(e & 1);
+    Slot *sl = &c->slots[p][i];
+    Worker *w = &c->workers[tid];
+    const int64_t t0 = now_ns();
+    atomic_store_explicit(&sl->started, t0, memory_order_relaxed);
+    if (w->stall_every && ++w->stall_count % w->stall_every == 0)
+        usleep((useconds_t)w->stall_us); /* tests: a thread descheduled in the middle of a chunk */
+    run_chunk(c, ph, i, c->res[tid][p] + i * ph->stride, tid);
+    uint64_t s = atomic_load_explicit(&sl->state, memory_order_acquire);
+    int won = 0;
+    while (!settled(s, e) && !(won = atomic_compare_exchange_weak_explicit(
+               &sl->state, &s, e << 8 | 0x80 | (uint64_t)tid, memory_order_acq_rel, memory_order_acquire))) {}
+    const int64_t d = now_ns() - t0;
+    if (tid == 0) { /* the typical chunk time: a preempted run (over 4x) only nudges it */
+        int64_t *ema = &c->ema_ns[ph->kind];
+        *ema = !*ema ? d : d > 4 * *ema ? *ema + *ema / 8 : (7 * *ema + d) / 8;
+    }
+    *(won ? &w->committed : &w->dropped) += 1;
+    return won;
+}
+
+/* Each thread's share of a phase is a range of chunks [lo, hi), packed with the low 24 bits of the epoch into
+ * one word: its owner takes chunks from the front, a thread that ran out takes them from the back of another's.
+ * With threads of equal speed each streams its own contiguous stretch of the matrices (no chunk changes hands);
+ * a slow or absent thread's chunks go to the others one at a time. */
+#define EPOCH_BITS 0xffffffull
+static inline uint64_t pack(uint64_t e, uint64_t lo, uint64_t hi) { return (e & EPOCH_BITS) << 40 | lo << 20 | hi; }
+
+/* The next chunk of epoch e for thread tid (its own first, else another's last), or -1. */
+static int64_t claim(Ctx *c, uint64_t e, int tid) {
+    for (int k = 0; k < c->threads; k++) {
+        const int v = (tid + k) % c->threads;
+        _Atomic uint64_t *r = &c->range[v].w;
+        uint64_t x = atomic_load_explicit(r, memory_order_acquire);
+        for (;;) {
+            const uint64_t lo = (x >> 20) & 0xfffff, hi = x & 0xfffff;
+            if ((x >> 40) != (e & EPOCH_BITS) || lo >= hi) break;
+            const uint64_t y = k == 0 ? pack(e, lo + 1, hi) : pack(e, lo, hi - 1);
+            if (atomic_compare_exchange_weak_explicit(r, &x, y, memory_order_acq_rel, memory_order_acquire))
+                return (int64_t)(k == 0 ? lo : hi - 1);
+        }
+    }
+    return -1;
+}
+
+/* Claim and run chunks of phase epoch e until none is left or the phase has moved on. */
+static void claim_loop(Ctx *c, uint64_t e, int tid) {
+    const Phase ph = c->phase[e & 1]; /* a copy: valid if a claim below succeeds at epoch e */
+    for (int64_t i; (i = claim(c, e, tid)) >= 0;) {
+        count_run(&c->slots[e & 1][i], e, 0);
+        execute(c, &ph, e, i, tid);
+    }
+}
+
+/* Run again every chunk of epoch e (at most twice) whose execution has run for longer than twice the usual
+ * chunk time: its thread is probably descheduled. Helpers pass once over the chunks. */
+static int rerun_if_late(Ctx *c, const Phase *ph, uint64_t e, int64_t i, int tid) {
+    Slot *sl = &c->slots[e & 1][i];
+    const int64_t wait = 2 * c->ema_ns[ph->kind] + 20000;
+    const int64_t started = atomic_load_explicit(&sl->started, memory_order_relaxed);
+    if (now_ns() - (started > ph->t0 ? started : ph->t0) > wait && count_run(sl, e, 3)) {
+        c->workers[tid].reruns++;
+        execute(c, ph, e, i, tid);
+        return 1;
+    }
+    return 0;
+}
+
+static void backup_loop(Ctx *c, uint64_t e, int tid) {
+    const Phase ph = c->phase[e & 1];
+    for (int64_t i = 0; i < ph.n_chunks; i++)
+        if (!settled(atomic_load_explicit(&c->slots[e & 1][i].state, memory_order_acquire), e))
+            rerun_if_late(c, &ph, e, i, tid);
+}
+
+/* What the leader does with each committed chunk, in chunk order, as soon as it is committed: while it waits
+ * for the last chunks of other threads, the parts of the first ones are already added up. */
+typedef void (*Reduce)(Ctx *c, const Phase *ph, int64_t i, const float *r, void *arg);
+
+/* Leader: wait for every chunk of epoch e in order (running late ones again) and reduce each. */
+static void await_all(Ctx *c, uint64_t e, Reduce reduce, void *arg) {
+    const Phase *ph = &c->phase[e & 1];
+    for (int64_t i = 0; i < ph->n_chunks; i++) {
+        Slot *sl = &c->slots[e & 1][i];
+        while (!settled(atomic_load_explicit(&sl->state, memory_order_acquire), e))
+            if (!rerun_if_late(c, ph, e, i, 0)) cpu_relax();
+        if (reduce) reduce(c, ph, i, result(c, ph->p, i, ph->stride), arg);
+    }
+}
+
+/* Helpers spin this long for the next phase before they sleep on a futex (a step's next phase comes within
+ * microseconds, the next step within ~0.1 ms of Python); with more threads than CPUs to run them, a spinning
+ * helper takes a CPU from a thread with work, so they sleep almost at once. */
+#define SPIN_NS 200000
+#define SPIN_NS_OVERSUBSCRIBED 2000
+
+static void *helper_main(void *arg) {
+    Worker *w = arg;
+    Ctx *c = w->c;
+    uint64_t seen = 0;
+    while (!atomic_load(&c->shutdown)) {
+        const uint32_t fw = atomic_load(&c->futex_word);
+        const uint64_t e = atomic_load_explicit(&c->epoch, memory_order_acquire);
+        const int active = w->tid < atomic_load_explicit(&c->active, memory_order_relaxed);
+        if (e != seen && active) { /* a new phase (or a later one: the ones missed are done) */
+            seen = e;
+            atomic_fetch_add(&c->busy, 1);
+            claim_loop(c, e, w->tid);
+            backup_loop(c, e, w->tid);
+            atomic_fetch_sub(&c->busy, 1);
+            continue;
+        }
+        if (active) { /* spin a little: the next phase usually comes within microseconds */
+            const int64_t t0 = now_ns();
+            int spins = 0;
+            while (atomic_load_explicit(&c->epoch, memory_order_acquire) == seen && !atomic_load(&c->shutdown) &&
+                   (++spins < 64 || now_ns() - t0 < c->spin_ns))
+                cpu_relax();
+            if (atomic_load_explicit(&c->epoch, memory_order_acquire) != seen) continue;
+        }
+        atomic_fetch_add(&c->sleepers, 1);
+        if (atomic_load(&c->epoch) == e && !atomic_load(&c->shutdown)) futex_wait(&c->futex_word, fw);
+        atomic_fetch_sub(&c->sleepers, 1);
+        seen = active ? seen : e;
+    }
+    return NULL;
+}
+
+/* Leader: publish phase *ph as the next epoch, work on it, and return once every chunk is committed and reduced. */
+static uint64_t run_phase(Ctx *c, const Phase *ph, Reduce reduce, void *arg) {
+    const uint64_t e = atomic_load_explicit(&c->epoch, memory_order_relaxed) + 1;
+    const int p = (int)(e & 1);
+    const int64_t t = now_ns();
+    c->phase[p] = *ph;
+    c->phase[p].p = p;
+    c->phase[p].prev_n = c->phase[p ^ 1].n_chunks;
+    c->phase[p].prev_stride = c->phase[p ^ 1].stride;
+    c->phase[p].t0 = t;
+    const int act = atomic_load_explicit(&c->active, memory_order_relaxed);
+    for (int k = 0; k < c->threads; k++) {
+        const int64_t n = ph->n_chunks; /* the caller's range is the larger one: helpers join a little later */
+        const int64_t lo = k < act ? n - n * (act - k) / act : 0, hi = k < act ? n - n * (act - k - 1) / act : 0;
+        atomic_store_explicit(&c->range[k].w, pack(e, (uint64_t)lo, (uint64_t)hi), memory_order_release);
+    }
+    atomic_store_explicit(&c->epoch, e, memory_order_release);
+    if (atomic_load_explicit(&c->active, memory_order_relaxed) > 1) {
+        atomic_store(&c->futex_word, (uint32_t)e);
+        if (atomic_load(&c->sleepers) > 0) futex_wake_all(&c->futex_word);
+    }
+    claim_loop(c, e, 0);
+    const int64_t t2 = now_ns();
+    await_all(c, e, reduce, arg);
+    c->ns_wait += now_ns() - t2;
+    c->n_phases++;
+    return e;
+}
+
+static Phase phase_of(int kind, int64_t layer, int64_t n, int64_t rows, int64_t stride, int64_t slot) {
+    Phase ph = {kind, 0, layer, (n + rows - 1) / rows, rows, stride, 0, 0, slot, 0, 0.0f, 0.0f, 0};
+    return ph;
+}
+
+/* Reducers. A sum over the chunks of r[off:off + n] (+ bias), into out; unread: CATS' skipped bytes at r[at]. */
+typedef struct { int64_t off, n; const float *bias; float *out; int64_t at, *unread; } Sum;
+
+static void reduce_sum(Ctx *c, const Phase *ph, int64_t i, const float *r, void *arg) {
+    (void)c; (void)ph;
+    const Sum *a = arg;
+    const float *src = r + a->off;
+    if (i == 0) {
+#pragma omp simd
+        for (int64_t j = 0; j < a->n; j++) a->out[j] = src[j] + (a->bias ? a->bias[j] : 0.0f);
+    } else {
+#pragma omp simd
+        for (int64_t j = 0; j < a->n; j++) a->out[j] += src[j];
+    }
+    if (a->unread) {
+        int64_t u;
+        memcpy(&u, r + a->at, sizeof u);
+        *a->unread += u;
+    }
+}
+
+/* Head chunks: their logits into m->logits. */
+static void reduce_logits(Ctx *c, const Phase *ph, int64_t i, const float *r, void *arg) {
+    (void)arg;
+    const int64_t v0 = i * ph->rows, n = v0 + ph->rows < c->m->vocab ? ph->rows : c->m->vocab - v0;
+    memcpy(c->m->logits + v0, r, sizeof(float) * n);
+}
+
+/* Screened head, pass 1: each chunk's k largest lower bounds into c->sel. */
+static void reduce_bounds(Ctx *c, const Phase *ph, int64_t i, const float *r, void *arg) {
+    (void)arg;
+    memcpy(c->sel + i * ph->topk, r + ph->rows, sizeof(float) * ph->topk);
+}
+
+typedef struct { float best; int64_t arg, cand; } Pick;
+
+/* Screened head, pass 2: the logits, and the best row (in vocabulary order: the first of equal maxima wins). */
+static void reduce_pick(Ctx *c, const Phase *ph, int64_t i, const float *r, void *arg) {
+    Pick *a = arg;
+    int64_t v, nc;
+    memcpy(&v, r + ph->rows + 1, sizeof v);
+    memcpy(&nc, r + ph->rows + 3, sizeof nc);
+    a->cand += nc;
+    if (v >= 0 && (a->arg < 0 || r[ph->rows] > a->best)) { a->best = r[ph->rows]; a->arg = v; }
+    reduce_logits(c, ph, i, r, NULL);
+}
+
+static int64_t wide_rows(int64_t hidden) { return (hidden + CHUNKS_WIDE - 1) / CHUNKS_WIDE; }
+
+static int64_t down_rows(int64_t hidden) { /* a multiple of 16 in [16, 512] */
+    const int64_t r = DOWN_BYTES / hidden;
+    return r < 16 ? 16 : r > 512 ? 512 : r & ~(int64_t)15;
+}
+
+/* Floats of one result area: the largest phase (chunks x floats per chunk) of this model. */
+static int64_t result_floats(const Model *m) {
+    const int64_t D = m->hidden, nqkv = (m->num_heads + 2 * m->num_kv_heads) * m->head_dim;
+    const int64_t hc = (m->vocab + HEAD_ROWS - 1) / HEAD_ROWS;
+    int64_t most = CHUNKS_WIDE * nqkv;
+    if (m->num_heads * D > most) most = m->num_heads * D;
+    if (hc * (HEAD_ROWS + HEAD_TOPK_MAX) > most) most = hc * (HEAD_ROWS + HEAD_TOPK_MAX);
+    for (int64_t li = 0; li < m->num_layers; li++) {
+        const Layer *L = m->layers + li;
+        const int64_t gu = L->gu1.cols + (L->gu2.w ? L->gu2.cols : 0), n = L->n_ff + L->rank;
+        if (CHUNKS_WIDE * gu > most) most = CHUNKS_WIDE * gu;
+        const int64_t dc = (n + down_rows(D) - 1) / down_rows(D);
+        if (dc * (D + 2) > most) most = dc * (D + 2);
+    }
+    return most;
+}
+
+/* The model's layers fit the context's buffers (the shapes it was created for). */
+static int fits(const Ctx *c) {
+    const Model *m = c->m;
+    if (result_floats(m) > c->res_floats) return 0;
+    for (int64_t li = 0; li < m->num_layers; li++) {
+        const Layer *L = m->layers + li;
+        if (L->n_ff + L->rank > m->max_ff || L->gu1.cols + (L->gu2.w ? L->gu2.cols : 0) > 2 * m->max_ff) return 0;
+    }
+    return 1;
+}
+
+void caprese_context_free(Ctx *c) {
+    if (!c) return;
+    atomic_store(&c->shutdown, 1);
+    atomic_fetch_add(&c->futex_word, 1);
+    futex_wake_all(&c->futex_word);
+    for (int t = 1; t < c->threads; t++)
+        if (c->workers[t].c) pthread_join(c->workers[t].th, NULL);
+    for (int t = 0; t < c->threads; t++) {
+        free(c->res[t][0]); free(c->res[t][1]); free(c->tmp[t]);
+    }
+    free(c->slots[0]); free(c->slots[1]);
+    free(c->x); free(c->h); free(c->y); free(c->t); free(c->kv); free(c->sel);
+    free(c);
+}
+
+/* A context for model m with `threads` threads (the caller's + threads - 1 helpers started now): every buffer a
+ * step needs is allocated here, once. NULL: out of memory, or threads could not be started. */
+Ctx *caprese_context_new(const Model *m, int64_t threads) {
+    if (threads < 1 || threads > MAX_THREADS) return NULL;
+    Ctx *c = aligned_alloc(64, (sizeof(Ctx) + 63) / 64 * 64); /* its atomics sit on their own cache lines */
+    if (!c) return NULL;
+    memset(c, 0, sizeof(Ctx));
+    c->m = m;
+    c->threads = (int)threads;
+    cpu_set_t cpus;
+    const int ncpu = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : (int)threads;
+    c->spin_ns = threads > ncpu ? SPIN_NS_OVERSUBSCRIBED : SPIN_NS;
+    atomic_store(&c->active, (int)threads);
+    c->res_floats = result_floats(m);
+    const int64_t D = m->hidden, hc = (m->vocab + HEAD_ROWS - 1) / HEAD_ROWS;
+    int64_t chunks = hc > CHUNKS_WIDE ? hc : CHUNKS_WIDE;
+    if (m->num_heads > chunks) chunks = m->num_heads;
+    if ((m->max_ff + down_rows(D) - 1) / down_rows(D) > chunks) chunks = (m->max_ff + down_rows(D) - 1) / down_rows(D);
+    /* per thread: z and up of a down chunk + CATS' row list (max_ff each), or q, o and a block of scores */
+    c->tmp_floats = 3 * m->max_ff + 2 * m->head_dim + ATT_BLOCK + 16;
+    int ok = 1;
+    for (int t = 0; t < threads; t++) {
+        c->res[t][0] = malloc(sizeof(float) * c->res_floats);
+        c->res[t][1] = malloc(sizeof(float) * c->res_floats);
+        c->tmp[t] = malloc(sizeof(float) * c->tmp_floats);
+        ok &= c->res[t][0] && c->res[t][1] && c->tmp[t];
+    }
+    for (int p = 0; p < 2; p++) {
+        c->slots[p] = aligned_alloc(64, sizeof(Slot) * chunks);
+        if (c->slots[p]) memset(c->slots[p], 0, sizeof(Slot) * chunks); /* epoch 0: nothing committed */
+        ok &= c->slots[p] != NULL;
+    }
+    c->x = malloc(sizeof(float) * D); c->h = malloc(sizeof(float) * D); c->y = malloc(sizeof(float) * D);
+    c->t = malloc(sizeof(float) * (D > m->head_dim ? D : m->head_dim));
+    c->sel = malloc(sizeof(float) * hc * HEAD_TOPK_MAX);
+    c->kv = malloc(sizeof(float) * 2 * m->num_kv_heads * m->head_dim);
+    ok &= c->x && c->h && c->y && c->t && c->kv && c->sel;
+    for (int t = 1; ok && t < threads; t++) {
+        c->workers[t].tid = t;
+        c->workers[t].c = c;
+        if (pthread_create(&c->workers[t].th, NULL, helper_main, &c->workers[t]) != 0) {
+            c->workers[t].c = NULL; /* not started: not joined */
+            ok = 0;
+        }
+    }
+    if (!ok) {
+        caprese_context_free(c);
+        return NULL;
+    }
+    return c;
+}
+
+/* Threads that work on the next steps (1 .. threads); the others sleep. */
+void caprese_context_set_active(Ctx *c, int64_t n) {
+    atomic_store(&c->active, (int)(n < 1 ? 1 : n > c->threads ? c->threads : n));
+}
+
+/* Wait until no helper is inside a chunk (before the buffers a chunk reads are freed or moved). */
+void caprese_context_quiesce(Ctx *c) {
+    while (atomic_load(&c->busy) > 0) usleep(50);
+}
+
+/* out[0..6): chunks committed by the leader, by helpers; chunks run again because their thread was late;
+ * executions whose result was dropped (someone committed first); ns the leader waited for other threads'
+ * chunks; phases run. Since the context was created. */
+void caprese_context_stats(Ctx *c, int64_t *out) {
+    for (int k = 0; k < 6; k++) out[k] = 0;
+    for (int t = 0; t < c->threads; t++) {
+        out[t ? 1 : 0] += c->workers[t].committed;
+        out[2] += c->workers[t].reruns;
+        out[3] += c->workers[t].dropped;
+    }
+    out[4] = c->ns_wait;
+    out[5] = c->n_phases;
+}
+
+/* Tests: thread `tid` (0: the caller) sleeps `us` microseconds inside every `every`-th chunk it runs (0 = never). */
+void caprese_context_debug_stall(Ctx *c, int64_t tid, int64_t every, int64_t us) {
+    if (tid < 0 || tid >= c->threads) return;
+    Worker *w = &c->workers[tid];
+    w->stall_us = us;
+    w->stall_count = 0;
+    w->stall_every = every;
+}
+
+/* ------------------------------------------------------------------ a step */
+/* The head on c->h. next == NULL: every logit. Else a screened step for the next[0] = k largest logits. */
+static int run_head(Ctx *c, int64_t *next, int64_t *skipped) {
+    const Model *m = c->m;
+    const int64_t D = m->hidden, V = m->vocab;
+    if (!next) {
+        const Phase ph = phase_of(PH_HEAD_FULL, 0, V, HEAD_ROWS, HEAD_ROWS, 0);
+        run_phase(c, &ph, reduce_logits, NULL);
+        return 0;
+    }
+    const int64_t k = next[0];
+    double ss = 0.0;
+    for (int64_t j = 0; j < D; j++) ss += (double)c->h[j] * c->h[j];
+    Phase s = phase_of(PH_HEAD_SCREEN, 0, V, HEAD_ROWS, HEAD_ROWS + k, 0);
+    s.topk = k;
+    s.hn = (float)(sqrt(ss) * (1.0 + 1e-6)); /* |h|_2, rounded up */
+    run_phase(c, &s, reduce_bounds, NULL);
+    /* the k-th largest lower bound over all rows: at least k rows have a logit >= it */
+    Phase pk = phase_of(PH_HEAD_PICK, 0, V, HEAD_ROWS, HEAD_ROWS + 5, 0);
+    pk.hn = s.hn;
+    pk.floor_ = kth_largest(c->sel, s.n_chunks * k, k);
+    Pick best = {-INFINITY, -1, 0};
+    run_phase(c, &pk, reduce_pick, &best);
+    if (best.arg < 0) return 3;
+    next[0] = best.arg;
+    next[1] = best.cand;
+    *skipped += V * D * (int64_t)(sizeof(float) - sizeof(int8_t)) - V * (int64_t)(2 * sizeof(float))
+                - best.cand * D * (int64_t)sizeof(float);
+    return 0;
+}
+
+/* The attention block of layer li: QKV, the new K/V, attention + o; x += o (Gemma 2: its norm); h = the FFN's
+ * input norm of x. */
+static void run_attention(Ctx *c, int64_t li, int64_t slot) {
+    const Model *m = c->m;
+    const Layer *L = m->layers + li;
+    const int64_t D = m->hidden, nqkv = (m->num_heads + 2 * m->num_kv_heads) * m->head_dim;
+    rms_norm(c->x, L->input_norm, c->h, D, m->eps);
+    const int64_t kvo = m->num_heads * m->head_dim; /* K and V: the last 2 Hkv heads of QKV's outputs */
+    Sum kv = {kvo, nqkv - kvo, L->qkv_bias ? L->qkv_bias + kvo : NULL, c->kv, 0, NULL};
+    const Phase a = phase_of(PH_QKV, li, D, wide_rows(D), nqkv, slot);
+    run_phase(c, &a, reduce_sum, &kv);
+    stage_kv_write(c, li, slot);
+    Sum o = {0, D, L->o_bias, c->y, 0, NULL};
+    const Phase b = phase_of(PH_ATTN, li, m->num_heads, 1, D, slot);
+    run_phase(c, &b, reduce_sum, &o);
+    if (m->gemma) { /* x += norm(o); h = norm(x) with the pre-FFN norm */
+        rms_norm(c->y, L->post_attn_norm, c->t, D, m->eps);
+        for (int64_t j = 0; j < D; j++) c->x[j] += c->t[j];
+        rms_norm(c->x, L->pre_ffn_norm, c->h, D, m->eps);
+    } else {
+        for (int64_t j = 0; j < D; j++) c->x[j] += c->y[j];
+        rms_norm(c->x, L->post_attn_norm, c->h, D, m->eps);
+    }
+}
+
+/* The FFN of layer li on h (dense, GRIFFIN or CATS by the layer's fields); x += its output (Gemma 2: norm). */
+static void run_ffn(Ctx *c, int64_t li, int64_t *skipped) {
+    const Model *m = c->m;
+    const Layer *L = m->layers + li;
+    const int64_t D = m->hidden, gu = L->gu1.cols + (L->gu2.w ? L->gu2.cols : 0);
+    const Phase g = phase_of(PH_GATE_UP, li, D, wide_rows(D), gu, 0);
+    run_phase(c, &g, NULL, NULL); /* its parts are read by phase D's chunks */
+    Sum down = {0, D, L->down_bias, c->y, D, L->up_t.w ? skipped : NULL}; /* CATS: bytes not read at r[D] */
+    const Phase d = phase_of(PH_DOWN, li, L->n_ff + L->rank, down_rows(D), D + 2, 0);
+    run_phase(c, &d, reduce_sum, &down);
+    if (m->gemma) {
+        rms_norm(c->y, L->post_ffn_norm, c->t, D, m->eps);
+        for (int64_t j = 0; j < D; j++) c->x[j] += c->t[j];
+    } else {
+        for (int64_t j = 0; j < D; j++) c->x[j] += c->y[j];
+    }
+}
+
 /* One token at `slot` (= its position; batch 1, no padding): writes K/V at slot of every layer, and the weight
  * bytes this step did not read (*skipped: CATS' thresholded up / down rows, the screened head's savings).
  * next == NULL: every logit into m->logits. next != NULL (needs m->head_q): a screened step for the next[0] = k
  * largest logits (1 <= k <= min(HEAD_TOPK_MAX, vocab)): m->logits holds the exact logit of every row that may
  * be among them (those k included, ties at the k-th value too) and -inf elsewhere; next[0] = the argmax,
  * next[1] = how many rows were recomputed in fp32.
- * 0 = done, 1 = bad arguments, 2 = out of memory, 3 = no finite logit. */
-int caprese_decode_step(const Model *m, int64_t token, int64_t slot, int64_t *skipped, int64_t *next) {
+ * 0 = done, 1 = bad arguments, 3 = no finite logit. */
+int caprese_decode_step(Ctx *c, int64_t token, int64_t slot, int64_t *skipped, int64_t *next) {
+    const Model *m = c->m;
     const int64_t topk = next ? next[0] : 0;
-    if (m->abi != CAPRESE_NATIVE_ABI || token < 0 || token >= m->vocab || slot < 0 || slot >= m->capacity ||
+    if (token < 0 || token >= m->vocab || slot < 0 || slot >= m->capacity || !fits(c) ||
         (next && (!m->head_q || topk < 1 || topk > HEAD_TOPK_MAX || topk > m->vocab))) return 1;
-    const int64_t D = m->hidden, hd = m->head_dim, half = hd / 2, Hq = m->num_heads, Hkv = m->num_kv_heads;
-    const int64_t group = Hq / Hkv, nqkv = (Hq + 2 * Hkv) * hd, GU = 2 * m->max_ff;
-    const int nt_max = (int)m->threads;
-    /* shared: the threads' partial sums of each product and their attention shares (nt_max parts each) */
-    float *qkv_p = m->scratch, *o_p = qkv_p + nt_max * nqkv, *gu_p = o_p + nt_max * D;
-    float *down_p = gu_p + nt_max * GU, *att_m = down_p + nt_max * D, *att_l = att_m + nt_max * Hq;
-    float *att_o = att_l + nt_max * Hq, *head_best = att_o + nt_max * Hq * hd;
-    int32_t *head_arg = (int32_t *)(head_best + nt_max), *head_cand = head_arg + nt_max; /* float-sized slots */
-    float *head_lo = (float *)(head_cand + nt_max); /* the threads' k largest lower bounds, HEAD_TOPK_MAX each */
-    const float *cos = m->rope_cos + slot * half, *sin = m->rope_sin + slot * half;
-    int failed = 0;
+    const int64_t D = m->hidden;
     *skipped = 0;
-    for (int k = 0; k < nt_max; k++) { /* as threads OpenMP did not start leave them */
-        head_arg[k] = -1;
-        head_cand[k] = 0;
-        for (int64_t i = 0; i < topk; i++) head_lo[k * HEAD_TOPK_MAX + i] = -INFINITY;
+    const float *e = m->embed + token * D;
+    for (int64_t j = 0; j < D; j++) c->x[j] = e[j] * m->embed_scale;
+    for (int64_t li = 0; li < m->num_layers; li++) {
+        run_attention(c, li, slot);
+        run_ffn(c, li, skipped);
     }
+    rms_norm(c->x, m->final_norm, c->h, D, m->eps);
+    return run_head(c, next, skipped);
+}
 
-#pragma omp parallel num_threads(nt_max)
-    {
-        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-        /* per thread: residual stream x, normed h, a summed product y, FFN input z, CATS row list, scores, a head */
-        float *x = malloc(sizeof(float) * D), *h = malloc(sizeof(float) * D), *y = malloc(sizeof(float) * D);
-        float *g = malloc(sizeof(float) * GU), *z = malloc(sizeof(float) * m->max_ff);
-        float *scores = malloc(sizeof(float) * m->capacity * group), *qh = malloc(sizeof(float) * Hq * hd);
-        float *t = malloc(sizeof(float) * D), *attn = malloc(sizeof(float) * Hq * hd);
-        int32_t *rows = malloc(sizeof(int32_t) * m->max_ff);
-        float *lows = next ? malloc(sizeof(float) * nt_max * topk) : NULL; /* all threads' bounds, to select in */
-        int ok = x && h && y && g && z && scores && qh && t && attn && rows && (lows || !next);
-#pragma omp atomic
-        failed += !ok;
-#pragma omp barrier
-        if (!failed) {
-            const float *e = m->embed + token * D;
-            for (int64_t j = 0; j < D; j++) x[j] = e[j] * m->embed_scale;
-            int64_t i0, i1;
-            for (int64_t li = 0; li < m->num_layers; li++) {
-                const Layer *L = m->layers + li;
-                /* attention block */
-                rms_norm(x, L->input_norm, h, D, m->eps);
-                rows_of(D, tid, nt, &i0, &i1);
-                gemv_part(h, &L->qkv, NULL, i0, i1, qkv_p + tid * nqkv);
-#pragma omp barrier
-                /* attention: the slots lo .. slot are split between the threads (every query head in each
-                 * share, K/V rows read once per group); the last share holds the new slot, so the thread that
-                 * writes the new K/V into the cache is the only one that reads them this step */
-                const int64_t lo = (L->window > 0 && slot - L->window + 1 > 0) ? slot - L->window + 1 : 0;
-                const int64_t n_att = slot - lo + 1;
-                const int64_t s0 = lo + n_att * tid / nt, s1 = lo + n_att * (tid + 1) / nt;
-                if (tid == nt - 1)
-                    for (int64_t kv = 0; kv < Hkv; kv++) { /* new K (normed, rotated) and V into the cache */
-                        float *kd = L->k_cache + (kv * m->capacity + slot) * hd;
-                        float *vd = L->v_cache + (kv * m->capacity + slot) * hd;
-                        gather(qkv_p, nt, nqkv, (Hq + kv) * hd, hd, L->qkv_bias, t);
-                        if (L->k_norm) rms_norm(t, L->k_norm, kd, hd, m->eps); else memcpy(kd, t, sizeof(float) * hd);
-                        rope(kd, cos, sin, half);
-                        gather(qkv_p, nt, nqkv, (Hq + Hkv + kv) * hd, hd, L->qkv_bias, vd);
-                    }
-                for (int64_t hq = 0; hq < Hq; hq++) { /* every query head, normed and rotated */
-                    gather(qkv_p, nt, nqkv, hq * hd, hd, L->qkv_bias, t);
-                    if (L->q_norm) rms_norm(t, L->q_norm, qh + hq * hd, hd, m->eps);
-                    else memcpy(qh + hq * hd, t, sizeof(float) * hd);
-                    rope(qh + hq * hd, cos, sin, half);
-                }
-                for (int64_t kv = 0; kv < Hkv; kv++) {
-                    const int64_t h0 = kv * group;
-                    if (s1 > s0)
-                        attend_part(m, L, qh + h0 * hd, kv, group, s0, s1, scores, att_m + tid * Hq + h0,
-                                    att_l + tid * Hq + h0, att_o + (tid * Hq + h0) * hd);
-                    else /* an empty share (more threads than slots): nothing to merge */
-                        for (int64_t g2 = 0; g2 < group; g2++) {
-                            att_l[tid * Hq + h0 + g2] = 0.0f;
-                            att_m[tid * Hq + h0 + g2] = -INFINITY;
-                        }
-                }
-#pragma omp barrier
-                attend_merge(att_m, att_l, att_o, nt, Hq, hd, attn);
-                rows_of(Hq * hd, tid, nt, &i0, &i1);
-                gemv_part(attn, &L->o, NULL, i0, i1, o_p + tid * D);
-#pragma omp barrier
-                gather(o_p, nt, D, 0, D, L->o_bias, y);
-                if (m->gemma) { /* x += norm(o); h = norm(x) with the pre-FFN norm */
-                    rms_norm(y, L->post_attn_norm, t, D, m->eps);
-                    for (int64_t j = 0; j < D; j++) x[j] += t[j];
-                    rms_norm(x, L->pre_ffn_norm, h, D, m->eps);
-                } else {
-                    for (int64_t j = 0; j < D; j++) x[j] += y[j];
-                    rms_norm(x, L->post_attn_norm, h, D, m->eps);
-                }
-                /* FFN: gate | up | L (gu1, then gu2 appended) */
-                const int64_t F = L->n_ff, r = L->rank, n1 = L->gu1.cols, n2 = L->gu2.w ? L->gu2.cols : 0;
-                rows_of(D, tid, nt, &i0, &i1);
-                gemv_part(h, &L->gu1, NULL, i0, i1, gu_p + tid * GU);
-                if (n2) gemv_part(h, &L->gu2, NULL, i0, i1, gu_p + tid * GU + n1);
-#pragma omp barrier
-                /* z = [act(gate) * up | x L] over this thread's down-projection rows only: the down product
-                 * splits its rows the same way, so no thread needs the others' z */
-                rows_of(F + r, tid, nt, &i0, &i1);
-                const int64_t a0 = i0, a1 = i1 < F ? i1 : F, b0 = i0 > F ? i0 : F;
-                if (L->up_t.w) { /* CATS: gate thresholded, then up and down only for the neurons that pass */
-                    int64_t nrows = 0;
-                    if (a1 > a0) {
-                        gather(gu_p, nt, GU, a0, a1 - a0, L->gu_bias, g + a0);
-                        gated(m->activation, g + a0, NULL, L->cats_tau, z + a0, a1 - a0);
-                    }
-                    for (int64_t j = a0; j < a1; j++) {
-                        if (z[j] == 0.0f) continue;
-                        const float *w = L->up_t.w + j * L->up_t.ld;
-                        float u = L->up_bias ? L->up_bias[j] : 0.0f;
-#pragma omp simd reduction(+ : u)
-                        for (int64_t c = 0; c < D; c++) u += w[c] * h[c];
-                        z[j] *= u;
-                        rows[nrows++] = (int32_t)j;
-                    }
-                    const int64_t unread = 2 * ((a1 > a0 ? a1 - a0 : 0) - nrows) * D * (int64_t)sizeof(float);
-                    if (i1 > b0) gather(gu_p, nt, GU, b0, i1 - b0, NULL, z + b0); /* bypass j: gu[j] (after gate) */
-                    for (int64_t j = b0; j < i1; j++) rows[nrows++] = (int32_t)j;
-#pragma omp atomic
-                    *skipped += unread;
-                    gemv_part(z, &L->down, rows, 0, nrows, down_p + tid * D);
-                } else {
-                    if (a1 > a0) {
-                        gather(gu_p, nt, GU, a0, a1 - a0, L->gu_bias, g + a0);
-                        gather(gu_p, nt, GU, F + a0, a1 - a0, L->gu_bias, g + F + a0);
-                        gated(m->activation, g + a0, g + F + a0, NULL, z + a0, a1 - a0);
-                    }
-                    if (i1 > b0) gather(gu_p, nt, GU, F + b0, i1 - b0, L->gu_bias, z + b0); /* bypass j: gu[F + j] */
-                    gemv_part(z, &L->down, NULL, i0, i1, down_p + tid * D);
-                }
-#pragma omp barrier
-                gather(down_p, nt, D, 0, D, L->down_bias, y);
-                if (m->gemma) {
-                    rms_norm(y, L->post_ffn_norm, t, D, m->eps);
-                    for (int64_t j = 0; j < D; j++) x[j] += t[j];
-                } else {
-                    for (int64_t j = 0; j < D; j++) x[j] += y[j];
-                }
-            }
-            rms_norm(x, m->final_norm, h, D, m->eps);
-            rows_of(m->vocab, tid, nt, &i0, &i1);
-            if (!next) {
-                head_full(m, h, i0, i1);
-            } else { /* screened: bounds from the int8 copy, then the fp32 rows of the candidates only */
-                double ss = 0.0;
-                for (int64_t j = 0; j < D; j++) ss += (double)h[j] * h[j];
-                const float hn = (float)(sqrt(ss) * (1.0 + 1e-6)); /* |h|_2, rounded up */
-                head_screen(m, h, hn, i0, i1, head_lo + tid * HEAD_TOPK_MAX, topk);
-#pragma omp barrier
-                /* the k-th largest lower bound over all rows: at least k rows have a logit >= it */
-                for (int k = 0; k < nt_max; k++)
-                    memcpy(lows + k * topk, head_lo + k * HEAD_TOPK_MAX, sizeof(float) * topk);
-                const float floor_ = kth_largest(lows, nt_max * topk, topk);
-                float best = -INFINITY;
-                int32_t arg = -1, cand = 0;
-                for (int64_t v = i0; v < i1; v++) {
-                    if (!(m->logits[v] + hn * m->head_bound[v] >= floor_)) {
-                        m->logits[v] = -INFINITY;
-                        continue;
-                    }
-                    const float d = head_row(m, h, v);
-                    m->logits[v] = d;
-                    cand++;
-                    if (d > best) { best = d; arg = (int32_t)v; }
-                }
-                head_best[tid] = best;
-                head_arg[tid] = arg;
-                head_cand[tid] = cand;
-            }
-        }
-        free(x); free(h); free(y); free(g); free(z); free(scores); free(qh); free(t); free(attn); free(rows);
-        free(lows);
-    }
-    if (failed) return 2;
-    if (next) { /* the threads' rows are in vocabulary order: the first of equal maxima wins, as argmax does */
-        float best = -INFINITY;
-        int64_t arg = -1, cand = 0;
-        for (int k = 0; k < nt_max; k++) {
-            cand += head_cand[k];
-            if (head_arg[k] >= 0 && (arg < 0 || head_best[k] > best)) { best = head_best[k]; arg = head_arg[k]; }
-        }
-        if (arg < 0) return 3;
-        next[0] = arg;
-        next[1] = cand;
-        *skipped += m->vocab * m->hidden * (int64_t)(sizeof(float) - sizeof(int8_t))
-                    - m->vocab * (int64_t)(2 * sizeof(float)) - cand * m->hidden * (int64_t)sizeof(float);
-    }
-    return 0;
+/* The head alone, on the given final hidden state h (after the final norm): what a step's head costs, for the
+ * load-time choice between the screened and the full head. Same arguments and codes as caprese_decode_step. */
+int caprese_head_only(Ctx *c, const float *h, int64_t *next) {
+    const Model *m = c->m;
+    if (next && (!m->head_q || next[0] < 1 || next[0] > HEAD_TOPK_MAX || next[0] > m->vocab)) return 1;
+    int64_t skipped = 0;
+    memcpy(c->h, h, sizeof(float) * m->hidden);
+    return run_head(c, next, &skipped);
 }

@@ -1,8 +1,17 @@
-"""Build (once per machine and source) and load decode_step.c, and mirror its structs for ctypes.
+"""Build (once per machine, source and instruction set) and load decode_step.c; mirror its structs for ctypes and
+check the mirror against the layout the compiled library reports.
 
-The library is compiled with the system C compiler at first use (-O3 -march=native -fopenmp) into the caprese
-cache, keyed on the source, the flags, the compiler's version and this CPU's feature flags, written to a
-temporary name and renamed, so concurrent first uses and interrupted builds leave nothing half-written.
+The library is compiled with the system C compiler at first use into the caprese cache, keyed on the source, the
+flags, the compiler's version and this CPU's feature flags, written to a temporary name and renamed, so
+concurrent first uses and interrupted builds leave nothing half-written.
+
+Instruction sets (`isa`, or $CAPRESE_NATIVE_ISA; default: the widest this CPU has):
+  avx512  -march=native on a CPU with AVX-512F: AVX-512 intrinsics for the int8 head rows, the compiler's
+          AVX-512 code elsewhere
+  avx2    -march=native -mno-avx512f (on an AVX-512 CPU: what an AVX2-only machine of the same family runs)
+  scalar  the portable C paths only: baseline target (x86-64: SSE2), no intrinsics, the vectorizer off
+  native  non-x86 CPUs: -march=native, the compiler's own vectorization, no intrinsics
+Each build reports what it was compiled for (`caprese_isa()`), and the backend's report names it.
 """
 
 from __future__ import annotations
@@ -20,8 +29,10 @@ from pathlib import Path
 from caprese.errors import CapreseError
 
 SOURCE = Path(__file__).with_name("decode_step.c")
-ABI = 3
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared"]
+BASE_FLAGS = ["-O3", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
+ISAS = ("avx512", "avx2", "scalar", "native")
+ISA_ENV = "CAPRESE_NATIVE_ISA"
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
 
 
 class Mat(ctypes.Structure):
@@ -39,12 +50,20 @@ class Layer(ctypes.Structure):
 
 
 class Model(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_int64) for n in ("abi", "num_layers", "hidden", "num_heads", "num_kv_heads", "head_dim",
-                                              "vocab", "capacity", "max_ff", "threads", "activation", "gemma")] + [
+    _fields_ = [(n, ctypes.c_int64) for n in ("num_layers", "hidden", "num_heads", "num_kv_heads", "head_dim",
+                                              "vocab", "capacity", "max_ff", "activation", "gemma")] + [
         ("eps", ctypes.c_float), ("final_softcap", ctypes.c_float), ("embed_scale", ctypes.c_float)] + [
         (n, ctypes.c_void_p) for n in ("embed", "lm_head", "final_norm", "rope_cos", "rope_sin")] + [
-        ("layers", ctypes.POINTER(Layer)), ("logits", ctypes.c_void_p), ("scratch", ctypes.c_void_p),
+        ("layers", ctypes.POINTER(Layer)), ("logits", ctypes.c_void_p),
         ("head_q", ctypes.c_void_p), ("head_scale", ctypes.c_void_p), ("head_bound", ctypes.c_void_p)]
+
+
+MIRRORS = (Mat, Layer, Model)  # every struct the library reads from Python
+
+
+class LayoutField(ctypes.Structure):  # decode_step.c's LayoutField
+    _fields_ = [("type", ctypes.c_char_p), ("field", ctypes.c_char_p), ("offset", ctypes.c_int64),
+                ("size", ctypes.c_int64)]
 
 
 def _cpu_flags() -> str:
@@ -57,6 +76,49 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def best_isa(flags: str | None = None) -> str:
+    """The widest instruction set this CPU runs (x86: avx512 > avx2 > scalar; elsewhere native)."""
+    if not X86:
+        return "native"
+    have = set((flags if flags is not None else _cpu_flags()).split())
+    if "avx512f" in have:
+        return "avx512"
+    if {"avx2", "fma"} <= have:
+        return "avx2"
+    return "scalar"
+
+
+def resolve_isa(isa: str | None = None) -> str:
+    """The instruction set to build for: `isa`, else $CAPRESE_NATIVE_ISA, else the CPU's widest; one that this CPU
+    cannot run is a one-line error."""
+    isa = (isa or os.environ.get(ISA_ENV) or best_isa()).strip().lower()
+    if isa not in ISAS:
+        raise CapreseError(f"unknown native instruction set {isa!r} (from {ISA_ENV} or isa=); use one of "
+                           f"{', '.join(ISAS)}")
+    have = set(_cpu_flags().split())
+    if isa in ("avx512", "avx2") and not X86:
+        raise CapreseError(f"{isa} is an x86-64 instruction set and this CPU is {platform.machine()}; use "
+                           f"{ISA_ENV}=native or scalar")
+    if isa == "avx512" and "avx512f" not in have:
+        raise CapreseError(f"this CPU has no AVX-512 ({ISA_ENV}=avx512 asked); use avx2 or scalar")
+    if isa == "avx2" and not {"avx2", "fma"} <= have:
+        raise CapreseError(f"this CPU has no AVX2/FMA ({ISA_ENV}=avx2 asked); use scalar")
+    if isa == "native" and X86:
+        raise CapreseError(f"{ISA_ENV}=native is for non-x86 CPUs; on x86-64 use avx512, avx2 or scalar")
+    return isa
+
+
+def isa_flags(isa: str) -> list[str]:
+    """The compiler flags of one instruction set (see the module docstring)."""
+    if isa == "scalar":
+        target = ["-march=x86-64", "-mtune=generic"] if X86 else []
+        return BASE_FLAGS + target + ["-fno-tree-vectorize", "-fno-tree-slp-vectorize"]
+    simd = BASE_FLAGS + ["-fopenmp-simd", "-march=native"]
+    if isa == "avx2" and "avx512f" in _cpu_flags().split():
+        return simd + ["-mno-avx512f"]
+    return simd
+
+
 def _compiler() -> str:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
@@ -65,30 +127,33 @@ def _compiler() -> str:
     return cc
 
 
-def library_path() -> Path:
+def library_path(isa: str | None = None) -> Path:
     from caprese.model.default_model import cache_root
 
+    isa = resolve_isa(isa)
     cc = _compiler()
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise CapreseError(f"the C compiler {cc} does not run ({e}); set CC to a working one, or use "
                            "--backend onnxruntime") from None
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags(),
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(isa_flags(isa)), version, _cpu_flags(),
                                     platform.machine()]).encode()).hexdigest()[:16]
-    return cache_root() / "native" / f"decode_step-{key}.so"
+    return cache_root() / "native" / f"decode_step-{isa}-{key}.so"
 
 
-def build(path: Path) -> Path:
-    """Compile decode_step.c to `path` (atomically); a failed build is a one-line error."""
+def build(path: Path, isa: str | None = None) -> Path:
+    """Compile decode_step.c for `isa` to `path` (atomically); a failed build is a one-line error."""
+    isa = resolve_isa(isa)
     cc = _compiler()
-    print(f"[caprese] building the native decode kernel with {cc} (once per machine) -> {path}", file=sys.stderr)
+    print(f"[caprese] building the native decode kernel ({isa}) with {cc} (once per machine) -> {path}",
+          file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run([cc, *isa_flags(isa), "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+                              text=True, timeout=300)
         if proc.returncode != 0:
             first = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[:200])
             raise CapreseError(f"building the native decode kernel with {cc} failed: {first}; use --backend "
@@ -100,31 +165,89 @@ def build(path: Path) -> Path:
     return path
 
 
-_LOADED: ctypes.CDLL | None = None
+def compiled_layout(lib: ctypes.CDLL) -> dict[str, dict[str, tuple[int, int]]]:
+    """{struct: {field: (offset, size)}} as the compiled library laid them out; field "" is the struct's size."""
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    p = lib.caprese_layout_info()
+    i = 0
+    while p[i].type is not None:
+        out.setdefault(p[i].type.decode(), {})[p[i].field.decode()] = (int(p[i].offset), int(p[i].size))
+        i += 1
+    return out
 
 
-def load() -> ctypes.CDLL:
-    """The compiled kernel (built now if this machine has no build of this source yet)."""
-    global _LOADED
-    if _LOADED is None:
-        path = library_path()
+def check_layout(lib: ctypes.CDLL, path: Path | str, mirrors=MIRRORS) -> None:
+    """Every ctypes mirror has the compiled struct's size and each field's offset and size, and no field more or
+    less; the first difference is a one-line error."""
+    compiled = compiled_layout(lib)
+    for cls in mirrors:
+        name = cls.__name__
+        want = compiled.get(name)
+        why = None
+        if want is None:
+            why = f"the library has no struct {name}"
+        else:
+            mine = {f[0]: (getattr(cls, f[0]).offset, getattr(cls, f[0]).size) for f in cls._fields_}
+            theirs = {k: v for k, v in want.items() if k}
+            for field in list(theirs) + [f for f in mine if f not in theirs]:
+                if field not in mine:
+                    why = f"{name}.{field} is missing from the mirror"
+                elif field not in theirs:
+                    why = f"{name}.{field} is not in the compiled struct"
+                elif mine[field] != theirs[field]:
+                    why = (f"{name}.{field} is at offset {mine[field][0]} (size {mine[field][1]}) in the mirror and "
+                           f"{theirs[field][0]} (size {theirs[field][1]}) in the library")
+                if why:
+                    break
+            if why is None and ctypes.sizeof(cls) != want[""][1]:
+                why = f"sizeof({name}) is {ctypes.sizeof(cls)} in the mirror and {want[''][1]} in the library"
+        if why:
+            raise CapreseError(f"the native kernel {path} does not match its ctypes mirror: {why}; "
+                               "caprese/runtime/native/library.py and decode_step.c disagree (fix the mirror)")
+
+
+_LOADED: dict[str, ctypes.CDLL] = {}
+
+
+def load(isa: str | None = None) -> ctypes.CDLL:
+    """The compiled kernel for `isa` (see resolve_isa), built now if this machine has no build of this source yet;
+    its structs' layout checked against the ctypes mirror."""
+    isa = resolve_isa(isa)
+    if isa not in _LOADED:
+        path = library_path(isa)
         if not path.exists():
-            build(path)
+            build(path, isa)
         try:
             lib = ctypes.CDLL(str(path))
-        except OSError as e:
+            lib.caprese_layout_info.restype = ctypes.POINTER(LayoutField)
+        except (OSError, AttributeError) as e:
             raise CapreseError(f"cannot load the native kernel {path} ({str(e).splitlines()[0]}); delete it to "
                                "rebuild, or use --backend onnxruntime") from None
-        lib.caprese_native_abi.restype = ctypes.c_int64
+        check_layout(lib, path)
+        lib.caprese_isa.restype = ctypes.c_char_p
         lib.caprese_head_topk_max.restype = ctypes.c_int64
-        lib.caprese_scratch_floats.restype = ctypes.c_int64
-        lib.caprese_scratch_floats.argtypes = [ctypes.POINTER(Model)]
+        lib.caprese_context_new.restype = ctypes.c_void_p
+        lib.caprese_context_new.argtypes = [ctypes.POINTER(Model), ctypes.c_int64]
+        for f in ("caprese_context_free", "caprese_context_quiesce"):
+            getattr(lib, f).restype = None
+            getattr(lib, f).argtypes = [ctypes.c_void_p]
+        lib.caprese_context_set_active.restype = None
+        lib.caprese_context_set_active.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+        lib.caprese_context_stats.restype = None
+        lib.caprese_context_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)]
+        lib.caprese_context_debug_stall.restype = None
+        lib.caprese_context_debug_stall.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
         lib.caprese_decode_step.restype = ctypes.c_int
-        lib.caprese_decode_step.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, ctypes.c_int64,
+        lib.caprese_decode_step.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                            ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64)]
-        if lib.caprese_native_abi() != ABI:
-            raise CapreseError(f"{path} is a native kernel of another version; delete it and run again")
+        lib.caprese_head_only.restype = ctypes.c_int
+        lib.caprese_head_only.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)]
+        built_for = lib.caprese_isa().decode()
+        if built_for != isa and isa != "native":
+            raise CapreseError(f"{path} was built for {isa} but runs the {built_for} code paths (the compiler "
+                               f"{_compiler()} ignored the flags?); set CC to gcc or clang")
         lib.path = path  # where it was loaded from (for reports; library_path() would run the compiler again)
+        lib.isa = isa if isa == "native" else built_for  # the instruction set its code paths use
         lib.head_topk_max = int(lib.caprese_head_topk_max())  # the largest k of a screened top-k step
-        _LOADED = lib
-    return _LOADED
+        _LOADED[isa] = lib
+    return _LOADED[isa]
