@@ -40,6 +40,16 @@ Decode only:
   b_gul.{i}        [batch, 2k + r]                 GRIFFIN layers of models with MLP biases only: the
                                                    selected gate / up biases, then r zeros
   cats_tau.{i}     [batch]                         CATS layers: the threshold (from prefill, or a fixed τ)
+Decode only, GRIFFIN layers of a QUANTIZED layout (weight_bits 4 | 8) instead of w_gul / w_dr: the kept neurons'
+rows of the quantized gate/up ([out, in], blocks along hidden) and down ([F, D], blocks along hidden) with their
+scales, gathered whole (a row is whole blocks); L and R stay float constants of the graph:
+  w_gu_q.{i}       [batch, 2k, hidden]             int4 | int8 codes: the k gate rows, then the k up rows
+  w_gu_s.{i}       [batch, 2k, hidden / block]     their scales (scale_dtype; one per row when block is 0)
+  w_d_q.{i}        [batch, k, hidden]              int4 | int8 codes of the k down rows
+  w_d_s.{i}        [batch, k, hidden / block]      their scales
+  b_gul.{i}        [batch, 2k + r]                 as above
+  The TensorRT decode graph of such a layout keeps w_gul / w_dr in floats (quantized_selection=False): TensorRT
+  dequantizes INT4 only from build-time constants (weight-only quantization) and INT8 blocks not at all.
 Dense layers keep constant weights in both graphs.
 
 TensorRT graph copies (what `--engine` parses; see TENSORRT_ENGINES and GraphLayout.tensorrt_engines):
@@ -149,6 +159,22 @@ def b_gul(i: int) -> str:
     return f"b_gul.{i}"
 
 
+def w_gu_q(i: int) -> str:
+    return f"w_gu_q.{i}"
+
+
+def w_gu_s(i: int) -> str:
+    return f"w_gu_s.{i}"
+
+
+def w_d_q(i: int) -> str:
+    return f"w_d_q.{i}"
+
+
+def w_d_s(i: int) -> str:
+    return f"w_d_s.{i}"
+
+
 def node_name(scope: str, op: str, layer: int | None = None) -> str:
     """The contract's name for a node: scope from MODEL_SCOPES / LAYER_SCOPES (layer given) or 'lm_head'."""
     if scope == "lm_head":
@@ -196,6 +222,9 @@ class GraphLayout:
     k: int = 0  # GRIFFIN neurons kept per approximated layer (0 when no GRIFFIN layer)
     rank: int = 0  # bypass rank r (0: no bypass)
     mlp_bias: bool = False
+    weight_bits: int = 0  # quantized weights (engine_spec.QuantRecipe): 4 | 8; 0: floats
+    weight_block: int = 0  # their block size (0: one scale per row)
+    scale_dtype: str = ""  # their scales' dtype (float16 | float32)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -212,9 +241,16 @@ class GraphLayout:
     def layers_of(self, kind: str) -> list[int]:
         return [i for i, k in enumerate(self.layer_kinds) if k == kind]
 
+    @property
+    def quantized(self) -> bool:
+        return self.weight_bits > 0
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["layer_kinds"] = list(self.layer_kinds)
+        if not self.quantized:  # float layouts record what they always did
+            for key in ("weight_bits", "weight_block", "scale_dtype"):
+                del d[key]
         return d
 
     @classmethod
@@ -227,7 +263,9 @@ class GraphLayout:
     def _cache(self, name: str) -> TensorSpec:
         return TensorSpec(name, self.dtype, (BATCH, self.num_kv_heads, CACHE_LEN, self.head_dim))
 
-    def inputs(self, graph: str) -> list[TensorSpec]:
+    def inputs(self, graph: str, quantized_selection: bool = True) -> list[TensorSpec]:
+        """The graph's inputs in order. quantized_selection=False: a quantized layout's GRIFFIN decode inputs in
+        floats (w_gul / w_dr, the TensorRT decode graph's)."""
         seq = SEQ if graph == PREFILL else 1
         out = [TensorSpec(INPUT_IDS, "int64", (BATCH, seq)),
                TensorSpec(POSITION_IDS, "int64", (BATCH, seq)),
@@ -238,7 +276,15 @@ class GraphLayout:
         if graph == DECODE:
             k, r, d = self.k, self.rank, self.hidden_size
             for i, kind in enumerate(self.layer_kinds):
-                if kind == GRIFFIN:
+                if kind == GRIFFIN and self.quantized and quantized_selection:
+                    codes, nb = f"int{self.weight_bits}", 1 if self.weight_block == 0 else d // self.weight_block
+                    out += [TensorSpec(w_gu_q(i), codes, (BATCH, 2 * k, d)),
+                            TensorSpec(w_gu_s(i), self.scale_dtype, (BATCH, 2 * k, nb)),
+                            TensorSpec(w_d_q(i), codes, (BATCH, k, d)),
+                            TensorSpec(w_d_s(i), self.scale_dtype, (BATCH, k, nb))]
+                    if self.mlp_bias:
+                        out.append(TensorSpec(b_gul(i), self.dtype, (BATCH, 2 * k + r)))
+                elif kind == GRIFFIN:
                     out += [TensorSpec(w_gul(i), self.dtype, (BATCH, d, 2 * k + r)),
                             TensorSpec(w_dr(i), self.dtype, (BATCH, k + r, d))]
                     if self.mlp_bias:
@@ -284,8 +330,8 @@ class GraphLayout:
             if cats:
                 inputs = inputs + [TensorSpec(DECODE_FLAG, "bool", ())] + [
                     TensorSpec(cats_tau_in(i), "float32", (BATCH,)) for i in cats]
-        elif engine in (PREFILL, DECODE):
-            inputs, outputs = self.inputs(engine), self.outputs(engine)
+        elif engine in (PREFILL, DECODE):  # TensorRT: GRIFFIN's per-prompt matrices in floats (module docstring)
+            inputs, outputs = self.inputs(engine, quantized_selection=False), self.outputs(engine)
         else:
             raise ValueError(f"unknown TensorRT engine {engine!r}")
         if cache_len is None:

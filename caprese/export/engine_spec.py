@@ -46,7 +46,7 @@ DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "int64": 64, "int32"
               "int4": 4, "bool": 8}
 LAYER_ROLES = ("input_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm", "q_norm", "k_norm", "qkv",
                "qkv_bias", "o", "o_bias", "gate_up", "gate_up_bias", "gate", "gate_bias", "up", "up_bias", "down",
-               "down_bias")
+               "down_bias", "L", "R")
 FOLD_ROLES = ("gate_up", "down", "gate_up_bias", "L", "R")
 MODEL_ROLES = ("embed", "head", "final_norm", "rope_cos", "rope_sin")
 # a GRIFFIN layer's decode step reads the per-prompt w_gul / w_dr / b_gul instead of these
@@ -120,14 +120,44 @@ class WeightRef:
                    QuantFormat.from_dict(q) if q is not None else None)
 
 
+QUANT_BITS = (4, 8)
+QUANT_BLOCKS = (0, 32, 64, 128)  # 0: one block per row (per-channel scales), caprese.model.quantization.ROW
+SCALE_DTYPES = ("float16", "float32")
+PACKING_INT4 = "int4x2-low-first"  # two codes per byte, element 2j in the low nibble (ONNX INT4, TensorRT INT4)
+PACKING_NBITS = "matmulnbits"  # com.microsoft.MatMulNBits' B: our bytes XOR 0x88 (int4) / 0x80 (int8), unsigned
+QUANT_ROLES = ("qkv", "o", "gate_up", "gate", "up", "down")  # the decoder linear roles quantized (+ head: option)
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantRecipe:
-    """Weight quantization of a recipe (issue 15 fills it; every recipe has weights=None today)."""
+    """Weight quantization of a recipe (caprese.model.quantization's format): int{bits} codes, blocks of
+    `block_size` (0: a whole row, per-channel) with `scale_dtype` scales; every decoder linear weight (q, k, v, o,
+    gate, up, down), the LM head too when `head`; the embedding never (a row gather: nothing to speed up).
+    `down_axis`: the down projection's block axis ("out": stored [F, D], a neuron's row is whole blocks, what
+    GRIFFIN and CATS need; "in": stored [D, F]). `method`: how the codes were chosen (rtn | gptq), a record."""
 
     bits: int  # 4 | 8
     block_size: int = 32
     scale_dtype: str = "float16"
     method: str = "rtn"
+    head: bool = False
+    down_axis: str = "out"
+
+    def __post_init__(self):
+        if self.bits not in QUANT_BITS:
+            raise ValueError(f"weights int{self.bits} have no export: use int4 or int8")
+        if self.block_size not in QUANT_BLOCKS:
+            raise ValueError(f"block size {self.block_size} has no export: use 32, 64, 128 or 0 (one per row)")
+        if self.scale_dtype not in SCALE_DTYPES or self.down_axis not in ("in", "out"):
+            raise ValueError(f"bad quantization recipe: scale dtype {self.scale_dtype!r}, down axis {self.down_axis!r}")
+
+    @property
+    def dtype(self) -> str:
+        return f"int{self.bits}"
+
+    def blocks(self, cols: int) -> int:
+        """Scales per row of `cols` elements."""
+        return 1 if self.block_size == 0 else cols // self.block_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +204,10 @@ class Recipe:
         return cls(str(d["method"]), float(d["density"]), tuple(int(i) for i in d["layers"]), int(d["k"]),
                    int(d["rank"]), QuantRecipe(**w) if w is not None else None)
 
+    @property
+    def quantized(self) -> bool:
+        return self.weights is not None
+
 
 @dataclasses.dataclass(frozen=True)
 class FoldSources:
@@ -215,6 +249,8 @@ class LayerTensors:
     up: WeightRef | None = None
     up_bias: WeightRef | None = None
     down_bias: WeightRef | None = None
+    L: WeightRef | None = None  # quantized CATS layers with a bypass: L [D, r] and R [r, D] apart, in floats
+    R: WeightRef | None = None
     fold: FoldSources | None = None
 
     def roles(self) -> dict[str, WeightRef]:
@@ -224,7 +260,10 @@ class LayerTensors:
     def decode_reads(self) -> list[WeightRef]:
         """The weights a decode step of this layer reads from weights.bin (GRIFFIN: not its dense FFN)."""
         skip = _GRIFFIN_DECODE_SKIPS if self.kind == C.GRIFFIN else ()
-        return [w for r, w in self.roles().items() if r not in skip]
+        reads = [w for r, w in self.roles().items() if r not in skip]
+        if self.kind == C.GRIFFIN and self.fold.gate_up.quant is not None:  # L, R: constants of the decode graph
+            reads += [w for w in (self.fold.L, self.fold.R) if w is not None]
+        return reads
 
     def to_dict(self) -> dict:
         d = {"kind": self.kind, **{r: w.to_dict() for r, w in self.roles().items()}}
@@ -260,19 +299,26 @@ class EngineSpec:
             raise ValueError(f"unknown target {target!r}")
         if precision not in C.PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}")
-        if recipe.weights is not None:
-            raise ValueError("quantized weights are not exported yet")
+        q = recipe.weights
+        if q is not None and recipe.method == C.GRIFFIN and q.down_axis != "out":
+            raise ValueError("GRIFFIN gathers whole rows of the down projection: its blocks must run along the "
+                             "outputs (down_axis 'out')")
         if not 1 <= max_prompt_len <= max_seq_len or max_batch < 1:
             raise ValueError(f"need 1 <= max_prompt_len ({max_prompt_len}) <= max_seq_len ({max_seq_len}) and "
                              f"max_batch ({max_batch}) >= 1")
         m, dt = model, C.PRECISIONS[precision]
         kinds = recipe.layer_kinds(m.num_layers)
         layout = C.GraphLayout(m.num_layers, m.hidden_size, m.intermediate_size, m.num_kv_heads, m.head_dim,
-                               m.vocab_size, precision, kinds, k=recipe.k, rank=recipe.rank, mlp_bias=m.mlp_bias)
+                               m.vocab_size, precision, kinds, k=recipe.k, rank=recipe.rank, mlp_bias=m.mlp_bias,
+                               weight_bits=q.bits if q else 0, weight_block=q.block_size if q else 0,
+                               scale_dtype=QuantContext(q, target, dt).scale_dt if q else "")
         embed = WeightRef("model.embed_tokens.weight", (m.vocab_size, m.hidden_size), dt, ROWS)
-        head = WeightRef(embed.name if m.tie_word_embeddings else "lm_head.weight", embed.shape, dt, MATRIX_T)
+        if q is not None and q.head:
+            head = _quantized(QuantContext(q, target, dt), "lm_head.weight", m.vocab_size, m.hidden_size, MATRIX_T)
+        else:
+            head = WeightRef(embed.name if m.tie_word_embeddings else "lm_head.weight", embed.shape, dt, MATRIX_T)
         half = (max_seq_len, m.head_dim // 2)
-        layers = tuple(_layer_tensors(m, i, kinds[i], recipe.rank, target, dt) for i in range(m.num_layers))
+        layers = tuple(_layer_tensors(m, i, kinds[i], recipe.rank, target, dt, q) for i in range(m.num_layers))
         return cls(m, recipe, target, precision, int(max_seq_len), int(max_prompt_len), int(max_batch), layout,
                    embed, head, _norm(m, "model.norm", m.hidden_size, dt), WeightRef("rope.cos", half, dt, ROWS),
                    WeightRef("rope.sin", half, dt, ROWS), layers)
@@ -300,9 +346,10 @@ class EngineSpec:
 
     def decode_reads(self) -> list[WeightRef]:
         """The weights.bin tensors one decode step reads on this target (a name may come twice: the tied
-        embedding is read as a row by `embed` and whole by `head`)."""
-        return [self.embed] + [w for t in self.layers for w in t.decode_reads()] + [
+        embedding is read as a row by `embed` and whole by `head`); a quantized weight's scales follow it."""
+        reads = [self.embed] + [w for t in self.layers for w in t.decode_reads()] + [
             self.final_norm, self.head, self.rope_cos, self.rope_sin]
+        return reads + [w.quant.scale for w in reads if w.quant is not None]
 
     # ---- manifest.json ----
     def to_dict(self) -> dict:
@@ -356,22 +403,71 @@ def _norm(m: ModelSpec, base: str, n: int, dt: str) -> WeightRef:
     return WeightRef(base + (".weight_plus_one" if m.gemma_norms else ".weight"), (n,), dt, VECTOR)
 
 
-def _layer_tensors(m: ModelSpec, i: int, kind: str, rank: int, target: str, dt: str) -> LayerTensors:
+@dataclasses.dataclass(frozen=True)
+class QuantContext:
+    """What decides a quantized weight's storage: the recipe, the target and the graph's float dtype."""
+
+    q: QuantRecipe
+    target: str
+    dt: str
+
+    @property
+    def scale_dt(self) -> str:
+        """The dtype scales are stored in: the graph's float dtype where the conversion is exact (fp16 scales in
+        an fp32 graph: DequantizeLinear then yields the graph's dtype, and MatMulNBits wants the activation
+        dtype), else the recipe's (DequantizeLinear + Cast)."""
+        q = self.q
+        return self.dt if q.scale_dtype == self.dt or (q.scale_dtype, self.dt) == ("float16", "float32") \
+            else q.scale_dtype
+
+    def nbits(self, storage: str) -> bool:
+        """Target onnxruntime stores [out, in] weights blocked along the inputs in blocks of 16+ as
+        com.microsoft.MatMulNBits' B (our bytes XOR 0x88 / 0x80), scales in the activation dtype."""
+        return (self.target == C.TARGET_ONNXRUNTIME and storage == MATRIX_T and self.q.block_size >= 16
+                and self.scale_dt == self.dt and self.dt in ("float32", "float16"))
+
+
+def _quantized(qc: QuantContext, base: str, rows: int, cols: int, storage: str) -> WeightRef:
+    """The codes WeightRef (name `base`.int4 | .int8, [rows, cols] blocked along cols) with its scale WeightRef."""
+    q = qc.q
+    if q.block_size and cols % q.block_size:
+        raise ValueError(f"{base}: its {cols} input features (blocked axis) are not a multiple of the block size "
+                         f"{q.block_size}")
+    nbits = qc.nbits(storage)
+    sdt = qc.scale_dt
+    name = f"{base}.{'mnb' if nbits else 'int'}{q.bits}"
+    scale = (WeightRef(name + ".scale", (rows,), sdt, VECTOR) if q.block_size == 0 else
+             WeightRef(name + ".scale", (rows, q.blocks(cols)), sdt, storage))
+    packing = PACKING_NBITS if nbits else (PACKING_INT4 if q.bits == 4 else "none")
+    return WeightRef(name, (rows, cols), q.dtype, storage, QuantFormat(q.bits, q.block_size, 1, scale, packing))
+
+
+def _layer_tensors(m: ModelSpec, i: int, kind: str, rank: int, target: str, dt: str,
+                   q: QuantRecipe | None = None) -> LayerTensors:
     p = f"model.layers.{i}."
     D, F, hd = m.hidden_size, m.intermediate_size, m.head_dim
     qkv_out = (m.num_heads + 2 * m.num_kv_heads) * hd
+    qc = QuantContext(q, target, dt) if q is not None else None
 
     def mat(name: str, rows: int, cols: int) -> WeightRef:
         return WeightRef(p + name, (rows, cols), dt, MATRIX)
 
+    def lin(name: str, out_f: int, in_f: int, axis: str = "in") -> WeightRef:
+        """An nn.Linear weight [out, in]: MATRIX [in, out] floats, or quantized [out, in] (axis in) / [in, out]."""
+        if qc is None:
+            return mat(name + ".weight.t", in_f, out_f)
+        if axis == "in":
+            return _quantized(qc, p + name + ".weight", out_f, in_f, MATRIX_T)
+        return _quantized(qc, p + name + ".weight.t", in_f, out_f, MATRIX)
+
     def vec(name: str, n: int, present: bool = True) -> WeightRef | None:
         return WeightRef(p + name, (n,), dt, VECTOR) if present else None
 
+    down_axis = q.down_axis if q is not None else "in"
     t = dict(input_norm=_norm(m, p + "input_layernorm", D, dt),
              post_attn_norm=_norm(m, p + "post_attention_layernorm", D, dt),
-             qkv=mat("self_attn.qkv_proj.weight.t", D, qkv_out), qkv_bias=vec("self_attn.qkv_proj.bias", qkv_out,
-                                                                                m.qkv_bias),
-             o=mat("self_attn.o_proj.weight.t", m.num_heads * hd, D), o_bias=vec("self_attn.o_proj.bias", D, m.o_bias),
+             qkv=lin("self_attn.qkv_proj", qkv_out, D), qkv_bias=vec("self_attn.qkv_proj.bias", qkv_out, m.qkv_bias),
+             o=lin("self_attn.o_proj", D, m.num_heads * hd), o_bias=vec("self_attn.o_proj.bias", D, m.o_bias),
              down_bias=vec("mlp.down_proj.bias", D, m.mlp_bias))
     if m.gemma_norms:
         t.update(pre_ffn_norm=_norm(m, p + "pre_feedforward_layernorm", D, dt),
@@ -379,9 +475,19 @@ def _layer_tensors(m: ModelSpec, i: int, kind: str, rank: int, target: str, dt: 
     if m.qk_norm:  # per head, never Gemma's 1 + w
         t.update(q_norm=vec("self_attn.q_norm.weight", hd), k_norm=vec("self_attn.k_norm.weight", hd))
     if kind == C.DENSE and target == C.TARGET_ONNXRUNTIME:  # gate and up as two MatMuls (onnx_graph's ORT builder)
-        t.update(gate=mat("mlp.gate_proj.weight.t", D, F), gate_bias=vec("mlp.gate_proj.bias", F, m.mlp_bias),
-                 up=mat("mlp.up_proj.weight.t", D, F), up_bias=vec("mlp.up_proj.bias", F, m.mlp_bias),
-                 down=mat("mlp.down_proj.weight.t", F, D))
+        t.update(gate=lin("mlp.gate_proj", F, D), gate_bias=vec("mlp.gate_proj.bias", F, m.mlp_bias),
+                 up=lin("mlp.up_proj", F, D), up_bias=vec("mlp.up_proj.bias", F, m.mlp_bias),
+                 down=lin("mlp.down_proj", D, F, down_axis))
+        return LayerTensors(i, kind, **t)
+    if qc is not None:  # quantized: the bypass stays in floats, apart from the quantized gate/up and down
+        t.update(gate_up=lin("mlp.gate_up_proj", 2 * F, D), gate_up_bias=vec("mlp.gate_up_proj.bias", 2 * F,
+                                                                                 m.mlp_bias),
+                 down=lin("mlp.down_proj", D, F, down_axis))
+        L, R = (mat("mlp.bypass.L", D, rank), mat("mlp.bypass.R", rank, D)) if rank else (None, None)
+        if kind == C.CATS and rank:
+            t.update(L=L, R=R)
+        if kind == C.GRIFFIN:
+            t["fold"] = FoldSources(t["gate_up"], t["down"], t["gate_up_bias"], L, R)
         return LayerTensors(i, kind, **t)
     r = rank if kind == C.CATS else 0  # CATS folds its bypass into the constants: [W_g, W_1, L], [W_2 ; R]
     fused = "mlp.gate_up_l_proj" if r else "mlp.gate_up_proj"

@@ -24,6 +24,7 @@ import onnx
 from caprese.errors import CapreseError
 from caprese.export import contract as C
 from caprese.export.engine_spec import EngineSpec, Recipe
+from caprese.export.export_quantization import QuantRequest, quantize_for_export
 from caprese.export.manifest import MANIFEST, FORMAT, VERSION, load_manifest, write_manifest
 from caprese.export.onnx_graph import ExportModel, build_graphs
 from caprese.export.tensorrt_graphs import MANIFEST_KEY as TRT_GRAPHS, manifest_record, tensorrt_models
@@ -97,8 +98,13 @@ def _check_out(out: Path, src: Path, base: Path, force: bool) -> None:
 def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_len: int | None = None,
            max_prompt_len: int | None = None, engine: bool = False, force: bool = False, target: str = "tensorrt",
            base_model: str | None = None, max_batch: int = 1, timing_cache: str | Path | None = None,
-           log: Callable[[str], None] | None = None) -> ExportResult:
+           log: Callable[[str], None] | None = None, weights: str | None = None,
+           block_size: int | str | None = None, quantize_head: bool = False) -> ExportResult:
     """Export SRC to OUT; see the module docstring. Raises CapreseError (one line) for anything a user can fix.
+
+    weights "int4" | "int8": block-quantized weights (export_quantization.py): the artifact's own codes when SRC
+    carries them, else round-to-nearest at export time; block_size 32 | 64 | 128 | "row" (default: the bit
+    width's, int4 on TensorRT 64); quantize_head: the LM head too.
 
     With engine=True and no TensorRT, the ONNX engine folder is still written completely, then
     TensorRTUnavailable (a CapreseError) says so.
@@ -129,6 +135,8 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
 
     log(f"loading {base}")
     decoder = load_decoder(base, "fp32", "cpu", spec=spec)
+    request = QuantRequest(weights, block_size, quantize_head) if (weights or block_size or quantize_head) else None
+    quant = quantize_for_export(decoder, art, request, target, log)  # before the method is installed
     if art is not None:
         if art.method not in (C.GRIFFIN, C.CATS):
             raise CapreseError(f"exporting method {art.method!r} is not supported yet (griffin and cats are)")
@@ -138,10 +146,13 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
             raise CapreseError(f"cannot apply the artifact {src}: {e}") from None
     ffns = efficient_layers(decoder)
     try:
-        engine_spec = EngineSpec.build(spec, recipe_for(ffns), target, precision, seq, prompt, max_batch)
+        recipe = recipe_for(ffns)
+        if quant is not None:
+            recipe = dataclasses.replace(recipe, weights=quant.recipe)
+        engine_spec = EngineSpec.build(spec, recipe, target, precision, seq, prompt, max_batch)
     except ValueError as e:
         raise CapreseError(str(e)) from None
-    em = ExportModel(decoder, engine_spec, ffns)
+    em = ExportModel(decoder, engine_spec, ffns, quant)
     layout = engine_spec.layout
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -30,14 +30,50 @@ def activation(g: GraphBuilder, kind: str, x: str, layer: int, name: str) -> str
 class FfnGraph:
     """The FFN nodes of one graph; `prefill` graphs (and the `shared` one) take any T, decode graphs T = 1."""
 
-    def __init__(self, g: GraphBuilder, masks: GraphMasks, layout: C.GraphLayout, act: str, prefill: bool,
-                 shared: bool):
-        self.g, self.masks, self.lay, self.act = g, masks, layout, act
+    def __init__(self, graph, masks: GraphMasks, layout: C.GraphLayout, act: str, prefill: bool, shared: bool):
+        """graph: the StandardGraph these nodes belong to (its GraphBuilder, `linear`, the export model)."""
+        self.sg, self.g, self.masks, self.lay, self.act = graph, graph.g, masks, layout, act
         self.prefill, self.shared = prefill, shared
+
+    def _bypass_matmul(self, x: str, ref, value, i: int, name: str) -> str:
+        return self.g.op("MatMul", [x, self.g.weight(ref, value.detach())], "mlp", f"MatMul_{name}", i)
+
+    def quantized(self, t: LayerTensors, dense, ffn, x: str) -> str:
+        """The fused FFN of a quantized layer: act(x Ŵ_g)·(x Ŵ_1) @ Ŵ_2 from the quantized gate_up / down, the
+        bypass x L, R (CATS) in floats apart (GRIFFIN prefill: dense, no bypass, as in floats)."""
+        g, sg, i, kind = self.g, self.sg, t.index, t.kind
+        F = dense.gate_proj.out_features
+        h = sg.linear(x, t.gate_up, None, "mlp", "gate_up", i, "gate_up")
+        if t.gate_up_bias is not None:
+            b = torch.cat([dense.gate_proj.bias.detach(), dense.up_proj.bias.detach()])
+            h = g.op("Add", [h, g.weight(t.gate_up_bias, b)], "mlp", "Add_gate_up_bias", i)
+        gate, up = g.op("Split", [h, g.const([F, F], "int64")], "mlp", "Split", i, n_out=2, axis=-1)
+        a = activation(g, self.act, gate, i, "act")
+        low = self._bypass_matmul(x, t.L, ffn.bypass.L, i, "bypass_L") if t.L is not None else None
+        if kind == C.CATS:
+            a, low = self._cats(i, a, ffn, low)
+        z = g.op("Mul", [a, up], "mlp", "Mul_gate_up", i)
+        if kind == C.GRIFFIN and self.prefill:
+            self._griffin_statistic(i, z)
+        y = sg.linear(z, t.down, None, "mlp", "down", i, "down")
+        if low is not None:
+            y = g.op("Add", [y, self._bypass_matmul(low, t.R, ffn.bypass.R, i, "bypass_R")], "mlp", "Add_bypass", i)
+        return self.down_bias(t, dense, y)
+
+    def _dq_selection(self, codes: str, scales: str, i: int, name: str) -> str:
+        """DequantizeLinear of a per-prompt [B, rows, D] code input, blocks along D (a row: one block of D)."""
+        g = self.g
+        block = self.lay.weight_block or self.lay.hidden_size
+        w = g.op("DequantizeLinear", [codes, scales], "mlp", f"DequantizeLinear_{name}", i, axis=2, block_size=block)
+        if self.lay.scale_dtype != g.fdt:
+            w = g.op("Cast", [w], "mlp", f"Cast_{name}", i, to=g.ft)
+        return w
 
     def fused(self, t: LayerTensors, dense, ffn, x: str) -> str:
         """The dense gated FFN from constant weights (+ GRIFFIN statistic / CATS τ in prefill, CATS threshold in
         decode). `dense`: the layer's DenseFFN; `ffn`: its EfficientFFN (None for dense layers)."""
+        if t.gate_up.quant is not None:
+            return self.quantized(t, dense, ffn, x)
         g, i, kind = self.g, t.index, t.kind
         F = dense.gate_proj.out_features
         bypass = ffn.bypass if (kind == C.CATS and ffn is not None) else None
@@ -75,6 +111,8 @@ class FfnGraph:
     def griffin_decode(self, t: LayerTensors, dense, x: str) -> str:
         """act(x Ŵ_g)·(x Ŵ_1) and x L from the per-prompt w_gul.i in one MatMul, then @ w_dr.i = [Ŵ_2 ; R]."""
         g, i, k, r = self.g, t.index, self.lay.k, self.lay.rank
+        if self.lay.quantized and not self.sg.em.float_selection:
+            return self._griffin_decode_quantized(t, dense, x)
         h = g.op("MatMul", [x, C.w_gul(i)], "mlp", "MatMul_gate_up_l", i)  # [B, 1, D] @ [B, D, 2k + r]
         if self.lay.mlp_bias:
             b = g.op("Unsqueeze", [C.b_gul(i), g.const([1], "int64")], "mlp", "Unsqueeze_bias", i)
@@ -85,6 +123,31 @@ class FfnGraph:
         if r:
             z = g.op("Concat", [z, parts[2]], "mlp", "Concat_bypass", i, axis=-1)  # [act(x Ŵ_g)·x Ŵ_1, x L]
         y = g.op("MatMul", [z, C.w_dr(i)], "mlp", "MatMul_down_r", i)  # @ [Ŵ_2 ; R]
+        return self.down_bias(t, dense, y)
+
+    def _griffin_decode_quantized(self, t: LayerTensors, dense, x: str) -> str:
+        """GRIFFIN decode over the per-prompt QUANTIZED rows (contract: w_gu_q / w_gu_s, w_d_q / w_d_s): the kept
+        neurons' gate and up rows [B, 2k, D] and down rows [B, k, D] dequantized in the graph, L and R float
+        constants: act(x Ŵ_gᵀ)·(x Ŵ_1ᵀ) @ Ŵ_2 + (x L) R."""
+        g, i, k, r = self.g, t.index, self.lay.k, self.lay.rank
+        gu = self._dq_selection(C.w_gu_q(i), C.w_gu_s(i), i, "gate_up")  # [B, 2k, D]
+        gu = g.op("Transpose", [gu], "mlp", "Transpose_gate_up", i, perm=[0, 2, 1])
+        h = g.op("MatMul", [x, gu], "mlp", "MatMul_gate_up", i)  # [B, 1, 2k]
+        bypass = self.sg.em.ffns[i].bypass if r else None
+        if r:
+            low = self._bypass_matmul(x, t.fold.L, bypass.L, i, "bypass_L")
+            h = g.op("Concat", [h, low], "mlp", "Concat_bypass_L", i, axis=-1)
+        if self.lay.mlp_bias:
+            b = g.op("Unsqueeze", [C.b_gul(i), g.const([1], "int64")], "mlp", "Unsqueeze_bias", i)
+            h = g.op("Add", [h, b], "mlp", "Add_gate_up_bias", i)
+        parts = g.op("Split", [h, g.const([k, k] + ([r] if r else []), "int64")], "mlp", "Split", i,
+                     n_out=3 if r else 2, axis=-1)
+        z = g.op("Mul", [activation(g, self.act, parts[0], i, "act"), parts[1]], "mlp", "Mul_gate_up", i)
+        down = self._dq_selection(C.w_d_q(i), C.w_d_s(i), i, "down")  # [B, k, D]
+        y = g.op("MatMul", [z, down], "mlp", "MatMul_down", i)
+        if r:
+            y = g.op("Add", [y, self._bypass_matmul(parts[2], t.fold.R, bypass.R, i, "bypass_R")], "mlp",
+                     "Add_bypass", i)
         return self.down_bias(t, dense, y)
 
     def _griffin_statistic(self, i: int, z: str) -> None:

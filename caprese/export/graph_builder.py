@@ -94,6 +94,34 @@ class GraphBuilder:
             self.initializers[ref.name] = self.weights.initializer(ref.name)
         return ref.name
 
+    def qweight(self, ref: WeightRef, qt) -> tuple[str, str]:
+        """A quantized weight (engine_spec.WeightRef with quant; qt: caprese.model.quantization.QuantizedTensor)
+        stored once in weights.bin, its codes in the spec's packing and its scales: (codes name, scale name)."""
+        from caprese.export.quantized_weights import code_bytes, scale_tensor
+
+        scale = ref.quant.scale
+        if ref.name not in self.weights.table:
+            self.weights.add_bytes(ref.name, code_bytes(ref, qt), list(ref.shape), ref.dtype)
+        self.weights.add(scale.name, scale_tensor(ref, qt), scale.dtype)
+        for name in (ref.name, scale.name):
+            if name not in self.initializers:
+                self.initializers[name] = self.weights.initializer(name)
+        return ref.name, scale.name
+
+    def nbits_weight(self, ref: WeightRef, qt) -> tuple[str, str]:
+        """A MatMulNBits weight: (B initializer, scales): uint8 [N, K / block, block bytes] and [N * K / block],
+        views of the bytes `qweight` stores (engine_spec.PACKING_NBITS)."""
+        codes, scale = self.qweight(ref, qt)
+        n, k = ref.shape
+        bs = ref.quant.block_size
+        b_name, s_name = codes + ".B", scale + ".flat"
+        if b_name not in self.initializers:
+            self.initializers[b_name] = self.weights.initializer(codes, ("uint8", [n, k // bs, bs * ref.quant.bits // 8],
+                                                                         b_name))
+            self.initializers[s_name] = self.weights.initializer(scale, (ref.quant.scale.dtype, [n * (k // bs)],
+                                                                         s_name))
+        return b_name, s_name
+
     def to_float32(self, x: str, scope: str, name: str, layer: int | None = None) -> str:
         """x as float32: itself at fp32, else a Cast node."""
         if self.fdt == "float32":

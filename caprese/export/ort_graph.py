@@ -15,7 +15,7 @@ from __future__ import annotations
 from onnx import TensorProto
 
 from caprese.export import contract as C
-from caprese.export.engine_spec import LayerTensors, WeightRef
+from caprese.export.engine_spec import PACKING_NBITS, LayerTensors, WeightRef
 from caprese.export.ffn_graph import activation
 from caprese.export.graph_masks import GraphMasks
 from caprese.export.standard_graph import StandardGraph
@@ -44,6 +44,26 @@ class OrtGraph(StandardGraph):
         total = g.op("ReduceMax", [end], "mask", "ReduceMax_total", keepdims=0)
         self.total_len = g.op("Cast", [total], "mask", "Cast_total", to=TensorProto.INT32)
         return masks
+
+    # ---- quantized weights: MatMulNBits ----
+    def matmul_nbits(self, x: str, ref: WeightRef, qt, scope: str, opname: str, i: int | None) -> str:
+        """x @ Wᵀ for an [out, in] weight stored as MatMulNBits' B (engine_spec.PACKING_NBITS): one fused
+        dequantize-and-multiply kernel; accuracy_level 0 (float activations: the reference's numerics)."""
+        b, s = self.g.nbits_weight(ref, qt)
+        n, k = ref.shape
+        return self.g.op("MatMulNBits", [x, b, s], scope, f"MatMulNBits_{opname}", i, domain=C.MS_DOMAIN, K=k, N=n,
+                         bits=ref.quant.bits, block_size=ref.quant.block_size)
+
+    def linear(self, x: str, ref: WeightRef, value, scope: str, opname: str, i: int | None, role: str) -> str:
+        if ref.quant is not None and ref.quant.packing == PACKING_NBITS:
+            return self.matmul_nbits(x, ref, self.qtensor(i, role), scope, opname, i)
+        return super().linear(x, ref, value, scope, opname, i, role)
+
+    def head_logits(self, h2: str) -> str:
+        ref = self.spec.head
+        if ref.quant is not None and ref.quant.packing == PACKING_NBITS:
+            return self.matmul_nbits(h2, ref, self.qtensor(None, "head"), "lm_head", "head", None)
+        return super().head_logits(h2)
 
     # ---- residual adds fused into the norms ----
     def body(self, x: str) -> str:

@@ -29,7 +29,7 @@ from onnx import helper
 
 from caprese.export import contract as C
 from caprese.export.attention_graph import explicit_attention
-from caprese.export.engine_spec import EngineSpec, LayerTensors, WeightRef
+from caprese.export.engine_spec import MATRIX, EngineSpec, LayerTensors, WeightRef
 from caprese.export.ffn_graph import FfnGraph
 from caprese.export.graph_builder import GraphBuilder, linear_t, value_info
 from caprese.export.graph_masks import GraphMasks
@@ -45,6 +45,8 @@ class ExportModel:
     decoder: object  # caprese.model.decoder.Decoder
     spec: EngineSpec
     ffns: dict  # layer -> EfficientFFN (GriffinFFN / CatsFFN) for approximated layers
+    quant: object = None  # quantized_weights.QuantizedWeights when spec.recipe.weights is set
+    float_selection: bool = False  # a quantized GRIFFIN layout's decode graph with float w_gul / w_dr (TensorRT)
 
     @property
     def layout(self) -> C.GraphLayout:
@@ -71,6 +73,49 @@ class StandardGraph:
         # the shared graph is the prefill graph (any T) with CATS layers switched by decode_flag
         self.shared = graph == C.TRT_SHARED
         self.prefill = graph in (C.PREFILL, C.TRT_SHARED)
+        self._rows_shapes: dict[int, str] = {}
+
+    # ---- linear layers, float or quantized ----
+    def qtensor(self, layer: int | None, role: str):
+        """The QuantizedTensor of a quantized role (engine-spec role name; "head" for the LM head)."""
+        return self.em.quant.role(layer, role)
+
+    def dequantized(self, ref: WeightRef, qt, scope: str, opname: str, i: int | None) -> str:
+        """DequantizeLinear of a quantized weight (blocks along axis 1 of the stored tensor; one scale per row:
+        per-axis 0) in the graph's float dtype: [R, C] as stored."""
+        g = self.g
+        codes, scale = g.qweight(ref, qt)
+        attrs = {"axis": 0} if ref.quant.block_size == 0 else {"axis": 1, "block_size": ref.quant.block_size}
+        w = g.op("DequantizeLinear", [codes, scale], scope, f"DequantizeLinear_{opname}", i, **attrs)
+        if ref.quant.scale.dtype != g.fdt:  # a scale dtype the graph's cannot hold exactly (fp32 scales at fp16)
+            w = g.op("Cast", [w], scope, f"Cast_{opname}_weight", i, to=g.ft)
+        return w
+
+    def rows_shape(self, n: int) -> str:
+        """[B, T, n] as a shape tensor (B, T from input_ids): the 3-D shape of a Gemm's 2-D output."""
+        if n not in self._rows_shapes:
+            g = self.g
+            if not self._rows_shapes:
+                self._bt = g.op("Shape", [C.INPUT_IDS], "embed", "Shape_rows")
+            self._rows_shapes[n] = g.op("Concat", [self._bt, g.const([n], "int64")], "embed", f"Concat_rows_{n}",
+                                        axis=0)
+        return self._rows_shapes[n]
+
+    def linear(self, x: str, ref: WeightRef, value, scope: str, opname: str, i: int | None, role: str) -> str:
+        """x [B, T, in] @ W: floats (value: the [in, out] tensor, engine_spec.MATRIX) or quantized (the spec's
+        `role` codes): DequantizeLinear -> MatMul for [in, out] storage, -> Gemm(transB=1) over [B·T, in] rows for
+        [out, in] storage (TensorRT's importGemm turns transB into IMatrixMultiplyLayer's kTRANSPOSE: no
+        Transpose layer, no copy of the weight)."""
+        g = self.g
+        if ref.quant is None:
+            return g.op("MatMul", [x, g.weight(ref, value)], scope, f"MatMul_{opname}", i)
+        w = self.dequantized(ref, self.qtensor(i, role), scope, opname, i)
+        if ref.storage == MATRIX:
+            return g.op("MatMul", [x, w], scope, f"MatMul_{opname}", i)
+        n, k = ref.shape
+        x2 = g.op("Reshape", [x, g.const([-1, k], "int64")], scope, f"Reshape_{opname}_in", i)
+        y = g.op("Gemm", [x2, w], scope, f"Gemm_{opname}", i, transB=1)
+        return g.op("Reshape", [y, self.rows_shape(n)], scope, f"Reshape_{opname}_out", i)
 
     # ---- pieces ----
     def norm(self, x: str, weight: torch.Tensor, ref: WeightRef, scope: str, layer: int | None, plus_one: bool,
@@ -83,7 +128,7 @@ class StandardGraph:
     def proj(self, x: str, lin, w: WeightRef, b: WeightRef | None, i: int, opname: str, scope: str = "attn") -> str:
         """x @ W (+ b) of an nn.Linear, stored as the spec's `w` (MATRIX) and `b`."""
         g = self.g
-        y = g.op("MatMul", [x, g.weight(w, linear_t(lin.weight))], scope, f"MatMul_{opname}", i)
+        y = self.linear(x, w, None if w.quant is not None else linear_t(lin.weight), scope, opname, i, opname)
         if b is not None:
             y = g.op("Add", [y, g.weight(b, lin.bias)], scope, f"Add_{opname}_bias", i)
         return y
@@ -103,14 +148,15 @@ class StandardGraph:
             io = self.lay.tensorrt_io(C.TRT_SHARED, cache_len=None)
             inputs, outputs = io["inputs"], io["outputs"]
         else:
-            inputs, outputs = self.lay.inputs(self.graph), self.lay.outputs(self.graph)
+            inputs = self.lay.inputs(self.graph, quantized_selection=not self.em.float_selection)
+            outputs = self.lay.outputs(self.graph)
         x = g.op("Gather", [g.weight(self.spec.embed, dec.model.embed_tokens.weight), C.INPUT_IDS], "embed",
                  "Gather", axis=0)
         if m.gemma_norms:
             x = g.op("Mul", [x, g.fconst(m.hidden_size ** 0.5)], "embed", "Mul")
         self.rope_tables()
         self.masks = self.build_masks()
-        self.ffn = FfnGraph(g, self.masks, self.lay, m.activation, self.prefill, self.shared)
+        self.ffn = FfnGraph(self, self.masks, self.lay, m.activation, self.prefill, self.shared)
         self.head(self.body(x))
         graph = helper.make_graph(g.nodes, f"caprese_{self.graph}", [value_info(t) for t in inputs],
                                   [value_info(t) for t in outputs], list(g.initializers.values()))
@@ -144,8 +190,7 @@ class StandardGraph:
     def head(self, h: str) -> str:
         g, m = self.g, self.model
         h2 = g.op("Reshape", [h, g.const([-1, m.hidden_size], "int64")], "lm_head", "Reshape")
-        logits = g.op("Gemm", [h2, g.weight(self.spec.head, self.em.decoder.lm_head.weight)], "lm_head", "Gemm",
-                      transB=1)
+        logits = self.head_logits(h2)
         logits = g.to_float32(logits, "lm_head", "Cast")
         if m.final_softcap is not None:
             cap = g.const(float(m.final_softcap), "float32")
@@ -154,6 +199,15 @@ class StandardGraph:
             logits = g.op("Mul", [logits, cap], "lm_head", "softcap_Mul")
         return g.op("Reshape", [logits, g.const([-1, 1, m.vocab_size], "int64")], "lm_head", "Reshape_out",
                     out=C.LOGITS)
+
+    def head_logits(self, h2: str) -> str:
+        """logits [N, V] = h2 [N, D] @ Wᵀ, W [V, D] (the embedding table when tied; quantized: dequantized)."""
+        g, ref = self.g, self.spec.head
+        if ref.quant is None:
+            w = g.weight(ref, self.em.decoder.lm_head.weight)
+        else:
+            w = self.dequantized(ref, self.qtensor(None, "head"), "lm_head", "head", None)
+        return g.op("Gemm", [h2, w], "lm_head", "Gemm", transB=1)
 
     def layer(self, t: LayerTensors, layer, x: str) -> str:
         g, gemma, i = self.g, self.model.gemma_norms, t.index
@@ -203,8 +257,8 @@ class StandardGraph:
         """[B, T, (Hq + 2 Hkv)·hd] = h @ [W_q, W_k, W_v] (+ biases): one read of h, one kernel."""
         g, i = self.g, t.index
         lins = (attn.q_proj, attn.k_proj, attn.v_proj)
-        w = torch.cat([linear_t(lin.weight) for lin in lins], 1)
-        y = g.op("MatMul", [h, g.weight(t.qkv, w)], "attn", "MatMul_qkv", i)
+        w = None if t.qkv.quant is not None else torch.cat([linear_t(lin.weight) for lin in lins], 1)
+        y = self.linear(h, t.qkv, w, "attn", "qkv", i, "qkv")
         if t.qkv_bias is not None:
             b = torch.cat([lin.bias.detach() if lin.bias is not None else torch.zeros(lin.out_features)
                            for lin in lins])

@@ -14,11 +14,13 @@ of onnx_graph.build_shared_graph), GRIFFIN layouts two (their decode graph takes
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import onnx
 
 from caprese.export import contract as C
 from caprese.export.onnx_graph import ExportModel, build_shared_graph
+from caprese.export.standard_graph import StandardGraph
 
 MANIFEST_KEY = "tensorrt_graphs"
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1}
@@ -41,6 +43,9 @@ def tensorrt_models(em: ExportModel, graphs: dict[str, onnx.ModelProto], weights
     if lay.shares_engine:
         shared = graphs[C.PREFILL] if not lay.layers_of(C.CATS) else build_shared_graph(em, weights)
         models = {C.TRT_SHARED: shared}
+    elif lay.quantized:  # TensorRT dequantizes INT4 only from constants: per-prompt matrices in floats
+        fem = dataclasses.replace(em, float_selection=True)
+        models = {C.PREFILL: graphs[C.PREFILL], C.DECODE: StandardGraph(fem, C.DECODE, weights).build()}
     else:
         models = {C.PREFILL: graphs[C.PREFILL], C.DECODE: graphs[C.DECODE]}
     return {name: static_cache_copy(m, em.max_seq_len) for name, m in models.items()}
@@ -70,7 +75,8 @@ def memory_record(models: dict[str, onnx.ModelProto], weights_table: dict, layou
     for names in held.values():
         for n in names:
             counts[n] = counts.get(n, 0) + 1
-    per_prompt = [s for s in layout.inputs(C.DECODE) if s.name.startswith(("w_gul.", "w_dr.", "b_gul.", "cats_tau."))]
+    per_prompt = [s for s in layout.inputs(C.DECODE, quantized_selection=False)
+                  if s.name.startswith(("w_gul.", "w_dr.", "b_gul.", "cats_tau."))]
     kv = sum(_nbytes(s, max_batch) for s in C.static_cache(layout.inputs(C.DECODE), cache_len)
              if s.name.startswith(("past_key.", "past_value.")))
     return {"weights_bytes": {name: size(names) for name, names in held.items()},

@@ -1,5 +1,9 @@
 """GRIFFIN folding straight into the decode graph's persistent buffers (batch 1, any torch device).
 
+Quantized layouts: `quantized_rows` gathers whole rows of the stored int4 / int8 codes and their scales (the
+per-prompt matrices stay quantized, contract.w_gu_q ...); `__call__` fills float w_gul / w_dr from the
+dequantized sources (the TensorRT decode graph of such a layout).
+
 caprese.export.folding.fold_selected builds new tensors row by row; here the same values ([Ŵ_g, Ŵ_1, L],
 [Ŵ_2 ; R], [b̂_g, b̂_1, 0], neurons in ascending order, as folding.select_neurons picks them) are gathered
 directly into the bound buffers: one pass, no temporaries the size of the result, and on the GPU when the
@@ -13,9 +17,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from caprese.export.folding import select_neurons
+from caprese.export import contract as C
+from caprese.export.folding import dequantized_weight, select_neurons, standard_codes
+from caprese.export.engine_spec import MATRIX_T
+from caprese.export.weights import TORCH_DTYPES
 
-_NP = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}
+_NP = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16, "int8": np.int8, "int4": np.uint8}
 
 
 class FoldInto:
@@ -29,18 +36,70 @@ class FoldInto:
         self._scratch: np.ndarray | None = None
 
     def _weight(self, ref) -> torch.Tensor:
+        """`ref`'s bytes in weights.bin as a tensor (copy-on-write map; int4: the packed bytes [.., C / 2])."""
         e = self.manifest.entry(ref)
         if self._map is None:  # copy-on-write: writable for torch, never written, so it stays shared
             self._map = np.memmap(self.manifest.file("weights"), dtype=np.uint8, mode="c")
         arr = self._map[int(e["offset"]):int(e["offset"]) + int(e["length"])].view(_NP[e["dtype"]])
-        t = torch.from_numpy(arr).reshape(e["shape"])
+        shape = list(e["shape"])
+        if e["dtype"] == "int4":  # packed: two codes per byte along the last axis
+            shape[-1] //= 2
+        t = torch.from_numpy(arr).reshape(shape)
+        if ref.quant is not None:
+            t = standard_codes(ref, t)
         return t.view(torch.bfloat16) if e["dtype"] == "bfloat16" else t
 
-    def tensors(self, layer: int) -> dict[str, torch.Tensor]:
-        if layer not in self._tensors:
+    def _sources(self, layer: int) -> dict[str, torch.Tensor]:
+        """The fold sources as stored (quantized gate_up / down: codes, with "<role>.scale")."""
+        key = ("stored", layer)
+        if key not in self._tensors:
             roles = self.manifest.spec.layers[layer].fold.roles()  # engine_spec.FoldSources
-            self._tensors[layer] = {role: self._weight(ref).to(self.device) for role, ref in roles.items()}
+            t = {role: self._weight(ref) for role, ref in roles.items()}
+            for role in ("gate_up", "down"):
+                if roles[role].quant is not None:
+                    t[role + ".scale"] = self._weight(roles[role].quant.scale)
+            self._tensors[key] = t
+        return self._tensors[key]
+
+    @property
+    def quantized(self) -> bool:
+        """A quantized layout whose decode graph takes quantized rows (fill with `quantized_rows`)."""
+        return self.manifest.layout.quantized
+
+    def tensors(self, layer: int) -> dict[str, torch.Tensor]:
+        """The fold sources in floats, [D, 2F] and [F, D] (a quantized layout's dequantized, for float w_gul /
+        w_dr buffers: the TensorRT decode graph), on this folder's device."""
+        if layer not in self._tensors:
+            t = dict(self._sources(layer))
+            fold = self.manifest.spec.layers[layer].fold
+            if fold.gate_up.quant is not None:
+                dt = TORCH_DTYPES[self.manifest.layout.dtype]
+                for role in ("gate_up", "down"):
+                    ref = getattr(fold, role)
+                    w = dequantized_weight(ref, t.pop(role), t.pop(role + ".scale"))
+                    t[role] = (w.t() if ref.storage == MATRIX_T else w).contiguous().to(dt)
+            self._tensors[layer] = {role: v.to(self.device) for role, v in t.items()}
         return self._tensors[layer]
+
+    def quantized_rows(self, layer: int, stat_sq: torch.Tensor, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A quantized layout's GRIFFIN decode inputs (contract: w_gu_q / w_gu_s, w_d_q / w_d_s, b_gul; `out` by
+        input name, batch 1, host tensors: int4 codes as their packed bytes) filled in place with whole rows of
+        the stored codes and scales of the kept neurons; returns the neurons [k]."""
+        t = self._sources(layer)
+        k, f = self.k, self.intermediate
+        idx = select_neurons(torch.as_tensor(stat_sq), k)[0]
+        rows = torch.cat([idx, idx + f])
+        gu_s, d_s = t["gate_up.scale"], t["down.scale"]
+        pairs = ((C.w_gu_q, t["gate_up"], rows), (C.w_gu_s, gu_s.reshape(gu_s.shape[0], -1), rows),
+                 (C.w_d_q, t["down"], idx), (C.w_d_s, d_s.reshape(d_s.shape[0], -1), idx))
+        for name, src, sel in pairs:
+            dst = out[name(layer)][0]
+            np.take(src.numpy(), sel.numpy(), axis=0, out=dst.numpy().reshape(len(sel), -1))
+        b = out.get(C.b_gul(layer))
+        if b is not None:
+            b[0, :2 * k].copy_(t["gate_up_bias"].index_select(0, rows))
+            b[0, 2 * k:].zero_()
+        return idx
 
     def __call__(self, layer: int, stat_sq: torch.Tensor, w_gul: torch.Tensor, w_dr: torch.Tensor,
                  b_gul: torch.Tensor | None = None) -> torch.Tensor:

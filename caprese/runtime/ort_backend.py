@@ -30,7 +30,7 @@ from caprese.runtime.backend import Backend, PrefillOut, kv_slots
 from caprese.runtime.fold import FoldInto
 from caprese.runtime.traffic import SELECTION_INPUTS
 
-_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int8": np.int8}
 
 
 def import_onnxruntime():
@@ -78,6 +78,25 @@ class _Buf:
         return self.value.data_ptr()
 
 
+class _Int4Buf(_Buf):
+    """An int4 buffer (a quantized layout's GRIFFIN rows, contract.w_gu_q / w_d_q): the OrtValue owns the memory,
+    the host array is a uint8 view of its packed bytes [.., D / 2] (numpy has no int4). CPU only."""
+
+    def __init__(self, ort, shape, device: str):
+        if device != "cpu":
+            raise CapreseError("int4 per-prompt inputs run on the CPU provider only; use --device cpu")
+        import ctypes
+
+        import onnx
+
+        self.device = device
+        self.value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), onnx.TensorProto.INT4)
+        packed = tuple(shape[:-1]) + (shape[-1] // 2,)
+        raw = (ctypes.c_uint8 * int(np.prod(packed))).from_address(self.value.data_ptr())
+        self.host = np.ctypeslib.as_array(raw).reshape(packed)
+        self.host[...] = 0
+
+
 class OrtBackend(Backend):
     name = "onnxruntime"
     graphs = C.GRAPHS  # the sessions this backend opens (the native backend runs its own decode step)
@@ -120,8 +139,9 @@ class OrtBackend(Backend):
         self.selection: dict[str, _Buf] = {}
         for spec in lay.inputs(C.DECODE):
             if spec.name.startswith(SELECTION_INPUTS):
-                self.selection[spec.name] = buf(tuple(1 if isinstance(d, str) else d for d in spec.shape),
-                                                _NP[spec.dtype])
+                shape = tuple(1 if isinstance(d, str) else d for d in spec.shape)
+                self.selection[spec.name] = _Int4Buf(ort, shape, self.device) if spec.dtype == "int4" else \
+                    buf(shape, _NP[spec.dtype])
         self.token, self.position, self.slot = buf((1, 1), np.int64), buf((1, 1), np.int64), buf((1,), np.int64)
         self.kv: dict[str, _Buf] = {}
         self.mask: _Buf | None = None
@@ -213,6 +233,13 @@ class OrtBackend(Backend):
 
     def select(self, griffin: dict[int, torch.Tensor], tau: dict[int, torch.Tensor]) -> None:
         for i, stat in griffin.items():
+            if C.w_gu_q(i) in self.selection:  # quantized rows (contract.py), gathered whole from weights.bin
+                names = [n for n in (C.w_gu_q(i), C.w_gu_s(i), C.w_d_q(i), C.w_d_s(i), C.b_gul(i))
+                         if n in self.selection]
+                self.fold.quantized_rows(i, stat, {n: self.selection[n].torch_host() for n in names})
+                for n in names:
+                    self.selection[n].sync()
+                continue
             bufs = [self.selection[C.w_gul(i)], self.selection[C.w_dr(i)]]
             if C.b_gul(i) in self.selection:
                 bufs.append(self.selection[C.b_gul(i)])

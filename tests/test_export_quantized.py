@@ -1,0 +1,159 @@
+"""Quantized exports (`caprese-export --weights int4|int8`) on ONNX Runtime against the PyTorch quantized reference.
+
+The reference is the decoder whose quantized weights are replaced by dequantize(codes) (weight_quant's RTN, the
+codes the export writes), with the same method applied. The graphs dequantize the same codes with the same
+scales (DequantizeLinear or MatMulNBits), exactly: code x fp16 scale is exact in float32. What differs is only the
+kernels' summation order, as for the float graphs, so the tolerance is theirs: fp32 logits within atol 1e-4 +
+rtol 1e-4 (tiny models, logits O(1-10)), and greedy tokens identical for every one of 33 steps.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from caprese.errors import CapreseError
+from caprese.export import contract as C
+from test_export_support import MAX_SEQ, OrtLoop, method_artifact, prompt_ids, reference_greedy
+
+ATOL = RTOL = 1e-4
+STEPS = 33  # the prefill token + 32 decode steps
+_CACHE: dict = {}
+
+
+def assert_close(a, b, what):
+    a, b = np.asarray(a), np.asarray(b)
+    err = np.abs(a - b).max()
+    assert np.allclose(a, b, atol=ATOL, rtol=RTOL), f"{what}: max |diff| {err:.3g}"
+
+
+def q_export(tmp_path_factory, tiny_model_dir, kind, method, weights, block=None, target="tensorrt", head=False,
+             precision="fp32"):
+    """(engine, source) of a quantized export, once per session."""
+    from caprese.export.exporter import export
+
+    key = (kind, method, weights, block, target, head, precision)
+    if key not in _CACHE:
+        root = tmp_path_factory.mktemp(f"qexport_{kind}_{method}_{weights}")
+        src = tiny_model_dir(kind)
+        if method != "dense":
+            art_key = ("artifact", kind, method)
+            if art_key not in _CACHE:
+                _CACHE[art_key] = method_artifact(src, tmp_path_factory.mktemp("qart") / "artifact", method)
+            src = _CACHE[art_key]
+        out = export(src, root / "engine", precision=precision, max_seq_len=MAX_SEQ, max_prompt_len=MAX_SEQ - 1,
+                     target=target, weights=weights, block_size=block, quantize_head=head).out
+        _CACHE[key] = (out, src)
+    return _CACHE[key]
+
+
+def quantized_reference(src, weights, block, target="tensorrt", head=False):
+    """The PyTorch decoder with RTN-quantized weights (dequantized values) and the artifact's method applied."""
+    from caprese.calibration.artifact import is_artifact, load_artifact
+    from caprese.calibration.weight_quant import quantize_decoder
+    from caprese.export.export_quantization import QuantRequest, _parse
+    from caprese.export.quantized_weights import export_recipe
+    from caprese.model import load_decoder
+
+    art = load_artifact(src) if is_artifact(src) else None
+    dec = load_decoder(art.base_model if art else src, "fp32")
+    quantize_decoder(dec, export_recipe(_parse(QuantRequest(weights, block, head), target), head))
+    if art is not None:
+        art.apply(dec)
+    dec.requires_grad_(False)
+    return dec
+
+
+def ort_value(ort, arr: np.ndarray, dtype: str):
+    """An OrtValue of `dtype` holding arr; int4: arr is the packed bytes [.., D / 2] of a [.., D] tensor."""
+    if dtype != "int4":
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
+    shape = list(arr.shape[:-1]) + [arr.shape[-1] * 2]
+    v = ort.OrtValue.ortvalue_from_shape_and_type(shape, onnx.TensorProto.INT4)
+    src = np.ascontiguousarray(arr, np.uint8)
+    ctypes.memmove(v.data_ptr(), src.ctypes.data, src.nbytes)
+    return v
+
+
+class QuantLoop(OrtLoop):
+    """OrtLoop whose GRIFFIN selection feeds a quantized layout's per-prompt quantized rows (w_gu_q, ...)."""
+
+    def select(self, out, tokens, restart):
+        if not self.lay.quantized or C.w_gul(0) in {i.name for i in self.sessions[C.DECODE].get_inputs()} or \
+                not self.lay.layers_of(C.GRIFFIN):
+            return super().select(out, tokens, restart)
+        dtypes = {t.name: t.dtype for t in self.lay.inputs(C.DECODE)}
+        for i in self.lay.layers_of(C.GRIFFIN):
+            s = torch.from_numpy(out[C.griffin_stat(i)])
+            self.stat_sq[i] = s if restart or i not in self.stat_sq else self.stat_sq[i] + s
+            idx, parts = self.folder.fold_quantized(i, self.stat_sq[i])
+            self.idx[i] = idx
+            for name, t in parts.items():
+                self.selection[name] = ort_value(self.ort, t.numpy(), dtypes[name])
+
+
+def run_parity(engine, dec, rho=0, tensorrt=False, steps=STEPS, what=""):
+    prompt = prompt_ids(14, seed=3)
+    ref_tokens, ref_logits = reference_greedy(dec, prompt, steps, rho)
+    tokens, logits = QuantLoop(engine, tensorrt=tensorrt).greedy(prompt.numpy(), steps, reselect_every=rho)
+    for step, (a, b) in enumerate(zip(logits, ref_logits)):
+        assert_close(a, b.numpy(), f"{what} logits at step {step}")
+    assert tokens.tolist() == ref_tokens.tolist()
+    return tokens
+
+
+# qwen2: hidden 64, heads x head_dim 64, intermediate 128: every block size TensorRT's int4 takes (64) divides them
+@pytest.mark.parametrize("method,weights,rho", [
+    ("dense", "int4", 0), ("dense", "int8", 0), ("griffin", "int4", 8), ("griffin", "int8", 8),
+    ("cats", "int4", 0), ("cats", "int8", 0),
+])
+def test_standard_graphs_match_quantized_reference(method, weights, rho, tmp_path_factory, tiny_model_dir):
+    """target tensorrt (DequantizeLinear -> MatMul / Gemm transB), int4 block 64 and int8 per row: prefill and
+    decode logits and 33 greedy tokens (GRIFFIN re-selecting every 8 steps) against the quantized reference."""
+    engine, src = q_export(tmp_path_factory, tiny_model_dir, "qwen2", method, weights)
+    m = onnx.load(str(engine / "decode.onnx"), load_external_data=False)
+    dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
+    assert dq, "no DequantizeLinear in a quantized graph"
+    want = onnx.TensorProto.INT4 if weights == "int4" else onnx.TensorProto.INT8
+    assert {i.data_type for i in m.graph.initializer if i.name.endswith(f".{weights}")} == {want}
+    run_parity(engine, quantized_reference(src, weights, None), rho, what=f"{method}/{weights}")
+
+
+@pytest.mark.parametrize("method,weights", [("dense", "int4"), ("griffin", "int4"), ("cats", "int8")])
+def test_tensorrt_graph_copies_match_quantized_reference(method, weights, tmp_path_factory, tiny_model_dir):
+    """The files TensorRT parses (static cache; GRIFFIN's decode copy takes float w_gul / w_dr folded from the
+    dequantized rows) give the same tokens and logits, and pass the static TensorRT check."""
+    from caprese.export.exporter import check_folder
+
+    engine, src = q_export(tmp_path_factory, tiny_model_dir, "qwen2", method, weights)
+    assert all(not v for v in check_folder(engine).values())
+    run_parity(engine, quantized_reference(src, weights, None), 8 if method == "griffin" else 0, tensorrt=True,
+               what=f"tensorrt {method}/{weights}")
+
+
+@pytest.mark.parametrize("method,weights,block,rho", [
+    ("dense", "int4", 32, 0), ("dense", "int8", None, 0), ("dense", "int8", 32, 0), ("griffin", "int4", 32, 8),
+    ("griffin", "int8", None, 8), ("cats", "int4", 32, 0), ("cats", "int8", None, 0),
+])
+def test_onnxruntime_target_matches_quantized_reference(method, weights, block, rho, tmp_path_factory,
+                                                        tiny_model_dir):
+    """--target onnxruntime: MatMulNBits for the [out, in] weights blocked along the inputs (int4 and int8 in
+    blocks), DequantizeLinear + MatMul for down (blocked along its outputs) and per-row int8."""
+    engine, src = q_export(tmp_path_factory, tiny_model_dir, "qwen2", method, weights, block, "onnxruntime")
+    ops = [n.op_type for n in onnx.load(str(engine / "prefill.onnx"), load_external_data=False).graph.node]
+    assert ("MatMulNBits" in ops) == (block is not None)
+    run_parity(engine, quantized_reference(src, weights, block, "onnxruntime"), rho, what=f"ort {method}/{weights}")
+
+
+def test_quantized_head(tmp_path_factory, tiny_model_dir):
+    """--quantize-head: the LM head quantized (tied: its own int4 copy, the embedding stays a float table)."""
+    engine, src = q_export(tmp_path_factory, tiny_model_dir, "qwen2", "dense", "int4", 32, "onnxruntime", head=True)
+    from caprese.export.manifest import load_manifest
+
+    spec = load_manifest(engine).spec
+    assert spec.head.quant is not None and spec.embed.quant is None and spec.head.name != spec.embed.name
+    run_parity(engine, quantized_reference(src, "int4", 32, "onnxruntime", head=True), what="quantized head")
