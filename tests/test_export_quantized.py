@@ -157,3 +157,129 @@ def test_quantized_head(tmp_path_factory, tiny_model_dir):
     spec = load_manifest(engine).spec
     assert spec.head.quant is not None and spec.embed.quant is None and spec.head.name != spec.embed.name
     run_parity(engine, quantized_reference(src, "int4", 32, "onnxruntime", head=True), what="quantized head")
+
+
+# ---- one-line errors ----
+def run_export_cli(args, monkeypatch, capsys):
+    import cli_helpers
+    from caprese.cli.export_command import main as export_main
+
+    return cli_helpers.run_cli(export_main, args, monkeypatch, capsys, prog="caprese-export")
+
+
+@pytest.mark.parametrize("extra,needles", [
+    (["--weights", "int3"], ("int3", "int4 or int8")),
+    (["--weights", "int4", "--block-size", "128", "--target", "onnxruntime"],
+     ("input features = 64", "multiple of the block size 128", "block size 32 or 64")),
+    (["--weights", "int4", "--block-size", "32"], ("TensorRT", "64 or 128", "--target onnxruntime")),
+    (["--weights", "int8", "--block-size", "64"], ("TensorRT", "one scale per row", "--block-size row")),
+    (["--weights", "int4", "--block-size", "48", "--target", "onnxruntime"], ("block size", "48")),
+    (["--block-size", "64"], ("--weights",)),
+])
+def test_bad_quantization_options_are_one_line_errors(extra, needles, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import cli_helpers
+
+    out = tmp_path / "engine"
+    rc, _, err = run_export_cli([str(tiny_model_dir("qwen2")), "-o", str(out), "--max-seq-len", "32"] + extra,
+                                monkeypatch, capsys)
+    cli_helpers.assert_one_line_error(rc, err, *needles, code=2, log_prefix="[caprese-export]")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".engine-")]
+
+
+def load_decoder_weight(src, name):
+    from caprese.calibration.artifact import load_artifact
+    from safetensors.torch import load_file
+
+    base = load_artifact(src).base_model
+    return load_file(str(next(__import__("pathlib").Path(base).glob("*.safetensors"))))[name]
+
+
+class _QuantizedArtifact:
+    """What a calibration artifact with quantized weights offers export (export_quantization.artifact_quantization):
+    the recipe as `weights`, the codes as `quantized`."""
+
+    def __init__(self, art, recipe, tensors):
+        self._art, self.weights, self.quantized = art, recipe, tensors
+
+    def __getattr__(self, name):
+        return getattr(self._art, name)
+
+
+def _with_quantized_artifact(monkeypatch, src, fmt):
+    """load_artifact returns `src` carrying GPTQ codes (other codes than export's RTN would choose)."""
+    import caprese.calibration.artifact as artifact_mod
+    from caprese.calibration.weight_quant import QuantRecipe, quantize_decoder
+    from caprese.model import load_decoder
+
+    art = artifact_mod.load_artifact(src)
+    recipe = QuantRecipe(fmt, "gptq")
+    samples = [prompt_ids(24, seed=s)[0].tolist() for s in range(4)]
+    tensors = quantize_decoder(load_decoder(art.base_model, "fp32"), recipe, samples)
+    real = artifact_mod.load_artifact
+    monkeypatch.setattr(artifact_mod, "load_artifact", lambda *a, **k: _QuantizedArtifact(real(*a, **k), recipe,
+                                                                                          tensors))
+    return recipe, tensors
+
+
+def test_artifact_codes_are_exported_and_bit_width_is_checked(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """An artifact carrying its quantization is exported with ITS codes and recipe (method recorded); --weights at
+    another bit width, or another --block-size, is a one-line error."""
+    import cli_helpers
+    from caprese.export.exporter import export
+    from caprese.export.manifest import load_manifest
+    from caprese.export.weights import read_weight
+    from caprese.model.quantization import WeightFormat
+
+    src = method_artifact(tiny_model_dir("qwen2"), tmp_path / "artifact", "cats")
+    recipe, tensors = _with_quantized_artifact(monkeypatch, src, WeightFormat(4, 32))
+    engine = export(src, tmp_path / "engine", max_seq_len=32, target="onnxruntime").out
+    m = load_manifest(engine)
+    assert m.data["recipe"]["weights"]["method"] == "gptq" and m.data["recipe"]["weights"]["bits"] == 4
+    ref = m.spec.layers[1].down  # [F, D] blocked along D: the artifact's bytes, as they are
+    qt = tensors["model.layers.1.mlp.down_proj.weight"]
+    assert torch.equal(read_weight(m.file("weights"), m.entry(ref)), qt.packed())
+    from caprese.model.quantization import quantize_rtn  # GPTQ's codes, not what RTN at export would have written
+    rtn = quantize_rtn(load_decoder_weight(src, "model.layers.1.mlp.down_proj.weight").t().contiguous(), qt.fmt)
+    assert not torch.equal(rtn.codes, qt.codes)
+    for extra, needles in ((["--weights", "int8"], ("calibrated with int4", "without --weights")),
+                           (["--weights", "int4", "--block-size", "64"], ("blocks of 32", "--block-size")),
+                           ([], ("TensorRT", "64 or 128"))):  # its own block 32 does not fit TensorRT
+        args = [str(src), "-o", str(tmp_path / "e2"), "--max-seq-len", "32"] + extra
+        rc, _, err = run_export_cli(args, monkeypatch, capsys)
+        cli_helpers.assert_one_line_error(rc, err, *needles, code=2, log_prefix="[caprese-export]")
+    with pytest.raises(CapreseError, match="LM head"):
+        export(src, tmp_path / "e3", max_seq_len=32, target="onnxruntime", quantize_head=True)
+
+
+# ---- runtime: the onnxruntime backend on quantized engines, bytes per step ----
+@pytest.mark.parametrize("weights,block,target", [("int4", 32, "onnxruntime"), ("int8", None, "tensorrt")])
+def test_onnxruntime_backend_runs_quantized_griffin(weights, block, target, tmp_path_factory, tiny_model_dir):
+    """The runtime's onnxruntime backend (int4 / int8 per-prompt buffers filled by FoldInto.quantized_rows) gives
+    the quantized reference's greedy tokens; its bytes per step count codes at 4 / 8 bits plus the scales."""
+    from caprese.export.manifest import load_manifest
+    from caprese.model.generation import decode_one_token, prefill
+    from caprese.runtime.ort_backend import OrtBackend
+    from caprese.runtime.traffic import decode_traffic
+
+    engine, src = q_export(tmp_path_factory, tiny_model_dir, "qwen2", "griffin", weights, block, target)
+    m = load_manifest(engine)
+    be = OrtBackend(m, threads=1)
+    prompt = prompt_ids(12, seed=4)
+    ref_tokens, _ = reference_greedy(quantized_reference(src, weights, block, target), prompt, 16)
+    be.reserve(MAX_SEQ)
+    out = be.prefill(prompt[0].tolist(), 0)
+    be.select(out.griffin, out.tau)
+    token, tokens = int(out.logits[0].argmax()), []
+    for step in range(16):
+        tokens.append(token)
+        token = int(be.decode(token, 12 + step)[0].argmax())
+    assert tokens == ref_tokens[0].tolist()
+    t = decode_traffic(m)
+    lay, spec = m.layout, m.spec
+    per_prompt = sum(int(np.prod([1 if isinstance(d, str) else d for d in s.shape])) * (4 if s.dtype == "int4" else 8
+                     if s.dtype == "int8" else 16 if s.dtype == "float16" else 32) // 8
+                     for s in lay.inputs(C.DECODE) if s.name.startswith(("w_gu_", "w_d_")))
+    qkv = spec.layers[0].qkv
+    assert qkv.nbytes == qkv.numel * int(weights[3:]) // 8 and qkv.quant.scale.nbytes > 0
+    assert per_prompt > 0 and t.weight_bytes > per_prompt
+    del decode_one_token, prefill

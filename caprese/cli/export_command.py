@@ -35,9 +35,18 @@ from caprese.errors import CapreseError
               help="Largest batch of the TensorRT profiles.")
 @click.option("--timing-cache", default=None, type=click.Path(path_type=str),
               help="TensorRT timing cache file to reuse and update across builds.")
+@click.option("--weights", default=None, metavar="int4|int8",
+              help="Block-quantized weights (every decoder linear weight; symmetric, fp16 scales). An artifact "
+                   "calibrated with quantized weights is exported with its own codes (this may only repeat its bit "
+                   "width); otherwise round-to-nearest at export time.")
+@click.option("--block-size", default=None, metavar="32|64|128|row",
+              help="Elements per scale along the input features (row: one scale per row). Default: int4 64 for "
+                   "--target tensorrt (TensorRT's INT4 takes 64 or 128), 32 for onnxruntime; int8 row.")
+@click.option("--quantize-head", is_flag=True,
+              help="Quantize the LM head too (with --weights; the embedding table always stays floating point).")
 def export(src: str, out: str | None, precision: str, max_seq_len: int | None, max_prompt_len: int | None,
            engine: bool, check: bool, target: str, force: bool, base_model: str | None, max_batch: int,
-           timing_cache: str | None) -> None:
+           timing_cache: str | None, weights: str | None, block_size: str | None, quantize_head: bool) -> None:
     """Export SRC (a Hugging Face model folder, or a calibration artifact from `caprese calibrate`) to ENGINE_DIR.
 
     \b
@@ -63,7 +72,8 @@ def export(src: str, out: str | None, precision: str, max_seq_len: int | None, m
         raise click.UsageError("--check is the TensorRT operator check; it applies to --target tensorrt graphs")
     result = run_export(src, out, precision=precision, max_seq_len=max_seq_len, max_prompt_len=max_prompt_len,
                         engine=engine, force=force, target=target, base_model=base_model, max_batch=max_batch,
-                        timing_cache=timing_cache, log=log)
+                        timing_cache=timing_cache, log=log, weights=weights, block_size=block_size,
+                        quantize_head=quantize_head)
     if check:
         _report(check_folder(result.out))
     click.echo(str(result.out))
