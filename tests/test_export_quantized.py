@@ -113,8 +113,12 @@ def run_parity(engine, dec, rho=0, tensorrt=False, steps=STEPS, what=""):
 ])
 def test_standard_graphs_match_quantized_reference(method, weights, rho, tmp_path_factory, tiny_model_dir):
     """target tensorrt (DequantizeLinear -> MatMul / Gemm transB), int4 block 64 and int8 per row: prefill and
-    decode logits and 33 greedy tokens (GRIFFIN re-selecting every 8 steps) against the quantized reference."""
+    decode logits and 33 greedy tokens (GRIFFIN re-selecting every 8 steps) against the quantized reference; the
+    graphs TensorRT parses pass the static TensorRT check (the export runs it too)."""
+    from caprese.export.exporter import check_folder
+
     engine, src = q_export(tmp_path_factory, tiny_model_dir, "qwen2", method, weights)
+    assert all(not v for v in check_folder(engine).values())
     m = onnx.load(str(engine / "decode.onnx"), load_external_data=False)
     dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
     assert dq, "no DequantizeLinear in a quantized graph"
@@ -283,3 +287,50 @@ def test_onnxruntime_backend_runs_quantized_griffin(weights, block, target, tmp_
     assert qkv.nbytes == qkv.numel * int(weights[3:]) // 8 and qkv.quant.scale.nbytes > 0
     assert per_prompt > 0 and t.weight_bytes > per_prompt
     del decode_one_token, prefill
+
+
+# ---- the engine spec's quantized roles ----
+def test_engine_spec_quantized_roles():
+    """Every decoder linear weight quantized, [out, in] blocked along the inputs (qkv, o, gate_up) and down [F, D]
+    blocked along D; scales beside them; L / R of CATS apart in floats; GRIFFIN's decode inputs quantized rows in
+    ONNX Runtime's graph and float w_gul / w_dr in TensorRT's; the manifest record round-trips; bytes per step count
+    int4 codes at half a byte plus fp16 scales."""
+    import json
+
+    from caprese.export.engine_spec import MATRIX, MATRIX_T, VECTOR, EngineSpec, QuantRecipe, Recipe
+    from caprese.model.spec import ModelSpec
+    from caprese.runtime.traffic import spec_traffic
+
+    m = ModelSpec(model_type="llama", vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1e4, rope_scaling=None,
+                  max_position_embeddings=64, activation="silu", qkv_bias=False, o_bias=False, mlp_bias=False,
+                  tie_word_embeddings=True, sliding_windows=(None, None))
+    q4 = QuantRecipe(4, 64)
+    float_spec = EngineSpec.build(m, Recipe(C.CATS, 0.5, (0, 1), rank=8), C.TARGET_TENSORRT, "fp32", 32, 31)
+    spec = EngineSpec.build(m, Recipe(C.CATS, 0.5, (0, 1), rank=8, weights=q4), C.TARGET_TENSORRT, "fp32", 32, 31)
+    t = spec.layers[0]
+    assert (t.qkv.name, t.qkv.shape, t.qkv.dtype, t.qkv.storage) == (
+        "model.layers.0.self_attn.qkv_proj.weight.int4", (128, 64), "int4", MATRIX_T)
+    assert t.qkv.quant.scale.shape == (128, 1) and t.qkv.quant.scale.dtype == "float32"  # fp16 values, exact
+    assert (t.gate_up.shape, t.down.shape, t.down.storage) == ((256, 64), (128, 64), MATRIX)
+    assert t.L.shape == (64, 8) and t.L.quant is None and t.R.shape == (8, 64)
+    assert spec.head.quant is None and spec.tied_head
+    assert EngineSpec.from_dict(json.loads(json.dumps(spec.to_dict()))).to_dict() == spec.to_dict()
+    assert "weight_bits" not in float_spec.layout.to_dict()  # float manifests record what they always did
+    # int4 codes + one fp32 scale per 64: (4 + 32/64) bits per weight against 32
+    lin = 128 * 64 + 64 * 64 + 256 * 64 + 128 * 64
+    assert spec_traffic(float_spec).weight_bytes - spec_traffic(spec).weight_bytes == \
+        2 * (lin * 4 - lin // 2 - lin // 64 * 4)
+    row = EngineSpec.build(m, Recipe(weights=QuantRecipe(8, 0, head=True)), C.TARGET_ONNXRUNTIME, "fp16", 32, 31)
+    assert row.layers[0].gate.quant.scale.storage == VECTOR and row.layers[0].gate.quant.scale.shape == (128,)
+    assert row.head.name == "lm_head.weight.int8" and row.embed.quant is None
+    g = EngineSpec.build(m, Recipe(C.GRIFFIN, 0.5, (1,), k=32, rank=8, weights=QuantRecipe(4, 32)),
+                         C.TARGET_ONNXRUNTIME, "fp32", 32, 31)
+    assert g.layers[0].gate.quant.packing == "matmulnbits" and g.layers[1].fold.gate_up.quant.packing == "matmulnbits"
+    names = {s.name: (s.dtype, s.shape) for s in g.layout.inputs(C.DECODE)}
+    assert names["w_gu_q.1"] == ("int4", (C.BATCH, 64, 64)) and names["w_d_s.1"] == ("float32", (C.BATCH, 32, 2))
+    trt = {s.name for s in g.layout.tensorrt_io(C.DECODE, 32)["inputs"]}
+    assert "w_gul.1" in trt and "w_gu_q.1" not in trt
+    with pytest.raises(ValueError, match="GRIFFIN gathers whole rows"):
+        EngineSpec.build(m, Recipe(C.GRIFFIN, 0.5, (1,), k=32, weights=QuantRecipe(4, 32, down_axis="in")),
+                         C.TARGET_ONNXRUNTIME, "fp32", 32, 31)

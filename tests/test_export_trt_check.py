@@ -69,9 +69,9 @@ def rotary(x=(F, [1, 2, 4, 8]), cos=(F, [16, 4]), pos=(I64, [1, 4]), **attrs):
                **attrs)
 
 
-def dq(x=(I4, [64, 16]), scale=(H, [2, 16]), x_const=True, scale_const=True, scale_values=None, zp=None,
+def dq(x=(I4, [128, 16]), scale=(H, [2, 16]), x_const=True, scale_const=True, scale_values=None, zp=None,
        zp_const=True, out=H, **attrs):
-    """DequantizeLinear of a block-quantized weight (int4, fp16 scales, blocks of 32 along axis 0) by default."""
+    """DequantizeLinear of a block-quantized weight (int4, fp16 scales, blocks of 64 along axis 0) by default."""
     specs, inits = {}, []
     parts = [("x", x, x_const, None), ("scale", scale, scale_const, scale_values)] + ([("zp", zp, zp_const, None)]
                                                                                     if zp else [])
@@ -81,7 +81,7 @@ def dq(x=(I4, [64, 16]), scale=(H, [2, 16]), x_const=True, scale_const=True, sca
             inits.append(_init(name, dtype, shape, vals))
         else:
             specs[name] = (dtype, shape)
-    attrs = {"axis": 0, "block_size": 32, **attrs} if len(scale[1]) == len(x[1]) and np.prod(scale[1]) > 1 else attrs
+    attrs = {"axis": 0, "block_size": 64, **attrs} if len(scale[1]) == len(x[1]) and np.prod(scale[1]) > 1 else attrs
     return one("DequantizeLinear", ["x", "scale"] + (["zp"] if zp else []), specs, (("y", out, x[1]),), inits,
                **attrs)
 
@@ -210,8 +210,11 @@ CASES = [
     ("dq output_dtype equals scale", lambda: dq(output_dtype=F, out=F),
      lambda: dq(scale=(F, [2, 16]), output_dtype=F, out=F), "differs from the FP16 scale"),
     ("dq int4 is weight-only", lambda: dq(x_const=False), dq, "an INT4 input must be an initializer"),
-    ("dq 4-bit even size", lambda: dq(x=(I4, [3, 5]), scale=(H, [])), lambda: dq(x=(I4, [4, 5]), scale=(H, [])),
+    ("dq 4-bit even size", lambda: dq(x=(I4, [3, 5]), scale=(H, [])), lambda: dq(x=(I4, [128, 2]), scale=(H, [2, 2])),
      "even number of elements"),
+    ("dq int4 even last dimension", lambda: dq(x=(I4, [128, 3]), scale=(H, [2, 3])), dq, "odd last dimension"),
+    ("dq int4 block sizes", lambda: dq(x=(I4, [64, 16]), block_size=32), dq, "blocks of 64 or 128"),
+    ("dq int4 per-block scales", lambda: dq(scale=(H, [])), dq, "INT4 needs per-block scales"),
     ("dq per-channel of weights", lambda: dq(x=(I8, [4, 16]), scale=(F, [16]), x_const=False, axis=1, out=F),
      lambda: dq(x=(I8, [4, 16]), scale=(F, [16]), axis=1, out=F), "per-channel input must be an initializer"),
     ("dq per-channel count", lambda: dq(x=(I8, [4, 16]), scale=(F, [8]), axis=1, out=F),
@@ -221,7 +224,7 @@ CASES = [
     ("dq block types", lambda: dq(x=(I8, [64, 16])), dq, "block quantization of INT8"),
     ("dq one blocked dimension", lambda: dq(scale=(H, [2, 8])), dq, "exactly one blocked dimension"),
     ("dq blocked dimension position", lambda: dq(x=(I4, [64, 2, 16]), scale=(H, [2, 2, 16])),
-     lambda: dq(x=(I4, [16, 64]), scale=(H, [16, 2]), axis=1),
+     lambda: dq(x=(I4, [16, 128]), scale=(H, [16, 2]), axis=1),
      "must be the last or second-to-last"),
     ("dq whole blocks", lambda: dq(scale=(H, [3, 16]), block_size=22), dq, "not a whole number"),
     ("dq block_size agrees", lambda: dq(block_size=16), dq, "block_size 16 disagrees"),

@@ -16,6 +16,7 @@ from caprese.export.tensorrt_facts import CONVERTIBLE, FLOATS, TOPK_MAX_K, NodeC
 REDUCE_OPS = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
               "ReduceProd", "ReduceSum", "ReduceSumSquare")
 RULES: dict[str, Callable[[NodeCheck], None]] = {}
+INT4_BLOCKS = (64, 128)  # TensorRT's Quantization Schemes page: the INT4 block sizes it supports
 
 
 def rule(*ops: str):
@@ -152,6 +153,16 @@ def _dequantize(n: NodeCheck) -> None:
     static = xs is not None and ss is not None and all(isinstance(k, int) for k in xs + ss)
     if xt in ("INT4", "FP4") and xs is not None and all(isinstance(k, int) for k in xs) and int(np.prod(xs)) % 2:
         n.bad(f"4-bit input {list(xs)} needs an even number of elements (QuantDequantLinearHelper)")
+    if xt == "INT4" and xs and isinstance(xs[-1], int) and xs[-1] % 2:
+        # onnxOpImporters.cpp QuantDequantLinearHelper: "Quantization to INT4 is not supported for tensors with an
+        # odd last dimension" (two elements per byte along the last axis)
+        n.bad(f"INT4 input {list(xs)} has an odd last dimension (QuantDequantLinearHelper: INT4 packing)")
+    if xt == "INT4" and static and (len(ss) <= 1 or int(np.prod(ss)) == 1):
+        # TensorRT, Quantization Schemes: "INT4 quantization requires per-block scales" (docs.nvidia.com/deeplearning/
+        # tensorrt/latest/inference-library/quantized-types-schemes.html)
+        n.bad(f"INT4 needs per-block scales (one per block of 64 or 128), got scale {list(ss)} for {list(xs)} "
+              "(TensorRT Quantization Schemes)")
+        return
     if ss is None or (static and int(np.prod(ss)) == 1):
         return  # per-tensor
     axis = n.attr("axis", 1)
@@ -185,6 +196,10 @@ def _dequantize(n: NodeCheck) -> None:
     elif n.attr("block_size", 0) and n.attr("block_size") != xs[b] // ss[b]:
         n.bad(f"block_size {n.attr('block_size')} disagrees with the shapes ({xs[b]} / {ss[b]}): TensorRT infers the "
               "block from the shapes (QuantDequantLinearHelper)")
+    elif xt == "INT4" and xs[b] // ss[b] not in INT4_BLOCKS:
+        # TensorRT, Quantization Schemes: "The supported block sizes are {64, 128}" (INT4)
+        n.bad(f"INT4 blocks of {xs[b] // ss[b]}: TensorRT takes INT4 in blocks of 64 or 128 only (Quantization "
+              "Schemes)")
 
 
 @rule("QuantizeLinear")
