@@ -55,13 +55,14 @@ def quantized_reference(src, weights, block, target="tensorrt", head=False):
     """The PyTorch decoder with RTN-quantized weights (dequantized values) and the artifact's method applied."""
     from caprese.calibration.artifact import is_artifact, load_artifact
     from caprese.calibration.weight_quant import quantize_decoder
-    from caprese.export.export_quantization import QuantRequest, _parse
+    from caprese.export.export_quantization import QuantRequest, requested_format, down_axis
     from caprese.export.quantized_weights import export_recipe
     from caprese.model import load_decoder
 
     art = load_artifact(src) if is_artifact(src) else None
     dec = load_decoder(art.base_model if art else src, "fp32")
-    quantize_decoder(dec, export_recipe(_parse(QuantRequest(weights, block, head), target), head))
+    axis = down_axis(target, art.method if art else None)
+    quantize_decoder(dec, export_recipe(requested_format(QuantRequest(weights, block, head), target), head, down_axis=axis))
     if art is not None:
         art.apply(dec)
     dec.requires_grad_(False)
@@ -150,6 +151,8 @@ def test_onnxruntime_target_matches_quantized_reference(method, weights, block, 
     engine, src = q_export(tmp_path_factory, tiny_model_dir, "qwen2", method, weights, block, "onnxruntime")
     ops = [n.op_type for n in onnx.load(str(engine / "prefill.onnx"), load_external_data=False).graph.node]
     assert ("MatMulNBits" in ops) == (block is not None)
+    if method == "dense" and block is not None:  # down blocked along its inputs: every weight is MatMulNBits
+        assert "DequantizeLinear" not in ops
     run_parity(engine, quantized_reference(src, weights, block, "onnxruntime"), rho, what=f"ort {method}/{weights}")
 
 

@@ -59,12 +59,20 @@ def artifact_quantization(art) -> tuple[QuantRecipe, dict] | None:
     return recipe, dict(tensors)
 
 
-def _parse(request: QuantRequest, target: str) -> WeightFormat:
+def requested_format(request: QuantRequest, target: str) -> WeightFormat:
     block = request.block_size
     fmt = WeightFormat.parse(request.weights, block)
     if block is None and fmt.bits == 4 and target == C.TARGET_TENSORRT:
         fmt = WeightFormat(4, TENSORRT_INT4_BLOCKS[0], fmt.scale_dtype)
     return fmt
+
+
+def down_axis(target: str, method: str | None) -> str:
+    """The down projection's block axis of an export-time quantization: "out" ([F, D], a neuron's row is whole
+    blocks: GRIFFIN's gather, CATS' row skipping in the native kernel; the recipe default), but "in" for a dense
+    model on target onnxruntime, where [D, F] blocked along F runs as MatMulNBits instead of a DequantizeLinear
+    of the whole matrix every step (tools/bench_quantized_matmul.py)."""
+    return "in" if target == C.TARGET_ONNXRUNTIME and method in (None, C.DENSE) else "out"
 
 
 def check_target(fmt: WeightFormat, target: str) -> None:
@@ -105,7 +113,7 @@ def quantize_for_export(decoder, art, request: QuantRequest | None, target: str,
         recipe, tensors = own
         fmt = recipe.fmt
         if request is not None:
-            asked = _parse(dataclasses.replace(request, weights=request.weights or fmt.name), target)
+            asked = requested_format(dataclasses.replace(request, weights=request.weights or fmt.name), target)
             if request.weights and asked.bits != fmt.bits:
                 raise CapreseError(f"--weights {request.weights}: the artifact was calibrated with {fmt.name} "
                                    f"weights; export it without --weights (its own {fmt.name} codes) or calibrate "
@@ -124,9 +132,9 @@ def quantize_for_export(decoder, art, request: QuantRequest | None, target: str,
     else:
         if not request.weights:
             raise CapreseError("--block-size and --quantize-head need --weights int4 or int8")
-        fmt = _parse(request, target)
+        fmt = requested_format(request, target)
         check_target(fmt, target)
-        recipe = export_recipe(fmt, request.head)
+        recipe = export_recipe(fmt, request.head, down_axis=down_axis(target, art.method if art is not None else None))
         log(f"weights: {fmt.name}, block {fmt.block_name}, round-to-nearest")
         tensors = quantize_decoder(decoder, recipe)
     return QuantizedWeights(tensors, spec_recipe(recipe))

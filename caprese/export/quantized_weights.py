@@ -44,9 +44,12 @@ def spec_recipe(recipe: CalibrationRecipe) -> S.QuantRecipe:
                          head="lm_head" in recipe.roles, down_axis=recipe.block_axis("down"))
 
 
-def export_recipe(fmt: WeightFormat, head: bool = False, method: str = "rtn") -> CalibrationRecipe:
-    """The calibration recipe an export-time quantization uses: every decoder linear weight (+ the LM head)."""
-    return CalibrationRecipe(fmt, method, DECODER_ROLES + (("lm_head",) if head else ()))
+def export_recipe(fmt: WeightFormat, head: bool = False, method: str = "rtn",
+                  down_axis: str = "out") -> CalibrationRecipe:
+    """The calibration recipe an export-time quantization uses: every decoder linear weight (+ the LM head), the
+    down projection blocked along `down_axis`."""
+    return CalibrationRecipe(fmt, method, DECODER_ROLES + (("lm_head",) if head else ()),
+                             block_axes=(("down", down_axis),))
 
 
 @dataclasses.dataclass
