@@ -337,3 +337,42 @@ def test_engine_spec_quantized_roles():
     with pytest.raises(ValueError, match="GRIFFIN gathers whole rows"):
         EngineSpec.build(m, Recipe(C.GRIFFIN, 0.5, (1,), k=32, weights=QuantRecipe(4, 32, down_axis="in")),
                          C.TARGET_ONNXRUNTIME, "fp32", 32, 31)
+
+
+# ---- fp16 / bf16 graphs ----
+FP16_ATOL = 0.05  # tests/test_export_parity.py's fp16 tolerance: a few fp16 roundings of logits of magnitude ~4-6
+
+
+@pytest.mark.parametrize("method,weights,target", [("dense", "int4", "tensorrt"), ("griffin", "int8", "tensorrt"),
+                                                   ("dense", "int4", "onnxruntime")])
+def test_fp16_quantized_graphs(method, weights, target, tmp_path_factory, tiny_model_dir):
+    """fp16 graphs: the DequantizeLinear output is the fp16 scale's dtype (TensorRT's strongly typed rule), the
+    graph computes in fp16; logits within the fp16 tolerance of the fp16 quantized reference, the same tokens."""
+    from caprese.export.exporter import check_folder
+
+    block = 32 if target == "onnxruntime" else None
+    engine, src = q_export(tmp_path_factory, tiny_model_dir, "qwen2", method, weights, block, target,
+                           precision="fp16")
+    if target == "tensorrt":
+        assert all(not v for v in check_folder(engine).values())
+    dec = quantized_reference(src, weights, block, target).half()
+    prompt = prompt_ids(14, seed=3)
+    ref_tokens, ref_logits = reference_greedy(dec, prompt, 12, 0)
+    tokens, logits = QuantLoop(engine).greedy(prompt.numpy(), 12)
+    for step, (a, b) in enumerate(zip(logits, ref_logits)):
+        err = np.abs(a - b.float().numpy()).max()
+        assert err <= FP16_ATOL, f"fp16 {method}/{weights} logits at step {step}: max |diff| {err:.3g}"
+    assert tokens.tolist() == ref_tokens.tolist()
+
+
+def test_bf16_quantized_graph_is_typed_for_tensorrt(tmp_path_factory, tiny_model_dir):
+    """bf16 (no ONNX Runtime CPU kernels): fp16 scales are not exact in bf16, so they stay fp16 and a Cast follows
+    the DequantizeLinear; the static check passes."""
+    from caprese.export.exporter import check_folder
+
+    engine, _ = q_export(tmp_path_factory, tiny_model_dir, "qwen2", "cats", "int4", precision="bf16")
+    assert all(not v for v in check_folder(engine).values())
+    m = onnx.load(str(engine / "prefill.onnx"), load_external_data=False)
+    dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
+    casts = {n.input[0] for n in m.graph.node if n.op_type == "Cast"}
+    assert dq and all(n.output[0] in casts for n in dq)

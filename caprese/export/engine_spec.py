@@ -29,7 +29,13 @@ Roles per layer (LAYER_ROLES; a None role does not exist for this model/target/k
   fold                                       GRIFFIN layers: FoldSources(gate_up, down, gate_up_bias, L, R), what a
                                              runtime gathers into the decode inputs w_gul / w_dr / b_gul
 Model roles: embed (ROWS), head (MATRIX_T; tied: the embed tensor), final_norm, rope_cos / rope_sin (ROWS).
-Every weight has the precision's dtype today. Quantization (issue 15) fills Recipe.weights and WeightRef.quant.
+Quantized weights (Recipe.weights = QuantRecipe): every decoder linear role (qkv, o, gate_up / gate / up, down;
+the head when QuantRecipe.head) becomes a WeightRef of dtype int4 | int8 with a QuantFormat (bits, block size, axis
+1 = blocks along the LAST axis of the stored tensor, its scale WeightRef, packing), named `<base>.int4` (`.mnb4`
+for MatMulNBits' bytes) with `<name>.scale`. Storage: MATRIX_T [out, in] blocked along the inputs, except down
+with down_axis "out": MATRIX [F, D] blocked along D (a neuron's row is whole blocks). The bypass stays floating
+point: quantized CATS layers get their own L / R roles (no longer folded into gate_up / down), GRIFFIN's fold
+L / R are read by the decode graph too. The embedding table, norms and RoPE tables stay floats.
 """
 
 from __future__ import annotations
