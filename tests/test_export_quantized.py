@@ -376,3 +376,57 @@ def test_bf16_quantized_graph_is_typed_for_tensorrt(tmp_path_factory, tiny_model
     dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
     casts = {n.input[0] for n in m.graph.node if n.op_type == "Cast"}
     assert dq and all(n.output[0] in casts for n in dq)
+
+
+@pytest.mark.parametrize("weights,block,target", [("int4", None, "tensorrt"), ("int4", 32, "onnxruntime"),
+                                                  ("int8", None, "tensorrt")])
+def test_runtime_fold_matches_export_folding(weights, block, target, tmp_path_factory, tiny_model_dir):
+    """The runtime's FoldInto (into bound buffers) and the export's Folder agree on a quantized GRIFFIN layer: the
+    quantized rows (ONNX Runtime's decode graph) byte for byte, and the float w_gul / w_dr of the TensorRT decode
+    copy (dequantized rows, [Ŵ_g, Ŵ_1, L] and [Ŵ_2 ; R]); MatMulNBits-packed sources are flipped back."""
+    from caprese.export.folding import Folder
+    from caprese.export.manifest import load_manifest
+    from caprese.runtime.fold import FoldInto
+
+    engine, _ = q_export(tmp_path_factory, tiny_model_dir, "qwen2", "griffin", weights, block, target)
+    m = load_manifest(engine)
+    lay = m.layout
+    stat = torch.rand(1, lay.intermediate_size)
+    fold, folder = FoldInto(m), Folder(m)
+    for i in lay.layers_of(C.GRIFFIN):
+        idx, want = folder.fold_quantized(i, stat)
+        bufs = {s.name: torch.zeros([1] + [d for d in s.shape[1:-1]] + [s.shape[-1] // (2 if s.dtype == "int4" else 1)],
+                                    dtype={"int4": torch.uint8, "int8": torch.int8, "float32": torch.float32}[s.dtype])
+                for s in lay.inputs(C.DECODE) if s.name.endswith(f".{i}") and s.name.startswith(("w_gu_", "w_d_"))}
+        got_idx = fold.quantized_rows(i, stat, bufs)
+        assert torch.equal(got_idx, idx[0])
+        for name, t in want.items():
+            assert torch.equal(bufs[name], t.to(bufs[name].dtype)), name
+        k, r, d = lay.k, lay.rank, lay.hidden_size
+        w_gul, w_dr = torch.zeros(1, d, 2 * k + r), torch.zeros(1, k + r, d)
+        fold(i, stat, w_gul, w_dr)
+        _, ref_gul, ref_dr, _ = folder.fold(i, stat)
+        assert torch.equal(w_gul, ref_gul) and torch.equal(w_dr, ref_dr)
+        # the dequantized rows are the dequantized codes: gate row j of the fold = dequantize(codes)[idx[j]]
+        gu = folder.float_tensors(i)["gate_up"]  # [D, 2F]
+        assert torch.equal(w_gul[0, :, 0], gu[:, int(idx[0, 0])])
+
+
+@pytest.mark.parametrize("method,weights,block,target,head,rho", [
+    ("griffin", "int4", 32, "onnxruntime", False, 8), ("cats", "int8", None, "tensorrt", False, 0),
+    ("dense", "int4", 32, "onnxruntime", True, 0),
+])
+def test_torch_and_onnxruntime_backends_agree_on_quantized_engines(method, weights, block, target, head, rho,
+                                                                   tmp_path_factory, tiny_model_dir):
+    """The torch backend of a quantized engine reads its weights.bin codes (quantized_weights.load_engine_weights)
+    and gives the onnxruntime backend's greedy tokens, 40 of them (GRIFFIN re-selecting every 8)."""
+    from caprese.runtime import Generator
+    from test_export_support import one_torch_thread
+
+    engine, _ = q_export(tmp_path_factory, tiny_model_dir, "qwen2", method, weights, block, target, head=head)
+    prompt = prompt_ids(14, seed=3)[0].tolist()
+    with one_torch_thread():
+        ort_run = Generator.load(engine, "onnxruntime", threads=1).generate(prompt, 40, reselect_every=rho,
+                                                                             ignore_eos=True)
+        ref = Generator.load(engine, "torch", threads=1).generate(prompt, 40, reselect_every=rho, ignore_eos=True)
+    assert len(ort_run.tokens) == 40 and ort_run.tokens == ref.tokens

@@ -100,3 +100,42 @@ def scale_tensor(ref: S.WeightRef, qt: QuantizedTensor) -> torch.Tensor:
     if want.itemsize < s.dtype.itemsize:
         raise ValueError(f"{ref.name}: {s.dtype} scales cannot be stored as {ref.quant.scale.dtype} exactly")
     return s.to(want)
+
+
+def load_engine_weights(decoder, manifest) -> None:
+    """Overwrite a decoder's quantized weights with the dequantized codes of an engine folder's weights.bin (the
+    torch backend's reference of a quantized engine: exactly the values its graphs compute with). Call it before a
+    method is installed (layer.mlp is the dense FFN)."""
+    from caprese.export.folding import dequantized_weight, standard_codes
+    from caprese.export.weights import read_weight
+
+    path = manifest.file("weights")
+
+    def value(ref: S.WeightRef) -> torch.Tensor:
+        codes = standard_codes(ref, read_weight(path, manifest.entry(ref)))
+        w = dequantized_weight(ref, codes, read_weight(path, manifest.entry(ref.quant.scale)))
+        return w if ref.storage == S.MATRIX_T else w.t()  # as nn.Linear [out, in]
+
+    def assign(lin, w: torch.Tensor) -> None:
+        with torch.no_grad():
+            lin.weight.copy_(w.to(lin.weight.dtype))
+
+    spec = manifest.spec
+    for t, layer in zip(spec.layers, decoder.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        if t.qkv.quant is None:
+            return
+        w = value(t.qkv)
+        sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+        for lin, part in zip((attn.q_proj, attn.k_proj, attn.v_proj), w.split(sizes)):
+            assign(lin, part)
+        assign(attn.o_proj, value(t.o))
+        if t.gate_up is not None:
+            g, u = value(t.gate_up).split(mlp.gate_proj.out_features)
+        else:
+            g, u = value(t.gate), value(t.up)
+        assign(mlp.gate_proj, g)
+        assign(mlp.up_proj, u)
+        assign(mlp.down_proj, value(t.down))
+    if spec.head.quant is not None:  # tied: one matrix, as weight_quant quantized it (the float embedding table of
+        assign(decoder.lm_head, value(spec.head))  # the engine holds those dequantized values too)

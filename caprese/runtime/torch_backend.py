@@ -52,14 +52,24 @@ def load_reference(manifest, device: str, source: str | None = None, base_model:
             raise CapreseError(f"the artifact {path} ({art.method}, density {art.density}, rank {art.rank}) no longer "
                                f"matches the engine ({recipe.method}, density {recipe.density}); export again")
         decoder = load_decoder(art.base_model, precision, device)
+        _quantized(decoder, manifest)
         art.apply(decoder)
     else:
         if rec.get("fingerprint") and fingerprint(path) != rec["fingerprint"]:
             raise CapreseError(f"the model folder {path} changed since the engine was exported (fingerprint differs); "
                                "export again")
         decoder = load_decoder(path, precision, device)
+        _quantized(decoder, manifest)
     decoder.requires_grad_(False)
     return decoder
+
+
+def _quantized(decoder, manifest) -> None:
+    """A quantized engine's reference holds its weights.bin codes, dequantized (the graphs' exact values)."""
+    if manifest.layout.quantized:
+        from caprese.export.quantized_weights import load_engine_weights
+
+        load_engine_weights(decoder, manifest)
 
 
 class TorchBackend(Backend):
