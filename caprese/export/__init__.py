@@ -5,5 +5,7 @@
 
 contract.py is the graph I/O contract every runtime follows; engine_spec.py decides every weight's name, shape,
 dtype and storage by role (manifest.spec); manifest.py reads ENGINE_DIR/manifest.json; folding.py turns GRIFFIN's
-prefill statistic into the decode graph's folded weight inputs.
+prefill statistic into the decode graph's folded weight inputs. Quantized weights (`weights="int4"`):
+export_quantization.py picks the codes (the artifact's own, or RTN at export), quantized_weights.py serves them by
+role and writes their bytes.
 """

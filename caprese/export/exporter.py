@@ -8,7 +8,8 @@ force=True. Every export runs onnx's checker on every graph and the static Tenso
 graphs TensorRT parses. target "onnxruntime" swaps attention and norms for ONNX Runtime's contrib ops
 (ort_graph.OrtGraph); same I/O contract, batch 1, parity-tested against the standard graphs. The engine spec
 (engine_spec.EngineSpec: recipe, layout, every weight's name / shape / dtype) is built before the graphs and
-written into manifest.json.
+written into manifest.json. weights="int4" | "int8": block-quantized weights (export_quantization.py; the
+export README's "Quantized weights").
 """
 
 from __future__ import annotations
