@@ -430,3 +430,26 @@ def test_torch_and_onnxruntime_backends_agree_on_quantized_engines(method, weigh
                                                                              ignore_eos=True)
         ref = Generator.load(engine, "torch", threads=1).generate(prompt, 40, reselect_every=rho, ignore_eos=True)
     assert len(ort_run.tokens) == 40 and ort_run.tokens == ref.tokens
+
+
+def test_int8_activations_option(tmp_path_factory, tiny_model_dir, tmp_path):
+    """--int8-activations: every MatMulNBits at accuracy_level 4 (ONNX Runtime GenAI's CPU default), recorded in
+    the recipe; other numerics than the reference (int8-quantized activations), so only bounded: the first
+    logits within 5% of the logits' range of the float-activation engine's. Refused off target onnxruntime."""
+    from caprese.export.exporter import export
+    from caprese.export.manifest import load_manifest
+
+    engine, src = q_export(tmp_path_factory, tiny_model_dir, "qwen2", "dense", "int4", 32, "onnxruntime")
+    fast = export(src, tmp_path / "fast", max_seq_len=MAX_SEQ, max_prompt_len=MAX_SEQ - 1, target="onnxruntime",
+                  weights="int4", block_size=32, int8_activations=True).out
+    assert load_manifest(fast).data["recipe"]["weights"]["accuracy_level"] == 4
+    nodes = [n for n in onnx.load(str(fast / "decode.onnx"), load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits"]
+    assert nodes and all(any(a.name == "accuracy_level" and a.i == 4 for a in n.attribute) for n in nodes)
+    prompt = prompt_ids(14, seed=3).numpy()
+    a = QuantLoop(engine).greedy(prompt, 2)[1][0]
+    b = QuantLoop(fast).greedy(prompt, 2)[1][0]
+    err = np.abs(a - b).max()
+    assert 0 < err < 0.05 * (a.max() - a.min()), f"int8 activations moved the logits by {err:.3g}"
+    with pytest.raises(CapreseError, match="--target onnxruntime"):
+        export(src, tmp_path / "bad", max_seq_len=32, weights="int4", int8_activations=True)

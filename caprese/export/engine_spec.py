@@ -148,12 +148,15 @@ class QuantRecipe:
     method: str = "rtn"
     head: bool = False
     down_axis: str = "out"
+    accuracy_level: int = 0  # MatMulNBits' (target onnxruntime): 0 float activations; 4 int8 activations (GenAI's)
 
     def __post_init__(self):
         if self.bits not in QUANT_BITS:
             raise ValueError(f"weights int{self.bits} have no export: use int4 or int8")
         if self.block_size not in QUANT_BLOCKS:
             raise ValueError(f"block size {self.block_size} has no export: use 32, 64, 128 or 0 (one per row)")
+        if self.accuracy_level not in (0, 4):
+            raise ValueError(f"MatMulNBits accuracy level {self.accuracy_level}: use 0 (float) or 4 (int8 activations)")
         if self.scale_dtype not in SCALE_DTYPES or self.down_axis not in ("in", "out"):
             raise ValueError(f"bad quantization recipe: scale dtype {self.scale_dtype!r}, down axis {self.down_axis!r}")
 

@@ -39,6 +39,7 @@ class QuantRequest:
     weights: str | None = None  # "int4" | "int8"
     block_size: int | str | None = None  # 32 | 64 | 128 | "row"; None: the default of the bits and target
     head: bool = False
+    int8_activations: bool = False  # target onnxruntime: MatMulNBits accuracy_level 4
 
 
 def artifact_quantization(art) -> tuple[QuantRecipe, dict] | None:
@@ -108,6 +109,9 @@ def quantize_for_export(decoder, art, request: QuantRequest | None, target: str,
                         log: Callable[[str], None] | None = None) -> QuantizedWeights | None:
     """The quantized weights of this export (None: floats); the decoder's weights hold their dequantized values."""
     log = log or (lambda msg: None)
+    level = 4 if request is not None and request.int8_activations else 0
+    if level and target != C.TARGET_ONNXRUNTIME:
+        raise CapreseError("--int8-activations is MatMulNBits' accuracy level 4: it needs --target onnxruntime")
     own = artifact_quantization(art) if art is not None else None
     if own is not None:
         recipe, tensors = own
@@ -121,7 +125,7 @@ def quantize_for_export(decoder, art, request: QuantRequest | None, target: str,
             if request.block_size is not None and asked.block_size != fmt.block_size:
                 raise CapreseError(f"--block-size {request.block_size}: the artifact's {fmt.name} weights are in "
                                    f"blocks of {fmt.block_name}; drop --block-size or calibrate again")
-            if request.head and "lm_head" not in recipe.roles:
+            if request.head and "lm_head" not in recipe.roles:  # (int8 activations: any recipe)
                 raise CapreseError("--quantize-head: the artifact's quantization leaves the LM head in floats; "
                                    "drop --quantize-head or calibrate again with the head quantized")
         check_target(fmt, target)
@@ -131,10 +135,10 @@ def quantize_for_export(decoder, art, request: QuantRequest | None, target: str,
         return None
     else:
         if not request.weights:
-            raise CapreseError("--block-size and --quantize-head need --weights int4 or int8")
+            raise CapreseError("--block-size, --quantize-head and --int8-activations need --weights int4 or int8")
         fmt = requested_format(request, target)
         check_target(fmt, target)
         recipe = export_recipe(fmt, request.head, down_axis=down_axis(target, art.method if art is not None else None))
         log(f"weights: {fmt.name}, block {fmt.block_name}, round-to-nearest")
         tensors = quantize_decoder(decoder, recipe)
-    return QuantizedWeights(tensors, spec_recipe(recipe))
+    return QuantizedWeights(tensors, dataclasses.replace(spec_recipe(recipe), accuracy_level=level))

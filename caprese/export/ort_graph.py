@@ -48,11 +48,14 @@ class OrtGraph(StandardGraph):
     # ---- quantized weights: MatMulNBits ----
     def matmul_nbits(self, x: str, ref: WeightRef, qt, scope: str, opname: str, i: int | None) -> str:
         """x @ Wᵀ for an [out, in] weight stored as MatMulNBits' B (engine_spec.PACKING_NBITS): one fused
-        dequantize-and-multiply kernel; accuracy_level 0 (float activations: the reference's numerics)."""
+        dequantize-and-multiply kernel; accuracy_level 0 (float activations: the reference's numerics) unless the
+        recipe asks for 4 (int8 activations, ONNX Runtime GenAI's CPU default: faster, other numerics)."""
         b, s = self.g.nbits_weight(ref, qt)
         n, k = ref.shape
+        level = self.spec.recipe.weights.accuracy_level
         return self.g.op("MatMulNBits", [x, b, s], scope, f"MatMulNBits_{opname}", i, domain=C.MS_DOMAIN, K=k, N=n,
-                         bits=ref.quant.bits, block_size=ref.quant.block_size)
+                         bits=ref.quant.bits, block_size=ref.quant.block_size,
+                         **({"accuracy_level": level} if level else {}))
 
     def linear(self, x: str, ref: WeightRef, value, scope: str, opname: str, i: int | None, role: str) -> str:
         if ref.quant is not None and ref.quant.packing == PACKING_NBITS:
