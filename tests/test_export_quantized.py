@@ -453,3 +453,11 @@ def test_int8_activations_option(tmp_path_factory, tiny_model_dir, tmp_path):
     assert 0 < err < 0.05 * (a.max() - a.min()), f"int8 activations moved the logits by {err:.3g}"
     with pytest.raises(CapreseError, match="--target onnxruntime"):
         export(src, tmp_path / "bad", max_seq_len=32, weights="int4", int8_activations=True)
+
+
+def test_native_backend_refuses_quantized_engines(tmp_path_factory, tiny_model_dir):
+    from caprese.runtime import Generator
+
+    engine, _ = q_export(tmp_path_factory, tiny_model_dir, "qwen2", "dense", "int4", 32, "onnxruntime")
+    with pytest.raises(CapreseError, match="native backend does not run int4 engines yet"):
+        Generator.load(engine, "native", threads=1)

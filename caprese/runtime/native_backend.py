@@ -120,6 +120,9 @@ class NativeBackend(OrtBackend):
         if manifest.layout.precision != "fp32":
             raise CapreseError(f"the native backend runs fp32 engines; this one is {manifest.layout.precision} "
                                "(use --backend onnxruntime, or export with --precision fp32)")
+        if manifest.layout.quantized:  # until the native int4 / int8 kernels land
+            raise CapreseError(f"the native backend does not run int{manifest.layout.weight_bits} engines yet; use "
+                               "--backend onnxruntime (or export without --weights)")
         if model.get("activation") not in _ACTIVATIONS:
             raise CapreseError(f"the native backend has no {model.get('activation')!r} activation; use --backend "
                                "onnxruntime")
