@@ -32,11 +32,11 @@ def assert_close(a, b, what):
 
 
 def q_export(tmp_path_factory, tiny_model_dir, kind, method, weights, block=None, target="tensorrt", head=False,
-             precision="fp32"):
+             precision="fp32", float_selection=False):
     """(engine, source) of a quantized export, once per session."""
     from caprese.export.exporter import export
 
-    key = (kind, method, weights, block, target, head, precision)
+    key = (kind, method, weights, block, target, head, precision, float_selection)
     if key not in _CACHE:
         root = tmp_path_factory.mktemp(f"qexport_{kind}_{method}_{weights}")
         src = tiny_model_dir(kind)
@@ -46,7 +46,8 @@ def q_export(tmp_path_factory, tiny_model_dir, kind, method, weights, block=None
                 _CACHE[art_key] = method_artifact(src, tmp_path_factory.mktemp("qart") / "artifact", method)
             src = _CACHE[art_key]
         out = export(src, root / "engine", precision=precision, max_seq_len=MAX_SEQ, max_prompt_len=MAX_SEQ - 1,
-                     target=target, weights=weights, block_size=block, quantize_head=head).out
+                     target=target, weights=weights, block_size=block, quantize_head=head,
+                     float_selection=float_selection).out
         _CACHE[key] = (out, src)
     return _CACHE[key]
 
@@ -461,3 +462,24 @@ def test_native_backend_refuses_quantized_engines(tmp_path_factory, tiny_model_d
     engine, _ = q_export(tmp_path_factory, tiny_model_dir, "qwen2", "dense", "int4", 32, "onnxruntime")
     with pytest.raises(CapreseError, match="native backend does not run int4 engines yet"):
         Generator.load(engine, "native", threads=1)
+
+
+@pytest.mark.parametrize("weights,block,target", [("int4", 32, "onnxruntime"), ("int8", None, "tensorrt")])
+def test_float_selection_option(weights, block, target, tmp_path_factory, tiny_model_dir):
+    """--float-selection: GRIFFIN's decode graph takes float w_gul / w_dr folded from the dequantized rows (faster
+    on ONNX Runtime's CPU provider); same logits and tokens as the quantized reference, and the onnxruntime and
+    torch backends agree."""
+    from caprese.runtime import Generator
+    from test_export_support import one_torch_thread
+
+    engine, src = q_export(tmp_path_factory, tiny_model_dir, "qwen2", "griffin", weights, block, target,
+                           float_selection=True)
+    m = onnx.load(str(engine / "decode.onnx"), load_external_data=False)
+    names = {i.name for i in m.graph.input}
+    assert "w_gul.0" in names and "w_gu_q.0" not in names
+    run_parity(engine, quantized_reference(src, weights, block, target), 8, what=f"float selection {weights}")
+    prompt = prompt_ids(14, seed=3)[0].tolist()
+    with one_torch_thread():
+        a = Generator.load(engine, "onnxruntime", threads=1).generate(prompt, 24, reselect_every=8, ignore_eos=True)
+        b = Generator.load(engine, "torch", threads=1).generate(prompt, 24, reselect_every=8, ignore_eos=True)
+    assert a.tokens == b.tokens

@@ -47,10 +47,14 @@ from caprese.errors import CapreseError
 @click.option("--int8-activations", is_flag=True,
               help="--target onnxruntime: MatMulNBits with int8 activations (accuracy_level 4, ONNX Runtime GenAI's "
                    "CPU default): faster, but no longer the PyTorch model's numerics.")
+@click.option("--float-selection", is_flag=True,
+              help="GRIFFIN with --weights: the decode graph takes the per-prompt matrices in floats (dequantized "
+                   "once per prompt) instead of quantized rows: faster on ONNX Runtime's CPU provider, 8x the "
+                   "per-prompt bytes of int4.")
 def export(src: str, out: str | None, precision: str, max_seq_len: int | None, max_prompt_len: int | None,
            engine: bool, check: bool, target: str, force: bool, base_model: str | None, max_batch: int,
            timing_cache: str | None, weights: str | None, block_size: str | None, quantize_head: bool,
-           int8_activations: bool) -> None:
+           int8_activations: bool, float_selection: bool) -> None:
     """Export SRC (a Hugging Face model folder, or a calibration artifact from `caprese calibrate`) to ENGINE_DIR.
 
     \b
@@ -77,7 +81,8 @@ def export(src: str, out: str | None, precision: str, max_seq_len: int | None, m
     result = run_export(src, out, precision=precision, max_seq_len=max_seq_len, max_prompt_len=max_prompt_len,
                         engine=engine, force=force, target=target, base_model=base_model, max_batch=max_batch,
                         timing_cache=timing_cache, log=log, weights=weights, block_size=block_size,
-                        quantize_head=quantize_head, int8_activations=int8_activations)
+                        quantize_head=quantize_head, int8_activations=int8_activations,
+                        float_selection=float_selection)
     if check:
         _report(check_folder(result.out))
     click.echo(str(result.out))

@@ -225,6 +225,7 @@ class GraphLayout:
     weight_bits: int = 0  # quantized weights (engine_spec.QuantRecipe): 4 | 8; 0: floats
     weight_block: int = 0  # their block size (0: one scale per row)
     scale_dtype: str = ""  # their scales' dtype (float16 | float32)
+    quantized_selection: bool = True  # a quantized layout's GRIFFIN decode inputs: quantized rows (False: w_gul...)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -249,7 +250,7 @@ class GraphLayout:
         d = dataclasses.asdict(self)
         d["layer_kinds"] = list(self.layer_kinds)
         if not self.quantized:  # float layouts record what they always did
-            for key in ("weight_bits", "weight_block", "scale_dtype"):
+            for key in ("weight_bits", "weight_block", "scale_dtype", "quantized_selection"):
                 del d[key]
         return d
 
@@ -263,9 +264,11 @@ class GraphLayout:
     def _cache(self, name: str) -> TensorSpec:
         return TensorSpec(name, self.dtype, (BATCH, self.num_kv_heads, CACHE_LEN, self.head_dim))
 
-    def inputs(self, graph: str, quantized_selection: bool = True) -> list[TensorSpec]:
-        """The graph's inputs in order. quantized_selection=False: a quantized layout's GRIFFIN decode inputs in
-        floats (w_gul / w_dr, the TensorRT decode graph's)."""
+    def inputs(self, graph: str, quantized_selection: bool | None = None) -> list[TensorSpec]:
+        """The graph's inputs in order. quantized_selection (default: the layout's): False gives a quantized
+        layout's GRIFFIN decode inputs in floats (w_gul / w_dr: the TensorRT decode graph's)."""
+        if quantized_selection is None:
+            quantized_selection = self.quantized_selection
         seq = SEQ if graph == PREFILL else 1
         out = [TensorSpec(INPUT_IDS, "int64", (BATCH, seq)),
                TensorSpec(POSITION_IDS, "int64", (BATCH, seq)),

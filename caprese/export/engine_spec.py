@@ -149,6 +149,7 @@ class QuantRecipe:
     head: bool = False
     down_axis: str = "out"
     accuracy_level: int = 0  # MatMulNBits' (target onnxruntime): 0 float activations; 4 int8 activations (GenAI's)
+    float_selection: bool = False  # GRIFFIN decode inputs: float w_gul / w_dr (dequantized at fold) instead of rows
 
     def __post_init__(self):
         if self.bits not in QUANT_BITS:
@@ -266,11 +267,12 @@ class LayerTensors:
         """{role: WeightRef} of the roles this layer has, in LAYER_ROLES order (fold sources not included)."""
         return {r: getattr(self, r) for r in LAYER_ROLES if getattr(self, r) is not None}
 
-    def decode_reads(self) -> list[WeightRef]:
+    def decode_reads(self, quantized_selection: bool = True) -> list[WeightRef]:
         """The weights a decode step of this layer reads from weights.bin (GRIFFIN: not its dense FFN)."""
         skip = _GRIFFIN_DECODE_SKIPS if self.kind == C.GRIFFIN else ()
         reads = [w for r, w in self.roles().items() if r not in skip]
-        if self.kind == C.GRIFFIN and self.fold.gate_up.quant is not None:  # L, R: constants of the decode graph
+        if self.kind == C.GRIFFIN and self.fold.gate_up.quant is not None and quantized_selection:
+            # quantized rows: L, R are constants of the decode graph (float selection folds them into w_gul / w_dr)
             reads += [w for w in (self.fold.L, self.fold.R) if w is not None]
         return reads
 
@@ -320,7 +322,8 @@ class EngineSpec:
         layout = C.GraphLayout(m.num_layers, m.hidden_size, m.intermediate_size, m.num_kv_heads, m.head_dim,
                                m.vocab_size, precision, kinds, k=recipe.k, rank=recipe.rank, mlp_bias=m.mlp_bias,
                                weight_bits=q.bits if q else 0, weight_block=q.block_size if q else 0,
-                               scale_dtype=QuantContext(q, target, dt).scale_dt if q else "")
+                               scale_dtype=QuantContext(q, target, dt).scale_dt if q else "",
+                               quantized_selection=not (q and q.float_selection))
         embed = WeightRef("model.embed_tokens.weight", (m.vocab_size, m.hidden_size), dt, ROWS)
         if q is not None and q.head:
             head = _quantized(QuantContext(q, target, dt), "lm_head.weight", m.vocab_size, m.hidden_size, MATRIX_T)
@@ -356,7 +359,8 @@ class EngineSpec:
     def decode_reads(self) -> list[WeightRef]:
         """The weights.bin tensors one decode step reads on this target (a name may come twice: the tied
         embedding is read as a row by `embed` and whole by `head`); a quantized weight's scales follow it."""
-        reads = [self.embed] + [w for t in self.layers for w in t.decode_reads()] + [
+        qsel = self.layout.quantized_selection
+        reads = [self.embed] + [w for t in self.layers for w in t.decode_reads(qsel)] + [
             self.final_norm, self.head, self.rope_cos, self.rope_sin]
         return reads + [w.quant.scale for w in reads if w.quant is not None]
 

@@ -40,6 +40,7 @@ class QuantRequest:
     block_size: int | str | None = None  # 32 | 64 | 128 | "row"; None: the default of the bits and target
     head: bool = False
     int8_activations: bool = False  # target onnxruntime: MatMulNBits accuracy_level 4
+    float_selection: bool = False  # GRIFFIN's per-prompt matrices in floats (dequantized when folded)
 
 
 def artifact_quantization(art) -> tuple[QuantRecipe, dict] | None:
@@ -135,10 +136,13 @@ def quantize_for_export(decoder, art, request: QuantRequest | None, target: str,
         return None
     else:
         if not request.weights:
-            raise CapreseError("--block-size, --quantize-head and --int8-activations need --weights int4 or int8")
+            raise CapreseError("--block-size, --quantize-head, --int8-activations and --float-selection need --weights "
+                               "int4 or int8")
         fmt = requested_format(request, target)
         check_target(fmt, target)
         recipe = export_recipe(fmt, request.head, down_axis=down_axis(target, art.method if art is not None else None))
         log(f"weights: {fmt.name}, block {fmt.block_name}, round-to-nearest")
         tensors = quantize_decoder(decoder, recipe)
-    return QuantizedWeights(tensors, dataclasses.replace(spec_recipe(recipe), accuracy_level=level))
+    float_sel = request is not None and request.float_selection
+    return QuantizedWeights(tensors, dataclasses.replace(spec_recipe(recipe), accuracy_level=level,
+                                                         float_selection=float_sel))

@@ -101,13 +101,14 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
            base_model: str | None = None, max_batch: int = 1, timing_cache: str | Path | None = None,
            log: Callable[[str], None] | None = None, weights: str | None = None,
            block_size: int | str | None = None, quantize_head: bool = False,
-           int8_activations: bool = False) -> ExportResult:
+           int8_activations: bool = False, float_selection: bool = False) -> ExportResult:
     """Export SRC to OUT; see the module docstring. Raises CapreseError (one line) for anything a user can fix.
 
     weights "int4" | "int8": block-quantized weights (export_quantization.py): the artifact's own codes when SRC
     carries them, else round-to-nearest at export time; block_size 32 | 64 | 128 | "row" (default: the bit
     width's, int4 on TensorRT 64); quantize_head: the LM head too; int8_activations (target onnxruntime):
-    MatMulNBits with int8 activations (accuracy_level 4, GenAI's CPU default).
+    MatMulNBits with int8 activations (accuracy_level 4, GenAI's CPU default); float_selection: GRIFFIN's per-prompt
+    matrices as float w_gul / w_dr (dequantized once per prompt; faster on ONNX Runtime's CPU provider).
 
     With engine=True and no TensorRT, the ONNX engine folder is still written completely, then
     TensorRTUnavailable (a CapreseError) says so.
@@ -138,8 +139,8 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
 
     log(f"loading {base}")
     decoder = load_decoder(base, "fp32", "cpu", spec=spec)
-    asked = weights or block_size or quantize_head or int8_activations
-    request = QuantRequest(weights, block_size, quantize_head, int8_activations) if asked else None
+    asked = weights or block_size or quantize_head or int8_activations or float_selection
+    request = QuantRequest(weights, block_size, quantize_head, int8_activations, float_selection) if asked else None
     quant = quantize_for_export(decoder, art, request, target, log)  # before the method is installed
     if art is not None:
         if art.method not in (C.GRIFFIN, C.CATS):
@@ -156,7 +157,7 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
         engine_spec = EngineSpec.build(spec, recipe, target, precision, seq, prompt, max_batch)
     except ValueError as e:
         raise CapreseError(str(e)) from None
-    em = ExportModel(decoder, engine_spec, ffns, quant)
+    em = ExportModel(decoder, engine_spec, ffns, quant, float_selection=bool(quant and quant.recipe.float_selection))
     layout = engine_spec.layout
 
     out.parent.mkdir(parents=True, exist_ok=True)
