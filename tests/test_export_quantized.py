@@ -483,3 +483,10 @@ def test_float_selection_option(weights, block, target, tmp_path_factory, tiny_m
         a = Generator.load(engine, "onnxruntime", threads=1).generate(prompt, 24, reselect_every=8, ignore_eos=True)
         b = Generator.load(engine, "torch", threads=1).generate(prompt, 24, reselect_every=8, ignore_eos=True)
     assert a.tokens == b.tokens
+
+
+def test_help_lists_quantization_options(monkeypatch, capsys):
+    rc, out, _ = run_export_cli(["--help"], monkeypatch, capsys)
+    assert rc == 0
+    for opt in ("--weights", "--block-size", "--quantize-head", "--int8-activations", "--float-selection"):
+        assert opt in out, opt

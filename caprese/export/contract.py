@@ -48,7 +48,8 @@ scales, gathered whole (a row is whole blocks); L and R stay float constants of 
   w_d_q.{i}        [batch, k, hidden]              int4 | int8 codes of the k down rows
   w_d_s.{i}        [batch, k, hidden / block]      their scales
   b_gul.{i}        [batch, 2k + r]                 as above
-  The TensorRT decode graph of such a layout keeps w_gul / w_dr in floats (quantized_selection=False): TensorRT
+  The TensorRT decode graph of such a layout, and every decode graph of one exported with --float-selection
+  (GraphLayout.quantized_selection False), keep w_gul / w_dr in floats, folded from the dequantized rows: TensorRT
   dequantizes INT4 only from build-time constants (weight-only quantization) and INT8 blocks not at all.
 Dense layers keep constant weights in both graphs.
 
