@@ -61,10 +61,11 @@ _GRIFFIN_DECODE_SKIPS = ("gate_up", "gate_up_bias", "down")
 
 @dataclasses.dataclass(frozen=True)
 class QuantFormat:
-    """How a quantized weight is stored (issue 15; no export writes one yet): `bits` (4 | 8) symmetric integers
-    in blocks of `block_size` along `axis` of the stored tensor, one scale per block in the weights.bin tensor
-    `scale` (its own WeightRef: name, shape, dtype fp16 | fp32), `packing` naming how sub-byte values sit in a
-    byte (e.g. two int4 per byte, low nibble first)."""
+    """How a quantized weight is stored: `bits` (4 | 8) symmetric integers in blocks of `block_size` (0: one per
+    row) along `axis` of the stored tensor (1: the last, caprese.model.quantization's format), one scale per block
+    in the weights.bin tensor `scale` (its own WeightRef: name, shape [R, C / block] or [R] for one per row, dtype
+    float16 | float32), `packing`: PACKING_INT4 (two int4 per byte, low nibble first), "none" (int8) or
+    PACKING_NBITS (MatMulNBits' unsigned bytes, ours XOR 0x88 / 0x80)."""
 
     bits: int
     block_size: int
