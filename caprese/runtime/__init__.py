@@ -9,7 +9,7 @@ Modules: generator (the decode loop, text in / text out), conversation (multi-tu
 backend (the interface and the registry) with ort_backend / native_backend (+ native/: the C decode step) /
 torch_backend / tensorrt_backend, selection
 (GRIFFIN / CATS statistics over prefill calls), fold (GRIFFIN folding into the bound buffers), stats (the
-latency report), traffic (bytes per decode step). See README.md.
+latency report), traffic (bytes per decode step). See caprese/runtime/README.md.
 """
 
 from caprese.runtime.generator import Generator, RuntimeResult, TextStream

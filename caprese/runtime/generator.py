@@ -156,8 +156,9 @@ class Generator:
         """Open ENGINE_DIR (manifest validated) on `backend`: "onnxruntime", "native", "torch" or "tensorrt".
 
         options go to the backend: device ("cpu" / "cuda"), kv_policy ("fit" / "max" / slots; onnxruntime),
-        share_weights (onnxruntime), source / base_model / static / cuda_graph (torch), head ("screened" /
-        "full"; native: whether greedy and top-k steps screen the LM head)."""
+        share_weights (onnxruntime), source / base_model / static / cuda_graph (torch), head ("auto" / "screened" /
+        "full"; native: whether greedy and top-k steps screen the LM head; auto, the default: where a probe at
+        load found it faster)."""
         manifest = load_manifest(engine_dir)
         tokenizer = load_tokenizer(manifest.folder)
         return cls(manifest, open_backend(backend, manifest, threads, **options), tokenizer)
