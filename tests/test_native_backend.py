@@ -32,7 +32,7 @@ from caprese.runtime import Generator
 from caprese.runtime.generator import sampling_from
 from caprese.runtime.native import head_choice, library
 from cli_helpers import assert_one_line_error, run_cli
-from test_export_support import get_export, one_torch_thread, prompt_ids
+from export_helpers import get_export, one_torch_thread, prompt_ids
 
 # every test but the build-error one compiles the kernel: they need the C compiler the backend needs
 needs_cc = pytest.mark.skipif(

@@ -20,7 +20,7 @@ from caprese.export import contract as C
 from caprese.runtime import Generator
 from caprese.runtime.backend import kv_slots
 from caprese.runtime.traffic import decode_traffic
-from test_export_support import MAX_SEQ, get_export, one_torch_thread, prompt_ids, reference_decoder
+from export_helpers import MAX_SEQ, get_export, one_torch_thread, prompt_ids, reference_decoder
 
 NEW = 40  # the first token + 39 decode steps (>= 32), reselection windows at steps 8, 16, 24, 32
 _GENERATORS: dict = {}

@@ -22,7 +22,7 @@ from caprese.cli.chat_command import chat_command
 from caprese.cli.entry import run
 from caprese.cli.main import main as caprese_main
 from cli_helpers import assert_one_line_error, run_cli
-from test_export_support import get_export
+from export_helpers import get_export
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -99,8 +99,9 @@ def generate_cmd(model_dir, prompt, chat, system, max_new_tokens, temperature, t
                f"p90 {s.percentile(90):.2f}) | {s.tokens_per_s:.1f} tokens/s", err=True)
 
 
-def _register_optional_commands() -> None:
-    """Commands that live in their own modules (each importing only what it needs, lazily)."""
+def _register_commands() -> None:
+    """Commands that live in their own modules (each imports what it needs lazily, so importing them is cheap).
+    They ship with caprese: an import failure is a bug and surfaces as one."""
     import importlib
 
     for module, attr, name in (("caprese.cli.calibrate_command", "calibrate_command", "calibrate"),
@@ -108,14 +109,10 @@ def _register_optional_commands() -> None:
                                ("caprese.cli.export_command", "export", "export"),
                                ("caprese.cli.run_command", "run_command", "run"),
                                ("caprese.cli.chat_command", "chat_command", "chat")):
-        try:
-            cli.add_command(getattr(importlib.import_module(module), attr), name)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
+        cli.add_command(getattr(importlib.import_module(module), attr), name)
 
 
-_register_optional_commands()
+_register_commands()
 
 
 def main() -> None:
