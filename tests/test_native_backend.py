@@ -302,7 +302,7 @@ def test_screened_head_when_the_int8_copy_cannot_decide(threads, isa, tmp_path_f
     dec.setup_caches(1, len(prompt) + len(want.tokens))
     with torch.no_grad():
         h = dec.hidden_states(torch.tensor([prompt + want.tokens[:-1]]), 0)[0, len(prompt):].numpy()
-    w = b.arena["lm_head.weight"].astype(np.float64)
+    w = b.arena[b.manifest.spec.head].astype(np.float64)
     int8 = (b._head_q.astype(np.float64) * b._head_scale.astype(np.float64)[:, None]) @ h.T
     assert ((w @ h.T).argmax(0) == np.array(want.tokens[1:])).all()  # h is the engine's
     assert (int8.argmax(0) != np.array(want.tokens[1:])).sum() >= len(rows) // 2

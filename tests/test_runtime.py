@@ -18,7 +18,7 @@ import torch
 from caprese.errors import CapreseError
 from caprese.export import contract as C
 from caprese.runtime import Generator
-from caprese.runtime.backend import kv_slots
+from caprese.runtime.buffers import kv_slots
 from caprese.runtime.traffic import decode_traffic
 from export_helpers import MAX_SEQ, get_export, one_torch_thread, prompt_ids, reference_decoder
 
@@ -94,9 +94,9 @@ def test_fold_into_buffers_equals_export_folding(tmp_path_factory, tiny_model_di
     assert sorted(stats) == [0, 1]
     for i, stat in stats.items():
         idx, w_gul, w_dr, b_gul = Folder(g.manifest).fold(i, stat)
-        np.testing.assert_array_equal(b.selection[C.w_gul(i)].read(), w_gul.numpy())
-        np.testing.assert_array_equal(b.selection[C.w_dr(i)].read(), w_dr.numpy())
-        np.testing.assert_array_equal(b.selection[C.b_gul(i)].read(), b_gul.numpy())
+        np.testing.assert_array_equal(b.buffers.selection[C.w_gul(i)].read(), w_gul.numpy())
+        np.testing.assert_array_equal(b.buffers.selection[C.w_dr(i)].read(), w_dr.numpy())
+        np.testing.assert_array_equal(b.buffers.selection[C.b_gul(i)].read(), b_gul.numpy())
 
 
 def test_chunked_prompt_equals_one_prefill(tmp_path_factory, tiny_model_dir):
@@ -136,15 +136,16 @@ def test_kv_cache_bound_once_and_updated_in_place(tmp_path_factory, tiny_model_d
     engine, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "griffin")
     g = Generator.load(engine, threads=1, kv_policy="max")
     b = g.backend
-    ptrs = lambda: {n: v.data_ptr() for n, v in {**b.kv, **b.selection, "logits": b.logits}.items()}  # noqa: E731
+    bufs = b.buffers
+    ptrs = lambda: {n: v.data_ptr() for n, v in {**bufs.kv, **bufs.selection, "logits": bufs[C.LOGITS]}.items()}  # noqa: E731
     seen = []
     stream = g.stream(ids(10), 30, ignore_eos=True)
     for _ in stream.tokens():
         seen.append(ptrs())
     assert stream.result.stop_reason == "length" and len(seen) == 30
     assert all(p == seen[0] for p in seen)
-    assert b.kv[C.past_key(0)].value.shape() == [1, b.layout.num_kv_heads, MAX_SEQ, b.layout.head_dim]
-    k = b.kv[C.past_key(0)].read()
+    assert b.buffers.kv[C.past_key(0)].value.shape() == [1, b.layout.num_kv_heads, MAX_SEQ, b.layout.head_dim]
+    k = b.buffers.kv[C.past_key(0)].read()
     used = 10 + 30 - 1  # the last token is sampled, never fed
     assert np.abs(k[:, :, :used]).sum(axis=(0, 1, 3)).min() > 0 and not k[:, :, used:].any()
     g.generate(ids(12, seed=1), 20)
@@ -162,11 +163,11 @@ def test_kv_cache_sized_to_the_need_and_grown_keeping_slots(tmp_path_factory, ti
     r1 = g.generate(first, 8, ignore_eos=True)
     b = g.backend
     assert b.capacity == 24
-    before = b.kv[C.past_value(1)].read()[:, :, :17].copy()
+    before = b.buffers.kv[C.past_value(1)].read()[:, :, :17].copy()
     longer = first + r1.tokens + ids(6, seed=9)  # the cached 17 tokens, then new ones: needs 24 + 20 slots
     r2 = g.stream_ids(longer, 20, reuse=True, ignore_eos=True).consume()
     assert b.capacity == len(longer) + 20 and r2.stats.reused_tokens == 17 and r2.stats.prefill_tokens == 7
-    np.testing.assert_array_equal(b.kv[C.past_value(1)].read()[:, :, :17], before)
+    np.testing.assert_array_equal(b.buffers.kv[C.past_value(1)].read()[:, :, :17], before)
     with one_torch_thread():
         ref = generator(engine, "torch").generate(longer, 20, ignore_eos=True)
     assert r2.tokens == ref.tokens
