@@ -649,5 +649,5 @@ def test_cli_generate_on_native(tmp_path_factory, tiny_model_dir, monkeypatch, c
     assert full["head"] == "full" and got["head"] == "screened" and full["text"] == ref["text"]
     assert got["head_choice"].startswith("screened (probe on this CPU") and got["isa"] == library.best_isa()
     assert full["bytes_per_step"] > got["bytes_per_step"]
-    rc, out, err = run_cli(caprese_main, [*run, "--full-head"], monkeypatch, capsys)
-    assert_one_line_error(rc, err, "--full-head applies to --backend native")
+    rc, out, err = run_cli(caprese_main, [*run, "--backend", "onnxruntime", "--full-head"], monkeypatch, capsys)
+    assert_one_line_error(rc, err, "--full-head (head=) applies to --backend native")

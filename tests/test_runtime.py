@@ -174,7 +174,7 @@ def test_kv_cache_sized_to_the_need_and_grown_keeping_slots(tmp_path_factory, ti
 
 
 STATS_KEYS = {"prompt_tokens", "tokens_generated", "batch", "ttft_ms", "ms_per_token", "ms_per_token_p50",
-              "ms_per_token_p90", "tokens_per_s", "stop_reason", "text", "backend", "device", "reused_tokens",
+              "ms_per_token_p90", "tokens_per_s", "stop_reason", "text", "backend", "backend_requested", "device", "reused_tokens",
               "prefill_tokens", "kv_slots", "bytes_per_step", "gb_per_s", "peak_rss_mb", "peak_device_mb"}
 
 

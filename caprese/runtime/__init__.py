@@ -12,6 +12,8 @@ torch_backend / tensorrt_backend, selection
 latency report), traffic (bytes per decode step). See README.md.
 """
 
+from caprese.model.run_options import RunOptions
+from caprese.runtime.engine_options import EngineOptions
 from caprese.runtime.generator import Generator, RuntimeResult, TextStream
 
-__all__ = ["Generator", "RuntimeResult", "TextStream"]
+__all__ = ["Generator", "RuntimeResult", "TextStream", "RunOptions", "EngineOptions"]

@@ -110,24 +110,35 @@ def _advise_huge(buf: np.ndarray) -> None:
         pass
 
 
+def native_unsupported(manifest) -> str | None:
+    """Why the native backend cannot run this engine (a one-line reason), or None if it can."""
+    spec = manifest.spec
+    if spec.precision != "fp32":
+        return (f"the native backend runs fp32 engines; this one is {spec.precision} (use --backend onnxruntime, "
+                "or export with --precision fp32)")
+    if manifest.model.activation not in _ACTIVATIONS:
+        return f"the native backend has no {manifest.model.activation!r} activation; use --backend onnxruntime"
+    quantized = next((path for path, w in spec.refs() if w.quant is not None), None)
+    if quantized:
+        return f"the native backend runs float weights; {quantized} is quantized (use --backend onnxruntime)"
+    return None
+
+
 class NativeBackend(Backend):
     name = "native"
 
     def __init__(self, manifest, threads: int | None = None, kv_policy: str | int = "fit", device: str | None = None,
                  head: str = "auto", isa: str | None = None):
         super().__init__(manifest)
-        spec, model = manifest.spec, manifest.model
+        spec = manifest.spec
         if head not in HEADS:
             raise CapreseError(f"head must be one of {', '.join(HEADS)} (got {head!r})")
         if device not in (None, "cpu"):
             raise CapreseError(f"the native backend runs on the CPU (asked device {device}); use --backend torch or "
                                "tensorrt for a GPU")
-        if spec.precision != "fp32":
-            raise CapreseError(f"the native backend runs fp32 engines; this one is {spec.precision} "
-                               "(use --backend onnxruntime, or export with --precision fp32)")
-        if model.activation not in _ACTIVATIONS:
-            raise CapreseError(f"the native backend has no {model.activation!r} activation; use --backend "
-                               "onnxruntime")
+        why = native_unsupported(manifest)
+        if why:
+            raise CapreseError(why)
         self._ctx = None
         self.lib = lib_.load(isa)
         self.kernel = self.lib.path
