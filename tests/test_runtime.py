@@ -401,3 +401,64 @@ def test_threads_default_leaves_torch_alone(tmp_path_factory, tiny_model_dir):
     n = torch.get_num_threads()
     Generator.load(engine, backend="torch")
     assert torch.get_num_threads() == n
+
+
+def test_auto_backend_picks_the_fastest_available(tmp_path_factory, tiny_model_dir, monkeypatch):
+    """--backend auto: native for an fp32 engine on the CPU, onnxruntime where native cannot run it (fp16, or no
+    kernel), torch on CUDA without plans or TensorRT, tensorrt with both; the Generator and its report say so."""
+    import types
+
+    from caprese.errors import CapreseError
+    from caprese.export.manifest import load_manifest
+    from caprese.runtime.engine_options import EngineOptions, choose_backend
+    from caprese.runtime.native import library
+
+    fp32, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "dense")
+    fp16, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "dense", precision="fp16")
+    m32, m16 = load_manifest(fp32), load_manifest(fp16)
+    assert choose_backend(m32, "cpu")[0] == "native"
+    name, why = choose_backend(m16, "cpu")
+    assert name == "onnxruntime" and "fp32" in why
+    assert choose_backend(m32, "cuda") == ("torch", "no TensorRT plans in the engine folder")
+    with_plans = types.SimpleNamespace(engines={"shared": fp32 / "x.plan"})
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None if name == "tensorrt" else object())
+    assert choose_backend(with_plans, "cuda") == ("torch", "TensorRT is not installed")
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: object())
+    assert choose_backend(with_plans, "cuda")[0] == "tensorrt"
+
+    def no_kernel(isa=None):
+        raise CapreseError("found no C compiler")
+
+    monkeypatch.setattr(library, "load", no_kernel)
+    name, why = choose_backend(m32, "cpu")
+    assert name == "onnxruntime" and "no C compiler" in why
+    monkeypatch.undo()
+    g = Generator.open(fp32, EngineOptions(threads=1))
+    assert g.backend.name == "native" and g.backend_requested == "auto"
+    r = g.generate(ids(), 4, ignore_eos=True)
+    assert r.report().endswith("| backend: native (auto) (length)") and r.to_dict()["backend_requested"] == "auto"
+    with pytest.raises(CapreseError, match="applies to --backend native"):
+        Generator.open(fp16, EngineOptions(head="full"))
+
+
+def test_run_options_are_generate_arguments_on_both_stacks(tmp_path_factory, tiny_model_dir):
+    """TextModel.generate and Generator.generate take RunOptions' fields in RunOptions' order; run(prompt,
+    options) is generate with them; both results report through GenerationStats.report."""
+    import dataclasses
+    import inspect
+
+    from caprese.model import TextModel
+    from caprese.model.run_options import RunOptions
+
+    fields = [f.name for f in dataclasses.fields(RunOptions)]
+    for generate in (TextModel.generate, Generator.generate):
+        assert list(inspect.signature(generate).parameters)[2:] == fields + ["on_text"]
+    engine, src = get_export(tmp_path_factory, tiny_model_dir, "llama", "dense")
+    opts = RunOptions(max_new_tokens=6, ignore_eos=True)
+    g = generator(engine, "onnxruntime")
+    assert g.run(ids(), opts).tokens == g.generate(ids(), 6, ignore_eos=True).tokens
+    tm = TextModel.load(src)
+    with one_torch_thread():
+        ref = tm.run(ids(), opts)
+    assert ref.tokens == g.run(ids(), opts).tokens
+    assert ref.report().endswith("| backend: torch (reference) (length)") and "ms/token" in ref.report()
