@@ -137,7 +137,8 @@ def test_kv_cache_bound_once_and_updated_in_place(tmp_path_factory, tiny_model_d
     g = Generator.load(engine, threads=1, kv_policy="max")
     b = g.backend
     bufs = b.buffers
-    ptrs = lambda: {n: v.data_ptr() for n, v in {**bufs.kv, **bufs.selection, "logits": bufs[C.LOGITS]}.items()}  # noqa: E731
+    ptrs = lambda: {n: v.data_ptr()  # noqa: E731
+                    for n, v in {**bufs.kv, **bufs.selection, "logits": bufs[C.LOGITS]}.items()}
     seen = []
     stream = g.stream(ids(10), 30, ignore_eos=True)
     for _ in stream.tokens():
@@ -174,8 +175,9 @@ def test_kv_cache_sized_to_the_need_and_grown_keeping_slots(tmp_path_factory, ti
 
 
 STATS_KEYS = {"prompt_tokens", "tokens_generated", "batch", "ttft_ms", "ms_per_token", "ms_per_token_p50",
-              "ms_per_token_p90", "tokens_per_s", "stop_reason", "text", "backend", "backend_requested", "device", "reused_tokens",
-              "prefill_tokens", "kv_slots", "bytes_per_step", "gb_per_s", "peak_rss_mb", "peak_device_mb"}
+              "ms_per_token_p90", "tokens_per_s", "stop_reason", "text", "backend", "backend_requested", "device",
+              "reused_tokens", "prefill_tokens", "kv_slots", "bytes_per_step", "gb_per_s", "peak_rss_mb",
+              "peak_device_mb"}
 
 
 def test_stats_same_fields_and_sane(tmp_path_factory, tiny_model_dir):

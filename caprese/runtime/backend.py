@@ -90,7 +90,8 @@ class Backend:
 
 def open_backend(name: str, manifest, threads: int | None = None, **options) -> Backend:
     if name not in BACKENDS:
-        raise CapreseError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+        raise CapreseError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)} (or auto: Generator.load / "
+                           "Generator.open)")
     module, attr = BACKENDS[name]
     cls = getattr(importlib.import_module(module), attr)
     accepted = inspect.signature(cls.__init__).parameters

@@ -7,8 +7,9 @@ the whole step in one call over the weights of weights.bin (copied once into one
 transparent huge pages requested), the KV buffers and the folded selection buffers the onnxruntime backend
 already owns. fp32 engines only; the prefill graph is ONNX Runtime's: the backend composes an OrtGraphs runner
 of it (prefill, selection, folding, the shared buffer set) and binds the kernel to that runner's buffers. Every
-weight is found through the engine spec (manifest.spec: caprese/export/engine_spec.py), by role. The kernel is built for the CPU's widest
-instruction set, or the one `isa` / $CAPRESE_NATIVE_ISA names (native/library.py), and the report names it.
+weight is found through the engine spec (manifest.spec: caprese/export/engine_spec.py), by role. The kernel is
+built for the CPU's widest instruction set, or the one `isa` / $CAPRESE_NATIVE_ISA names (native/library.py), and
+the report names it.
 
 Greedy and top-k steps may screen the LM head: an int8 copy of it with per-row error bounds picks the few rows
 that can be among the k largest logits, and only those are recomputed in fp32, so the argmax (or the top k,
