@@ -121,6 +121,9 @@ class OrtGraphs:
         specs = {k: b for k, b in graph_buffers(lay, 0).items() if k not in self._kv_keys()}  # KV: reserve()
         self.buffers = Buffers(lay, specs, lambda spec: OrtBuf(ort, spec, device), manifest.spec.max_seq_len,
                                kv_policy)
+        B = self.buffers  # the buffers a step writes or reads (never reallocated: only the KV cache and mask are)
+        self._token, self._position = B[f"{C.DECODE}.{C.INPUT_IDS}"], B[f"{C.DECODE}.{C.POSITION_IDS}"]
+        self._slot, self._logits = B[C.WRITE_INDICES], B[C.LOGITS]
         self._decode_binding = self._prefill_binding = None
 
     def _kv_keys(self) -> set:
@@ -161,23 +164,23 @@ class OrtGraphs:
         self._prefill_binding = p = self.sessions[C.PREFILL].io_binding()
         d = self._decode_binding = self.sessions[C.DECODE].io_binding() if C.DECODE in self.sessions else None
         for b in (p,) if d is None else (d, p):
-            b.bind_ortvalue_input(C.WRITE_INDICES, B[C.WRITE_INDICES].value)
+            b.bind_ortvalue_input(C.WRITE_INDICES, self._slot.value)
             b.bind_ortvalue_input(C.ATTENTION_MASK, B[C.ATTENTION_MASK].value)
             for past, value in B.kv.items():
                 b.bind_ortvalue_input(past, value.value)
                 b.bind_ortvalue_output(present[past], value.value)  # the same OrtValue: updated in place
-            b.bind_ortvalue_output(C.LOGITS, B[C.LOGITS].value)
+            b.bind_ortvalue_output(C.LOGITS, self._logits.value)
         for name, value in B.stats.items():
             p.bind_ortvalue_output(name, value.value)
         if d is not None:
-            d.bind_ortvalue_input(C.INPUT_IDS, B[f"{C.DECODE}.{C.INPUT_IDS}"].value)
-            d.bind_ortvalue_input(C.POSITION_IDS, B[f"{C.DECODE}.{C.POSITION_IDS}"].value)
+            d.bind_ortvalue_input(C.INPUT_IDS, self._token.value)
+            d.bind_ortvalue_input(C.POSITION_IDS, self._position.value)
             for name, value in B.selection.items():
                 d.bind_ortvalue_input(name, value.value)
 
     # ---- running ----
     def logits(self) -> torch.Tensor:
-        return torch.from_numpy(self.buffers[C.LOGITS].read()[0])  # [1, V]; a view of the bound buffer on CPU
+        return torch.from_numpy(self._logits.read()[0])  # [1, V]; a view of the bound buffer on CPU
 
     def prefill(self, ids: list[int], start: int) -> PrefillOut:
         n = len(ids)
@@ -193,7 +196,7 @@ class OrtGraphs:
         b = self._prefill_binding
         b.bind_ortvalue_input(C.INPUT_IDS, ids_v)
         b.bind_ortvalue_input(C.POSITION_IDS, pos_v)
-        self.buffers[C.WRITE_INDICES].write(np.array([start], np.int64))
+        self._slot.write(np.array([start], np.int64))
         self.sessions[C.PREFILL].run_with_iobinding(b)
         return PrefillOut(self.logits().clone(), *self.buffers.prefill_stats())
 
@@ -203,8 +206,7 @@ class OrtGraphs:
     def decode(self, token: int, slot: int) -> torch.Tensor:
         if slot >= self.capacity:
             raise RuntimeError(f"decode at slot {slot} past the KV cache ({self.capacity}); reserve first")
-        B = self.buffers
-        tok, pos, at = B[f"{C.DECODE}.{C.INPUT_IDS}"], B[f"{C.DECODE}.{C.POSITION_IDS}"], B[C.WRITE_INDICES]
+        tok, pos, at = self._token, self._position, self._slot
         if self.device == "cpu":  # straight into the bound buffers
             tok.host[0, 0] = token
             pos.host[0, 0] = slot
