@@ -83,11 +83,12 @@ def generation_options(prompt: bool = True, max_new_tokens: int = 256, ignore_eo
         opts += [click.option("--system", default=None, help=system_help),
                  click.option("-n", "--max-new-tokens", default=max_new_tokens, show_default=True,
                               type=click.IntRange(min=1), help=new_tokens_help)]
-        f = _apply(_collect(f, build), opts + _sampling_flags())
         if ignore_eos:
-            f = click.option("--ignore-eos", is_flag=True,
-                             help="Always generate --max-new-tokens tokens (benchmarks).")(f)
-        return f
+            opts_tail = [click.option("--ignore-eos", is_flag=True,
+                                      help="Always generate --max-new-tokens tokens (benchmarks).")]
+        else:
+            opts_tail = []
+        return _apply(_collect(f, build), opts + _sampling_flags() + opts_tail)
 
     return decorate
 
