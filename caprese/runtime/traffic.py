@@ -14,11 +14,8 @@ import dataclasses
 import math
 
 from caprese.export import contract as C
-from caprese.export.engine_spec import ROWS, EngineSpec
-
-# the decode graph's per-prompt inputs: name prefixes of contract.w_gul / w_dr / b_gul / cats_tau
-SELECTION_INPUTS = tuple(f(0)[:-1] for f in (C.w_gul, C.w_dr, C.b_gul, C.cats_tau))
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1}
+from caprese.export.engine_spec import DTYPE_BITS, ROWS, EngineSpec
+from caprese.runtime.buffers import concrete, selection_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +37,9 @@ def spec_traffic(spec: EngineSpec) -> DecodeTraffic:
     total = sum(ref.nbytes if name in whole else ref.row_bytes for name, ref in refs.items())
     lay = spec.layout
     for t in lay.inputs(C.DECODE):  # the per-prompt inputs; the cache is counted per slot below
-        if t.name.startswith(SELECTION_INPUTS):
-            total += math.prod(1 if isinstance(d, str) else d for d in t.shape) * _ITEMSIZE[t.dtype]
-    per_slot = 2 * lay.num_layers * lay.num_kv_heads * lay.head_dim * _ITEMSIZE[lay.dtype]
+        if selection_name(t.name):
+            total += math.prod(concrete(t.shape)) * DTYPE_BITS[t.dtype] // 8
+    per_slot = 2 * lay.num_layers * lay.num_kv_heads * lay.head_dim * DTYPE_BITS[lay.dtype] // 8
     return DecodeTraffic(total, per_slot)
 
 
