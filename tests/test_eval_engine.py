@@ -15,7 +15,7 @@ from caprese.calibration.source import open_source
 from caprese.cli.main import main
 from caprese.evaluation import Task, evaluate, evaluate_engine
 from cli_helpers import assert_one_line_error, run_cli
-from test_export_support import get_export
+from export_helpers import get_export
 
 
 def _task(n: int = 6) -> Task:
@@ -66,7 +66,12 @@ def test_eval_cli_on_an_engine_folder(tmp_path_factory, tiny_model_dir, tmp_path
                                  save], monkeypatch, capsys)
     assert rc == 0, err
     d = json.loads(out)
-    assert (d["total"], d["backend"], d["dense"], d["label"]) == (3, "onnxruntime", None, "dense [onnxruntime]")
+    from caprese.export.manifest import load_manifest
+    from caprese.runtime.engine_options import choose_backend
+
+    auto = choose_backend(load_manifest(engine), "cpu")[0]  # native where its C kernel builds, else onnxruntime
+    assert (d["total"], d["backend"], d["dense"], d["label"]) == (3, auto, None, f"dense [{auto}]")
+    assert d["backend_requested"] == "auto"
     assert len(save.read_text().splitlines()) == 3
 
     rc, out, err = run_cli(main, ["eval", engine, "--method", "griffin"], monkeypatch, capsys)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_export_support import method_artifact
+from export_helpers import method_artifact
 
 pytestmark = pytest.mark.slow
 

@@ -53,7 +53,8 @@ def format_table(rows: list[list[str]]) -> str:
 @click.option("--threads", default=None, type=click.IntRange(min=1),
               help="CPU intra-op threads. Default: one per CPU not busy with other work, re-read every second.")
 @click.option("--backend", default=None, type=click.Choice(BACKEND_CHOICES),
-              help="For an ENGINE_DIR: the runtime that scores it (default onnxruntime). Not for model folders.")
+              help="For an ENGINE_DIR: the runtime that scores it (default auto: native on a CPU where it runs the "
+                   "engine, else onnxruntime; see `caprese run --help`). Not for model folders.")
 @click.option("--no-chat", is_flag=True, help="Send prompts as plain text instead of a chat-template user turn.")
 @click.option("--no-dense", is_flag=True, help="Skip the dense reference run.")
 @click.option("--save", default=None, type=click.Path(path_type=str, dir_okay=False), metavar="FILE",
@@ -144,20 +145,21 @@ def _eval_engine(src, task_spec, limit, fixed_at_export, reselect_every, max_new
     """An engine folder: its own score on its runtime (no dense run: score the base model or a dense engine)."""
     from caprese.evaluation.engine_eval import evaluate_engine
     from caprese.evaluation.tasks import load_task
-    from caprese.runtime import Generator
+    from caprese.runtime import EngineOptions, Generator
 
     if any(v is not None for v in fixed_at_export):
         raise CapreseError(f"{src} is an exported engine: its method and base model are fixed at export; drop "
                            "--method / --layers / --base-model")
     task = load_task(task_spec, limit)
-    backend = backend or "onnxruntime"
-    g = Generator.load(src, backend=backend, threads=threads)
+    g = Generator.open(src, EngineOptions(backend=backend or "auto", threads=threads))
+    backend = g.backend.name
     result = evaluate_engine(g, task, max_new_tokens, chat=not no_chat, progress=not quiet,
                              reselect_every=reselect_every)
     if save:
         _save_records(save, [result])
     if as_json:
         click.echo(json.dumps({**result.to_dict(), "src": str(src), "backend": backend,
+                               "backend_requested": g.backend_requested, "backend_reason": g.backend_reason,
                                "max_new_tokens": max_new_tokens, "precision": g.manifest.spec.precision,
                                "reselect_every": reselect_every, "dense": None}))
         return
