@@ -110,7 +110,7 @@ def test_torch_decode_loop_uses_the_policy_and_restores(policy, tiny_model_dir):
 
 
 def test_onnxruntime_backend_uses_the_policy(policy, tmp_path_factory, tiny_model_dir):
-    from test_export_support import get_export
+    from export_helpers import get_export
 
     from caprese.runtime.generator import Generator
 

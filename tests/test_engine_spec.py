@@ -16,7 +16,7 @@ from caprese.export.engine_spec import (MATRIX, MATRIX_T, ROWS, VECTOR, EngineSp
 from caprese.export.graph_builder import GraphBuilder
 from caprese.export.manifest import MANIFEST, load_manifest
 from caprese.model.spec import ModelSpec
-from test_export_support import copy_engine, get_export
+from export_helpers import copy_engine, get_export
 
 D, F, V, HQ, HKV, HD = 48, 80, 100, 4, 2, 16
 

@@ -151,7 +151,7 @@ def test_failed_export_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch, cap
 
 
 def test_magnitude_artifact_is_refused(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from test_export_support import method_artifact
+    from export_helpers import method_artifact
 
     art = method_artifact(tiny_model_dir("llama"), tmp_path / "art", "magnitude", rank=0, layers="first-half")
     rc, _, err = run_cli([art, "-o", tmp_path / "e"], monkeypatch, capsys)

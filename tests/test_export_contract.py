@@ -10,7 +10,7 @@ import pytest
 
 from caprese.export import contract as C
 from caprese.export.manifest import load_manifest
-from test_export_support import get_export
+from export_helpers import get_export
 
 CASES = [("llama", "dense"), ("llama", "griffin"), ("qwen2", "cats"), ("gemma2", "griffin"), ("qwen3", "dense"),
          ("qwen2", "griffin", 8, "all", "fp32", "onnxruntime")]  # --target onnxruntime: same I/O, names

@@ -11,7 +11,7 @@ from caprese.errors import CapreseError
 from caprese.export import contract as C
 from caprese.export.manifest import MANIFEST, VERSION, load_manifest
 from caprese.model.spec import load_spec
-from test_export_support import DENSITY, MAX_SEQ, copy_engine, get_export
+from export_helpers import DENSITY, MAX_SEQ, copy_engine, get_export
 
 
 @pytest.fixture

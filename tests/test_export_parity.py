@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from caprese.export import contract as C
-from test_export_support import (MAX_SEQ, OrtLoop, get_export, one_torch_thread, prompt_ids, reference_decoder,
+from export_helpers import (MAX_SEQ, OrtLoop, get_export, one_torch_thread, prompt_ids, reference_decoder,
                                  reference_greedy)
 
 ATOL = RTOL = 1e-4

@@ -9,8 +9,6 @@ rtol 1e-4 (tiny models, logits O(1-10)), and greedy tokens identical for every o
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import onnx
 import pytest
@@ -18,84 +16,17 @@ import torch
 
 from caprese.errors import CapreseError
 from caprese.export import contract as C
-from test_export_support import MAX_SEQ, OrtLoop, method_artifact, prompt_ids, reference_greedy
+from export_helpers import MAX_SEQ, method_artifact, prompt_ids, reference_greedy
+from quantized_export_helpers import QuantLoop, q_export, quantized_reference
 
 ATOL = RTOL = 1e-4
 STEPS = 33  # the prefill token + 32 decode steps
-_CACHE: dict = {}
 
 
 def assert_close(a, b, what):
     a, b = np.asarray(a), np.asarray(b)
     err = np.abs(a - b).max()
     assert np.allclose(a, b, atol=ATOL, rtol=RTOL), f"{what}: max |diff| {err:.3g}"
-
-
-def q_export(tmp_path_factory, tiny_model_dir, kind, method, weights, block=None, target="tensorrt", head=False,
-             precision="fp32", float_selection=False):
-    """(engine, source) of a quantized export, once per session."""
-    from caprese.export.exporter import export
-
-    key = (kind, method, weights, block, target, head, precision, float_selection)
-    if key not in _CACHE:
-        root = tmp_path_factory.mktemp(f"qexport_{kind}_{method}_{weights}")
-        src = tiny_model_dir(kind)
-        if method != "dense":
-            art_key = ("artifact", kind, method)
-            if art_key not in _CACHE:
-                _CACHE[art_key] = method_artifact(src, tmp_path_factory.mktemp("qart") / "artifact", method)
-            src = _CACHE[art_key]
-        out = export(src, root / "engine", precision=precision, max_seq_len=MAX_SEQ, max_prompt_len=MAX_SEQ - 1,
-                     target=target, weights=weights, block_size=block, quantize_head=head,
-                     float_selection=float_selection).out
-        _CACHE[key] = (out, src)
-    return _CACHE[key]
-
-
-def quantized_reference(src, weights, block, target="tensorrt", head=False):
-    """The PyTorch decoder with RTN-quantized weights (dequantized values) and the artifact's method applied."""
-    from caprese.calibration.artifact import is_artifact, load_artifact
-    from caprese.calibration.weight_quant import quantize_decoder
-    from caprese.export.export_quantization import QuantRequest, requested_format, down_axis
-    from caprese.export.quantized_weights import export_recipe
-    from caprese.model import load_decoder
-
-    art = load_artifact(src) if is_artifact(src) else None
-    dec = load_decoder(art.base_model if art else src, "fp32")
-    axis = down_axis(target, art.method if art else None)
-    quantize_decoder(dec, export_recipe(requested_format(QuantRequest(weights, block, head), target), head, down_axis=axis))
-    if art is not None:
-        art.apply(dec)
-    dec.requires_grad_(False)
-    return dec
-
-
-def ort_value(ort, arr: np.ndarray, dtype: str):
-    """An OrtValue of `dtype` holding arr; int4: arr is the packed bytes [.., D / 2] of a [.., D] tensor."""
-    if dtype != "int4":
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
-    shape = list(arr.shape[:-1]) + [arr.shape[-1] * 2]
-    v = ort.OrtValue.ortvalue_from_shape_and_type(shape, onnx.TensorProto.INT4)
-    src = np.ascontiguousarray(arr, np.uint8)
-    ctypes.memmove(v.data_ptr(), src.ctypes.data, src.nbytes)
-    return v
-
-
-class QuantLoop(OrtLoop):
-    """OrtLoop whose GRIFFIN selection feeds a quantized layout's per-prompt quantized rows (w_gu_q, ...)."""
-
-    def select(self, out, tokens, restart):
-        if not self.lay.quantized or C.w_gul(0) in {i.name for i in self.sessions[C.DECODE].get_inputs()} or \
-                not self.lay.layers_of(C.GRIFFIN):
-            return super().select(out, tokens, restart)
-        dtypes = {t.name: t.dtype for t in self.lay.inputs(C.DECODE)}
-        for i in self.lay.layers_of(C.GRIFFIN):
-            s = torch.from_numpy(out[C.griffin_stat(i)])
-            self.stat_sq[i] = s if restart or i not in self.stat_sq else self.stat_sq[i] + s
-            idx, parts = self.folder.fold_quantized(i, self.stat_sq[i])
-            self.idx[i] = idx
-            for name, t in parts.items():
-                self.selection[name] = ort_value(self.ort, t.numpy(), dtypes[name])
 
 
 def run_parity(engine, dec, rho=0, tensorrt=False, steps=STEPS, what=""):
@@ -288,7 +219,8 @@ def test_onnxruntime_backend_runs_quantized_griffin(weights, block, target, tmp_
     lay, spec = m.layout, m.spec
     rows = sum(int(np.prod(s.shape[1:])) * DTYPE_BITS[s.dtype] // 8 for s in lay.inputs(C.DECODE)
                if s.name.startswith(("w_gu_", "w_d_")))  # batch 1
-    assert rows == sum(be.selection[n].host.nbytes for n in be.selection if n.startswith(("w_gu_", "w_d_")))
+    sel = be.buffers.selection
+    assert rows == sum(sel[n].host.nbytes for n in sel if n.startswith(("w_gu_", "w_d_")))
     qkv = spec.layers[0].qkv
     assert qkv.nbytes == qkv.numel * int(weights[3:]) // 8 and qkv.quant.scale in spec.decode_reads()
     assert decode_traffic(m).weight_bytes > rows > 0
@@ -423,7 +355,7 @@ def test_torch_and_onnxruntime_backends_agree_on_quantized_engines(method, weigh
     """The torch backend of a quantized engine reads its weights.bin codes (quantized_weights.load_engine_weights)
     and gives the onnxruntime backend's greedy tokens, 40 of them (GRIFFIN re-selecting every 8)."""
     from caprese.runtime import Generator
-    from test_export_support import one_torch_thread
+    from export_helpers import one_torch_thread
 
     engine, _ = q_export(tmp_path_factory, tiny_model_dir, "qwen2", method, weights, block, target, head=head)
     prompt = prompt_ids(14, seed=3)[0].tolist()
@@ -461,7 +393,7 @@ def test_native_backend_refuses_quantized_engines(tmp_path_factory, tiny_model_d
     from caprese.runtime import Generator
 
     engine, _ = q_export(tmp_path_factory, tiny_model_dir, "qwen2", "dense", "int4", 32, "onnxruntime")
-    with pytest.raises(CapreseError, match="native backend does not run int4 engines yet"):
+    with pytest.raises(CapreseError, match="native backend runs float weights; .* is quantized"):
         Generator.load(engine, "native", threads=1)
 
 
@@ -471,7 +403,7 @@ def test_float_selection_option(weights, block, target, tmp_path_factory, tiny_m
     on ONNX Runtime's CPU provider); same logits and tokens as the quantized reference, and the onnxruntime and
     torch backends agree."""
     from caprese.runtime import Generator
-    from test_export_support import one_torch_thread
+    from export_helpers import one_torch_thread
 
     engine, src = q_export(tmp_path_factory, tiny_model_dir, "qwen2", "griffin", weights, block, target,
                            float_selection=True)

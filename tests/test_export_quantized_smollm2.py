@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_export_quantized import QuantLoop, quantized_reference
-from test_export_support import method_artifact, one_torch_thread, prompt_ids
+from export_helpers import method_artifact, one_torch_thread, prompt_ids
+from quantized_export_helpers import QuantLoop, quantized_reference
 
 pytestmark = pytest.mark.slow
 MAX_SEQ = 96
@@ -25,7 +25,7 @@ TOL = 1e-3
     ("dense", "int8", None, "tensorrt", 0),  # one scale per row
 ])
 def test_smollm2_quantized_engine_matches_reference(method, weights, block, target, rho, tmp_path, monkeypatch):
-    import test_export_support as support
+    import export_helpers as support
     from caprese.export.exporter import export
     from caprese.model.default_model import fetch_default
 

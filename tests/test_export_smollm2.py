@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_export_support import OrtLoop, method_artifact, one_torch_thread, prompt_ids, reference_decoder
+from export_helpers import OrtLoop, method_artifact, one_torch_thread, prompt_ids, reference_decoder
 
 pytestmark = pytest.mark.slow
 MAX_SEQ = 96
@@ -25,7 +25,7 @@ NEAR_TAU = 3e-6  # the two sides' τ differ by up to ~3e-6 relative on this mode
 
 @pytest.mark.parametrize("method,layers", [("griffin", "first-half"), ("cats", "all")])
 def test_smollm2_caprese_engine_matches_reference(method, layers, tmp_path, monkeypatch):
-    import test_export_support as support
+    import export_helpers as support
     from caprese.calibration.methods import CatsFFN
     from caprese.export.exporter import export
     from caprese.model.default_model import fetch_default
@@ -65,7 +65,7 @@ def test_smollm2_caprese_engine_matches_reference(method, layers, tmp_path, monk
 def test_smollm2_onnxruntime_target_matches_reference(tmp_path):
     """--target onnxruntime on the real shapes (9 query / 3 KV heads of 64: GroupQueryAttention in every layer),
     Caprese(GRIFFIN) on the first half with re-selection every 8 steps: logits within 1e-3, same greedy tokens."""
-    import test_export_support as support
+    import export_helpers as support
     from caprese.export.exporter import export
     from caprese.model.default_model import fetch_default
 

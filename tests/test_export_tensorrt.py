@@ -77,7 +77,7 @@ def test_build_engines_for_tiny_llama(method, tiny_model_dir, tmp_path):
     """Strongly typed, weight-stripped plans: ONE engine with two profiles for dense and CATS, two engines for
     GRIFFIN; the timing cache written and reused; the manifest records version, GPU and profiles."""
     from caprese.export.exporter import export
-    from test_export_support import method_artifact
+    from export_helpers import method_artifact
 
     src = tiny_model_dir("llama") if method == "dense" else method_artifact(tiny_model_dir("llama"),
                                                                                tmp_path / "art", method)

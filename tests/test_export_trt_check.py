@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 from caprese.export import contract as C
 from caprese.export.manifest import load_manifest
 from caprese.export.tensorrt_ops import check_model, format_violations, load_table
-from test_export_support import get_export
+from export_helpers import get_export
 
 F, H, BF, I32, I64, B = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.INT32,
                          TensorProto.INT64, TensorProto.BOOL)

@@ -32,7 +32,7 @@ from caprese.runtime import Generator
 from caprese.runtime.generator import sampling_from
 from caprese.runtime.native import head_choice, library
 from cli_helpers import assert_one_line_error, run_cli
-from test_export_support import get_export, one_torch_thread, prompt_ids
+from export_helpers import get_export, one_torch_thread, prompt_ids
 
 # every test but the build-error one compiles the kernel: they need the C compiler the backend needs
 needs_cc = pytest.mark.skipif(
@@ -302,7 +302,7 @@ def test_screened_head_when_the_int8_copy_cannot_decide(threads, isa, tmp_path_f
     dec.setup_caches(1, len(prompt) + len(want.tokens))
     with torch.no_grad():
         h = dec.hidden_states(torch.tensor([prompt + want.tokens[:-1]]), 0)[0, len(prompt):].numpy()
-    w = b.arena["lm_head.weight"].astype(np.float64)
+    w = b.arena[b.manifest.spec.head].astype(np.float64)
     int8 = (b._head_q.astype(np.float64) * b._head_scale.astype(np.float64)[:, None]) @ h.T
     assert ((w @ h.T).argmax(0) == np.array(want.tokens[1:])).all()  # h is the engine's
     assert (int8.argmax(0) != np.array(want.tokens[1:])).sum() >= len(rows) // 2
@@ -649,5 +649,5 @@ def test_cli_generate_on_native(tmp_path_factory, tiny_model_dir, monkeypatch, c
     assert full["head"] == "full" and got["head"] == "screened" and full["text"] == ref["text"]
     assert got["head_choice"].startswith("screened (probe on this CPU") and got["isa"] == library.best_isa()
     assert full["bytes_per_step"] > got["bytes_per_step"]
-    rc, out, err = run_cli(caprese_main, [*run, "--full-head"], monkeypatch, capsys)
-    assert_one_line_error(rc, err, "--full-head applies to --backend native")
+    rc, out, err = run_cli(caprese_main, [*run, "--backend", "onnxruntime", "--full-head"], monkeypatch, capsys)
+    assert_one_line_error(rc, err, "--full-head (head=) applies to --backend native")

@@ -18,9 +18,9 @@ import torch
 from caprese.errors import CapreseError
 from caprese.export import contract as C
 from caprese.runtime import Generator
-from caprese.runtime.backend import kv_slots
+from caprese.runtime.buffers import kv_slots
 from caprese.runtime.traffic import decode_traffic
-from test_export_support import MAX_SEQ, get_export, one_torch_thread, prompt_ids, reference_decoder
+from export_helpers import MAX_SEQ, get_export, one_torch_thread, prompt_ids, reference_decoder
 
 NEW = 40  # the first token + 39 decode steps (>= 32), reselection windows at steps 8, 16, 24, 32
 _GENERATORS: dict = {}
@@ -94,9 +94,9 @@ def test_fold_into_buffers_equals_export_folding(tmp_path_factory, tiny_model_di
     assert sorted(stats) == [0, 1]
     for i, stat in stats.items():
         idx, w_gul, w_dr, b_gul = Folder(g.manifest).fold(i, stat)
-        np.testing.assert_array_equal(b.selection[C.w_gul(i)].read(), w_gul.numpy())
-        np.testing.assert_array_equal(b.selection[C.w_dr(i)].read(), w_dr.numpy())
-        np.testing.assert_array_equal(b.selection[C.b_gul(i)].read(), b_gul.numpy())
+        np.testing.assert_array_equal(b.buffers.selection[C.w_gul(i)].read(), w_gul.numpy())
+        np.testing.assert_array_equal(b.buffers.selection[C.w_dr(i)].read(), w_dr.numpy())
+        np.testing.assert_array_equal(b.buffers.selection[C.b_gul(i)].read(), b_gul.numpy())
 
 
 def test_chunked_prompt_equals_one_prefill(tmp_path_factory, tiny_model_dir):
@@ -136,15 +136,17 @@ def test_kv_cache_bound_once_and_updated_in_place(tmp_path_factory, tiny_model_d
     engine, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "griffin")
     g = Generator.load(engine, threads=1, kv_policy="max")
     b = g.backend
-    ptrs = lambda: {n: v.data_ptr() for n, v in {**b.kv, **b.selection, "logits": b.logits}.items()}  # noqa: E731
+    bufs = b.buffers
+    ptrs = lambda: {n: v.data_ptr()  # noqa: E731
+                    for n, v in {**bufs.kv, **bufs.selection, "logits": bufs[C.LOGITS]}.items()}
     seen = []
     stream = g.stream(ids(10), 30, ignore_eos=True)
     for _ in stream.tokens():
         seen.append(ptrs())
     assert stream.result.stop_reason == "length" and len(seen) == 30
     assert all(p == seen[0] for p in seen)
-    assert b.kv[C.past_key(0)].value.shape() == [1, b.layout.num_kv_heads, MAX_SEQ, b.layout.head_dim]
-    k = b.kv[C.past_key(0)].read()
+    assert b.buffers.kv[C.past_key(0)].value.shape() == [1, b.layout.num_kv_heads, MAX_SEQ, b.layout.head_dim]
+    k = b.buffers.kv[C.past_key(0)].read()
     used = 10 + 30 - 1  # the last token is sampled, never fed
     assert np.abs(k[:, :, :used]).sum(axis=(0, 1, 3)).min() > 0 and not k[:, :, used:].any()
     g.generate(ids(12, seed=1), 20)
@@ -162,19 +164,20 @@ def test_kv_cache_sized_to_the_need_and_grown_keeping_slots(tmp_path_factory, ti
     r1 = g.generate(first, 8, ignore_eos=True)
     b = g.backend
     assert b.capacity == 24
-    before = b.kv[C.past_value(1)].read()[:, :, :17].copy()
+    before = b.buffers.kv[C.past_value(1)].read()[:, :, :17].copy()
     longer = first + r1.tokens + ids(6, seed=9)  # the cached 17 tokens, then new ones: needs 24 + 20 slots
     r2 = g.stream_ids(longer, 20, reuse=True, ignore_eos=True).consume()
     assert b.capacity == len(longer) + 20 and r2.stats.reused_tokens == 17 and r2.stats.prefill_tokens == 7
-    np.testing.assert_array_equal(b.kv[C.past_value(1)].read()[:, :, :17], before)
+    np.testing.assert_array_equal(b.buffers.kv[C.past_value(1)].read()[:, :, :17], before)
     with one_torch_thread():
         ref = generator(engine, "torch").generate(longer, 20, ignore_eos=True)
     assert r2.tokens == ref.tokens
 
 
 STATS_KEYS = {"prompt_tokens", "tokens_generated", "batch", "ttft_ms", "ms_per_token", "ms_per_token_p50",
-              "ms_per_token_p90", "tokens_per_s", "stop_reason", "text", "backend", "device", "reused_tokens",
-              "prefill_tokens", "kv_slots", "bytes_per_step", "gb_per_s", "peak_rss_mb", "peak_device_mb"}
+              "ms_per_token_p90", "tokens_per_s", "stop_reason", "text", "backend", "backend_requested", "device",
+              "reused_tokens", "prefill_tokens", "kv_slots", "bytes_per_step", "gb_per_s", "peak_rss_mb",
+              "peak_device_mb"}
 
 
 def test_stats_same_fields_and_sane(tmp_path_factory, tiny_model_dir):
@@ -400,3 +403,64 @@ def test_threads_default_leaves_torch_alone(tmp_path_factory, tiny_model_dir):
     n = torch.get_num_threads()
     Generator.load(engine, backend="torch")
     assert torch.get_num_threads() == n
+
+
+def test_auto_backend_picks_the_fastest_available(tmp_path_factory, tiny_model_dir, monkeypatch):
+    """--backend auto: native for an fp32 engine on the CPU, onnxruntime where native cannot run it (fp16, or no
+    kernel), torch on CUDA without plans or TensorRT, tensorrt with both; the Generator and its report say so."""
+    import types
+
+    from caprese.errors import CapreseError
+    from caprese.export.manifest import load_manifest
+    from caprese.runtime.engine_options import EngineOptions, choose_backend
+    from caprese.runtime.native import library
+
+    fp32, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "dense")
+    fp16, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "dense", precision="fp16")
+    m32, m16 = load_manifest(fp32), load_manifest(fp16)
+    assert choose_backend(m32, "cpu")[0] == "native"
+    name, why = choose_backend(m16, "cpu")
+    assert name == "onnxruntime" and "fp32" in why
+    assert choose_backend(m32, "cuda") == ("torch", "no TensorRT plans in the engine folder")
+    with_plans = types.SimpleNamespace(engines={"shared": fp32 / "x.plan"})
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None if name == "tensorrt" else object())
+    assert choose_backend(with_plans, "cuda") == ("torch", "TensorRT is not installed")
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: object())
+    assert choose_backend(with_plans, "cuda")[0] == "tensorrt"
+
+    def no_kernel(isa=None):
+        raise CapreseError("found no C compiler")
+
+    monkeypatch.setattr(library, "load", no_kernel)
+    name, why = choose_backend(m32, "cpu")
+    assert name == "onnxruntime" and "no C compiler" in why
+    monkeypatch.undo()
+    g = Generator.open(fp32, EngineOptions(threads=1))
+    assert g.backend.name == "native" and g.backend_requested == "auto"
+    r = g.generate(ids(), 4, ignore_eos=True)
+    assert r.report().endswith("| backend: native (auto) (length)") and r.to_dict()["backend_requested"] == "auto"
+    with pytest.raises(CapreseError, match="applies to --backend native"):
+        Generator.open(fp16, EngineOptions(head="full"))
+
+
+def test_run_options_are_generate_arguments_on_both_stacks(tmp_path_factory, tiny_model_dir):
+    """TextModel.generate and Generator.generate take RunOptions' fields in RunOptions' order; run(prompt,
+    options) is generate with them; both results report through GenerationStats.report."""
+    import dataclasses
+    import inspect
+
+    from caprese.model import TextModel
+    from caprese.model.run_options import RunOptions
+
+    fields = [f.name for f in dataclasses.fields(RunOptions)]
+    for generate in (TextModel.generate, Generator.generate):
+        assert list(inspect.signature(generate).parameters)[2:] == fields + ["on_text"]
+    engine, src = get_export(tmp_path_factory, tiny_model_dir, "llama", "dense")
+    opts = RunOptions(max_new_tokens=6, ignore_eos=True)
+    g = generator(engine, "onnxruntime")
+    assert g.run(ids(), opts).tokens == g.generate(ids(), 6, ignore_eos=True).tokens
+    tm = TextModel.load(src)
+    with one_torch_thread():
+        ref = tm.run(ids(), opts)
+    assert ref.tokens == g.run(ids(), opts).tokens
+    assert ref.report().endswith("| backend: torch (reference) (length)") and "ms/token" in ref.report()

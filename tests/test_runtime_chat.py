@@ -8,7 +8,7 @@ import pytest
 from caprese.model.tokenizer import encode_messages
 from caprese.runtime import Generator
 from caprese.runtime.conversation import ContextFull, Conversation
-from test_export_support import MAX_SEQ, get_export, one_torch_thread
+from export_helpers import MAX_SEQ, get_export, one_torch_thread
 
 TURNS = ("the cat sat on the mat", "and then what", "tell me more")
 CHAT_SEQ = 256  # the tiny models' context: random replies rarely survive decode -> encode, so turns grow fast

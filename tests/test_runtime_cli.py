@@ -22,7 +22,7 @@ from caprese.cli.chat_command import chat_command
 from caprese.cli.entry import run
 from caprese.cli.main import main as caprese_main
 from cli_helpers import assert_one_line_error, run_cli
-from test_export_support import get_export
+from export_helpers import get_export
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,8 @@ def test_run_json_has_generate_fields_and_same_text(tmp_path_factory, tiny_model
     rc, out, err = run_cli(caprese_main, ["generate", src, *args], monkeypatch, capsys)
     assert rc == 0, err
     ref = json.loads(out)
-    rc, out, err = run_cli(run_main, [engine, *args, "--threads", "1"], monkeypatch, capsys, prog="caprese run")
+    rc, out, err = run_cli(run_main, [engine, *args, "--threads", "1", "--backend", "onnxruntime"], monkeypatch,
+                           capsys, prog="caprese run")
     assert rc == 0, err
     got = json.loads(out)
     assert set(ref) <= set(got), set(ref) - set(got)
@@ -58,18 +59,21 @@ def test_run_json_has_generate_fields_and_same_text(tmp_path_factory, tiny_model
 
 
 def test_generate_takes_an_engine_folder(tmp_path_factory, tiny_model_dir, monkeypatch, capsys):
-    """`caprese generate ENGINE_DIR` runs the engine as `caprese run` does (same JSON, ONNX Runtime by default,
-    --backend torch too); method flags on an engine folder, and --backend on a model folder, are one-line errors."""
+    """`caprese generate ENGINE_DIR` runs the engine as `caprese run` does (same JSON, --backend auto by default:
+    native for this fp32 engine on the CPU; --backend torch too); method flags on an engine folder, and --backend
+    on a model folder, are one-line errors."""
     engine, src = get_export(tmp_path_factory, tiny_model_dir, "llama", "griffin")
     args = ["--chat", "-p", "the cat sat", "-n", "12", "--json"]
     rc, out, err = run_cli(run_main, [engine, *args], monkeypatch, capsys, prog="caprese run")
     assert rc == 0, err
     ref = json.loads(out)
-    for extra, backend in (([], "onnxruntime"), (["--backend", "torch"], "torch")):
+    assert ref["backend"] == "native" and ref["backend_requested"] == "auto" and ref["backend_reason"]
+    for extra, backend in (([], "native"), (["--backend", "torch"], "torch")):
         rc, out, err = run_cli(caprese_main, ["generate", engine, *args, *extra], monkeypatch, capsys)
         assert rc == 0, err
         got = json.loads(out)
         assert got["backend"] == backend and got["engine_dir"] == str(engine)
+        assert got["backend_requested"] == ("auto" if not extra else backend)
         assert got["text"] == ref["text"] and got["method"] == ref["method"]
     rc, _, err = run_cli(caprese_main, ["generate", engine, "-p", "x", "--method", "cats"], monkeypatch, capsys)
     assert_one_line_error(rc, err, "is an engine folder", "drop --method")
@@ -85,7 +89,10 @@ def test_run_streams_and_reports(tmp_path_factory, tiny_model_dir, monkeypatch, 
     assert out.endswith("\n") and out.strip()
     report = err.strip().splitlines()[-1]
     assert report.startswith("[caprese] prompt") and "generated 8" in report and "ms/token" in report
-    assert "GB/s" in report and "peak RSS" in report and report.endswith("torch (length)")
+    assert "GB/s" in report and "peak RSS" in report and report.endswith("| backend: torch (length)")
+    rc, out, err = run_cli(run_main, [engine, "-p", "the cat", "-n", "4", "--threads", "1"], monkeypatch, capsys)
+    assert rc == 0, err
+    assert "| backend: native (auto) (" in err.strip().splitlines()[-1]  # the default, --backend auto, says so
 
 
 @pytest.fixture()
@@ -142,8 +149,8 @@ def test_chat_from_stdin_lines(tmp_path_factory, tiny_model_dir, monkeypatch, ca
     engine, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "griffin")
     lines = ["/stats", "the cat sat", "/stats", "and then", "/reset", "/stats", "/bogus", "", "the cat sat"]
     monkeypatch.setattr(sys, "stdin", _Lines(lines))
-    rc, out, err = run_cli(chat_main, [engine, "-n", "6", "--threads", "1", "--json", "--system", "be brief"],
-                           monkeypatch, capsys)
+    rc, out, err = run_cli(chat_main, [engine, "-n", "6", "--threads", "1", "--json", "--system", "be brief",
+                                       "--backend", "onnxruntime"], monkeypatch, capsys)
     assert rc == 0, err
     replies = [json.loads(line) for line in out.strip().splitlines()]
     assert [r["turn"] for r in replies] == [1, 2, 3]

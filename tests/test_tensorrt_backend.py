@@ -16,7 +16,7 @@ import torch
 
 from caprese.errors import CapreseError
 from caprese.export import contract as C
-from test_export_support import MAX_SEQ, copy_engine, get_export
+from export_helpers import MAX_SEQ, copy_engine, get_export
 
 
 class FakeContext:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from caprese.export.manifest import load_manifest
-from test_export_support import get_export, method_artifact, prompt_ids
+from export_helpers import get_export, method_artifact, prompt_ids
 
 pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu]
 SEQ = 64  # --max-seq-len of every engine built here

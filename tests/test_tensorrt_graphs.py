@@ -22,7 +22,7 @@ from caprese.export import contract as C
 from caprese.export.manifest import load_manifest
 from caprese.export.tensorrt_graphs import static_cache_copy
 from test_export_parity import FP16_ATOL, STEPS, assert_close
-from test_export_support import MAX_SEQ, OrtLoop, get_export, prompt_ids, reference_decoder, reference_greedy
+from export_helpers import MAX_SEQ, OrtLoop, get_export, prompt_ids, reference_decoder, reference_greedy
 
 METHODS = ("dense", "griffin", "cats")
 

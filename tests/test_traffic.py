@@ -11,7 +11,7 @@ import pytest
 from caprese.export import contract as C
 from caprese.export.manifest import load_manifest
 from caprese.runtime.traffic import DecodeTraffic, decode_traffic
-from test_export_support import get_export
+from export_helpers import get_export
 
 _ROW_READERS = {("Gather", 0), ("RotaryEmbedding", 1), ("RotaryEmbedding", 2), ("GroupQueryAttention", 7),
                 ("GroupQueryAttention", 8)}

@@ -3,6 +3,10 @@
 
 Rows (--rows, comma-separated; default: all):
   genai-dense          ONNX Runtime GenAI, dense (the peer): its model builder run offline on the local folder
+  genai-int4, genai-int8
+                       the same builder with `-p int4` / `-p int8` and its defaults (MatMulNBits on every linear
+                       layer incl. the LM head; int4: block 32, accuracy_level 4): what a GenAI user runs on a CPU;
+                       the peer of caprese rows whose name says int4 / int8
   ort-dense            caprese dense engine (caprese.export) on the onnxruntime backend (Generator)
   ort-griffin          GRIFFIN, density 0.5, all layers, no adapters, onnxruntime
   ort-caprese-griffin  Caprese(GRIFFIN, 0.5, all layers, rank r), onnxruntime
@@ -83,7 +87,8 @@ import torch
 
 BENCH_VERSION = 2
 PEER = "genai-dense"
-ROW_NAMES = ("genai-dense", "ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats", "ort-contrib-dense",
+GENAI_ROWS = {"genai-dense": "fp32", "genai-int4": "int4", "genai-int8": "int8"}  # row -> builder precision
+ROW_NAMES = ("genai-dense", "genai-int4", "genai-int8", "ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats", "ort-contrib-dense",
              "ort-contrib-caprese-griffin", "native-dense", "native-caprese-griffin", "native-caprese-cats",
              "native-dense-full-head", "native-caprese-griffin-full-head", "torch-dense", "transformers")
 ORT_ROWS = ("ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats", "ort-contrib-dense",
@@ -452,19 +457,53 @@ class EngineRow(Row):
         return Sample(r.stats.ms_per_token, r.stats.bytes_per_step, r.tokens)
 
 
-class GenAIRow(Row):
-    name, label, backend = "genai-dense", "ONNX Runtime GenAI dense (peer)", "onnxruntime-genai"
+def peer_of(row: str) -> str:
+    """The GenAI row a caprese row is compared with: the one of the same weight width."""
+    base = row.split("@")[0]
+    return "genai-int4" if "int4" in base else "genai-int8" if "int8" in base else PEER
 
-    def __init__(self, folder: Path, threads: int, dense_bytes: float):
+
+def matmul_nbits_bytes(folder: Path) -> tuple[int, int]:
+    """(bytes the GenAI model's MatMulNBits nodes read: B + scales + zero points, bytes the same K x N matrices
+    take in fp32), from its graph (initializer shapes only; the external data is not loaded)."""
+    import onnx
+
+    m = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    init = {t.name: t for t in m.graph.initializer}
+    quant = fp32 = 0
+    for n in m.graph.node:
+        if n.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        fp32 += 4 * int(attrs["K"]) * int(attrs["N"])
+        for name in list(n.input)[1:4]:
+            if name in init:
+                t = init[name]
+                quant += math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return quant, fp32
+
+
+class GenAIRow(Row):
+    backend = "onnxruntime-genai"
+
+    def __init__(self, folder: Path, threads: int, dense_bytes: float, name: str = PEER):
         import onnxruntime_genai as og
 
-        self.og, self.dense_bytes = og, dense_bytes
+        self.og, self.name = og, name
+        width = GENAI_ROWS[name]
+        self.label = "ONNX Runtime GenAI dense (peer)" if width == "fp32" else f"ONNX Runtime GenAI {width}"
         cfg = og.Config(str(folder))
         cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
             "intra_op_num_threads": int(threads), "inter_op_num_threads": 1}}}}))
         self.model = og.Model(cfg)
         self.notes = {"model": str(folder), "onnxruntime_genai": og.__version__,
                       "bytes_source": "dense byte count of the model (not read from GenAI)"}
+        self.dense_bytes = dense_bytes
+        if width != "fp32":  # the dense count with every MatMulNBits matrix at its stored size instead of fp32
+            quant, fp32 = matmul_nbits_bytes(folder)
+            self.dense_bytes = dense_bytes - fp32 + quant
+            self.notes["bytes_source"] = ("dense byte count of the model with the MatMulNBits matrices at their "
+                                          "stored size (B + scales + zero points, from its graph)")
 
     def run(self, ids, n):
         og = self.og
@@ -540,19 +579,20 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
 
     dense_decoder = None
     dense_bytes = None
-    if any(r in rows for r in (PEER, "torch-dense", "transformers")):
+    if any(r in rows for r in (*GENAI_ROWS, "torch-dense", "transformers")):
         dense_decoder = load_decoder(model_dir, precision)
         dense_bytes = decode_bytes_per_step(dense_decoder, prompt_tokens + new_tokens / 2)
 
     built: list[Row] = []
     for name in rows:
-        if name == PEER:
+        if name in GENAI_ROWS:
             why = genai_unavailable()
             if why is None and precision != "fp32":
-                why = f"the GenAI row is built fp32 for CPU here (asked {precision})"
+                why = f"the GenAI rows are built for CPU with fp32 activations here (asked {precision})"
             if why is None:
                 try:
-                    built.append(GenAIRow(prepare_genai(model_dir, root, precision, log), threads, dense_bytes))
+                    folder = prepare_genai(model_dir, root, GENAI_ROWS[name], log)
+                    built.append(GenAIRow(folder, threads, dense_bytes, name))
                 except Exception as e:
                     why = str(e).splitlines()[0] if str(e) else type(e).__name__
             if why is not None:
@@ -619,9 +659,12 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
             per_round = [a / b for a, b in zip(r["ms_per_token_samples"], ref["ms_per_token_samples"])]
             r["ratio_to_same_engine_ort"] = _r(r["ms_per_token"] / ref["ms_per_token"])
             r["ratio_to_same_engine_ort_per_round"] = [_r(x) for x in per_round]
+    for r in results:
+        peer = by.get(peer_of(r["row"]))
+        if peer is not None:
+            r["ratio_to_peer"] = _r(r["ms_per_token"] / peer["ms_per_token"])
+            r["peer"] = peer["row"]
     if PEER in by:
-        for r in results:
-            r["ratio_to_peer"] = _r(r["ms_per_token"] / by[PEER]["ms_per_token"])
         peer_first = by[PEER].get("first_tokens")
         if peer_first and "ort-dense" in by and by["ort-dense"].get("first_tokens"):
             a, b = peer_first, by["ort-dense"]["first_tokens"]

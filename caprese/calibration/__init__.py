@@ -9,4 +9,5 @@ by layer-wise then end-to-end distillation into a calibration artifact.
     capture_store.py, distributed.py, fingerprint.py, progress.py: work-dir row files, torchrun, hashes, bars
     artifact.py     caprese.json + adapters.safetensors;  source.py: open a folder or an artifact for generation
     data.py, problems.py: calibration samples (a user's file, or the dense model's answers to built-in problems)
+    weight_quant.py low-bit weights of a whole decoder (RTN or GPTQ);  gptq.py, hessians.py: GPTQ and its statistics
 """

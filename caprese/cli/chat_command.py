@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from caprese.cli.options import engine_options, sampling_options
+from caprese.cli.options import engine_options, generation_options
 from caprese.cli.run_command import describe, open_generator
 
 HELP = "/reset starts over, /stats reports, /exit quits; Ctrl-C stops a reply"
@@ -35,9 +35,9 @@ def _read(prompt: str) -> str | None:
             _note("(Ctrl-D or /exit to quit)")
 
 
-def _reply(conv, text: str, max_new_tokens: int, sampling, reselect_every: int, as_json: bool):
-    """Stream one reply; SIGINT ends it after the current step instead of raising."""
-    stream = conv.say(text, max_new_tokens, sampling, reselect_every)
+def _reply(conv, text: str, run, as_json: bool):
+    """Stream one reply (RunOptions `run`); SIGINT ends it after the current step instead of raising."""
+    stream = conv.say(text, run.max_new_tokens, run.sampling, run.reselect_every)
     old = signal.signal(signal.SIGINT, lambda *_: stream.stop()) if _main_thread() else None
     try:
         for piece in stream:
@@ -59,15 +59,13 @@ def _main_thread() -> bool:
 
 @click.command("chat", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("engine_dir", type=click.Path(path_type=str))
-@click.option("--system", default=None, help="System message of the conversation.")
-@click.option("-n", "--max-new-tokens", default=512, show_default=True, type=click.IntRange(min=1),
-              help="Longest reply per turn (EOS stops earlier; the engine's max_seq_len bounds the conversation).")
+@generation_options(prompt=False, max_new_tokens=512, system_help="System message of the conversation.",
+                    new_tokens_help="Longest reply per turn (EOS stops earlier; the engine's max_seq_len bounds the "
+                                    "conversation).")
 @engine_options
-@sampling_options
 @click.option("--json", "as_json", is_flag=True,
               help="Print each reply as one JSON object (text + latency) instead of streaming it.")
-def chat_command(engine_dir, system, max_new_tokens, backend, threads, device, cuda_graph, full_head, temperature,
-                 top_k, top_p, seed, reselect_every, as_json) -> None:
+def chat_command(engine_dir, run, engine, as_json) -> None:
     """Chat with an engine folder from `caprese-export` (reads your turns from stdin).
 
     \b
@@ -76,18 +74,17 @@ def chat_command(engine_dir, system, max_new_tokens, backend, threads, device, c
     /exit    quit (so does Ctrl-D); Ctrl-C stops the reply being written
     """
     from caprese.runtime.conversation import ContextFull, Conversation
-    from caprese.runtime.generator import sampling_from
 
-    sampling = sampling_from(temperature, top_k, top_p, seed)
-    g = open_generator(engine_dir, backend, threads, device, cuda_graph, full_head)
-    conv = Conversation(g, system)
+    g = open_generator(engine_dir, engine)
+    conv = Conversation(g, run.system)
     tty = sys.stdin.isatty()
     if tty:
         try:
             import readline  # noqa: F401  (line editing for input())
         except ImportError:
             pass
-    _note(f"chat with {engine_dir} ({g.label}, {g.backend.name}, context {g.max_seq_len} tokens); {HELP}")
+    auto = " (auto)" if g.backend_requested == "auto" else ""
+    _note(f"chat with {engine_dir} ({g.label}, {g.backend.name}{auto}, context {g.max_seq_len} tokens); {HELP}")
     turn = 0
     while True:
         line = _read("> " if tty else "")
@@ -107,13 +104,13 @@ def chat_command(engine_dir, system, max_new_tokens, backend, threads, device, c
                 _note("new conversation")
             elif cmd == "/stats":
                 used = f"context {conv.context_tokens} of {g.max_seq_len} tokens"
-                _note(f"{conv.last.stats.report()} ({conv.last.stop_reason}) | {used}" if conv.last else
+                _note(f"{conv.last.report()} | {used}" if conv.last else
                       f"no reply yet | {used}")
             else:
                 _note(f"unknown command {cmd}; {HELP}")
             continue
         try:
-            result = _reply(conv, line, max_new_tokens, sampling, reselect_every, as_json)
+            result = _reply(conv, line, run, as_json)
         except ContextFull as e:
             _note(str(e))
             continue

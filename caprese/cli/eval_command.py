@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from caprese.calibration.problems import EVAL_MAX_NEW_TOKENS
-from caprese.cli.options import method_options
+from caprese.cli.options import BACKEND_CHOICES, method_options
 from caprese.errors import CapreseError
 
 
@@ -52,6 +52,9 @@ def format_table(rows: list[list[str]]) -> str:
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1 ...")
 @click.option("--threads", default=None, type=click.IntRange(min=1),
               help="CPU intra-op threads. Default: one per CPU not busy with other work, re-read every second.")
+@click.option("--backend", default=None, type=click.Choice(BACKEND_CHOICES),
+              help="For an ENGINE_DIR: the runtime that scores it (default auto: native on a CPU where it runs the "
+                   "engine, else onnxruntime; see `caprese run --help`). Not for model folders.")
 @click.option("--no-chat", is_flag=True, help="Send prompts as plain text instead of a chat-template user turn.")
 @click.option("--no-dense", is_flag=True, help="Skip the dense reference run.")
 @click.option("--save", default=None, type=click.Path(path_type=str, dir_okay=False), metavar="FILE",
@@ -59,14 +62,16 @@ def format_table(rows: list[list[str]]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--quiet", is_flag=True, help="No progress bar on stderr.")
 def eval_command(src, task_spec, limit, method, density, layers, base_model, reselect_every, max_new_tokens,
-                 batch_size, precision, device, threads, no_chat, no_dense, save, as_json, quiet) -> None:
+                 batch_size, precision, device, threads, backend, no_chat, no_dense, save, as_json, quiet) -> None:
     """Greedy accuracy of SRC on a math task, next to the dense model on the same problems.
 
     \b
-    SRC is a Hugging Face model folder or a calibration artifact (`caprese calibrate` output):
+    SRC is a Hugging Face model folder, a calibration artifact (`caprese calibrate` output) or an
+    exported engine folder (`caprese-export` output), which is scored on its runtime, as it ships:
       caprese eval runs/griffin-r64                         # Caprese vs its dense base model
       caprese eval MODEL_DIR --method griffin --density 0.5 # plain GRIFFIN baseline vs dense
       caprese eval MODEL_DIR --task jsonl:gsm8k_test.jsonl --limit 100
+      caprese eval ENGINE_DIR --backend native              # the engine alone, one prompt at a time
     The dense reference is the artifact's base model, or SRC itself without --method. A plain folder with
     no --method is dense already and runs once. The final answer of a reply is its `#### X`, else its last
     \\boxed{X}, else its last number; answers compare numerically.
@@ -87,6 +92,14 @@ def eval_command(src, task_spec, limit, method, density, layers, base_model, res
     if base_model is not None and not is_artifact(src):
         raise CapreseError("--base-model applies to a calibration artifact only; "
                            f"{src} is a plain model folder (no caprese.json)")
+    from caprese.export.manifest import MANIFEST
+
+    if (Path(src) / MANIFEST).is_file():
+        return _eval_engine(src, task_spec, limit, (method, layers, base_model), reselect_every, max_new_tokens, threads,
+                            backend, no_chat, save, as_json, quiet)
+    if backend is not None:
+        raise CapreseError(f"--backend applies to an exported engine folder; {src} is a model folder or artifact "
+                           "(scored with the PyTorch decoder: use --device / --precision)")
     task = load_task(task_spec, limit)
     kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, chat=not no_chat, progress=not quiet,
                   threads=threads)
@@ -106,10 +119,7 @@ def eval_command(src, task_spec, limit, method, density, layers, base_model, res
         del dense_tm
 
     if save:
-        with open(save, "w", encoding="utf-8") as fh:
-            for run in ([result] if dense is None or dense is result else [dense, result]):
-                for i, rec in enumerate(run.records):
-                    fh.write(json.dumps({"model": run.label, "index": i, **rec.to_dict()}) + "\n")
+        _save_records(save, [result] if dense is None or dense is result else [dense, result])
     if as_json:
         out = {**result.to_dict(), "src": str(src), "max_new_tokens": max_new_tokens, "precision": precision,
                "reselect_every": reselect_every, "dense": None if dense is None else dense.to_dict()}
@@ -119,3 +129,40 @@ def eval_command(src, task_spec, limit, method, density, layers, base_model, res
     rows.append(_row(result.label, result))
     click.echo(f"task {task.name}: {len(task)} problems, greedy, max {max_new_tokens} new tokens, {precision}")
     click.echo(format_table(rows))
+
+
+def _save_records(save: str, runs) -> None:
+    from caprese.atomic_output import atomic_file
+
+    with atomic_file(save) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for run in runs:
+            for i, rec in enumerate(run.records):
+                fh.write(json.dumps({"model": run.label, "index": i, **rec.to_dict()}) + "\n")
+
+
+def _eval_engine(src, task_spec, limit, fixed_at_export, reselect_every, max_new_tokens, threads, backend,
+                 no_chat, save, as_json, quiet) -> None:
+    """An engine folder: its own score on its runtime (no dense run: score the base model or a dense engine)."""
+    from caprese.evaluation.engine_eval import evaluate_engine
+    from caprese.evaluation.tasks import load_task
+    from caprese.runtime import EngineOptions, Generator
+
+    if any(v is not None for v in fixed_at_export):
+        raise CapreseError(f"{src} is an exported engine: its method and base model are fixed at export; drop "
+                           "--method / --layers / --base-model")
+    task = load_task(task_spec, limit)
+    g = Generator.open(src, EngineOptions(backend=backend or "auto", threads=threads))
+    backend = g.backend.name
+    result = evaluate_engine(g, task, max_new_tokens, chat=not no_chat, progress=not quiet,
+                             reselect_every=reselect_every)
+    if save:
+        _save_records(save, [result])
+    if as_json:
+        click.echo(json.dumps({**result.to_dict(), "src": str(src), "backend": backend,
+                               "backend_requested": g.backend_requested, "backend_reason": g.backend_reason,
+                               "max_new_tokens": max_new_tokens, "precision": g.manifest.spec.precision,
+                               "reselect_every": reselect_every, "dense": None}))
+        return
+    click.echo(f"task {task.name}: {len(task)} problems, greedy, max {max_new_tokens} new tokens, engine "
+               f"{g.manifest.spec.precision} on {backend}")
+    click.echo(format_table([_row(result.label, result)]))

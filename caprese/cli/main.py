@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from caprese.cli.entry import run
-from caprese.cli.options import BACKEND_CHOICES, method_options, prompt_options, sampling_options
+from caprese.cli.options import BACKEND_CHOICES, generation_options, method_options
 from caprese.errors import CapreseError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -41,21 +41,20 @@ def fetch_default_cmd(force: bool) -> None:
 
 @cli.command("generate")
 @click.argument("model_dir", type=click.Path(path_type=str))
-@prompt_options
+@generation_options()
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
               help="Weights and activations dtype (reductions stay in fp32).")
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1 ...")
 @click.option("--threads", default=None, type=click.IntRange(min=1),
               help="CPU intra-op threads. Default: one per CPU not busy with other work, re-read every second.")
-@sampling_options
 @method_options
 @click.option("--base-model", default=None, type=click.Path(path_type=str),
               help="For an artifact: the base model folder, when it has moved since calibration.")
 @click.option("--backend", default=None, type=click.Choice(BACKEND_CHOICES),
-              help="For an engine folder: what runs it (default onnxruntime; the same as `caprese run`).")
+              help="For an engine folder: what runs it (default auto; the same as `caprese run`).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text + latency) instead of streaming.")
-def generate_cmd(model_dir, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, seed, reselect_every,
-                 precision, device, threads, method, density, layers, base_model, backend, as_json) -> None:
+def generate_cmd(model_dir, prompt, run, precision, device, threads, method, density, layers, base_model, backend,
+                 as_json) -> None:
     """Generate a reply with the PyTorch reference decoder, or with an engine folder's runtime.
 
     MODEL_DIR is a local Hugging Face folder, or a calibration artifact from `caprese calibrate` (which names
@@ -69,38 +68,35 @@ def generate_cmd(model_dir, prompt, chat, system, max_new_tokens, temperature, t
     """
     from caprese.calibration.source import open_source
     from caprese.export.manifest import MANIFEST
-    from caprese.model.sampling import Sampling
 
     if (Path(model_dir) / MANIFEST).is_file():  # an engine folder: the runtime runs it
         from caprese.cli.run_command import run_engine
+        from caprese.runtime.engine_options import EngineOptions
 
         if method is not None or base_model is not None or precision != "fp32":
             raise CapreseError(f"{model_dir} is an engine folder: its method and precision were fixed at export; "
                                "drop --method/--precision/--base-model (or pass the model folder)")
-        run_engine(model_dir, prompt, chat, system, max_new_tokens, backend or "onnxruntime", threads, device, None,
-                   temperature, top_k, top_p, seed, reselect_every, False, as_json)
+        run_engine(model_dir, prompt, run, EngineOptions(backend or "auto", threads, device), as_json)
         return
     if backend is not None:
         raise CapreseError("--backend applies to engine folders from caprese-export; MODEL_DIR runs on the PyTorch "
                            "reference decoder (--device picks cpu or cuda)")
 
     model = open_source(model_dir, method, density, layers, precision, device, base_model)
+    model.threads = threads
     stream = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
-    result = model.generate(prompt, chat, system, max_new_tokens, Sampling(temperature, top_k, top_p, seed), stream,
-                            reselect_every, threads)
+    result = model.run(prompt, run, on_text=stream)
     if as_json:
         click.echo(json.dumps({**result.to_dict(), "model_dir": str(model_dir), "method": model.label,
                                "backend": "torch", "device": device, "precision": precision}))
         return
-    s = result.stats
     click.echo("")
-    click.echo(f"[caprese] prompt {s.prompt_tokens} tokens | generated {s.tokens_generated} ({result.stop_reason}) | "
-               f"TTFT {s.ttft_ms:.1f} ms | {s.ms_per_token:.2f} ms/token (p50 {s.percentile(50):.2f}, "
-               f"p90 {s.percentile(90):.2f}) | {s.tokens_per_s:.1f} tokens/s", err=True)
+    click.echo(f"[caprese] {result.report()}", err=True)
 
 
-def _register_optional_commands() -> None:
-    """Commands that live in their own modules (each importing only what it needs, lazily)."""
+def _register_commands() -> None:
+    """Commands that live in their own modules (each imports what it needs lazily, so importing them is cheap).
+    They ship with caprese: an import failure is a bug and surfaces as one."""
     import importlib
 
     for module, attr, name in (("caprese.cli.calibrate_command", "calibrate_command", "calibrate"),
@@ -108,14 +104,10 @@ def _register_optional_commands() -> None:
                                ("caprese.cli.export_command", "export", "export"),
                                ("caprese.cli.run_command", "run_command", "run"),
                                ("caprese.cli.chat_command", "chat_command", "chat")):
-        try:
-            cli.add_command(getattr(importlib.import_module(module), attr), name)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
+        cli.add_command(getattr(importlib.import_module(module), attr), name)
 
 
-_register_optional_commands()
+_register_commands()
 
 
 def main() -> None:

@@ -1,7 +1,11 @@
 """Options shared by the commands that generate text (`generate`, `run`, `chat`) or evaluate (`eval`): one
-definition each, so the flags, defaults and help read the same everywhere."""
+definition each, so the flags, defaults and help read the same everywhere. The generation and engine flags
+reach the command as the objects the Python API takes: `run` (caprese.model.run_options.RunOptions) and
+`engine` (caprese.runtime.engine_options.EngineOptions)."""
 
 from __future__ import annotations
+
+import functools
 
 import click
 
@@ -14,16 +18,34 @@ def _apply(f, options):
     return f
 
 
-BACKEND_CHOICES = ["onnxruntime", "native", "torch", "tensorrt"]
+BACKEND_CHOICES = ["auto", "onnxruntime", "native", "torch", "tensorrt"]
+BACKEND_HELP = ("What runs the engine: auto (default) picks the fastest this engine and machine allow (CPU: native "
+                "where it runs the engine, else onnxruntime; CUDA: tensorrt where the folder has plans, else torch) "
+                "and the report says which; the ONNX graphs on ONNX Runtime; native (CPU, fp32: prefill on ONNX "
+                "Runtime, each decode step in caprese's C kernel, compiled at first use); TensorRT plans; or the "
+                "PyTorch reference decoder of the exported model.")
+
+
+def _collect(f, build):
+    """Wrap command callback f: build(kwargs) pops the flags it owns from kwargs and adds the objects it makes."""
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        build(kwargs)
+        return f(*args, **kwargs)
+    return wrapper
 
 
 def engine_options(f):
-    """--backend, --threads, --device, --cuda-graph, --full-head (`run`, `chat`)."""
-    return _apply(f, [
-        click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(BACKEND_CHOICES),
-                     help="What runs the engine: the ONNX graphs on ONNX Runtime; native (CPU, fp32: prefill on "
-                          "ONNX Runtime, each decode step in caprese's C kernel, compiled at first use); TensorRT "
-                          "plans; or the PyTorch reference decoder of the exported model."),
+    """--backend, --threads, --device, --cuda-graph, --full-head (`run`, `chat`) -> `engine`: EngineOptions."""
+    def build(kw):
+        from caprese.runtime.engine_options import EngineOptions
+
+        kw["engine"] = EngineOptions(kw.pop("backend"), kw.pop("threads"), kw.pop("device"), kw.pop("cuda_graph"),
+                                     "full" if kw.pop("full_head") else None)
+
+    return _apply(_collect(f, build), [
+        click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKEND_CHOICES),
+                     help=BACKEND_HELP),
         click.option("--threads", default=None, type=click.IntRange(min=1),
                      help="Intra-op threads (ONNX Runtime / native / torch). Default: ONNX Runtime and torch use "
                           "one per CPU not busy with other work; native its own choice."),
@@ -33,26 +55,47 @@ def engine_options(f):
                      help="torch on cuda: capture the decode step once as a CUDA graph and replay it (default on)."),
         click.option("--full-head", is_flag=True,
                      help="native: compute every logit of the LM head in fp32 on every step. By default greedy "
-                          "and top-k (k <= 256) steps screen the head with an int8 copy and recompute in fp32 only "
-                          "the rows that can be among the k largest: the same tokens (and samples), a quarter of "
-                          "the head's bytes."),
+                          "and top-k (k <= 256) steps screen the head with an int8 copy where a probe at load "
+                          "found that faster on this CPU, recomputing in fp32 only the rows that can be among the "
+                          "k largest: the same tokens (and samples), a quarter of the head's bytes."),
     ])
 
 
-def prompt_options(f):
-    """-p/--prompt, --chat, --system, -n/--max-new-tokens."""
-    return _apply(f, [
-        click.option("-p", "--prompt", required=True, help="Prompt text."),
-        click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template (one user turn)."),
-        click.option("--system", default=None, help="System message for --chat."),
-        click.option("-n", "--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
-                     help="Stop after this many new tokens (EOS stops earlier)."),
-    ])
+def generation_options(prompt: bool = True, max_new_tokens: int = 256, ignore_eos: bool = False,
+                       system_help: str = "System message for --chat.",
+                       new_tokens_help: str = "Stop after this many new tokens (EOS stops earlier)."):
+    """-p/--prompt and --chat (with `prompt`), --system, -n/--max-new-tokens, the sampling flags, --reselect-every
+    (and --ignore-eos) -> `run`: RunOptions (and `prompt`, the text)."""
+    def build(kw):  # imported here: `--help` does not load torch
+        from caprese.model.run_options import RunOptions
+        from caprese.model.sampling import Sampling
+
+        sampling = Sampling(kw.pop("temperature"), kw.pop("top_k"), kw.pop("top_p"), kw.pop("seed"))
+        kw["run"] = RunOptions(kw.pop("max_new_tokens"), sampling, kw.pop("chat", False), kw.pop("system"),
+                               kw.pop("reselect_every"), kw.pop("ignore_eos", False))
+
+    def decorate(f):
+        opts = []
+        if prompt:
+            opts += [click.option("-p", "--prompt", required=True, help="Prompt text."),
+                     click.option("--chat", is_flag=True,
+                                  help="Wrap the prompt in the tokenizer's chat template (one user turn).")]
+        opts += [click.option("--system", default=None, help=system_help),
+                 click.option("-n", "--max-new-tokens", default=max_new_tokens, show_default=True,
+                              type=click.IntRange(min=1), help=new_tokens_help)]
+        if ignore_eos:
+            opts_tail = [click.option("--ignore-eos", is_flag=True,
+                                      help="Always generate --max-new-tokens tokens (benchmarks).")]
+        else:
+            opts_tail = []
+        return _apply(_collect(f, build), opts + _sampling_flags() + opts_tail)
+
+    return decorate
 
 
-def sampling_options(f):
+def _sampling_flags() -> list:
     """--temperature, --top-k, --top-p, --seed, --reselect-every."""
-    return _apply(f, [
+    return [
         click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy."),
         click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off."),
         click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
@@ -61,7 +104,7 @@ def sampling_options(f):
         click.option("--reselect-every", default=0, show_default=True, type=click.IntRange(min=0),
                      help="GRIFFIN: every N decode steps, run the last N tokens through a dense (prefill) pass and "
                           "re-select the neurons (0 = never)."),
-    ])
+    ]
 
 
 METHOD_CHOICES = ["dense", *METHODS]

@@ -122,13 +122,18 @@ def evaluate(text_model, task: Task, max_new_tokens: int = EVAL_MAX_NEW_TOKENS, 
     finally:
         if bar is not None:
             bar.close()
-    records = []
-    for (prompt, gold), (toks, reason) in zip(task.items, replies):
-        text = text_model.tokenizer.decode(toks, skip_special_tokens=True)
-        pred = extract_answer(text)
-        records.append(ItemRecord(prompt, gold, pred, text, len(toks), is_correct(pred, gold), reason, list(toks)))
-    wall = time.perf_counter() - t0
+    records = [score_reply(prompt, gold, text_model.tokenizer.decode(toks, skip_special_tokens=True), toks, reason)
+               for (prompt, gold), (toks, reason) in zip(task.items, replies)]
+    return result_of(text_model.label, task, records, extra_parameter_share(text_model), time.perf_counter() - t0)
+
+
+def score_reply(prompt: str, gold: str, text: str, tokens: list[int], stop_reason: str) -> ItemRecord:
+    """One problem's record: the answer pulled out of the decoded reply, compared with the gold."""
+    pred = extract_answer(text)
+    return ItemRecord(prompt, gold, pred, text, len(tokens), is_correct(pred, gold), stop_reason, list(tokens))
+
+
+def result_of(label: str, task: Task, records: list[ItemRecord], extra_params_pct: float, wall_s: float) -> EvalResult:
     correct = sum(r.correct for r in records)
     mean_tokens = sum(r.tokens for r in records) / len(records)
-    return EvalResult(text_model.label, task.name, correct, len(records), mean_tokens,
-                      extra_parameter_share(text_model), wall, records)
+    return EvalResult(label, task.name, correct, len(records), mean_tokens, extra_params_pct, wall_s, records)

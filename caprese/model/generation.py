@@ -20,11 +20,15 @@ from caprese.model.sampling import Sampling, sample
 
 @dataclasses.dataclass
 class GenerationStats:
+    """The latency of one generation: the one stats/report type of the reference decoder and (extended by
+    caprese.runtime.stats.RuntimeStats with memory traffic) of every engine backend."""
+
     prompt_tokens: int
     tokens_generated: int  # decode outputs per sequence, the stop token included
     ttft_ms: float  # prefill + first token
     step_ms: list[float]  # one entry per decode step after the first token
     batch: int = 1
+    backend: str = ""  # what ran: "torch (reference)", "onnxruntime", "native (auto)" ...
 
     @property
     def ms_per_token(self) -> float:
@@ -45,6 +49,16 @@ class GenerationStats:
                 "batch": self.batch, "ttft_ms": round(self.ttft_ms, 3),
                 "ms_per_token": round(self.ms_per_token, 3), "ms_per_token_p50": round(self.percentile(50), 3),
                 "ms_per_token_p90": round(self.percentile(90), 3), "tokens_per_s": round(self.tokens_per_s, 2)}
+
+    def report_parts(self) -> list[str]:
+        """The report's fields, in order (RuntimeStats adds memory traffic and use before the backend)."""
+        return [f"prompt {self.prompt_tokens} tokens", f"generated {self.tokens_generated}",
+                f"TTFT {self.ttft_ms:.1f} ms", f"{self.ms_per_token:.2f} ms/token (p50 {self.percentile(50):.2f}, "
+                f"p90 {self.percentile(90):.2f})", f"{self.tokens_per_s:.1f} tokens/s"]
+
+    def report(self) -> str:
+        """One human line (stderr of `caprese generate` / `run`, `/stats` in chat)."""
+        return " | ".join(self.report_parts() + ([f"backend: {self.backend}"] if self.backend else []))
 
 
 @dataclasses.dataclass

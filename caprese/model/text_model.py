@@ -2,8 +2,11 @@
 
     from caprese.model import TextModel
     tm = TextModel.load("path/to/model", precision="fp32")
-    reply = tm.generate("What is 12 + 7?", chat=True, max_new_tokens=64)
+    reply = tm.generate("What is 12 + 7?", max_new_tokens=64, chat=True)
     print(reply.text, reply.stats.ms_per_token)
+
+generate() takes RunOptions' fields in RunOptions' order, as caprese.runtime.Generator.generate does, and its
+result reports through the same stats type (GenerationStats; the runtime's RuntimeStats extends it).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Callable
 from caprese.errors import CapreseError
 from caprese.model.decoder import Decoder
 from caprese.model.generation import GenerationStats, generate
+from caprese.model.run_options import RunOptions
 from caprese.model.loading import load_decoder
 from caprese.model.sampling import Sampling
 from caprese.model.spec import load_spec
@@ -24,12 +28,16 @@ from caprese.model.tokenizer import IncrementalDecoder, encode_prompt, load_toke
 @dataclasses.dataclass
 class TextResult:
     text: str
-    tokens: list[int]
-    stop_reason: str  # "eos" | "length"
+    tokens: list[int]  # new tokens, the stop token excluded
+    stop_reason: str  # "eos" | "length" (engines also: "context", "interrupted")
     stats: GenerationStats
 
     def to_dict(self) -> dict:
         return {"text": self.text, **self.stats.to_dict(), "stop_reason": self.stop_reason}
+
+    def report(self) -> str:
+        """The stats' one-line report and why the reply stopped."""
+        return f"{self.stats.report()} ({self.stop_reason})"
 
 
 class TextModel:
@@ -37,6 +45,7 @@ class TextModel:
         self.decoder, self.tokenizer, self.model_dir = decoder, tokenizer, model_dir
         self.eos_ids = stop_ids(decoder.spec.eos_token_ids, tokenizer)
         self.label = "dense"  # what runs: "dense", "griffin(d=0.5, first-half)", "caprese(griffin, ...)"
+        self.threads: int | None = None  # CPU intra-op threads; None: one per free CPU (caprese.cpu_threads)
 
     @classmethod
     def load(cls, model_dir: str | Path, precision: str = "fp32", device: str = "cpu") -> "TextModel":
@@ -56,25 +65,30 @@ class TextModel:
             raise CapreseError("the prompt encodes to zero tokens; give a non-empty prompt")
         return ids
 
-    def generate(self, prompt: str | list[int], chat: bool = False, system: str | None = None,
-                 max_new_tokens: int = 256, sampling: Sampling = Sampling(),
-                 on_text: Callable[[str], None] | None = None, reselect_every: int = 0,
-                 threads: int | None = None) -> TextResult:
-        """Reply to `prompt` (text, or token ids used as they are); `on_text` receives text pieces as they form.
-        `threads`: CPU intra-op threads, by default one per free CPU (caprese.cpu_threads)."""
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 256, sampling: Sampling = Sampling(),
+                 chat: bool = False, system: str | None = None, reselect_every: int = 0,
+                 ignore_eos: bool = False, on_text: Callable[[str], None] | None = None) -> TextResult:
+        """Reply to `prompt` (text, or token ids used as they are); the arguments are RunOptions' fields, in its
+        order; `on_text` receives text pieces as they form. CPU threads: self.threads."""
         ids = list(prompt) if isinstance(prompt, (list, tuple)) else self.encode(prompt, chat, system)
         limit = self.decoder.spec.max_position_embeddings
         if len(ids) + max_new_tokens > limit:
             raise CapreseError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                                f"context of {limit}; ask for fewer new tokens")
         on_token = None if on_text is None else TextStreamer(self.tokenizer, on_text)
-        result = generate(self.decoder, ids, max_new_tokens, sampling, self.eos_ids, on_token, reselect_every,
-                          threads)
+        result = generate(self.decoder, ids, max_new_tokens, sampling, () if ignore_eos else self.eos_ids, on_token,
+                          reselect_every, self.threads)
         if on_token is not None:
             on_token.flush()
         tokens = result.tokens[0]
+        result.stats.backend = "torch (reference)"
         return TextResult(self.tokenizer.decode(tokens, skip_special_tokens=True), tokens, result.stop_reason[0],
                           result.stats)
+
+    def run(self, prompt: str | list[int], options: RunOptions = RunOptions(),
+            on_text: Callable[[str], None] | None = None) -> TextResult:
+        """generate() with its options as one object (what `caprese generate` builds from its flags)."""
+        return self.generate(prompt, **options.kwargs(), on_text=on_text)
 
 
 class TextStreamer:

@@ -88,20 +88,10 @@ class Backend:
         return {}
 
 
-def kv_slots(need: int, max_seq_len: int, policy: str | int) -> int:
-    """KV slots to allocate for `need`: "max" = the engine's max_seq_len; "fit" = `need` rounded up to a
-    multiple of 256 (ONNX Runtime's Attention costs time per *allocated* slot, so a short chat pays for a short
-    buffer), at most max_seq_len; an int = that many (at least `need`)."""
-    if policy == "max":
-        return max_seq_len
-    if policy == "fit":
-        return min(max_seq_len, -(-need // 256) * 256)
-    return min(max_seq_len, max(int(policy), need))
-
-
 def open_backend(name: str, manifest, threads: int | None = None, **options) -> Backend:
     if name not in BACKENDS:
-        raise CapreseError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+        raise CapreseError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)} (or auto: Generator.load / "
+                           "Generator.open)")
     module, attr = BACKENDS[name]
     cls = getattr(importlib.import_module(module), attr)
     accepted = inspect.signature(cls.__init__).parameters

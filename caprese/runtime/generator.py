@@ -28,23 +28,24 @@ from typing import Callable, Iterator
 from caprese.errors import CapreseError
 from caprese.export import contract as C
 from caprese.export.manifest import load_manifest
-from caprese.model.sampling import Sampling, sample
+from caprese.model.run_options import RunOptions
+from caprese.model.sampling import Sampling
+from caprese.model.text_model import TextResult
 from caprese.model.tokenizer import IncrementalDecoder, encode_prompt, load_tokenizer, stop_ids
 from caprese.runtime.backend import open_backend
+from caprese.runtime.decode_policy import DecodePolicy
+from caprese.runtime.engine_options import AUTO, EngineOptions, choose_backend
 from caprese.runtime.selection import PROMPT, RESELECT, Chunk, SelectionState
 from caprese.runtime.stats import RuntimeStats, peak_rss_mb
 from caprese.runtime.traffic import decode_traffic
 
 
 @dataclasses.dataclass
-class RuntimeResult:
-    text: str
-    tokens: list[int]  # new tokens, the stop token excluded
-    stop_reason: str  # "eos" | "length" | "context" (the engine's max_seq_len) | "interrupted"
-    stats: RuntimeStats
+class RuntimeResult(TextResult):
+    """TextResult (the reference decoder's result type) with RuntimeStats; stop_reason also "context" (the
+    engine's max_seq_len) or "interrupted"."""
 
-    def to_dict(self) -> dict:
-        return {"text": self.text, **self.stats.to_dict(), "stop_reason": self.stop_reason}
+    stats: RuntimeStats
 
 
 def method_label(manifest) -> str:
@@ -78,6 +79,7 @@ class _Run:
         skipped = round(statistics.fmean(self.skipped)) if self.skipped else 0
         stats = RuntimeStats(prompt_tokens=len(self.ids), tokens_generated=len(self.produced),
                              ttft_ms=self.ttft_ms, step_ms=list(self.step_ms), batch=1, backend=b.name,
+                             backend_requested=g.backend_requested,
                              device=b.device, reused_tokens=self.start, prefill_tokens=len(self.ids) - self.start,
                              kv_slots=b.capacity, weight_bytes_per_step=g.traffic.weight_bytes - skipped,
                              kv_bytes_per_step=g.traffic.kv_bytes(slots), peak_rss_mb=peak_rss_mb(),
@@ -141,26 +143,48 @@ class Generator:
     def __init__(self, manifest, backend, tokenizer):
         self.manifest, self.backend, self.tokenizer = manifest, backend, tokenizer
         self.layout: C.GraphLayout = manifest.layout
-        self.max_seq_len = int(manifest.data["max_seq_len"])
-        self.max_prompt_len = int(manifest.data["max_prompt_len"])
+        self.max_seq_len = manifest.spec.max_seq_len
+        self.max_prompt_len = manifest.spec.max_prompt_len
         self.eos_ids = stop_ids(manifest.model.eos_token_ids, tokenizer)
         self.traffic = decode_traffic(manifest)
         self.label = method_label(manifest)
         self.approximated = any(k != C.DENSE for k in self.layout.layer_kinds)
         self.selection = SelectionState()
         self.cached: list[int] = []  # the tokens whose K/V fill slots 0..len-1 of the backend's cache
+        self.backend_requested = backend.name  # "auto" when open()/load() chose the backend
+        self.backend_reason = ""  # why auto chose it
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "onnxruntime", threads: int | None = None,
              **options) -> "Generator":
-        """Open ENGINE_DIR (manifest validated) on `backend`: "onnxruntime", "native", "torch" or "tensorrt".
+        """Open ENGINE_DIR (manifest validated) on `backend`: "onnxruntime", "native", "torch", "tensorrt", or
+        "auto" (the fastest this engine and machine allow: caprese.runtime.engine_options).
 
-        options go to the backend: device ("cpu" / "cuda"), kv_policy ("fit" / "max" / slots; onnxruntime),
-        share_weights (onnxruntime), source / base_model / static / cuda_graph (torch), head ("screened" /
-        "full"; native: whether greedy and top-k steps screen the LM head)."""
-        manifest = load_manifest(engine_dir)
-        tokenizer = load_tokenizer(manifest.folder)
-        return cls(manifest, open_backend(backend, manifest, threads, **options), tokenizer)
+        options go to the backend: device ("cpu" / "cuda"), kv_policy ("fit" / "max" / slots; onnxruntime,
+        native), share_weights (onnxruntime), source / base_model / static / cuda_graph (torch), head ("auto" /
+        "screened" / "full"; native: whether greedy and top-k steps screen the LM head; auto, the default: where
+        a probe at load found it faster)."""
+        return cls._on(load_manifest(engine_dir), backend, threads, lambda name: options, options.get("device"))
+
+    @classmethod
+    def open(cls, engine_dir: str | Path, options: EngineOptions = EngineOptions()) -> "Generator":
+        """load() with the options as one object (what `caprese run` / `chat` build from their flags; its
+        backend defaults to "auto")."""
+        return cls._on(load_manifest(engine_dir), options.backend, options.threads, options.backend_options,
+                       options.device)
+
+    @classmethod
+    def _on(cls, manifest, backend: str, threads: int | None, options_for: Callable[[str], dict],
+            device: str | None) -> "Generator":
+        name, why = choose_backend(manifest, device) if backend == AUTO else (backend, "")
+        g = cls(manifest, open_backend(name, manifest, threads, **options_for(name)), load_tokenizer(manifest.folder))
+        g.backend_requested, g.backend_reason = backend, why
+        return g
+
+    def run(self, prompt: str | list[int], options: RunOptions = RunOptions(),
+            on_text: Callable[[str], None] | None = None) -> RuntimeResult:
+        """generate() with its options as one object (what `caprese run` builds from its flags)."""
+        return self.generate(prompt, **options.kwargs(), on_text=on_text)
 
     # ---- text ----
     def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
@@ -179,9 +203,9 @@ class Generator:
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 256, sampling: Sampling = Sampling(),
                  chat: bool = False, system: str | None = None, reselect_every: int = 0,
-                 on_text: Callable[[str], None] | None = None, ignore_eos: bool = False) -> RuntimeResult:
-        """Reply to `prompt` (text, or token ids used as they are); `on_text` receives text pieces as they form.
-        ignore_eos: always generate max_new_tokens (benchmarks)."""
+                 ignore_eos: bool = False, on_text: Callable[[str], None] | None = None) -> RuntimeResult:
+        """Reply to `prompt` (text, or token ids used as they are); the arguments are RunOptions' fields, in its
+        order (TextModel.generate takes the same); `on_text` receives text pieces as they form."""
         return self.stream(prompt, max_new_tokens, sampling, chat, system, reselect_every,
                            ignore_eos).consume(on_text)
 
@@ -246,6 +270,7 @@ class Generator:
         b, ids, eos = self.backend, run.ids, run.eos
         b.reserve(len(ids) + max_new, keep=run.start)
         generator = sampling.generator(b.logits_device)
+        policy = DecodePolicy.of(sampling)
         try:
             t0 = time.perf_counter()
             for s in range(run.start, len(ids), self.max_prompt_len):
@@ -254,7 +279,7 @@ class Generator:
                 self.selection.add(Chunk(s, s + len(chunk), PROMPT, out.griffin, out.tau))
                 self.cached = ids[:s + len(chunk)]
             self._select()
-            token = int(sample(out.logits, sampling, generator)[0])
+            token = policy.choose(out.logits, generator)
             run.ttft_ms = (time.perf_counter() - t0) * 1000
             run.produced.append(token)
             if token in eos:
@@ -272,19 +297,13 @@ class Generator:
                     out = b.prefill(fed[-reselect_every:], ws)
                     self.selection.add(Chunk(ws, slot + i + 1, RESELECT, out.griffin, out.tau))
                     self._select()
-                    logits = out.logits
+                    nxt = policy.choose(out.logits, generator)
                 else:
-                    logits = None
-                    if sampling.greedy:  # a backend may find the argmax (or the top k) without every logit
-                        nxt = b.decode_greedy(token, slot + i)
-                    elif sampling.top_k:
-                        logits = b.decode_top(token, slot + i, sampling.top_k)
-                    else:
-                        logits = b.decode(token, slot + i)
+                    nxt = policy.next_token(b, token, slot + i, generator)
                     run.attended.append(b.attended(slot + i))
                     run.skipped.append(b.skipped_bytes())
                 self.cached.append(token)
-                token = nxt if logits is None else int(sample(logits, sampling, generator)[0])
+                token = nxt
                 now = time.perf_counter()
                 run.step_ms.append((now - last) * 1000)
                 last = now
@@ -306,4 +325,5 @@ def sampling_from(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, 
         raise CapreseError(str(e)) from None
 
 
-__all__ = ["Generator", "RuntimeResult", "TextStream", "Sampling", "sampling_from", "method_label"]
+__all__ = ["Generator", "RuntimeResult", "TextStream", "Sampling", "RunOptions", "EngineOptions", "sampling_from",
+           "method_label"]

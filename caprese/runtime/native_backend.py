@@ -5,8 +5,11 @@ Why: at batch 1 on a CPU a decode step streams every weight once; ONNX Runtime r
 layer, each a separate thread-pool dispatch, and cannot pre-pack GRIFFIN's per-prompt matrices. The kernel runs
 the whole step in one call over the weights of weights.bin (copied once into one 2 MiB-aligned arena,
 transparent huge pages requested), the KV buffers and the folded selection buffers the onnxruntime backend
-already owns. fp32 engines only; the prefill graph is ONNX Runtime's. The kernel is built for the CPU's widest
-instruction set, or the one `isa` / $CAPRESE_NATIVE_ISA names (native/library.py), and the report names it.
+already owns. fp32 engines only; the prefill graph is ONNX Runtime's: the backend composes an OrtGraphs runner
+of it (prefill, selection, folding, the shared buffer set) and binds the kernel to that runner's buffers. Every
+weight is found through the engine spec (manifest.spec: caprese/export/engine_spec.py), by role. The kernel is
+built for the CPU's widest instruction set, or the one `isa` / $CAPRESE_NATIVE_ISA names (native/library.py), and
+the report names it.
 
 Greedy and top-k steps may screen the LM head: an int8 copy of it with per-row error bounds picks the few rows
 that can be among the k largest logits, and only those are recomputed in fp32, so the argmax (or the top k,
@@ -28,10 +31,12 @@ import numpy as np
 
 from caprese.errors import CapreseError
 from caprese.export import contract as C
+from caprese.export.engine_spec import WeightRef
+from caprese.runtime.backend import Backend, PrefillOut
 from caprese.runtime.native import library as lib_
 from caprese.runtime.native.head_choice import HeadChoice, choose
 from caprese.runtime.native.screened_head import quantize_head
-from caprese.runtime.ort_backend import OrtBackend
+from caprese.runtime.ort_backend import OrtGraphs
 
 _ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 _HUGE = 2 << 20
@@ -46,21 +51,22 @@ class _Arena:
     """The decode step's weights, copied out of weights.bin into one 2 MiB-aligned buffer (THP-advised); the
     `mapped` ones (a table a step reads one row of) stay in the read-only memory map of weights.bin instead."""
 
-    def __init__(self, manifest, names: list[str], mapped: set[str] = frozenset()):
-        table = manifest.data["weights"]
+    def __init__(self, manifest, refs: list[WeightRef], mapped: set[str] = frozenset()):
+        refs = list({r.name: r for r in refs}.values())  # the tied embedding is also the head: once
         offsets, total = {}, 0
-        for n in dict.fromkeys(names):
-            if n not in mapped:
-                offsets[n] = total
-                total += -(-int(table[n]["length"]) // 64) * 64
+        for r in refs:
+            if r.dtype != "float32" or r.quant is not None:
+                raise CapreseError(f"the native backend runs fp32 engines; {r.name} is {r.dtype}"
+                                   + (" (quantized)" if r.quant is not None else ""))
+            if r.name not in mapped:
+                offsets[r.name] = total
+                total += -(-r.nbytes // 64) * 64
         self.buf = huge_buffer(total)
         self._src = np.memmap(manifest.file("weights"), dtype=np.uint8, mode="r")
         self.views: dict[str, np.ndarray] = {}
         with open(manifest.file("weights"), "rb", buffering=0) as f:  # read, not mapped: the copied tensors'
-            for n in dict.fromkeys(names):                           # file pages stay out of this process's RSS
-                e = table[n]
-                if e["dtype"] != "float32":
-                    raise CapreseError(f"the native backend runs fp32 engines; {n} is {e['dtype']}")
+            for r in refs:                                           # file pages stay out of this process's RSS
+                n, e = r.name, manifest.entry(r)  # where it is; its shape and dtype were checked on load
                 begin, length = int(e["offset"]), int(e["length"])
                 if n in mapped:
                     dst = self._src[begin:begin + length]
@@ -74,10 +80,10 @@ class _Arena:
                             raise CapreseError(f"{manifest.file('weights')} ends inside {n}; export the engine "
                                                "again")
                         got += k
-                self.views[n] = dst.view(np.float32).reshape(e["shape"])
+                self.views[n] = dst.view(np.float32).reshape(r.shape)
 
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self.views[name]
+    def __getitem__(self, ref: WeightRef) -> np.ndarray:
+        return self.views[ref.name]
 
 
 def huge_buffer(nbytes: int) -> np.ndarray:
@@ -105,37 +111,47 @@ def _advise_huge(buf: np.ndarray) -> None:
         pass
 
 
-class NativeBackend(OrtBackend):
+def native_unsupported(manifest) -> str | None:
+    """Why the native backend cannot run this engine (a one-line reason), or None if it can."""
+    spec = manifest.spec
+    if spec.precision != "fp32":
+        return (f"the native backend runs fp32 engines; this one is {spec.precision} (use --backend onnxruntime, "
+                "or export with --precision fp32)")
+    if manifest.model.activation not in _ACTIVATIONS:
+        return f"the native backend has no {manifest.model.activation!r} activation; use --backend onnxruntime"
+    quantized = next((path for path, w in spec.refs() if w.quant is not None), None)
+    if quantized:
+        return f"the native backend runs float weights; {quantized} is quantized (use --backend onnxruntime)"
+    return None
+
+
+class NativeBackend(Backend):
     name = "native"
-    graphs = (C.PREFILL,)
 
     def __init__(self, manifest, threads: int | None = None, kv_policy: str | int = "fit", device: str | None = None,
                  head: str = "auto", isa: str | None = None):
-        model = manifest.data["model"]
+        super().__init__(manifest)
+        spec = manifest.spec
         if head not in HEADS:
             raise CapreseError(f"head must be one of {', '.join(HEADS)} (got {head!r})")
         if device not in (None, "cpu"):
             raise CapreseError(f"the native backend runs on the CPU (asked device {device}); use --backend torch or "
                                "tensorrt for a GPU")
-        if manifest.layout.precision != "fp32":
-            raise CapreseError(f"the native backend runs fp32 engines; this one is {manifest.layout.precision} "
-                               "(use --backend onnxruntime, or export with --precision fp32)")
-        if manifest.layout.quantized:  # until the native int4 / int8 kernels land
-            raise CapreseError(f"the native backend does not run int{manifest.layout.weight_bits} engines yet; use "
-                               "--backend onnxruntime (or export without --weights)")
-        if model.get("activation") not in _ACTIVATIONS:
-            raise CapreseError(f"the native backend has no {model.get('activation')!r} activation; use --backend "
-                               "onnxruntime")
+        why = native_unsupported(manifest)
+        if why:
+            raise CapreseError(why)
         self._ctx = None
         self.lib = lib_.load(isa)
         self.kernel = self.lib.path
-        super().__init__(manifest, threads=threads, kv_policy=kv_policy, device="cpu")
+        # prefill, selection and folding: the prefill graph on ONNX Runtime, over the buffers the kernel reads
+        self.prefill_runner = OrtGraphs(manifest, (C.PREFILL,), threads=threads, kv_policy=kv_policy, device="cpu")
+        self.buffers, self.kv_policy = self.prefill_runner.buffers, kv_policy
         self.nthreads = int(threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                         else os.cpu_count() or 1))
-        embed = "model.embed_tokens.weight"  # untied: only its token's row is read, so it stays mapped
-        mapped = {embed} if self._head_name() != embed else set()
-        mapped |= {self._layer_names(i)["gu1"] for i in self.layout.layers_of(C.CATS)}  # re-laid out below
-        self.arena = _Arena(manifest, self._weight_names(), mapped=mapped)
+        # an untied embedding is read one row per token, and CATS' gate_up is re-laid out below: both stay mapped
+        mapped = set() if spec.tied_head else {spec.embed.name}
+        mapped |= {spec.layers[i].gate_up.name for i in self.layout.layers_of(C.CATS)}
+        self.arena = _Arena(manifest, self._weight_refs(), mapped=mapped)
         self._extra: list[np.ndarray] = []  # arrays the structs point into (biases, CATS layouts)
         self._layers = (lib_.Layer * self.layout.num_layers)()
         self._model = lib_.Model()
@@ -166,8 +182,7 @@ class NativeBackend(OrtBackend):
 
         lay = self.layout
         rng = np.random.default_rng(0)  # a final hidden state of the right scale: normed, times the norm weight
-        h = (rng.standard_normal(lay.hidden_size) * self.arena[self._norm_name("model.norm.weight")]).astype(
-            np.float32)
+        h = (rng.standard_normal(lay.hidden_size) * self.arena[self.manifest.spec.final_norm]).astype(np.float32)
         nxt = (ctypes.c_int64 * 2)()
 
         def full():
@@ -191,102 +206,61 @@ class NativeBackend(OrtBackend):
         self.close()
 
     def _screen_head(self) -> None:
-        w = self.arena[self._head_name()]
+        w = self.arena[self.manifest.spec.head]
         q = huge_buffer(w.size).reshape(w.shape).view(np.int8)
         q, self._head_scale, self._head_bound = quantize_head(w, q_out=q)
         self._head_q = q
         M = self._model
         M.head_q, M.head_scale, M.head_bound = _ptr(q), _ptr(self._head_scale), _ptr(self._head_bound)
 
-    # ---- which weights.bin tensors a decode step reads ----
-    def _has(self, name: str) -> bool:
-        return name in self.manifest.data["weights"]
-
-    def _norm_name(self, base: str) -> str:
-        return base + ("_plus_one" if self.manifest.data["model"].get("gemma_norms") else "")
-
-    def _layer_names(self, i: int) -> dict[str, str | None]:
-        m, p, kind = self.manifest.data["model"], f"model.layers.{i}.", self.layout.layer_kinds[i]
-        opt = (lambda n: n if self._has(n) else None)
-        names = {"input_norm": self._norm_name(p + "input_layernorm.weight"),
-                 "post_attn_norm": self._norm_name(p + "post_attention_layernorm.weight"),
-                 "qkv": p + "self_attn.qkv_proj.weight.t", "qkv_bias": opt(p + "self_attn.qkv_proj.bias"),
-                 "o": p + "self_attn.o_proj.weight.t", "o_bias": opt(p + "self_attn.o_proj.bias"),
-                 "down_bias": opt(p + "mlp.down_proj.bias")}
-        if m.get("gemma_norms"):
-            names["pre_ffn_norm"] = p + "pre_feedforward_layernorm.weight_plus_one"
-            names["post_ffn_norm"] = p + "post_feedforward_layernorm.weight_plus_one"
-        if m.get("qk_norm"):
-            names["q_norm"], names["k_norm"] = p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"
-        if kind == C.GRIFFIN:
-            return names
-        if self._has(p + "mlp.gate_proj.weight.t"):  # --target onnxruntime dense layers: gate and up apart
-            names.update(gu1=p + "mlp.gate_proj.weight.t", gu2=p + "mlp.up_proj.weight.t",
-                         gate_bias=opt(p + "mlp.gate_proj.bias"), up_bias=opt(p + "mlp.up_proj.bias"),
-                         down=p + "mlp.down_proj.weight.t")
-        elif self._has(p + "mlp.gate_up_l_proj.weight.t"):  # CATS with the bypass: [W_g, W_1, L], [W_2 ; R]
-            names.update(gu1=p + "mlp.gate_up_l_proj.weight.t", gu_bias=opt(p + "mlp.gate_up_l_proj.bias"),
-                         down=p + "mlp.down_r_proj.weight.t")
-        else:
-            names.update(gu1=p + "mlp.gate_up_proj.weight.t", gu_bias=opt(p + "mlp.gate_up_proj.bias"),
-                         down=p + "mlp.down_proj.weight.t")
-        return names
-
-    def _head_name(self) -> str:
-        return "model.embed_tokens.weight" if self.manifest.data["model"].get("tie_word_embeddings") or \
-            not self._has("lm_head.weight") else "lm_head.weight"
-
-    def _model_names(self) -> list[str]:
-        return ["model.embed_tokens.weight", self._head_name(), self._norm_name("model.norm.weight"),
-                "rope.cos", "rope.sin"]
-
-    def _weight_names(self) -> list[str]:
-        names = self._model_names() + [n for i in range(self.layout.num_layers)
-                                       for n in self._layer_names(i).values() if n]
-        missing = [n for n in names if not self._has(n)]
-        if missing:
-            raise CapreseError(f"{self.manifest.file('weights')} has no {missing[0]} (an engine of another caprese "
-                               "version?); export it again, or use --backend onnxruntime")
-        return names
+    def _weight_refs(self) -> list[WeightRef]:
+        """The weights.bin tensors a decode step reads, by role (engine_spec: GRIFFIN layers read the per-prompt
+        buffers instead of their dense FFN)."""
+        spec = self.manifest.spec
+        return [spec.embed, spec.head, spec.final_norm, spec.rope_cos, spec.rope_sin] + [
+            w for t in spec.layers for w in t.decode_reads()]
 
     # ---- the structs the kernel reads ----
     def _mat(self, a: np.ndarray, cols: int | None = None) -> lib_.Mat:
         return lib_.Mat(_ptr(a), a.shape[-1], a.shape[-1] if cols is None else cols)
 
     def _fill_model(self) -> None:
-        lay, m, A = self.layout, self.manifest.data["model"], self.arena
+        lay, spec, m, A = self.layout, self.manifest.spec, self.manifest.model, self.arena
         D, F = lay.hidden_size, lay.intermediate_size
+        sel = self.buffers.selection
         max_ff = 0
-        for i in range(lay.num_layers):
-            n = self._layer_names(i)
-            L = self._layers[i]
+        for t in spec.layers:  # engine_spec.LayerTensors: the layer's weights by role
+            i, L = t.index, self._layers[t.index]
             for f in ("input_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm", "q_norm", "k_norm",
                       "qkv_bias", "o_bias", "down_bias"):
-                setattr(L, f, _ptr(A[n[f]]) if n.get(f) else None)
-            L.qkv, L.o = self._mat(A[n["qkv"]]), self._mat(A[n["o"]])
-            kind = lay.layer_kinds[i]
-            if kind == C.GRIFFIN:
-                gul, dr = self.selection[C.w_gul(i)].host[0], self.selection[C.w_dr(i)].host[0]
+                w = getattr(t, f)
+                setattr(L, f, None if w is None else _ptr(A[w]))
+            L.qkv, L.o = self._mat(A[t.qkv]), self._mat(A[t.o])
+            if t.kind == C.GRIFFIN:  # the per-prompt matrices the prefill runner folds
+                gul, dr = sel[C.w_gul(i)].host[0], sel[C.w_dr(i)].host[0]
                 L.gu1, L.down = self._mat(gul), self._mat(dr)
                 L.n_ff, L.rank = lay.k, lay.rank
-                b = self.selection.get(C.b_gul(i))
+                b = sel.get(C.b_gul(i))
                 L.gu_bias = None if b is None else _ptr(b.host[0])
             else:
-                g1, down = A[n["gu1"]], A[n["down"]]
-                L.gu1, L.down = self._mat(g1), self._mat(down)
-                if n.get("gu2"):
-                    L.gu2 = self._mat(A[n["gu2"]])
+                down = A[t.down]
+                L.down = self._mat(down)
+                if t.gate is not None:  # --target onnxruntime dense layers: gate and up apart
+                    L.gu1, L.gu2 = self._mat(A[t.gate]), self._mat(A[t.up])
                     L.n_ff, L.rank = F, 0
-                    if n.get("gate_bias") or n.get("up_bias"):
-                        b = np.concatenate([A[n["gate_bias"]] if n.get("gate_bias") else np.zeros(F, np.float32),
-                                            A[n["up_bias"]] if n.get("up_bias") else np.zeros(F, np.float32)])
+                    if t.gate_bias is not None or t.up_bias is not None:
+                        zeros = np.zeros(F, np.float32)
+                        b = np.concatenate([zeros if t.gate_bias is None else A[t.gate_bias],
+                                            zeros if t.up_bias is None else A[t.up_bias]])
                         self._extra.append(b)
                         L.gu_bias = _ptr(b)
-                else:
+                else:  # [W_g, W_1] (+ L for CATS with a bypass), [W_2 ; R]
+                    g1 = A[t.gate_up]
+                    L.gu1 = self._mat(g1)
                     L.n_ff, L.rank = F, g1.shape[1] - 2 * F
-                    L.gu_bias = _ptr(A[n["gu_bias"]]) if n.get("gu_bias") else None
-                if kind == C.CATS:  # [W_g, L] as the product; up transposed, read for passing neurons only
-                    L.cats_tau = _ptr(self.selection[C.cats_tau(i)].host)
+                    L.gu_bias = None if t.gate_up_bias is None else _ptr(A[t.gate_up_bias])
+                if t.kind == C.CATS:  # [W_g, L] as the product; up transposed, read for passing neurons only
+                    L.cats_tau = _ptr(sel[C.cats_tau(i)].host)
                     gate_l = _copy_huge(np.concatenate([g1[:, :F], g1[:, 2 * F:]], axis=1))
                     up_t = _copy_huge(g1[:, F:2 * F].T)
                     self._extra += [gate_l, up_t]
@@ -294,37 +268,50 @@ class NativeBackend(OrtBackend):
                     L.gu1 = lib_.Mat(_ptr(gate_l), gate_l.shape[1], F)
                     if L.rank:
                         L.gu2 = lib_.Mat(_ptr(gate_l) + F * gate_l.itemsize, gate_l.shape[1], L.rank)
-                    if n.get("gu_bias"):
-                        L.up_bias = _ptr(A[n["gu_bias"]]) + F * 4
+                    if t.gate_up_bias is not None:
+                        L.up_bias = _ptr(A[t.gate_up_bias]) + F * 4
                 if down.shape != (L.n_ff + L.rank, D):
                     raise CapreseError(f"layer {i}: down projection of shape {list(down.shape)} in weights.bin; "
                                        "export the engine again")
             max_ff = max(max_ff, L.n_ff + L.rank)
-            window = m["sliding_windows"][i] if m.get("sliding_windows") else None
+            window = m.sliding_windows[i] if m.sliding_windows else None
             L.window = int(window or 0)
-            L.scale = float(m["attn_scale"]) if m.get("attn_scale") is not None else lay.head_dim ** -0.5
-            L.softcap = float(m.get("attn_softcap") or 0.0)
+            L.scale = float(m.attn_scale) if m.attn_scale is not None else lay.head_dim ** -0.5
+            L.softcap = float(m.attn_softcap or 0.0)
         M = self._model
         M.num_layers, M.hidden = lay.num_layers, D
-        M.num_heads, M.num_kv_heads, M.head_dim = m["num_heads"], lay.num_kv_heads, lay.head_dim
+        M.num_heads, M.num_kv_heads, M.head_dim = m.num_heads, lay.num_kv_heads, lay.head_dim
         M.vocab, M.max_ff = lay.vocab_size, max_ff
-        M.activation, M.gemma = _ACTIVATIONS[m["activation"]], int(bool(m.get("gemma_norms")))
-        M.eps, M.final_softcap = float(m["rms_norm_eps"]), float(m.get("final_softcap") or 0.0)
-        M.embed_scale = float(D ** 0.5) if m.get("gemma_norms") else 1.0
-        M.embed, M.lm_head = _ptr(A["model.embed_tokens.weight"]), _ptr(A[self._head_name()])
-        M.final_norm = _ptr(A[self._norm_name("model.norm.weight")])
-        M.rope_cos, M.rope_sin = _ptr(A["rope.cos"]), _ptr(A["rope.sin"])
+        M.activation, M.gemma = _ACTIVATIONS[m.activation], int(bool(m.gemma_norms))
+        M.eps, M.final_softcap = float(m.rms_norm_eps), float(m.final_softcap or 0.0)
+        M.embed_scale = float(D ** 0.5) if m.gemma_norms else 1.0
+        M.embed, M.lm_head = _ptr(A[spec.embed]), _ptr(A[spec.head])
+        M.final_norm = _ptr(A[spec.final_norm])
+        M.rope_cos, M.rope_sin = _ptr(A[spec.rope_cos]), _ptr(A[spec.rope_sin])
         M.layers = self._layers
-        M.logits = _ptr(self.logits.host)
+        M.logits = _ptr(self.buffers[C.LOGITS].host)
 
-    def _bind(self) -> None:
+    def reserve(self, need: int, keep: int = 0) -> None:
+        """The prefill runner's reserve(); the kernel then points at the KV buffers it (re)allocated."""
+        if self.buffers.plan(need, keep) is None:
+            return
         if self._ctx:  # no helper may still read the KV buffers that reserve() is about to drop
             self.lib.caprese_context_quiesce(self._ctx)
-        super()._bind()
-        for i in range(self.layout.num_layers):  # the KV buffers were (re)allocated: point the kernel at them
-            self._layers[i].k_cache = _ptr(self.kv[C.past_key(i)].host)
-            self._layers[i].v_cache = _ptr(self.kv[C.past_value(i)].host)
-        self._model.capacity = self.capacity
+        self.prefill_runner.reserve(need, keep)
+        kv = self.buffers.kv
+        for i in range(self.layout.num_layers):
+            self._layers[i].k_cache = _ptr(kv[C.past_key(i)].host)
+            self._layers[i].v_cache = _ptr(kv[C.past_value(i)].host)
+        self.capacity = self._model.capacity = self.buffers.capacity
+
+    def prefill(self, ids: list[int], start: int) -> PrefillOut:
+        return self.prefill_runner.prefill(ids, start)
+
+    def select(self, griffin: dict, tau: dict) -> None:
+        self.prefill_runner.select(griffin, tau)
+
+    def _logits(self):
+        return self.prefill_runner.logits()
 
     # ---- running ----
     def _step(self, token: int, slot: int, top: int = 0) -> None:

@@ -1,5 +1,8 @@
 """ONNX Runtime backend: the engine folder's prefill.onnx and decode.onnx driven with IO binding, batch 1.
 
+OrtGraphs runs the graphs it is given over the shared buffer set (caprese.runtime.buffers): OrtBackend runs
+both; the native backend runs the prefill graph with it (prefill, selection and folding) and decodes in C.
+
 - Every buffer a graph reads or writes is allocated by this class and bound by address: the KV cache (one
   [1, H_kv, S, D] OrtValue per layer for K and V, `present_*` bound to the very OrtValue `past_*` reads, so
   TensorScatter updates it in place), the logits, the prefill statistics, and the decode graph's persistent
@@ -26,9 +29,9 @@ import torch
 from caprese import cpu_threads
 from caprese.errors import CapreseError
 from caprese.export import contract as C
-from caprese.runtime.backend import Backend, PrefillOut, kv_slots
+from caprese.runtime.backend import Backend, PrefillOut
+from caprese.runtime.buffers import Buffer, Buffers, graph_buffers
 from caprese.runtime.fold import FoldInto
-from caprese.runtime.traffic import SELECTION_INPUTS
 
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int8": np.int8}
 
@@ -43,18 +46,41 @@ def import_onnxruntime():
     return ort
 
 
-class _Buf:
-    """A buffer the graphs are bound to: a host numpy array shared with its OrtValue on CPU, a device OrtValue
-    (written through update_inplace) on CUDA. Its address never changes."""
+class OrtBuf:
+    """A buffer the graphs are bound to (buffers.py's interface): a host numpy array shared with its OrtValue on
+    CPU, a device OrtValue (written through update_inplace from the host mirror) on CUDA. Its address never
+    changes."""
 
-    def __init__(self, ort, shape, dtype, device: str):
-        self.host = np.zeros(shape, dtype)
+    def __init__(self, ort, spec: Buffer, device: str):
+        if spec.dtype == "int4":  # a quantized layout's GRIFFIN rows (contract.w_gu_q / w_d_q)
+            self._int4(ort, spec, device)
+            return
+        self.host = np.zeros(spec.shape, _NP[spec.dtype])
+        if spec.fill is not None:
+            self.host.fill(spec.fill)
         self.device = device
         if device == "cpu":
             self.value = ort.OrtValue.ortvalue_from_numpy(self.host)
         else:
-            self.value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", 0)
+            self.value = ort.OrtValue.ortvalue_from_shape_and_type(list(spec.shape), self.host.dtype, "cuda", 0)
             self.value.update_inplace(self.host)
+
+    def _int4(self, ort, spec: Buffer, device: str) -> None:
+        """numpy has no int4: the OrtValue owns the memory and the host array is a uint8 view of its packed bytes
+        [.., D / 2] (two codes per byte, low nibble first: what FoldInto.quantized_rows copies). CPU only."""
+        import ctypes
+
+        import onnx
+
+        if device != "cpu":
+            raise CapreseError("int4 per-prompt inputs run on ONNX Runtime's CPU provider only; use --device cpu, or "
+                               "export with --float-selection")
+        self.device = device
+        self.value = ort.OrtValue.ortvalue_from_shape_and_type(list(spec.shape), onnx.TensorProto.INT4)
+        packed = tuple(spec.shape[:-1]) + (spec.shape[-1] // 2,)
+        raw = (ctypes.c_uint8 * int(np.prod(packed))).from_address(self.value.data_ptr())
+        self.host = np.ctypeslib.as_array(raw).reshape(packed)
+        self.host[...] = 0
 
     def write(self, arr) -> None:
         if self.device == "cpu":
@@ -65,7 +91,7 @@ class _Buf:
     def read(self) -> np.ndarray:
         return self.host if self.device == "cpu" else self.value.numpy()
 
-    def torch_host(self) -> torch.Tensor:
+    def tensor(self) -> torch.Tensor:
         """The host array as a tensor (shared memory): write it, then sync()."""
         return torch.from_numpy(self.host)
 
@@ -78,36 +104,18 @@ class _Buf:
         return self.value.data_ptr()
 
 
-class _Int4Buf(_Buf):
-    """An int4 buffer (a quantized layout's GRIFFIN rows, contract.w_gu_q / w_d_q): the OrtValue owns the memory,
-    the host array is a uint8 view of its packed bytes [.., D / 2] (numpy has no int4). CPU only."""
+class OrtGraphs:
+    """ONNX Runtime sessions of some of an engine's graphs (prefill, and decode unless `graphs` leaves it out),
+    every buffer bound once (module docstring)."""
 
-    def __init__(self, ort, shape, device: str):
-        if device != "cpu":
-            raise CapreseError("int4 per-prompt inputs run on the CPU provider only; use --device cpu")
-        import ctypes
-
-        import onnx
-
-        self.device = device
-        self.value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), onnx.TensorProto.INT4)
-        packed = tuple(shape[:-1]) + (shape[-1] // 2,)
-        raw = (ctypes.c_uint8 * int(np.prod(packed))).from_address(self.value.data_ptr())
-        self.host = np.ctypeslib.as_array(raw).reshape(packed)
-        self.host[...] = 0
-
-
-class OrtBackend(Backend):
-    name = "onnxruntime"
-    graphs = C.GRAPHS  # the sessions this backend opens (the native backend runs its own decode step)
-
-    def __init__(self, manifest, threads: int | None = None, kv_policy: str | int = "fit", device: str | None = None,
-                 share_weights: bool = False, spinning: bool | None = None):
-        super().__init__(manifest)
+    def __init__(self, manifest, graphs: tuple = C.GRAPHS, threads: int | None = None,
+                 kv_policy: str | int = "fit", device: str | None = None, share_weights: bool = False,
+                 spinning: bool | None = None):
+        self.manifest, self.layout = manifest, manifest.layout
         ort = self.ort = import_onnxruntime()
         lay = self.layout
         if lay.dtype not in _NP:
-            raise CapreseError(f"the onnxruntime backend cannot run {manifest.data['precision']} engines (ONNX "
+            raise CapreseError(f"the onnxruntime backend cannot run {manifest.spec.precision} engines (ONNX "
                                "Runtime has no bfloat16 CPU kernels); export with --precision fp32 or fp16")
         available = ort.get_available_providers()
         if device is None:
@@ -128,28 +136,18 @@ class OrtBackend(Backend):
         if spinning is None:
             spinning = bool(threads) or device != "cpu" or self.intra_threads >= cpu_threads.usable_cpus()
         self.spinning = bool(spinning)
-        self.sessions = {g: self._session(g) for g in self.graphs}
-        self.dtype = _NP[lay.dtype]
+        self.sessions = {g: self._session(g) for g in graphs}
         self.fold = FoldInto(manifest)  # into the host arrays (on CPU: the bound buffers themselves)
-        buf = self._buf
-        self.logits = buf((1, 1, lay.vocab_size), np.float32)
-        self.stats = {C.griffin_stat(i): buf((1, lay.intermediate_size), np.float32) for i in lay.layers_of(C.GRIFFIN)}
-        self.stats.update({C.cats_tau(i): buf((1,), np.float32) for i in lay.layers_of(C.CATS)})
-        # decode inputs, filled by select() in place
-        self.selection: dict[str, _Buf] = {}
-        for spec in lay.inputs(C.DECODE):
-            if spec.name.startswith(SELECTION_INPUTS):
-                shape = tuple(1 if isinstance(d, str) else d for d in spec.shape)
-                self.selection[spec.name] = _Int4Buf(ort, shape, self.device) if spec.dtype == "int4" else \
-                    buf(shape, _NP[spec.dtype])
-        self.token, self.position, self.slot = buf((1, 1), np.int64), buf((1, 1), np.int64), buf((1,), np.int64)
-        self.kv: dict[str, _Buf] = {}
-        self.mask: _Buf | None = None
+        specs = {k: b for k, b in graph_buffers(lay, 0).items() if k not in self._kv_keys()}  # KV: reserve()
+        self.buffers = Buffers(lay, specs, lambda spec: OrtBuf(ort, spec, device), manifest.spec.max_seq_len,
+                               kv_policy)
+        B = self.buffers  # the buffers a step writes or reads (never reallocated: only the KV cache and mask are)
+        self._token, self._position = B[f"{C.DECODE}.{C.INPUT_IDS}"], B[f"{C.DECODE}.{C.POSITION_IDS}"]
+        self._slot, self._logits = B[C.WRITE_INDICES], B[C.LOGITS]
         self._decode_binding = self._prefill_binding = None
 
-    # ---- setup ----
-    def _buf(self, shape, dtype) -> _Buf:
-        return _Buf(self.ort, shape, dtype, self.device)
+    def _kv_keys(self) -> set:
+        return {C.ATTENTION_MASK} | {past for past, _ in self.layout.in_place_pairs()}
 
     def _session(self, graph: str):
         ort = self.ort
@@ -159,14 +157,14 @@ class OrtBackend(Backend):
         opts.inter_op_num_threads = 1
         if not self.spinning:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self.share_weights:  # no per-session packed copies: both sessions read the mapped weights.bin
+            opts.add_session_config_entry("session.disable_prepacking", "1")
         if self.manifest.layout.quantized:
             # DequantizeLinear of a constant weight (the standard graphs; down on target onnxruntime) is kept by
             # ORT's QDQ handling and runs every step (6.2 ms vs 0.26 for a [1536, 576] int4 weight,
             # tools/bench_quantized_matmul.py); without QDQ handling it is constant-folded once at load.
             # MatMulNBits and the per-prompt GRIFFIN rows are not affected.
             opts.add_session_config_entry("session.disable_quant_qdq", "1")
-        if self.share_weights:  # no per-session packed copies: both sessions read the mapped weights.bin
-            opts.add_session_config_entry("session.disable_prepacking", "1")
         path = self.manifest.file(graph)
         try:
             return ort.InferenceSession(str(path), opts, providers=self.providers)
@@ -174,47 +172,41 @@ class OrtBackend(Backend):
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CapreseError(f"ONNX Runtime cannot load {path}: {msg}") from None
 
-    def reserve(self, need: int, keep: int = 0) -> None:
-        cap = kv_slots(need, self.manifest.data["max_seq_len"], self.kv_policy)
-        if self.capacity >= need and (keep > 0 or cap == self.capacity):
-            return
-        lay = self.layout
-        shape = (1, lay.num_kv_heads, cap, lay.head_dim)
-        old, self.kv = self.kv, {}
-        for past, _ in lay.in_place_pairs():
-            b = self._buf(shape, self.dtype)
-            if keep and past in old:
-                n = min(keep, cap, self.capacity)
-                b.write(np.concatenate([old[past].read()[:, :, :n], b.host[:, :, n:]], axis=2))
-            self.kv[past] = b
-        self.mask = self._buf((1, cap), np.int64)
-        self.mask.write(np.ones((1, cap), np.int64))  # batch 1: every slot is (or will be) a real token
-        self.capacity = cap
+    @property
+    def capacity(self) -> int:
+        return self.buffers.capacity
+
+    def reserve(self, need: int, keep: int = 0) -> bool:
+        """buffers.reserve, then bind the new KV buffers; True if it reallocated."""
+        if not self.buffers.reserve(need, keep):
+            return False
         self._bind()
+        return True
 
     def _bind(self) -> None:
         """Bind every fixed-address buffer: the whole decode graph, and the prefill graph but its token inputs."""
         present = dict(self.layout.in_place_pairs())
+        B = self.buffers
         self._prefill_binding = p = self.sessions[C.PREFILL].io_binding()
         d = self._decode_binding = self.sessions[C.DECODE].io_binding() if C.DECODE in self.sessions else None
         for b in (p,) if d is None else (d, p):
-            b.bind_ortvalue_input(C.WRITE_INDICES, self.slot.value)
-            b.bind_ortvalue_input(C.ATTENTION_MASK, self.mask.value)
-            for past, value in self.kv.items():
+            b.bind_ortvalue_input(C.WRITE_INDICES, self._slot.value)
+            b.bind_ortvalue_input(C.ATTENTION_MASK, B[C.ATTENTION_MASK].value)
+            for past, value in B.kv.items():
                 b.bind_ortvalue_input(past, value.value)
                 b.bind_ortvalue_output(present[past], value.value)  # the same OrtValue: updated in place
-            b.bind_ortvalue_output(C.LOGITS, self.logits.value)
-        for name, value in self.stats.items():
+            b.bind_ortvalue_output(C.LOGITS, self._logits.value)
+        for name, value in B.stats.items():
             p.bind_ortvalue_output(name, value.value)
         if d is not None:
-            d.bind_ortvalue_input(C.INPUT_IDS, self.token.value)
-            d.bind_ortvalue_input(C.POSITION_IDS, self.position.value)
-            for name, value in self.selection.items():
+            d.bind_ortvalue_input(C.INPUT_IDS, self._token.value)
+            d.bind_ortvalue_input(C.POSITION_IDS, self._position.value)
+            for name, value in B.selection.items():
                 d.bind_ortvalue_input(name, value.value)
 
     # ---- running ----
-    def _logits(self) -> torch.Tensor:
-        return torch.from_numpy(self.logits.read()[0])  # [1, V]; a view of the bound buffer on CPU
+    def logits(self) -> torch.Tensor:
+        return torch.from_numpy(self._logits.read()[0])  # [1, V]; a view of the bound buffer on CPU
 
     def prefill(self, ids: list[int], start: int) -> PrefillOut:
         n = len(ids)
@@ -230,45 +222,57 @@ class OrtBackend(Backend):
         b = self._prefill_binding
         b.bind_ortvalue_input(C.INPUT_IDS, ids_v)
         b.bind_ortvalue_input(C.POSITION_IDS, pos_v)
-        self.slot.write(np.array([start], np.int64))
+        self._slot.write(np.array([start], np.int64))
         self.sessions[C.PREFILL].run_with_iobinding(b)
-        lay = self.layout
-        griffin = {i: torch.from_numpy(self.stats[C.griffin_stat(i)].read().copy()) for i in lay.layers_of(C.GRIFFIN)}
-        tau = {i: torch.from_numpy(self.stats[C.cats_tau(i)].read().copy()) for i in lay.layers_of(C.CATS)}
-        return PrefillOut(self._logits().clone(), griffin, tau)
+        return PrefillOut(self.logits().clone(), *self.buffers.prefill_stats())
 
     def select(self, griffin: dict[int, torch.Tensor], tau: dict[int, torch.Tensor]) -> None:
-        for i, stat in griffin.items():
-            if C.w_gu_q(i) in self.selection:  # quantized rows (contract.py), gathered whole from weights.bin
-                names = [n for n in (C.w_gu_q(i), C.w_gu_s(i), C.w_d_q(i), C.w_d_s(i), C.b_gul(i))
-                         if n in self.selection]
-                self.fold.quantized_rows(i, stat, {n: self.selection[n].torch_host() for n in names})
-                for n in names:
-                    self.selection[n].sync()
-                continue
-            bufs = [self.selection[C.w_gul(i)], self.selection[C.w_dr(i)]]
-            if C.b_gul(i) in self.selection:
-                bufs.append(self.selection[C.b_gul(i)])
-            self.fold(i, stat, *(b.torch_host() for b in bufs))
-            for b in bufs:
-                b.sync()
-        for i, t in tau.items():
-            self.selection[C.cats_tau(i)].write(t.numpy().astype(np.float32))
+        self.buffers.write_selection(self.fold, griffin, tau)
 
     def decode(self, token: int, slot: int) -> torch.Tensor:
         if slot >= self.capacity:
             raise RuntimeError(f"decode at slot {slot} past the KV cache ({self.capacity}); reserve first")
+        tok, pos, at = self._token, self._position, self._slot
         if self.device == "cpu":  # straight into the bound buffers
-            self.token.host[0, 0] = token
-            self.position.host[0, 0] = slot
-            self.slot.host[0] = slot
+            tok.host[0, 0] = token
+            pos.host[0, 0] = slot
+            at.host[0] = slot
         else:
-            self.token.write(np.array([[token]], np.int64))
-            self.position.write(np.array([[slot]], np.int64))
-            self.slot.write(np.array([slot], np.int64))
+            tok.write(np.array([[token]], np.int64))
+            pos.write(np.array([[slot]], np.int64))
+            at.write(np.array([slot], np.int64))
         self.sessions[C.DECODE].run_with_iobinding(self._decode_binding)
-        return self._logits()
+        return self.logits()
 
     def describe(self) -> dict:
         return {"providers": self.providers, "threads": self.intra_threads, "kv_policy": self.kv_policy,
                 "share_weights": self.share_weights, "spinning": self.spinning}
+
+
+class OrtBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, manifest, threads: int | None = None, kv_policy: str | int = "fit", device: str | None = None,
+                 share_weights: bool = False, spinning: bool | None = None):
+        super().__init__(manifest)
+        self.graphs = OrtGraphs(manifest, C.GRAPHS, threads, kv_policy, device, share_weights, spinning)
+        self.device, self.buffers, self.kv_policy = self.graphs.device, self.graphs.buffers, kv_policy
+
+    def reserve(self, need: int, keep: int = 0) -> None:
+        self.graphs.reserve(need, keep)
+        self.capacity = self.graphs.capacity
+
+    def prefill(self, ids: list[int], start: int) -> PrefillOut:
+        return self.graphs.prefill(ids, start)
+
+    def select(self, griffin: dict[int, torch.Tensor], tau: dict[int, torch.Tensor]) -> None:
+        self.graphs.select(griffin, tau)
+
+    def decode(self, token: int, slot: int) -> torch.Tensor:
+        return self.graphs.decode(token, slot)
+
+    def describe(self) -> dict:
+        return self.graphs.describe()
+
+
+__all__ = ["OrtBackend", "OrtGraphs", "OrtBuf", "import_onnxruntime"]

@@ -1,10 +1,12 @@
-"""The latency report of one generation on an engine folder: GenerationStats plus memory traffic and memory use.
+"""The latency report of one generation on an engine folder: GenerationStats (the reference decoder's report,
+the same type) plus memory traffic and memory use.
 
 Every backend fills the same object, so `--json` has the same fields whichever runs:
   ttft_ms, ms_per_token (mean, p50, p90), tokens_per_s, tokens_generated, prompt_tokens   (GenerationStats)
-  bytes_per_step   weights the decode graph reads per step (manifest "weights" table: the decode graph's
-                   initializers, one row of each table only gathered from, the GRIFFIN selection buffers;
-                   less what the backend skipped: the native kernel's unread CATS up/down rows and screened-head
+  backend          what ran; backend_requested "auto" when --backend auto chose it (the report: "native (auto)")
+  bytes_per_step   weights a decode step reads, from the engine spec (traffic.py: EngineSpec.decode_reads, one
+                   row of each table only gathered from, the GRIFFIN selection buffers; no graph is parsed),
+                   less what the backend skipped (the native kernel's unread CATS up/down rows and screened-head
                    savings, mean over the steps)
                    + the KV cache the step attends to (mean over the steps of the slots read)
   gb_per_s         achieved bandwidth: bytes_per_step / ms_per_token
@@ -22,7 +24,7 @@ from caprese.model.generation import GenerationStats
 
 @dataclasses.dataclass
 class RuntimeStats(GenerationStats):
-    backend: str = ""
+    backend_requested: str = ""  # the backend asked for ("auto", or the one that ran)
     device: str = "cpu"
     reused_tokens: int = 0  # conversation tokens whose KV cache entries were reused (chat), not prefilled again
     prefill_tokens: int = 0  # tokens run through the prefill graph before the first new token
@@ -45,24 +47,27 @@ class RuntimeStats(GenerationStats):
 
     def to_dict(self) -> dict:
         d = super().to_dict()
-        d.update({"backend": self.backend, "device": self.device, "reused_tokens": self.reused_tokens,
+        d.update({"backend": self.backend, "backend_requested": self.backend_requested or self.backend,
+                  "device": self.device, "reused_tokens": self.reused_tokens,
                   "prefill_tokens": self.prefill_tokens, "kv_slots": self.kv_slots,
                   "bytes_per_step": int(round(self.bytes_per_step)), "gb_per_s": _round(self.gb_per_s, 3),
                   "peak_rss_mb": round(self.peak_rss_mb, 1),
                   "peak_device_mb": None if self.peak_device_mb is None else round(self.peak_device_mb, 1)})
         return d
 
-    def report(self) -> str:
-        """One human line (stderr of `caprese run`, `/stats` in chat)."""
-        line = (f"prompt {self.prompt_tokens} tokens"
-                + (f" ({self.reused_tokens} reused)" if self.reused_tokens else "")
-                + f" | generated {self.tokens_generated} | TTFT {self.ttft_ms:.1f} ms | "
-                f"{self.ms_per_token:.2f} ms/token (p50 {self.percentile(50):.2f}, p90 {self.percentile(90):.2f}) | "
-                f"{self.tokens_per_s:.1f} tokens/s | {self.bytes_per_step / 1e6:.1f} MB/step, "
-                f"{self.gb_per_s:.2f} GB/s | peak RSS {self.peak_rss_mb:.0f} MB")
+    def report_parts(self) -> list[str]:
+        parts = super().report_parts()
+        if self.reused_tokens:
+            parts[0] += f" ({self.reused_tokens} reused)"
+        mem = f"peak RSS {self.peak_rss_mb:.0f} MB"
         if self.peak_device_mb is not None:
-            line += f", device {self.peak_device_mb:.0f} MB"
-        return line + f" | {self.backend}"
+            mem += f", device {self.peak_device_mb:.0f} MB"
+        return parts + [f"{self.bytes_per_step / 1e6:.1f} MB/step, {self.gb_per_s:.2f} GB/s", mem]
+
+    def report(self) -> str:
+        """One human line (stderr of `caprese run`, `/stats` in chat): "... | backend: native (auto)"."""
+        label = self.backend + (" (auto)" if self.backend_requested == "auto" else "")
+        return " | ".join(self.report_parts() + [f"backend: {label}"])
 
 
 def _round(x: float, n: int):

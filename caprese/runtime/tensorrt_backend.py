@@ -27,6 +27,7 @@ import torch
 from caprese.errors import CapreseError
 from caprese.export import contract as C
 from caprese.runtime.backend import Backend, PrefillOut
+from caprese.runtime.buffers import STATIC, Buffers, TensorBuf
 from caprese.runtime.fold import FoldInto
 from caprese.runtime.tensorrt_plan import binding_plan
 
@@ -44,7 +45,7 @@ class TensorRTBackend(Backend):
         from caprese.export.tensorrt_build import import_tensorrt
 
         super().__init__(manifest)
-        if manifest.data.get("target", C.TARGET_TENSORRT) != C.TARGET_TENSORRT:
+        if manifest.spec.target != C.TARGET_TENSORRT:
             raise CapreseError(f"{manifest.folder} holds ONNX Runtime-only graphs (--target onnxruntime); export "
                                "again without --target for TensorRT, or use --backend onnxruntime")
         trt = self.trt = import_tensorrt()
@@ -80,8 +81,10 @@ class TensorRTBackend(Backend):
                 self._refit(engine, manifest.tensorrt_graphs[name])
             self.engines[name] = engine
         self.stream = torch.cuda.Stream()
-        self.buffers, self.roles = binding_plan(self.layout, self.cache_len, int(manifest.data["max_prompt_len"]))
-        self.buf = {k: self._alloc(b) for k, b in self.buffers.items()}
+        specs, self.roles = binding_plan(self.layout, self.cache_len, manifest.spec.max_prompt_len)
+        self.buffers = Buffers(self.layout, specs, lambda b: TensorBuf(self._alloc(b)), manifest.spec.max_seq_len,
+                               STATIC)
+        self.buf = {k: b.tensor() for k, b in self.buffers.bufs.items()}  # the bound tensors by key
         self.contexts = {role: self._context(b) for role, b in self.roles.items()}
         self.fold = FoldInto(manifest, "cuda")  # gathers on the GPU, straight into the bound buffers
         self.capacity = self.cache_len
@@ -121,8 +124,7 @@ class TensorRTBackend(Backend):
 
     def reserve(self, need: int, keep: int = 0) -> None:
         """The cache is allocated once, at the engines' static length; only check that `need` fits."""
-        if need > self.cache_len:
-            raise CapreseError(f"{need} tokens exceed the TensorRT engines' static KV length {self.cache_len}")
+        self.buffers.reserve(need, keep)
 
     # ---- running ----
     def _execute(self, role: str) -> None:
@@ -145,18 +147,11 @@ class TensorRTBackend(Backend):
                 ctx.set_input_shape(name, (1, n))
             self._execute(C.PREFILL)
         self.stream.synchronize()
-        lay = self.layout
-        griffin = {i: self.buf[f"stats.{C.griffin_stat(i)}"].cpu().clone() for i in lay.layers_of(C.GRIFFIN)}
-        tau = {i: self.buf[f"stats.{C.cats_tau(i)}"].cpu().clone() for i in lay.layers_of(C.CATS)}
-        return PrefillOut(self.buf[C.LOGITS][0].clone(), griffin, tau)
+        return PrefillOut(self.buf[C.LOGITS][0].clone(), *self.buffers.prefill_stats())
 
     def select(self, griffin: dict[int, torch.Tensor], tau: dict[int, torch.Tensor]) -> None:
-        sel = lambda name: self.buf.get(f"selection.{name}")  # noqa: E731
         with torch.cuda.stream(self.stream):
-            for i, stat in griffin.items():
-                self.fold(i, stat, sel(C.w_gul(i)), sel(C.w_dr(i)), sel(C.b_gul(i)))
-            for i, t in tau.items():
-                sel(C.cats_tau(i)).copy_(t)
+            self.buffers.write_selection(self.fold, griffin, tau)
         self.stream.synchronize()
 
     def decode(self, token: int, slot: int) -> torch.Tensor:

@@ -18,17 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 from caprese.export import contract as C
-
-_SELECTION = ("w_gul.", "w_dr.", "b_gul.", "cats_tau.")
-
-
-@dataclasses.dataclass(frozen=True)
-class Buffer:
-    key: str
-    dtype: str  # contract dtype name
-    shape: tuple  # ints
-    fill: float | bool | None = None  # initial value (None: zeros)
-
+from caprese.runtime.buffers import Buffer, selection_name
 
 @dataclasses.dataclass(frozen=True)
 class RoleBinding:
@@ -48,7 +38,7 @@ def _key(role: str, spec: C.TensorSpec, is_input: bool, kv: dict) -> str:
         return kv[n]
     if n.startswith("cats_tau_in."):
         return "selection." + C.cats_tau(int(n.rsplit(".", 1)[1]))
-    if is_input and n.startswith(_SELECTION):
+    if is_input and selection_name(n):
         return f"selection.{n}"
     if not is_input and n.startswith(("griffin_stat.", "cats_tau.")):
         return f"stats.{n}" if role == C.PREFILL else f"scratch.{n}"

@@ -25,7 +25,8 @@ from caprese import cpu_threads
 from caprese.errors import CapreseError
 from caprese.export import contract as C
 from caprese.export.folding import select_neurons
-from caprese.runtime.backend import Backend, PrefillOut, kv_slots
+from caprese.runtime.backend import Backend, PrefillOut
+from caprese.runtime.buffers import new_capacity, read_stats
 from caprese.runtime.cuda_graph import CapturedStep
 
 
@@ -42,7 +43,7 @@ def load_reference(manifest, device: str, source: str | None = None, base_model:
     if not path.is_dir():
         raise CapreseError(f"the torch backend loads the model the engine was exported from, and {path} is missing; "
                            "use --backend onnxruntime, or restore that folder")
-    precision = manifest.data["precision"]
+    precision = manifest.spec.precision
     if is_artifact(path):
         art = load_artifact(path, base_model or rec.get("base_model"))
         if rec.get("fingerprint") and art.fingerprint != rec["fingerprint"]:
@@ -107,8 +108,8 @@ class TorchBackend(Backend):
         self._graph = self._graph_key = None
 
     def reserve(self, need: int, keep: int = 0) -> None:
-        cap = kv_slots(need, self.manifest.data["max_seq_len"], "fit")
-        if self.capacity >= need and (keep > 0 or cap == self.capacity):
+        cap = new_capacity(self.capacity, need, keep, self.manifest.spec.max_seq_len, "fit")
+        if cap is None:
             return
         old = [(layer.self_attn.cache.k, layer.self_attn.cache.v) for layer in self.decoder.layers] if keep else []
         self.decoder.setup_caches(1, cap)
@@ -127,9 +128,9 @@ class TorchBackend(Backend):
                 f.tau = None
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
         logits = self.decoder(tokens, start, None, last_only=True, phase="prefill")[:, -1].float()
-        griffin = {i: f.stat_sq.float().cpu().clone() for i, f in self.ffns.items() if f.method == C.GRIFFIN}
-        tau = {i: f.tau.float().cpu().clone() for i, f in self.ffns.items() if f.method == C.CATS}
-        return PrefillOut(logits, griffin, tau)
+        stat = {C.griffin_stat(i): f.stat_sq for i, f in self.ffns.items() if f.method == C.GRIFFIN}
+        stat.update({C.cats_tau(i): f.tau for i, f in self.ffns.items() if f.method == C.CATS})
+        return PrefillOut(logits, *read_stats(self.layout, stat.__getitem__))
 
     def select(self, griffin: dict[int, torch.Tensor], tau: dict[int, torch.Tensor]) -> None:
         for i, stat in griffin.items():

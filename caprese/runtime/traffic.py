@@ -1,7 +1,7 @@
 """Bytes one decode step reads, from the engine spec: the denominator of "achieved GB/s".
 
-Quantized engines count what is stored: int4 codes at half a byte, int8 at one, plus every scale (the spec's
-codes' WeightRef and their scales' are both in EngineSpec.decode_reads); GRIFFIN's per-prompt rows likewise.
+Quantized engines count what is stored: int4 codes at half a byte, int8 at one, plus every scale (the codes'
+WeightRef and their scales' are both in EngineSpec.decode_reads); GRIFFIN's per-prompt rows likewise.
 
 Weights: every weights.bin tensor a decode step reads on the engine's target (EngineSpec.decode_reads: GRIFFIN
 layers read their per-prompt matrices, not their dense FFN), each counted once, a table read only one row per
@@ -18,11 +18,7 @@ import math
 
 from caprese.export import contract as C
 from caprese.export.engine_spec import DTYPE_BITS, ROWS, EngineSpec
-
-# the decode graph's per-prompt inputs: name prefixes of contract.w_gul / w_dr / b_gul / cats_tau and a quantized
-# layout's GRIFFIN rows w_gu_q / w_gu_s / w_d_q / w_d_s
-SELECTION_INPUTS = tuple(f(0)[:-1] for f in (C.w_gul, C.w_dr, C.b_gul, C.cats_tau, C.w_gu_q, C.w_gu_s, C.w_d_q,
-                                             C.w_d_s))
+from caprese.runtime.buffers import concrete, selection_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +40,8 @@ def spec_traffic(spec: EngineSpec) -> DecodeTraffic:
     total = sum(ref.nbytes if name in whole else ref.row_bytes for name, ref in refs.items())
     lay = spec.layout
     for t in lay.inputs(C.DECODE):  # the per-prompt inputs; the cache is counted per slot below
-        if t.name.startswith(SELECTION_INPUTS):
-            total += math.prod(1 if isinstance(d, str) else d for d in t.shape) * DTYPE_BITS[t.dtype] // 8
+        if selection_name(t.name):
+            total += math.prod(concrete(t.shape)) * DTYPE_BITS[t.dtype] // 8
     per_slot = 2 * lay.num_layers * lay.num_kv_heads * lay.head_dim * DTYPE_BITS[lay.dtype] // 8
     return DecodeTraffic(total, per_slot)
 

@@ -1,4 +1,5 @@
-"""Shared by the export tests (no tests here): cached exports of the tiny models and a minimal ONNX Runtime loop.
+"""Shared by the export and runtime tests (no tests here; a non-test name, so pytest does not collect it):
+cached exports of the tiny models and a minimal ONNX Runtime loop.
 
 The loop is what a runtime does with an engine folder, in ~80 lines: IO binding with every present_* bound to the
 SAME OrtValue as its past_* (the KV cache is allocated once, at MAX_SEQ slots, and updated in place), prefill ->

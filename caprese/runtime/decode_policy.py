@@ -1,0 +1,40 @@
+"""Which backend call a decode step makes for a Sampling, decided here and only here.
+
+  greedy (temperature 0)  Backend.decode_greedy -> the argmax token (the native kernel may screen the LM head)
+  top-k (k > 0)           Backend.decode_top    -> logits exact at least where the k largest are, then sample()
+  otherwise               Backend.decode        -> every logit, then sample()
+top-p after top-k reads only the k kept logits, so decode_top serves it too. Prefill logits (the first token,
+and GRIFFIN's reselection steps) always hold every logit and go straight to sample().
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from caprese.model.sampling import Sampling, sample
+
+GREEDY, TOP_K, FULL = "greedy", "top_k", "full"
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePolicy:
+    sampling: Sampling
+    mode: str  # GREEDY | TOP_K | FULL
+
+    @classmethod
+    def of(cls, sampling: Sampling) -> "DecodePolicy":
+        return cls(sampling, GREEDY if sampling.greedy else TOP_K if sampling.top_k else FULL)
+
+    def next_token(self, backend, token: int, slot: int, generator: torch.Generator | None = None) -> int:
+        """One decode step of `token` at `slot` on `backend` -> the next token."""
+        if self.mode == GREEDY:
+            return backend.decode_greedy(token, slot)
+        logits = backend.decode_top(token, slot, self.sampling.top_k) if self.mode == TOP_K else \
+            backend.decode(token, slot)
+        return self.choose(logits, generator)
+
+    def choose(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> int:
+        """The next token from a full set of logits [1, V] (prefill's)."""
+        return int(sample(logits, self.sampling, generator)[0])
