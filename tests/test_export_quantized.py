@@ -138,10 +138,13 @@ def load_decoder_weight(src, name):
 
 class _QuantizedArtifact:
     """What a calibration artifact with quantized weights offers export (export_quantization.artifact_quantization):
-    the recipe as `weights`, the codes as `quantized`."""
+    the recipe as `weights`, the codes from `quantized_weights()`."""
 
     def __init__(self, art, recipe, tensors):
-        self._art, self.weights, self.quantized = art, recipe, tensors
+        self._art, self.weights, self._tensors = art, recipe, tensors
+
+    def quantized_weights(self) -> dict:
+        return self._tensors
 
     def __getattr__(self, name):
         return getattr(self._art, name)

@@ -3,7 +3,8 @@
   caprese-export SRC --weights int4|int8 [--block-size N] [--quantize-head]
 
 A calibration artifact that carries its quantization (the recipe as `artifact.weights`, the codes from its
-quantized.safetensors; `artifact_quantization` is the one seam that reads them) is exported with exactly those
+quantized.safetensors through `artifact.quantized_weights()`; `artifact_quantization` is the one seam that reads
+them) is exported with exactly those
 codes: `--weights` may repeat its bit width, never change it. A plain model folder, or an artifact without
 quantization, is quantized here with RTN (caprese.calibration.weight_quant.quantize_decoder) BEFORE the method is
 installed, so the PyTorch decoder the parity tests compare against holds the same dequantized values.
@@ -47,14 +48,12 @@ def artifact_quantization(art) -> tuple[QuantRecipe, dict] | None:
     """(recipe, {HF name: QuantizedTensor}) of an artifact calibrated with quantized weights, else None.
 
     The seam with the calibration artifact: `art.weights` is its caprese.calibration.weight_quant.QuantRecipe (None:
-    not quantized), its codes are `art.quantized` ({HF name: QuantizedTensor}) or what `art.load_quantized()`
-    returns (quantized.safetensors)."""
+    not quantized) and `art.quantized_weights()` returns its codes, {HF name: QuantizedTensor} (read from its
+    quantized.safetensors, checked against the artifact's record)."""
     recipe = getattr(art, "weights", None)
     if recipe is None:
         return None
-    tensors = getattr(art, "quantized", None)
-    if tensors is None and hasattr(art, "load_quantized"):
-        tensors = art.load_quantized()
+    tensors = art.quantized_weights() if callable(getattr(art, "quantized_weights", None)) else None
     if not tensors:
         raise CapreseError(f"{getattr(art, 'path', None) or 'the artifact'} records a quantization recipe but holds no "
                            "quantized weights; calibrate it again")
