@@ -19,14 +19,13 @@ in place (the state after `prepare_student`), as `Artifact.apply` and `open_sour
 from __future__ import annotations
 
 import contextlib
-import sys
 
 import torch
 
 from caprese.calibration.weight_quant import (DECODER_ROLES, EMBED_NAME, HEAD_NAME, QuantRecipe, WeightSlot,
                                               quantize_decoder, weight_slots)
 from caprese.errors import CapreseError
-from caprese.model.quantization import QuantizedTensor, linear_weight, stored_shape
+from caprese.model.quantization import BLOCK_SIZES, ROW, QuantizedTensor, linear_weight, stored_shape
 
 _FFN_ROLES = ("gate", "up", "down")
 
@@ -144,13 +143,21 @@ def check_model_shapes(spec, recipe: QuantRecipe) -> None:
               "down": (d, f), "lm_head": (spec.vocab_size, d)}
     names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    fmt = recipe.fmt
     for role in recipe.roles:
         if role == "embed":
-            recipe.fmt.check_shape((spec.vocab_size, d), EMBED_NAME, "hidden size")
-            continue
-        axis = recipe.block_axis(role)
-        name = HEAD_NAME if role == "lm_head" else f"model.layers.*.{names[role]}.weight"
-        recipe.fmt.check_shape(stored_shape(*shapes[role], axis), name, f"{axis}put features")
+            stored, name, what = (spec.vocab_size, d), EMBED_NAME, "hidden size"
+        else:
+            axis = recipe.block_axis(role)
+            stored = stored_shape(*shapes[role], axis)
+            name = HEAD_NAME if role == "lm_head" else f"model.layers.*.{names[role]}.weight"
+            what = f"{axis}put features"
+        n = stored[1]
+        if fmt.block_size != ROW and n % fmt.block_size:
+            fits = [str(b) for b in BLOCK_SIZES if n % b == 0] + ["row"]
+            raise CapreseError(f"{name}: {what} = {n} is not a multiple of the block size {fmt.block_size}; use "
+                               f"--block-size {' or '.join(fits)}")
+        fmt.check_shape(stored, name, what)
 
 
 def quant_label(recipe: QuantRecipe | None) -> str:
@@ -161,7 +168,3 @@ def quant_label(recipe: QuantRecipe | None) -> str:
         r for r in recipe.roles if r not in DECODER_ROLES)
     return f"{recipe.fmt.name}-{recipe.method}/b{recipe.fmt.block_name}{extra}"
 
-
-def log(msg: str, progress: bool) -> None:
-    if progress:
-        print(msg, file=sys.stderr)

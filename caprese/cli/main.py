@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from caprese.cli.entry import run
-from caprese.cli.options import BACKEND_CHOICES, method_options, prompt_options, sampling_options
+from caprese.cli.options import BACKEND_CHOICES, method_options, prompt_options, sampling_options, weight_options
 from caprese.errors import CapreseError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -49,13 +49,15 @@ def fetch_default_cmd(force: bool) -> None:
               help="CPU intra-op threads. Default: one per CPU not busy with other work, re-read every second.")
 @sampling_options
 @method_options
+@weight_options
 @click.option("--base-model", default=None, type=click.Path(path_type=str),
               help="For an artifact: the base model folder, when it has moved since calibration.")
 @click.option("--backend", default=None, type=click.Choice(BACKEND_CHOICES),
               help="For an engine folder: what runs it (default onnxruntime; the same as `caprese run`).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text + latency) instead of streaming.")
 def generate_cmd(model_dir, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, seed, reselect_every,
-                 precision, device, threads, method, density, layers, base_model, backend, as_json) -> None:
+                 precision, device, threads, method, density, layers, base_model, backend, as_json,
+                 **weight_flags) -> None:
     """Generate a reply with the PyTorch reference decoder, or with an engine folder's runtime.
 
     MODEL_DIR is a local Hugging Face folder, or a calibration artifact from `caprese calibrate` (which names
@@ -68,15 +70,18 @@ def generate_cmd(model_dir, prompt, chat, system, max_new_tokens, temperature, t
     tokens_per_s, stop_reason, method.
     """
     from caprese.calibration.source import open_source
+    from caprese.calibration.weights_choice import weights_choice
     from caprese.export.manifest import MANIFEST
     from caprese.model.sampling import Sampling
 
+    choice = weights_choice(*(weight_flags[k] for k in ("weights", "block_size", "quant", "quantize_head",
+                                                         "quantize_embed", "scale_dtype")))
     if (Path(model_dir) / MANIFEST).is_file():  # an engine folder: the runtime runs it
         from caprese.cli.run_command import run_engine
 
-        if method is not None or base_model is not None or precision != "fp32":
+        if method is not None or base_model is not None or precision != "fp32" or choice is not None:
             raise CapreseError(f"{model_dir} is an engine folder: its method and precision were fixed at export; "
-                               "drop --method/--precision/--base-model (or pass the model folder)")
+                               "drop --method/--precision/--base-model/--weights (or pass the model folder)")
         run_engine(model_dir, prompt, chat, system, max_new_tokens, backend or "onnxruntime", threads, device, None,
                    temperature, top_k, top_p, seed, reselect_every, False, as_json)
         return
@@ -84,7 +89,7 @@ def generate_cmd(model_dir, prompt, chat, system, max_new_tokens, temperature, t
         raise CapreseError("--backend applies to engine folders from caprese-export; MODEL_DIR runs on the PyTorch "
                            "reference decoder (--device picks cpu or cuda)")
 
-    model = open_source(model_dir, method, density, layers, precision, device, base_model)
+    model = open_source(model_dir, method, density, layers, precision, device, base_model, choice)
     stream = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     result = model.generate(prompt, chat, system, max_new_tokens, Sampling(temperature, top_k, top_p, seed), stream,
                             reselect_every, threads)
