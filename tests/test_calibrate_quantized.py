@@ -153,6 +153,61 @@ def test_parallel_layerwise_residual_is_dense_ffn_minus_quantized_ffn(tiny_model
         assert m["before_rel"] > 1e-3 and m["after"] < m["before"], m
 
 
+@pytest.mark.parametrize("method", ["griffin", "cats"])
+def test_parallel_layerwise_selection_comes_from_the_quantized_ffn(tiny_model_dir, tmp_path, method):
+    """GRIFFIN / CATS over int4: FF̂'s selection (top-k of the prompt's statistic, τ) is taken from the QUANTIZED
+    FFN's activations on the prompt, as the int4 graphs will take it; the reference builds the method's FFN
+    around the float64 student's FFN and feeds it the teacher's inputs."""
+    from caprese.calibration.methods import make_method_ffn
+    from caprese.model.ffn import FFNContext
+
+    model = tiny_model_dir(KIND)
+    samples = make_samples(5, seed=7)
+    art = calibrate(model, tmp_path / "a", CalibrationRecipe(method, 0.5, "all", 4, stage="layerwise",
+                                                            layerwise=LW, weights=INT4), samples, QUIET)
+    teacher64, student64 = reference_pair(model)
+    n = len(teacher64.layers)
+    sums, rows = [0.0] * n, 0
+    for s in samples:
+        xs = {i: [] for i in range(n)}
+        run_recorded(teacher64, torch.tensor([s.ids]), {(teacher64.layers[i].mlp, "pre"): xs[i] for i in range(n)})
+        p = len(s.prompt_ids)
+        for i in range(n):
+            x = xs[i][0]
+            f = make_method_ffn(student64.layers[i].mlp, method, 0.5)
+            with torch.no_grad():
+                a = f.act(f.dense.gate_proj(x[None, :p]))
+                f.observe(a, a * f.dense.up_proj(x[None, :p]), FFNContext("prefill", 0))
+                r = ffn64(teacher64.layers[i].mlp, x[p:]) - f.approx(x[None, p:])[0]
+            sums[i] += float(r.square().sum())
+        rows += len(s.response_ids)
+    for i in range(n):
+        assert art.metrics["layerwise"]["layers"][str(i)]["before"] == pytest.approx(sums[i] / rows, rel=1e-3), i
+
+
+def test_a_resumed_run_trains_over_the_codes_kept_in_the_work_dir(tiny_model_dir, tmp_path, monkeypatch):
+    """GPTQ codes are computed once per work dir: a rerun (here: a second output from the kept work dir) reads
+    them back instead of quantizing again, and gets the same codes and adapters."""
+    import caprese.calibration.quantized_student as qs
+
+    model = tiny_model_dir(KIND)
+    samples = make_samples(4, seed=8)
+    recipe = CalibrationRecipe("none", rank=4, stage="layerwise", layerwise=LW,
+                               weights=QuantRecipe(WeightFormat(4, 32), "gptq"))
+    opts = CalibrationOptions(progress=False, work_dir=tmp_path / "w", keep_work=True)
+    first = calibrate(model, tmp_path / "a", recipe, samples, opts)
+    assert list((tmp_path / "w").glob("quantized-*.safetensors"))
+
+    def refuse(*a, **k):
+        raise AssertionError("quantized again")
+
+    monkeypatch.setattr(qs, "quantize_decoder", refuse)
+    second = calibrate(model, tmp_path / "b", recipe, samples, opts)
+    a, b = first.qweights, load_artifact(tmp_path / "b").quantized_weights()
+    assert all(torch.equal(a[k].codes, b[k].codes) and torch.equal(a[k].scales, b[k].scales) for k in a)
+    assert all(torch.equal(first.adapters[i][1], second.adapters[i][1]) for i in first.adapters)
+
+
 def test_sequential_layer0_sees_the_quantized_attention_against_the_dense_output(tiny_model_dir, tmp_path):
     """Sequential mode: layer 0's x and mid come from the student (quantized q/k/v/o, its own prompt), the target
     from the dense layer output, and FF(x) for ‖FF(x)‖² from the unquantized FFN."""
