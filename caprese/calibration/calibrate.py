@@ -181,10 +181,11 @@ def calibrate(model_dir: str | Path, out: str | Path, recipe: CalibrationRecipe,
 def _student_weights(decoder, weights, samples, work: Path, key: str, qweights, progress: bool):
     """The quantized student over `decoder` (caprese/calibration/quantized_student.py). The codes come from the
     init artifact (`qweights`), from this work dir (a resumed run), or are computed here (RTN, or GPTQ on the
-    calibration samples) and kept in WORK/quantized.safetensors, so a resumed run trains over the same codes."""
+    calibration samples) and kept in WORK/quantized-KEY.safetensors, so a resumed run trains over the same codes."""
     from caprese.atomic_output import atomic_file
     from caprese.calibration.quantized_file import read_quantized, write_quantized
     from caprese.calibration.quantized_student import prepare_student
+
     cached = Path(work) / f"quantized-{key[:16]}.safetensors"
     if qweights is None and cached.is_file():
         try:

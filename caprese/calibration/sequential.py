@@ -50,7 +50,8 @@ class _Stop(Exception):
 
 
 class _States:
-    """One boundary's residual-stream rows: teacher (all tokens) and student (response tokens), fp32 files."""
+    """One boundary's residual-stream rows: teacher (all tokens) and student (response tokens; every token with a
+    quantized student), fp32 files."""
 
     def __init__(self, folder: Path, boundary: int, samples, dim: int, key: str, full_student: bool = False):
         self.dim, self.key = dim, key
