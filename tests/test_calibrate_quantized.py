@@ -414,3 +414,15 @@ def test_weights_on_an_unquantized_artifact_is_refused(tiny_model_dir, tmp_path,
                                                                       layerwise=LW), make_samples(4), QUIET)
     rc, _, err = run_main(["eval", tmp_path / "a", "--weights", "int4"], monkeypatch, capsys)
     assert_one_line_error(rc, err, "calibrated on unquantized weights")
+
+
+def test_recipe_records_the_weights_and_method_none_defaults():
+    plan = CalibrationRecipe("none", weights=INT4).resolve(4, 64)
+    assert plan.layers == (0, 1, 2, 3) and plan.density == 1.0 and plan.recipe.weights == INT4
+    d = plan.recipe.to_dict()
+    assert d["weights"] == INT4.to_dict() and QuantRecipe.from_dict(json.loads(json.dumps(d["weights"]))) == INT4
+    assert CalibrationRecipe().to_dict()["weights"] is None
+    with pytest.raises(CapreseError, match="--method none"):
+        CalibrationRecipe("none")
+    with pytest.raises(TypeError):
+        CalibrationRecipe(weights="int4")
