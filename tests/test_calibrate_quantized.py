@@ -417,7 +417,7 @@ def test_weights_on_an_unquantized_artifact_is_refused(tiny_model_dir, tmp_path,
 
 
 def test_recipe_records_the_weights_and_method_none_defaults():
-    plan = CalibrationRecipe("none", weights=INT4).resolve(4, 64)
+    plan = CalibrationRecipe("none", weights=INT4).resolve(4, 128)
     assert plan.layers == (0, 1, 2, 3) and plan.density == 1.0 and plan.recipe.weights == INT4
     d = plan.recipe.to_dict()
     assert d["weights"] == INT4.to_dict() and QuantRecipe.from_dict(json.loads(json.dumps(d["weights"]))) == INT4
