@@ -100,7 +100,7 @@ def calibrate_command(model_dir, out, data, synthetic, response_tokens, as_json,
       caprese calibrate MODEL -o out/lw --stage layerwise --data train.jsonl
       caprese calibrate MODEL -o out/e2e --stage e2e --init out/lw --e2e-lr 5e-5
       caprese calibrate MODEL -o out/seq --stage layerwise --layerwise-mode sequential --rank 256
-      caprese calibrate MODEL -o out/q4 --weights int4 --method none --layers all     # int4 + bypass
+      caprese calibrate MODEL -o out/q4 --weights int4 --method none --rank 64        # int4 + bypass, all layers
       caprese calibrate MODEL -o out/q4g --weights int4 --quant gptq --method griffin  # int4 GPTQ + GRIFFIN
       torchrun --nproc_per_node 2 $(which caprese) calibrate MODEL -o out/x   # layers / batches split over ranks
 
