@@ -28,11 +28,11 @@ from typing import Callable
 import torch
 
 from caprese.calibration.artifact import Artifact, load_artifact, save_artifact
-from caprese.calibration.distributed import barrier, init_distributed, local_device
+from caprese.calibration.distributed import barrier, init_distributed, local_device, world
 from caprese.calibration.e2e import run_e2e
 from caprese.calibration.fingerprint import digest, fingerprint, samples_digest
 from caprese.calibration.layerwise import finished_layers, run_layerwise
-from caprese.calibration.recipe import CalibrationOptions, CalibrationPlan, CalibrationRecipe
+from caprese.calibration.recipe import CalibrationOptions, CalibrationPlan, CalibrationRecipe, describe_weights
 from caprese.calibration.sequential import run_sequential
 from caprese.errors import CapreseError
 from caprese.model.spec import load_spec
@@ -43,7 +43,12 @@ def plan_calibration(model_dir: str | Path, recipe: CalibrationRecipe) -> Calibr
     Cheap (reads config.json and the init artifact): the CLI calls it to fail before any data work."""
     spec = load_spec(model_dir)
     init = load_artifact(recipe.init, model_dir) if recipe.init is not None else None
-    return recipe.resolve(spec.num_layers, spec.hidden_size, init)
+    plan = recipe.resolve(spec.num_layers, spec.hidden_size, init)
+    if plan.recipe.weights is not None:
+        from caprese.calibration.quantized_student import check_model_shapes
+
+        check_model_shapes(spec, plan.recipe.weights)
+    return plan
 
 
 def clean_samples(samples, max_positions: int) -> tuple[list, int]:
@@ -102,9 +107,11 @@ def calibrate(model_dir: str | Path, out: str | Path, recipe: CalibrationRecipe,
     joined_here = joined_here and ws > 1
     device = local_device(opts.device)
     fp = fingerprint(model_dir)
-    base_key = digest({"fingerprint": fp, "method": r.method, "density": r.density, "layers": list(plan.layers),
-                       "samples": samples_digest(samples), "precision": opts.precision,
-                       "device": torch.device(device).type})
+    key_fields = {"fingerprint": fp, "method": r.method, "density": r.density, "layers": list(plan.layers),
+                  "samples": samples_digest(samples), "precision": opts.precision, "device": torch.device(device).type}
+    if r.weights is not None:  # absent otherwise, so the work dirs of unquantized runs keep their keys
+        key_fields["weights"] = r.weights.to_dict()
+    base_key = digest(key_fields)
     lw_key = digest({"base": base_key, "store": r.layerwise.store})
     got = None
     if r.stage == "e2e" and plan.init is None:  # the layer-wise result of an earlier run in this work dir
@@ -117,7 +124,9 @@ def calibrate(model_dir: str | Path, out: str | Path, recipe: CalibrationRecipe,
     n_resp = sum(len(s.response_ids) for s in samples)
     layers_note = " (the method's default)" if plan.layers_default else ""
     log(f"caprese: calibrating {r.method} (density {r.density}, layers {r.layers_spec}{layers_note} = "
-        f"{len(plan.layers)} of {spec.num_layers}, rank {r.rank}) on {len(samples)} samples "
+        f"{len(plan.layers)} of {spec.num_layers}, rank {r.rank})"
+        + (f" over {describe_weights(r.weights)} weights" if r.weights is not None else "")
+        + f" on {len(samples)} samples "
         f"({n_prompt} prompt + {n_resp} response tokens), stage {r.stage}"
         + (f", {ws} processes" if ws > 1 else "") + f"; work dir {work}")
 
@@ -127,9 +136,15 @@ def calibrate(model_dir: str | Path, out: str | Path, recipe: CalibrationRecipe,
         decoder = load_decoder(model_dir, opts.precision, device, spec=spec)
     metrics: dict = {}
     timing: dict = {}
+    student = None
+    if r.weights is not None:
+        t_q = time.monotonic()
+        qweights = plan.init.quantized_weights() if plan.init is not None else None
+        student = _student_weights(decoder, r.weights, samples, work, base_key, qweights, opts.progress and me == 0)
+        timing["quantize_s"] = round(time.monotonic() - t_q, 3)
     if r.stage in ("layerwise", "both"):
         runner = run_sequential if r.layerwise.mode == "sequential" else run_layerwise
-        lw = runner(decoder, samples, plan, work, lw_key, opts, callback)
+        lw = runner(decoder, samples, plan, work, lw_key, opts, callback, student=student)
         adapters = lw.adapters
         metrics["layerwise"] = _layer_summary(lw.metrics)
         timing["layerwise"] = lw.timing
@@ -141,7 +156,7 @@ def calibrate(model_dir: str | Path, out: str | Path, recipe: CalibrationRecipe,
         adapters = {i: (L, R) for i, (L, R, _) in got.items()}
         metrics["layerwise"] = _layer_summary({i: m for i, (_, _, m) in got.items()})
     if r.stage in ("e2e", "both"):
-        e2 = run_e2e(decoder, samples, plan, adapters, work, base_key, opts, callback)
+        e2 = run_e2e(decoder, samples, plan, adapters, work, base_key, opts, callback, student=student)
         adapters = e2.adapters
         metrics["e2e"] = e2.metrics
         timing["e2e"] = e2.timing
@@ -149,7 +164,8 @@ def calibrate(model_dir: str | Path, out: str | Path, recipe: CalibrationRecipe,
     metrics["timing"] = timing
 
     art = Artifact(None, str(model_dir.resolve()), fp, r.method, r.density, list(plan.layers), r.rank,
-                   _artifact_recipe(plan, opts, samples, skipped, torch.device(device).type, ws), metrics, adapters)
+                   _artifact_recipe(plan, opts, samples, skipped, torch.device(device).type, ws), metrics, adapters,
+                   qweights=None if student is None else student.qweights)
     if me == 0:
         save_artifact(art, out, opts.force)
         log(f"caprese: wrote {out}")
@@ -160,6 +176,31 @@ def calibrate(model_dir: str | Path, out: str | Path, recipe: CalibrationRecipe,
     if joined_here:
         dist.destroy_process_group()
     return art
+
+
+def _student_weights(decoder, weights, samples, work: Path, key: str, qweights, progress: bool):
+    """The quantized student over `decoder` (caprese/calibration/quantized_student.py). The codes come from the
+    init artifact (`qweights`), from this work dir (a resumed run), or are computed here (RTN, or GPTQ on the
+    calibration samples) and kept in WORK/quantized-KEY.safetensors, so a resumed run trains over the same codes."""
+    from caprese.atomic_output import atomic_file
+    from caprese.calibration.quantized_file import read_quantized, write_quantized
+    from caprese.calibration.quantized_student import prepare_student
+
+    cached = Path(work) / f"quantized-{key[:16]}.safetensors"
+    if qweights is None and cached.is_file():
+        try:
+            qweights = read_quantized(cached, weights)
+        except CapreseError:
+            qweights = None  # a torn file: quantize again
+    fresh = qweights is None
+    if fresh and progress:
+        print(f"caprese: quantizing the student's weights to {describe_weights(weights)}", file=sys.stderr)
+    student = prepare_student(decoder, weights, samples, progress, qweights)
+    if fresh and world()[0] == 0:
+        Path(work).mkdir(parents=True, exist_ok=True)
+        with atomic_file(cached) as tmp:
+            write_quantized(tmp, student.qweights, weights)
+    return student
 
 
 def _artifact_recipe(plan: CalibrationPlan, opts: CalibrationOptions, samples, skipped: int, device_type: str,

@@ -19,6 +19,10 @@ MSE of the batch. Under torchrun each rank runs every world_size-th sequence of 
 all-reduced (summed) before the step: plain data parallelism, identical adapters on every rank. The optimiser
 steps fp32 master copies of L, R, which are copied back into the model's own (bf16 in a bf16 model).
 
+Quantized student (`student`, quantized_student.StudentWeights): the whole stage runs with the quantized weights
+in place (forward AND backward: autograd saved them), and only the teacher pass swaps the originals in, so the
+teacher is the unquantized dense model and the student the quantized one, prompt prefill included.
+
 Resumable per epoch: WORK/e2e/checkpoint.pt (masters, optimiser, schedule step, losses; temp + rename) is written
 after each epoch; a rerun with the same key continues after the last finished epoch, reshuffling each epoch
 with a generator seeded by (seed, epoch), so the result equals an uninterrupted run.
@@ -26,6 +30,7 @@ with a generator seeded by (seed, epoch), so the result equals an uninterrupted 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -67,8 +72,8 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 class Distiller:
     """Teacher / student passes over one decoder whose target layers carry an EfficientFFN with a bypass."""
 
-    def __init__(self, decoder, samples, teacher_cache_bytes: int = 1 << 30):
-        self.decoder, self.samples = decoder, samples
+    def __init__(self, decoder, samples, teacher_cache_bytes: int = 1 << 30, student=None):
+        self.decoder, self.samples, self.student_weights = decoder, samples, student
         self.device = decoder.model.embed_tokens.weight.device
         self.dim = decoder.spec.hidden_size
         self.cache: dict[int, torch.Tensor] = {}
@@ -81,7 +86,8 @@ class Distiller:
             return self.cache[j]
         s = self.samples[j]
         detach_caches(self.decoder)
-        with torch.no_grad():
+        sw = self.student_weights
+        with torch.no_grad(), sw.teacher() if sw is not None else contextlib.nullcontext():
             ids = torch.tensor([s.ids], device=self.device)
             h = _wide(self.decoder.hidden_states(ids, 0, phase="prefill")[0, len(s.prompt_ids):])
         size = h.numel() * h.element_size()
@@ -172,13 +178,21 @@ def _load_checkpoint(path: Path, key: str) -> dict | None:
 
 
 def run_e2e(decoder, samples, plan: CalibrationPlan, init_adapters: dict[int, tuple[torch.Tensor, torch.Tensor]],
-            work: Path, key: str, options: CalibrationOptions, callback: Callback | None = None) -> E2EResult:
+            work: Path, key: str, options: CalibrationOptions, callback: Callback | None = None,
+            student=None) -> E2EResult:
     """Jointly fine-tune every layer's (L, R) of `plan` from `init_adapters`; returns the trained adapters (fp32,
     cpu).
 
-    `key` must identify the base model, method, density, layers, samples and precision; the checkpoint key adds
-    rank, the end-to-end config and the initial adapters.
+    `key` must identify the base model, method, density, layers, samples, precision and quantized weights; the
+    checkpoint key adds rank, the end-to-end config and the initial adapters. `student`: the quantized student's
+    weights (quantized_student.StudentWeights, in its teacher state) or None.
     """
+    with contextlib.ExitStack() as stack:
+        return _run_e2e(decoder, samples, plan, init_adapters, work, key, options, callback, student, stack)
+
+
+def _run_e2e(decoder, samples, plan, init_adapters, work, key, options, callback, student,
+             stack: contextlib.ExitStack) -> E2EResult:
     t_start = time.monotonic()
     me, ws = world()
     cfg, progress = plan.recipe.e2e, options.progress
@@ -189,6 +203,8 @@ def run_e2e(decoder, samples, plan: CalibrationPlan, init_adapters: dict[int, tu
                    "init": adapters_digest(init_adapters)})
 
     apply_method(decoder, plan.method, plan.density, list(plan.layers), plan.rank, seed=cfg.seed)
+    if student is not None:  # after apply_method: a static selection comes from the unquantized weights
+        stack.enter_context(student.student())
     decoder.requires_grad_(False)
     bps = _bypasses(decoder)
     missing = [i for i, _ in bps if i not in init_adapters]
@@ -208,7 +224,7 @@ def run_e2e(decoder, samples, plan: CalibrationPlan, init_adapters: dict[int, tu
     spe = max(1, math.ceil(n / cfg.batch_size))
     total = cfg.epochs * spe
     sched = linear_schedule(opt, total, cfg.warmup)
-    dist_ = Distiller(decoder, samples, options.teacher_cache_bytes)
+    dist_ = Distiller(decoder, samples, options.teacher_cache_bytes, student)
 
     state = _load_checkpoint(ckpt_path, ckey)
     if state is not None:

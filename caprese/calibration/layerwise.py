@@ -33,6 +33,7 @@ directory (one node, or a shared file system) and meet at a barrier, after which
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -85,13 +86,14 @@ def ensure_caches(decoder, samples) -> None:
 
 
 def capture(decoder, samples, layers: list[int], work: Path, key: str, method: str, density: float,
-            store: str = "fp32", progress: bool = True, callback: Callback | None = None
+            store: str = "fp32", progress: bool = True, callback: Callback | None = None, student=None
             ) -> dict[int, CaptureLayer]:
     """Capture x and r = FF(x) − FF̂(x) on response tokens for `layers` of the dense `decoder`.
 
     The decoder runs dense (its FFNs are DenseFFN, or EfficientFFN in their dense prefill phase); FF̂ is a
     stand-alone `method` FFN per layer that observes the prompt's gate/up activations and approximates the
-    response, exactly as generation would.
+    response, exactly as generation would. With `student` (quantized_student.StudentWeights, in its teacher
+    state) FF̂ computes with the layer's quantized FFN weights (selection included), FF(x) and x stay dense.
     """
     folder = work / "capture"
     folder.mkdir(parents=True, exist_ok=True)
@@ -117,9 +119,12 @@ def capture(decoder, samples, layers: list[int], work: Path, key: str, method: s
             if current["j"] >= cap.state["samples_done"]:
                 x, y, p = args[0][0], output[0], current["p"]
                 xp = x[None, :p]  # the prompt: sets the selection / τ (its dense output is not needed)
-                a = ffn.act(ffn.dense.gate_proj(xp))
-                ffn.observe(a, a * ffn.dense.up_proj(xp), FFNContext("prefill", 0))
-                fhat = ffn.approx(x[None, p:])[0]
+                with student.student_ffn(i) if student is not None else contextlib.nullcontext():
+                    ffn.weights_changed()
+                    a = ffn.act(ffn.dense.gate_proj(xp))
+                    ffn.observe(a, a * ffn.dense.up_proj(xp), FFNContext("prefill", 0))
+                    fhat = ffn.approx(x[None, p:])[0]
+                    ffn.weights_changed()
                 cap.append(x[p:], y[p:], (y[p:].float() - fhat.float()))
                 cap.state["samples_done"] = current["j"] + 1
             if i == deepest:
@@ -284,11 +289,12 @@ def train_captured(cap: CaptureLayer, device, plan: CalibrationPlan, work: Path,
 
 
 def run_layerwise(decoder, samples, plan: CalibrationPlan, work: Path, key: str, options: CalibrationOptions,
-                  callback: Callback | None = None) -> LayerwiseResult:
+                  callback: Callback | None = None, student=None) -> LayerwiseResult:
     """Capture + train every layer of `plan` this rank owns, then (after a barrier) read all layers' results.
 
     `key` must identify everything the capture depends on (base model, method, density, layers, samples,
-    precision, capture store); the per-layer training key adds rank and the layer-wise config.
+    precision, capture store, quantized weights); the per-layer training key adds rank and the layer-wise config.
+    `student`: the quantized student's weights (quantized_student.StudentWeights) or None.
     """
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -302,7 +308,7 @@ def run_layerwise(decoder, samples, plan: CalibrationPlan, work: Path, key: str,
     if todo:
         t0 = time.monotonic()
         caps = capture(decoder, samples, todo, work, key, plan.method, plan.density, cfg.store, options.progress,
-                       callback)
+                       callback, student)
         timing["capture_s"] = round(time.monotonic() - t0, 3)
         device = decoder.model.embed_tokens.weight.device
         t1 = time.monotonic()

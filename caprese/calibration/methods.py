@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from caprese.calibration.bypass import LowRankBypass
-from caprese.calibration.recipe import METHODS, default_layers, parse_layers
+from caprese.calibration.recipe import METHODS, NO_METHOD, default_layers, parse_layers
 from caprese.model.ffn import DenseFFN, FFNContext
 
 
@@ -73,6 +73,10 @@ class EfficientFFN(nn.Module):
     def observe(self, a: torch.Tensor, z: torch.Tensor, ctx: FFNContext) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def weights_changed(self) -> None:
+        """The dense projections' weights were swapped (quantized student <-> unquantized teacher): drop anything
+        derived from them. Selections stay (they are the prompt's)."""
+
     def approx(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -102,6 +106,12 @@ class _CompactFFN(EfficientFFN):
                 if buf is not None:
                     buf.copy_(new)
             self._w = self._pinned
+
+    def weights_changed(self) -> None:
+        if self._pinned is None:
+            self._w = None  # re-gathered from the current weights on the next decode
+        elif self.idx is not None:
+            self.set_selection(self.idx)  # copies the current weights' slices into the pinned buffers
 
     def pin_weights(self) -> None:
         """From now on every selection is copied into the same buffers: a captured CUDA graph replays the
@@ -202,15 +212,30 @@ class CatsFFN(EfficientFFN):
         return self.dense.down_proj(a * self.dense.up_proj(x))
 
 
-_CLASSES = {"griffin": GriffinFFN, "cats": CatsFFN, "magnitude": MagnitudeFFN}
-assert tuple(_CLASSES) == METHODS  # recipe.py lists the methods (and their default layers) without importing torch
+class PlainFFN(EfficientFFN):
+    """Method "none": no approximation, FF̂ = the FFN as it is (its quantized weights, in a quantized student),
+    + x·L·R while decoding: the paper's quantized-FF̂ case (the bypass learns what quantization loses)."""
+
+    method = NO_METHOD
+
+    def observe(self, a, z, ctx):
+        pass
+
+    def approx(self, x):
+        d = self.dense  # its projections, not d(x): a hook on the dense module (capture) must not fire again
+        return d.down_proj(self.act(d.gate_proj(x)) * d.up_proj(x))
+
+
+_CLASSES = {"griffin": GriffinFFN, "cats": CatsFFN, "magnitude": MagnitudeFFN, NO_METHOD: PlainFFN}
+# recipe.py lists the methods (and their default layers) without importing torch
+assert tuple(m for m in _CLASSES if m != NO_METHOD) == METHODS
 
 
 def make_method_ffn(dense: DenseFFN, method: str, density: float,
                     bypass: LowRankBypass | None = None) -> EfficientFFN:
     """`method`'s FFN around `dense` (ValueError for an unknown method)."""
     if method not in _CLASSES:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(_CLASSES)}")
     return _CLASSES[method](dense, density, bypass)
 
 
@@ -218,9 +243,10 @@ def apply_method(decoder, method: str, density: float, layers: str | list[int] |
                  rank: int = 0, seed: int = 0) -> list[int]:
     """Replace the FFN of each selected layer with `method` (and a rank-`rank` bypass if rank > 0), in place.
 
-    layers None: the method's default (recipe.METHOD_LAYERS: GRIFFIN and magnitude the first half, CATS all)."""
+    layers None: the method's default (recipe.METHOD_LAYERS: GRIFFIN and magnitude the first half, CATS all;
+    "none", the plain FFN + bypass of a quantized model, all)."""
     if method not in _CLASSES:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(_CLASSES)}")
     idx = parse_layers(default_layers(method) if layers is None else layers, decoder.spec.num_layers)
     d = decoder.spec.hidden_size
     if rank < 0 or rank >= d:

@@ -23,6 +23,10 @@ from caprese.errors import CapreseError
 
 METHOD_LAYERS = {"griffin": "first-half", "cats": "all", "magnitude": "first-half"}
 METHODS = tuple(METHOD_LAYERS)
+# "none": no efficient method, the (quantized) dense FFN + the bypass: the paper's quantized-FF̂ case. Calibration
+# only, and only with quantized weights (`weights`); all layers by default, since quantization touches every one.
+NO_METHOD = "none"
+CALIBRATION_METHODS = METHODS + (NO_METHOD,)
 STAGES = ("layerwise", "e2e", "both")
 LAYERWISE_MODES = ("parallel", "sequential")
 CAPTURE_STORES = ("fp32", "bf16")
@@ -32,6 +36,8 @@ DEFAULT_METHOD, DEFAULT_DENSITY, DEFAULT_RANK = "griffin", 0.5, 64
 
 def default_layers(method: str) -> str:
     """The layer set `method` approximates when none is given (see the module docstring for why)."""
+    if method == NO_METHOD:
+        return "all"
     if method not in METHOD_LAYERS:
         raise CapreseError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     return METHOD_LAYERS[method]
@@ -134,10 +140,10 @@ class CalibrationRecipe:
     fills them in. stage: "layerwise", "e2e" (from `init`, a layer-wise artifact, or from the finished layers
     of a kept work dir) or "both".
 
-    Extension point (quantized FFN weights, issue 15): a nested frozen dataclass field, e.g.
-    `weights: WeightQuantization | None = None` (int4 | int8, block size, quantization method; None = the base
-    model's dtype), validated in its own __post_init__, checked against the model in `resolve`, and written to
-    the artifact by `to_dict` (asdict nests it) -- exactly as `layerwise` / `e2e` are.
+    weights: None (the base model's weights as they are) or a caprese.calibration.weight_quant.QuantRecipe
+    (int4 | int8, block size, RTN | GPTQ, which roles): the STUDENT then computes with the quantized weights of
+    every quantized linear (attention too: export quantizes all of them) while the teacher stays unquantized;
+    method "none" (quantization alone + the bypass) needs it. Typed loosely so this module imports no torch.
     """
 
     method: str | None = None
@@ -148,14 +154,15 @@ class CalibrationRecipe:
     init: str | Path | None = None
     layerwise: LayerwiseConfig = dataclasses.field(default_factory=LayerwiseConfig)
     e2e: E2EConfig = dataclasses.field(default_factory=E2EConfig)
+    weights: Any = None  # QuantRecipe | None (see the class docstring)
 
     def __post_init__(self):
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
         if self.stage not in STAGES:
             raise CapreseError(f"unknown stage {self.stage!r}; choose from {', '.join(STAGES)}")
-        if self.method is not None and self.method not in METHODS:
-            raise CapreseError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.method is not None and self.method not in CALIBRATION_METHODS:
+            raise CapreseError(f"unknown method {self.method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
         d = self.density
         if d is not None and not (isinstance(d, (int, float)) and not isinstance(d, bool) and 0 < d <= 1):
             raise CapreseError(f"density must be in (0, 1]; got {d}")
@@ -166,6 +173,14 @@ class CalibrationRecipe:
             raise CapreseError("--init (a layer-wise artifact to start from) only goes with --stage e2e")
         if not isinstance(self.layerwise, LayerwiseConfig) or not isinstance(self.e2e, E2EConfig):
             raise TypeError("layerwise / e2e must be a LayerwiseConfig / an E2EConfig")
+        if self.weights is not None:
+            from caprese.calibration.weight_quant import QuantRecipe
+
+            if not isinstance(self.weights, QuantRecipe):
+                raise TypeError("weights must be a caprese.calibration.weight_quant.QuantRecipe or None")
+        if self.method == NO_METHOD and self.weights is None and self.init is None:
+            raise CapreseError("--method none calibrates a bypass for quantized weights alone: give --weights "
+                               "int4 or int8 (or an efficient method)")
 
     @property
     def layers_spec(self) -> str | None:
@@ -175,7 +190,7 @@ class CalibrationRecipe:
     def resolve(self, num_layers: int, hidden_size: int, init: Any = None) -> CalibrationPlan:
         """Fill in every None (from the defaults, or from `init`, the loaded init Artifact) and check the recipe
         against a model with `num_layers` layers and hidden size `hidden_size`; one-line CapreseErrors."""
-        method, density, layers, rank = self.method, self.density, self.layers, self.rank
+        method, density, layers, rank, weights = self.method, self.density, self.layers, self.rank, self.weights
         if init is not None:
             if not init.rank or not init.adapters:
                 raise CapreseError(f"{self.init} has no bypass adapters (rank 0); calibrate it with --stage "
@@ -187,11 +202,18 @@ class CalibrationRecipe:
             if layers is not None and _indices(layers, num_layers) != list(init.layers):
                 raise CapreseError(f"--layers {self.layers_spec} differs from the init artifact's layers "
                                    f"{init.layers}; drop --layers")
-            method, density, rank = init.method, init.density, init.rank
+            have_w = init.weights
+            if weights is not None and (have_w is None or weights.to_dict() != have_w.to_dict()):
+                raise CapreseError(f"--weights {describe_weights(weights)} differs from the init artifact's "
+                                   f"{describe_weights(have_w)}; drop --weights")
+            method, density, rank, weights = init.method, init.density, init.rank, have_w
             spec = init.recipe.get("layers")
             layers = spec if isinstance(spec, str) else tuple(init.layers)
         method = DEFAULT_METHOD if method is None else method
-        density = DEFAULT_DENSITY if density is None else density
+        if method == NO_METHOD and weights is None:
+            raise CapreseError("--method none calibrates a bypass for quantized weights alone: give --weights "
+                               "int4 or int8 (or an efficient method)")
+        density = (1.0 if method == NO_METHOD else DEFAULT_DENSITY) if density is None else density
         rank = DEFAULT_RANK if rank is None else rank
         layers_default = layers is None
         layers = default_layers(method) if layers is None else layers
@@ -200,15 +222,24 @@ class CalibrationRecipe:
         indices = _indices(layers, num_layers)
         if init is not None and any(i not in init.adapters for i in indices):
             raise CapreseError(f"{self.init} lacks adapters for some of its layers; recalibrate it")
-        resolved = dataclasses.replace(self, method=method, density=float(density), layers=layers, rank=rank)
+        resolved = dataclasses.replace(self, method=method, density=float(density), layers=layers, rank=rank,
+                                       weights=weights)
         return CalibrationPlan(resolved, tuple(indices), init, layers_default)
 
     def to_dict(self) -> dict:
         """JSON-ready, for the artifact (layers as the CLI spec string, init as an absolute path)."""
         d = dataclasses.asdict(self)
+        d["weights"] = None if self.weights is None else self.weights.to_dict()
         d["layers"] = self.layers_spec
         d["init"] = str(Path(self.init).resolve()) if self.init is not None else None
         return d
+
+
+def describe_weights(weights) -> str:
+    """'int4 (block 32, gptq)' for a QuantRecipe, 'unquantized weights' for None: for messages and labels."""
+    if weights is None:
+        return "unquantized weights"
+    return f"{weights.fmt.name} (block {weights.fmt.block_name}, {weights.method})"
 
 
 def _indices(layers, num_layers: int) -> list[int]:
@@ -261,4 +292,5 @@ class CalibrationOptions:
 
 
 __all__ = ["CalibrationRecipe", "CalibrationOptions", "CalibrationPlan", "LayerwiseConfig", "E2EConfig",
-           "METHOD_LAYERS", "METHODS", "STAGES", "default_layers", "layers_default_help", "parse_layers"]
+           "METHOD_LAYERS", "METHODS", "CALIBRATION_METHODS", "NO_METHOD", "STAGES", "default_layers",
+           "describe_weights", "layers_default_help", "parse_layers"]

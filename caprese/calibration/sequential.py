@@ -17,10 +17,15 @@ CATS τ, prompt K/V), then the response as one decode chunk (student) -- once to
 (the teacher's output rows are written as the next boundary's teacher states on the way), and again with the
 trained bypass to write the next student states. Resumable per layer: the trained layers are the same files
 as the parallel stage's, and a boundary's states are kept until the next boundary is complete.
+
+Quantized student (`student`, quantized_student.StudentWeights): the teacher passes run with the original
+weights, the student's with the quantized ones (attention too), so the student's prompt states differ from the
+teacher's: states_{b}.s then holds the student's states of EVERY token, and the student prefills its own prompt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -45,15 +50,16 @@ class _Stop(Exception):
 
 
 class _States:
-    """One boundary's residual-stream rows: teacher (all tokens) and student (response tokens), fp32 files."""
+    """One boundary's residual-stream rows: teacher (all tokens) and student (response tokens; every token with a
+    quantized student), fp32 files."""
 
-    def __init__(self, folder: Path, boundary: int, samples, dim: int, key: str):
+    def __init__(self, folder: Path, boundary: int, samples, dim: int, key: str, full_student: bool = False):
         self.dim, self.key = dim, key
         self.t_path, self.s_path = folder / f"states_{boundary}.t", folder / f"states_{boundary}.s"
         self.meta = folder / f"states_{boundary}.json"
         self.t_meta = folder / f"states_{boundary}.t.json"  # the teacher rows alone, written by a capture
         lens_t = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
-        lens_s = [len(s.response_ids) for s in samples]
+        lens_s = lens_t if full_student else [len(s.response_ids) for s in samples]
         self.off_t, self.off_s = np.cumsum([0] + lens_t), np.cumsum([0] + lens_s)
         self._t = self._s = None
 
@@ -128,7 +134,7 @@ def _mid_norm(block):
 
 
 def run_sequential(decoder, samples, plan: CalibrationPlan, work: Path, key: str, options: CalibrationOptions,
-                   callback: Callback | None = None) -> LayerwiseResult:
+                   callback: Callback | None = None, student=None) -> LayerwiseResult:
     """Train every layer's (L, R) in order, each on the student's inputs against the dense layer output.
 
     Same contract as layerwise.run_layerwise (key, result); the decoder's target layers get the plan's method
@@ -148,8 +154,10 @@ def run_sequential(decoder, samples, plan: CalibrationPlan, work: Path, key: str
     ffns = {i: f for i, f in efficient_layers(decoder).items() if i in layers}
     ensure_caches(decoder, samples)
 
+    full = student is not None
+
     def boundary(b: int) -> _States:
-        return _States(folder, b, samples, dim, digest({"train": train_key, "boundary": b}))
+        return _States(folder, b, samples, dim, digest({"train": train_key, "boundary": b}), full)
 
     def install(i: int, L: torch.Tensor, R: torch.Tensor) -> None:
         with torch.no_grad():
@@ -176,8 +184,12 @@ def run_sequential(decoder, samples, plan: CalibrationPlan, work: Path, key: str
         if b == 0:
             def embedded(j):
                 s = samples[j]
+                ids = torch.tensor([s.ids], device=device)
                 with torch.inference_mode():
-                    t = decoder.embed(torch.tensor([s.ids], device=device))
+                    t = decoder.embed(ids)
+                    if full:
+                        with student.student():
+                            return t, decoder.embed(ids)
                 return t, t[:, len(s.prompt_ids):]
             return embedded
         st = boundary(b)
@@ -191,7 +203,7 @@ def run_sequential(decoder, samples, plan: CalibrationPlan, work: Path, key: str
                 t0 = time.monotonic()
                 nxt = boundary(i + 1) if i < layers[-1] else None
                 cap = _capture(decoder, block, ffns[i], i, samples, src, folder, train_key, cfg.store, progress,
-                               callback, nxt)
+                               callback, nxt, student)
                 timing["capture_s"] += time.monotonic() - t0
                 t1 = time.monotonic()
                 desc = f"layer {i} ({layers.index(i) + 1}/{len(layers)}, sequential)"
@@ -203,7 +215,7 @@ def run_sequential(decoder, samples, plan: CalibrationPlan, work: Path, key: str
         if i == layers[-1]:
             break
         t2 = time.monotonic()
-        _propagate(decoder, block, i, samples, src, boundary(i + 1), i in ffns, progress)
+        _propagate(decoder, block, i, samples, src, boundary(i + 1), i in ffns, progress, student)
         timing["propagate_s"] += time.monotonic() - t2
         if i > 0:
             boundary(i).remove()
@@ -213,8 +225,13 @@ def run_sequential(decoder, samples, plan: CalibrationPlan, work: Path, key: str
     return LayerwiseResult(adapters, metrics, timing)
 
 
+def _student(student):
+    """The quantized student's weights in place (a no-op context without quantization)."""
+    return student.student() if student is not None else contextlib.nullcontext()
+
+
 def _capture(decoder, block, ffn: EfficientFFN, i: int, samples, src, folder: Path, train_key: str, store: str,
-             progress: bool, callback: Callback | None, nxt: _States | None = None) -> CaptureLayer:
+             progress: bool, callback: Callback | None, nxt: _States | None = None, student=None) -> CaptureLayer:
     """(x, target − FF̂(x)) rows of layer i on the response tokens, the student's inputs, the dense outputs;
     the dense outputs of every token also become the teacher rows of boundary i + 1 (`nxt`), so the
     propagation after training does not run the dense pass again."""
@@ -247,18 +264,21 @@ def _capture(decoder, block, ffn: EfficientFFN, i: int, samples, src, folder: Pa
             with torch.inference_mode():
                 t_all = decoder.blocks(h_t, 0, i, i + 1, phase="prefill")[0]  # the dense layer output
                 t = t_all[p:]
-                decoder.blocks(h_t[:, :p], 0, i, i + 1, phase="prefill")  # selection / τ from the prompt
-                on["student"] = True
-                try:
-                    decoder.blocks(h_s, p, i, i + 1, phase="decode")
-                except _Stop:
-                    pass
-                finally:
-                    on["student"] = False
-                x, mid = got.pop("x"), got.pop("mid")
-                y = ffn.dense(x[None])[0]
+                with _student(student):
+                    # selection / τ (and the prompt's K/V) from the prompt: the student's own when quantized
+                    decoder.blocks(h_s[:, :p] if student is not None else h_t[:, :p], 0, i, i + 1, phase="prefill")
+                    on["student"] = True
+                    try:
+                        decoder.blocks(h_s[:, p:] if student is not None else h_s, p, i, i + 1, phase="decode")
+                    except _Stop:
+                        pass
+                    finally:
+                        on["student"] = False
+                    x, mid = got.pop("x"), got.pop("mid")
+                    fhat = ffn.approx(x[None])[0]
+                y = ffn.dense(x[None])[0]  # FF(x) with the teacher's (unquantized) weights
                 target = branch_target(block, mid, t, y)
-                cap.append(x, y, target.float() - ffn.approx(x[None])[0].float())
+                cap.append(x, y, target.float() - fhat.float())
             if ft is not None:
                 ft.write(to_bytes(t_all, "fp32"))
             cap.state["samples_done"] = j + 1
@@ -285,9 +305,11 @@ def _capture(decoder, block, ffn: EfficientFFN, i: int, samples, src, folder: Pa
     return cap
 
 
-def _propagate(decoder, block, i: int, samples, src, dst: _States, efficient: bool, progress: bool) -> None:
+def _propagate(decoder, block, i: int, samples, src, dst: _States, efficient: bool, progress: bool,
+               student=None) -> None:
     """States entering layer i+1: the dense pass for the teacher (unless the capture wrote its rows), the
-    prompt (prompt K/V, selection) then the response chunk for the student."""
+    prompt (prompt K/V, selection) then the response chunk for the student (with `student`: the student's own
+    prompt states, and its rows of every token are written)."""
     teacher = not dst.teacher_ready
     ft, fs = dst.open_write(teacher)
     files = [f for f in (ft, fs) if f is not None]
@@ -299,9 +321,14 @@ def _propagate(decoder, block, i: int, samples, src, dst: _States, efficient: bo
             with torch.inference_mode():
                 if teacher:
                     ft.write(to_bytes(decoder.blocks(h_t, 0, i, i + 1, phase="prefill")[0], "fp32"))
-                if efficient or not teacher:  # the dense pass above also wrote the prompt's K/V
-                    decoder.blocks(h_t[:, :p], 0, i, i + 1, phase="prefill")
-                out = decoder.blocks(h_s, p, i, i + 1, phase="decode")
+                if student is not None:
+                    with student.student():
+                        fs.write(to_bytes(decoder.blocks(h_s[:, :p], 0, i, i + 1, phase="prefill")[0], "fp32"))
+                        out = decoder.blocks(h_s[:, p:], p, i, i + 1, phase="decode")
+                else:
+                    if efficient or not teacher:  # the dense pass above also wrote the prompt's K/V
+                        decoder.blocks(h_t[:, :p], 0, i, i + 1, phase="prefill")
+                    out = decoder.blocks(h_s, p, i, i + 1, phase="decode")
             fs.write(to_bytes(out[0], "fp32"))
             pbar.update(1)
         for f in files:

@@ -18,6 +18,7 @@ import click
 from caprese.calibration.recipe import (DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_RANK, LAYERWISE_MODES, PRECISIONS,
                                         STAGES, CalibrationOptions, CalibrationRecipe, E2EConfig, LayerwiseConfig,
                                         layers_default_help)
+from caprese.cli.options import weight_options
 from caprese.errors import CapreseError
 
 DEFAULT_SYNTHETIC = 192
@@ -28,8 +29,9 @@ _LW, _E2E, _OPTS = LayerwiseConfig(), E2EConfig(), CalibrationOptions()  # the d
 @click.argument("model_dir", type=click.Path(path_type=str))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
               help="Artifact folder to create (caprese.json + adapters.safetensors).")
-@click.option("--method", default=None, metavar="griffin|cats|magnitude",
-              help=f"Efficient FFN method to calibrate for.  [default: {DEFAULT_METHOD}, or the --init artifact's]")
+@click.option("--method", default=None, metavar="griffin|cats|magnitude|none",
+              help="Efficient FFN method to calibrate for; none (with --weights): the quantized FFN as it is, the "
+                   f"bypass recovers what quantization loses.  [default: {DEFAULT_METHOD}, or the --init artifact's]")
 @click.option("--density", default=None, type=float,
               help="Fraction of FFN neurons kept (GRIFFIN, magnitude) or activations kept (CATS), in (0, 1].  "
                    f"[default: {DEFAULT_DENSITY}]")
@@ -38,6 +40,7 @@ _LW, _E2E, _OPTS = LayerwiseConfig(), E2EConfig(), CalibrationOptions()  # the d
                    f"[default: the method's ({layers_default_help()}), or the --init artifact's]")
 @click.option("--rank", "rank", default=None, type=int,
               help=f"Bypass rank r (L is D x r, R is r x D), 1 <= r < hidden size.  [default: {DEFAULT_RANK}]")
+@weight_options
 @click.option("--data", "data", default=None, type=click.Path(path_type=str),
               help="Calibration data: .jsonl (prompt/response, question/answer or text per line) or .txt.")
 @click.option("--synthetic", default=None, type=int,
@@ -86,6 +89,10 @@ def calibrate_command(model_dir, out, data, synthetic, response_tokens, as_json,
     sequential, inputs from the calibrated layers below, the dense layer output as target). End-to-end:
     fine-tune all L, R jointly to match the dense model's final hidden states. Base weights stay frozen.
 
+    With --weights int4|int8 the student is the block-quantized model (every decoder linear layer, attention
+    included: what the int4 / int8 graphs run; FF^ is the quantized FFN, pruned as well unless --method none)
+    and the teacher stays the unquantized dense model; the artifact keeps the codes (quantized.safetensors).
+
     \b
     Examples:
       caprese calibrate MODEL -o out/griffin --method griffin --density 0.5 --rank 64   # first half of the layers
@@ -93,6 +100,8 @@ def calibrate_command(model_dir, out, data, synthetic, response_tokens, as_json,
       caprese calibrate MODEL -o out/lw --stage layerwise --data train.jsonl
       caprese calibrate MODEL -o out/e2e --stage e2e --init out/lw --e2e-lr 5e-5
       caprese calibrate MODEL -o out/seq --stage layerwise --layerwise-mode sequential --rank 256
+      caprese calibrate MODEL -o out/q4 --weights int4 --method none --rank 64        # int4 + bypass, all layers
+      caprese calibrate MODEL -o out/q4g --weights int4 --quant gptq --method griffin  # int4 GPTQ + GRIFFIN
       torchrun --nproc_per_node 2 $(which caprese) calibrate MODEL -o out/x   # layers / batches split over ranks
 
     A killed run resumes from OUT.work when started again with the same arguments. The artifact runs with
@@ -142,9 +151,14 @@ def recipe_from_flags(flags: dict) -> CalibrationRecipe:
                                 warmup=flags["warmup"], seed=flags["seed"], mode=flags["layerwise_mode"])
     e2e = E2EConfig(epochs=flags["e2e_epochs"], lr=flags["e2e_lr"], batch_size=flags["e2e_batch_size"],
                     warmup=flags["warmup"], seed=flags["seed"])
+    from caprese.calibration.weights_choice import weights_choice
+
+    choice = weights_choice(flags.get("weights"), flags.get("block_size"), flags.get("quant"),
+                            flags.get("quantize_head", False), flags.get("quantize_embed", False),
+                            flags.get("scale_dtype"))
     return CalibrationRecipe(method=flags["method"], density=flags["density"], layers=flags["layers"],
                              rank=flags["rank"], stage=flags["stage"], init=flags["init"], layerwise=layerwise,
-                             e2e=e2e)
+                             e2e=e2e, weights=None if choice is None else choice.recipe())
 
 
 def options_from_flags(flags: dict) -> CalibrationOptions:

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from caprese.calibration.problems import EVAL_MAX_NEW_TOKENS
-from caprese.cli.options import BACKEND_CHOICES, method_options
+from caprese.cli.options import BACKEND_CHOICES, method_options, weight_options
 from caprese.errors import CapreseError
 
 
@@ -38,6 +38,7 @@ def format_table(rows: list[list[str]]) -> str:
 @click.option("--limit", default=200, show_default=True, type=click.IntRange(min=1),
               help="Evaluate the first N problems.")
 @method_options
+@weight_options
 @click.option("--base-model", default=None, type=click.Path(path_type=str), metavar="DIR",
               help="For an artifact: the base model folder, if it moved since calibration.")
 @click.option("--reselect-every", default=0, show_default=True, type=click.IntRange(min=0), metavar="N",
@@ -61,8 +62,9 @@ def format_table(rows: list[list[str]]) -> str:
               help="Also write every problem (prompt, gold, prediction, reply, tokens) as JSON lines to FILE.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--quiet", is_flag=True, help="No progress bar on stderr.")
-def eval_command(src, task_spec, limit, method, density, layers, base_model, reselect_every, max_new_tokens,
-                 batch_size, precision, device, threads, backend, no_chat, no_dense, save, as_json, quiet) -> None:
+def eval_command(src, task_spec, limit, method, density, layers, weights, block_size, quant, quantize_head,
+                 quantize_embed, scale_dtype, base_model, reselect_every, max_new_tokens, batch_size, precision, device,
+                 threads, backend, no_chat, no_dense, save, as_json, quiet) -> None:
     """Greedy accuracy of SRC on a math task, next to the dense model on the same problems.
 
     \b
@@ -72,6 +74,7 @@ def eval_command(src, task_spec, limit, method, density, layers, base_model, res
       caprese eval MODEL_DIR --method griffin --density 0.5 # plain GRIFFIN baseline vs dense
       caprese eval MODEL_DIR --task jsonl:gsm8k_test.jsonl --limit 100
       caprese eval ENGINE_DIR --backend native              # the engine alone, one prompt at a time
+      caprese eval MODEL_DIR --weights int4                 # int4 RTN baseline (no bypass) vs dense
     The dense reference is the artifact's base model, or SRC itself without --method. A plain folder with
     no --method is dense already and runs once. The final answer of a reply is its `#### X`, else its last
     \\boxed{X}, else its last number; answers compare numerically.
@@ -95,17 +98,20 @@ def eval_command(src, task_spec, limit, method, density, layers, base_model, res
     from caprese.export.manifest import MANIFEST
 
     if (Path(src) / MANIFEST).is_file():
-        return _eval_engine(src, task_spec, limit, (method, layers, base_model), reselect_every, max_new_tokens, threads,
-                            backend, no_chat, save, as_json, quiet)
+        return _eval_engine(src, task_spec, limit, (method, layers, base_model, weights, block_size, quant),
+                            reselect_every, max_new_tokens, threads, backend, no_chat, save, as_json, quiet)
     if backend is not None:
         raise CapreseError(f"--backend applies to an exported engine folder; {src} is a model folder or artifact "
                            "(scored with the PyTorch decoder: use --device / --precision)")
+    from caprese.calibration.weights_choice import weights_choice
+
+    choice = weights_choice(weights, block_size, quant, quantize_head, quantize_embed, scale_dtype)
     task = load_task(task_spec, limit)
     kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, chat=not no_chat, progress=not quiet,
                   threads=threads)
     artifact = is_artifact(src)
     tm = open_source(src, None if method == "dense" and not artifact else method, density, layers, precision,
-                     device, base_model)
+                     device, base_model, choice, progress=not quiet)
     src_is_dense = not artifact and tm.label == "dense"
     result = evaluate(tm, task, reselect_every=0 if src_is_dense else reselect_every, **kwargs)
     base_dir = tm.model_dir
@@ -122,6 +128,7 @@ def eval_command(src, task_spec, limit, method, density, layers, base_model, res
         _save_records(save, [result] if dense is None or dense is result else [dense, result])
     if as_json:
         out = {**result.to_dict(), "src": str(src), "max_new_tokens": max_new_tokens, "precision": precision,
+               "weights": None if choice is None else choice.recipe().to_dict(),
                "reselect_every": reselect_every, "dense": None if dense is None else dense.to_dict()}
         click.echo(json.dumps(out))
         return
@@ -148,8 +155,8 @@ def _eval_engine(src, task_spec, limit, fixed_at_export, reselect_every, max_new
     from caprese.runtime import EngineOptions, Generator
 
     if any(v is not None for v in fixed_at_export):
-        raise CapreseError(f"{src} is an exported engine: its method and base model are fixed at export; drop "
-                           "--method / --layers / --base-model")
+        raise CapreseError(f"{src} is an exported engine: its method, base model and weights are fixed at "
+                           "export; drop --method / --layers / --base-model / --weights")
     task = load_task(task_spec, limit)
     g = Generator.open(src, EngineOptions(backend=backend or "auto", threads=threads))
     backend = g.backend.name

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from caprese.cli.entry import run
-from caprese.cli.options import BACKEND_CHOICES, generation_options, method_options
+from caprese.cli.options import BACKEND_CHOICES, generation_options, method_options, weight_options
 from caprese.errors import CapreseError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -48,13 +48,14 @@ def fetch_default_cmd(force: bool) -> None:
 @click.option("--threads", default=None, type=click.IntRange(min=1),
               help="CPU intra-op threads. Default: one per CPU not busy with other work, re-read every second.")
 @method_options
+@weight_options
 @click.option("--base-model", default=None, type=click.Path(path_type=str),
               help="For an artifact: the base model folder, when it has moved since calibration.")
 @click.option("--backend", default=None, type=click.Choice(BACKEND_CHOICES),
               help="For an engine folder: what runs it (default auto; the same as `caprese run`).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text + latency) instead of streaming.")
 def generate_cmd(model_dir, prompt, run, precision, device, threads, method, density, layers, base_model, backend,
-                 as_json) -> None:
+                 as_json, **weight_flags) -> None:
     """Generate a reply with the PyTorch reference decoder, or with an engine folder's runtime.
 
     MODEL_DIR is a local Hugging Face folder, or a calibration artifact from `caprese calibrate` (which names
@@ -67,22 +68,25 @@ def generate_cmd(model_dir, prompt, run, precision, device, threads, method, den
     tokens_per_s, stop_reason, method.
     """
     from caprese.calibration.source import open_source
+    from caprese.calibration.weights_choice import weights_choice
     from caprese.export.manifest import MANIFEST
 
+    choice = weights_choice(*(weight_flags[k] for k in ("weights", "block_size", "quant", "quantize_head",
+                                                         "quantize_embed", "scale_dtype")))
     if (Path(model_dir) / MANIFEST).is_file():  # an engine folder: the runtime runs it
         from caprese.cli.run_command import run_engine
         from caprese.runtime.engine_options import EngineOptions
 
-        if method is not None or base_model is not None or precision != "fp32":
+        if method is not None or base_model is not None or precision != "fp32" or choice is not None:
             raise CapreseError(f"{model_dir} is an engine folder: its method and precision were fixed at export; "
-                               "drop --method/--precision/--base-model (or pass the model folder)")
+                               "drop --method/--precision/--base-model/--weights (or pass the model folder)")
         run_engine(model_dir, prompt, run, EngineOptions(backend or "auto", threads, device), as_json)
         return
     if backend is not None:
         raise CapreseError("--backend applies to engine folders from caprese-export; MODEL_DIR runs on the PyTorch "
                            "reference decoder (--device picks cpu or cuda)")
 
-    model = open_source(model_dir, method, density, layers, precision, device, base_model)
+    model = open_source(model_dir, method, density, layers, precision, device, base_model, choice)
     model.threads = threads
     stream = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     result = model.run(prompt, run, on_text=stream)

@@ -124,3 +124,26 @@ def method_options(f):
                      help="Layers that get --method: all, first-half, second-half, or a list like 0,2,5-9.  "
                           f"[default: the method's ({layers_default_help()})]"),
     ])
+
+
+def weight_options(f):
+    """--weights, --block-size, --quant, --quantize-head, --quantize-embed, --scale-dtype: block-quantized weights
+    (`calibrate`, `eval`, `generate`); caprese.calibration.weights_choice.weights_choice() turns them into a
+    WeightsChoice (None without --weights)."""
+    return _apply(f, [
+        click.option("--weights", default=None, metavar="int4|int8",
+                     help="Block-quantized weights (symmetric, fp16 scales) for every decoder linear layer: what the "
+                          "int4 / int8 graphs run. On a plain folder: the quantized baseline (no bypass); on an "
+                          "artifact: must be the bit width it was calibrated at.  [default: unquantized]"),
+        click.option("--block-size", default=None, metavar="32|64|128|row",
+                     help="Elements per scale along the input features (row: one scale per row).  "
+                          "[default: 32 for int4, row for int8]"),
+        click.option("--quant", default=None, type=click.Choice(["rtn", "gptq"]),
+                     help="How codes are chosen: rtn (round to nearest) or gptq (activation-aware, on calibration "
+                          "samples; eval / generate use cached synthetic ones).  [default: rtn]"),
+        click.option("--quantize-head", is_flag=True,
+                     help="Quantize the LM head too (with tied embeddings: the embedding as well)."),
+        click.option("--quantize-embed", is_flag=True, help="Quantize the token embedding too."),
+        click.option("--scale-dtype", default=None, type=click.Choice(["fp16", "fp32"]),
+                     help="Dtype of the block scales.  [default: fp16]"),
+    ])
