@@ -70,10 +70,13 @@ typedef __m512 qg_vf;
 static inline qg_vf qg_i8(const uint8_t *p) { /* 16 int8 codes -> 16 floats */
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
-static inline void qg_i4(const uint8_t *p, qg_vf *even, qg_vf *odd) { /* 16 bytes -> elements 0,2,..30 / 1,..31 */
-    const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p));
-    *even = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 28), 28));
-    *odd = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 28));
+/* 16 bytes -> elements 0,2,..30 / 1,..31: vpermps looks the float of each lane's low 4 bits up in a 16-entry
+ * table (nibble n -> (n ^ 8) - 8), so a nibble costs one permute instead of shifts and a conversion. */
+static inline void qg_i4(const uint8_t *p, qg_vf *even, qg_vf *odd) {
+    const __m512 lut = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    *even = _mm512_permutexvar_ps(v, lut);
+    *odd = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define QG_VL 8
@@ -93,9 +96,9 @@ static inline qg_vf qg_i8(const uint8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 static inline void qg_i4(const uint8_t *p, qg_vf *even, qg_vf *odd) { /* 8 bytes -> elements 0,2,..14 / 1,..15 */
-    const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)); /* sign-extended bytes */
     *even = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28));
-    *odd = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 28));
+    *odd = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 4)); /* the high nibble is the byte's signed top half */
 }
 #else
 #define QG_VL 0 /* scalar build: natural element order, one row at a time */
@@ -127,12 +130,21 @@ static inline float qg_half(uint16_t h) { /* fp16 bits -> float, exact */
 #endif
 }
 
-static inline float qg_scale(const QMat *w, int64_t row, int64_t b) {
-    const int64_t i = row * (w->cols / w->block) + b;
-    return w->scale_fp32 ? ((const float *)w->scales)[i] : qg_half(((const uint16_t *)w->scales)[i]);
+/* Scale i of the matrix (row * blocks per row + block); f32s is a compile-time constant in the kernels'
+ * specialized bodies (see QG_SPECIALIZE). */
+static inline float qg_scale(const void *scales, const int f32s, int64_t i) {
+    return f32s ? ((const float *)scales)[i] : qg_half(((const uint16_t *)scales)[i]);
 }
 
-static inline int64_t qg_row_bytes(const QMat *w) { return w->cols * w->bits / 8; }
+/* The kernels' bodies are always_inline functions of (bits, fp32 scales) that each entry point calls with
+ * constants, so every format gets its own compiled loop without a branch per block. */
+#define QG_SPECIALIZE(w, CALL)                                                                               \
+    do {                                                                                                     \
+        if ((w)->bits == 4 && !(w)->scale_fp32) CALL(4, 0);                                                  \
+        else if ((w)->bits == 4) CALL(4, 1);                                                                 \
+        else if (!(w)->scale_fp32) CALL(8, 0);                                                               \
+        else CALL(8, 1);                                                                                     \
+    } while (0)
 
 static inline float qg_code(const uint8_t *row, int bits, int64_t c) { /* element c of a row, as a float */
     if (bits == 8) return (float)(int8_t)row[c];
@@ -147,11 +159,12 @@ static inline float qg_code(const uint8_t *row, int bits, int64_t c) { /* elemen
 
 /* out[k] = sum_{c in [c0, c1)} x[c] * w[rows[k], c] for nr (1..4) rows; xp = x[c0..c1), de-interleaved per int4
  * group in the SIMD builds. */
-static inline __attribute__((always_inline)) void qg_dot_tile(const QMat *w, const int64_t *rows, const int nr,
+static inline __attribute__((always_inline)) void qg_dot_tile(const QMat *w, const int bits, const int f32s,
+                                                              const int64_t *rows, const int nr,
                                                               const float *restrict xp, int64_t c0, int64_t c1,
                                                               float *out) {
     const uint8_t *p[4];
-    const int64_t rb = qg_row_bytes(w);
+    const int64_t rb = w->cols * bits / 8, nb = w->cols / w->block;
     for (int k = 0; k < nr; k++) p[k] = w->codes + rows[k] * rb;
     float tail[4] = {0, 0, 0, 0};
 #if QG_VL
@@ -164,12 +177,12 @@ static inline __attribute__((always_inline)) void qg_dot_tile(const QMat *w, con
 #if QG_VL
         qg_vf bacc[4];
         for (int k = 0; k < nr; k++) bacc[k] = VZERO();
-        if (w->bits == 4) {
+        if (bits == 4) {
             for (; c + QG_G4 <= e; c += QG_G4) {
                 const qg_vf xe = VLOAD(xp + (c - c0)), xo = VLOAD(xp + (c - c0) + QG_VL);
                 for (int k = 0; k < nr; k++) {
                     qg_vf ev, od;
-                    qg_i4(p[k] + c / 2, &ev, &od);
+                    qg_i4(p[k] + (c >> 1), &ev, &od);
                     bacc[k] = VFMA(ev, xe, bacc[k]);
                     bacc[k] = VFMA(od, xo, bacc[k]);
                 }
@@ -182,9 +195,9 @@ static inline __attribute__((always_inline)) void qg_dot_tile(const QMat *w, con
         }
 #endif
         for (; c < e; c++) /* the scalar build, and a ROW block's last elements past the last whole group */
-            for (int k = 0; k < nr; k++) ts[k] += qg_code(p[k], w->bits, c) * xp[c - c0];
+            for (int k = 0; k < nr; k++) ts[k] += qg_code(p[k], bits, c) * xp[c - c0];
         for (int k = 0; k < nr; k++) {
-            const float sc = qg_scale(w, rows[k], b);
+            const float sc = qg_scale(w->scales, f32s, rows[k] * nb + b);
 #if QG_VL
             acc[k] = VFMA(bacc[k], VSET1(sc), acc[k]);
 #endif
@@ -216,8 +229,9 @@ static void qg_prepare_x(const QMat *w, const float *x, int64_t c0, int64_t c1, 
     for (; c < c1; c++) xp[c - c0] = x[c];
 }
 
-/* rows-dot (see the top of the file): y[i] = sum_c x[c] * w[row_i, c] for i in [r0, r1). */
-void caprese_q_rows_dot(const QMat *w, const float *x, const int64_t *idx, int64_t r0, int64_t r1, float *y) {
+static inline __attribute__((always_inline)) void qg_rows_dot(const QMat *w, const int bits, const int f32s,
+                                                              const float *x, const int64_t *idx, int64_t r0,
+                                                              int64_t r1, float *y) {
     float xp[QG_TILE] __attribute__((aligned(64)));
     for (int64_t c0 = 0; c0 < w->cols; c0 += QG_TILE) {
         const int64_t c1 = c0 + QG_TILE < w->cols ? c0 + QG_TILE : w->cols;
@@ -228,39 +242,46 @@ void caprese_q_rows_dot(const QMat *w, const float *x, const int64_t *idx, int64
         for (; i + 4 <= r1; i += 4) {
             const int64_t rows[4] = {idx ? idx[i] : i, idx ? idx[i + 1] : i + 1, idx ? idx[i + 2] : i + 2,
                                      idx ? idx[i + 3] : i + 3};
-            qg_dot_tile(w, rows, 4, xp, c0, c1, out);
+            qg_dot_tile(w, bits, f32s, rows, 4, xp, c0, c1, out);
             for (int k = 0; k < 4; k++) y[i + k] = c0 ? y[i + k] + out[k] : out[k];
         }
 #endif
         for (; i < r1; i++) {
             const int64_t row = idx ? idx[i] : i;
-            qg_dot_tile(w, &row, 1, xp, c0, c1, out);
+            qg_dot_tile(w, bits, f32s, &row, 1, xp, c0, c1, out);
             y[i] = c0 ? y[i] + out[0] : out[0];
         }
     }
 }
 
+/* rows-dot (see the top of the file): y[i] = sum_c x[c] * w[row_i, c] for i in [r0, r1). */
+void caprese_q_rows_dot(const QMat *w, const float *x, const int64_t *idx, int64_t r0, int64_t r1, float *y) {
+#define QG_DOT(bits, f32s) qg_rows_dot(w, bits, f32s, x, idx, r0, r1, y)
+    QG_SPECIALIZE(w, QG_DOT);
+#undef QG_DOT
+}
+
 /* yp[c - c0] += sum_k coef[k] * scale(rows[k], block of c) * w[rows[k], c] over [c0, c1), yp de-interleaved. */
-static inline __attribute__((always_inline)) void qg_axpy_tile(const QMat *w, const int64_t *rows,
-                                                               const float *coef, const int nr, float *restrict yp,
-                                                               int64_t c0, int64_t c1) {
+static inline __attribute__((always_inline)) void qg_axpy_tile(const QMat *w, const int bits, const int f32s,
+                                                               const int64_t *rows, const float *coef, const int nr,
+                                                               float *restrict yp, int64_t c0, int64_t c1) {
     const uint8_t *p[4];
-    const int64_t rb = qg_row_bytes(w);
+    const int64_t rb = w->cols * bits / 8, nb = w->cols / w->block;
     for (int k = 0; k < nr; k++) p[k] = w->codes + rows[k] * rb;
     QG_SEGMENTS(w, c0, c1, b, s, e) {
         float ck[4];
-        for (int k = 0; k < nr; k++) ck[k] = coef[k] * qg_scale(w, rows[k], b);
+        for (int k = 0; k < nr; k++) ck[k] = coef[k] * qg_scale(w->scales, f32s, rows[k] * nb + b);
         int64_t c = s;
 #if QG_VL
         qg_vf vc[4];
         for (int k = 0; k < nr; k++) vc[k] = VSET1(ck[k]);
-        if (w->bits == 4) {
+        if (bits == 4) {
             for (; c + QG_G4 <= e; c += QG_G4) {
                 float *q = yp + (c - c0);
                 qg_vf ye = VLOAD(q), yo = VLOAD(q + QG_VL);
                 for (int k = 0; k < nr; k++) {
                     qg_vf ev, od;
-                    qg_i4(p[k] + c / 2, &ev, &od);
+                    qg_i4(p[k] + (c >> 1), &ev, &od);
                     ye = VFMA(ev, vc[k], ye);
                     yo = VFMA(od, vc[k], yo);
                 }
@@ -277,12 +298,13 @@ static inline __attribute__((always_inline)) void qg_axpy_tile(const QMat *w, co
         }
 #endif
         for (; c < e; c++)
-            for (int k = 0; k < nr; k++) yp[c - c0] += ck[k] * qg_code(p[k], w->bits, c);
+            for (int k = 0; k < nr; k++) yp[c - c0] += ck[k] * qg_code(p[k], bits, c);
     }
 }
 
-/* rows-axpy (see the top of the file): y[c] += sum_{i in [r0, r1), h[i] != 0} h[i] * w[row_i, c]. */
-void caprese_q_rows_axpy(const QMat *w, const float *h, const int64_t *idx, int64_t r0, int64_t r1, float *y) {
+static inline __attribute__((always_inline)) void qg_rows_axpy(const QMat *w, const int bits, const int f32s,
+                                                               const float *h, const int64_t *idx, int64_t r0,
+                                                               int64_t r1, float *y) {
     float yp[QG_TILE] __attribute__((aligned(64)));
     for (int64_t c0 = 0; c0 < w->cols; c0 += QG_TILE) {
         const int64_t c1 = c0 + QG_TILE < w->cols ? c0 + QG_TILE : w->cols;
@@ -296,15 +318,15 @@ void caprese_q_rows_axpy(const QMat *w, const float *h, const int64_t *idx, int6
             coef[n++] = h[i];
 #if QG_VL
             if (n == 4) {
-                qg_axpy_tile(w, rows, coef, 4, yp, c0, c1);
+                qg_axpy_tile(w, bits, f32s, rows, coef, 4, yp, c0, c1);
                 n = 0;
             }
 #else
-            qg_axpy_tile(w, rows, coef, 1, yp, c0, c1);
+            qg_axpy_tile(w, bits, f32s, rows, coef, 1, yp, c0, c1);
             n = 0;
 #endif
         }
-        for (int k = 0; k < n; k++) qg_axpy_tile(w, rows + k, coef + k, 1, yp, c0, c1);
+        for (int k = 0; k < n; k++) qg_axpy_tile(w, bits, f32s, rows + k, coef + k, 1, yp, c0, c1);
         int64_t c = c0;
 #if QG_VL
         if (w->bits == 4)
@@ -316,6 +338,13 @@ void caprese_q_rows_axpy(const QMat *w, const float *h, const int64_t *idx, int6
 #endif
         for (; c < c1; c++) y[c] += yp[c - c0];
     }
+}
+
+/* rows-axpy (see the top of the file): y[c] += sum_{i in [r0, r1), h[i] != 0} h[i] * w[row_i, c]. */
+void caprese_q_rows_axpy(const QMat *w, const float *h, const int64_t *idx, int64_t r0, int64_t r1, float *y) {
+#define QG_AXPY(bits, f32s) qg_rows_axpy(w, bits, f32s, h, idx, r0, r1, y)
+    QG_SPECIALIZE(w, QG_AXPY);
+#undef QG_AXPY
 }
 
 /* The fp32 baseline of the benchmark: y[i] = w[row_i] . x for i in [r0, r1), w [rows, ld] row-major. */
@@ -387,14 +416,14 @@ int caprese_q4_rows_dot_vnni(const QMat *w, const float *x, int64_t r0, int64_t 
             d = _mm512_sub_epi32(d, _mm512_load_si512(corr + c / 8));
             __m512 sw;
             if (w->block == cols) {
-                sw = _mm512_set1_ps(qg_scale(w, i, 0));
+                sw = _mm512_set1_ps(qg_scale(w->scales, w->scale_fp32, i));
             } else if (w->block == 32 && !w->scale_fp32) {
                 const __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)((const uint16_t *)w->scales +
                                                                                  i * nb + c / 32)));
                 sw = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(s4));
             } else {
                 float s[16];
-                for (int l = 0; l < 16; l++) s[l] = qg_scale(w, i, (c + 8 * l) / w->block);
+                for (int l = 0; l < 16; l++) s[l] = qg_scale(w->scales, w->scale_fp32, i * nb + (c + 8 * l) / w->block);
                 sw = _mm512_loadu_ps(s);
             }
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_load_ps(sxl + c / 8)), acc);
@@ -411,7 +440,8 @@ int caprese_q4_rows_dot_vnni(const QMat *w, const float *x, int64_t r0, int64_t 
                                     _mm256_load_si256((const __m256i *)(xo + c / 2)));
             d = _mm256_sub_epi32(d, _mm256_load_si256((const __m256i *)(corr + c / 8)));
             float s[8], f[8];
-            for (int l = 0; l < 8; l++) s[l] = qg_scale(w, i, (c + 8 * l) / w->block) * sxl[c / 8 + l];
+            for (int l = 0; l < 8; l++)
+                s[l] = qg_scale(w->scales, w->scale_fp32, i * nb + (c + 8 * l) / w->block) * sxl[c / 8 + l];
             _mm256_storeu_ps(f, _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(s)));
             for (int l = 0; l < 8; l++) tail += f[l];
         }
