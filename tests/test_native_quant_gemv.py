@@ -180,6 +180,36 @@ def test_axpy_skips_zero_rows(isa, bits):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", [WeightFormat(4, 32), WeightFormat(4, ROW, "fp32"), WeightFormat(8, 64)], ids=_fid)
+def test_prepared_entry_points_equal_the_plain_ones(isa, fmt):
+    """The thread pool's form (x prepared once, rows-dot per chunk; rows-axpy parts in the kernel's order, added
+    and finished once) gives the plain calls' bits, across a column tile edge (4480 columns) and a ROW tail."""
+    for rows, cols in ((22, 4480), (9, 200 if fmt.block_size == ROW else 192)):
+        qm = qg.QMatrix(_quant(rows, cols, fmt, seed=14))
+        g = torch.Generator().manual_seed(15)
+        x, h, y0 = torch.randn(cols, generator=g), torch.randn(rows, generator=g), torch.randn(cols, generator=g)
+        h[3] = 0.0
+        xp = qg.prepare_x(qm, x, isa=isa)
+        if fmt.bits == 8 or isa == "scalar":
+            assert torch.equal(xp, x)  # the order only changes for int4 in the SIMD builds
+        else:
+            assert not torch.equal(xp, x) and torch.equal(xp.sort().values, x.sort().values)
+        plain = qg.rows_dot(qm, x, isa=isa)
+        if cols <= 4096:  # one tile: the same sums in the same order
+            assert torch.equal(qg.rows_dot_prepared(qm, xp, r0=0, r1=rows, isa=isa), plain)
+        else:  # over tiles the plain call adds the tiles' partial sums: fp32 rounding apart
+            w = _ref(qm.qt)
+            _check(qg.rows_dot_prepared(qm, xp, isa=isa), w @ x.double(), w.abs() @ x.double().abs(), cols,
+                   f"{isa} {_fid(fmt)} prepared dot")
+        assert torch.equal(torch.cat([qg.rows_dot_prepared(qm, xp, r0=a, r1=b, isa=isa)
+                                      for a, b in ((0, 5), (5, 6), (6, rows))]), qg.rows_dot_prepared(qm, xp, isa=isa))
+        yp = torch.zeros(cols)
+        qg.rows_axpy_prepared(qm, h, yp, isa=isa)
+        y = qg.finish_y(qm, yp, y0.clone(), isa=isa)
+        assert torch.equal(y, qg.rows_axpy(qm, h, y0.clone(), isa=isa))
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_int4_nibble_order(isa):
     """Element 2j is the LOW nibble, 2j + 1 the HIGH one (ONNX INT4, MatMulNBits). Codes chosen so that even and
     odd elements differ everywhere: the kernel matches the reference, and the same bytes with the nibbles of

@@ -107,6 +107,11 @@ static inline void qg_i4(const uint8_t *p, qg_vf *even, qg_vf *odd) { /* 8 bytes
 #if QG_VL
 #define QG_G4 (2 * QG_VL) /* elements per int4 vector group (QG_VL bytes) */
 #define QG_G8 QG_VL       /* elements per int8 vector group */
+/* The scalar tails fused explicitly: left to the compiler (-ffp-contract=fast), the 4-row and 1-row bodies
+ * could round differently, and a row's result would depend on the chunk it was computed in. */
+#define QG_MADD(a, b, c) __builtin_fmaf(a, b, c)
+#else
+#define QG_MADD(a, b, c) ((a) * (b) + (c)) /* one row at a time: a single body (no FMA on the baseline target) */
 #endif
 
 static inline float qg_half(uint16_t h) { /* fp16 bits -> float, exact */
@@ -195,13 +200,13 @@ static inline __attribute__((always_inline)) void qg_dot_tile(const QMat *w, con
         }
 #endif
         for (; c < e; c++) /* the scalar build, and a ROW block's last elements past the last whole group */
-            for (int k = 0; k < nr; k++) ts[k] += qg_code(p[k], bits, c) * xp[c - c0];
+            for (int k = 0; k < nr; k++) ts[k] = QG_MADD(qg_code(p[k], bits, c), xp[c - c0], ts[k]);
         for (int k = 0; k < nr; k++) {
             const float sc = qg_scale(w->scales, f32s, rows[k] * nb + b);
 #if QG_VL
             acc[k] = VFMA(bacc[k], VSET1(sc), acc[k]);
 #endif
-            tail[k] += ts[k] * sc;
+            tail[k] = QG_MADD(ts[k], sc, tail[k]);
         }
     }
     for (int k = 0; k < nr; k++) {
@@ -229,6 +234,28 @@ static void qg_prepare_x(const QMat *w, const float *x, int64_t c0, int64_t c1, 
     for (; c < c1; c++) xp[c - c0] = x[c];
 }
 
+/* y[i] (= or +=, `add`) sum_{c in [c0, c1)} x[c] * w[row_i, c] for i in [r0, r1); xp = x[c0..c1) prepared. */
+static inline __attribute__((always_inline)) void qg_dot_range(const QMat *w, const int bits, const int f32s,
+                                                               const float *xp, int64_t c0, int64_t c1,
+                                                               const int64_t *idx, int64_t r0, int64_t r1,
+                                                               float *y, int add) {
+    int64_t i = r0;
+    float out[4];
+#if QG_VL
+    for (; i + 4 <= r1; i += 4) {
+        const int64_t rows[4] = {idx ? idx[i] : i, idx ? idx[i + 1] : i + 1, idx ? idx[i + 2] : i + 2,
+                                 idx ? idx[i + 3] : i + 3};
+        qg_dot_tile(w, bits, f32s, rows, 4, xp, c0, c1, out);
+        for (int k = 0; k < 4; k++) y[i + k] = add ? y[i + k] + out[k] : out[k];
+    }
+#endif
+    for (; i < r1; i++) {
+        const int64_t row = idx ? idx[i] : i;
+        qg_dot_tile(w, bits, f32s, &row, 1, xp, c0, c1, out);
+        y[i] = add ? y[i] + out[0] : out[0];
+    }
+}
+
 static inline __attribute__((always_inline)) void qg_rows_dot(const QMat *w, const int bits, const int f32s,
                                                               const float *x, const int64_t *idx, int64_t r0,
                                                               int64_t r1, float *y) {
@@ -236,27 +263,24 @@ static inline __attribute__((always_inline)) void qg_rows_dot(const QMat *w, con
     for (int64_t c0 = 0; c0 < w->cols; c0 += QG_TILE) {
         const int64_t c1 = c0 + QG_TILE < w->cols ? c0 + QG_TILE : w->cols;
         qg_prepare_x(w, x, c0, c1, xp);
-        int64_t i = r0;
-        float out[4];
-#if QG_VL
-        for (; i + 4 <= r1; i += 4) {
-            const int64_t rows[4] = {idx ? idx[i] : i, idx ? idx[i + 1] : i + 1, idx ? idx[i + 2] : i + 2,
-                                     idx ? idx[i + 3] : i + 3};
-            qg_dot_tile(w, bits, f32s, rows, 4, xp, c0, c1, out);
-            for (int k = 0; k < 4; k++) y[i + k] = c0 ? y[i + k] + out[k] : out[k];
-        }
-#endif
-        for (; i < r1; i++) {
-            const int64_t row = idx ? idx[i] : i;
-            qg_dot_tile(w, bits, f32s, &row, 1, xp, c0, c1, out);
-            y[i] = c0 ? y[i] + out[0] : out[0];
-        }
+        qg_dot_range(w, bits, f32s, xp, c0, c1, idx, r0, r1, y, c0 != 0);
     }
 }
 
 /* rows-dot (see the top of the file): y[i] = sum_c x[c] * w[row_i, c] for i in [r0, r1). */
 void caprese_q_rows_dot(const QMat *w, const float *x, const int64_t *idx, int64_t r0, int64_t r1, float *y) {
 #define QG_DOT(bits, f32s) qg_rows_dot(w, bits, f32s, x, idx, r0, r1, y)
+    QG_SPECIALIZE(w, QG_DOT);
+#undef QG_DOT
+}
+
+/* For the thread pool, where many chunks share one x: xp[0..cols) = x in the kernel's order (once per x), then
+ * rows-dot of any chunk from it, with no per-call preparation and no column tiles. Same results, bit for bit. */
+void caprese_q_prepare_x(const QMat *w, const float *x, float *xp) { qg_prepare_x(w, x, 0, w->cols, xp); }
+
+void caprese_q_rows_dot_prepared(const QMat *w, const float *xp, const int64_t *idx, int64_t r0, int64_t r1,
+                                 float *y) {
+#define QG_DOT(bits, f32s) qg_dot_range(w, bits, f32s, xp, 0, w->cols, idx, r0, r1, y, 0)
     QG_SPECIALIZE(w, QG_DOT);
 #undef QG_DOT
 }
@@ -298,8 +322,48 @@ static inline __attribute__((always_inline)) void qg_axpy_tile(const QMat *w, co
         }
 #endif
         for (; c < e; c++)
-            for (int k = 0; k < nr; k++) yp[c - c0] += ck[k] * qg_code(p[k], bits, c);
+            for (int k = 0; k < nr; k++) yp[c - c0] = QG_MADD(ck[k], qg_code(p[k], bits, c), yp[c - c0]);
     }
+}
+
+/* yp[c - c0] += sum_{i in [r0, r1), h[i] != 0} h[i] * w[row_i, c] over [c0, c1), yp in the kernel's order. */
+static inline __attribute__((always_inline)) void qg_axpy_range(const QMat *w, const int bits, const int f32s,
+                                                                const float *h, const int64_t *idx, int64_t r0,
+                                                                int64_t r1, float *yp, int64_t c0, int64_t c1) {
+    int64_t rows[4];
+    float coef[4];
+    int n = 0;
+    for (int64_t i = r0; i < r1; i++) {
+        if (h[i] == 0.0f) continue; /* the row is not read */
+        rows[n] = idx ? idx[i] : i;
+        coef[n++] = h[i];
+#if QG_VL
+        if (n == 4) {
+            qg_axpy_tile(w, bits, f32s, rows, coef, 4, yp, c0, c1);
+            n = 0;
+        }
+#else
+        qg_axpy_tile(w, bits, f32s, rows, coef, 1, yp, c0, c1);
+        n = 0;
+#endif
+    }
+    for (int k = 0; k < n; k++) qg_axpy_tile(w, bits, f32s, rows + k, coef + k, 1, yp, c0, c1);
+}
+
+/* y[c0..c1) += yp (in the kernel's order: int4 groups de-interleaved in the SIMD builds). */
+static void qg_finish_y(const QMat *w, const float *yp, int64_t c0, int64_t c1, float *y) {
+    int64_t c = c0;
+#if QG_VL
+    if (w->bits == 4)
+        for (; c + QG_G4 <= c1; c += QG_G4)
+            for (int j = 0; j < QG_VL; j++) {
+                y[c + 2 * j] += yp[c - c0 + j];
+                y[c + 2 * j + 1] += yp[c - c0 + QG_VL + j];
+            }
+#else
+    (void)w;
+#endif
+    for (; c < c1; c++) y[c] += yp[c - c0];
 }
 
 static inline __attribute__((always_inline)) void qg_rows_axpy(const QMat *w, const int bits, const int f32s,
@@ -309,34 +373,8 @@ static inline __attribute__((always_inline)) void qg_rows_axpy(const QMat *w, co
     for (int64_t c0 = 0; c0 < w->cols; c0 += QG_TILE) {
         const int64_t c1 = c0 + QG_TILE < w->cols ? c0 + QG_TILE : w->cols;
         memset(yp, 0, (size_t)(c1 - c0) * sizeof(float));
-        int64_t rows[4];
-        float coef[4];
-        int n = 0;
-        for (int64_t i = r0; i < r1; i++) {
-            if (h[i] == 0.0f) continue; /* the row is not read */
-            rows[n] = idx ? idx[i] : i;
-            coef[n++] = h[i];
-#if QG_VL
-            if (n == 4) {
-                qg_axpy_tile(w, bits, f32s, rows, coef, 4, yp, c0, c1);
-                n = 0;
-            }
-#else
-            qg_axpy_tile(w, bits, f32s, rows, coef, 1, yp, c0, c1);
-            n = 0;
-#endif
-        }
-        for (int k = 0; k < n; k++) qg_axpy_tile(w, bits, f32s, rows + k, coef + k, 1, yp, c0, c1);
-        int64_t c = c0;
-#if QG_VL
-        if (w->bits == 4)
-            for (; c + QG_G4 <= c1; c += QG_G4)
-                for (int j = 0; j < QG_VL; j++) {
-                    y[c + 2 * j] += yp[c - c0 + j];
-                    y[c + 2 * j + 1] += yp[c - c0 + QG_VL + j];
-                }
-#endif
-        for (; c < c1; c++) y[c] += yp[c - c0];
+        qg_axpy_range(w, bits, f32s, h, idx, r0, r1, yp, c0, c1);
+        qg_finish_y(w, yp, c0, c1, y);
     }
 }
 
@@ -346,6 +384,18 @@ void caprese_q_rows_axpy(const QMat *w, const float *h, const int64_t *idx, int6
     QG_SPECIALIZE(w, QG_AXPY);
 #undef QG_AXPY
 }
+
+/* For the thread pool: each chunk accumulates into its own yp[0..cols) (zeroed by the caller) in the kernel's
+ * order, and the caller adds the parts together (in chunk order) and then into y once with caprese_q_finish_y.
+ * Same arithmetic per part as caprese_q_rows_axpy. */
+void caprese_q_rows_axpy_prepared(const QMat *w, const float *h, const int64_t *idx, int64_t r0, int64_t r1,
+                                  float *yp) {
+#define QG_AXPY(bits, f32s) qg_axpy_range(w, bits, f32s, h, idx, r0, r1, yp, 0, w->cols)
+    QG_SPECIALIZE(w, QG_AXPY);
+#undef QG_AXPY
+}
+
+void caprese_q_finish_y(const QMat *w, const float *yp, float *y) { qg_finish_y(w, yp, 0, w->cols, y); }
 
 /* The fp32 baseline of the benchmark: y[i] = w[row_i] . x for i in [r0, r1), w [rows, ld] row-major. */
 void caprese_f32_rows_dot(const float *w, int64_t ld, int64_t cols, const float *x, const int64_t *idx, int64_t r0,

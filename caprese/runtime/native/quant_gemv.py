@@ -55,6 +55,12 @@ def load(isa: str | None = None) -> ctypes.CDLL:
         for f in ("caprese_q_rows_dot", "caprese_q_rows_axpy"):
             getattr(lib, f).restype = None
             getattr(lib, f).argtypes = [ctypes.POINTER(QMat), _F32P, _I64P, ctypes.c_int64, ctypes.c_int64, _F32P]
+        for f in ("caprese_q_rows_dot_prepared", "caprese_q_rows_axpy_prepared"):
+            getattr(lib, f).restype = None
+            getattr(lib, f).argtypes = [ctypes.POINTER(QMat), _F32P, _I64P, ctypes.c_int64, ctypes.c_int64, _F32P]
+        for f in ("caprese_q_prepare_x", "caprese_q_finish_y"):
+            getattr(lib, f).restype = None
+            getattr(lib, f).argtypes = [ctypes.POINTER(QMat), _F32P, _F32P]
         lib.caprese_f32_rows_dot.restype = None
         lib.caprese_f32_rows_dot.argtypes = [_F32P, ctypes.c_int64, ctypes.c_int64, _F32P, _I64P, ctypes.c_int64,
                                              ctypes.c_int64, _F32P]
@@ -142,6 +148,55 @@ def rows_axpy(qm: QMatrix, h: torch.Tensor, y: torch.Tensor | None = None, rows:
         raise CapreseError(f"y must be a contiguous float32 vector of {cols} elements")
     load(isa).caprese_q_rows_axpy(ctypes.byref(qm.struct), _ptr(h, _F32P), _ptr(idx, _I64P), r0, r1,
                                   _ptr(y, _F32P))
+    return y
+
+
+def prepare_x(qm: QMatrix, x: torch.Tensor, isa: str | None = None) -> torch.Tensor:
+    """x in the kernel's order (int4 groups de-interleaved in the SIMD builds), for rows_dot_prepared."""
+    x = _f32(x, qm.shape[1], "x")
+    xp = torch.empty_like(x)
+    load(isa).caprese_q_prepare_x(ctypes.byref(qm.struct), _ptr(x, _F32P), _ptr(xp, _F32P))
+    return xp
+
+
+def rows_dot_prepared(qm: QMatrix, xp: torch.Tensor, rows: torch.Tensor | None = None, r0: int = 0,
+                      r1: int | None = None, isa: str | None = None) -> torch.Tensor:
+    """rows_dot from prepare_x's vector (what each thread-pool chunk of one x calls)."""
+    n_rows, cols = qm.shape
+    xp = _f32(xp, cols, "prepared x")
+    idx, n = _rows(rows, n_rows)
+    r1 = n if r1 is None else r1
+    if not 0 <= r0 <= r1 <= n:
+        raise CapreseError(f"row range [{r0}, {r1}) is outside [0, {n})")
+    y = torch.empty(n, dtype=torch.float32)
+    load(isa).caprese_q_rows_dot_prepared(ctypes.byref(qm.struct), _ptr(xp, _F32P), _ptr(idx, _I64P), r0, r1,
+                                          _ptr(y, _F32P))
+    return y[r0:r1]
+
+
+def rows_axpy_prepared(qm: QMatrix, h: torch.Tensor, yp: torch.Tensor, rows: torch.Tensor | None = None,
+                       r0: int = 0, r1: int | None = None, isa: str | None = None) -> torch.Tensor:
+    """yp += the chunk's rows, yp in the kernel's order (start from zeros; finish_y adds it into y)."""
+    n_rows, cols = qm.shape
+    idx, n = _rows(rows, n_rows)
+    h = _f32(h, n, "h")
+    r1 = n if r1 is None else r1
+    if not 0 <= r0 <= r1 <= n:
+        raise CapreseError(f"row range [{r0}, {r1}) is outside [0, {n})")
+    if yp.dtype != torch.float32 or yp.dim() != 1 or yp.numel() != cols or not yp.is_contiguous():
+        raise CapreseError(f"yp must be a contiguous float32 vector of {cols} elements")
+    load(isa).caprese_q_rows_axpy_prepared(ctypes.byref(qm.struct), _ptr(h, _F32P), _ptr(idx, _I64P), r0, r1,
+                                           _ptr(yp, _F32P))
+    return yp
+
+
+def finish_y(qm: QMatrix, yp: torch.Tensor, y: torch.Tensor, isa: str | None = None) -> torch.Tensor:
+    """y += yp (yp in the kernel's order), in place."""
+    cols = qm.shape[1]
+    for t, what in ((yp, "yp"), (y, "y")):
+        if t.dtype != torch.float32 or t.dim() != 1 or t.numel() != cols or not t.is_contiguous():
+            raise CapreseError(f"{what} must be a contiguous float32 vector of {cols} elements")
+    load(isa).caprese_q_finish_y(ctypes.byref(qm.struct), _ptr(yp, _F32P), _ptr(y, _F32P))
     return y
 
 
