@@ -57,6 +57,15 @@ typedef struct {
 } QMat;
 
 #define QG_TILE 4096 /* columns per tile: a multiple of 128 and of every vector group */
+/* Rows are prefetched whole (the tile's columns) about this many bytes ahead of the rows being read: the kernel
+ * consumes bytes faster than the hardware prefetcher fetches them (measured on a Zen 4 VM, one thread, weights
+ * streaming from DRAM: int8 rows-dot 5.4 -> 8.5 GB/s, int4 7.8 -> 8.8). By row, not by address, so GRIFFIN's
+ * gathered rows and CATS' skipped rows fetch only the rows that will be read. */
+#define QG_PF_BYTES 8192
+
+static inline void qg_prefetch(const uint8_t *p, int64_t len) {
+    for (int64_t o = 0; o < len; o += 64) __builtin_prefetch(p + o, 0, 3);
+}
 
 #if defined(__AVX512F__)
 #define QG_VL 16
@@ -241,16 +250,22 @@ static inline __attribute__((always_inline)) void qg_dot_range(const QMat *w, co
                                                                float *y, int add) {
     int64_t i = r0;
     float out[4];
+    const int64_t rb = w->cols * bits / 8, off = c0 * bits / 8, len = (c1 - c0) * bits / 8;
+    int64_t ahead = QG_PF_BYTES / (len > 0 ? len : 1);
+    ahead = ahead < 4 ? 4 : ahead > 64 ? 64 : ahead;
 #if QG_VL
     for (; i + 4 <= r1; i += 4) {
         const int64_t rows[4] = {idx ? idx[i] : i, idx ? idx[i + 1] : i + 1, idx ? idx[i + 2] : i + 2,
                                  idx ? idx[i + 3] : i + 3};
+        for (int64_t j = i + ahead; j < i + ahead + 4 && j < r1; j++)
+            qg_prefetch(w->codes + (idx ? idx[j] : j) * rb + off, len);
         qg_dot_tile(w, bits, f32s, rows, 4, xp, c0, c1, out);
         for (int k = 0; k < 4; k++) y[i + k] = add ? y[i + k] + out[k] : out[k];
     }
 #endif
     for (; i < r1; i++) {
         const int64_t row = idx ? idx[i] : i;
+        if (i + ahead < r1) qg_prefetch(w->codes + (idx ? idx[i + ahead] : i + ahead) * rb + off, len);
         qg_dot_tile(w, bits, f32s, &row, 1, xp, c0, c1, out);
         y[i] = add ? y[i] + out[0] : out[0];
     }
@@ -333,8 +348,17 @@ static inline __attribute__((always_inline)) void qg_axpy_range(const QMat *w, c
     int64_t rows[4];
     float coef[4];
     int n = 0;
+    const int64_t rb = w->cols * bits / 8, off = c0 * bits / 8, len = (c1 - c0) * bits / 8;
+    int64_t ahead = QG_PF_BYTES / (len > 0 ? len : 1), la = r0, queued = 0; /* prefetched rows not yet read */
+    ahead = ahead < 4 ? 4 : ahead > 64 ? 64 : ahead;
     for (int64_t i = r0; i < r1; i++) {
-        if (h[i] == 0.0f) continue; /* the row is not read */
+        if (h[i] == 0.0f) continue; /* the row is not read (nor prefetched) */
+        for (; la < r1 && queued < ahead; la++)
+            if (h[la] != 0.0f && la > i) {
+                qg_prefetch(w->codes + (idx ? idx[la] : la) * rb + off, len);
+                queued++;
+            }
+        if (queued) queued--;
         rows[n] = idx ? idx[i] : i;
         coef[n++] = h[i];
 #if QG_VL
