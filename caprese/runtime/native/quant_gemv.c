@@ -327,12 +327,15 @@ void caprese_q_rows_dot(const QMat *w, const float *x, const int64_t *idx, int64
 }
 
 /* For the thread pool, where many chunks share one x: xp[0..cols) = x in the kernel's order (once per x), then
- * rows-dot of any chunk from it, with no per-call preparation and no column tiles. Same results, bit for bit. */
+ * rows-dot of any chunk from it, with no per-call preparation. Same results, bit for bit. */
 void caprese_q_prepare_x(const QMat *w, const float *x, float *xp) { qg_prepare_x(w, x, 0, w->cols, xp); }
 
 void caprese_q_rows_dot_prepared(const QMat *w, const float *xp, const int64_t *idx, int64_t r0, int64_t r1,
                                  float *y) {
-#define QG_DOT(bits, f32s) qg_dot_range(w, bits, f32s, xp, 0, w->cols, idx, r0, r1, y, 0)
+#define QG_DOT(bits, f32s)                                                                                   \
+    for (int64_t c0 = 0; c0 < w->cols; c0 += QG_TILE)                                                        \
+        qg_dot_range(w, bits, f32s, xp + c0, c0, c0 + QG_TILE < w->cols ? c0 + QG_TILE : w->cols, idx, r0, r1, \
+                     y, c0 != 0)
     QG_SPECIALIZE(w, QG_DOT);
 #undef QG_DOT
 }
@@ -457,7 +460,9 @@ void caprese_q_rows_axpy(const QMat *w, const float *h, const int64_t *idx, int6
  * Same arithmetic per part as caprese_q_rows_axpy. */
 void caprese_q_rows_axpy_prepared(const QMat *w, const float *h, const int64_t *idx, int64_t r0, int64_t r1,
                                   float *yp) {
-#define QG_AXPY(bits, f32s) qg_axpy_range(w, bits, f32s, h, idx, r0, r1, yp, 0, w->cols)
+#define QG_AXPY(bits, f32s)                                                                                  \
+    for (int64_t c0 = 0; c0 < w->cols; c0 += QG_TILE)                                                        \
+        qg_axpy_range(w, bits, f32s, h, idx, r0, r1, yp + c0, c0, c0 + QG_TILE < w->cols ? c0 + QG_TILE : w->cols)
     QG_SPECIALIZE(w, QG_AXPY);
 #undef QG_AXPY
 }
