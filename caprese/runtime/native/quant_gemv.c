@@ -58,13 +58,14 @@ typedef struct {
 
 #define QG_TILE 4096 /* columns per tile: a multiple of 128 and of every vector group */
 /* Rows are prefetched whole (the tile's columns) about this many bytes ahead of the rows being read: the kernel
- * consumes bytes faster than the hardware prefetcher fetches them (measured on a Zen 4 VM, one thread, weights
- * streaming from DRAM: int8 rows-dot 5.4 -> 8.5 GB/s, int4 7.8 -> 8.8). By row, not by address, so GRIFFIN's
- * gathered rows and CATS' skipped rows fetch only the rows that will be read. */
+ * consumes bytes faster than the hardware prefetcher fetches them. Measured on a Zen 4 VM, one thread, weights
+ * streaming from DRAM: int8 rows-dot 5.4 -> 16.4 GB/s, int8 rows-axpy 5.8 -> 16, int4 7.8 -> 9.0 (its compute
+ * bound); prefetcht1 (locality 2): with prefetcht0 int8 rows-dot stayed at 8 GB/s. By row, not by address, so
+ * GRIFFIN's gathered rows and CATS' skipped rows fetch only the rows that will be read. */
 #define QG_PF_BYTES 8192
 
 static inline void qg_prefetch(const uint8_t *p, int64_t len) {
-    for (int64_t o = 0; o < len; o += 64) __builtin_prefetch(p + o, 0, 3);
+    for (int64_t o = 0; o < len; o += 64) __builtin_prefetch(p + o, 0, 2);
 }
 
 #if defined(__AVX512F__)
