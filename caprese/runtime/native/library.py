@@ -127,7 +127,8 @@ def _compiler() -> str:
     return cc
 
 
-def library_path(isa: str | None = None) -> Path:
+def library_path(isa: str | None = None, source: Path = SOURCE) -> Path:
+    """Where this machine's build of `source` (decode_step.c, or a sibling kernel file) for `isa` lives."""
     from caprese.model.default_model import cache_root
 
     isa = resolve_isa(isa)
@@ -137,26 +138,28 @@ def library_path(isa: str | None = None) -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise CapreseError(f"the C compiler {cc} does not run ({e}); set CC to a working one, or use "
                            "--backend onnxruntime") from None
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(isa_flags(isa)), version, _cpu_flags(),
+    key = hashlib.sha256("\0".join([source.read_text(), " ".join(isa_flags(isa)), version, _cpu_flags(),
                                     platform.machine()]).encode()).hexdigest()[:16]
-    return cache_root() / "native" / f"decode_step-{isa}-{key}.so"
+    return cache_root() / "native" / f"{source.stem}-{isa}-{key}.so"
 
 
-def build(path: Path, isa: str | None = None) -> Path:
-    """Compile decode_step.c for `isa` to `path` (atomically); a failed build is a one-line error."""
+def build(path: Path, isa: str | None = None, source: Path = SOURCE) -> Path:
+    """Compile `source` (decode_step.c by default) for `isa` to `path` (atomically); a failed build is a one-line
+    error."""
     isa = resolve_isa(isa)
     cc = _compiler()
-    print(f"[caprese] building the native decode kernel ({isa}) with {cc} (once per machine) -> {path}",
+    what = "decode kernel" if source == SOURCE else f"kernel {source.name}"
+    print(f"[caprese] building the native {what} ({isa}) with {cc} (once per machine) -> {path}",
           file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *isa_flags(isa), "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+        proc = subprocess.run([cc, *isa_flags(isa), "-o", tmp, str(source), "-lm"], capture_output=True,
                               text=True, timeout=300)
         if proc.returncode != 0:
             first = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[:200])
-            raise CapreseError(f"building the native decode kernel with {cc} failed: {first}; use --backend "
+            raise CapreseError(f"building the native {what} with {cc} failed: {first}; use --backend "
                                "onnxruntime")
         os.replace(tmp, path)
     finally:
