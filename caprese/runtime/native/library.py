@@ -29,6 +29,7 @@ from pathlib import Path
 from caprese.errors import CapreseError
 
 SOURCE = Path(__file__).with_name("decode_step.c")
+INCLUDED = {SOURCE: (Path(__file__).with_name("quant_gemv.c"),)}  # the files a source #includes (build key)
 BASE_FLAGS = ["-O3", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
 ISAS = ("avx512", "avx2", "scalar", "native")
 ISA_ENV = "CAPRESE_NATIVE_ISA"
@@ -39,6 +40,12 @@ class Mat(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("ld", ctypes.c_int64), ("cols", ctypes.c_int64)]
 
 
+class QMat(ctypes.Structure):  # quant_gemv.c's QMat (decode_step.c #includes it)
+    _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("rows", ctypes.c_int64),
+                ("cols", ctypes.c_int64), ("block", ctypes.c_int64), ("bits", ctypes.c_int32),
+                ("scale_fp32", ctypes.c_int32)]
+
+
 class Layer(ctypes.Structure):
     _fields_ = [(n, ctypes.c_void_p) for n in ("input_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm",
                                                 "q_norm", "k_norm")] + [
@@ -46,7 +53,9 @@ class Layer(ctypes.Structure):
         ("gu1", Mat), ("gu2", Mat), ("gu_bias", ctypes.c_void_p), ("down", Mat), ("down_bias", ctypes.c_void_p),
         ("n_ff", ctypes.c_int64), ("rank", ctypes.c_int64), ("cats_tau", ctypes.c_void_p),
         ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("window", ctypes.c_int64),
-        ("scale", ctypes.c_float), ("softcap", ctypes.c_float), ("up_t", Mat), ("up_bias", ctypes.c_void_p)]
+        ("scale", ctypes.c_float), ("softcap", ctypes.c_float), ("up_t", Mat), ("up_bias", ctypes.c_void_p),
+        ("q_attn", ctypes.c_int64), ("q_ffn", ctypes.c_int64), ("down_rows", ctypes.c_int64),
+        ("q_qkv", QMat), ("q_o", QMat), ("q_gate", QMat), ("q_up", QMat), ("q_down", QMat)]
 
 
 class Model(ctypes.Structure):
@@ -55,10 +64,11 @@ class Model(ctypes.Structure):
         ("eps", ctypes.c_float), ("final_softcap", ctypes.c_float), ("embed_scale", ctypes.c_float)] + [
         (n, ctypes.c_void_p) for n in ("embed", "lm_head", "final_norm", "rope_cos", "rope_sin")] + [
         ("layers", ctypes.POINTER(Layer)), ("logits", ctypes.c_void_p),
-        ("head_q", ctypes.c_void_p), ("head_scale", ctypes.c_void_p), ("head_bound", ctypes.c_void_p)]
+        ("head_q", ctypes.c_void_p), ("head_scale", ctypes.c_void_p), ("head_bound", ctypes.c_void_p),
+        ("q_head", ctypes.c_int64), ("q_lm_head", QMat)]
 
 
-MIRRORS = (Mat, Layer, Model)  # every struct the library reads from Python
+MIRRORS = (Mat, QMat, Layer, Model)  # every struct the library reads from Python
 
 
 class LayoutField(ctypes.Structure):  # decode_step.c's LayoutField
@@ -138,7 +148,8 @@ def library_path(isa: str | None = None, source: Path = SOURCE) -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise CapreseError(f"the C compiler {cc} does not run ({e}); set CC to a working one, or use "
                            "--backend onnxruntime") from None
-    key = hashlib.sha256("\0".join([source.read_text(), " ".join(isa_flags(isa)), version, _cpu_flags(),
+    texts = [source.read_text()] + [p.read_text() for p in INCLUDED.get(source, ())]
+    key = hashlib.sha256("\0".join([*texts, " ".join(isa_flags(isa)), version, _cpu_flags(),
                                     platform.machine()]).encode()).hexdigest()[:16]
     return cache_root() / "native" / f"{source.stem}-{isa}-{key}.so"
 
