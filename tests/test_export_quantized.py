@@ -392,6 +392,201 @@ def test_int8_activations_option(tmp_path_factory, tiny_model_dir, tmp_path):
         export(src, tmp_path / "bad", max_seq_len=32, weights="int4", int8_activations=True)
 
 
+@pytest.mark.parametrize("weights,block,target", [("int4", 32, "onnxruntime"), ("int8", None, "tensorrt")])
+def test_onnxruntime_backend_runs_quantized_griffin(weights, block, target, tmp_path_factory, tiny_model_dir):
+    """The runtime's onnxruntime backend (int4 / int8 per-prompt buffers filled by FoldInto.quantized_rows) gives
+    the quantized reference's greedy tokens; its bytes per step count codes at 4 / 8 bits plus the scales."""
+    from caprese.export.engine_spec import DTYPE_BITS
+    from caprese.export.manifest import load_manifest
+    from caprese.runtime.ort_backend import OrtBackend
+    from caprese.runtime.traffic import decode_traffic
+
+    engine, src = q_export(tmp_path_factory, tiny_model_dir, "qwen2", "griffin", weights, block, target)
+    m = load_manifest(engine)
+    be = OrtBackend(m, threads=1)
+    prompt = prompt_ids(12, seed=4)
+    ref_tokens, _ = reference_greedy(quantized_reference(src, weights, block, target), prompt, 16)
+    be.reserve(MAX_SEQ)
+    out = be.prefill(prompt[0].tolist(), 0)
+    be.select(out.griffin, out.tau)
+    token, tokens = int(out.logits[0].argmax()), []
+    for step in range(16):
+        tokens.append(token)
+        token = int(be.decode(token, 12 + step)[0].argmax())
+    assert tokens == ref_tokens[0].tolist()
+    lay, spec = m.layout, m.spec
+    rows = sum(int(np.prod(s.shape[1:])) * DTYPE_BITS[s.dtype] // 8 for s in lay.inputs(C.DECODE)
+               if s.name.startswith(("w_gu_", "w_d_")))  # batch 1
+    sel = be.buffers.selection
+    assert rows == sum(sel[n].host.nbytes for n in sel if n.startswith(("w_gu_", "w_d_")))
+    qkv = spec.layers[0].qkv
+    assert qkv.nbytes == qkv.numel * int(weights[3:]) // 8 and qkv.quant.scale in spec.decode_reads()
+    assert decode_traffic(m).weight_bytes > rows > 0
+
+
+# ---- the engine spec's quantized roles ----
+def test_engine_spec_quantized_roles():
+    """Every decoder linear weight quantized, [out, in] blocked along the inputs (qkv, o, gate_up) and down [F, D]
+    blocked along D; scales beside them; L / R of CATS apart in floats; GRIFFIN's decode inputs quantized rows in
+    ONNX Runtime's graph and float w_gul / w_dr in TensorRT's; the manifest record round-trips; bytes per step count
+    int4 codes at half a byte plus fp16 scales."""
+    import json
+
+    from caprese.export.engine_spec import MATRIX, MATRIX_T, VECTOR, EngineSpec, QuantRecipe, Recipe
+    from caprese.model.spec import ModelSpec
+    from caprese.runtime.traffic import spec_traffic
+
+    m = ModelSpec(model_type="llama", vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1e4, rope_scaling=None,
+                  max_position_embeddings=64, activation="silu", qkv_bias=False, o_bias=False, mlp_bias=False,
+                  tie_word_embeddings=True, sliding_windows=(None, None))
+    q4 = QuantRecipe(4, 64)
+    float_spec = EngineSpec.build(m, Recipe(C.CATS, 0.5, (0, 1), rank=8), C.TARGET_TENSORRT, "fp32", 32, 31)
+    spec = EngineSpec.build(m, Recipe(C.CATS, 0.5, (0, 1), rank=8, weights=q4), C.TARGET_TENSORRT, "fp32", 32, 31)
+    t = spec.layers[0]
+    assert (t.qkv.name, t.qkv.shape, t.qkv.dtype, t.qkv.storage) == (
+        "model.layers.0.self_attn.qkv_proj.weight.int4", (128, 64), "int4", MATRIX_T)
+    assert t.qkv.quant.scale.shape == (128, 1) and t.qkv.quant.scale.dtype == "float32"  # fp16 values, exact
+    assert (t.gate_up.shape, t.down.shape, t.down.storage) == ((256, 64), (128, 64), MATRIX)
+    assert t.L.shape == (64, 8) and t.L.quant is None and t.R.shape == (8, 64)
+    assert spec.head.quant is None and spec.tied_head
+    assert EngineSpec.from_dict(json.loads(json.dumps(spec.to_dict()))).to_dict() == spec.to_dict()
+    assert "weight_bits" not in float_spec.layout.to_dict()  # float manifests record what they always did
+    # int4 codes + one fp32 scale per 64: (4 + 32/64) bits per weight against 32
+    lin = 128 * 64 + 64 * 64 + 256 * 64 + 128 * 64
+    assert spec_traffic(float_spec).weight_bytes - spec_traffic(spec).weight_bytes == \
+        2 * (lin * 4 - lin // 2 - lin // 64 * 4)
+    row = EngineSpec.build(m, Recipe(weights=QuantRecipe(8, 0, head=True)), C.TARGET_ONNXRUNTIME, "fp16", 32, 31)
+    assert row.layers[0].gate.quant.scale.storage == VECTOR and row.layers[0].gate.quant.scale.shape == (128,)
+    assert row.head.name == "lm_head.weight.int8" and row.embed.quant is None
+    g = EngineSpec.build(m, Recipe(C.GRIFFIN, 0.5, (1,), k=32, rank=8, weights=QuantRecipe(4, 32)),
+                         C.TARGET_ONNXRUNTIME, "fp32", 32, 31)
+    assert g.layers[0].gate.quant.packing == "matmulnbits" and g.layers[1].fold.gate_up.quant.packing == "matmulnbits"
+    names = {s.name: (s.dtype, s.shape) for s in g.layout.inputs(C.DECODE)}
+    assert names["w_gu_q.1"] == ("int4", (C.BATCH, 64, 64)) and names["w_d_s.1"] == ("float32", (C.BATCH, 32, 2))
+    trt = {s.name for s in g.layout.tensorrt_io(C.DECODE, 32)["inputs"]}
+    assert "w_gul.1" in trt and "w_gu_q.1" not in trt
+    with pytest.raises(ValueError, match="GRIFFIN gathers whole rows"):
+        EngineSpec.build(m, Recipe(C.GRIFFIN, 0.5, (1,), k=32, weights=QuantRecipe(4, 32, down_axis="in")),
+                         C.TARGET_ONNXRUNTIME, "fp32", 32, 31)
+
+
+# ---- fp16 / bf16 graphs ----
+FP16_ATOL = 0.05  # tests/test_export_parity.py's fp16 tolerance: a few fp16 roundings of logits of magnitude ~4-6
+
+
+@pytest.mark.parametrize("method,weights,target", [("dense", "int4", "tensorrt"), ("griffin", "int8", "tensorrt"),
+                                                   ("dense", "int4", "onnxruntime")])
+def test_fp16_quantized_graphs(method, weights, target, tmp_path_factory, tiny_model_dir):
+    """fp16 graphs: the DequantizeLinear output is the fp16 scale's dtype (TensorRT's strongly typed rule), the
+    graph computes in fp16; logits within the fp16 tolerance of the fp16 quantized reference, the same tokens."""
+    from caprese.export.exporter import check_folder
+
+    block = 32 if target == "onnxruntime" else None
+    engine, src = q_export(tmp_path_factory, tiny_model_dir, "qwen2", method, weights, block, target,
+                           precision="fp16")
+    if target == "tensorrt":
+        assert all(not v for v in check_folder(engine).values())
+    dec = quantized_reference(src, weights, block, target).half()
+    prompt = prompt_ids(14, seed=3)
+    ref_tokens, ref_logits = reference_greedy(dec, prompt, 12, 0)
+    tokens, logits = QuantLoop(engine).greedy(prompt.numpy(), 12)
+    for step, (a, b) in enumerate(zip(logits, ref_logits)):
+        err = np.abs(a - b.float().numpy()).max()
+        assert err <= FP16_ATOL, f"fp16 {method}/{weights} logits at step {step}: max |diff| {err:.3g}"
+    assert tokens.tolist() == ref_tokens.tolist()
+
+
+def test_bf16_quantized_graph_is_typed_for_tensorrt(tmp_path_factory, tiny_model_dir):
+    """bf16 (no ONNX Runtime CPU kernels): fp16 scales are not exact in bf16, so they stay fp16 and a Cast follows
+    the DequantizeLinear; the static check passes."""
+    from caprese.export.exporter import check_folder
+
+    engine, _ = q_export(tmp_path_factory, tiny_model_dir, "qwen2", "cats", "int4", precision="bf16")
+    assert all(not v for v in check_folder(engine).values())
+    m = onnx.load(str(engine / "prefill.onnx"), load_external_data=False)
+    dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
+    casts = {n.input[0] for n in m.graph.node if n.op_type == "Cast"}
+    assert dq and all(n.output[0] in casts for n in dq)
+
+
+@pytest.mark.parametrize("weights,block,target", [("int4", None, "tensorrt"), ("int4", 32, "onnxruntime"),
+                                                  ("int8", None, "tensorrt")])
+def test_runtime_fold_matches_export_folding(weights, block, target, tmp_path_factory, tiny_model_dir):
+    """The runtime's FoldInto (into bound buffers) and the export's Folder agree on a quantized GRIFFIN layer: the
+    quantized rows (ONNX Runtime's decode graph) byte for byte, and the float w_gul / w_dr of the TensorRT decode
+    copy (dequantized rows, [Ŵ_g, Ŵ_1, L] and [Ŵ_2 ; R]); MatMulNBits-packed sources are flipped back."""
+    from caprese.export.folding import Folder
+    from caprese.export.manifest import load_manifest
+    from caprese.runtime.fold import FoldInto
+
+    engine, _ = q_export(tmp_path_factory, tiny_model_dir, "qwen2", "griffin", weights, block, target)
+    m = load_manifest(engine)
+    lay = m.layout
+    stat = torch.rand(1, lay.intermediate_size)
+    fold, folder = FoldInto(m), Folder(m)
+    for i in lay.layers_of(C.GRIFFIN):
+        idx, want = folder.fold_quantized(i, stat)
+        bufs = {s.name: torch.zeros([1] + [d for d in s.shape[1:-1]] + [s.shape[-1] // (2 if s.dtype == "int4" else 1)],
+                                    dtype={"int4": torch.uint8, "int8": torch.int8, "float32": torch.float32}[s.dtype])
+                for s in lay.inputs(C.DECODE) if s.name.endswith(f".{i}") and s.name.startswith(("w_gu_", "w_d_"))}
+        got_idx = fold.quantized_rows(i, stat, bufs)
+        assert torch.equal(got_idx, idx[0])
+        for name, t in want.items():
+            assert torch.equal(bufs[name], t.to(bufs[name].dtype)), name
+        k, r, d = lay.k, lay.rank, lay.hidden_size
+        w_gul, w_dr = torch.zeros(1, d, 2 * k + r), torch.zeros(1, k + r, d)
+        fold(i, stat, w_gul, w_dr)
+        _, ref_gul, ref_dr, _ = folder.fold(i, stat)
+        assert torch.equal(w_gul, ref_gul) and torch.equal(w_dr, ref_dr)
+        # the dequantized rows are the dequantized codes: gate row j of the fold = dequantize(codes)[idx[j]]
+        gu = folder.float_tensors(i)["gate_up"]  # [D, 2F]
+        assert torch.equal(w_gul[0, :, 0], gu[:, int(idx[0, 0])])
+
+
+@pytest.mark.parametrize("method,weights,block,target,head,rho", [
+    ("griffin", "int4", 32, "onnxruntime", False, 8), ("cats", "int8", None, "tensorrt", False, 0),
+    ("dense", "int4", 32, "onnxruntime", True, 0),
+])
+def test_torch_and_onnxruntime_backends_agree_on_quantized_engines(method, weights, block, target, head, rho,
+                                                                   tmp_path_factory, tiny_model_dir):
+    """The torch backend of a quantized engine reads its weights.bin codes (quantized_weights.load_engine_weights)
+    and gives the onnxruntime backend's greedy tokens, 40 of them (GRIFFIN re-selecting every 8)."""
+    from caprese.runtime import Generator
+    from export_helpers import one_torch_thread
+
+    engine, _ = q_export(tmp_path_factory, tiny_model_dir, "qwen2", method, weights, block, target, head=head)
+    prompt = prompt_ids(14, seed=3)[0].tolist()
+    with one_torch_thread():
+        ort_run = Generator.load(engine, "onnxruntime", threads=1).generate(prompt, 40, reselect_every=rho,
+                                                                             ignore_eos=True)
+        ref = Generator.load(engine, "torch", threads=1).generate(prompt, 40, reselect_every=rho, ignore_eos=True)
+    assert len(ort_run.tokens) == 40 and ort_run.tokens == ref.tokens
+
+
+def test_int8_activations_option(tmp_path_factory, tiny_model_dir, tmp_path):
+    """--int8-activations: every MatMulNBits at accuracy_level 4 (ONNX Runtime GenAI's CPU default), recorded in
+    the recipe; other numerics than the reference (int8-quantized activations), so only bounded: the first
+    logits within 5% of the logits' range of the float-activation engine's. Refused off target onnxruntime."""
+    from caprese.export.exporter import export
+    from caprese.export.manifest import load_manifest
+
+    engine, src = q_export(tmp_path_factory, tiny_model_dir, "qwen2", "dense", "int4", 32, "onnxruntime")
+    fast = export(src, tmp_path / "fast", max_seq_len=MAX_SEQ, max_prompt_len=MAX_SEQ - 1, target="onnxruntime",
+                  weights="int4", block_size=32, int8_activations=True).out
+    assert load_manifest(fast).data["recipe"]["weights"]["accuracy_level"] == 4
+    nodes = [n for n in onnx.load(str(fast / "decode.onnx"), load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits"]
+    assert nodes and all(any(a.name == "accuracy_level" and a.i == 4 for a in n.attribute) for n in nodes)
+    prompt = prompt_ids(14, seed=3).numpy()
+    a = QuantLoop(engine).greedy(prompt, 2)[1][0]
+    b = QuantLoop(fast).greedy(prompt, 2)[1][0]
+    err = np.abs(a - b).max()
+    assert 0 < err < 0.05 * (a.max() - a.min()), f"int8 activations moved the logits by {err:.3g}"
+    with pytest.raises(CapreseError, match="--target onnxruntime"):
+        export(src, tmp_path / "bad", max_seq_len=32, weights="int4", int8_activations=True)
+
+
 def test_native_backend_refuses_quantized_engines(tmp_path_factory, tiny_model_dir):
     from caprese.runtime import Generator
 
