@@ -5,7 +5,8 @@ Why: at batch 1 on a CPU a decode step streams every weight once; ONNX Runtime r
 layer, each a separate thread-pool dispatch, and cannot pre-pack GRIFFIN's per-prompt matrices. The kernel runs
 the whole step in one call over the weights of weights.bin (copied once into one 2 MiB-aligned arena,
 transparent huge pages requested), the KV buffers and the folded selection buffers the onnxruntime backend
-already owns. fp32 engines only; the prefill graph is ONNX Runtime's: the backend composes an OrtGraphs runner
+already owns. fp32 engines, with float or int4 / int8 weights (quantized ones read in their stored bytes by
+native/quant_gemv.c, #included into the kernel; see the runtime README "Quantized engines"); the prefill graph is ONNX Runtime's: the backend composes an OrtGraphs runner
 of it (prefill, selection, folding, the shared buffer set) and binds the kernel to that runner's buffers. Every
 weight is found through the engine spec (manifest.spec: caprese/export/engine_spec.py), by role. The kernel is
 built for the CPU's widest instruction set, or the one `isa` / $CAPRESE_NATIVE_ISA names (native/library.py), and
