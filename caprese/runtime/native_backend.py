@@ -6,8 +6,9 @@ layer, each a separate thread-pool dispatch, and cannot pre-pack GRIFFIN's per-p
 the whole step in one call over the weights of weights.bin (copied once into one 2 MiB-aligned arena,
 transparent huge pages requested), the KV buffers and the folded selection buffers the onnxruntime backend
 already owns. fp32 engines, with float or int4 / int8 weights (quantized ones read in their stored bytes by
-native/quant_gemv.c, #included into the kernel; see the runtime README "Quantized engines"); the prefill graph is ONNX Runtime's: the backend composes an OrtGraphs runner
-of it (prefill, selection, folding, the shared buffer set) and binds the kernel to that runner's buffers. Every
+native/quant_gemv.c, #included into the kernel; see the runtime README "Quantized engines"); the prefill graph
+is ONNX Runtime's: the backend composes an OrtGraphs runner of it (prefill, selection, folding, the shared buffer
+set) and binds the kernel to that runner's buffers. Every
 weight is found through the engine spec (manifest.spec: caprese/export/engine_spec.py), by role. The kernel is
 built for the CPU's widest instruction set, or the one `isa` / $CAPRESE_NATIVE_ISA names (native/library.py), and
 the report names it.
