@@ -53,7 +53,10 @@ class _Arena:
     """The decode step's weights, copied out of weights.bin into one 2 MiB-aligned buffer (THP-advised); the
     `mapped` ones (a table a step reads one row of) stay in the read-only memory map of weights.bin instead.
     A quantized weight is its codes ([rows, cols * bits / 8] bytes, in caprese's signed format: MatMulNBits'
-    unsigned bytes are flipped back while copying) plus its scales (their own WeightRef)."""
+    unsigned bytes are flipped back while copying) plus its scales (their own WeightRef). fp32 scales that are
+    all exactly fp16 values (an fp32 graph stores the format's fp16 scales widened) are kept as fp16, in place:
+    the kernel widens them exactly, so the products are the same bits and a step reads fewer bytes
+    (`saved_bytes`: int4 block 32 reads 1/16 byte less per weight)."""
 
     def __init__(self, manifest, refs: list[WeightRef], mapped: set[str] = frozenset()):
         refs = refs + [r.quant.scale for r in refs if r.quant is not None]
@@ -93,6 +96,19 @@ class _Arena:
                     self.views[n] = dst.reshape(r.shape[0], -1)
                 else:
                     self.views[n] = dst.view(np.float32 if r.dtype == "float32" else np.float16).reshape(r.shape)
+        self.saved_bytes = 0  # per decode step: the scales narrowed to fp16
+        for n in scales:
+            a = self.views[n]
+            if a.dtype != np.float32 or n in mapped:
+                continue
+            with np.errstate(over="ignore"):
+                h = a.astype(np.float16)
+            if not np.array_equal(h.astype(np.float32), a):
+                continue
+            narrow = a.reshape(-1).view(np.uint8)[:h.nbytes].view(np.float16).reshape(a.shape)
+            narrow[...] = h
+            self.views[n] = narrow
+            self.saved_bytes += a.nbytes - h.nbytes
 
     def __getitem__(self, ref: WeightRef) -> np.ndarray:
         return self.views[ref.name]
@@ -476,7 +492,9 @@ class NativeBackend(Backend):
         return slot + 1  # the kernel reads the valid prefix of the cache, not the whole buffer
 
     def skipped_bytes(self) -> int:
-        return int(self._skipped.value)
+        """Weight bytes the last step did not read: CATS' rows, the screened head's savings (the kernel's count),
+        and the scales the arena holds as fp16 (_Arena.saved_bytes)."""
+        return int(self._skipped.value) + self.arena.saved_bytes
 
     def kernel_stats(self) -> dict:
         """Since load: chunks committed by the calling thread and by the helpers, chunks run again because their
