@@ -191,3 +191,16 @@ def test_smollm2_int4_native_equals_onnxruntime(tmp_path):
     print(f"SmolLM2 int4: max |logits native - onnxruntime| = {diff:.3g} over {len(got_logits)} steps")
     assert len(got.tokens) >= 33 and got.tokens == ref.tokens
     assert diff < 1e-3
+
+
+@needs_cc
+def test_float_selection_griffin_runs_the_float_ffn(tmp_path_factory, tiny_model_dir):
+    """--float-selection: GRIFFIN's per-prompt matrices are float w_gul / w_dr (folded from the dequantized rows):
+    the kernel runs them on its float path next to quantized attention matrices; ONNX Runtime's tokens and logits."""
+    engine = q_export(tmp_path_factory, tiny_model_dir, "qwen2", "griffin", "int4", None, "onnxruntime",
+                      float_selection=True)[0]
+    prompt = prompt_ids(14, seed=3)[0].tolist()
+    ref, ref_logits = recorded(generator(engine, "onnxruntime"), prompt, 8)
+    got, got_logits = recorded(generator(engine, "native"), prompt, 8)
+    assert got.tokens == ref.tokens
+    torch.testing.assert_close(got_logits, ref_logits, atol=ATOL, rtol=RTOL)
