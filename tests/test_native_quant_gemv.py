@@ -283,3 +283,34 @@ def test_int8_activation_experiment_within_its_bound():
         print(f"int8-act {_fid(fmt)}: max err / bound = {float((err / bound).max()):.3f}")
         assert bool((err <= bound + fp32).all())
         assert float(err.max()) > float(fp32.max())  # it is not the fp32 path: the rounding shows
+
+
+@pytest.mark.parametrize("bits", (4, 8))
+def test_same_bytes_as_onnxruntime_matmulnbits(bits):
+    """The kernel reads the bytes export hands ONNX Runtime: com.microsoft.MatMulNBits (accuracy_level 0, fp32
+    activations) on B = quantization.matmul_nbits_weight(qt) and the kernel on qt.packed() agree within fp32
+    rounding (both against float64 here), on a weight whose codes include -8 / -128; a byte order that differed
+    (nibbles swapped, or the XOR with the zero point missing) would move every output by O(1)."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from caprese.model.quantization import matmul_nbits_weight
+
+    n, k = 24, 256
+    fmt = WeightFormat(bits, 32, "fp32")
+    qt = _quant(n, k, fmt, seed=16)
+    b, s = matmul_nbits_weight(qt)
+    node = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=32, accuracy_level=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                              [numpy_helper.from_array(b.numpy(), "b"), numpy_helper.from_array(s.numpy(), "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(k, generator=torch.Generator().manual_seed(17))
+    y_ort = torch.from_numpy(sess.run(None, {"x": x[None].numpy()})[0][0])
+    y = qg.rows_dot(qg.QMatrix(qt), x)
+    w = _ref(qt)
+    scale = w.abs() @ x.double().abs()
+    _check(y_ort, w @ x.double(), scale, k, f"onnxruntime int{bits}")
+    _check(y, y_ort.double(), 2 * scale, k, f"kernel vs onnxruntime int{bits}")

@@ -1,5 +1,6 @@
 """Build (once per machine, source and instruction set) and load decode_step.c; mirror its structs for ctypes and
-check the mirror against the layout the compiled library reports.
+check the mirror against the layout the compiled library reports. Sibling kernel files (quant_gemv.c) are built
+the same way (`library_path(isa, source=...)`, `build(path, isa, source=...)`, `check_layout(..., mirrors=...)`).
 
 The library is compiled with the system C compiler at first use into the caprese cache, keyed on the source, the
 flags, the compiler's version and this CPU's feature flags, written to a temporary name and renamed, so

@@ -23,15 +23,18 @@
  * fp16 scales are widened exactly (F16C, or bit manipulation in the scalar build).
  *
  * Vector layout: an int4 byte holds elements 2j (low nibble) and 2j + 1 (high). The AVX-512 body widens 16
- * bytes (32 elements) to 16 int32 lanes and takes the low nibbles (even elements) and the high nibbles (odd
- * elements) with two shifts each; rather than re-interleave the weights, x is de-interleaved once per call
- * (rows-dot) and the partial y is kept de-interleaved and interleaved once at the end (rows-axpy). AVX2: the
- * same with 8 bytes and 8 lanes. Columns are processed in tiles of QG_TILE (a multiple of every block and
- * vector group), so the per-call buffers live on the stack. Four rows at a time share each x / y load.
+ * bytes (32 elements) to 16 int32 lanes and looks the low nibbles (even elements) and the high nibbles (odd
+ * elements) up in a 16-float table (vpermps); the AVX2 body (8 bytes, 8 lanes) sign-extends them with shifts.
+ * Rather than re-interleave the weights, x is de-interleaved once per call (rows-dot) and the partial y is kept
+ * de-interleaved and interleaved once at the end (rows-axpy); the *_prepared entry points let a thread pool do
+ * that once per vector instead of once per chunk. Columns are processed in tiles of QG_TILE (a multiple of
+ * every block and vector group), so the per-call buffers live on the stack (~18 KiB). Four rows at a time share
+ * each x / y load; rows are prefetched ahead by index. Speed: docs/performance.md (2026-12-06).
  *
- * ISA: built like decode_step.c by caprese/runtime/native/library.py (avx512 | avx2 | scalar); qg_isa() says
- * which code paths this build runs. Self-contained, so decode_step.c can `#include` it later (define
- * CAPRESE_QGEMV_EMBEDDED there to drop this file's own layout table and ISA name).
+ * ISA: built like decode_step.c by caprese/runtime/native/library.py (avx512 | avx2 | scalar); caprese_isa()
+ * says which code paths this build runs. Self-contained, so decode_step.c can `#include` it later (define
+ * CAPRESE_QGEMV_EMBEDDED there to drop this file's own layout table and ISA name; its names are qg_ / QG_ /
+ * caprese_q*, plus the V* vector macros).
  */
 #define _GNU_SOURCE
 #include <math.h>
