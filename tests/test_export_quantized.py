@@ -392,14 +392,6 @@ def test_int8_activations_option(tmp_path_factory, tiny_model_dir, tmp_path):
         export(src, tmp_path / "bad", max_seq_len=32, weights="int4", int8_activations=True)
 
 
-def test_native_backend_refuses_quantized_engines(tmp_path_factory, tiny_model_dir):
-    from caprese.runtime import Generator
-
-    engine, _ = q_export(tmp_path_factory, tiny_model_dir, "qwen2", "dense", "int4", 32, "onnxruntime")
-    with pytest.raises(CapreseError, match="native backend runs float weights; .* is quantized"):
-        Generator.load(engine, "native", threads=1)
-
-
 @pytest.mark.parametrize("weights,block,target", [("int4", 32, "onnxruntime"), ("int8", None, "tensorrt")])
 def test_float_selection_option(weights, block, target, tmp_path_factory, tiny_model_dir):
     """--float-selection: GRIFFIN's decode graph takes float w_gul / w_dr folded from the dequantized rows (faster

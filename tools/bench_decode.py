@@ -21,6 +21,17 @@ Rows (--rows, comma-separated; default: all):
                        quarter of the head's bytes) where a probe at load found that faster on this CPU
   native-dense-full-head, native-caprese-griffin-full-head
                        the same with every logit of the head in fp32 (--full-head): what the screen saves
+  ort-contrib-int4-dense, ort-contrib-int4-caprese-griffin, ort-contrib-int8-dense
+                       --target onnxruntime engines exported with --weights int4 / int8 (caprese-export's defaults:
+                       int4 block 32, int8 one scale per row, fp32 scales in an fp32 graph; the LM head not
+                       quantized), on the onnxruntime backend (MatMulNBits, accuracy_level 0)
+  native-int4-dense, native-int4-caprese-griffin, native-int8-dense
+                       the native backend on those engines (quant_gemv.c's int4 / int8 rows; default head: the
+                       screened fp32 head as above); peer: genai-int4 / genai-int8 (issue 15's targets)
+  native-int4-qhead-dense, native-int4-qhead-caprese-griffin
+                       the same int4 engines exported with --quantize-head (the LM head int4 block 32 too, as
+                       GenAI's int4 builder does), read whole by the native kernel (not screened); their engines
+                       are those of ort-contrib-int4-qhead-dense / ort-contrib-int4-qhead-caprese-griffin
   With --native-isa avx512,avx2 (the kernel's instruction sets, see caprese/runtime/native/library.py) every
   native row runs once per instruction set; rows of the second and later ones are named ROW@ISA.
   torch-dense          caprese's PyTorch reference decoder (caprese.model.generation.generate)
@@ -88,9 +99,13 @@ import torch
 BENCH_VERSION = 2
 PEER = "genai-dense"
 GENAI_ROWS = {"genai-dense": "fp32", "genai-int4": "int4", "genai-int8": "int8"}  # row -> builder precision
+QUANT_ORT_ROWS = ("ort-contrib-int4-dense", "ort-contrib-int4-caprese-griffin", "ort-contrib-int8-dense",
+                  "ort-contrib-int4-qhead-dense", "ort-contrib-int4-qhead-caprese-griffin")
 ROW_NAMES = ("genai-dense", "genai-int4", "genai-int8", "ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats", "ort-contrib-dense",
              "ort-contrib-caprese-griffin", "native-dense", "native-caprese-griffin", "native-caprese-cats",
-             "native-dense-full-head", "native-caprese-griffin-full-head", "torch-dense", "transformers")
+             "native-dense-full-head", "native-caprese-griffin-full-head", *QUANT_ORT_ROWS, "native-int4-dense",
+             "native-int4-caprese-griffin", "native-int8-dense", "native-int4-qhead-dense",
+             "native-int4-qhead-caprese-griffin", "torch-dense", "transformers")
 ORT_ROWS = ("ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats", "ort-contrib-dense",
             "ort-contrib-caprese-griffin")
 # native rows: the native backend (caprese/runtime/native) on the engine folder of the row named here, its head
@@ -98,11 +113,21 @@ NATIVE_ROWS = {"native-dense": ("ort-contrib-dense", "auto"),
                "native-caprese-griffin": ("ort-contrib-caprese-griffin", "auto"),
                "native-caprese-cats": ("ort-caprese-cats", "auto"),
                "native-dense-full-head": ("ort-contrib-dense", "full"),
-               "native-caprese-griffin-full-head": ("ort-contrib-caprese-griffin", "full")}
+               "native-caprese-griffin-full-head": ("ort-contrib-caprese-griffin", "full"),
+               "native-int4-dense": ("ort-contrib-int4-dense", "auto"),
+               "native-int4-caprese-griffin": ("ort-contrib-int4-caprese-griffin", "auto"),
+               "native-int8-dense": ("ort-contrib-int8-dense", "auto"),
+               "native-int4-qhead-dense": ("ort-contrib-int4-qhead-dense", "auto"),
+               "native-int4-qhead-caprese-griffin": ("ort-contrib-int4-qhead-caprese-griffin", "auto")}
 # the ONNX Runtime row that runs the same engine folder as each native row (the native rows' "x ORT" ratio)
 SAME_ENGINE = {"native-dense": "ort-contrib-dense", "native-caprese-griffin": "ort-contrib-caprese-griffin",
                "native-caprese-cats": "ort-caprese-cats", "native-dense-full-head": "ort-contrib-dense",
-               "native-caprese-griffin-full-head": "ort-contrib-caprese-griffin"}
+               "native-caprese-griffin-full-head": "ort-contrib-caprese-griffin",
+               "native-int4-dense": "ort-contrib-int4-dense",
+               "native-int4-caprese-griffin": "ort-contrib-int4-caprese-griffin",
+               "native-int8-dense": "ort-contrib-int8-dense",
+               "native-int4-qhead-dense": "ort-contrib-int4-qhead-dense",
+               "native-int4-qhead-caprese-griffin": "ort-contrib-int4-qhead-caprese-griffin"}
 # issue 13's targets: under --background-load N >= 1, native <= 1.10x ONNX Runtime on the same engine; idle, the
 # AVX2 build <= 1.0x it; the native rows' default head no slower than the full head (same ISA)
 CONTENDED_MAX = 1.10
@@ -112,7 +137,9 @@ FULL_HEAD_OF = {"native-dense": "native-dense-full-head", "native-caprese-griffi
 TARGETS = (("ort-dense", 0.95, 1.25), ("ort-caprese-griffin", 0.70, 1.25), ("ort-contrib-dense", 0.95, 1.25),
            ("ort-contrib-caprese-griffin", 0.70, 1.25), ("native-dense", 0.95, 1.25),
            ("native-caprese-griffin", 0.70, 1.25), ("native-dense-full-head", 0.95, 1.25),
-           ("native-caprese-griffin-full-head", 0.70, 1.25))
+           ("native-caprese-griffin-full-head", 0.70, 1.25),
+           # issue 15: against genai-int4, within 1.3x of their bytes floor
+           ("native-int4-dense", 0.90, 1.30), ("native-int4-caprese-griffin", 0.65, 1.30))
 
 
 # ---------------------------------------------------------------- other CPU-heavy work on the machine
@@ -271,6 +298,8 @@ class Recipe:
     layers: str = "all"
     rank: int = 0
     target: str = "tensorrt"  # caprese-export --target
+    weights: str | None = None  # caprese-export --weights (int4 | int8), None: fp32
+    quantize_head: bool = False  # caprese-export --quantize-head
 
 
 def row_recipe(name: str, density: float, rank: int) -> Recipe:
@@ -279,7 +308,13 @@ def row_recipe(name: str, density: float, rank: int) -> Recipe:
             "ort-caprese-griffin": Recipe("griffin", density, "all", rank),
             "ort-caprese-cats": Recipe("cats", density, "all", rank),
             "ort-contrib-dense": Recipe(None, target="onnxruntime"),
-            "ort-contrib-caprese-griffin": Recipe("griffin", density, "all", rank, "onnxruntime")}[name]
+            "ort-contrib-caprese-griffin": Recipe("griffin", density, "all", rank, "onnxruntime"),
+            "ort-contrib-int4-dense": Recipe(None, target="onnxruntime", weights="int4"),
+            "ort-contrib-int4-caprese-griffin": Recipe("griffin", density, "all", rank, "onnxruntime", "int4"),
+            "ort-contrib-int8-dense": Recipe(None, target="onnxruntime", weights="int8"),
+            "ort-contrib-int4-qhead-dense": Recipe(None, target="onnxruntime", weights="int4", quantize_head=True),
+            "ort-contrib-int4-qhead-caprese-griffin": Recipe("griffin", density, "all", rank, "onnxruntime", "int4",
+                                                            True)}[name]
 
 
 def random_artifact(model_dir: str | Path, out: Path, r: Recipe, seed: int = 0) -> Path:
@@ -337,7 +372,8 @@ def prepare_engine(model_dir: str | Path, root: Path, name: str, r: Recipe, prec
         log(f"bench: building the {name} artifact (adapters: {adapters})")
         src = random_artifact(model_dir, root / f"{name}-artifact", r)
     log(f"bench: exporting {name} ({precision}) -> {engine}")
-    export(src, engine, precision=precision, force=True, target=r.target)
+    export(src, engine, precision=precision, force=True, target=r.target, weights=r.weights,
+           quantize_head=r.quantize_head)
     _write_key(engine, key)
     return engine, adapters
 
@@ -418,6 +454,8 @@ def engine_label(manifest, backend: str = "onnxruntime", head: str = "auto", isa
     tag = " [ORT ops]" if manifest.spec.target == "onnxruntime" else ""
     if backend == "native":
         tag = " [native" + (f" {isa}" if isa else "") + (", full head]" if head == "full" else "]")
+    if manifest.layout.quantized:  # the weights' width first: "caprese dense int4 [native]"
+        tag = f" int{manifest.layout.weight_bits}" + (" +head" if manifest.spec.head.quant else "") + tag
     if r.method == "dense":
         return "caprese dense" + tag
     layers = list(r.layers)
@@ -598,7 +636,7 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
             if why is not None:
                 skipped[name] = why
                 log(f"bench: skipping {name}: {why}")
-        elif name in ORT_ROWS:
+        elif name in ORT_ROWS or name in QUANT_ORT_ROWS:
             engine, adapters = prepare_engine(model_dir, root, name, row_recipe(name, density, rank), precision, log)
             built.append(EngineRow(name, engine, threads, adapters))
         elif name in NATIVE_ROWS:

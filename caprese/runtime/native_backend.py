@@ -5,8 +5,10 @@ Why: at batch 1 on a CPU a decode step streams every weight once; ONNX Runtime r
 layer, each a separate thread-pool dispatch, and cannot pre-pack GRIFFIN's per-prompt matrices. The kernel runs
 the whole step in one call over the weights of weights.bin (copied once into one 2 MiB-aligned arena,
 transparent huge pages requested), the KV buffers and the folded selection buffers the onnxruntime backend
-already owns. fp32 engines only; the prefill graph is ONNX Runtime's: the backend composes an OrtGraphs runner
-of it (prefill, selection, folding, the shared buffer set) and binds the kernel to that runner's buffers. Every
+already owns. fp32 engines, with float or int4 / int8 weights (quantized ones read in their stored bytes by
+native/quant_gemv.c, #included into the kernel; see the runtime README "Quantized engines"); the prefill graph
+is ONNX Runtime's: the backend composes an OrtGraphs runner of it (prefill, selection, folding, the shared buffer
+set) and binds the kernel to that runner's buffers. Every
 weight is found through the engine spec (manifest.spec: caprese/export/engine_spec.py), by role. The kernel is
 built for the CPU's widest instruction set, or the one `isa` / $CAPRESE_NATIVE_ISA names (native/library.py), and
 the report names it.
@@ -31,7 +33,7 @@ import numpy as np
 
 from caprese.errors import CapreseError
 from caprese.export import contract as C
-from caprese.export.engine_spec import WeightRef
+from caprese.export.engine_spec import MATRIX, MATRIX_T, PACKING_INT4, PACKING_NBITS, WeightRef
 from caprese.runtime.backend import Backend, PrefillOut
 from caprese.runtime.native import library as lib_
 from caprese.runtime.native.head_choice import HeadChoice, choose
@@ -49,15 +51,23 @@ def _ptr(a: np.ndarray | None) -> int | None:
 
 class _Arena:
     """The decode step's weights, copied out of weights.bin into one 2 MiB-aligned buffer (THP-advised); the
-    `mapped` ones (a table a step reads one row of) stay in the read-only memory map of weights.bin instead."""
+    `mapped` ones (a table a step reads one row of) stay in the read-only memory map of weights.bin instead.
+    A quantized weight is its codes ([rows, cols * bits / 8] bytes, in caprese's signed format: MatMulNBits'
+    unsigned bytes are flipped back while copying) plus its scales (their own WeightRef). fp32 scales that are
+    all exactly fp16 values (an fp32 graph stores the format's fp16 scales widened) are kept as fp16, in place:
+    the kernel widens them exactly, so the products are the same bits and a step reads fewer bytes
+    (`saved_bytes`: int4 block 32 reads 1/16 byte less per weight)."""
 
     def __init__(self, manifest, refs: list[WeightRef], mapped: set[str] = frozenset()):
+        refs = refs + [r.quant.scale for r in refs if r.quant is not None]
         refs = list({r.name: r for r in refs}.values())  # the tied embedding is also the head: once
+        scales = {r.quant.scale.name for r in refs if r.quant is not None}
         offsets, total = {}, 0
         for r in refs:
-            if r.dtype != "float32" or r.quant is not None:
-                raise CapreseError(f"the native backend runs fp32 engines; {r.name} is {r.dtype}"
-                                   + (" (quantized)" if r.quant is not None else ""))
+            ok = r.dtype == "float32" or (r.name in scales and r.dtype == "float16") or (
+                r.quant is not None and r.dtype in ("int4", "int8"))
+            if not ok:
+                raise CapreseError(f"the native backend runs fp32 engines; {r.name} is {r.dtype}")
             if r.name not in mapped:
                 offsets[r.name] = total
                 total += -(-r.nbytes // 64) * 64
@@ -80,7 +90,25 @@ class _Arena:
                             raise CapreseError(f"{manifest.file('weights')} ends inside {n}; export the engine "
                                                "again")
                         got += k
-                self.views[n] = dst.view(np.float32).reshape(r.shape)
+                if r.quant is not None:  # codes: bytes [rows, cols * bits / 8]
+                    if r.quant.packing == PACKING_NBITS:
+                        np.bitwise_xor(dst, 0x88 if r.quant.bits == 4 else 0x80, out=dst)
+                    self.views[n] = dst.reshape(r.shape[0], -1)
+                else:
+                    self.views[n] = dst.view(np.float32 if r.dtype == "float32" else np.float16).reshape(r.shape)
+        self.saved_bytes = 0  # per decode step: the scales narrowed to fp16
+        for n in scales:
+            a = self.views[n]
+            if a.dtype != np.float32 or n in mapped:
+                continue
+            with np.errstate(over="ignore"):
+                h = a.astype(np.float16)
+            if not np.array_equal(h.astype(np.float32), a):
+                continue
+            narrow = a.reshape(-1).view(np.uint8)[:h.nbytes].view(np.float16).reshape(a.shape)
+            narrow[...] = h
+            self.views[n] = narrow
+            self.saved_bytes += a.nbytes - h.nbytes
 
     def __getitem__(self, ref: WeightRef) -> np.ndarray:
         return self.views[ref.name]
@@ -119,9 +147,34 @@ def native_unsupported(manifest) -> str | None:
                 "or export with --precision fp32)")
     if manifest.model.activation not in _ACTIVATIONS:
         return f"the native backend has no {manifest.model.activation!r} activation; use --backend onnxruntime"
-    quantized = next((path for path, w in spec.refs() if w.quant is not None), None)
-    if quantized:
-        return f"the native backend runs float weights; {quantized} is quantized (use --backend onnxruntime)"
+    for path, w in spec.refs():
+        why = _quant_unsupported(w)
+        if why:
+            return f"the native backend cannot read {path}: {why} (use --backend onnxruntime)"
+    for t in spec.layers:  # a layer's attention, and its FFN, are either all quantized or all float
+        attn = {t.qkv.quant is None, t.o.quant is None}
+        ffn = {w.quant is None for w in (t.gate_up, t.gate, t.up, t.down) if w is not None}
+        if len(attn) > 1 or len(ffn) > 1:
+            return (f"the native backend runs a layer's attention and FFN matrices all quantized or all float; "
+                    f"layer {t.index} mixes them (use --backend onnxruntime)")
+    return None
+
+
+_PACKINGS = {4: (PACKING_INT4, PACKING_NBITS), 8: ("none", PACKING_NBITS)}
+
+
+def _quant_unsupported(w: WeightRef) -> str | None:
+    """Why quant_gemv.c cannot read quantized weight w as stored (None: it can, or w is not quantized)."""
+    q = w.quant
+    if q is None:
+        return None
+    if q.bits not in _PACKINGS or q.packing not in _PACKINGS[q.bits]:
+        return f"{q.bits}-bit weights packed {q.packing!r}"
+    if q.axis != 1 or len(w.shape) != 2:
+        return f"blocks along axis {q.axis} of a {len(w.shape)}-D tensor (the kernel reads blocks along rows)"
+    block = q.block_size or w.shape[1]
+    if w.shape[1] % block or q.scale.dtype not in ("float16", "float32") or (q.bits == 4 and w.shape[1] % 2):
+        return f"{w.shape[1]} columns in blocks of {block} with {q.scale.dtype} scales"
     return None
 
 
@@ -150,7 +203,8 @@ class NativeBackend(Backend):
                                         else os.cpu_count() or 1))
         # an untied embedding is read one row per token, and CATS' gate_up is re-laid out below: both stay mapped
         mapped = set() if spec.tied_head else {spec.embed.name}
-        mapped |= {spec.layers[i].gate_up.name for i in self.layout.layers_of(C.CATS)}
+        mapped |= {spec.layers[i].gate_up.name for i in self.layout.layers_of(C.CATS)
+                   if spec.layers[i].gate_up.quant is None}
         self.arena = _Arena(manifest, self._weight_refs(), mapped=mapped)
         self._extra: list[np.ndarray] = []  # arrays the structs point into (biases, CATS layouts)
         self._layers = (lib_.Layer * self.layout.num_layers)()
@@ -160,6 +214,11 @@ class NativeBackend(Backend):
         self._next = (ctypes.c_int64 * 2)()
         self.head_rows = 0  # fp32 head rows the last screened step recomputed
         self.head_rows_total = self.head_steps = 0  # summed over the screened steps since load
+        # a quantized head is read whole: its int4 / int8 rows cost no more than the screen's int8 copy would, and
+        # the screen's bound is for an fp32 head (see the runtime README: "quantized engines")
+        self.head_quantized = spec.head.quant is not None
+        if self.head_quantized:
+            head = "full"
         if head != "full":
             self._screen_head()
         ctx = self.lib.caprese_context_new(ctypes.byref(self._model), self.nthreads)
@@ -224,6 +283,74 @@ class NativeBackend(Backend):
     def _mat(self, a: np.ndarray, cols: int | None = None) -> lib_.Mat:
         return lib_.Mat(_ptr(a), a.shape[-1], a.shape[-1] if cols is None else cols)
 
+    def _qmat(self, ref: WeightRef, codes: np.ndarray | None = None, scales: np.ndarray | None = None,
+              row0: int = 0, rows: int | None = None, role: str = "") -> lib_.QMat:
+        """quant_gemv.c's QMat of rows [row0, row0 + rows) of quantized weight `ref` (stored [rows, cols], blocks
+        along the columns): its codes and scales in the arena, or the given per-prompt buffers (GRIFFIN's rows,
+        in `ref`'s format)."""
+        q = ref.quant
+        if role and ref.storage != MATRIX_T:
+            raise CapreseError(f"{role} {ref.name} is stored {ref.storage}; the native kernel reads quantized "
+                               f"{role} as [out, in] rows: export the engine again, or use --backend onnxruntime")
+        cols = ref.shape[1]
+        block = q.block_size or cols
+        codes = self.arena[ref] if codes is None else codes
+        scales = self.arena[q.scale] if scales is None else scales
+        rb, sb = cols * q.bits // 8, (cols // block) * scales.itemsize
+        n = ref.shape[0] - row0 if rows is None else rows
+        return lib_.QMat(_ptr(codes) + row0 * rb, _ptr(scales) + row0 * sb, n, cols, block, q.bits,
+                         int(scales.dtype == np.float32))
+
+    def _fill_q_ffn(self, t, L) -> None:
+        """A layer whose FFN is quantized (see decode_step.c's Layer: q_gate, q_up, q_down, L in gu2, R in down)."""
+        lay, A, sel, i = self.layout, self.arena, self.buffers.selection, t.index
+        F = lay.intermediate_size
+        L.q_ffn = 1
+        bypass_l, bypass_r = t.L, t.R
+        if t.kind == C.GRIFFIN:  # the kept neurons' rows, gathered per prompt by the fold (FoldInto.quantized_rows)
+            k, fold = lay.k, t.fold
+            gu_q, gu_s = sel[C.w_gu_q(i)].host[0], sel[C.w_gu_s(i)].host[0]
+            d_q, d_s = sel[C.w_d_q(i)].host[0], sel[C.w_d_s(i)].host[0]
+            L.q_gate = self._qmat(fold.gate_up, gu_q, gu_s, 0, k, role="gate_up")
+            L.q_up = self._qmat(fold.gate_up, gu_q, gu_s, k, k, role="gate_up")
+            L.q_down = self._qmat(fold.down, d_q, d_s, 0, k)
+            L.down_rows = 1
+            if fold.down.storage != MATRIX:
+                raise CapreseError(f"GRIFFIN layer {i}: its down rows are stored {fold.down.storage}; the native "
+                                   "kernel reads a neuron's down row whole: export the engine again")
+            L.n_ff = k
+            b = sel.get(C.b_gul(i))
+            L.gu_bias = None if b is None else _ptr(b.host[0])
+            bypass_l, bypass_r = fold.L, fold.R
+        else:
+            if t.gate_up is not None:  # [W_g; W_1] rows
+                L.q_gate = self._qmat(t.gate_up, rows=F, role="gate_up")
+                L.q_up = self._qmat(t.gate_up, row0=F, rows=F, role="gate_up")
+                L.gu_bias = None if t.gate_up_bias is None else _ptr(A[t.gate_up_bias])
+            else:
+                L.q_gate, L.q_up = self._qmat(t.gate, role="gate"), self._qmat(t.up, role="up")
+                if t.gate_bias is not None or t.up_bias is not None:
+                    zeros = np.zeros(F, np.float32)
+                    b = np.concatenate([zeros if t.gate_bias is None else A[t.gate_bias],
+                                        zeros if t.up_bias is None else A[t.up_bias]])
+                    self._extra.append(b)
+                    L.gu_bias = _ptr(b)
+            L.q_down = self._qmat(t.down)
+            L.down_rows = int(t.down.storage == MATRIX)
+            if t.down.shape != ((F, lay.hidden_size) if L.down_rows else (lay.hidden_size, F)):
+                raise CapreseError(f"layer {i}: down projection of shape {list(t.down.shape)} in weights.bin; "
+                                   "export the engine again")
+            L.n_ff = F
+            if t.kind == C.CATS:  # the up rows of the neurons that pass, read in the down phase
+                L.cats_tau = _ptr(sel[C.cats_tau(i)].host)
+                if L.gu_bias:
+                    L.up_bias = L.gu_bias + F * 4
+        L.rank = 0
+        if bypass_l is not None:
+            l_, r_ = A[bypass_l], A[bypass_r]
+            L.rank = l_.shape[1]
+            L.gu2, L.down = self._mat(l_), self._mat(r_)
+
     def _fill_model(self) -> None:
         lay, spec, m, A = self.layout, self.manifest.spec, self.manifest.model, self.arena
         D, F = lay.hidden_size, lay.intermediate_size
@@ -235,8 +362,14 @@ class NativeBackend(Backend):
                       "qkv_bias", "o_bias", "down_bias"):
                 w = getattr(t, f)
                 setattr(L, f, None if w is None else _ptr(A[w]))
-            L.qkv, L.o = self._mat(A[t.qkv]), self._mat(A[t.o])
-            if t.kind == C.GRIFFIN:  # the per-prompt matrices the prefill runner folds
+            if t.qkv.quant is not None:
+                L.q_attn = 1
+                L.q_qkv, L.q_o = self._qmat(t.qkv, role="qkv"), self._qmat(t.o, role="o")
+            else:
+                L.qkv, L.o = self._mat(A[t.qkv]), self._mat(A[t.o])
+            if t.down.quant is not None and (t.kind != C.GRIFFIN or C.w_gu_q(i) in sel):
+                self._fill_q_ffn(t, L)
+            elif t.kind == C.GRIFFIN:  # the per-prompt matrices the prefill runner folds
                 gul, dr = sel[C.w_gul(i)].host[0], sel[C.w_dr(i)].host[0]
                 L.gu1, L.down = self._mat(gul), self._mat(dr)
                 L.n_ff, L.rank = lay.k, lay.rank
@@ -285,7 +418,11 @@ class NativeBackend(Backend):
         M.activation, M.gemma = _ACTIVATIONS[m.activation], int(bool(m.gemma_norms))
         M.eps, M.final_softcap = float(m.rms_norm_eps), float(m.final_softcap or 0.0)
         M.embed_scale = float(D ** 0.5) if m.gemma_norms else 1.0
-        M.embed, M.lm_head = _ptr(A[spec.embed]), _ptr(A[spec.head])
+        M.embed = _ptr(A[spec.embed])
+        if spec.head.quant is not None:  # read whole by the kernel (never screened: see _screen_head)
+            M.q_head, M.q_lm_head = 1, self._qmat(spec.head, role="LM head")
+        else:
+            M.lm_head = _ptr(A[spec.head])
         M.final_norm = _ptr(A[spec.final_norm])
         M.rope_cos, M.rope_sin = _ptr(A[spec.rope_cos]), _ptr(A[spec.rope_sin])
         M.layers = self._layers
@@ -355,7 +492,9 @@ class NativeBackend(Backend):
         return slot + 1  # the kernel reads the valid prefix of the cache, not the whole buffer
 
     def skipped_bytes(self) -> int:
-        return int(self._skipped.value)
+        """Weight bytes the last step did not read: CATS' rows, the screened head's savings (the kernel's count),
+        and the scales the arena holds as fp16 (_Arena.saved_bytes)."""
+        return int(self._skipped.value) + self.arena.saved_bytes
 
     def kernel_stats(self) -> dict:
         """Since load: chunks committed by the calling thread and by the helpers, chunks run again because their
@@ -370,7 +509,8 @@ class NativeBackend(Backend):
 
     def describe(self) -> dict:
         d = {"threads": self.nthreads, "kv_policy": self.kv_policy, "prefill": "onnxruntime",
-             "kernel": str(self.kernel), "isa": self.lib.isa, "head": self.head}
+             "kernel": str(self.kernel), "isa": self.lib.isa,
+             "head": self.head + (" (quantized, read whole)" if self.head_quantized else "")}
         if self.head_choice is not None:
             d["head_choice"] = self.head_choice.describe()
         return d

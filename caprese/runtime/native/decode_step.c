@@ -56,6 +56,9 @@
 #include <immintrin.h>
 #endif
 
+#define CAPRESE_QGEMV_EMBEDDED /* quant_gemv.c: QMat, caprese_q_rows_dot / caprese_q_rows_axpy */
+#include "quant_gemv.c"
+
 #define HEAD_TOPK_MAX 256 /* largest k of a screened top-k step */
 #define MAX_THREADS 64
 
@@ -81,6 +84,14 @@ typedef struct {
     Mat up_t;                /* CATS layers: the up projection transposed, [n_ff, hidden] (gu1 then holds only the
                               * gate columns, gu2 the bypass L): up and down rows are read for passing neurons only */
     const float *up_bias;    /* CATS layers with MLP biases: [n_ff] */
+    /* Quantized weights (quant_gemv.c's QMat, [out, in] rows with blocks along the inputs unless said):
+     * q_attn: qkv and o are q_qkv [nqkv, hidden] and q_o [hidden, heads * head_dim] (qkv / o unused).
+     * q_ffn: the FFN's matrices are q_gate / q_up [n_ff, hidden] (GRIFFIN: the kept neurons' rows), the bypass L
+     * a float [hidden, rank] in gu2 and R a float [rank, hidden] in down; q_down is [n_ff, hidden] (rows-axpy,
+     * down_rows = 1: GRIFFIN / CATS) or [hidden, n_ff] (rows-dot, down_rows = 0: dense on target onnxruntime).
+     * CATS (cats_tau set): q_up rows are read for the neurons that pass only. */
+    int64_t q_attn, q_ffn, down_rows;
+    QMat q_qkv, q_o, q_gate, q_up, q_down;
 } Layer;
 
 typedef struct {
@@ -98,6 +109,8 @@ typedef struct {
     const int8_t *head_q;    /* [vocab, hidden] int8 copy of the LM head, or NULL (no screened steps) */
     const float *head_scale; /* [vocab]: row v of the head ~ head_scale[v] * head_q[v] */
     const float *head_bound; /* [vocab]: |h.w_v - head_scale[v] * h.head_q[v]| <= |h|_2 * head_bound[v] in fp32 */
+    int64_t q_head;          /* the LM head is quantized: q_lm_head [vocab, hidden] (lm_head unused, never screened) */
+    QMat q_lm_head;
 } Model;
 
 /* ------------------------------------------------------------------ the structs' layout, for the ctypes mirror */
@@ -110,18 +123,23 @@ typedef struct {
 #define STRUCT(T) {#T, "", 0, (int64_t)sizeof(T)}
 static const LayoutField LAYOUT[] = {
     STRUCT(Mat), FIELD(Mat, w), FIELD(Mat, ld), FIELD(Mat, cols),
+    STRUCT(QMat), FIELD(QMat, codes), FIELD(QMat, scales), FIELD(QMat, rows), FIELD(QMat, cols), FIELD(QMat, block),
+    FIELD(QMat, bits), FIELD(QMat, scale_fp32),
     STRUCT(Layer), FIELD(Layer, input_norm), FIELD(Layer, post_attn_norm), FIELD(Layer, pre_ffn_norm),
     FIELD(Layer, post_ffn_norm), FIELD(Layer, q_norm), FIELD(Layer, k_norm), FIELD(Layer, qkv),
     FIELD(Layer, qkv_bias), FIELD(Layer, o), FIELD(Layer, o_bias), FIELD(Layer, gu1), FIELD(Layer, gu2),
     FIELD(Layer, gu_bias), FIELD(Layer, down), FIELD(Layer, down_bias), FIELD(Layer, n_ff), FIELD(Layer, rank),
     FIELD(Layer, cats_tau), FIELD(Layer, k_cache), FIELD(Layer, v_cache), FIELD(Layer, window),
-    FIELD(Layer, scale), FIELD(Layer, softcap), FIELD(Layer, up_t), FIELD(Layer, up_bias),
+    FIELD(Layer, scale), FIELD(Layer, softcap), FIELD(Layer, up_t), FIELD(Layer, up_bias), FIELD(Layer, q_attn),
+    FIELD(Layer, q_ffn), FIELD(Layer, down_rows), FIELD(Layer, q_qkv), FIELD(Layer, q_o), FIELD(Layer, q_gate),
+    FIELD(Layer, q_up), FIELD(Layer, q_down),
     STRUCT(Model), FIELD(Model, num_layers), FIELD(Model, hidden), FIELD(Model, num_heads),
     FIELD(Model, num_kv_heads), FIELD(Model, head_dim), FIELD(Model, vocab), FIELD(Model, capacity),
     FIELD(Model, max_ff), FIELD(Model, activation), FIELD(Model, gemma), FIELD(Model, eps),
     FIELD(Model, final_softcap), FIELD(Model, embed_scale), FIELD(Model, embed), FIELD(Model, lm_head),
     FIELD(Model, final_norm), FIELD(Model, rope_cos), FIELD(Model, rope_sin), FIELD(Model, layers),
     FIELD(Model, logits), FIELD(Model, head_q), FIELD(Model, head_scale), FIELD(Model, head_bound),
+    FIELD(Model, q_head), FIELD(Model, q_lm_head),
     {NULL, NULL, 0, 0}};
 
 /* Every struct ctypes mirrors, with each field's offset and size as this compiler laid them out. */
@@ -332,7 +350,14 @@ static float kth_largest(float *a, int64_t n, int64_t k) {
 }
 
 /* ------------------------------------------------------------------ the context: pool, scratch, phases */
-enum { PH_QKV, PH_ATTN, PH_GATE_UP, PH_DOWN, PH_HEAD_FULL, PH_HEAD_SCREEN, PH_HEAD_PICK, PH_KINDS };
+enum { PH_QKV, PH_ATTN, PH_GATE_UP, PH_DOWN, PH_HEAD_FULL, PH_HEAD_SCREEN, PH_HEAD_PICK, PH_QDOT, PH_QATT, PH_QDOWN,
+       PH_KINDS };
+enum { J_QKV, J_O, J_GU, J_DOWN, J_HEAD }; /* what a PH_QDOT phase computes */
+
+/* Bytes of one row of a quantized matrix: its codes and its scales. */
+static int64_t qmat_row_bytes(const QMat *w) {
+    return w->cols * w->bits / 8 + (w->cols / w->block) * (w->scale_fp32 ? 4 : 2);
+}
 
 /* Chunk sizes: rows of the QKV and gate/up products (each chunk's part is as wide as the product, so few
  * chunks), rows of the down product (parts [hidden] wide), rows of the LM head. */
@@ -348,6 +373,8 @@ typedef struct {  /* what a phase computes; every thread copies it before runnin
     int64_t slot, topk;
     float hn, floor_;  /* screened head: |h|_2 rounded up, the k-th largest lower bound */
     int64_t t0;        /* when it was published (ns): a chunk claimed but not started yet counts from then */
+    int64_t n;         /* the rows (outputs, heads, neurons) the phase covers: chunk i has [i rows, (i + 1) rows) */
+    int job;           /* PH_QDOT: J_QKV ... */
 } Phase;
 
 typedef struct Ctx Ctx;
@@ -383,6 +410,8 @@ struct Ctx {
     int64_t tmp_floats;
     float *x, *h, *y, *t, *kv;   /* leader: residual stream; the normed input every thread reads; scratch */
     float *sel;                  /* leader: the screened head's lower bounds gathered from the chunks */
+    float *qkv, *att, *gu, *z;   /* quantized layers, gathered by the leader: QKV outputs, attention outputs of
+                                  * every head, gate/up(/L) outputs, the FFN's activations (+ bypass) */
     _Alignas(64) int64_t ema_ns[PH_KINDS]; /* typical chunk time per kind (the wait before a chunk is run again) */
     int64_t ns_wait, n_phases;   /* leader: time spent waiting for other threads' chunks; phases run */
     int64_t spin_ns;             /* how long an idle helper spins before it sleeps */
@@ -470,16 +499,14 @@ static void stage_kv_write(Ctx *c, int64_t li, int64_t slot) {
     }
 }
 
-/* B: query head i: its q from phase A's parts (normed, rotated), attention over the slots lo .. slot of its KV
- * head (scores a block at a time, merged by their running max and sum), then its rows of the o projection: a
- * partial sum over the hidden outputs. */
-static void stage_attention(const Ctx *c, const Phase *ph, int64_t i, float *out, float *tmp) {
+/* Query head i of layer L at `slot`: its q (raw: the QKV product's outputs of this head, bias added) normed and
+ * rotated into q, attention over the slots lo .. slot of its KV head (scores a block at a time into sc, merged
+ * by their running max and sum) into o[head_dim]. raw may alias sc. */
+static void attend_head(const Ctx *c, const Layer *L, int64_t slot, int64_t i, const float *raw, float *q, float *o,
+                        float *sc) {
     const Model *m = c->m;
-    const Layer *L = m->layers + ph->layer;
-    const int64_t hd = m->head_dim, half = hd / 2, slot = ph->slot, kvh = i / (m->num_heads / m->num_kv_heads);
-    float *q = tmp, *o = q + hd, *sc = o + hd;
-    sum_parts(c, ph->p ^ 1, ph->prev_n, ph->prev_stride, i * hd, hd, L->qkv_bias ? L->qkv_bias + i * hd : NULL, sc);
-    if (L->q_norm) rms_norm(sc, L->q_norm, q, hd, m->eps); else memcpy(q, sc, sizeof(float) * hd);
+    const int64_t hd = m->head_dim, half = hd / 2, kvh = i / (m->num_heads / m->num_kv_heads);
+    if (L->q_norm) rms_norm(raw, L->q_norm, q, hd, m->eps); else memcpy(q, raw, sizeof(float) * hd);
     rope(q, m->rope_cos + slot * half, m->rope_sin + slot * half, half);
     const int64_t lo = (L->window > 0 && slot - L->window + 1 > 0) ? slot - L->window + 1 : 0;
     const float *K = L->k_cache + kvh * m->capacity * hd, *V = L->v_cache + kvh * m->capacity * hd;
@@ -516,8 +543,97 @@ static void stage_attention(const Ctx *c, const Phase *ph, int64_t i, float *out
     }
     const float inv = 1.0f / l;
     for (int64_t j = 0; j < hd; j++) o[j] *= inv;
+}
+
+/* B: query head i: its q from phase A's parts, its attention (attend_head), then its rows of the o projection: a
+ * partial sum over the hidden outputs. */
+static void stage_attention(const Ctx *c, const Phase *ph, int64_t i, float *out, float *tmp) {
+    const Model *m = c->m;
+    const Layer *L = m->layers + ph->layer;
+    const int64_t hd = m->head_dim;
+    float *q = tmp, *o = q + hd, *sc = o + hd;
+    sum_parts(c, ph->p ^ 1, ph->prev_n, ph->prev_stride, i * hd, hd, L->qkv_bias ? L->qkv_bias + i * hd : NULL, sc);
+    attend_head(c, L, ph->slot, i, sc, q, o, sc);
     const Mat rows = {L->o.w + i * hd * L->o.ld, L->o.ld, L->o.cols}; /* this head's rows of o */
     gemv_rows(o, &rows, NULL, 0, hd, out);
+}
+
+/* B, quantized o: query head i's attention output o[head_dim] (its q from c->qkv, gathered whole by the leader);
+ * the o projection is a phase of its own (a quantized row spans every head's inputs). */
+static void stage_q_attention(const Ctx *c, const Phase *ph, int64_t i, float *out, float *tmp) {
+    const Model *m = c->m;
+    const int64_t hd = m->head_dim;
+    attend_head(c, m->layers + ph->layer, ph->slot, i, c->qkv + i * hd, tmp, out, tmp + hd);
+}
+
+/* A quantized product's chunk: outputs [o0, o1) of the phase's job, each a whole row dot product (no partial
+ * sums), into out[0 ..). */
+static void stage_q_dot(const Ctx *c, const Phase *ph, int64_t i, float *out) {
+    const Model *m = c->m;
+    const Layer *L = ph->layer >= 0 ? m->layers + ph->layer : NULL;
+    const int64_t o0 = i * ph->rows, o1 = o0 + ph->rows < ph->n ? o0 + ph->rows : ph->n;
+    float *y = out - o0; /* the kernels write y[r] for r in [r0, r1) */
+    switch (ph->job) {
+    case J_QKV: caprese_q_rows_dot(&L->q_qkv, c->h, NULL, o0, o1, y); break;
+    case J_O: caprese_q_rows_dot(&L->q_o, c->att, NULL, o0, o1, y); break;
+    case J_DOWN: caprese_q_rows_dot(&L->q_down, c->z, NULL, o0, o1, y); break;
+    case J_HEAD: {
+        caprese_q_rows_dot(&m->q_lm_head, c->h, NULL, o0, o1, y);
+        const float cap = m->final_softcap;
+        if (cap > 0.0f)
+            for (int64_t v = 0; v < o1 - o0; v++) out[v] = tanhf(out[v] / cap) * cap;
+        break;
+    }
+    case J_GU: { /* outputs [gate n_ff | up n_ff | L rank]; CATS: [gate n_ff | L rank] (up rows in phase D) */
+        const int64_t F = L->n_ff, nq = L->cats_tau ? F : 2 * F;
+        const int64_t g1 = o1 < F ? o1 : F;
+        if (g1 > o0) caprese_q_rows_dot(&L->q_gate, c->h, NULL, o0, g1, y);
+        const int64_t u0 = o0 > F ? o0 : F, u1 = o1 < nq ? o1 : nq;
+        if (u1 > u0) caprese_q_rows_dot(&L->q_up, c->h, NULL, u0 - F, u1 - F, y + F);
+        const int64_t b0 = o0 > nq ? o0 : nq;
+        if (o1 > b0) { /* the bypass x L: columns [b0 - nq, o1 - nq) of L, over every input */
+            const Mat cols = {L->gu2.w + (b0 - nq), L->gu2.ld, o1 - b0};
+            gemv_rows(c->h, &cols, NULL, 0, m->hidden, out + (b0 - o0));
+        }
+        break;
+    }
+    }
+}
+
+/* D, quantized down stored [n_ff, hidden] (GRIFFIN / CATS): neurons [j0, j1) of n_ff + rank, z from c->z
+ * (gathered and activated by the leader), times their down rows (rows-axpy: a row whose z is 0 is not read):
+ * a partial sum over the hidden outputs. CATS: the up row of each neuron that passed its threshold is read
+ * first (z *= its up product), the others not at all. out[hidden] gets the count of bytes not read. */
+static void stage_q_down(const Ctx *c, const Phase *ph, int64_t i, float *out, float *tmp) {
+    const Model *m = c->m;
+    const Layer *L = m->layers + ph->layer;
+    const int64_t D = m->hidden, F = L->n_ff, n = F + L->rank, j0 = i * ph->rows;
+    const int64_t j1 = j0 + ph->rows < n ? j0 + ph->rows : n, a1 = j1 < F ? j1 : F, b0 = j0 > F ? j0 : F;
+    const float *z = c->z;
+    int64_t unread = 0;
+    if (j1 > b0) /* the bypass rows of R (float): overwrites out */
+        gemv_rows(z + F, &L->down, NULL, b0 - F, j1 - F, out);
+    else
+        memset(out, 0, sizeof(float) * D);
+    if (a1 > j0) {
+        if (L->cats_tau) {
+            float *zc = tmp, *u = tmp + m->max_ff;
+            int64_t *idx = (int64_t *)(u + m->max_ff), np = 0;
+            for (int64_t j = j0; j < a1; j++) {
+                zc[j - j0] = z[j];
+                if (z[j] != 0.0f) idx[np++] = j;
+            }
+            caprese_q_rows_dot(&L->q_up, c->h, idx, 0, np, u);
+            for (int64_t t = 0; t < np; t++)
+                zc[idx[t] - j0] *= u[t] + (L->up_bias ? L->up_bias[idx[t]] : 0.0f);
+            const int64_t nz = (a1 - j0) - np;
+            unread = nz * (qmat_row_bytes(&L->q_up) + qmat_row_bytes(&L->q_down));
+            caprese_q_rows_axpy(&L->q_down, zc - j0, NULL, j0, a1, out);
+        } else {
+            caprese_q_rows_axpy(&L->q_down, z, NULL, j0, a1, out);
+        }
+    }
+    memcpy(out + D, &unread, sizeof unread);
 }
 
 /* C: rows [r0, r1) of the gate/up(/L) product: a partial sum over [gu1 cols | gu2 cols]. */
@@ -666,6 +782,9 @@ static void run_chunk(Ctx *c, const Phase *ph, int64_t i, float *out, int tid) {
     case PH_HEAD_FULL: stage_head_full(c, ph, i, out); break;
     case PH_HEAD_SCREEN: stage_head_screen(c, ph, i, out); break;
     case PH_HEAD_PICK: stage_head_pick(c, ph, i, out); break;
+    case PH_QDOT: stage_q_dot(c, ph, i, out); break;
+    case PH_QATT: stage_q_attention(c, ph, i, out, tmp); break;
+    case PH_QDOWN: stage_q_down(c, ph, i, out, tmp); break;
     }
 }
 
@@ -830,7 +949,7 @@ static uint64_t run_phase(Ctx *c, const Phase *ph, Reduce reduce, void *arg) {
 }
 
 static Phase phase_of(int kind, int64_t layer, int64_t n, int64_t rows, int64_t stride, int64_t slot) {
-    Phase ph = {kind, 0, layer, (n + rows - 1) / rows, rows, stride, 0, 0, slot, 0, 0.0f, 0.0f, 0};
+    Phase ph = {kind, 0, layer, (n + rows - 1) / rows, rows, stride, 0, 0, slot, 0, 0.0f, 0.0f, 0, n, 0};
     return ph;
 }
 
@@ -852,6 +971,23 @@ static void reduce_sum(Ctx *c, const Phase *ph, int64_t i, const float *r, void 
         int64_t u;
         memcpy(&u, r + a->at, sizeof u);
         *a->unread += u;
+    }
+}
+
+/* Chunks of a phase of whole outputs (PH_QDOT, PH_QATT: ph->stride outputs per chunk): copied to dst (+ bias). */
+typedef struct { float *dst; const float *bias; } Cat;
+
+static void reduce_cat(Ctx *c, const Phase *ph, int64_t i, const float *r, void *arg) {
+    (void)c;
+    const Cat *a = arg;
+    const int64_t total = ph->n * ph->stride / ph->rows, o0 = i * ph->stride;
+    const int64_t n = o0 + ph->stride < total ? ph->stride : total - o0;
+    float *dst = a->dst + o0;
+    if (a->bias) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) dst[j] = r[j] + a->bias[o0 + j];
+    } else {
+        memcpy(dst, r, sizeof(float) * n);
     }
 }
 
@@ -883,6 +1019,13 @@ static void reduce_pick(Ctx *c, const Phase *ph, int64_t i, const float *r, void
 
 static int64_t wide_rows(int64_t hidden) { return (hidden + CHUNKS_WIDE - 1) / CHUNKS_WIDE; }
 
+/* Outputs per chunk of a quantized product of n outputs: about Q_CHUNKS chunks, whole groups of four rows. */
+#define Q_CHUNKS 16
+static int64_t q_rows(int64_t n) {
+    const int64_t r = ((n + Q_CHUNKS - 1) / Q_CHUNKS + 3) & ~(int64_t)3;
+    return r < 4 ? 4 : r;
+}
+
 static int64_t down_rows(int64_t hidden) { /* a multiple of 16 in [16, 512] */
     const int64_t r = DOWN_BYTES / hidden;
     return r < 16 ? 16 : r > 512 ? 512 : r & ~(int64_t)15;
@@ -895,6 +1038,11 @@ static int64_t result_floats(const Model *m) {
     int64_t most = CHUNKS_WIDE * nqkv;
     if (m->num_heads * D > most) most = m->num_heads * D;
     if (hc * (HEAD_ROWS + HEAD_TOPK_MAX) > most) most = hc * (HEAD_ROWS + HEAD_TOPK_MAX);
+    const int64_t qmost = 2 * m->max_ff + 4 * Q_CHUNKS; /* quantized products: whole outputs, chunks of q_rows */
+    if (qmost > most) most = qmost;
+    if (nqkv + 4 * Q_CHUNKS > most) most = nqkv + 4 * Q_CHUNKS;
+    if (D + 4 * Q_CHUNKS > most) most = D + 4 * Q_CHUNKS;
+    if (m->num_heads * m->head_dim > most) most = m->num_heads * m->head_dim;
     for (int64_t li = 0; li < m->num_layers; li++) {
         const Layer *L = m->layers + li;
         const int64_t gu = L->gu1.cols + (L->gu2.w ? L->gu2.cols : 0), n = L->n_ff + L->rank;
@@ -928,6 +1076,7 @@ void caprese_context_free(Ctx *c) {
     }
     free(c->slots[0]); free(c->slots[1]);
     free(c->x); free(c->h); free(c->y); free(c->t); free(c->kv); free(c->sel);
+    free(c->qkv); free(c->att); free(c->gu); free(c->z);
     free(c);
 }
 
@@ -948,9 +1097,10 @@ Ctx *caprese_context_new(const Model *m, int64_t threads) {
     const int64_t D = m->hidden, hc = (m->vocab + HEAD_ROWS - 1) / HEAD_ROWS;
     int64_t chunks = hc > CHUNKS_WIDE ? hc : CHUNKS_WIDE;
     if (m->num_heads > chunks) chunks = m->num_heads;
+    if (Q_CHUNKS > chunks) chunks = Q_CHUNKS;
     if ((m->max_ff + down_rows(D) - 1) / down_rows(D) > chunks) chunks = (m->max_ff + down_rows(D) - 1) / down_rows(D);
     /* per thread: z and up of a down chunk + CATS' row list (max_ff each), or q, o and a block of scores */
-    c->tmp_floats = 3 * m->max_ff + 2 * m->head_dim + ATT_BLOCK + 16;
+    c->tmp_floats = 4 * m->max_ff + 2 * m->head_dim + ATT_BLOCK + 16; /* quantized CATS: z, up, int64 rows */
     int ok = 1;
     for (int t = 0; t < threads; t++) {
         c->res[t][0] = malloc(sizeof(float) * c->res_floats);
@@ -967,7 +1117,12 @@ Ctx *caprese_context_new(const Model *m, int64_t threads) {
     c->t = malloc(sizeof(float) * (D > m->head_dim ? D : m->head_dim));
     c->sel = malloc(sizeof(float) * hc * HEAD_TOPK_MAX);
     c->kv = malloc(sizeof(float) * 2 * m->num_kv_heads * m->head_dim);
-    ok &= c->x && c->h && c->y && c->t && c->kv && c->sel;
+    const int64_t nqkv = (m->num_heads + 2 * m->num_kv_heads) * m->head_dim;
+    c->qkv = malloc(sizeof(float) * nqkv);
+    c->att = malloc(sizeof(float) * m->num_heads * m->head_dim);
+    c->gu = malloc(sizeof(float) * (2 * m->max_ff + 16));
+    c->z = malloc(sizeof(float) * (m->max_ff + 16));
+    ok &= c->x && c->h && c->y && c->t && c->kv && c->sel && c->qkv && c->att && c->gu && c->z;
     for (int t = 1; ok && t < threads; t++) {
         c->workers[t].tid = t;
         c->workers[t].c = c;
@@ -1021,6 +1176,22 @@ void caprese_context_debug_stall(Ctx *c, int64_t tid, int64_t every, int64_t us)
 static int run_head(Ctx *c, int64_t *next, int64_t *skipped) {
     const Model *m = c->m;
     const int64_t D = m->hidden, V = m->vocab;
+    if (m->q_head) { /* a quantized head is read whole (see native_backend.py: never screened) */
+        Phase ph = phase_of(PH_QDOT, -1, V, HEAD_ROWS, HEAD_ROWS, 0);
+        ph.job = J_HEAD;
+        Cat cat = {m->logits, NULL};
+        run_phase(c, &ph, reduce_cat, &cat);
+        if (next) {
+            int64_t arg = -1;
+            float best = -INFINITY;
+            for (int64_t v = 0; v < V; v++)
+                if (m->logits[v] > best) { best = m->logits[v]; arg = v; }
+            if (arg < 0) return 3;
+            next[0] = arg;
+            next[1] = V;
+        }
+        return 0;
+    }
     if (!next) {
         const Phase ph = phase_of(PH_HEAD_FULL, 0, V, HEAD_ROWS, HEAD_ROWS, 0);
         run_phase(c, &ph, reduce_logits, NULL);
@@ -1055,13 +1226,29 @@ static void run_attention(Ctx *c, int64_t li, int64_t slot) {
     const int64_t D = m->hidden, nqkv = (m->num_heads + 2 * m->num_kv_heads) * m->head_dim;
     rms_norm(c->x, L->input_norm, c->h, D, m->eps);
     const int64_t kvo = m->num_heads * m->head_dim; /* K and V: the last 2 Hkv heads of QKV's outputs */
-    Sum kv = {kvo, nqkv - kvo, L->qkv_bias ? L->qkv_bias + kvo : NULL, c->kv, 0, NULL};
-    const Phase a = phase_of(PH_QKV, li, D, wide_rows(D), nqkv, slot);
-    run_phase(c, &a, reduce_sum, &kv);
-    stage_kv_write(c, li, slot);
-    Sum o = {0, D, L->o_bias, c->y, 0, NULL};
-    const Phase b = phase_of(PH_ATTN, li, m->num_heads, 1, D, slot);
-    run_phase(c, &b, reduce_sum, &o);
+    if (L->q_attn) { /* whole-output chunks: QKV gathered, attention per head gathered, then the o rows */
+        Phase a = phase_of(PH_QDOT, li, nqkv, q_rows(nqkv), q_rows(nqkv), slot);
+        a.job = J_QKV;
+        Cat qkv = {c->qkv, L->qkv_bias};
+        run_phase(c, &a, reduce_cat, &qkv);
+        memcpy(c->kv, c->qkv + kvo, sizeof(float) * (nqkv - kvo));
+        stage_kv_write(c, li, slot);
+        const Phase b = phase_of(PH_QATT, li, m->num_heads, 1, m->head_dim, slot);
+        Cat att = {c->att, NULL};
+        run_phase(c, &b, reduce_cat, &att);
+        Phase o = phase_of(PH_QDOT, li, D, q_rows(D), q_rows(D), slot);
+        o.job = J_O;
+        Cat y = {c->y, L->o_bias};
+        run_phase(c, &o, reduce_cat, &y);
+    } else {
+        Sum kv = {kvo, nqkv - kvo, L->qkv_bias ? L->qkv_bias + kvo : NULL, c->kv, 0, NULL};
+        const Phase a = phase_of(PH_QKV, li, D, wide_rows(D), nqkv, slot);
+        run_phase(c, &a, reduce_sum, &kv);
+        stage_kv_write(c, li, slot);
+        Sum o = {0, D, L->o_bias, c->y, 0, NULL};
+        const Phase b = phase_of(PH_ATTN, li, m->num_heads, 1, D, slot);
+        run_phase(c, &b, reduce_sum, &o);
+    }
     if (m->gemma) { /* x += norm(o); h = norm(x) with the pre-FFN norm */
         rms_norm(c->y, L->post_attn_norm, c->t, D, m->eps);
         for (int64_t j = 0; j < D; j++) c->x[j] += c->t[j];
@@ -1072,16 +1259,53 @@ static void run_attention(Ctx *c, int64_t li, int64_t slot) {
     }
 }
 
+/* A quantized FFN on h into c->y: the gate/up(/L) outputs gathered into c->gu (whole rows per chunk); the leader
+ * activates them into c->z (CATS: thresholded; the up product comes in phase D for the neurons that pass); then
+ * the down product: rows-axpy partial sums over neuron chunks (down stored [n_ff, hidden]) or whole outputs
+ * (stored [hidden, n_ff]). */
+static void run_q_ffn(Ctx *c, int64_t li, int64_t *skipped) {
+    const Model *m = c->m;
+    const Layer *L = m->layers + li;
+    const int64_t D = m->hidden, F = L->n_ff, r = L->rank, nq = L->cats_tau ? F : 2 * F, n = nq + r;
+    Phase g = phase_of(PH_QDOT, li, n, q_rows(n), q_rows(n), 0);
+    g.job = J_GU;
+    Cat gu = {c->gu, NULL};
+    run_phase(c, &g, reduce_cat, &gu);
+    const float *b = L->gu_bias;
+    if (b)
+        for (int64_t j = 0; j < nq; j++) c->gu[j] += b[j];
+    if (L->cats_tau) {
+        gated(m->activation, c->gu, NULL, L->cats_tau, c->z, F);
+    } else {
+        gated(m->activation, c->gu, c->gu + F, NULL, c->z, F);
+    }
+    memcpy(c->z + F, c->gu + nq, sizeof(float) * r);
+    if (L->down_rows) {
+        Sum down = {0, D, L->down_bias, c->y, D, L->cats_tau ? skipped : NULL};
+        const Phase d = phase_of(PH_QDOWN, li, F + r, down_rows(D), D + 2, 0);
+        run_phase(c, &d, reduce_sum, &down);
+    } else {
+        Phase d = phase_of(PH_QDOT, li, D, q_rows(D), q_rows(D), 0);
+        d.job = J_DOWN;
+        Cat y = {c->y, L->down_bias};
+        run_phase(c, &d, reduce_cat, &y);
+    }
+}
+
 /* The FFN of layer li on h (dense, GRIFFIN or CATS by the layer's fields); x += its output (Gemma 2: norm). */
 static void run_ffn(Ctx *c, int64_t li, int64_t *skipped) {
     const Model *m = c->m;
     const Layer *L = m->layers + li;
     const int64_t D = m->hidden, gu = L->gu1.cols + (L->gu2.w ? L->gu2.cols : 0);
-    const Phase g = phase_of(PH_GATE_UP, li, D, wide_rows(D), gu, 0);
-    run_phase(c, &g, NULL, NULL); /* its parts are read by phase D's chunks */
-    Sum down = {0, D, L->down_bias, c->y, D, L->up_t.w ? skipped : NULL}; /* CATS: bytes not read at r[D] */
-    const Phase d = phase_of(PH_DOWN, li, L->n_ff + L->rank, down_rows(D), D + 2, 0);
-    run_phase(c, &d, reduce_sum, &down);
+    if (L->q_ffn) {
+        run_q_ffn(c, li, skipped);
+    } else {
+        const Phase g = phase_of(PH_GATE_UP, li, D, wide_rows(D), gu, 0);
+        run_phase(c, &g, NULL, NULL); /* its parts are read by phase D's chunks */
+        Sum down = {0, D, L->down_bias, c->y, D, L->up_t.w ? skipped : NULL}; /* CATS: bytes not read at r[D] */
+        const Phase d = phase_of(PH_DOWN, li, L->n_ff + L->rank, down_rows(D), D + 2, 0);
+        run_phase(c, &d, reduce_sum, &down);
+    }
     if (m->gemma) {
         rms_norm(c->y, L->post_ffn_norm, c->t, D, m->eps);
         for (int64_t j = 0; j < D; j++) c->x[j] += c->t[j];

@@ -1,5 +1,6 @@
 """Build (once per machine, source and instruction set) and load decode_step.c; mirror its structs for ctypes and
-check the mirror against the layout the compiled library reports.
+check the mirror against the layout the compiled library reports. Sibling kernel files (quant_gemv.c) are built
+the same way (`library_path(isa, source=...)`, `build(path, isa, source=...)`, `check_layout(..., mirrors=...)`).
 
 The library is compiled with the system C compiler at first use into the caprese cache, keyed on the source, the
 flags, the compiler's version and this CPU's feature flags, written to a temporary name and renamed, so
@@ -29,6 +30,7 @@ from pathlib import Path
 from caprese.errors import CapreseError
 
 SOURCE = Path(__file__).with_name("decode_step.c")
+INCLUDED = {SOURCE: (Path(__file__).with_name("quant_gemv.c"),)}  # the files a source #includes (build key)
 BASE_FLAGS = ["-O3", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
 ISAS = ("avx512", "avx2", "scalar", "native")
 ISA_ENV = "CAPRESE_NATIVE_ISA"
@@ -39,6 +41,12 @@ class Mat(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("ld", ctypes.c_int64), ("cols", ctypes.c_int64)]
 
 
+class QMat(ctypes.Structure):  # quant_gemv.c's QMat (decode_step.c #includes it)
+    _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("rows", ctypes.c_int64),
+                ("cols", ctypes.c_int64), ("block", ctypes.c_int64), ("bits", ctypes.c_int32),
+                ("scale_fp32", ctypes.c_int32)]
+
+
 class Layer(ctypes.Structure):
     _fields_ = [(n, ctypes.c_void_p) for n in ("input_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm",
                                                 "q_norm", "k_norm")] + [
@@ -46,7 +54,9 @@ class Layer(ctypes.Structure):
         ("gu1", Mat), ("gu2", Mat), ("gu_bias", ctypes.c_void_p), ("down", Mat), ("down_bias", ctypes.c_void_p),
         ("n_ff", ctypes.c_int64), ("rank", ctypes.c_int64), ("cats_tau", ctypes.c_void_p),
         ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("window", ctypes.c_int64),
-        ("scale", ctypes.c_float), ("softcap", ctypes.c_float), ("up_t", Mat), ("up_bias", ctypes.c_void_p)]
+        ("scale", ctypes.c_float), ("softcap", ctypes.c_float), ("up_t", Mat), ("up_bias", ctypes.c_void_p),
+        ("q_attn", ctypes.c_int64), ("q_ffn", ctypes.c_int64), ("down_rows", ctypes.c_int64),
+        ("q_qkv", QMat), ("q_o", QMat), ("q_gate", QMat), ("q_up", QMat), ("q_down", QMat)]
 
 
 class Model(ctypes.Structure):
@@ -55,10 +65,11 @@ class Model(ctypes.Structure):
         ("eps", ctypes.c_float), ("final_softcap", ctypes.c_float), ("embed_scale", ctypes.c_float)] + [
         (n, ctypes.c_void_p) for n in ("embed", "lm_head", "final_norm", "rope_cos", "rope_sin")] + [
         ("layers", ctypes.POINTER(Layer)), ("logits", ctypes.c_void_p),
-        ("head_q", ctypes.c_void_p), ("head_scale", ctypes.c_void_p), ("head_bound", ctypes.c_void_p)]
+        ("head_q", ctypes.c_void_p), ("head_scale", ctypes.c_void_p), ("head_bound", ctypes.c_void_p),
+        ("q_head", ctypes.c_int64), ("q_lm_head", QMat)]
 
 
-MIRRORS = (Mat, Layer, Model)  # every struct the library reads from Python
+MIRRORS = (Mat, QMat, Layer, Model)  # every struct the library reads from Python
 
 
 class LayoutField(ctypes.Structure):  # decode_step.c's LayoutField
@@ -127,7 +138,8 @@ def _compiler() -> str:
     return cc
 
 
-def library_path(isa: str | None = None) -> Path:
+def library_path(isa: str | None = None, source: Path = SOURCE) -> Path:
+    """Where this machine's build of `source` (decode_step.c, or a sibling kernel file) for `isa` lives."""
     from caprese.model.default_model import cache_root
 
     isa = resolve_isa(isa)
@@ -137,26 +149,29 @@ def library_path(isa: str | None = None) -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise CapreseError(f"the C compiler {cc} does not run ({e}); set CC to a working one, or use "
                            "--backend onnxruntime") from None
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(isa_flags(isa)), version, _cpu_flags(),
+    texts = [source.read_text()] + [p.read_text() for p in INCLUDED.get(source, ())]
+    key = hashlib.sha256("\0".join([*texts, " ".join(isa_flags(isa)), version, _cpu_flags(),
                                     platform.machine()]).encode()).hexdigest()[:16]
-    return cache_root() / "native" / f"decode_step-{isa}-{key}.so"
+    return cache_root() / "native" / f"{source.stem}-{isa}-{key}.so"
 
 
-def build(path: Path, isa: str | None = None) -> Path:
-    """Compile decode_step.c for `isa` to `path` (atomically); a failed build is a one-line error."""
+def build(path: Path, isa: str | None = None, source: Path = SOURCE) -> Path:
+    """Compile `source` (decode_step.c by default) for `isa` to `path` (atomically); a failed build is a one-line
+    error."""
     isa = resolve_isa(isa)
     cc = _compiler()
-    print(f"[caprese] building the native decode kernel ({isa}) with {cc} (once per machine) -> {path}",
+    what = "decode kernel" if source == SOURCE else f"kernel {source.name}"
+    print(f"[caprese] building the native {what} ({isa}) with {cc} (once per machine) -> {path}",
           file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *isa_flags(isa), "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+        proc = subprocess.run([cc, *isa_flags(isa), "-o", tmp, str(source), "-lm"], capture_output=True,
                               text=True, timeout=300)
         if proc.returncode != 0:
             first = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[:200])
-            raise CapreseError(f"building the native decode kernel with {cc} failed: {first}; use --backend "
+            raise CapreseError(f"building the native {what} with {cc} failed: {first}; use --backend "
                                "onnxruntime")
         os.replace(tmp, path)
     finally:

@@ -1,0 +1,226 @@
+"""ctypes entry points of quant_gemv.c: rows-dot and rows-axpy over caprese's quantized weights (int8 / int4, blocks
+of 32 / 64 / 128 or ROW, fp16 / fp32 scales), for tests, benchmarks and the decode step's Python side.
+
+The kernels read the bytes `QuantizedTensor.packed()` holds and its scales as stored, so the weights the native
+kernel multiplies are the very bytes export writes. Built per instruction set like decode_step.c
+(`library.build(..., source=SOURCE)`), and QMat's layout is checked against the compiled one at load.
+
+    qm = QMatrix(quantize_rtn(w, WeightFormat(4, 32)))   # w [out, in], blocks along `in`
+    y = rows_dot(qm, x)                                  # y[i] = sum_c x[c] * w_hat[i, c]
+    y = rows_dot(qm, x, rows=kept)                       # GRIFFIN: only the rows `kept`
+    rows_axpy(qd, h, y)                                  # qd [F, D] (down, blocks along D): y += h @ w_hat,
+                                                         # rows with h == 0 not read (CATS)
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from caprese.errors import CapreseError
+from caprese.model.quantization import QuantizedTensor
+from caprese.runtime.native import library
+
+SOURCE = Path(__file__).with_name("quant_gemv.c")
+_I64P = ctypes.POINTER(ctypes.c_int64)
+_F32P = ctypes.POINTER(ctypes.c_float)
+
+
+class QMat(ctypes.Structure):  # quant_gemv.c's QMat
+    _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("rows", ctypes.c_int64),
+                ("cols", ctypes.c_int64), ("block", ctypes.c_int64), ("bits", ctypes.c_int32),
+                ("scale_fp32", ctypes.c_int32)]
+
+
+_LOADED: dict[str, ctypes.CDLL] = {}
+
+
+def load(isa: str | None = None) -> ctypes.CDLL:
+    """quant_gemv.c built for `isa` (library.resolve_isa: avx512 | avx2 | scalar, default the CPU's widest)."""
+    isa = library.resolve_isa(isa)
+    if isa not in _LOADED:
+        path = library.library_path(isa, source=SOURCE)
+        if not path.exists():
+            library.build(path, isa, source=SOURCE)
+        try:
+            lib = ctypes.CDLL(str(path))
+            lib.caprese_layout_info.restype = ctypes.POINTER(library.LayoutField)
+        except (OSError, AttributeError) as e:
+            raise CapreseError(f"cannot load the native kernel {path} ({str(e).splitlines()[0]}); delete it to "
+                               "rebuild") from None
+        library.check_layout(lib, path, mirrors=(QMat,))
+        lib.caprese_isa.restype = ctypes.c_char_p
+        for f in ("caprese_q_rows_dot", "caprese_q_rows_axpy"):
+            getattr(lib, f).restype = None
+            getattr(lib, f).argtypes = [ctypes.POINTER(QMat), _F32P, _I64P, ctypes.c_int64, ctypes.c_int64, _F32P]
+        for f in ("caprese_q_rows_dot_prepared", "caprese_q_rows_axpy_prepared"):
+            getattr(lib, f).restype = None
+            getattr(lib, f).argtypes = [ctypes.POINTER(QMat), _F32P, _I64P, ctypes.c_int64, ctypes.c_int64, _F32P]
+        for f in ("caprese_q_prepare_x", "caprese_q_finish_y"):
+            getattr(lib, f).restype = None
+            getattr(lib, f).argtypes = [ctypes.POINTER(QMat), _F32P, _F32P]
+        lib.caprese_f32_rows_dot.restype = None
+        lib.caprese_f32_rows_dot.argtypes = [_F32P, ctypes.c_int64, ctypes.c_int64, _F32P, _I64P, ctypes.c_int64,
+                                             ctypes.c_int64, _F32P]
+        lib.caprese_q4_rows_dot_vnni.restype = ctypes.c_int
+        lib.caprese_q4_rows_dot_vnni.argtypes = [ctypes.POINTER(QMat), _F32P, ctypes.c_int64, ctypes.c_int64, _F32P]
+        lib.caprese_q_bench.restype = ctypes.c_double
+        lib.caprese_q_bench.argtypes = [ctypes.c_int, ctypes.POINTER(QMat), ctypes.c_int64, _F32P, _F32P,
+                                        ctypes.c_int64, ctypes.c_int64]
+        built_for = lib.caprese_isa().decode()
+        if built_for != isa and isa != "native":
+            raise CapreseError(f"{path} was built for {isa} but runs the {built_for} code paths; set CC to gcc "
+                               "or clang")
+        lib.path, lib.isa = path, built_for
+        _LOADED[isa] = lib
+    return _LOADED[isa]
+
+
+class QMatrix:
+    """A QuantizedTensor as the C kernel reads it: its packed code bytes and scales (kept alive here) and the
+    QMat that points at them."""
+
+    def __init__(self, qt: QuantizedTensor):
+        self.qt = qt
+        self.packed = qt.packed().contiguous()
+        self.scales = qt.scales.contiguous()
+        rows, cols = qt.shape
+        self.struct = QMat(self.packed.data_ptr(), self.scales.data_ptr(), rows, cols, qt.fmt.block(cols),
+                           qt.fmt.bits, int(qt.fmt.scale_dtype == "fp32"))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qt.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.scales.numel() * self.scales.element_size()
+
+
+def _f32(t: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    if t.dtype != torch.float32 or t.dim() != 1 or t.numel() != n:
+        raise CapreseError(f"{what} must be a float32 vector of {n} elements, got {t.dtype} {list(t.shape)}")
+    return t.contiguous()
+
+
+def _rows(rows: torch.Tensor | None, n_rows: int) -> tuple[torch.Tensor | None, int]:
+    if rows is None:
+        return None, n_rows
+    rows = torch.as_tensor(rows, dtype=torch.int64).contiguous()
+    if rows.dim() != 1 or (rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n_rows)):
+        raise CapreseError(f"row indices must be a vector of rows in [0, {n_rows})")
+    return rows, rows.numel()
+
+
+def _ptr(t: torch.Tensor | None, kind):
+    return None if t is None else ctypes.cast(t.data_ptr(), kind)
+
+
+def rows_dot(qm: QMatrix, x: torch.Tensor, rows: torch.Tensor | None = None, r0: int = 0, r1: int | None = None,
+             isa: str | None = None) -> torch.Tensor:
+    """y[i] = sum_c x[c] * w_hat[row_i, c] for i in [r0, r1) (row_i = rows[i], or i); y has r1 - r0 entries."""
+    n_rows, cols = qm.shape
+    x = _f32(x, cols, "x")
+    idx, n = _rows(rows, n_rows)
+    r1 = n if r1 is None else r1
+    if not 0 <= r0 <= r1 <= n:
+        raise CapreseError(f"row range [{r0}, {r1}) is outside [0, {n})")
+    y = torch.empty(n, dtype=torch.float32)
+    load(isa).caprese_q_rows_dot(ctypes.byref(qm.struct), _ptr(x, _F32P), _ptr(idx, _I64P), r0, r1, _ptr(y, _F32P))
+    return y[r0:r1]
+
+
+def rows_axpy(qm: QMatrix, h: torch.Tensor, y: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+              r0: int = 0, r1: int | None = None, isa: str | None = None) -> torch.Tensor:
+    """y[c] += sum_{i in [r0, r1), h[i] != 0} h[i] * w_hat[row_i, c] (row_i = rows[i], or i); y (float32 [cols])
+    is updated in place and returned (zeros when not given). Rows whose h is 0 are not read."""
+    n_rows, cols = qm.shape
+    idx, n = _rows(rows, n_rows)
+    h = _f32(h, n, "h")
+    r1 = n if r1 is None else r1
+    if not 0 <= r0 <= r1 <= n:
+        raise CapreseError(f"row range [{r0}, {r1}) is outside [0, {n})")
+    if y is None:
+        y = torch.zeros(cols, dtype=torch.float32)
+    elif y.dtype != torch.float32 or y.dim() != 1 or y.numel() != cols or not y.is_contiguous():
+        raise CapreseError(f"y must be a contiguous float32 vector of {cols} elements")
+    load(isa).caprese_q_rows_axpy(ctypes.byref(qm.struct), _ptr(h, _F32P), _ptr(idx, _I64P), r0, r1,
+                                  _ptr(y, _F32P))
+    return y
+
+
+def prepare_x(qm: QMatrix, x: torch.Tensor, isa: str | None = None) -> torch.Tensor:
+    """x in the kernel's order (int4 groups de-interleaved in the SIMD builds), for rows_dot_prepared."""
+    x = _f32(x, qm.shape[1], "x")
+    xp = torch.empty_like(x)
+    load(isa).caprese_q_prepare_x(ctypes.byref(qm.struct), _ptr(x, _F32P), _ptr(xp, _F32P))
+    return xp
+
+
+def rows_dot_prepared(qm: QMatrix, xp: torch.Tensor, rows: torch.Tensor | None = None, r0: int = 0,
+                      r1: int | None = None, isa: str | None = None) -> torch.Tensor:
+    """rows_dot from prepare_x's vector (what each thread-pool chunk of one x calls)."""
+    n_rows, cols = qm.shape
+    xp = _f32(xp, cols, "prepared x")
+    idx, n = _rows(rows, n_rows)
+    r1 = n if r1 is None else r1
+    if not 0 <= r0 <= r1 <= n:
+        raise CapreseError(f"row range [{r0}, {r1}) is outside [0, {n})")
+    y = torch.empty(n, dtype=torch.float32)
+    load(isa).caprese_q_rows_dot_prepared(ctypes.byref(qm.struct), _ptr(xp, _F32P), _ptr(idx, _I64P), r0, r1,
+                                          _ptr(y, _F32P))
+    return y[r0:r1]
+
+
+def rows_axpy_prepared(qm: QMatrix, h: torch.Tensor, yp: torch.Tensor, rows: torch.Tensor | None = None,
+                       r0: int = 0, r1: int | None = None, isa: str | None = None) -> torch.Tensor:
+    """yp += the chunk's rows, yp in the kernel's order (start from zeros; finish_y adds it into y)."""
+    n_rows, cols = qm.shape
+    idx, n = _rows(rows, n_rows)
+    h = _f32(h, n, "h")
+    r1 = n if r1 is None else r1
+    if not 0 <= r0 <= r1 <= n:
+        raise CapreseError(f"row range [{r0}, {r1}) is outside [0, {n})")
+    if yp.dtype != torch.float32 or yp.dim() != 1 or yp.numel() != cols or not yp.is_contiguous():
+        raise CapreseError(f"yp must be a contiguous float32 vector of {cols} elements")
+    load(isa).caprese_q_rows_axpy_prepared(ctypes.byref(qm.struct), _ptr(h, _F32P), _ptr(idx, _I64P), r0, r1,
+                                           _ptr(yp, _F32P))
+    return yp
+
+
+def finish_y(qm: QMatrix, yp: torch.Tensor, y: torch.Tensor, isa: str | None = None) -> torch.Tensor:
+    """y += yp (yp in the kernel's order), in place."""
+    cols = qm.shape[1]
+    for t, what in ((yp, "yp"), (y, "y")):
+        if t.dtype != torch.float32 or t.dim() != 1 or t.numel() != cols or not t.is_contiguous():
+            raise CapreseError(f"{what} must be a contiguous float32 vector of {cols} elements")
+    load(isa).caprese_q_finish_y(ctypes.byref(qm.struct), _ptr(yp, _F32P), _ptr(y, _F32P))
+    return y
+
+
+def f32_rows_dot(w: torch.Tensor, x: torch.Tensor, isa: str | None = None) -> torch.Tensor:
+    """The fp32 baseline: y = w @ x for w float32 [rows, cols] (the same 4-row loop as the decode step's head)."""
+    w = w.contiguous()
+    rows, cols = w.shape
+    x = _f32(x, cols, "x")
+    y = torch.empty(rows, dtype=torch.float32)
+    load(isa).caprese_f32_rows_dot(_ptr(w, _F32P), cols, cols, _ptr(x, _F32P), None, 0, rows, _ptr(y, _F32P))
+    return y
+
+
+def rows_dot_int8_activations(qm: QMatrix, x: torch.Tensor, isa: str | None = None) -> torch.Tensor:
+    """The int8-activation experiment (int4 weights, x rounded to int8 per 32 elements, AVX-512 VNNI): NOT what
+    caprese runs, kept to measure what it would gain. Error vs float64 with dequantize(W): up to
+    sum over blocks b of (absmax_b(x) / 254) * sum_{c in b} |w_hat[i, c]|, plus fp32 rounding."""
+    n_rows, cols = qm.shape
+    x = _f32(x, cols, "x")
+    y = torch.empty(n_rows, dtype=torch.float32)
+    rc = load(isa).caprese_q4_rows_dot_vnni(ctypes.byref(qm.struct), _ptr(x, _F32P), 0, n_rows, _ptr(y, _F32P))
+    if rc == -1:
+        raise CapreseError("this build has no AVX-512 VNNI path (int8-activation experiment)")
+    if rc:
+        raise CapreseError("the int8-activation experiment takes int4 weights, blocks of 32k or ROW, and "
+                           f"cols <= 4096 with cols % 64 == 0 (got {qm.qt.fmt.name} {list(qm.shape)})")
+    return y

@@ -1,0 +1,206 @@
+"""The native backend on int4 / int8 engines against the onnxruntime backend running the same engine folder: the
+logits of every decode step and the greedy tokens (39 decode steps), for dense layers (q/k/v/o/gate/up/down as
+MatMulNBits [out, in] rows), GRIFFIN (the per-prompt quantized rows w_gu_q / w_d_q that the fold gathers, with
+re-selection every 8 steps), CATS (whole quantized up / down rows skipped where the thresholded activation is
+zero, the float bypass L / R beside them); int4 and int8, blocks of 32 / 64 and one scale per row, MatMulNBits'
+unsigned packing and the int4x2 signed one (target tensorrt), a quantized LM head; llama (q/k/v and MLP biases),
+qwen2 and gemma2 (soft-caps, post norms, gelu-tanh); the AVX2 and scalar builds; several threads (the same bits
+as one); the screened head of an unquantized head on a quantized engine; --backend auto choosing native; the
+bytes a CATS step did not read. A SmolLM2 int4 engine (slow): 32 greedy tokens equal to ONNX Runtime's.
+
+Tolerance (fp32 on both sides, the same codes and scales): ONNX Runtime dequantizes each weight to fp32 (MatMulNBits
+at accuracy_level 0 and DequantizeLinear alike) and multiplies in MLAS; the kernel sums code × x per block in fp32
+and scales the block sum (quant_gemv.c), in another order. Both are the float64 product with dequantize(W) up to
+fp32 rounding, so they differ by accumulation order only: max |Δ| seen 4e-6 to 1.1e-5 on logits of magnitude ~5;
+the bound is the float backend's, 5e-5 + 5e-5·|logit| (a wrong code, nibble order, scale or row moves logits by
+1e-2 or more). Block 128 needs inputs divisible by 128, which no tiny model (hidden 64 / 96) has: the kernel's
+block-128 and fp16-scale paths are tested in tests/test_native_quant_gemv.py (an fp32 engine stores fp32 scales,
+export README "quantized weights")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from caprese.export import contract as C
+from caprese.runtime import Generator
+from export_helpers import one_torch_thread, prompt_ids
+from quantized_export_helpers import q_export
+from test_native_backend import ATOL, NEW, OTHER_ISAS, RTOL, needs_cc, recorded
+
+_GENERATORS: dict = {}
+
+# (kind, method, weights, block, target, quantized head, re-selection period)
+CASES = [
+    ("qwen2", "dense", "int4", None, "onnxruntime", False, 0),  # MatMulNBits block 32, down [D, F] rows-dot
+    ("qwen2", "griffin", "int4", None, "onnxruntime", False, 8),  # quantized per-prompt rows, bypass L / R
+    ("qwen2", "cats", "int4", None, "onnxruntime", False, 0),  # skipped up / down rows, bypass L / R
+    ("qwen2", "dense", "int8", None, "onnxruntime", False, 0),  # one scale per row, int8 two's complement
+    ("qwen2", "dense", "int8", 32, "onnxruntime", False, 0),  # MatMulNBits 8-bit (XOR 0x80)
+    ("qwen2", "griffin", "int8", None, "onnxruntime", False, 8),
+    ("llama", "cats", "int8", None, "onnxruntime", False, 0),  # MLP biases: gate bias before, up bias after τ
+    ("llama", "griffin", "int8", None, "onnxruntime", False, 8),  # b_gul, hidden 96, o inputs 144 (no int4 block)
+    ("gemma2", "dense", "int4", None, "onnxruntime", True, 0),  # quantized (tied) head, soft-caps, gelu-tanh
+    ("gemma2", "griffin", "int4", None, "onnxruntime", False, 8),
+    ("qwen2", "griffin", "int4", None, "tensorrt", False, 8),  # int4x2 signed packing, block 64
+    ("qwen2", "cats", "int8", None, "tensorrt", False, 0),
+    ("qwen2", "dense", "int4", 64, "onnxruntime", True, 0),  # block 64 (gemma2's o has 96 inputs), quantized head
+]
+IDS = [f"{k}-{m}-{w}-{b or 'default'}-{t}{'-qhead' if h else ''}" for k, m, w, b, t, h, _ in CASES]
+# the other builds: a case per distinct code path (rows-dot int4 / int8, GRIFFIN rows, CATS rows, quantized head)
+ISA_CASES = [(None, *c) for c in CASES] + [(isa, *c) for isa in OTHER_ISAS for c in CASES
+                                           if c[:3] in (("qwen2", "griffin", "int4"), ("llama", "cats", "int8"))
+                                           or c[3] in (32, 64)]
+
+
+def engine_of(tmp_path_factory, tiny_model_dir, kind, method, weights, block, target, head):
+    return q_export(tmp_path_factory, tiny_model_dir, kind, method, weights, block, target, head)[0]
+
+
+def generator(engine, backend: str, threads: int = 1, head: str = "full", isa: str | None = None) -> Generator:
+    key = (str(engine), backend, threads, head, isa)
+    if key not in _GENERATORS:
+        options = {"head": head, "isa": isa} if backend == "native" else {}
+        _GENERATORS[key] = Generator.load(engine, backend=backend, threads=threads, **options)
+    return _GENERATORS[key]
+
+
+@needs_cc
+@pytest.mark.parametrize("isa,kind,method,weights,block,target,head,rho", ISA_CASES,
+                         ids=[f"{i or 'default'}-{n}" for i, n in
+                              [(c[0], IDS[CASES.index(c[1:])]) for c in ISA_CASES]])
+def test_native_quantized_equals_onnxruntime(isa, kind, method, weights, block, target, head, rho,
+                                              tmp_path_factory, tiny_model_dir):
+    engine = engine_of(tmp_path_factory, tiny_model_dir, kind, method, weights, block, target, head)
+    prompt = prompt_ids(14, seed=3)[0].tolist()
+    ref, ref_logits = recorded(generator(engine, "onnxruntime"), prompt, rho)
+    nat = generator(engine, "native", isa=isa)
+    got, got_logits = recorded(nat, prompt, rho)
+    diff = (got_logits - ref_logits).abs().max().item()
+    print(f"{kind} {method} {weights} block {block} {target} [{nat.backend.describe()['isa']}]: max |logits native - "
+          f"onnxruntime| = {diff:.2e} over {len(got_logits)} steps (|logit| <= {ref_logits.abs().max():.2f})")
+    assert len(got_logits) >= 32
+    assert got.tokens == ref.tokens
+    torch.testing.assert_close(got_logits, ref_logits, atol=ATOL, rtol=RTOL)
+    assert got.stats.backend == "native"
+    saved = nat.backend.arena.saved_bytes  # fp32 scales held as fp16 (exact): fewer bytes, the same products
+    assert saved > 0
+    if method != "cats":  # every other weight the spec counts is read: ONNX Runtime's bytes per step less those
+        assert got.stats.weight_bytes_per_step == ref.stats.weight_bytes_per_step - saved
+
+
+@needs_cc
+@pytest.mark.parametrize("case", [CASES[1], CASES[6]], ids=[IDS[1], IDS[6]])
+def test_threads_give_the_same_bits(case, tmp_path_factory, tiny_model_dir):
+    """Whole-row chunks (QKV, o, gate/up, head) and rows-axpy parts added in chunk order: 3 threads give the
+    logits of one, bit for bit."""
+    kind, method, weights, block, target, head, rho = case
+    engine = engine_of(tmp_path_factory, tiny_model_dir, kind, method, weights, block, target, head)
+    prompt = prompt_ids(14, seed=5)[0].tolist()
+    one, one_logits = recorded(generator(engine, "native"), prompt, rho)
+    three, three_logits = recorded(generator(engine, "native", threads=3), prompt, rho)
+    assert three.tokens == one.tokens
+    assert torch.equal(three_logits, one_logits)
+
+
+@needs_cc
+def test_screened_float_head_on_a_quantized_engine(tmp_path_factory, tiny_model_dir):
+    """The decoder quantized, the head not: greedy steps screen the fp32 head as on float engines (same tokens as
+    ONNX Runtime, fewer head bytes counted); a quantized head is read whole even when screening is asked."""
+    engine = engine_of(tmp_path_factory, tiny_model_dir, *CASES[0][:6])
+    prompt = prompt_ids(14, seed=6)[0].tolist()
+    with one_torch_thread():
+        ref = generator(engine, "onnxruntime").generate(prompt, NEW, ignore_eos=True)
+        g = generator(engine, "native", head="screened")
+        got = g.generate(prompt, NEW, ignore_eos=True)
+    assert got.tokens == ref.tokens
+    assert g.backend.head == "screened" and g.backend.head_steps > 0
+    assert got.stats.weight_bytes_per_step < ref.stats.weight_bytes_per_step
+    qhead = engine_of(tmp_path_factory, tiny_model_dir, *CASES[8][:6])
+    with one_torch_thread():
+        ref = generator(qhead, "onnxruntime").generate(prompt, NEW, ignore_eos=True)
+        g = generator(qhead, "native", head="screened")
+        got = g.generate(prompt, NEW, ignore_eos=True)
+    assert got.tokens == ref.tokens
+    assert g.backend.head == "full" and g.backend.describe()["head"] == "full (quantized, read whole)"
+    assert got.stats.weight_bytes_per_step == ref.stats.weight_bytes_per_step - g.backend.arena.saved_bytes
+
+
+@needs_cc
+def test_auto_chooses_native_for_quantized_engines(tmp_path_factory, tiny_model_dir):
+    from caprese.export.manifest import load_manifest
+    from caprese.runtime.engine_options import choose_backend
+    from caprese.runtime.native_backend import native_unsupported
+
+    engine = engine_of(tmp_path_factory, tiny_model_dir, *CASES[2][:6])
+    assert native_unsupported(load_manifest(engine)) is None
+    assert choose_backend(load_manifest(engine), "cpu")[0] == "native"
+
+
+@needs_cc
+@pytest.mark.parametrize("weights", ["int4", "int8"])
+def test_cats_quantized_rows_below_the_threshold_are_not_read(weights, tmp_path_factory, tiny_model_dir):
+    """CATS: the quantized up and down rows (codes + scales) of exactly the neurons the reference decoder zeroes
+    (a hook on its down_proj inputs at the same step) are skipped, and the report counts only what was read."""
+    engine = engine_of(tmp_path_factory, tiny_model_dir, "qwen2", "cats", weights, None, "onnxruntime", False)
+    prompt = prompt_ids(14, seed=3)[0].tolist()
+    ref_g = generator(engine, "torch")
+    zeros: dict[int, int] = {}
+    hooks = [f.dense.down_proj.register_forward_hook(
+        lambda mod, inp, out, i=i: zeros.__setitem__(i, int((inp[0] == 0).sum())) if inp[0].shape[1] == 1 else None)
+        for i, f in ref_g.backend.ffns.items()]
+    try:
+        with one_torch_thread():
+            ref = ref_g.generate(prompt, 12, ignore_eos=True)
+            got = generator(engine, "native").generate(prompt, 12, ignore_eos=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert got.tokens == ref.tokens
+    spec = generator(engine, "native").manifest.spec
+    t = spec.layers[0]
+
+    nat = generator(engine, "native").backend
+
+    def row_bytes(ref):  # one row's codes + its scales (held as fp16 where exact)
+        return ref.nbytes // ref.shape[0] + nat.arena[ref.quant.scale].nbytes // ref.shape[0]
+
+    per_neuron = row_bytes(t.gate_up) + row_bytes(t.down)  # an up row of [W_g; W_1] and a down row of [F, D]
+    assert all(spec.layers[i].kind == C.CATS for i in zeros) and sum(zeros.values()) > 0
+    assert nat.skipped_bytes() - nat.arena.saved_bytes == sum(zeros.values()) * per_neuron
+    assert got.stats.weight_bytes_per_step < generator(engine, "onnxruntime").traffic.weight_bytes
+
+
+@pytest.mark.slow
+@needs_cc
+def test_smollm2_int4_native_equals_onnxruntime(tmp_path):
+    """SmolLM2-135M exported with --weights int4 --target onnxruntime (GenAI's layout: MatMulNBits block 32):
+    32 greedy decode tokens of the native backend equal ONNX Runtime's; logits within 1e-3 (magnitude ~25, fp32
+    accumulation order only)."""
+    from caprese.export.exporter import export
+    from caprese.model.default_model import fetch_default
+
+    engine = export(fetch_default(), tmp_path / "engine", max_seq_len=96, target="onnxruntime",
+                    weights="int4").out
+    prompt = prompt_ids(24, seed=29)[0].tolist()
+    ort = Generator.load(engine, backend="onnxruntime", threads=2)
+    nat = Generator.load(engine, backend="native", threads=2, head="full")
+    ref, ref_logits = recorded(ort, prompt, 0)
+    got, got_logits = recorded(nat, prompt, 0)
+    diff = (got_logits - ref_logits).abs().max().item()
+    print(f"SmolLM2 int4: max |logits native - onnxruntime| = {diff:.3g} over {len(got_logits)} steps")
+    assert len(got.tokens) >= 33 and got.tokens == ref.tokens
+    assert diff < 1e-3
+
+
+@needs_cc
+def test_float_selection_griffin_runs_the_float_ffn(tmp_path_factory, tiny_model_dir):
+    """--float-selection: GRIFFIN's per-prompt matrices are float w_gul / w_dr (folded from the dequantized rows):
+    the kernel runs them on its float path next to quantized attention matrices; ONNX Runtime's tokens and logits."""
+    engine = q_export(tmp_path_factory, tiny_model_dir, "qwen2", "griffin", "int4", None, "onnxruntime",
+                      float_selection=True)[0]
+    prompt = prompt_ids(14, seed=3)[0].tolist()
+    ref, ref_logits = recorded(generator(engine, "onnxruntime"), prompt, 8)
+    got, got_logits = recorded(generator(engine, "native"), prompt, 8)
+    assert got.tokens == ref.tokens
+    torch.testing.assert_close(got_logits, ref_logits, atol=ATOL, rtol=RTOL)
