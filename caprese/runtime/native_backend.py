@@ -37,106 +37,12 @@ from caprese.export.engine_spec import MATRIX, MATRIX_T, PACKING_INT4, PACKING_N
 from caprese.runtime.backend import Backend, PrefillOut
 from caprese.runtime.native import library as lib_
 from caprese.runtime.native.head_choice import HeadChoice, choose
+from caprese.runtime.native.weight_arena import WeightArena, address, copy_huge, huge_buffer
 from caprese.runtime.native.screened_head import quantize_head
 from caprese.runtime.ort_backend import OrtGraphs
 
 _ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
-_HUGE = 2 << 20
 HEADS = ("auto", "screened", "full")
-
-
-def _ptr(a: np.ndarray | None) -> int | None:
-    return None if a is None else a.ctypes.data
-
-
-class _Arena:
-    """The decode step's weights, copied out of weights.bin into one 2 MiB-aligned buffer (THP-advised); the
-    `mapped` ones (a table a step reads one row of) stay in the read-only memory map of weights.bin instead.
-    A quantized weight is its codes ([rows, cols * bits / 8] bytes, in caprese's signed format: MatMulNBits'
-    unsigned bytes are flipped back while copying) plus its scales (their own WeightRef). fp32 scales that are
-    all exactly fp16 values (an fp32 graph stores the format's fp16 scales widened) are kept as fp16, in place:
-    the kernel widens them exactly, so the products are the same bits and a step reads fewer bytes
-    (`saved_bytes`: int4 block 32 reads 1/16 byte less per weight)."""
-
-    def __init__(self, manifest, refs: list[WeightRef], mapped: set[str] = frozenset()):
-        refs = refs + [r.quant.scale for r in refs if r.quant is not None]
-        refs = list({r.name: r for r in refs}.values())  # the tied embedding is also the head: once
-        scales = {r.quant.scale.name for r in refs if r.quant is not None}
-        offsets, total = {}, 0
-        for r in refs:
-            ok = r.dtype == "float32" or (r.name in scales and r.dtype == "float16") or (
-                r.quant is not None and r.dtype in ("int4", "int8"))
-            if not ok:
-                raise CapreseError(f"the native backend runs fp32 engines; {r.name} is {r.dtype}")
-            if r.name not in mapped:
-                offsets[r.name] = total
-                total += -(-r.nbytes // 64) * 64
-        self.buf = huge_buffer(total)
-        self._src = np.memmap(manifest.file("weights"), dtype=np.uint8, mode="r")
-        self.views: dict[str, np.ndarray] = {}
-        with open(manifest.file("weights"), "rb", buffering=0) as f:  # read, not mapped: the copied tensors'
-            for r in refs:                                           # file pages stay out of this process's RSS
-                n, e = r.name, manifest.entry(r)  # where it is; its shape and dtype were checked on load
-                begin, length = int(e["offset"]), int(e["length"])
-                if n in mapped:
-                    dst = self._src[begin:begin + length]
-                else:
-                    dst = self.buf[offsets[n]:offsets[n] + length]
-                    f.seek(begin)
-                    view, got = memoryview(dst), 0
-                    while got < length:  # one read() returns at most ~2 GiB on Linux
-                        k = f.readinto(view[got:])
-                        if not k:
-                            raise CapreseError(f"{manifest.file('weights')} ends inside {n}; export the engine "
-                                               "again")
-                        got += k
-                if r.quant is not None:  # codes: bytes [rows, cols * bits / 8]
-                    if r.quant.packing == PACKING_NBITS:
-                        np.bitwise_xor(dst, 0x88 if r.quant.bits == 4 else 0x80, out=dst)
-                    self.views[n] = dst.reshape(r.shape[0], -1)
-                else:
-                    self.views[n] = dst.view(np.float32 if r.dtype == "float32" else np.float16).reshape(r.shape)
-        self.saved_bytes = 0  # per decode step: the scales narrowed to fp16
-        for n in scales:
-            a = self.views[n]
-            if a.dtype != np.float32 or n in mapped:
-                continue
-            with np.errstate(over="ignore"):
-                h = a.astype(np.float16)
-            if not np.array_equal(h.astype(np.float32), a):
-                continue
-            narrow = a.reshape(-1).view(np.uint8)[:h.nbytes].view(np.float16).reshape(a.shape)
-            narrow[...] = h
-            self.views[n] = narrow
-            self.saved_bytes += a.nbytes - h.nbytes
-
-    def __getitem__(self, ref: WeightRef) -> np.ndarray:
-        return self.views[ref.name]
-
-
-def huge_buffer(nbytes: int) -> np.ndarray:
-    """nbytes of uint8 starting on a 2 MiB boundary, THP-advised (the view keeps its allocation alive)."""
-    raw = np.empty(nbytes + _HUGE, np.uint8)
-    start = -raw.ctypes.data % _HUGE
-    buf = raw[start:start + nbytes]
-    _advise_huge(buf)
-    return buf
-
-
-def _copy_huge(a: np.ndarray) -> np.ndarray:
-    """A C-contiguous copy of `a` in a huge_buffer."""
-    out = huge_buffer(a.nbytes).view(a.dtype).reshape(a.shape)
-    out[...] = a
-    return out
-
-
-def _advise_huge(buf: np.ndarray) -> None:
-    """madvise(MADV_HUGEPAGE) where Linux offers it: fewer TLB misses while streaming ~0.5 GB per step."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(buf.ctypes.data), ctypes.c_size_t(buf.nbytes), 14)
-    except (OSError, AttributeError):
-        pass
 
 
 def native_unsupported(manifest) -> str | None:
@@ -205,7 +111,7 @@ class NativeBackend(Backend):
         mapped = set() if spec.tied_head else {spec.embed.name}
         mapped |= {spec.layers[i].gate_up.name for i in self.layout.layers_of(C.CATS)
                    if spec.layers[i].gate_up.quant is None}
-        self.arena = _Arena(manifest, self._weight_refs(), mapped=mapped)
+        self.arena = WeightArena(manifest, self._weight_refs(), mapped=mapped)
         self._extra: list[np.ndarray] = []  # arrays the structs point into (biases, CATS layouts)
         self._layers = (lib_.Layer * self.layout.num_layers)()
         self._model = lib_.Model()
@@ -245,11 +151,11 @@ class NativeBackend(Backend):
         nxt = (ctypes.c_int64 * 2)()
 
         def full():
-            self._check(self.lib.caprese_head_only(self._ctx, _ptr(h), None))
+            self._check(self.lib.caprese_head_only(self._ctx, address(h), None))
 
         def screened():
             nxt[0] = 1
-            self._check(self.lib.caprese_head_only(self._ctx, _ptr(h), nxt))
+            self._check(self.lib.caprese_head_only(self._ctx, address(h), nxt))
             return int(nxt[1])
 
         key = f"{self.kernel.name}|head {lay.vocab_size}x{lay.hidden_size}|threads {self.nthreads}"
@@ -270,7 +176,7 @@ class NativeBackend(Backend):
         q, self._head_scale, self._head_bound = quantize_head(w, q_out=q)
         self._head_q = q
         M = self._model
-        M.head_q, M.head_scale, M.head_bound = _ptr(q), _ptr(self._head_scale), _ptr(self._head_bound)
+        M.head_q, M.head_scale, M.head_bound = address(q), address(self._head_scale), address(self._head_bound)
 
     def _weight_refs(self) -> list[WeightRef]:
         """The weights.bin tensors a decode step reads, by role (engine_spec: GRIFFIN layers read the per-prompt
@@ -281,7 +187,7 @@ class NativeBackend(Backend):
 
     # ---- the structs the kernel reads ----
     def _mat(self, a: np.ndarray, cols: int | None = None) -> lib_.Mat:
-        return lib_.Mat(_ptr(a), a.shape[-1], a.shape[-1] if cols is None else cols)
+        return lib_.Mat(address(a), a.shape[-1], a.shape[-1] if cols is None else cols)
 
     def _qmat(self, ref: WeightRef, codes: np.ndarray | None = None, scales: np.ndarray | None = None,
               row0: int = 0, rows: int | None = None, role: str = "") -> lib_.QMat:
@@ -298,7 +204,7 @@ class NativeBackend(Backend):
         scales = self.arena[q.scale] if scales is None else scales
         rb, sb = cols * q.bits // 8, (cols // block) * scales.itemsize
         n = ref.shape[0] - row0 if rows is None else rows
-        return lib_.QMat(_ptr(codes) + row0 * rb, _ptr(scales) + row0 * sb, n, cols, block, q.bits,
+        return lib_.QMat(address(codes) + row0 * rb, address(scales) + row0 * sb, n, cols, block, q.bits,
                          int(scales.dtype == np.float32))
 
     def _fill_q_ffn(self, t, L) -> None:
@@ -320,13 +226,13 @@ class NativeBackend(Backend):
                                    "kernel reads a neuron's down row whole: export the engine again")
             L.n_ff = k
             b = sel.get(C.b_gul(i))
-            L.gu_bias = None if b is None else _ptr(b.host[0])
+            L.gu_bias = None if b is None else address(b.host[0])
             bypass_l, bypass_r = fold.L, fold.R
         else:
             if t.gate_up is not None:  # [W_g; W_1] rows
                 L.q_gate = self._qmat(t.gate_up, rows=F, role="gate_up")
                 L.q_up = self._qmat(t.gate_up, row0=F, rows=F, role="gate_up")
-                L.gu_bias = None if t.gate_up_bias is None else _ptr(A[t.gate_up_bias])
+                L.gu_bias = None if t.gate_up_bias is None else address(A[t.gate_up_bias])
             else:
                 L.q_gate, L.q_up = self._qmat(t.gate, role="gate"), self._qmat(t.up, role="up")
                 if t.gate_bias is not None or t.up_bias is not None:
@@ -334,7 +240,7 @@ class NativeBackend(Backend):
                     b = np.concatenate([zeros if t.gate_bias is None else A[t.gate_bias],
                                         zeros if t.up_bias is None else A[t.up_bias]])
                     self._extra.append(b)
-                    L.gu_bias = _ptr(b)
+                    L.gu_bias = address(b)
             L.q_down = self._qmat(t.down)
             L.down_rows = int(t.down.storage == MATRIX)
             if t.down.shape != ((F, lay.hidden_size) if L.down_rows else (lay.hidden_size, F)):
@@ -342,7 +248,7 @@ class NativeBackend(Backend):
                                    "export the engine again")
             L.n_ff = F
             if t.kind == C.CATS:  # the up rows of the neurons that pass, read in the down phase
-                L.cats_tau = _ptr(sel[C.cats_tau(i)].host)
+                L.cats_tau = address(sel[C.cats_tau(i)].host)
                 if L.gu_bias:
                     L.up_bias = L.gu_bias + F * 4
         L.rank = 0
@@ -361,7 +267,7 @@ class NativeBackend(Backend):
             for f in ("input_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm", "q_norm", "k_norm",
                       "qkv_bias", "o_bias", "down_bias"):
                 w = getattr(t, f)
-                setattr(L, f, None if w is None else _ptr(A[w]))
+                setattr(L, f, None if w is None else address(A[w]))
             if t.qkv.quant is not None:
                 L.q_attn = 1
                 L.q_qkv, L.q_o = self._qmat(t.qkv, role="qkv"), self._qmat(t.o, role="o")
@@ -374,7 +280,7 @@ class NativeBackend(Backend):
                 L.gu1, L.down = self._mat(gul), self._mat(dr)
                 L.n_ff, L.rank = lay.k, lay.rank
                 b = sel.get(C.b_gul(i))
-                L.gu_bias = None if b is None else _ptr(b.host[0])
+                L.gu_bias = None if b is None else address(b.host[0])
             else:
                 down = A[t.down]
                 L.down = self._mat(down)
@@ -386,23 +292,23 @@ class NativeBackend(Backend):
                         b = np.concatenate([zeros if t.gate_bias is None else A[t.gate_bias],
                                             zeros if t.up_bias is None else A[t.up_bias]])
                         self._extra.append(b)
-                        L.gu_bias = _ptr(b)
+                        L.gu_bias = address(b)
                 else:  # [W_g, W_1] (+ L for CATS with a bypass), [W_2 ; R]
                     g1 = A[t.gate_up]
                     L.gu1 = self._mat(g1)
                     L.n_ff, L.rank = F, g1.shape[1] - 2 * F
-                    L.gu_bias = None if t.gate_up_bias is None else _ptr(A[t.gate_up_bias])
+                    L.gu_bias = None if t.gate_up_bias is None else address(A[t.gate_up_bias])
                 if t.kind == C.CATS:  # [W_g, L] as the product; up transposed, read for passing neurons only
-                    L.cats_tau = _ptr(sel[C.cats_tau(i)].host)
-                    gate_l = _copy_huge(np.concatenate([g1[:, :F], g1[:, 2 * F:]], axis=1))
-                    up_t = _copy_huge(g1[:, F:2 * F].T)
+                    L.cats_tau = address(sel[C.cats_tau(i)].host)
+                    gate_l = copy_huge(np.concatenate([g1[:, :F], g1[:, 2 * F:]], axis=1))
+                    up_t = copy_huge(g1[:, F:2 * F].T)
                     self._extra += [gate_l, up_t]
                     L.up_t = self._mat(up_t)
-                    L.gu1 = lib_.Mat(_ptr(gate_l), gate_l.shape[1], F)
+                    L.gu1 = lib_.Mat(address(gate_l), gate_l.shape[1], F)
                     if L.rank:
-                        L.gu2 = lib_.Mat(_ptr(gate_l) + F * gate_l.itemsize, gate_l.shape[1], L.rank)
+                        L.gu2 = lib_.Mat(address(gate_l) + F * gate_l.itemsize, gate_l.shape[1], L.rank)
                     if t.gate_up_bias is not None:
-                        L.up_bias = _ptr(A[t.gate_up_bias]) + F * 4
+                        L.up_bias = address(A[t.gate_up_bias]) + F * 4
                 if down.shape != (L.n_ff + L.rank, D):
                     raise CapreseError(f"layer {i}: down projection of shape {list(down.shape)} in weights.bin; "
                                        "export the engine again")
@@ -418,15 +324,15 @@ class NativeBackend(Backend):
         M.activation, M.gemma = _ACTIVATIONS[m.activation], int(bool(m.gemma_norms))
         M.eps, M.final_softcap = float(m.rms_norm_eps), float(m.final_softcap or 0.0)
         M.embed_scale = float(D ** 0.5) if m.gemma_norms else 1.0
-        M.embed = _ptr(A[spec.embed])
+        M.embed = address(A[spec.embed])
         if spec.head.quant is not None:  # read whole by the kernel (never screened: see _screen_head)
             M.q_head, M.q_lm_head = 1, self._qmat(spec.head, role="LM head")
         else:
-            M.lm_head = _ptr(A[spec.head])
-        M.final_norm = _ptr(A[spec.final_norm])
-        M.rope_cos, M.rope_sin = _ptr(A[spec.rope_cos]), _ptr(A[spec.rope_sin])
+            M.lm_head = address(A[spec.head])
+        M.final_norm = address(A[spec.final_norm])
+        M.rope_cos, M.rope_sin = address(A[spec.rope_cos]), address(A[spec.rope_sin])
         M.layers = self._layers
-        M.logits = _ptr(self.buffers[C.LOGITS].host)
+        M.logits = address(self.buffers[C.LOGITS].host)
 
     def reserve(self, need: int, keep: int = 0) -> None:
         """The prefill runner's reserve(); the kernel then points at the KV buffers it (re)allocated."""
@@ -437,8 +343,8 @@ class NativeBackend(Backend):
         self.prefill_runner.reserve(need, keep)
         kv = self.buffers.kv
         for i in range(self.layout.num_layers):
-            self._layers[i].k_cache = _ptr(kv[C.past_key(i)].host)
-            self._layers[i].v_cache = _ptr(kv[C.past_value(i)].host)
+            self._layers[i].k_cache = address(kv[C.past_key(i)].host)
+            self._layers[i].v_cache = address(kv[C.past_value(i)].host)
         self.capacity = self._model.capacity = self.buffers.capacity
 
     def prefill(self, ids: list[int], start: int) -> PrefillOut:
@@ -493,7 +399,7 @@ class NativeBackend(Backend):
 
     def skipped_bytes(self) -> int:
         """Weight bytes the last step did not read: CATS' rows, the screened head's savings (the kernel's count),
-        and the scales the arena holds as fp16 (_Arena.saved_bytes)."""
+        and the scales the arena holds as fp16 (WeightArena.saved_bytes)."""
         return int(self._skipped.value) + self.arena.saved_bytes
 
     def kernel_stats(self) -> dict:
