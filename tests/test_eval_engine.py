@@ -78,3 +78,15 @@ def test_eval_cli_on_an_engine_folder(tmp_path_factory, tiny_model_dir, tmp_path
     assert_one_line_error(rc, err, "exported engine", "--method")
     rc, out, err = run_cli(main, ["eval", tiny_model_dir("llama"), "--backend", "native"], monkeypatch, capsys)
     assert_one_line_error(rc, err, "--backend applies to an exported engine folder")
+
+
+def test_a_quantized_engine_is_labelled_with_its_weights(tmp_path_factory, tiny_model_dir):
+    """An int4 engine's score must not read as the fp32 model's: the label names the weight width and block."""
+    from caprese.export.manifest import load_manifest
+    from caprese.runtime.generator import method_label
+    from quantized_export_helpers import q_export
+
+    engine, _ = q_export(tmp_path_factory, tiny_model_dir, "llama3", "dense", "int4", 32, target="onnxruntime")
+    assert method_label(load_manifest(engine)) == "dense int4/32"
+    engine, _ = q_export(tmp_path_factory, tiny_model_dir, "llama3", "griffin", "int8", target="onnxruntime")
+    assert method_label(load_manifest(engine)).endswith(" int8/row")

@@ -49,13 +49,17 @@ class RuntimeResult(TextResult):
 
 
 def method_label(manifest) -> str:
-    """What the engine runs, in the words `caprese generate` uses: dense, caprese(griffin, d=0.5, r=8), ..."""
+    """What the engine runs, in the words `caprese generate` uses: dense, caprese(griffin, d=0.5, r=8), ...; a
+    quantized engine adds its weights: "dense int4/32", "caprese(griffin, d=0.5, r=8) int8/row"."""
     r = manifest.spec.recipe
     if r.method == C.DENSE:
-        return "dense"
-    if r.rank:
-        return f"caprese({r.method}, d={r.density}, r={r.rank})"
-    return f"{r.method}(d={r.density}, layers={','.join(map(str, r.layers))})"
+        label = "dense"
+    elif r.rank:
+        label = f"caprese({r.method}, d={r.density}, r={r.rank})"
+    else:
+        label = f"{r.method}(d={r.density}, layers={','.join(map(str, r.layers))})"
+    q = r.weights
+    return label if q is None else f"{label} int{q.bits}/{q.block_size or 'row'}"
 
 
 class _Run:
