@@ -235,12 +235,7 @@ class NativeBackend(Backend):
                 L.gu_bias = None if t.gate_up_bias is None else address(A[t.gate_up_bias])
             else:
                 L.q_gate, L.q_up = self._qmat(t.gate, role="gate"), self._qmat(t.up, role="up")
-                if t.gate_bias is not None or t.up_bias is not None:
-                    zeros = np.zeros(F, np.float32)
-                    b = np.concatenate([zeros if t.gate_bias is None else A[t.gate_bias],
-                                        zeros if t.up_bias is None else A[t.up_bias]])
-                    self._extra.append(b)
-                    L.gu_bias = address(b)
+                L.gu_bias = self._split_gate_up_bias(t, F)
             L.q_down = self._qmat(t.down)
             L.down_rows = int(t.down.storage == MATRIX)
             if t.down.shape != ((F, lay.hidden_size) if L.down_rows else (lay.hidden_size, F)):
@@ -256,6 +251,16 @@ class NativeBackend(Backend):
             l_, r_ = A[bypass_l], A[bypass_r]
             L.rank = l_.shape[1]
             L.gu2, L.down = self._mat(l_), self._mat(r_)
+
+    def _split_gate_up_bias(self, t, F: int) -> int | None:
+        """[b_g, b_1] of a layer whose gate and up are stored apart (a missing one zeros), kept alive here."""
+        if t.gate_bias is None and t.up_bias is None:
+            return None
+        zeros = np.zeros(F, np.float32)
+        b = np.concatenate([zeros if t.gate_bias is None else self.arena[t.gate_bias],
+                            zeros if t.up_bias is None else self.arena[t.up_bias]])
+        self._extra.append(b)
+        return address(b)
 
     def _fill_model(self) -> None:
         lay, spec, m, A = self.layout, self.manifest.spec, self.manifest.model, self.arena
@@ -287,12 +292,7 @@ class NativeBackend(Backend):
                 if t.gate is not None:  # --target onnxruntime dense layers: gate and up apart
                     L.gu1, L.gu2 = self._mat(A[t.gate]), self._mat(A[t.up])
                     L.n_ff, L.rank = F, 0
-                    if t.gate_bias is not None or t.up_bias is not None:
-                        zeros = np.zeros(F, np.float32)
-                        b = np.concatenate([zeros if t.gate_bias is None else A[t.gate_bias],
-                                            zeros if t.up_bias is None else A[t.up_bias]])
-                        self._extra.append(b)
-                        L.gu_bias = address(b)
+                    L.gu_bias = self._split_gate_up_bias(t, F)
                 else:  # [W_g, W_1] (+ L for CATS with a bypass), [W_2 ; R]
                     g1 = A[t.gate_up]
                     L.gu1 = self._mat(g1)
