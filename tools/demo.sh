@@ -30,9 +30,9 @@ echo "== 3/4 export to ONNX (max 512 tokens)"
 [ -d "$OUT/engine-dense" ] || $C export "$MODEL" -o "$OUT/engine-dense" --max-seq-len 512
 [ -d "$OUT/engine-caprese" ] || $C export "$OUT/caprese-griffin" -o "$OUT/engine-caprese" --max-seq-len 512
 echo "== 4/4 ONNX Runtime, dense engine"
-$C run "$OUT/engine-dense" --chat --prompt "$PROMPT" --max-new-tokens 96
+$C run "$OUT/engine-dense" --backend onnxruntime --chat --prompt "$PROMPT" --max-new-tokens 96
 echo "== 4/4 ONNX Runtime, Caprese(GRIFFIN) engine"
-$C run "$OUT/engine-caprese" --chat --prompt "$PROMPT" --max-new-tokens 96
+$C run "$OUT/engine-caprese" --backend onnxruntime --chat --prompt "$PROMPT" --max-new-tokens 96
 if command -v "${CC:-cc}" >/dev/null 2>&1; then
   echo "== 4/4 native CPU decode kernel (compiled at first use), Caprese(GRIFFIN) engine"
   $C run "$OUT/engine-caprese" --backend native --chat --prompt "$PROMPT" --max-new-tokens 96
