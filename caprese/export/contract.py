@@ -51,17 +51,19 @@ scales, gathered whole (a row is whole blocks); L and R stay float constants of 
   The TensorRT decode graph of such a layout, and every decode graph of one exported with --float-selection
   (GraphLayout.quantized_selection False), keep w_gul / w_dr in floats, folded from the dequantized rows: TensorRT
   dequantizes INT4 only from build-time constants (weight-only quantization) and INT8 blocks not at all.
-Dense layers keep constant weights in both graphs.
+Dense layers keep constant weights in both graphs. BYPASS layers (calibration method "none": quantization alone
+plus the bypass) too: the full FFN in both graphs, + x·L·R in decode only (no selection, no extra I/O).
 
 TensorRT graph copies (what `--engine` parses; see TENSORRT_ENGINES and GraphLayout.tensorrt_engines):
   The KV cache of a TensorRT graph has the STATIC length max_seq_len (TensorScatter is imported as
   IKVCacheUpdateLayer, whose cache must be a network input with a static sequence length); everything else is
   as above. Without GRIFFIN layers ONE engine serves prefill and decode (two optimization profiles), so the
-  weights are on the GPU once: its graph is the prefill graph, plus, when CATS layers are present,
+  weights are on the GPU once: its graph is the prefill graph, plus, when CATS (or BYPASS) layers are present,
     decode_flag      []                              bool    true: a decode step (CATS thresholds with
                                                              cats_tau_in, bypass on, no τ search); false: a
                                                              prefill call (dense FFN, bypass off, cats_tau out)
-    cats_tau_in.{i}  [batch]                         float32 the decode threshold (read when decode_flag)
+    cats_tau_in.{i}  [batch]                         float32 CATS layers: the decode threshold (read when
+                                                             decode_flag)
   GRIFFIN engines keep two graphs (static-cache copies of prefill and decode): the per-prompt matrices are
   decode inputs that the prefill graph's constant FFN cannot share.
 
@@ -108,7 +110,8 @@ DECODE_FLAG = "decode_flag"  # the shared TensorRT graph of a CATS layout: which
 
 # per-layer FFN kinds in the graphs
 DENSE, GRIFFIN, CATS = "dense", "griffin", "cats"
-LAYER_KINDS = (DENSE, GRIFFIN, CATS)
+BYPASS = "bypass"  # calibration method "none": the dense (quantized) FFN, + x·L·R in decode only
+LAYER_KINDS = (DENSE, GRIFFIN, CATS, BYPASS)
 
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -219,7 +222,7 @@ class GraphLayout:
     head_dim: int
     vocab_size: int
     precision: str  # fp32 | fp16 | bf16: weights, activations and the KV cache
-    layer_kinds: tuple  # per layer: DENSE | GRIFFIN | CATS
+    layer_kinds: tuple  # per layer: DENSE | GRIFFIN | CATS | BYPASS
     k: int = 0  # GRIFFIN neurons kept per approximated layer (0 when no GRIFFIN layer)
     rank: int = 0  # bypass rank r (0: no bypass)
     mlp_bias: bool = False
@@ -315,6 +318,11 @@ class GraphLayout:
 
     # ---- TensorRT ----
     @property
+    def role_switched(self) -> bool:
+        """The shared TensorRT graph takes decode_flag: a CATS or BYPASS layer differs between the two roles."""
+        return CATS in self.layer_kinds or BYPASS in self.layer_kinds
+
+    @property
     def shares_engine(self) -> bool:
         """One TensorRT engine (two profiles) serves both roles: no layer takes per-prompt weight inputs."""
         return GRIFFIN not in self.layer_kinds
@@ -326,12 +334,12 @@ class GraphLayout:
 
     def tensorrt_io(self, engine: str, cache_len: int | None) -> dict[str, list[TensorSpec]]:
         """{"inputs", "outputs"} of a TensorRT engine's graph: its standard graph's I/O (the shared engine: the
-        prefill graph's, + decode_flag and cats_tau_in.{i} with CATS layers) with the cache length static
+        prefill graph's, + decode_flag with CATS or BYPASS layers, and cats_tau_in.{i} per CATS layer) with the cache length static
         (cache_len None: left symbolic, as the builder writes the graph before the static copy)."""
         if engine == TRT_SHARED:
             inputs, outputs = self.inputs(PREFILL), self.outputs(PREFILL)
             cats = self.layers_of(CATS)
-            if cats:
+            if self.role_switched:
                 inputs = inputs + [TensorSpec(DECODE_FLAG, "bool", ())] + [
                     TensorSpec(cats_tau_in(i), "float32", (BATCH,)) for i in cats]
         elif engine in (PREFILL, DECODE):  # TensorRT: GRIFFIN's per-prompt matrices in floats (module docstring)

@@ -10,8 +10,8 @@ it and check their tensors' shapes against it; the exporter writes it into manif
 
 Storage (how a runtime reads the bytes):
   MATRIX    [in, out]: y = x @ W, the math layout (nn.Linear's weight transposed). Fused matrices hold their
-            parts side by side: qkv = [W_q, W_k, W_v] (columns); gate_up = [W_g, W_1] (+ L for CATS layers with
-            a bypass), so neuron j is columns j and F + j; down = [W_2 ; R] (rows; R only for CATS with a bypass).
+            parts side by side: qkv = [W_q, W_k, W_v] (columns); gate_up = [W_g, W_1] (+ L for CATS and BYPASS
+            layers with a bypass), so neuron j is columns j and F + j; down = [W_2 ; R] (rows; R likewise).
   MATRIX_T  [out, in]: y = x @ Wᵀ: the LM head (the embedding table itself when tied).
   ROWS      [n, d]: a table read one row per token (the embedding; RoPE's cos/sin, [max_seq_len, head_dim/2]).
   VECTOR    [n]: norm multipliers (Gemma 2: 1 + w, precomputed in float32 before the cast) and biases.
@@ -21,7 +21,7 @@ Roles per layer (LAYER_ROLES; a None role does not exist for this model/target/k
   pre_ffn_norm, post_ffn_norm                Gemma 2 only
   q_norm, k_norm                             Qwen3 only ([head_dim], applied per head)
   qkv (+ qkv_bias), o (+ o_bias)             every model; biases where the model has them
-  gate_up (+ gate_up_bias), down             the fused FFN: dense layers (target tensorrt), CATS layers (with L / R
+  gate_up (+ gate_up_bias), down             the fused FFN: dense layers (target tensorrt), CATS / BYPASS layers (L / R
                                              folded in when rank > 0, the bias then padded with r zeros) and the
                                              dense FFN of GRIFFIN layers (the prefill graph's; decode never reads it)
   gate (+ gate_bias), up (+ up_bias), down   target onnxruntime's dense layers: gate and up apart
@@ -34,7 +34,7 @@ the head when QuantRecipe.head) becomes a WeightRef of dtype int4 | int8 with a 
 1 = blocks along the LAST axis of the stored tensor, its scale WeightRef, packing), named `<base>.int4` (`.mnb4`
 for MatMulNBits' bytes) with `<name>.scale`. Storage: MATRIX_T [out, in] blocked along the inputs, except down
 with down_axis "out": MATRIX [F, D] blocked along D (a neuron's row is whole blocks). The bypass stays floating
-point: quantized CATS layers get their own L / R roles (no longer folded into gate_up / down), GRIFFIN's fold
+point: quantized CATS and BYPASS layers get their own L / R roles (no longer folded into gate_up / down), GRIFFIN's fold
 L / R are read by the decode graph too. The embedding table, norms and RoPE tables stay floats.
 
 What one WeightRef / QuantFormat is (fields, sizes, serialisation) lives in weight_ref.py; which ones an engine has,
@@ -96,11 +96,16 @@ class QuantRecipe:
         return 1 if self.block_size == 0 else cols // self.block_size
 
 
+def method_kind(method: str) -> str:
+    """The layer kind (contract) of a calibration method's layers: "none" (quantization + bypass) is BYPASS."""
+    return C.BYPASS if method == "none" else method
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """What was done to the model: the efficient-FFN method on which layers, its bypass, its quantization."""
 
-    method: str = C.DENSE  # dense | griffin | cats
+    method: str = C.DENSE  # dense | griffin | cats | bypass (calibration method "none": see method_kind)
     density: float = 1.0
     layers: tuple = ()  # the approximated layers, ascending
     k: int = 0  # GRIFFIN: neurons kept per layer (0 otherwise)
@@ -109,7 +114,7 @@ class Recipe:
 
     def __post_init__(self):
         if self.method not in C.LAYER_KINDS:
-            raise ValueError(f"method {self.method!r} has no export (griffin, cats and dense do)")
+            raise ValueError(f"method {self.method!r} has no export (griffin, cats, bypass and dense do)")
         if (self.method == C.DENSE) != (not self.layers):
             raise ValueError("a dense recipe has no approximated layers; griffin / cats need some")
         if list(self.layers) != sorted(set(self.layers)):
@@ -118,6 +123,9 @@ class Recipe:
             raise ValueError(f"recipe k = {self.k} / rank = {self.rank} do not fit method {self.method}")
         if self.method == C.DENSE and self.rank:
             raise ValueError("a dense recipe has no bypass")
+        if self.method == C.BYPASS and not self.rank:
+            raise ValueError("method none without a bypass (rank 0) is the dense model: export the base model "
+                             "(with --weights for its quantized weights)")
 
     @property
     def cats_quantile(self) -> float | None:
@@ -166,7 +174,7 @@ class LayerTensors:
     """The weights of one decoder layer by role (module docstring); a role the layer lacks is None."""
 
     index: int
-    kind: str  # contract.DENSE | GRIFFIN | CATS
+    kind: str  # contract.DENSE | GRIFFIN | CATS | BYPASS
     input_norm: WeightRef
     post_attn_norm: WeightRef
     qkv: WeightRef
@@ -185,7 +193,7 @@ class LayerTensors:
     up: WeightRef | None = None
     up_bias: WeightRef | None = None
     down_bias: WeightRef | None = None
-    L: WeightRef | None = None  # quantized CATS layers with a bypass: L [D, r] and R [r, D] apart, in floats
+    L: WeightRef | None = None  # quantized CATS / BYPASS layers with a bypass: L [D, r] and R [r, D] apart, in floats
     R: WeightRef | None = None
     fold: FoldSources | None = None
 
@@ -423,12 +431,12 @@ def _layer_tensors(m: ModelSpec, i: int, kind: str, rank: int, target: str, dt: 
                                                                                  m.mlp_bias),
                  down=lin("mlp.down_proj", D, F, down_axis))
         L, R = (mat("mlp.bypass.L", D, rank), mat("mlp.bypass.R", rank, D)) if rank else (None, None)
-        if kind == C.CATS and rank:
+        if kind in (C.CATS, C.BYPASS) and rank:
             t.update(L=L, R=R)
         if kind == C.GRIFFIN:
             t["fold"] = FoldSources(t["gate_up"], t["down"], t["gate_up_bias"], L, R)
         return LayerTensors(i, kind, **t)
-    r = rank if kind == C.CATS else 0  # CATS folds its bypass into the constants: [W_g, W_1, L], [W_2 ; R]
+    r = rank if kind in (C.CATS, C.BYPASS) else 0  # folded into the constants: [W_g, W_1, L], [W_2 ; R]
     fused = "mlp.gate_up_l_proj" if r else "mlp.gate_up_proj"
     t.update(gate_up=mat(fused + ".weight.t", D, 2 * F + r), gate_up_bias=vec(fused + ".bias", 2 * F + r, m.mlp_bias),
              down=mat("mlp.down_r_proj.weight.t" if r else "mlp.down_proj.weight.t", F + r, D))

@@ -24,7 +24,7 @@ import onnx
 
 from caprese.errors import CapreseError
 from caprese.export import contract as C
-from caprese.export.engine_spec import EngineSpec, Recipe
+from caprese.export.engine_spec import EngineSpec, Recipe, method_kind
 from caprese.export.export_quantization import QuantRequest, quantize_for_export
 from caprese.export.manifest import MANIFEST, FORMAT, VERSION, load_manifest, write_manifest
 from caprese.export.onnx_graph import ExportModel, build_graphs
@@ -143,8 +143,8 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
     request = QuantRequest(weights, block_size, quantize_head, int8_activations, float_selection) if asked else None
     quant = quantize_for_export(decoder, art, request, target, log)  # before the method is installed
     if art is not None:
-        if art.method not in (C.GRIFFIN, C.CATS):
-            raise CapreseError(f"exporting method {art.method!r} is not supported yet (griffin and cats are)")
+        if method_kind(art.method) not in (C.GRIFFIN, C.CATS, C.BYPASS):
+            raise CapreseError(f"exporting method {art.method!r} is not supported yet (griffin, cats and none are)")
         try:
             art.apply(decoder)
         except (ValueError, RuntimeError) as e:
@@ -192,12 +192,13 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
 
 
 def recipe_for(ffns: dict) -> Recipe:
-    """The recipe of a decoder whose efficient FFNs are `ffns` (layer -> GriffinFFN / CatsFFN)."""
+    """The recipe of a decoder whose efficient FFNs are `ffns` (layer -> GriffinFFN / CatsFFN / PlainFFN)."""
     if not ffns:
         return Recipe()
-    methods = {f.method for f in ffns.values()}
-    if len(methods) > 1 or not methods <= {C.GRIFFIN, C.CATS}:
-        raise ValueError(f"method {', '.join(sorted(methods))} has no export (griffin and cats do, one per model)")
+    methods = {method_kind(f.method) for f in ffns.values()}
+    if len(methods) > 1 or not methods <= {C.GRIFFIN, C.CATS, C.BYPASS}:
+        raise ValueError(f"method {', '.join(sorted(methods))} has no export (griffin, cats and none do, one per "
+                         "model)")
     method = methods.pop()
     ks = {f.k for f in ffns.values()} if method == C.GRIFFIN else {0}
     ranks = {f.bypass.rank if f.bypass is not None else 0 for f in ffns.values()}

@@ -1,8 +1,9 @@
 """The gated FFN of one layer in graph form, shared by both export targets: dense from constant weights, with
 the GRIFFIN statistic (prefill) or the CATS threshold (τ out in prefill, |a| > τ in decode; both roles in the
-shared TensorRT graph), and GRIFFIN's decode FFN over the per-prompt folded matrices.
+shared TensorRT graph), BYPASS (dense, + x·L·R in decode only), and GRIFFIN's decode FFN over the per-prompt
+folded matrices.
 
-Gate and up are one MatMul over [W_g, W_1] (+ L for CATS layers with a bypass, so decode folds it for free: the
+Gate and up are one MatMul over [W_g, W_1] (+ L for CATS / BYPASS layers with a bypass, so decode folds it for free: the
 down matrix is then [W_2 ; R]); the names and shapes are the engine spec's (LayerTensors.gate_up / down).
 """
 
@@ -40,7 +41,7 @@ class FfnGraph:
 
     def quantized(self, t: LayerTensors, dense, ffn, x: str) -> str:
         """The fused FFN of a quantized layer: act(x Ŵ_g)·(x Ŵ_1) @ Ŵ_2 from the quantized gate_up / down, the
-        bypass x L, R (CATS) in floats apart (GRIFFIN prefill: dense, no bypass, as in floats)."""
+        bypass x L, R (CATS, BYPASS) in floats apart (GRIFFIN prefill: dense, no bypass, as in floats)."""
         g, sg, i, kind = self.g, self.sg, t.index, t.kind
         F = dense.gate_proj.out_features
         h = sg.linear(x, t.gate_up, None, "mlp", "gate_up", i, "gate_up")
@@ -52,6 +53,8 @@ class FfnGraph:
         low = self._bypass_matmul(x, t.L, ffn.bypass.L, i, "bypass_L") if t.L is not None else None
         if kind == C.CATS:
             a, low = self._cats(i, a, ffn, low)
+        elif kind == C.BYPASS:
+            low = self._bypass_role(i, low)
         z = g.op("Mul", [a, up], "mlp", "Mul_gate_up", i)
         if kind == C.GRIFFIN and self.prefill:
             self._griffin_statistic(i, z)
@@ -76,7 +79,7 @@ class FfnGraph:
             return self.quantized(t, dense, ffn, x)
         g, i, kind = self.g, t.index, t.kind
         F = dense.gate_proj.out_features
-        bypass = ffn.bypass if (kind == C.CATS and ffn is not None) else None
+        bypass = ffn.bypass if (kind in (C.CATS, C.BYPASS) and ffn is not None) else None
         r = bypass.rank if bypass is not None else 0
         cols = [linear_t(dense.gate_proj.weight), linear_t(dense.up_proj.weight)]
         rows = [linear_t(dense.down_proj.weight)]
@@ -94,6 +97,8 @@ class FfnGraph:
         low = parts[2] if r else None
         if kind == C.CATS:
             a, low = self._cats(i, a, ffn, low)
+        elif kind == C.BYPASS:
+            low = self._bypass_role(i, low)
         z = g.op("Mul", [a, up], "mlp", "Mul_gate_up", i)
         if kind == C.GRIFFIN and self.prefill:
             self._griffin_statistic(i, z)
@@ -162,6 +167,17 @@ class FfnGraph:
         sq = g.op("Mul", [zn, zn], "mlp", "Mul_stat_sq", i)
         sq = g.op("Mul", [sq, vf], "mlp", "Mul_stat_valid", i)
         g.op("ReduceSum", [sq, g.const([1], "int64")], "mlp", "ReduceSum_stat", i, out=C.griffin_stat(i), keepdims=0)
+
+    def _bypass_role(self, i: int, low: str | None) -> str | None:
+        """A BYPASS layer's x L as the FFN uses it: off in prefill (x0, so L is read either way), on in decode,
+        switched by decode_flag as data in the shared graph."""
+        g = self.g
+        if low is None or not self.prefill:
+            return low
+        if not self.shared:
+            return g.op("Mul", [low, g.fconst(0.0)], "mlp", "Mul_bypass_off", i)
+        gate = g.op("Cast", [C.DECODE_FLAG], "mlp", "Cast_role_bypass", i, to=g.ft)
+        return g.op("Mul", [low, gate], "mlp", "Mul_role_bypass", i)
 
     def _cats(self, i: int, a: str, ffn, low: str | None) -> tuple[str, str | None]:
         """CATS: (activation, bypass columns) as the FFN uses them. Prefill: dense, bypass off, cats_tau.i out.

@@ -31,7 +31,7 @@ def build_graphs(em: ExportModel, weights: WeightsWriter) -> dict[str, onnx.Mode
 
 def build_shared_graph(em: ExportModel, weights: WeightsWriter) -> onnx.ModelProto:
     """The graph one TensorRT engine runs in both roles (layouts without GRIFFIN layers; symbolic cache length,
-    see contract.GraphLayout.tensorrt_io). With no CATS layer it is the prefill graph itself."""
+    see contract.GraphLayout.tensorrt_io). With no CATS / BYPASS layer it is the prefill graph itself."""
     if not em.layout.shares_engine:
         raise ValueError("GRIFFIN layouts have no shared graph (their decode graph takes per-prompt weights)")
-    return StandardGraph(em, C.TRT_SHARED if em.layout.layers_of(C.CATS) else C.PREFILL, weights).build()
+    return StandardGraph(em, C.TRT_SHARED if em.layout.role_switched else C.PREFILL, weights).build()

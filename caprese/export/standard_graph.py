@@ -70,7 +70,7 @@ class StandardGraph:
         self.em, self.graph, self.lay, self.spec = em, graph, em.layout, em.spec
         self.model = em.decoder.spec
         self.g = GraphBuilder(weights, self.lay.dtype)
-        # the shared graph is the prefill graph (any T) with CATS layers switched by decode_flag
+        # the shared graph is the prefill graph (any T) with CATS / BYPASS layers switched by decode_flag
         self.shared = graph == C.TRT_SHARED
         self.prefill = graph in (C.PREFILL, C.TRT_SHARED)
         self._rows_shapes: dict[int, str] = {}

@@ -41,7 +41,7 @@ def tensorrt_models(em: ExportModel, graphs: dict[str, onnx.ModelProto], weights
     """{engine name: static-cache graph} for the layout's engines (contract.GraphLayout.tensorrt_engines)."""
     lay = em.layout
     if lay.shares_engine:
-        shared = graphs[C.PREFILL] if not lay.layers_of(C.CATS) else build_shared_graph(em, weights)
+        shared = build_shared_graph(em, weights) if lay.role_switched else graphs[C.PREFILL]
         models = {C.TRT_SHARED: shared}
     elif lay.quantized:  # TensorRT dequantizes INT4 only from constants: per-prompt matrices in floats
         fem = dataclasses.replace(em, float_selection=True)

@@ -53,6 +53,9 @@ def native_unsupported(manifest) -> str | None:
                 "or export with --precision fp32)")
     if manifest.model.activation not in _ACTIVATIONS:
         return f"the native backend has no {manifest.model.activation!r} activation; use --backend onnxruntime"
+    if C.BYPASS in spec.layout.layer_kinds:
+        return ("the native backend has no decode bypass for the layers of method none (quantization + bypass); "
+                "use --backend onnxruntime")
     for path, w in spec.refs():
         why = _quant_unsupported(w)
         if why:

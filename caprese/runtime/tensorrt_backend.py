@@ -3,7 +3,7 @@
 Written against the documented TensorRT 10.x Python API; TensorRT cannot be installed on our CPU machines, so the
 TensorRT calls here are UNTESTED here (tests/test_tensorrt_gpu.py, marked `tensorrt` and `gpu`, runs them on a
 GPU runner); what they bind to what is plain code, tested everywhere (caprese.runtime.tensorrt_plan).
-- Engines: dense and CATS folders hold ONE engine with two optimization profiles (the weights are on the GPU
+- Engines: dense, CATS and BYPASS folders hold ONE engine with two optimization profiles (the weights are on the GPU
   once); the prefill and the decode execution contexts select profile 0 and 1 once, at creation. GRIFFIN folders
   hold two engines. The trt.Runtime that deserialized them lives as long as they do (self.runtime).
 - Plans are weight-stripped by default: each engine is refitted from the ONNX file it was built from

@@ -2,14 +2,14 @@
 the binding is unit-tested without TensorRT (tests/test_tensorrt_plan.py); caprese.runtime.tensorrt_backend
 allocates the buffers and binds them.
 
-- One execution context per role. The shared engine of dense / CATS layouts has two optimization profiles:
+- One execution context per role. The shared engine of dense / CATS / BYPASS layouts has two optimization profiles:
   the prefill context selects profile 0 and the decode context profile 1, once, at creation (TensorRT: each
   execution context in concurrent use needs its own profile), so nothing is switched per call. GRIFFIN has two
   engines of one profile each.
 - The KV cache is one [1, H_kv, S, D] buffer per layer for K and for V at the engines' STATIC length S, bound to
   past_* AND present_* of every role (IKVCacheUpdateLayer writes in place: both names at the same address).
 - Token inputs: prefill binds [1, max_prompt_len] buffers and sets the shape [1, n] per call; decode binds [1, 1].
-- The shared CATS graph: decode_flag is a constant buffer per role (False / True); cats_tau_in.{i} reads the
+- The shared CATS / BYPASS graph: decode_flag is a constant buffer per role (False / True); cats_tau_in.{i} reads the
   decode threshold buffer (ignored by the prefill role); the decode role's cats_tau.{i} outputs go to scratch.
 """
 

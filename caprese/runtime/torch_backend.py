@@ -25,6 +25,7 @@ from caprese import cpu_threads
 from caprese.errors import CapreseError
 from caprese.export import contract as C
 from caprese.export.folding import select_neurons
+from caprese.export.engine_spec import method_kind
 from caprese.runtime.backend import Backend, PrefillOut
 from caprese.runtime.buffers import new_capacity, read_stats
 from caprese.runtime.cuda_graph import CapturedStep
@@ -49,7 +50,7 @@ def load_reference(manifest, device: str, source: str | None = None, base_model:
         if rec.get("fingerprint") and art.fingerprint != rec["fingerprint"]:
             raise CapreseError(f"the artifact {path} belongs to another base model than the engine's; export again")
         recipe = manifest.spec.recipe
-        if art.method != recipe.method or art.density != recipe.density or art.rank != recipe.rank:
+        if method_kind(art.method) != recipe.method or art.density != recipe.density or art.rank != recipe.rank:
             raise CapreseError(f"the artifact {path} ({art.method}, density {art.density}, rank {art.rank}) no longer "
                                f"matches the engine ({recipe.method}, density {recipe.density}); export again")
         decoder = load_decoder(art.base_model, precision, device)
@@ -92,7 +93,7 @@ class TorchBackend(Backend):
         self.decoder = load_reference(manifest, device, source, base_model)
         self.ffns = efficient_layers(self.decoder)
         lay = self.layout
-        kinds = {i: f.method for i, f in self.ffns.items()}
+        kinds = {i: method_kind(f.method) for i, f in self.ffns.items()}
         want = {i: k for i, k in enumerate(lay.layer_kinds) if k != C.DENSE}
         if kinds != want or any(self.ffns[i].k != lay.k for i in lay.layers_of(C.GRIFFIN)):
             raise CapreseError(f"the source model's methods {kinds} do not match the engine's layers {want}; export "
