@@ -51,13 +51,7 @@ class FfnGraph:
         gate, up = g.op("Split", [h, g.const([F, F], "int64")], "mlp", "Split", i, n_out=2, axis=-1)
         a = activation(g, self.act, gate, i, "act")
         low = self._bypass_matmul(x, t.L, ffn.bypass.L, i, "bypass_L") if t.L is not None else None
-        if kind == C.CATS:
-            a, low = self._cats(i, a, ffn, low)
-        elif kind == C.BYPASS:
-            low = self._bypass_role(i, low)
-        z = g.op("Mul", [a, up], "mlp", "Mul_gate_up", i)
-        if kind == C.GRIFFIN and self.prefill:
-            self._griffin_statistic(i, z)
+        z, low = self._gate(i, kind, a, up, ffn, low)
         y = sg.linear(z, t.down, None, "mlp", "down", i, "down")
         if low is not None:
             y = g.op("Add", [y, self._bypass_matmul(low, t.R, ffn.bypass.R, i, "bypass_R")], "mlp", "Add_bypass", i)
@@ -95,17 +89,23 @@ class FfnGraph:
         gate, up = parts[0], parts[1]
         a = activation(g, self.act, gate, i, "act")
         low = parts[2] if r else None
-        if kind == C.CATS:
-            a, low = self._cats(i, a, ffn, low)
-        elif kind == C.BYPASS:
-            low = self._bypass_role(i, low)
-        z = g.op("Mul", [a, up], "mlp", "Mul_gate_up", i)
-        if kind == C.GRIFFIN and self.prefill:
-            self._griffin_statistic(i, z)
+        z, low = self._gate(i, kind, a, up, ffn, low)
         if r:
             z = g.op("Concat", [z, low], "mlp", "Concat_bypass", i, axis=-1)
         y = g.op("MatMul", [z, g.weight(t.down, torch.cat(rows, 0))], "mlp", "MatMul_down", i)
         return self.down_bias(t, dense, y)
+
+    def _gate(self, i: int, kind: str, a: str, up: str, ffn, low: str | None) -> tuple[str, str | None]:
+        """act(gate) * up with what the layer kind does between them (CATS threshold, the bypass's role switch,
+        GRIFFIN's prefill statistic), the same for float and quantized weights -> (z, the bypass's x·L or None)."""
+        if kind == C.CATS:
+            a, low = self._cats(i, a, ffn, low)
+        elif kind == C.BYPASS:
+            low = self._bypass_role(i, low)
+        z = self.g.op("Mul", [a, up], "mlp", "Mul_gate_up", i)
+        if kind == C.GRIFFIN and self.prefill:
+            self._griffin_statistic(i, z)
+        return z, low
 
     def down_bias(self, t: LayerTensors, dense, y: str) -> str:
         if t.down_bias is None:
