@@ -19,6 +19,7 @@ import torch
 from distributed_worker import make_samples
 from export_helpers import prompt_ids, reference_greedy
 from quantized_export_helpers import QuantLoop
+from test_native_backend import ATOL as NATIVE_ATOL, RTOL as NATIVE_RTOL, needs_cc, recorded
 
 from caprese.calibration.calibrate import calibrate
 from caprese.calibration.recipe import CalibrationOptions, CalibrationRecipe, LayerwiseConfig
@@ -96,28 +97,44 @@ def test_method_none_export_matches_the_artifacts_model(target, block, tensorrt,
     assert np.abs(np.asarray(logits[1]) - plain_logits[1].numpy()).max() > 1e-3
 
 
-def test_method_none_runs_on_the_runtime_backends(none_artifact, tmp_path):
-    """Generator: onnxruntime and torch give the artifact's greedy tokens; auto picks onnxruntime (the native
-    backend refuses BYPASS layers with a one-line reason)."""
+@needs_cc
+@pytest.mark.parametrize("target,block", [("onnxruntime", 32), ("tensorrt", 64)])
+def test_method_none_runs_on_the_runtime_backends(target, block, none_artifact, tmp_path):
+    """Generator: onnxruntime, torch and native give the artifact's greedy tokens, and native's decode logits are
+    ONNX Runtime's within the native backend's tolerance (tests/test_native_quantized.py: the same codes, another
+    summation order); auto picks native. The artifact's down codes are blocked along D (stored [F, D]) on both
+    targets, so the kernel reads them as rows-axpy with R's rows beside them, as for quantized CATS layers."""
     from caprese.calibration.source import open_source
     from caprese.export.exporter import export
     from caprese.export.manifest import load_manifest
     from caprese.runtime import Generator
     from caprese.runtime.native_backend import native_unsupported
     from export_helpers import one_torch_thread
-
-    art = none_artifact[32]
-    engine = export(art, tmp_path / "engine", max_seq_len=96, target="onnxruntime").out
-    why = native_unsupported(load_manifest(engine))
-    assert why and "onnxruntime" in why and "\n" not in why
+    art = none_artifact[block]
+    engine = export(art, tmp_path / "engine", max_seq_len=96, target=target).out
+    assert native_unsupported(load_manifest(engine)) is None
     tm = open_source(art)
     ids = tm.encode("What is 12 + 7?", chat=True)
     with one_torch_thread():
         want = tm.generate(ids, max_new_tokens=32, ignore_eos=True).tokens
-        for backend in ("onnxruntime", "torch", "auto"):
-            got = Generator.load(engine, backend=backend, threads=1).generate(ids, max_new_tokens=32,
-                                                                              ignore_eos=True).tokens
-            assert got == want, backend
+    gens = {b: Generator.load(engine, backend=b, threads=1) for b in ("onnxruntime", "torch", "native", "auto")}
+    for backend, g in gens.items():
+        with one_torch_thread():
+            r = g.generate(ids, max_new_tokens=32, ignore_eos=True)
+        assert r.tokens == want, backend
+        if backend == "auto":
+            assert r.stats.backend == "native"
+    ref, ref_logits = recorded(gens["onnxruntime"], ids, 0)
+    got, got_logits = recorded(gens["native"], ids, 0)
+    diff = (got_logits - ref_logits).abs().max().item()
+    print(f"method none {target}: max |logits native - onnxruntime| = {diff:.2e} over {len(got_logits)} steps")
+    assert got.tokens == ref.tokens
+    torch.testing.assert_close(got_logits, ref_logits, atol=NATIVE_ATOL, rtol=NATIVE_RTOL)
+    # the bypass is in native's decode: dropping R (its rows in the arena) changes the logits
+    t = gens["native"].backend.manifest.spec.layers[0]
+    gens["native"].backend.arena[t.R][...] = 0
+    _, plain_logits = recorded(gens["native"], ids, 0)
+    assert (plain_logits - got_logits).abs().max().item() > 1e-3
 
 
 @pytest.mark.parametrize("target,tensorrt", [("onnxruntime", False), ("tensorrt", False), ("tensorrt", True)])
@@ -149,6 +166,14 @@ def test_float_method_none_graphs_match_the_reference(target, tensorrt, tiny_mod
     assert tokens.tolist() == ref_tokens.tolist()
     _, plain_logits = reference_greedy(_without_bypass(dec), prompt, 2)
     assert np.abs(np.asarray(logits[1]) - plain_logits[1].numpy()).max() > 1e-3
+    if target == "onnxruntime" and not needs_cc.args[0]:  # the native kernel: [W_g, W_1, L] / [W_2 ; R] as GRIFFIN's
+        from caprese.runtime import Generator
+
+        ids = prompt[0].tolist()
+        ref, ref_logits = recorded(Generator.load(engine, backend="onnxruntime", threads=1), ids, 0)
+        got, got_logits = recorded(Generator.load(engine, backend="native", threads=1), ids, 0)
+        assert got.stats.backend == "native" and got.tokens == ref.tokens
+        torch.testing.assert_close(got_logits, ref_logits, atol=NATIVE_ATOL, rtol=NATIVE_RTOL)
 
 
 def test_bypass_recipe_and_tensorrt_binding_plan():

@@ -53,9 +53,6 @@ def native_unsupported(manifest) -> str | None:
                 "or export with --precision fp32)")
     if manifest.model.activation not in _ACTIVATIONS:
         return f"the native backend has no {manifest.model.activation!r} activation; use --backend onnxruntime"
-    if C.BYPASS in spec.layout.layer_kinds:
-        return ("the native backend has no decode bypass for the layers of method none (quantization + bypass); "
-                "use --backend onnxruntime")
     for path, w in spec.refs():
         why = _quant_unsupported(w)
         if why:
@@ -254,6 +251,9 @@ class NativeBackend(Backend):
             l_, r_ = A[bypass_l], A[bypass_r]
             L.rank = l_.shape[1]
             L.gu2, L.down = self._mat(l_), self._mat(r_)
+            if not L.down_rows:  # R's rows are added beside the quantized down rows (rows-axpy) only
+                raise CapreseError(f"layer {i}: a bypass beside a down projection stored {t.down.storage}; the native "
+                                   "kernel reads it with down stored [F, D]: use --backend onnxruntime")
 
     def _split_gate_up_bias(self, t, F: int) -> int | None:
         """[b_g, b_1] of a layer whose gate and up are stored apart (a missing one zeros), kept alive here."""
