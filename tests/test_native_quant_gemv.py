@@ -264,25 +264,60 @@ def test_layout_mirror_is_checked():
         library.check_layout(lib, lib.path, mirrors=(QMat,))
 
 
-def test_int8_activation_experiment_within_its_bound():
-    """The benchmark's VNNI experiment (x rounded to int8 per 32 elements): within the activation rounding's own
-    bound, sum_b absmax_b(x) / 254 * sum_{c in b} |w_hat| (+ fp32 rounding), which is far above the fp32 path's
-    error (that is why caprese does not use it); skipped where the CPU has no AVX-512 VNNI."""
-    if not {"avx512_vnni", "avx512vl", "avx512bw"} <= _cpu_flags():
-        pytest.skip("no AVX-512 VNNI on this CPU")
-    for fmt, cols in ((WeightFormat(4, 32, "fp16"), 640), (WeightFormat(4, 64, "fp32"), 576),
-                      (WeightFormat(4, ROW, "fp16"), 576), (WeightFormat(4, 32, "fp32"), 64)):
-        qt = _quant(21, cols, fmt, seed=12)
-        x = torch.randn(cols, generator=torch.Generator().manual_seed(13))
-        w = _ref(qt)
-        y = qg.rows_dot_int8_activations(qg.QMatrix(qt), x, isa="avx512")
-        xb = x.double().reshape(-1, 32).abs().amax(dim=1)  # [20]
-        bound = (w.abs().reshape(21, -1, 32).sum(dim=2) * (xb / 254)).sum(dim=1)
-        err = (y.double() - w @ x.double()).abs()
-        fp32 = 4 * U * math.sqrt(cols) * (w.abs() @ x.double().abs())
-        print(f"int8-act {_fid(fmt)}: max err / bound = {float((err / bound).max()):.3f}")
-        assert bool((err <= bound + fp32).all())
-        assert float(err.max()) > float(fp32.max())  # it is not the fp32 path: the rounding shows
+def _quantize_x(x: torch.Tensor, xb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8_activations.c's definition in torch's fp32 arithmetic (IEEE, as the C code's): per block of xb,
+    m = max |x|, s_x = m / 127, code = round_half_even(x * (127 / m)); (codes, s_x per element)."""
+    xb_ = x.reshape(-1, xb)
+    m = xb_.abs().amax(dim=1, keepdim=True)
+    inv = torch.where(m > 0, torch.tensor(127.0) / m, torch.zeros_like(m))
+    codes = torch.round(xb_ * inv)  # torch.round: half to even
+    return codes.reshape(-1), (m / 127.0).expand_as(xb_).reshape(-1)
+
+
+INT8X_CASES = [(WeightFormat(4, 32, "fp16"), 640), (WeightFormat(4, 64, "fp32"), 576),
+               (WeightFormat(4, ROW, "fp16"), 576), (WeightFormat(4, 32, "fp32"), 64), (WeightFormat(4, 32, "fp16"), 96),
+               (WeightFormat(4, 128, "fp16"), 4224), (WeightFormat(4, ROW, "fp32"), 4160)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt,cols", INT8X_CASES, ids=[f"{_fid(f)}-{c}" for f, c in INT8X_CASES])
+def test_int8_activations_against_float64(isa, fmt, cols):
+    """int4 rows-dot with int8 activations (int8_activations.c) against its definition in float64: x's codes and
+    scales recomputed here, y[i] = sum_c code_w * scale_w * code_x * s_x. The integer lane sums are exact, so the
+    kernel differs from that by fp32 rounding of the per-lane scaling and of the sum (<= n / 8 + 2 roundings of
+    terms bounded by sum |w_hat| |code_x s_x|): tolerance 4 u sqrt(n) sum |w_hat x_hat| as the fp32 path's. Shapes:
+    128-column chunks only (640), chunks + a 64 tail (576), tails only (64, 96), more than one 4096-column tile
+    (4224, 4160), one scale per row; the -8 code; a row subset. And it is NOT the fp32 path: against the unrounded
+    x the error exceeds that tolerance but stays within the activation rounding's bound,
+    sum_b s_x[b] / 2 * sum_{c in b} |w_hat[i, c]|."""
+    qt = _quant(21, cols, fmt, seed=12)
+    x = torch.randn(cols, generator=torch.Generator().manual_seed(13)) * 3
+    x[5] = 0.0
+    x[-32:] = 0.0  # an all-zero block: scale 0, codes 0
+    w = _ref(qt)
+    xb = fmt.block_size if fmt.block_size not in (None, ROW) else 32
+    codes, sx = _quantize_x(x, xb)
+    x_hat = codes.double() * sx.double()
+    rows = torch.tensor([20, 0, 7, 7, 3, 11])
+    for sel in (None, rows):
+        y = qg.rows_dot_int8_activations(qg.QMatrix(qt), x, rows=sel, isa=isa)
+        ws = w if sel is None else w[sel]
+        want = ws @ x_hat
+        tol = 4 * U * math.sqrt(cols) * (ws.abs() @ x_hat.abs()) + 1e-30
+        err = (y.double() - want).abs()
+        print(f"int8 activations {isa} {_fid(fmt)} [{cols}]: max err {float((err / tol).max()):.3f} of tolerance")
+        assert bool((err <= tol).all())
+    unrounded = (y.double() - w[rows] @ x.double()).abs()
+    bound = (w[rows].abs() * (sx.double() / 2)).sum(dim=1)
+    assert bool((unrounded <= bound + tol).all()) and bool((unrounded > tol).any())
+
+
+def test_int8_activations_refuse_other_formats():
+    """int8 weights, or columns not a multiple of 32, are a one-line error (the decode step keeps fp32 activations
+    for them)."""
+    for fmt, cols in ((WeightFormat(8, 32, "fp16"), 64), (WeightFormat(4, ROW, "fp16"), 48)):
+        with pytest.raises(CapreseError, match="int8 activations take int4"):
+            qg.rows_dot_int8_activations(qg.QMatrix(_quant(4, cols, fmt, seed=1)), torch.randn(cols))
 
 
 @pytest.mark.parametrize("bits", (4, 8))

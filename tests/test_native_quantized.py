@@ -204,3 +204,46 @@ def test_float_selection_griffin_runs_the_float_ffn(tmp_path_factory, tiny_model
     got, got_logits = recorded(generator(engine, "native"), prompt, 8)
     assert got.tokens == ref.tokens
     torch.testing.assert_close(got_logits, ref_logits, atol=ATOL, rtol=RTOL)
+
+
+# (kind, method, quantized head, logits atol) of the int8-activation engines: every path that multiplies int4 rows
+I8_CASES = [("qwen2", "dense", False, 2e-3), ("qwen2", "cats", False, 2e-3), ("qwen2", "griffin", False, 0.15),
+            ("gemma2", "dense", True, 0.15)]
+
+
+@needs_cc
+@pytest.mark.parametrize("isa", [None, *OTHER_ISAS])
+@pytest.mark.parametrize("kind,method,head,atol", I8_CASES,
+                         ids=[f"{k}-{m}{'-qhead' if h else ''}" for k, m, h, _ in I8_CASES])
+def test_int8_activation_engines(isa, kind, method, head, atol, tmp_path_factory, tiny_model_dir):
+    """An engine exported with --int8-activations (MatMulNBits accuracy_level 4): the native kernel multiplies
+    every int4 product with int8 activations (native/int8_activations.c, checked against float64 in
+    tests/test_native_quant_gemv.py), and follows ONNX Runtime on the same engine: identical greedy tokens, and
+    logits within `atol`. ONNX Runtime rounds activations by the same rule (per block of 32, absmax / 127, half to
+    even): on qwen2 dense / CATS the logits agree to ~5e-6 (atol 2e-3). Two cases differ by design or by chance,
+    hence 0.15 there: GRIFFIN's per-prompt rows are graph inputs, which MatMulNBits cannot pre-pack, so ONNX
+    Runtime multiplies them as DequantizeLinear -> MatMul with fp32 activations while the kernel keeps int8; on
+    gemma2 (soft-caps; the AVX-512 build) attention outputs that differ from ONNX Runtime's by one fp32 ulp flip a
+    few int8 codes of the o projection's input, and this tiny random model amplifies that to ~5e-2. Either way the
+    int8 arithmetic must really run: with fp32 activations (int8_act switched off) the kernel moves further."""
+    engine = q_export(tmp_path_factory, tiny_model_dir, kind, method, "int4", None, "onnxruntime", head,
+                      int8_activations=True)[0]
+    prompt = prompt_ids(14, seed=3)[0].tolist()
+    rho = 8 if method == "griffin" else 0
+    ref, ref_logits = recorded(generator(engine, "onnxruntime"), prompt, rho)
+    nat = generator(engine, "native", isa=isa)
+    assert nat.backend.describe()["activations"] == "int8 (int4 weights)"
+    got, got_logits = recorded(nat, prompt, rho)
+    diff = (got_logits - ref_logits).abs().max().item()
+    nat.backend._model.int8_act = 0
+    try:
+        _, f32_logits = recorded(nat, prompt, rho)
+    finally:
+        nat.backend._model.int8_act = 1
+    moved = (f32_logits - got_logits).abs().max().item()
+    print(f"int8 activations {kind} {method} [{nat.backend.describe()['isa']}]: max |native - onnxruntime acc4| = "
+          f"{diff:.2e}; fp32 activations move the kernel's logits by {moved:.2e} (|logit| <= "
+          f"{ref_logits.abs().max():.2f})")
+    assert got.tokens == ref.tokens
+    torch.testing.assert_close(got_logits, ref_logits, atol=atol, rtol=0)
+    assert moved > 10 * ATOL

@@ -100,6 +100,10 @@ class NativeBackend(Backend):
         if why:
             raise CapreseError(why)
         self._ctx = None
+        # --int8-activations engines (MatMulNBits accuracy_level 4) state int8-activation arithmetic: the kernel
+        # multiplies their int4 weights that way too (native/int8_activations.c); other formats keep fp32 x
+        w = spec.recipe.weights
+        self.int8_activations = w is not None and w.accuracy_level == 4
         self.lib = lib_.load(isa)
         self.kernel = self.lib.path
         # prefill, selection and folding: the prefill graph on ONNX Runtime, over the buffers the kernel reads
@@ -333,6 +337,7 @@ class NativeBackend(Backend):
         else:
             M.lm_head = address(A[spec.head])
         M.final_norm = address(A[spec.final_norm])
+        M.int8_act = int(self.int8_activations)
         M.rope_cos, M.rope_sin = address(A[spec.rope_cos]), address(A[spec.rope_sin])
         M.layers = self._layers
         M.logits = address(self.buffers[C.LOGITS].host)
@@ -419,7 +424,8 @@ class NativeBackend(Backend):
     def describe(self) -> dict:
         d = {"threads": self.nthreads, "kv_policy": self.kv_policy, "prefill": "onnxruntime",
              "kernel": str(self.kernel), "isa": self.lib.isa,
-             "head": self.head + (" (quantized, read whole)" if self.head_quantized else "")}
+             "head": self.head + (" (quantized, read whole)" if self.head_quantized else ""),
+             "activations": "int8 (int4 weights)" if self.int8_activations else "fp32"}
         if self.head_choice is not None:
             d["head_choice"] = self.head_choice.describe()
         return d

@@ -111,6 +111,8 @@ typedef struct {
     const float *head_bound; /* [vocab]: |h.w_v - head_scale[v] * h.head_q[v]| <= |h|_2 * head_bound[v] in fp32 */
     int64_t q_head;          /* the LM head is quantized: q_lm_head [vocab, hidden] (lm_head unused, never screened) */
     QMat q_lm_head;
+    int64_t int8_act;        /* the engine's quantized products take int8 activations (int8_activations.c): int4
+                              * rows-dot over x rounded once per product by the leader; other formats keep fp32 x */
 } Model;
 
 /* ------------------------------------------------------------------ the structs' layout, for the ctypes mirror */
@@ -139,7 +141,7 @@ static const LayoutField LAYOUT[] = {
     FIELD(Model, final_softcap), FIELD(Model, embed_scale), FIELD(Model, embed), FIELD(Model, lm_head),
     FIELD(Model, final_norm), FIELD(Model, rope_cos), FIELD(Model, rope_sin), FIELD(Model, layers),
     FIELD(Model, logits), FIELD(Model, head_q), FIELD(Model, head_scale), FIELD(Model, head_bound),
-    FIELD(Model, q_head), FIELD(Model, q_lm_head),
+    FIELD(Model, q_head), FIELD(Model, q_lm_head), FIELD(Model, int8_act),
     {NULL, NULL, 0, 0}};
 
 /* Every struct ctypes mirrors, with each field's offset and size as this compiler laid them out. */
@@ -412,6 +414,10 @@ struct Ctx {
     float *sel;                  /* leader: the screened head's lower bounds gathered from the chunks */
     float *qkv, *att, *gu, *z;   /* quantized layers, gathered by the leader: QKV outputs, attention outputs of
                                   * every head, gate/up(/L) outputs, the FFN's activations (+ bypass) */
+    void *xq_buf;                /* int8-activation engines: the leader's x rounded to int8 for the next product(s), */
+    QgX xq;                      /* valid for x == xq_src and matrices of xq_cols columns in blocks of xq_xb */
+    const float *xq_src;
+    int64_t xq_cols, xq_xb;
     _Alignas(64) int64_t ema_ns[PH_KINDS]; /* typical chunk time per kind (the wait before a chunk is run again) */
     int64_t ns_wait, n_phases;   /* leader: time spent waiting for other threads' chunks; phases run */
     int64_t spin_ns;             /* how long an idle helper spins before it sleeps */
@@ -566,6 +572,25 @@ static void stage_q_attention(const Ctx *c, const Phase *ph, int64_t i, float *o
     attend_head(c, m->layers + ph->layer, ph->slot, i, c->qkv + i * hd, tmp, out, tmp + hd);
 }
 
+/* Leader, before a phase of quantized products of w-shaped matrices over x: on an int8-activation engine, x
+ * rounded to int8 once for every chunk (int4 weights only; other formats keep fp32 activations). */
+static void quantize_for(Ctx *c, const QMat *w, const float *x) {
+    c->xq_src = NULL;
+    if (!c->m->int8_act || !caprese_qx_fits(w)) return;
+    caprese_qx_quantize(w, x, c->xq_buf, &c->xq);
+    c->xq_src = x;
+    c->xq_cols = w->cols;
+    c->xq_xb = qx_block(w);
+}
+
+/* y[r] for r in [r0, r1) (rows idx[r] when given) of w times x: int8 activations where the leader prepared them. */
+static void q_dot(const Ctx *c, const QMat *w, const float *x, const int64_t *idx, int64_t r0, int64_t r1, float *y) {
+    if (c->xq_src == x && c->xq_cols == w->cols && c->xq_xb == qx_block(w) && caprese_qx_fits(w))
+        caprese_q_rows_dot_qx(w, &c->xq, idx, r0, r1, y);
+    else
+        caprese_q_rows_dot(w, x, idx, r0, r1, y);
+}
+
 /* A quantized product's chunk: outputs [o0, o1) of the phase's job, each a whole row dot product (no partial
  * sums), into out[0 ..). */
 static void stage_q_dot(const Ctx *c, const Phase *ph, int64_t i, float *out) {
@@ -574,11 +599,11 @@ static void stage_q_dot(const Ctx *c, const Phase *ph, int64_t i, float *out) {
     const int64_t o0 = i * ph->rows, o1 = o0 + ph->rows < ph->n ? o0 + ph->rows : ph->n;
     float *y = out - o0; /* the kernels write y[r] for r in [r0, r1) */
     switch (ph->job) {
-    case J_QKV: caprese_q_rows_dot(&L->q_qkv, c->h, NULL, o0, o1, y); break;
-    case J_O: caprese_q_rows_dot(&L->q_o, c->att, NULL, o0, o1, y); break;
-    case J_DOWN: caprese_q_rows_dot(&L->q_down, c->z, NULL, o0, o1, y); break;
+    case J_QKV: q_dot(c, &L->q_qkv, c->h, NULL, o0, o1, y); break;
+    case J_O: q_dot(c, &L->q_o, c->att, NULL, o0, o1, y); break;
+    case J_DOWN: q_dot(c, &L->q_down, c->z, NULL, o0, o1, y); break;
     case J_HEAD: {
-        caprese_q_rows_dot(&m->q_lm_head, c->h, NULL, o0, o1, y);
+        q_dot(c, &m->q_lm_head, c->h, NULL, o0, o1, y);
         const float cap = m->final_softcap;
         if (cap > 0.0f)
             for (int64_t v = 0; v < o1 - o0; v++) out[v] = tanhf(out[v] / cap) * cap;
@@ -587,9 +612,9 @@ static void stage_q_dot(const Ctx *c, const Phase *ph, int64_t i, float *out) {
     case J_GU: { /* outputs [gate n_ff | up n_ff | L rank]; CATS: [gate n_ff | L rank] (up rows in phase D) */
         const int64_t F = L->n_ff, nq = L->cats_tau ? F : 2 * F;
         const int64_t g1 = o1 < F ? o1 : F;
-        if (g1 > o0) caprese_q_rows_dot(&L->q_gate, c->h, NULL, o0, g1, y);
+        if (g1 > o0) q_dot(c, &L->q_gate, c->h, NULL, o0, g1, y);
         const int64_t u0 = o0 > F ? o0 : F, u1 = o1 < nq ? o1 : nq;
-        if (u1 > u0) caprese_q_rows_dot(&L->q_up, c->h, NULL, u0 - F, u1 - F, y + F);
+        if (u1 > u0) q_dot(c, &L->q_up, c->h, NULL, u0 - F, u1 - F, y + F);
         const int64_t b0 = o0 > nq ? o0 : nq;
         if (o1 > b0) { /* the bypass x L: columns [b0 - nq, o1 - nq) of L, over every input */
             const Mat cols = {L->gu2.w + (b0 - nq), L->gu2.ld, o1 - b0};
@@ -623,7 +648,7 @@ static void stage_q_down(const Ctx *c, const Phase *ph, int64_t i, float *out, f
                 zc[j - j0] = z[j];
                 if (z[j] != 0.0f) idx[np++] = j;
             }
-            caprese_q_rows_dot(&L->q_up, c->h, idx, 0, np, u);
+            q_dot(c, &L->q_up, c->h, idx, 0, np, u);
             for (int64_t t = 0; t < np; t++)
                 zc[idx[t] - j0] *= u[t] + (L->up_bias ? L->up_bias[idx[t]] : 0.0f);
             const int64_t nz = (a1 - j0) - np;
@@ -1076,7 +1101,7 @@ void caprese_context_free(Ctx *c) {
     }
     free(c->slots[0]); free(c->slots[1]);
     free(c->x); free(c->h); free(c->y); free(c->t); free(c->kv); free(c->sel);
-    free(c->qkv); free(c->att); free(c->gu); free(c->z);
+    free(c->qkv); free(c->att); free(c->gu); free(c->z); free(c->xq_buf);
     free(c);
 }
 
@@ -1122,7 +1147,10 @@ Ctx *caprese_context_new(const Model *m, int64_t threads) {
     c->att = malloc(sizeof(float) * m->num_heads * m->head_dim);
     c->gu = malloc(sizeof(float) * (2 * m->max_ff + 16));
     c->z = malloc(sizeof(float) * (m->max_ff + 16));
-    ok &= c->x && c->h && c->y && c->t && c->kv && c->sel && c->qkv && c->att && c->gu && c->z;
+    int64_t xq_cols = D > m->max_ff ? D : m->max_ff;
+    if (m->num_heads * m->head_dim > xq_cols) xq_cols = m->num_heads * m->head_dim;
+    c->xq_buf = malloc((size_t)caprese_qx_bytes(xq_cols));
+    ok &= c->x && c->h && c->y && c->t && c->kv && c->sel && c->qkv && c->att && c->gu && c->z && c->xq_buf;
     for (int t = 1; ok && t < threads; t++) {
         c->workers[t].tid = t;
         c->workers[t].c = c;
@@ -1179,6 +1207,7 @@ static int run_head(Ctx *c, int64_t *next, int64_t *skipped) {
     if (m->q_head) { /* a quantized head is read whole (see native_backend.py: never screened) */
         Phase ph = phase_of(PH_QDOT, -1, V, HEAD_ROWS, HEAD_ROWS, 0);
         ph.job = J_HEAD;
+        quantize_for(c, &m->q_lm_head, c->h);
         Cat cat = {m->logits, NULL};
         run_phase(c, &ph, reduce_cat, &cat);
         if (next) {
@@ -1229,6 +1258,7 @@ static void run_attention(Ctx *c, int64_t li, int64_t slot) {
     if (L->q_attn) { /* whole-output chunks: QKV gathered, attention per head gathered, then the o rows */
         Phase a = phase_of(PH_QDOT, li, nqkv, q_rows(nqkv), q_rows(nqkv), slot);
         a.job = J_QKV;
+        quantize_for(c, &L->q_qkv, c->h);
         Cat qkv = {c->qkv, L->qkv_bias};
         run_phase(c, &a, reduce_cat, &qkv);
         memcpy(c->kv, c->qkv + kvo, sizeof(float) * (nqkv - kvo));
@@ -1238,6 +1268,7 @@ static void run_attention(Ctx *c, int64_t li, int64_t slot) {
         run_phase(c, &b, reduce_cat, &att);
         Phase o = phase_of(PH_QDOT, li, D, q_rows(D), q_rows(D), slot);
         o.job = J_O;
+        quantize_for(c, &L->q_o, c->att);
         Cat y = {c->y, L->o_bias};
         run_phase(c, &o, reduce_cat, &y);
     } else {
@@ -1269,6 +1300,7 @@ static void run_q_ffn(Ctx *c, int64_t li, int64_t *skipped) {
     const int64_t D = m->hidden, F = L->n_ff, r = L->rank, nq = L->cats_tau ? F : 2 * F, n = nq + r;
     Phase g = phase_of(PH_QDOT, li, n, q_rows(n), q_rows(n), 0);
     g.job = J_GU;
+    quantize_for(c, &L->q_gate, c->h); /* gate and up: one tensor's rows, the same columns and blocks */
     Cat gu = {c->gu, NULL};
     run_phase(c, &g, reduce_cat, &gu);
     const float *b = L->gu_bias;
@@ -1287,6 +1319,7 @@ static void run_q_ffn(Ctx *c, int64_t li, int64_t *skipped) {
     } else {
         Phase d = phase_of(PH_QDOT, li, D, q_rows(D), q_rows(D), 0);
         d.job = J_DOWN;
+        quantize_for(c, &L->q_down, c->z);
         Cat y = {c->y, L->down_bias};
         run_phase(c, &d, reduce_cat, &y);
     }

@@ -30,7 +30,8 @@ from pathlib import Path
 from caprese.errors import CapreseError
 
 SOURCE = Path(__file__).with_name("decode_step.c")
-INCLUDED = {SOURCE: (Path(__file__).with_name("quant_gemv.c"),)}  # the files a source #includes (build key)
+_QGEMV, _INT8X = Path(__file__).with_name("quant_gemv.c"), Path(__file__).with_name("int8_activations.c")
+INCLUDED = {SOURCE: (_QGEMV, _INT8X), _QGEMV: (_INT8X,)}  # the files a source #includes (build key)
 BASE_FLAGS = ["-O3", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
 ISAS = ("avx512", "avx2", "scalar", "native")
 ISA_ENV = "CAPRESE_NATIVE_ISA"
@@ -66,7 +67,7 @@ class Model(ctypes.Structure):
         (n, ctypes.c_void_p) for n in ("embed", "lm_head", "final_norm", "rope_cos", "rope_sin")] + [
         ("layers", ctypes.POINTER(Layer)), ("logits", ctypes.c_void_p),
         ("head_q", ctypes.c_void_p), ("head_scale", ctypes.c_void_p), ("head_bound", ctypes.c_void_p),
-        ("q_head", ctypes.c_int64), ("q_lm_head", QMat)]
+        ("q_head", ctypes.c_int64), ("q_lm_head", QMat), ("int8_act", ctypes.c_int64)]
 
 
 MIRRORS = (Mat, QMat, Layer, Model)  # every struct the library reads from Python

@@ -6,7 +6,7 @@
  * nibble), decoded in registers to fp32 and multiplied with fp32 activations (FMA). The activations are NOT
  * quantized: the result is the float64 product with dequantize(W) up to fp32 rounding, the graphs' value
  * (DequantizeLinear -> MatMul), so the native backend can give ONNX Runtime's tokens on the same engine.
- * (An int8-activation VNNI path was measured against this one: tools/bench_quant_gemv.py, docs/performance.md.)
+ * Engines exported with --int8-activations state int8-activation arithmetic instead: int8_activations.c (int4).
  *
  * Two shapes, for the two orientations of the format's plan:
  *   rows-dot   W stored [out, in], blocks along `in` (q/k/v/o/gate/up/LM head):
@@ -43,6 +43,7 @@
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -283,11 +284,14 @@ static void qg_prepare_x(const QMat *w, const float *x, int64_t c0, int64_t c1, 
     for (; c < c1; c++) xp[c - c0] = x[c];
 }
 
-/* y[i] (= or +=, `add`) sum_{c in [c0, c1)} x[c] * w[row_i, c] for i in [r0, r1); xp = x[c0..c1) prepared. */
+#include "int8_activations.c" /* QgX, qx_dot_tile: int4 rows-dot with int8 activations */
+
+/* y[i] (= or +=, `add`) sum_{c in [c0, c1)} x[c] * w[row_i, c] for i in [r0, r1); xp = x[c0..c1) prepared, or
+ * (i8) the QgX of all of x (int4 weights, int8 activations: int8_activations.c). */
 static inline __attribute__((always_inline)) void qg_dot_range(const QMat *w, const int bits, const int f32s,
-                                                               const float *xp, int64_t c0, int64_t c1,
+                                                               const void *xp, int64_t c0, int64_t c1,
                                                                const int64_t *idx, int64_t r0, int64_t r1,
-                                                               float *y, int add) {
+                                                               float *y, int add, const int i8) {
     int64_t i = r0;
     float out[4];
     const QgTile t = qg_tile(w, bits, c0, c1);
@@ -300,14 +304,16 @@ static inline __attribute__((always_inline)) void qg_dot_range(const QMat *w, co
                                  idx ? idx[i + 3] : i + 3};
         for (int64_t j = i + ahead; j < i + ahead + 4 && j < r1; j++)
             qg_prefetch(w->codes + (idx ? idx[j] : j) * rb + off, len);
-        qg_dot_tile(w, bits, f32s, &t, rows, 4, xp, c0, c1, out);
+        if (i8) qx_dot_tile(w, f32s, &t, rows, 4, (const QgX *)xp, c0, c1, out);
+        else qg_dot_tile(w, bits, f32s, &t, rows, 4, (const float *)xp, c0, c1, out);
         for (int k = 0; k < 4; k++) y[i + k] = add ? y[i + k] + out[k] : out[k];
     }
 #endif
     for (; i < r1; i++) {
         const int64_t row = idx ? idx[i] : i;
         if (i + ahead < r1) qg_prefetch(w->codes + (idx ? idx[i + ahead] : i + ahead) * rb + off, len);
-        qg_dot_tile(w, bits, f32s, &t, &row, 1, xp, c0, c1, out);
+        if (i8) qx_dot_tile(w, f32s, &t, &row, 1, (const QgX *)xp, c0, c1, out);
+        else qg_dot_tile(w, bits, f32s, &t, &row, 1, (const float *)xp, c0, c1, out);
         y[i] = add ? y[i] + out[0] : out[0];
     }
 }
@@ -319,7 +325,7 @@ static inline __attribute__((always_inline)) void qg_rows_dot(const QMat *w, con
     for (int64_t c0 = 0; c0 < w->cols; c0 += QG_TILE) {
         const int64_t c1 = c0 + QG_TILE < w->cols ? c0 + QG_TILE : w->cols;
         qg_prepare_x(w, x, c0, c1, xp);
-        qg_dot_range(w, bits, f32s, xp, c0, c1, idx, r0, r1, y, c0 != 0);
+        qg_dot_range(w, bits, f32s, xp, c0, c1, idx, r0, r1, y, c0 != 0, 0);
     }
 }
 
@@ -339,7 +345,7 @@ void caprese_q_rows_dot_prepared(const QMat *w, const float *xp, const int64_t *
 #define QG_DOT(bits, f32s)                                                                                   \
     for (int64_t c0 = 0; c0 < w->cols; c0 += QG_TILE)                                                        \
         qg_dot_range(w, bits, f32s, xp + c0, c0, c0 + QG_TILE < w->cols ? c0 + QG_TILE : w->cols, idx, r0, r1, \
-                     y, c0 != 0)
+                     y, c0 != 0, 0)
     QG_SPECIALIZE(w, QG_DOT);
 #undef QG_DOT
 }
@@ -499,90 +505,34 @@ void caprese_f32_rows_dot(const float *w, int64_t ld, int64_t cols, const float 
     }
 }
 
-/* ------------------------------------------------------ the int8-activation experiment (benchmark only) */
-/* int4 rows-dot with x quantized to int8 per 32 elements (scale absmax / 127, round to nearest) and AVX-512 VNNI
- * (vpdpbusd: unsigned weight nibbles c + 8 times signed x codes, four products per int32 lane; the + 8 is taken
- * out with 8 * sum(x codes) per lane). Not used by caprese: it adds an activation rounding of up to
- * scale_x / 2 per element, which the graphs (DequantizeLinear -> MatMul in fp32) do not have. Kept to measure
- * what it would gain (tools/bench_quant_gemv.py, row q4-b32-vnni). Needs cols % 64 == 0, cols <= QG_TILE,
- * blocks a multiple of 32 (or ROW). Returns -1 where the build has no AVX-512 VNNI. */
-int caprese_q4_rows_dot_vnni(const QMat *w, const float *x, int64_t r0, int64_t r1, float *y) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-    const int64_t cols = w->cols;
-    if (w->bits != 4 || cols % 64 || cols > QG_TILE || w->block % 32) return -2;
-    int8_t xe[QG_TILE / 2] __attribute__((aligned(64))), xo[QG_TILE / 2] __attribute__((aligned(64)));
-    int32_t corr[QG_TILE / 8] __attribute__((aligned(64)));
-    float sxl[QG_TILE / 8] __attribute__((aligned(64))); /* per int32 lane (8 elements): its block's x scale */
-    for (int64_t q = 0; q < cols; q += 32) {
-        float m = 0.0f;
-        for (int j = 0; j < 32; j++) m = fabsf(x[q + j]) > m ? fabsf(x[q + j]) : m;
-        const float sx = m > 0.0f ? m / 127.0f : 1.0f, inv = 1.0f / sx;
-        for (int j = 0; j < 32; j++) {
-            const int v = (int)lrintf(x[q + j] * inv);
-            ((j & 1) ? xo : xe)[(q + j) / 2] = (int8_t)v;
-        }
-        for (int l = 0; l < 4; l++) {
-            int sum = 0;
-            for (int j = 0; j < 8; j++) sum += ((j & 1) ? xo : xe)[(q + 8 * l + j) / 2];
-            corr[q / 8 + l] = 8 * sum;
-            sxl[q / 8 + l] = sx;
-        }
-    }
-    const __m512i lane_block = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    const __m512i nib = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8((char)0x88);
-    const int64_t nb = cols / w->block, rb = cols / 2, c128 = cols / 128 * 128;
-    for (int64_t i = r0; i < r1; i++) {
-        const uint8_t *p = w->codes + i * rb;
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t c = 0; c < c128; c += 128) {
-            const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(p + c / 2), flip);
-            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, nib),
-                                            _mm512_load_si512(xe + c / 2));
-            d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib), _mm512_load_si512(xo + c / 2));
-            d = _mm512_sub_epi32(d, _mm512_load_si512(corr + c / 8));
-            __m512 sw;
-            if (w->block == cols) {
-                sw = _mm512_set1_ps(qg_scale(w->scales, w->scale_fp32, i));
-            } else if (w->block == 32 && !w->scale_fp32) {
-                const __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)((const uint16_t *)w->scales +
-                                                                                 i * nb + c / 32)));
-                sw = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(s4));
-            } else {
-                float s[16];
-                for (int l = 0; l < 16; l++) s[l] = qg_scale(w->scales, w->scale_fp32, i * nb + (c + 8 * l) / w->block);
-                sw = _mm512_loadu_ps(s);
-            }
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_load_ps(sxl + c / 8)), acc);
-        }
-        float tail = 0.0f;
-        if (c128 < cols) { /* the last 64 elements: 256-bit */
-            const int64_t c = c128;
-            const __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + c / 2)),
-                                               _mm256_set1_epi8((char)0x88));
-            const __m256i n4 = _mm256_set1_epi8(0x0f);
-            __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(v, n4),
-                                            _mm256_load_si256((const __m256i *)(xe + c / 2)));
-            d = _mm256_dpbusd_epi32(d, _mm256_and_si256(_mm256_srli_epi16(v, 4), n4),
-                                    _mm256_load_si256((const __m256i *)(xo + c / 2)));
-            d = _mm256_sub_epi32(d, _mm256_load_si256((const __m256i *)(corr + c / 8)));
-            float s[8], f[8];
-            for (int l = 0; l < 8; l++)
-                s[l] = qg_scale(w->scales, w->scale_fp32, i * nb + (c + 8 * l) / w->block) * sxl[c / 8 + l];
-            _mm256_storeu_ps(f, _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(s)));
-            for (int l = 0; l < 8; l++) tail += f[l];
-        }
-        y[i] = _mm512_reduce_add_ps(acc) + tail;
-    }
+/* ----------------------------------------------------------------------- int4 weights, int8 activations */
+/* rows-dot over x quantized once (caprese_qx_quantize; caprese_qx_fits(w) must hold): y[i] for i in [r0, r1). */
+void caprese_q_rows_dot_qx(const QMat *w, const QgX *xq, const int64_t *idx, int64_t r0, int64_t r1, float *y) {
+#define QX_DOT(f32s)                                                                                         \
+    for (int64_t c0 = 0; c0 < w->cols; c0 += QG_TILE)                                                        \
+        qg_dot_range(w, 4, f32s, xq, c0, c0 + QG_TILE < w->cols ? c0 + QG_TILE : w->cols, idx, r0, r1, y,      \
+                     c0 != 0, 1)
+    if (w->scale_fp32) QX_DOT(1);
+    else QX_DOT(0);
+#undef QX_DOT
+}
+
+/* The same on a float x, quantized by this call (tests, the benchmark). Returns -1 where !caprese_qx_fits(w),
+ * -2 if out of memory. */
+int caprese_q_rows_dot_int8x(const QMat *w, const float *x, const int64_t *idx, int64_t r0, int64_t r1, float *y) {
+    if (!caprese_qx_fits(w)) return -1;
+    void *buf = malloc((size_t)caprese_qx_bytes(w->cols));
+    if (!buf) return -2;
+    QgX xq;
+    caprese_qx_quantize(w, x, buf, &xq);
+    caprese_q_rows_dot_qx(w, &xq, idx, r0, r1, y);
+    free(buf);
     return 0;
-#else
-    (void)w; (void)x; (void)r0; (void)r1; (void)y;
-    return -1;
-#endif
 }
 
 /* ------------------------------------------------------------------------------------------- benchmark loop */
 /* op 0: rows-dot, 1: rows-axpy (h = x, length rows; y gets nthreads partials of cols each), 2: fp32 rows-dot
- * (mats[m].codes is the fp32 [rows, cols] matrix), 3: the int8-activation int4 experiment. Runs `reps` calls
+ * (mats[m].codes is the fp32 [rows, cols] matrix), 3: int4 rows-dot with int8 activations (x quantized per call). Runs `reps` calls
  * cycling over the n_mats copies (so the weights stream from memory as in a decode step, not from cache) on
  * nthreads threads, each its fixed share of the rows (4-row aligned), with a spinning barrier between calls.
  * Returns the seconds of the whole loop. */
@@ -604,7 +554,7 @@ static void *qg_bench_thread(void *arg) {
         const int64_t r1 = r0 + per < m->rows ? r0 + per : m->rows;
         if (a->op == 0) caprese_q_rows_dot(m, a->x, NULL, r0, r1, a->y);
         else if (a->op == 1) caprese_q_rows_axpy(m, a->x, NULL, r0, r1, a->y + a->t * m->cols);
-        else if (a->op == 3) caprese_q4_rows_dot_vnni(m, a->x, r0, r1, a->y);
+        else if (a->op == 3) caprese_q_rows_dot_int8x(m, a->x, NULL, r0, r1, a->y);
         else caprese_f32_rows_dot((const float *)(const void *)m->codes, m->cols, m->cols, a->x, NULL, r0, r1, a->y);
         if (a->nthreads > 1) { /* barrier: everyone finished call r */
             const long want = (r + 1) * a->nthreads;

@@ -64,8 +64,9 @@ def load(isa: str | None = None) -> ctypes.CDLL:
         lib.caprese_f32_rows_dot.restype = None
         lib.caprese_f32_rows_dot.argtypes = [_F32P, ctypes.c_int64, ctypes.c_int64, _F32P, _I64P, ctypes.c_int64,
                                              ctypes.c_int64, _F32P]
-        lib.caprese_q4_rows_dot_vnni.restype = ctypes.c_int
-        lib.caprese_q4_rows_dot_vnni.argtypes = [ctypes.POINTER(QMat), _F32P, ctypes.c_int64, ctypes.c_int64, _F32P]
+        lib.caprese_q_rows_dot_int8x.restype = ctypes.c_int
+        lib.caprese_q_rows_dot_int8x.argtypes = [ctypes.POINTER(QMat), _F32P, _I64P, ctypes.c_int64, ctypes.c_int64,
+                                                 _F32P]
         lib.caprese_q_bench.restype = ctypes.c_double
         lib.caprese_q_bench.argtypes = [ctypes.c_int, ctypes.POINTER(QMat), ctypes.c_int64, _F32P, _F32P,
                                         ctypes.c_int64, ctypes.c_int64]
@@ -210,17 +211,19 @@ def f32_rows_dot(w: torch.Tensor, x: torch.Tensor, isa: str | None = None) -> to
     return y
 
 
-def rows_dot_int8_activations(qm: QMatrix, x: torch.Tensor, isa: str | None = None) -> torch.Tensor:
-    """The int8-activation experiment (int4 weights, x rounded to int8 per 32 elements, AVX-512 VNNI): NOT what
-    caprese runs, kept to measure what it would gain. Error vs float64 with dequantize(W): up to
-    sum over blocks b of (absmax_b(x) / 254) * sum_{c in b} |w_hat[i, c]|, plus fp32 rounding."""
+def rows_dot_int8_activations(qm: QMatrix, x: torch.Tensor, rows: torch.Tensor | None = None,
+                              isa: str | None = None) -> torch.Tensor:
+    """int4 rows-dot with x rounded to int8 per block (int8_activations.c: what an engine exported with
+    --int8-activations computes): y[i] for every row, or the rows `rows` (GRIFFIN)."""
     n_rows, cols = qm.shape
+    idx, n = _rows(rows, n_rows)
     x = _f32(x, cols, "x")
-    y = torch.empty(n_rows, dtype=torch.float32)
-    rc = load(isa).caprese_q4_rows_dot_vnni(ctypes.byref(qm.struct), _ptr(x, _F32P), 0, n_rows, _ptr(y, _F32P))
+    y = torch.empty(n, dtype=torch.float32)
+    rc = load(isa).caprese_q_rows_dot_int8x(ctypes.byref(qm.struct), _ptr(x, _F32P), _ptr(idx, _I64P), 0, n,
+                                            _ptr(y, _F32P))
     if rc == -1:
-        raise CapreseError("this build has no AVX-512 VNNI path (int8-activation experiment)")
+        raise CapreseError(f"int8 activations take int4 weights with columns a multiple of 32 in blocks of 32, 64, "
+                           f"128 or one per row (got {qm.qt.fmt.name} {list(qm.shape)})")
     if rc:
-        raise CapreseError("the int8-activation experiment takes int4 weights, blocks of 32k or ROW, and "
-                           f"cols <= 4096 with cols % 64 == 0 (got {qm.qt.fmt.name} {list(qm.shape)})")
+        raise CapreseError("out of memory quantizing the activations")
     return y
