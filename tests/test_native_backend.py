@@ -442,7 +442,7 @@ def test_ctypes_mirror_is_checked_against_the_compiled_layout():
     model = list(library.Model._fields_)
     i64, f32 = ctypes.c_int64, ctypes.c_float
     wrong = {
-        "missing": (model[:-1], "Model.q_lm_head is missing from the mirror"),
+        "missing": (model[:-1], f"Model.{model[-1][0]} is missing from the mirror"),
         "added": (model + [("extra", i64)], "Model.extra is not in the compiled struct"),
         "resized": ([("num_layers", ctypes.c_int32)] + model[1:], "Model.num_layers is at offset 0 (size 4)"),
         "moved": ([model[1], model[0]] + model[2:], "Model.num_layers is at offset 8 (size 8) in the mirror and 0"),

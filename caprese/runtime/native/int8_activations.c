@@ -138,6 +138,7 @@ static inline __attribute__((always_inline)) void qx_dot_tile(const QMat *w, con
     float scf[4][QG_TILE_BLOCKS + 4]; /* + 4: the 4-scale loads below may read past the tile's last block */
     const int row_block = w->block == w->cols;
     const int64_t blk = row_block ? c1 - c0 + 128 : w->block; /* ROW: every lane of the tile reads scale 0 */
+    const int sh = row_block ? 62 : __builtin_ctzll((unsigned long long)blk); /* c / blk as a shift (32 / 64 / 128) */
     for (int k = 0; k < nr; k++) {
         p[k] = w->codes + rows[k] * t->rb;
         if (f32s) memcpy(scf[k], (const float *)w->scales + rows[k] * t->nb + t->b0, sizeof(float) * t->nbt);
@@ -157,30 +158,31 @@ static inline __attribute__((always_inline)) void qx_dot_tile(const QMat *w, con
         const __m512i xe = _mm512_loadu_si512(q->xe + c / 2), xo = _mm512_loadu_si512(q->xo + c / 2);
         const __m512i corr = _mm512_loadu_si512(q->corr + c / 8);
         const __m512 sx = _mm512_loadu_ps(q->sxl + c / 8);
-        const int64_t sb = (c - c0) / blk;
+        const int64_t sb = (c - c0) >> sh;
         for (int k = 0; k < nr; k++) {
             const __m512i d = _mm512_sub_epi32(qx_d512(_mm512_loadu_si512(p[k] + c / 2), xe, xo), corr);
             const __m512 sw = _mm512_permutexvar_ps(lidx, _mm512_castps128_ps512(_mm_loadu_ps(sp[k] + sb)));
             acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, sx), acc[k]);
         }
     }
-#elif defined(__AVX2__)
-    int32_t li[8];
-    for (int l = 0; l < 8; l++) li[l] = (int32_t)((8 * l) / blk);
-    const __m256i lidx = _mm256_loadu_si256((const __m256i *)li);
-    __m256 acc[4];
-    for (int k = 0; k < nr; k++) acc[k] = _mm256_setzero_ps();
+#endif
+#if defined(__AVX2__) /* the AVX2 build's loop; in the AVX-512 build, a last 64 columns (576 = 4 x 128 + 64) */
+    int32_t li8[8];
+    for (int l = 0; l < 8; l++) li8[l] = (int32_t)((8 * l) / blk);
+    const __m256i lidx8 = _mm256_loadu_si256((const __m256i *)li8);
+    __m256 acc8[4];
+    for (int k = 0; k < nr; k++) acc8[k] = _mm256_setzero_ps();
     for (; c + 64 <= c1; c += 64) {
         const __m256i xe = _mm256_loadu_si256((const __m256i *)(q->xe + c / 2));
         const __m256i xo = _mm256_loadu_si256((const __m256i *)(q->xo + c / 2));
         const __m256i corr = _mm256_loadu_si256((const __m256i *)(q->corr + c / 8));
         const __m256 sx = _mm256_loadu_ps(q->sxl + c / 8);
-        const int64_t sb = (c - c0) / blk;
+        const int64_t sb = (c - c0) >> sh;
         for (int k = 0; k < nr; k++) {
             const __m256i d = _mm256_sub_epi32(qx_d256(_mm256_loadu_si256((const __m256i *)(p[k] + c / 2)), xe, xo),
                                                corr);
-            const __m256 sw = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sp[k] + sb)), lidx);
-            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(sw, sx), acc[k]);
+            const __m256 sw = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sp[k] + sb)), lidx8);
+            acc8[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(sw, sx), acc8[k]);
         }
     }
 #endif
@@ -189,16 +191,19 @@ static inline __attribute__((always_inline)) void qx_dot_tile(const QMat *w, con
             int32_t d[4];
             qx_lanes32(p[k] + c / 2, q->xe + c / 2, q->xo + c / 2, q->corr + c / 8, d);
             for (int l = 0; l < 4; l++)
-                tail[k] = QG_MADD((float)d[l], sp[k][(c - c0 + 8 * l) / blk] * q->sxl[c / 8 + l], tail[k]);
+                tail[k] = QG_MADD((float)d[l], sp[k][(c - c0 + 8 * l) >> sh] * q->sxl[c / 8 + l], tail[k]);
         }
     }
     for (int k = 0; k < nr; k++) {
-#if defined(__AVX512BW__)
-        out[k] = _mm512_reduce_add_ps(acc[k]) + tail[k];
-#elif defined(__AVX2__)
-        out[k] = VSUM(acc[k]) + tail[k];
-#else
-        out[k] = tail[k];
+        float sum = tail[k];
+#if defined(__AVX2__)
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc8[k]), _mm256_extractf128_ps(acc8[k], 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        sum += _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 #endif
+#if defined(__AVX512BW__)
+        sum += _mm512_reduce_add_ps(acc[k]);
+#endif
+        out[k] = sum;
     }
 }
