@@ -32,8 +32,8 @@ Rows (--rows, comma-separated; default: all):
                        the same int4 engines exported with --quantize-head (the LM head int4 block 32 too, as
                        GenAI's int4 builder does), read whole by the native kernel (not screened); their engines
                        are those of ort-contrib-int4-qhead-dense / ort-contrib-int4-qhead-caprese-griffin
-  ort-contrib-int4-acc4-dense, ort-contrib-int4-acc4-caprese-griffin, native-int4-acc4-dense,
-  native-int4-acc4-caprese-griffin
+  ort-contrib-int4-acc4-dense, ort-contrib-int4-acc4-caprese-griffin, ort-contrib-int4-acc4-caprese-cats,
+  native-int4-acc4-dense, native-int4-acc4-caprese-griffin, native-int4-acc4-caprese-cats
                        GenAI int4's configuration: --weights int4 --quantize-head --int8-activations (every int4
                        product with activations rounded to int8 per block, MatMulNBits accuracy_level 4), on
                        onnxruntime and on the native backend (native/int8_activations.c)
@@ -106,12 +106,14 @@ PEER = "genai-dense"
 GENAI_ROWS = {"genai-dense": "fp32", "genai-int4": "int4", "genai-int8": "int8"}  # row -> builder precision
 QUANT_ORT_ROWS = ("ort-contrib-int4-dense", "ort-contrib-int4-caprese-griffin", "ort-contrib-int8-dense",
                   "ort-contrib-int4-qhead-dense", "ort-contrib-int4-qhead-caprese-griffin",
-                  "ort-contrib-int4-acc4-dense", "ort-contrib-int4-acc4-caprese-griffin")
+                  "ort-contrib-int4-acc4-dense", "ort-contrib-int4-acc4-caprese-griffin",
+                  "ort-contrib-int4-acc4-caprese-cats")
 ROW_NAMES = ("genai-dense", "genai-int4", "genai-int8", "ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats", "ort-contrib-dense",
              "ort-contrib-caprese-griffin", "native-dense", "native-caprese-griffin", "native-caprese-cats",
              "native-dense-full-head", "native-caprese-griffin-full-head", *QUANT_ORT_ROWS, "native-int4-dense",
              "native-int4-caprese-griffin", "native-int8-dense", "native-int4-qhead-dense",
              "native-int4-qhead-caprese-griffin", "native-int4-acc4-dense", "native-int4-acc4-caprese-griffin",
+             "native-int4-acc4-caprese-cats",
              "torch-dense", "transformers")
 ORT_ROWS = ("ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats", "ort-contrib-dense",
             "ort-contrib-caprese-griffin")
@@ -127,7 +129,8 @@ NATIVE_ROWS = {"native-dense": ("ort-contrib-dense", "auto"),
                "native-int4-qhead-dense": ("ort-contrib-int4-qhead-dense", "auto"),
                "native-int4-qhead-caprese-griffin": ("ort-contrib-int4-qhead-caprese-griffin", "auto"),
                "native-int4-acc4-dense": ("ort-contrib-int4-acc4-dense", "auto"),
-               "native-int4-acc4-caprese-griffin": ("ort-contrib-int4-acc4-caprese-griffin", "auto")}
+               "native-int4-acc4-caprese-griffin": ("ort-contrib-int4-acc4-caprese-griffin", "auto"),
+               "native-int4-acc4-caprese-cats": ("ort-contrib-int4-acc4-caprese-cats", "auto")}
 # the ONNX Runtime row that runs the same engine folder as each native row (the native rows' "x ORT" ratio)
 SAME_ENGINE = {"native-dense": "ort-contrib-dense", "native-caprese-griffin": "ort-contrib-caprese-griffin",
                "native-caprese-cats": "ort-caprese-cats", "native-dense-full-head": "ort-contrib-dense",
@@ -138,7 +141,8 @@ SAME_ENGINE = {"native-dense": "ort-contrib-dense", "native-caprese-griffin": "o
                "native-int4-qhead-dense": "ort-contrib-int4-qhead-dense",
                "native-int4-qhead-caprese-griffin": "ort-contrib-int4-qhead-caprese-griffin",
                "native-int4-acc4-dense": "ort-contrib-int4-acc4-dense",
-               "native-int4-acc4-caprese-griffin": "ort-contrib-int4-acc4-caprese-griffin"}
+               "native-int4-acc4-caprese-griffin": "ort-contrib-int4-acc4-caprese-griffin",
+               "native-int4-acc4-caprese-cats": "ort-contrib-int4-acc4-caprese-cats"}
 # issue 13's targets: under --background-load N >= 1, native <= 1.10x ONNX Runtime on the same engine; idle, the
 # AVX2 build <= 1.0x it; the native rows' default head no slower than the full head (same ISA)
 CONTENDED_MAX = 1.10
@@ -331,7 +335,9 @@ def row_recipe(name: str, density: float, rank: int) -> Recipe:
             "ort-contrib-int4-acc4-dense": Recipe(None, target="onnxruntime", weights="int4", quantize_head=True,
                                                   int8_activations=True),
             "ort-contrib-int4-acc4-caprese-griffin": Recipe("griffin", density, "all", rank, "onnxruntime", "int4",
-                                                           True, True)}[name]
+                                                           True, True),
+            "ort-contrib-int4-acc4-caprese-cats": Recipe("cats", density, "all", rank, "onnxruntime", "int4", True,
+                                                        True)}[name]
 
 
 def random_artifact(model_dir: str | Path, out: Path, r: Recipe, seed: int = 0) -> Path:
