@@ -7,7 +7,8 @@ On SmolLM2-135M's shapes (hidden 576, FFN 1536, vocab 49152) it times, interleav
   q8-b32       int8, blocks of 32, fp16 scales
   q4-b32       int4, blocks of 32, fp16 scales (int4's default format)
   q4-b32-hot   the same on one copy of the weights (cache-resident): the kernel's compute ceiling
-  q4-b32-vnni  the int8-activation experiment (x rounded to int8 per 32, AVX-512 VNNI; not what caprese runs)
+  q4-b32-vnni  int4 with int8 activations (native/int8_activations.c, what --int8-activations engines run on
+               native: x rounded per 32 inside each call; VNNI on AVX-512, vpmaddubsw on AVX2, scalar)
   ort-f32      ONNX Runtime MatMul, fp32 initializer
   ort-q{4,8}-acc{0,4}  com.microsoft.MatMulNBits, block 32, B from quantization.matmul_nbits_weight (our bytes
                XOR 0x88 / 0x80), fp32 scales; accuracy_level 0 (default: fp32 activations) and 4 (int8 activations)
@@ -48,13 +49,6 @@ OURS = {"q8-row": WeightFormat(8, ROW), "q8-b32": WeightFormat(8, 32), "q4-b32":
 ORT_ROWS = ("ort-f32", "ort-q4-acc0", "ort-q4-acc4", "ort-q8-acc0", "ort-q8-acc4")
 STREAM_BYTES = 96e6  # each form's copies together: 3x the 32 MiB L3 of this VM
 MAX_COPIES = 256
-
-
-def cpu_name_flags() -> set[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def cpu_name() -> str:
@@ -147,7 +141,6 @@ def build_forms(shape: str, threads: int, isa: str, rows_wanted: set[str]) -> tu
     x_len, out_len = (c, r) if kernel == "dot" else (r, c)
     x = torch.randn(x_len, generator=g)
     op = 0 if kernel == "dot" else 1
-    vnni = qg.load(isa).isa == "avx512" and "avx512_vnni" in cpu_name_flags()
     forms = {}
     if "f32" in rows_wanted:
         if kernel == "dot":
@@ -163,7 +156,7 @@ def build_forms(shape: str, threads: int, isa: str, rows_wanted: set[str]) -> tu
                 forms[name] = Ours(op, mats, mats[0].nbytes, x, out_len, threads, isa)
             if name + "-hot" in rows_wanted:
                 forms[name + "-hot"] = Ours(op, mats[:1], mats[0].nbytes, x, out_len, threads, isa)
-            if name == "q4-b32" and kernel == "dot" and "q4-b32-vnni" in rows_wanted and vnni:
+            if name == "q4-b32" and kernel == "dot" and "q4-b32-vnni" in rows_wanted:
                 forms["q4-b32-vnni"] = Ours(3, mats, mats[0].nbytes, x, out_len, threads, isa)
     ort_ws = ws if kernel == "dot" else [w.t().contiguous() for w in ws]  # ORT: [N, K], blocks along K
     for row in ORT_ROWS:
