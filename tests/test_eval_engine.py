@@ -90,3 +90,6 @@ def test_a_quantized_engine_is_labelled_with_its_weights(tmp_path_factory, tiny_
     assert method_label(load_manifest(engine)) == "dense int4/32"
     engine, _ = q_export(tmp_path_factory, tiny_model_dir, "llama3", "griffin", "int8", target="onnxruntime")
     assert method_label(load_manifest(engine)).endswith(" int8/row")
+    engine, _ = q_export(tmp_path_factory, tiny_model_dir, "llama3", "dense", "int4", 32, target="onnxruntime",
+                         int8_activations=True)
+    assert method_label(load_manifest(engine)) == "dense int4/32+a8"  # int8 activations: another computation

@@ -50,7 +50,8 @@ class RuntimeResult(TextResult):
 
 def method_label(manifest) -> str:
     """What the engine runs, in the words `caprese generate` uses: dense, caprese(griffin, d=0.5, r=8), ...; a
-    quantized engine adds its weights: "dense int4/32", "caprese(griffin, d=0.5, r=8) int8/row"."""
+    quantized engine adds its weights: "dense int4/32", "caprese(griffin, d=0.5, r=8) int8/row", and "+a8" when its
+    products take int8 activations (--int8-activations)."""
     r = manifest.spec.recipe
     if r.method == C.DENSE:
         label = "dense"
@@ -59,7 +60,9 @@ def method_label(manifest) -> str:
     else:
         label = f"{r.method}(d={r.density}, layers={','.join(map(str, r.layers))})"
     q = r.weights
-    return label if q is None else f"{label} int{q.bits}/{q.block_size or 'row'}"
+    if q is None:
+        return label
+    return f"{label} int{q.bits}/{q.block_size or 'row'}" + ("+a8" if q.accuracy_level == 4 else "")
 
 
 class _Run:
