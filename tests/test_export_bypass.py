@@ -110,6 +110,7 @@ def test_method_none_runs_on_the_runtime_backends(target, block, none_artifact, 
     from caprese.runtime import Generator
     from caprese.runtime.native_backend import native_unsupported
     from export_helpers import one_torch_thread
+
     art = none_artifact[block]
     engine = export(art, tmp_path / "engine", max_seq_len=96, target=target).out
     assert native_unsupported(load_manifest(engine)) is None
