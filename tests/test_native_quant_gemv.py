@@ -275,8 +275,10 @@ def _quantize_x(x: torch.Tensor, xb: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 INT8X_CASES = [(WeightFormat(4, 32, "fp16"), 640), (WeightFormat(4, 64, "fp32"), 576),
-               (WeightFormat(4, ROW, "fp16"), 576), (WeightFormat(4, 32, "fp32"), 64), (WeightFormat(4, 32, "fp16"), 96),
-               (WeightFormat(4, 128, "fp16"), 4224), (WeightFormat(4, ROW, "fp32"), 4160)]
+               (WeightFormat(4, ROW, "fp32"), 64), (WeightFormat(4, ROW, "fp16"), 96),
+               (WeightFormat(4, ROW, "fp16"), 576), (WeightFormat(4, 32, "fp32"), 64),
+               (WeightFormat(4, 32, "fp16"), 96), (WeightFormat(4, 128, "fp16"), 4224),
+               (WeightFormat(4, ROW, "fp32"), 4160)]
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -295,7 +297,8 @@ def test_int8_activations_against_float64(isa, fmt, cols):
     x[5] = 0.0
     x[-32:] = 0.0  # an all-zero block: scale 0, codes 0
     w = _ref(qt)
-    xb = fmt.block_size if fmt.block_size not in (None, ROW) else 32
+    block = cols if fmt.block_size == ROW else fmt.block_size
+    xb = block if block in (64, 128) else 32  # int8_activations.c: the weight's block if 64 / 128, else 32
     codes, sx = _quantize_x(x, xb)
     x_hat = codes.double() * sx.double()
     rows = torch.tensor([20, 0, 7, 7, 3, 11])

@@ -247,6 +247,6 @@ def test_int8_activation_engines(isa, kind, method, head, atol, tmp_path_factory
     assert got.tokens == ref.tokens
     torch.testing.assert_close(got_logits, ref_logits, atol=atol, rtol=0)
     assert moved > 10 * ATOL
-    if isa is None and method != "dense":  # x is rounded once per product, before the chunks: the same bits on 3 threads
+    if isa is None and method != "dense":  # x rounded once per product, before the chunks: 3 threads, same bits
         _, three = recorded(generator(engine, "native", threads=3), prompt, rho)
         assert torch.equal(three, got_logits)

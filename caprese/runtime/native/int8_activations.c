@@ -8,7 +8,8 @@
  * byte products per instruction (AVX2: vpmaddubsw + vpmaddwd).
  *
  * Definition (tests/test_native_quant_gemv.py recomputes it in float64):
- *   x is cut into blocks of xb = the weight's block (32 | 64 | 128; 32 when one scale per row);
+ *   x is cut into blocks of xb = the weight's block when it is 64 or 128 elements long, else 32 (blocks of 32, or
+ *   one scale per row of another length);
  *   per block: m = max |x|, s_x = m / 127 (fp32), code_x = round_half_even(x * (127 / m)) (fp32 product), 0 if m = 0;
  *   y[i] = sum over 8-element lanes l: fp32(sum_{c in l} code_w[i, c] * code_x[c]) * (s_w[i, block(l)] * s_x[block(l)])
  * The integer sums are exact; only the per-lane scaling and the final sum round. The error against the graphs'
@@ -38,7 +39,7 @@ int caprese_qx_fits(const QMat *w) {
                                                  w->block == w->cols);
 }
 
-static inline int64_t qx_block(const QMat *w) { return w->block <= 128 ? w->block : 32; }
+static inline int64_t qx_block(const QMat *w) { return w->block == 64 || w->block == 128 ? w->block : 32; }
 
 /* xq over buf (caprese_qx_bytes(w->cols) bytes): x quantized for w (see the definition at the top). */
 void caprese_qx_quantize(const QMat *w, const float *x, void *buf, QgX *xq) {
@@ -106,7 +107,8 @@ static inline __m128i qx_d128(__m128i v, __m128i xe, __m128i xo) {
     return _mm_dpbusd_epi32(_mm_dpbusd_epi32(_mm_setzero_si128(), lo, xe), hi, xo);
 #else
     const __m128i one = _mm_set1_epi16(1);
-    return _mm_add_epi32(_mm_madd_epi16(_mm_maddubs_epi16(lo, xe), one), _mm_madd_epi16(_mm_maddubs_epi16(hi, xo), one));
+    return _mm_add_epi32(_mm_madd_epi16(_mm_maddubs_epi16(lo, xe), one),
+                         _mm_madd_epi16(_mm_maddubs_epi16(hi, xo), one));
 #endif
 }
 #endif
