@@ -18,7 +18,7 @@ import click
 from caprese.calibration.recipe import (DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_RANK, LAYERWISE_MODES, PRECISIONS,
                                         STAGES, CalibrationOptions, CalibrationRecipe, E2EConfig, LayerwiseConfig,
                                         layers_default_help)
-from caprese.cli.options import weight_options
+from caprese.cli.options import weight_options, weights_from_flags
 from caprese.errors import CapreseError
 
 DEFAULT_SYNTHETIC = 192
@@ -151,11 +151,7 @@ def recipe_from_flags(flags: dict) -> CalibrationRecipe:
                                 warmup=flags["warmup"], seed=flags["seed"], mode=flags["layerwise_mode"])
     e2e = E2EConfig(epochs=flags["e2e_epochs"], lr=flags["e2e_lr"], batch_size=flags["e2e_batch_size"],
                     warmup=flags["warmup"], seed=flags["seed"])
-    from caprese.calibration.weights_choice import weights_choice
-
-    choice = weights_choice(flags.get("weights"), flags.get("block_size"), flags.get("quant"),
-                            flags.get("quantize_head", False), flags.get("quantize_embed", False),
-                            flags.get("scale_dtype"))
+    choice = weights_from_flags(flags)
     return CalibrationRecipe(method=flags["method"], density=flags["density"], layers=flags["layers"],
                              rank=flags["rank"], stage=flags["stage"], init=flags["init"], layerwise=layerwise,
                              e2e=e2e, weights=None if choice is None else choice.recipe())

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from caprese.calibration.problems import EVAL_MAX_NEW_TOKENS
-from caprese.cli.options import BACKEND_CHOICES, method_options, weight_options
+from caprese.cli.options import BACKEND_CHOICES, method_options, weight_options, weights_from_flags
 from caprese.errors import CapreseError
 
 
@@ -103,9 +103,8 @@ def eval_command(src, task_spec, limit, method, density, layers, weights, block_
     if backend is not None:
         raise CapreseError(f"--backend applies to an exported engine folder; {src} is a model folder or artifact "
                            "(scored with the PyTorch decoder: use --device / --precision)")
-    from caprese.calibration.weights_choice import weights_choice
-
-    choice = weights_choice(weights, block_size, quant, quantize_head, quantize_embed, scale_dtype)
+    choice = weights_from_flags(dict(weights=weights, block_size=block_size, quant=quant, quantize_head=quantize_head,
+                                     quantize_embed=quantize_embed, scale_dtype=scale_dtype))
     task = load_task(task_spec, limit)
     kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, chat=not no_chat, progress=not quiet,
                   threads=threads)

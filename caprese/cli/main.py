@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from caprese.cli.entry import run
-from caprese.cli.options import BACKEND_CHOICES, generation_options, method_options, weight_options
+from caprese.cli.options import (BACKEND_CHOICES, generation_options, method_options, weight_options,
+                                 weights_from_flags)
 from caprese.errors import CapreseError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -68,11 +69,9 @@ def generate_cmd(model_dir, prompt, run, precision, device, threads, method, den
     tokens_per_s, stop_reason, method.
     """
     from caprese.calibration.source import open_source
-    from caprese.calibration.weights_choice import weights_choice
     from caprese.export.manifest import MANIFEST
 
-    choice = weights_choice(*(weight_flags[k] for k in ("weights", "block_size", "quant", "quantize_head",
-                                                         "quantize_embed", "scale_dtype")))
+    choice = weights_from_flags(weight_flags)
     if (Path(model_dir) / MANIFEST).is_file():  # an engine folder: the runtime runs it
         from caprese.cli.run_command import run_engine
         from caprese.runtime.engine_options import EngineOptions

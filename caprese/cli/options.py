@@ -147,3 +147,13 @@ def weight_options(f):
         click.option("--scale-dtype", default=None, type=click.Choice(["fp16", "fp32"]),
                      help="Dtype of the block scales.  [default: fp16]"),
     ])
+
+
+def weights_from_flags(flags: dict):
+    """The WeightsChoice of weight_options' flags in `flags` (None without --weights; a one-line error for
+    --block-size and friends alone)."""
+    from caprese.calibration.weights_choice import weights_choice
+
+    return weights_choice(flags.get("weights"), flags.get("block_size"), flags.get("quant"),
+                          flags.get("quantize_head", False), flags.get("quantize_embed", False),
+                          flags.get("scale_dtype"))
