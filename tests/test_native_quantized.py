@@ -90,6 +90,28 @@ def test_native_quantized_equals_onnxruntime(isa, kind, method, weights, block, 
 
 
 @needs_cc
+@pytest.mark.parametrize("kind,weights,block,target", [("llama", "int8", None, "onnxruntime"),
+                                                       ("qwen3", "int8", None, "tensorrt"),
+                                                       ("gemma2", "int4", None, "onnxruntime")])
+def test_attention_in_slot_parts(kind, weights, block, target, tmp_path_factory, tiny_model_dir):
+    """From 64 slots on, a quantized layer's attention runs as (KV head x part of the slots) chunks whose sums are
+    merged by their maxima (decode_step.c: stage_q_attention, reduce_attention); a 50-token prompt and 40 steps
+    (slots 50 .. 89) against ONNX Runtime: GQA 3:1 with head_dim 24 (a 16-column tail), MQA 4:1 with q-norm,
+    Gemma 2's soft-capped scores and alternating window. Same tolerance as above (a part merged with the wrong
+    weight moves logits by ~1e-1); 3 threads give the bits of one (the parts do not depend on the thread count)."""
+    engine = engine_of(tmp_path_factory, tiny_model_dir, kind, "dense", weights, block, target, False)
+    prompt = prompt_ids(50, seed=7)[0].tolist()
+    ref, ref_logits = recorded(generator(engine, "onnxruntime"), prompt, 0)
+    got, got_logits = recorded(generator(engine, "native"), prompt, 0)
+    diff = (got_logits - ref_logits).abs().max().item()
+    print(f"{kind} {weights}, slots 50-89: max |logits native - onnxruntime| = {diff:.2e}")
+    assert torch.allclose(got_logits, ref_logits, atol=ATOL, rtol=RTOL), diff
+    assert got.tokens == ref.tokens
+    three, three_logits = recorded(generator(engine, "native", threads=3), prompt, 0)
+    assert torch.equal(three_logits, got_logits)
+
+
+@needs_cc
 @pytest.mark.parametrize("case", [CASES[1], CASES[6]], ids=[IDS[1], IDS[6]])
 def test_threads_give_the_same_bits(case, tmp_path_factory, tiny_model_dir):
     """Whole-row chunks (QKV, o, gate/up, head) and rows-axpy parts added in chunk order: 3 threads give the

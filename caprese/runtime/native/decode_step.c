@@ -12,6 +12,8 @@
  *   C  gate/up(/L) product, chunks of rows             D  per block of neurons: activation + down rows (CATS:
  *   H  LM head, chunks of rows (full, or the int8        threshold, then up/down rows of the passing neurons)
  *      screen and then the fp32 recomputation)
+ * (Quantized layers: whole-output chunks of QKV, attention per KV head and part of the slots, o, gate/up(/L), then
+ * down; runtime README "Quantized engines".)
  * The calling thread (the leader) publishes a phase; it and the pool's helper threads each take chunks from the
  * front of their own range of it (so that, at equal speed, each streams its own contiguous stretch of every
  * matrix, as a static split does) and, once that is empty, from the back of another's; a thread computes a chunk
@@ -175,10 +177,8 @@ static inline float exp_vec(float x) {
     const float f = (x - n * 0.693145751953125f) - n * 1.4286068203094172e-06f;
     const float p = 1.0f + f * (1.0f + f * (0.5f + f * (1.6666667e-1f + f * (4.1666668e-2f + f * (8.3333338e-3f +
                     f * (1.3888889e-3f + f * 1.9841270e-4f))))));
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    const union { int32_t i; float f; } scale = {((int32_t)n + 127) << 23}; /* 2^n (a memcpy here: no SIMD) */
+    return p * scale.f;
 }
 
 /* z[j] = act(gate[j]) (CATS: zeroed where |act| <= tau) * up[j] (up == NULL: no product), j < n. */
@@ -377,7 +377,22 @@ typedef struct {  /* what a phase computes; every thread copies it before runnin
     int64_t t0;        /* when it was published (ns): a chunk claimed but not started yet counts from then */
     int64_t n;         /* the rows (outputs, heads, neurons) the phase covers: chunk i has [i rows, (i + 1) rows) */
     int job;           /* PH_QDOT: J_QKV ... */
+    int64_t split, rows2; /* split > 0: rows per chunk over [0, split), then rows2 per chunk (chunk_span) */
 } Phase;
+
+/* Rows [*r0, *r1) of chunk i. A quantized FFN's bypass (L's columns, R's rows: fp32) costs several times a
+ * quantized row, so its chunks take fewer (ph->rows2): one heavy chunk at the end would be a thread's alone. */
+static void chunk_span(const Phase *ph, int64_t i, int64_t *r0, int64_t *r1) {
+    const int64_t na = ph->split ? (ph->split + ph->rows - 1) / ph->rows : ph->n_chunks;
+    const int64_t end = ph->split ? ph->split : ph->n;
+    if (i < na) {
+        *r0 = i * ph->rows;
+        *r1 = *r0 + ph->rows < end ? *r0 + ph->rows : end;
+    } else {
+        *r0 = ph->split + (i - na) * ph->rows2;
+        *r1 = *r0 + ph->rows2 < ph->n ? *r0 + ph->rows2 : ph->n;
+    }
+}
 
 typedef struct Ctx Ctx;
 typedef struct { /* a thread of the pool, and what it did (written by that thread only: no shared lines) */
@@ -399,6 +414,7 @@ struct Ctx {
     int threads;                 /* the leader + threads - 1 helpers */
     Phase phase[2];              /* by epoch parity: a phase's consumers read the previous one's results */
     Slot *slots[2];              /* by epoch parity: the chunks of that phase */
+    int64_t max_chunks;          /* slots of each parity */
     /* written by the leader once per phase, read by every helper */
     _Alignas(64) _Atomic uint64_t epoch; /* phase number: helpers follow it */
     _Atomic uint32_t futex_word; /* the low bits of epoch, for futex waits */
@@ -505,71 +521,217 @@ static void stage_kv_write(Ctx *c, int64_t li, int64_t slot) {
     }
 }
 
-/* Query head i of layer L at `slot`: its q (raw: the QKV product's outputs of this head, bias added) normed and
- * rotated into q, attention over the slots lo .. slot of its KV head (scores a block at a time into sc, merged
- * by their running max and sum) into o[head_dim]. raw may alias sc. */
-static void attend_head(const Ctx *c, const Layer *L, int64_t slot, int64_t i, const float *raw, float *q, float *o,
-                        float *sc) {
-    const Model *m = c->m;
-    const int64_t hd = m->head_dim, half = hd / 2, kvh = i / (m->num_heads / m->num_kv_heads);
-    if (L->q_norm) rms_norm(raw, L->q_norm, q, hd, m->eps); else memcpy(q, raw, sizeof(float) * hd);
-    rope(q, m->rope_cos + slot * half, m->rope_sin + slot * half, half);
-    const int64_t lo = (L->window > 0 && slot - L->window + 1 > 0) ? slot - L->window + 1 : 0;
-    const float *K = L->k_cache + kvh * m->capacity * hd, *V = L->v_cache + kvh * m->capacity * hd;
-    float mx = -INFINITY, l = 0.0f;
-    for (int64_t j = 0; j < hd; j++) o[j] = 0.0f;
-    for (int64_t b0 = lo; b0 <= slot; b0 += ATT_BLOCK) {
-        const int64_t b1 = b0 + ATT_BLOCK <= slot + 1 ? b0 + ATT_BLOCK : slot + 1;
-        float bm = -INFINITY;
-        for (int64_t s = b0; s < b1; s++) {
-            const float *k = K + s * hd;
+/* Attention is read by KV head: the G query heads that share one (GQA) are scored and summed in one pass over
+ * its keys and values, so each K / V row is read from memory once per step, not G times. */
+#if defined(__AVX512F__) /* the build's vector width (generic vectors wider than the registers compile badly) */
+#define VW 16
+#elif defined(__AVX2__)
+#define VW 8
+#else
+#define VW 4
+#endif
+typedef float vfw __attribute__((vector_size(VW * 4)));
+typedef float vfwu __attribute__((vector_size(VW * 4), aligned(4))); /* an unaligned load / store of VW floats */
+
+#if VW == 16
+/* d[s] = q . K[s] for 16 key rows of hd floats: one vector of partial sums per row, then a transposing tree of
+ * shuffles adds the 16 vectors into one (46 vector operations for 16 dot products, not a horizontal sum each). */
+static inline __attribute__((always_inline)) vfw dot16(const float *q, const float *K, int64_t hd) {
+    const int64_t hv = hd & ~(int64_t)15;
+    vfw a[16];
+    for (int s = 0; s < 16; s++) a[s] = (vfw){0};
+    for (int64_t j = 0; j < hv; j += 16) {
+        const vfw qv = *(const vfwu *)(q + j);
+        for (int s = 0; s < 16; s++) a[s] += qv * *(const vfwu *)(K + s * hd + j);
+    }
+    vfw b[8], c[4], d[2];
+    for (int i = 0; i < 8; i++) /* [row 2i: 8 partial sums | row 2i + 1: 8] */
+        b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
+                                       30, 31);
+    for (int i = 0; i < 4; i++) /* 4 each: rows 4i, 4i + 2, 4i + 1, 4i + 3 */
+        c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25,
+                                       26, 27) +
+               __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29,
+                                       30, 31);
+    for (int i = 0; i < 2; i++) /* 2 each: rows 8i + 0, 4, 2, 6, 1, 5, 3, 7 */
+        d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13,
+                                       28, 29) +
+               __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15,
+                                       30, 31);
+    const vfw e = /* rows in bit-reversed order */
+        __builtin_shufflevector(d[0], d[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+        __builtin_shufflevector(d[0], d[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    vfw r = __builtin_shufflevector(e, e, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+    for (int64_t j = hv; j < hd; j++) /* head_dim not a multiple of 16 */
+        for (int s = 0; s < 16; s++) r[s] += q[j] * K[s * hd + j];
+    return r;
+}
+#endif
+
+/* sc[t * ATT_BLOCK + s] = score of query t (of nk, q[t * hd ..]) against key row s < n of K (scaled, soft-capped);
+ * their maxima into mx[t]. AVX-512: 16 rows at a time per query (dot16); else, and the last n % 16, one by one. */
+static void score_rows(const Layer *L, const float *q, const float *K, const float *V, int64_t hd, int64_t n, int nk,
+                       float *sc, float *mx) {
+    for (int t = 0; t < nk; t++) {
+        const float *qt = q + t * hd;
+        float *st = sc + t * ATT_BLOCK;
+        int64_t s = 0;
+        for (; s < n; s += 16) {
+            if (t == 0) /* DRAM latency: the keys and values of the next 16 rows (the first 16: attend_group) */
+                for (int64_t j = (s + 16) * hd; j < (s + 32 < n ? s + 32 : n) * hd; j += 16) {
+                    __builtin_prefetch(K + j);
+                    __builtin_prefetch(V + j);
+                }
+#if VW == 16
+            if (s + 16 > n) break;
+            *(vfwu *)(st + s) = dot16(qt, K + s * hd, hd);
+#else
+            for (int64_t r = s; r < s + 16 && r < n; r++) {
+                float d = 0.0f;
+#pragma omp simd reduction(+ : d)
+                for (int64_t j = 0; j < hd; j++) d += qt[j] * K[r * hd + j];
+                st[r] = d;
+            }
+#endif
+        }
+        for (; s < n; s++) {
             float d = 0.0f;
 #pragma omp simd reduction(+ : d)
-            for (int64_t j = 0; j < hd; j++) d += q[j] * k[j];
-            d *= L->scale;
-            if (L->softcap > 0.0f) d = tanhf(d / L->softcap) * L->softcap;
-            sc[s - b0] = d;
-            bm = d > bm ? d : bm;
+            for (int64_t j = 0; j < hd; j++) d += qt[j] * K[s * hd + j];
+            st[s] = d;
         }
-        const float nm = bm > mx ? bm : mx, corr = mx == -INFINITY ? 0.0f : expf(mx - nm);
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t s = 0; s < b1 - b0; s++) {
-            sc[s] = exp_vec(sc[s] - nm);
-            sum += sc[s];
-        }
-        l = l * corr + sum;
-        for (int64_t j = 0; j < hd; j++) o[j] *= corr;
-        for (int64_t s = b0; s < b1; s++) {
-            const float p = sc[s - b0], *v = V + s * hd;
+        const float scale = L->scale, cap = L->softcap;
+        if (cap > 0.0f) {
+            for (int64_t s = 0; s < n; s++) st[s] = tanhf(st[s] * scale / cap) * cap;
+        } else {
 #pragma omp simd
-            for (int64_t j = 0; j < hd; j++) o[j] += p * v[j];
+            for (int64_t s = 0; s < n; s++) st[s] *= scale;
         }
-        mx = nm;
+        float m = mx[t];
+#pragma omp simd reduction(max : m)
+        for (int64_t s = 0; s < n; s++) m = st[s] > m ? st[s] : m;
+        mx[t] = m;
     }
-    const float inv = 1.0f / l;
-    for (int64_t j = 0; j < hd; j++) o[j] *= inv;
 }
 
-/* B: query head i: its q from phase A's parts, its attention (attend_head), then its rows of the o projection: a
+/* o_k[0:hd] += sum over rows s < n of p_k[s] * V[s] for nk <= 4 queries (p_k = p + k * ATT_BLOCK, o_k = o + k *
+ * ostride): 2 VW columns at a time, the 2 nk sums kept in registers across the rows (independent chains). */
+static inline __attribute__((always_inline)) void add_values(const float *p, const float *V, int64_t hd, int64_t n,
+                                                             int nk, float *o, int64_t ostride) {
+    const float *p0 = p, *p1 = p + ATT_BLOCK, *p2 = p + 2 * ATT_BLOCK, *p3 = p + 3 * ATT_BLOCK;
+    int64_t j = 0;
+    for (; j + 2 * VW <= hd; j += 2 * VW) {
+        float *o0 = o + j, *o1 = o0 + ostride, *o2 = o1 + ostride, *o3 = o2 + ostride;
+        vfw a0 = *(vfwu *)o0, b0 = *(vfwu *)(o0 + VW), a1 = {0}, b1 = {0}, a2 = {0}, b2 = {0}, a3 = {0}, b3 = {0};
+        if (nk > 1) a1 = *(vfwu *)o1, b1 = *(vfwu *)(o1 + VW);
+        if (nk > 2) a2 = *(vfwu *)o2, b2 = *(vfwu *)(o2 + VW);
+        if (nk > 3) a3 = *(vfwu *)o3, b3 = *(vfwu *)(o3 + VW);
+        for (int64_t s = 0; s < n; s++) {
+            const vfw v = *(const vfwu *)(V + s * hd + j), w = *(const vfwu *)(V + s * hd + j + VW);
+            a0 += p0[s] * v, b0 += p0[s] * w;
+            if (nk > 1) a1 += p1[s] * v, b1 += p1[s] * w;
+            if (nk > 2) a2 += p2[s] * v, b2 += p2[s] * w;
+            if (nk > 3) a3 += p3[s] * v, b3 += p3[s] * w;
+        }
+        *(vfwu *)o0 = a0, *(vfwu *)(o0 + VW) = b0;
+        if (nk > 1) *(vfwu *)o1 = a1, *(vfwu *)(o1 + VW) = b1;
+        if (nk > 2) *(vfwu *)o2 = a2, *(vfwu *)(o2 + VW) = b2;
+        if (nk > 3) *(vfwu *)o3 = a3, *(vfwu *)(o3 + VW) = b3;
+    }
+    for (; j < hd; j++) /* head_dim not a multiple of 2 VW */
+        for (int t = 0; t < nk; t++) {
+            float a = o[t * ostride + j];
+            for (int64_t s = 0; s < n; s++) a += p[t * ATT_BLOCK + s] * V[s * hd + j];
+            o[t * ostride + j] = a;
+        }
+}
+
+/* Query heads h0 .. h0 + g - 1 of layer L at `slot`, all of one KV head: their q (raw: the QKV product's outputs of
+ * those heads, bias added) normed and rotated into q[g * hd]; attention over slots [s0, s1) of their KV head (scores
+ * a block at a time into sc[g * ATT_BLOCK], merged by their running max and sum), left unnormalized: head k's
+ * o + k * ostride gets [sum_s e^(score_s - m) v_s (hd floats), m, sum_s e^(score_s - m)]. raw may alias sc. */
+static void attend_group(const Ctx *c, const Layer *L, int64_t slot, int64_t h0, int64_t g, int64_t s0, int64_t s1,
+                         const float *raw, float *q, float *sc, float *o, int64_t ostride) {
+    const Model *m = c->m;
+    const int64_t hd = m->head_dim, half = hd / 2, kvh = h0 / (m->num_heads / m->num_kv_heads);
+    for (int64_t k = 0; k < g; k++) {
+        float *qk = q + k * hd;
+        if (L->q_norm) rms_norm(raw + k * hd, L->q_norm, qk, hd, m->eps);
+        else memcpy(qk, raw + k * hd, sizeof(float) * hd);
+        rope(qk, m->rope_cos + slot * half, m->rope_sin + slot * half, half);
+        float *ok = o + k * ostride;
+        for (int64_t j = 0; j < hd; j++) ok[j] = 0.0f;
+        ok[hd] = -INFINITY;
+        ok[hd + 1] = 0.0f;
+    }
+    const float *K = L->k_cache + kvh * m->capacity * hd, *V = L->v_cache + kvh * m->capacity * hd;
+    /* the first 16 rows' keys and values (score_rows prefetches the rest 16 rows ahead) */
+    for (int64_t j = s0 * hd; j < (s0 + 16 < s1 ? s0 + 16 : s1) * hd; j += 16) {
+        __builtin_prefetch(K + j);
+        __builtin_prefetch(V + j);
+    }
+    for (int64_t b0 = s0; b0 < s1; b0 += ATT_BLOCK) {
+        const int64_t n = b0 + ATT_BLOCK <= s1 ? ATT_BLOCK : s1 - b0;
+        for (int64_t k0 = 0; k0 < g; k0 += 4) {
+            const int nk = g - k0 < 4 ? (int)(g - k0) : 4;
+            float bm[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+            float *sk = sc + k0 * ATT_BLOCK, *qk = q + k0 * hd, *ok = o + k0 * ostride;
+            score_rows(L, qk, K + b0 * hd, V + b0 * hd, hd, n, nk, sk, bm);
+            for (int t = 0; t < nk; t++) { /* e^(score - new max); the sums so far rescaled to the new max */
+                float *ot = ok + t * ostride, *st = sk + t * ATT_BLOCK;
+                const float mx = ot[hd], nm = bm[t] > mx ? bm[t] : mx, corr = mx == -INFINITY ? 0.0f : expf(mx - nm);
+                float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+                for (int64_t s = 0; s < n; s++) {
+                    st[s] = exp_vec(st[s] - nm);
+                    sum += st[s];
+                }
+                ot[hd] = nm;
+                ot[hd + 1] = ot[hd + 1] * corr + sum;
+                if (corr != 1.0f)
+                    for (int64_t j = 0; j < hd; j++) ot[j] *= corr;
+            }
+            switch (nk) {
+            case 1: add_values(sk, V + b0 * hd, hd, n, 1, ok, ostride); break;
+            case 2: add_values(sk, V + b0 * hd, hd, n, 2, ok, ostride); break;
+            case 3: add_values(sk, V + b0 * hd, hd, n, 3, ok, ostride); break;
+            default: add_values(sk, V + b0 * hd, hd, n, 4, ok, ostride); break;
+            }
+        }
+    }
+}
+
+/* The first slot query heads attend at `slot` (Gemma 2's sliding window starts later). */
+static int64_t first_slot(const Layer *L, int64_t slot) {
+    return (L->window > 0 && slot - L->window + 1 > 0) ? slot - L->window + 1 : 0;
+}
+
+/* B: query head i: its q from phase A's parts, its attention (attend_group), then its rows of the o projection: a
  * partial sum over the hidden outputs. */
 static void stage_attention(const Ctx *c, const Phase *ph, int64_t i, float *out, float *tmp) {
     const Model *m = c->m;
     const Layer *L = m->layers + ph->layer;
     const int64_t hd = m->head_dim;
-    float *q = tmp, *o = q + hd, *sc = o + hd;
+    float *q = tmp, *o = q + hd, *sc = o + hd + 2;
     sum_parts(c, ph->p ^ 1, ph->prev_n, ph->prev_stride, i * hd, hd, L->qkv_bias ? L->qkv_bias + i * hd : NULL, sc);
-    attend_head(c, L, ph->slot, i, sc, q, o, sc);
+    attend_group(c, L, ph->slot, i, 1, first_slot(L, ph->slot), ph->slot + 1, sc, q, sc, o, hd + 2);
+    const float inv = 1.0f / o[hd + 1];
+    for (int64_t j = 0; j < hd; j++) o[j] *= inv;
     const Mat rows = {L->o.w + i * hd * L->o.ld, L->o.ld, L->o.cols}; /* this head's rows of o */
     gemv_rows(o, &rows, NULL, 0, hd, out);
 }
 
-/* B, quantized o: query head i's attention output o[head_dim] (its q from c->qkv, gathered whole by the leader);
- * the o projection is a phase of its own (a quantized row spans every head's inputs). */
+/* B, quantized o: chunk i = KV head i / S, slots part i % S of S (ph->n = KV heads x S): the unnormalized
+ * attention of that KV head's query heads over the part (attend_group), for reduce_attention to merge; the o
+ * projection is a phase of its own (a quantized row spans every head's inputs). */
 static void stage_q_attention(const Ctx *c, const Phase *ph, int64_t i, float *out, float *tmp) {
     const Model *m = c->m;
-    const int64_t hd = m->head_dim;
-    attend_head(c, m->layers + ph->layer, ph->slot, i, c->qkv + i * hd, tmp, out, tmp + hd);
+    const Layer *L = m->layers + ph->layer;
+    const int64_t hd = m->head_dim, g = m->num_heads / m->num_kv_heads, S = ph->n / m->num_kv_heads;
+    const int64_t kvh = i / S, part = i % S, lo = first_slot(L, ph->slot), len = ph->slot + 1 - lo;
+    const int64_t s0 = lo + len * part / S, s1 = lo + len * (part + 1) / S;
+    attend_group(c, L, ph->slot, kvh * g, g, s0, s1, c->qkv + kvh * g * hd, tmp, tmp + g * hd, out, hd + 2);
 }
 
 /* Leader, before a phase of quantized products of w-shaped matrices over x: on an int8-activation engine, x
@@ -596,7 +758,8 @@ static void q_dot(const Ctx *c, const QMat *w, const float *x, const int64_t *id
 static void stage_q_dot(const Ctx *c, const Phase *ph, int64_t i, float *out) {
     const Model *m = c->m;
     const Layer *L = ph->layer >= 0 ? m->layers + ph->layer : NULL;
-    const int64_t o0 = i * ph->rows, o1 = o0 + ph->rows < ph->n ? o0 + ph->rows : ph->n;
+    int64_t o0, o1;
+    chunk_span(ph, i, &o0, &o1);
     float *y = out - o0; /* the kernels write y[r] for r in [r0, r1) */
     switch (ph->job) {
     case J_QKV: q_dot(c, &L->q_qkv, c->h, NULL, o0, o1, y); break;
@@ -632,8 +795,10 @@ static void stage_q_dot(const Ctx *c, const Phase *ph, int64_t i, float *out) {
 static void stage_q_down(const Ctx *c, const Phase *ph, int64_t i, float *out, float *tmp) {
     const Model *m = c->m;
     const Layer *L = m->layers + ph->layer;
-    const int64_t D = m->hidden, F = L->n_ff, n = F + L->rank, j0 = i * ph->rows;
-    const int64_t j1 = j0 + ph->rows < n ? j0 + ph->rows : n, a1 = j1 < F ? j1 : F, b0 = j0 > F ? j0 : F;
+    const int64_t D = m->hidden, F = L->n_ff;
+    int64_t j0, j1;
+    chunk_span(ph, i, &j0, &j1);
+    const int64_t a1 = j1 < F ? j1 : F, b0 = j0 > F ? j0 : F;
     const float *z = c->z;
     int64_t unread = 0;
     if (j1 > b0) /* the bypass rows of R (float): overwrites out */
@@ -655,7 +820,7 @@ static void stage_q_down(const Ctx *c, const Phase *ph, int64_t i, float *out, f
             unread = nz * (qmat_row_bytes(&L->q_up) + qmat_row_bytes(&L->q_down));
             caprese_q_rows_axpy(&L->q_down, zc - j0, NULL, j0, a1, out);
         } else {
-            caprese_q_rows_axpy(&L->q_down, z, NULL, j0, a1, out);
+            caprese_q_rows_axpy_ahead(&L->q_down, z, j0, a1, F, out);
         }
     }
     memcpy(out + D, &unread, sizeof unread);
@@ -974,7 +1139,7 @@ static uint64_t run_phase(Ctx *c, const Phase *ph, Reduce reduce, void *arg) {
 }
 
 static Phase phase_of(int kind, int64_t layer, int64_t n, int64_t rows, int64_t stride, int64_t slot) {
-    Phase ph = {kind, 0, layer, (n + rows - 1) / rows, rows, stride, 0, 0, slot, 0, 0.0f, 0.0f, 0, n, 0};
+    Phase ph = {kind, 0, layer, (n + rows - 1) / rows, rows, stride, 0, 0, slot, 0, 0.0f, 0.0f, 0, n, 0, 0, 0};
     return ph;
 }
 
@@ -1005,14 +1170,43 @@ typedef struct { float *dst; const float *bias; } Cat;
 static void reduce_cat(Ctx *c, const Phase *ph, int64_t i, const float *r, void *arg) {
     (void)c;
     const Cat *a = arg;
-    const int64_t total = ph->n * ph->stride / ph->rows, o0 = i * ph->stride;
-    const int64_t n = o0 + ph->stride < total ? ph->stride : total - o0;
+    int64_t o0, o1;
+    chunk_span(ph, i, &o0, &o1);
+    const int64_t n = o1 - o0;
     float *dst = a->dst + o0;
     if (a->bias) {
 #pragma omp simd
         for (int64_t j = 0; j < n; j++) dst[j] = r[j] + a->bias[o0 + j];
     } else {
         memcpy(dst, r, sizeof(float) * n);
+    }
+}
+
+/* Quantized attention chunks (stage_q_attention): each query head's parts, in slot order, merged by their maxima
+ * into c->att (m and l of the parts so far in c->t), divided by the total sum after the last part. */
+static void reduce_attention(Ctx *c, const Phase *ph, int64_t i, const float *r, void *arg) {
+    (void)arg;
+    const Model *m = c->m;
+    const int64_t hd = m->head_dim, g = m->num_heads / m->num_kv_heads, S = ph->n / m->num_kv_heads;
+    const int64_t part = i % S, h0 = i / S * g;
+    for (int64_t k = 0; k < g; k++) {
+        const float *rk = r + k * (hd + 2);
+        float *o = c->att + (h0 + k) * hd, *ml = c->t + 2 * (h0 + k);
+        if (part == 0) {
+            memcpy(o, rk, sizeof(float) * hd);
+            ml[0] = rk[hd];
+            ml[1] = rk[hd + 1];
+        } else {
+            const float nm = rk[hd] > ml[0] ? rk[hd] : ml[0], a = expf(ml[0] - nm), b = expf(rk[hd] - nm);
+#pragma omp simd
+            for (int64_t j = 0; j < hd; j++) o[j] = o[j] * a + rk[j] * b;
+            ml[0] = nm;
+            ml[1] = ml[1] * a + rk[hd + 1] * b;
+        }
+        if (part == S - 1) {
+            const float inv = 1.0f / ml[1];
+            for (int64_t j = 0; j < hd; j++) o[j] *= inv;
+        }
     }
 }
 
@@ -1051,9 +1245,49 @@ static int64_t q_rows(int64_t n) {
     return r < 4 ? 4 : r;
 }
 
+/* Slot parts of a quantized attention phase: at least ATT_PARTS chunks (KV heads x parts) where each part keeps 32
+ * slots or more. Not a function of the thread count: a step's result does not depend on it. */
+#define ATT_PARTS 4
+static int64_t att_parts(const Model *m, int64_t slots) {
+    int64_t s = (ATT_PARTS + m->num_kv_heads - 1) / m->num_kv_heads;
+    if (s > slots / 32) s = slots / 32;
+    return s < 1 ? 1 : s;
+}
+
 static int64_t down_rows(int64_t hidden) { /* a multiple of 16 in [16, 512] */
     const int64_t r = DOWN_BYTES / hidden;
     return r < 16 ? 16 : r > 512 ? 512 : r & ~(int64_t)15;
+}
+
+/* ph extended by the bypass's `rank` rows (L's columns, R's rows), rows2 per chunk (chunk_span). */
+static Phase with_bypass(Phase ph, int64_t rank, int64_t rows2) {
+    if (rank) {
+        ph.split = ph.n;
+        ph.n += rank;
+        ph.rows2 = rows2;
+        ph.n_chunks += (rank + rows2 - 1) / rows2;
+    }
+    return ph;
+}
+
+/* A quantized FFN's gate/up(/L) phase: whole outputs [gate | up | L] (CATS: [gate | L]), about Q_CHUNKS chunks of
+ * quantized rows, then L's columns in chunks of as many bytes (multiples of 16 columns: whole cache lines). */
+static Phase gu_phase(const Model *m, const Layer *L, int64_t li) {
+    const int64_t nq = L->cats_tau ? L->n_ff : 2 * L->n_ff, rows = q_rows(nq);
+    int64_t cols = rows * qmat_row_bytes(&L->q_gate) / (4 * m->hidden) & ~(int64_t)15;
+    cols = cols < 16 ? 16 : cols;
+    Phase g = phase_of(PH_QDOT, li, nq, rows, rows > cols ? rows : cols, 0);
+    g.job = J_GU;
+    return with_bypass(g, L->rank, cols);
+}
+
+/* A quantized FFN's down phase with down stored [n_ff, hidden] (rows-axpy partial sums over neuron chunks):
+ * down_rows quantized rows per chunk, then R's fp32 rows in chunks of as many bytes. */
+static Phase q_down_phase(const Model *m, const Layer *L, int64_t li) {
+    const int64_t D = m->hidden, F = L->n_ff, rows = down_rows(D);
+    int64_t r2 = rows * qmat_row_bytes(&L->q_down) / (4 * D) & ~(int64_t)3;
+    r2 = r2 < 4 ? 4 : r2;
+    return with_bypass(phase_of(PH_QDOWN, li, F, rows, D + 2, 0), L->rank, r2);
 }
 
 /* Floats of one result area: the largest phase (chunks x floats per chunk) of this model. */
@@ -1067,21 +1301,44 @@ static int64_t result_floats(const Model *m) {
     if (qmost > most) most = qmost;
     if (nqkv + 4 * Q_CHUNKS > most) most = nqkv + 4 * Q_CHUNKS;
     if (D + 4 * Q_CHUNKS > most) most = D + 4 * Q_CHUNKS;
-    if (m->num_heads * m->head_dim > most) most = m->num_heads * m->head_dim;
+    if (ATT_PARTS * m->num_heads * (m->head_dim + 2) > most) most = ATT_PARTS * m->num_heads * (m->head_dim + 2);
     for (int64_t li = 0; li < m->num_layers; li++) {
         const Layer *L = m->layers + li;
         const int64_t gu = L->gu1.cols + (L->gu2.w ? L->gu2.cols : 0), n = L->n_ff + L->rank;
         if (CHUNKS_WIDE * gu > most) most = CHUNKS_WIDE * gu;
         const int64_t dc = (n + down_rows(D) - 1) / down_rows(D);
         if (dc * (D + 2) > most) most = dc * (D + 2);
+        if (L->q_ffn) {
+            const Phase g = gu_phase(m, L, li), d = q_down_phase(m, L, li);
+            if (g.n_chunks * g.stride > most) most = g.n_chunks * g.stride;
+            if (d.n_chunks * d.stride > most) most = d.n_chunks * d.stride;
+        }
     }
     return most;
+}
+
+/* The most chunks a phase of this model has (the slots of a context). */
+static int64_t phase_chunks(const Model *m) {
+    const int64_t D = m->hidden, hc = (m->vocab + HEAD_ROWS - 1) / HEAD_ROWS;
+    int64_t chunks = hc > CHUNKS_WIDE ? hc : CHUNKS_WIDE;
+    if (m->num_heads > chunks) chunks = m->num_heads;
+    if (ATT_PARTS * m->num_kv_heads > chunks) chunks = ATT_PARTS * m->num_kv_heads;
+    for (int64_t li = 0; li < m->num_layers; li++)
+        if (m->layers[li].q_ffn) {
+            const int64_t g = gu_phase(m, m->layers + li, li).n_chunks;
+            const int64_t d = q_down_phase(m, m->layers + li, li).n_chunks;
+            chunks = g > chunks ? g : chunks;
+            chunks = d > chunks ? d : chunks;
+        }
+    if (Q_CHUNKS > chunks) chunks = Q_CHUNKS;
+    if ((m->max_ff + down_rows(D) - 1) / down_rows(D) > chunks) chunks = (m->max_ff + down_rows(D) - 1) / down_rows(D);
+    return chunks;
 }
 
 /* The model's layers fit the context's buffers (the shapes it was created for). */
 static int fits(const Ctx *c) {
     const Model *m = c->m;
-    if (result_floats(m) > c->res_floats) return 0;
+    if (result_floats(m) > c->res_floats || phase_chunks(m) > c->max_chunks) return 0;
     for (int64_t li = 0; li < m->num_layers; li++) {
         const Layer *L = m->layers + li;
         if (L->n_ff + L->rank > m->max_ff || L->gu1.cols + (L->gu2.w ? L->gu2.cols : 0) > 2 * m->max_ff) return 0;
@@ -1119,13 +1376,12 @@ Ctx *caprese_context_new(const Model *m, int64_t threads) {
     c->spin_ns = threads > ncpu ? SPIN_NS_OVERSUBSCRIBED : SPIN_NS;
     atomic_store(&c->active, (int)threads);
     c->res_floats = result_floats(m);
-    const int64_t D = m->hidden, hc = (m->vocab + HEAD_ROWS - 1) / HEAD_ROWS;
-    int64_t chunks = hc > CHUNKS_WIDE ? hc : CHUNKS_WIDE;
-    if (m->num_heads > chunks) chunks = m->num_heads;
-    if (Q_CHUNKS > chunks) chunks = Q_CHUNKS;
-    if ((m->max_ff + down_rows(D) - 1) / down_rows(D) > chunks) chunks = (m->max_ff + down_rows(D) - 1) / down_rows(D);
+    const int64_t D = m->hidden, hc = (m->vocab + HEAD_ROWS - 1) / HEAD_ROWS, chunks = phase_chunks(m);
+    c->max_chunks = chunks;
     /* per thread: z and up of a down chunk + CATS' row list (max_ff each), or q, o and a block of scores */
-    c->tmp_floats = 4 * m->max_ff + 2 * m->head_dim + ATT_BLOCK + 16; /* quantized CATS: z, up, int64 rows */
+    /* quantized CATS: z, up, int64 rows; quantized attention: q and scores of a KV head's query heads */
+    const int64_t g = m->num_heads / m->num_kv_heads;
+    c->tmp_floats = 4 * m->max_ff + 2 * m->head_dim + ATT_BLOCK + 16 + g * (m->head_dim + ATT_BLOCK);
     int ok = 1;
     for (int t = 0; t < threads; t++) {
         c->res[t][0] = malloc(sizeof(float) * c->res_floats);
@@ -1139,7 +1395,8 @@ Ctx *caprese_context_new(const Model *m, int64_t threads) {
         ok &= c->slots[p] != NULL;
     }
     c->x = malloc(sizeof(float) * D); c->h = malloc(sizeof(float) * D); c->y = malloc(sizeof(float) * D);
-    c->t = malloc(sizeof(float) * (D > m->head_dim ? D : m->head_dim));
+    int64_t tn = D > m->head_dim ? D : m->head_dim; /* + quantized attention: m and l of each head */
+    c->t = malloc(sizeof(float) * (tn > 2 * m->num_heads ? tn : 2 * m->num_heads));
     c->sel = malloc(sizeof(float) * hc * HEAD_TOPK_MAX);
     c->kv = malloc(sizeof(float) * 2 * m->num_kv_heads * m->head_dim);
     const int64_t nqkv = (m->num_heads + 2 * m->num_kv_heads) * m->head_dim;
@@ -1263,9 +1520,9 @@ static void run_attention(Ctx *c, int64_t li, int64_t slot) {
         run_phase(c, &a, reduce_cat, &qkv);
         memcpy(c->kv, c->qkv + kvo, sizeof(float) * (nqkv - kvo));
         stage_kv_write(c, li, slot);
-        const Phase b = phase_of(PH_QATT, li, m->num_heads, 1, m->head_dim, slot);
-        Cat att = {c->att, NULL};
-        run_phase(c, &b, reduce_cat, &att);
+        const int64_t S = att_parts(m, slot + 1 - first_slot(L, slot)), g = m->num_heads / m->num_kv_heads;
+        const Phase b = phase_of(PH_QATT, li, m->num_kv_heads * S, 1, g * (m->head_dim + 2), slot);
+        run_phase(c, &b, reduce_attention, NULL);
         Phase o = phase_of(PH_QDOT, li, D, q_rows(D), q_rows(D), slot);
         o.job = J_O;
         quantize_for(c, &L->q_o, c->att);
@@ -1297,9 +1554,8 @@ static void run_attention(Ctx *c, int64_t li, int64_t slot) {
 static void run_q_ffn(Ctx *c, int64_t li, int64_t *skipped) {
     const Model *m = c->m;
     const Layer *L = m->layers + li;
-    const int64_t D = m->hidden, F = L->n_ff, r = L->rank, nq = L->cats_tau ? F : 2 * F, n = nq + r;
-    Phase g = phase_of(PH_QDOT, li, n, q_rows(n), q_rows(n), 0);
-    g.job = J_GU;
+    const int64_t D = m->hidden, F = L->n_ff, r = L->rank, nq = L->cats_tau ? F : 2 * F;
+    const Phase g = gu_phase(m, L, li);
     quantize_for(c, &L->q_gate, c->h); /* gate and up: one tensor's rows, the same columns and blocks */
     Cat gu = {c->gu, NULL};
     run_phase(c, &g, reduce_cat, &gu);
@@ -1314,7 +1570,7 @@ static void run_q_ffn(Ctx *c, int64_t li, int64_t *skipped) {
     memcpy(c->z + F, c->gu + nq, sizeof(float) * r);
     if (L->down_rows) {
         Sum down = {0, D, L->down_bias, c->y, D, L->cats_tau ? skipped : NULL};
-        const Phase d = phase_of(PH_QDOWN, li, F + r, down_rows(D), D + 2, 0);
+        const Phase d = q_down_phase(m, L, li);
         run_phase(c, &d, reduce_sum, &down);
     } else {
         Phase d = phase_of(PH_QDOT, li, D, q_rows(D), q_rows(D), 0);

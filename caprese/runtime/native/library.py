@@ -32,7 +32,8 @@ from caprese.errors import CapreseError
 SOURCE = Path(__file__).with_name("decode_step.c")
 _QGEMV, _INT8X = Path(__file__).with_name("quant_gemv.c"), Path(__file__).with_name("int8_activations.c")
 INCLUDED = {SOURCE: (_QGEMV, _INT8X), _QGEMV: (_INT8X,)}  # the files a source #includes (build key)
-BASE_FLAGS = ["-O3", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
+# -fno-trapping-math: no FP traps are relied on, and without it GCC keeps the exp loops (activations, softmax) scalar
+BASE_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-pthread"]
 ISAS = ("avx512", "avx2", "scalar", "native")
 ISA_ENV = "CAPRESE_NATIVE_ISA"
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")

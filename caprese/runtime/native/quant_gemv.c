@@ -298,12 +298,21 @@ static inline __attribute__((always_inline)) void qg_dot_range(const QMat *w, co
     const int64_t rb = t.rb, off = c0 * bits / 8, len = (c1 - c0) * bits / 8;
     int64_t ahead = QG_PF_BYTES / (len > 0 ? len : 1);
     ahead = ahead < 4 ? 4 : ahead > 64 ? 64 : ahead;
+    /* the stream's start at once (a chunk's first rows would otherwise miss one after another), and on past r1
+     * into the rows this thread's next chunk usually has */
+    const int64_t pf_end = idx ? r1 : w->rows, sbytes = f32s ? 4 : 2;
+    for (int64_t j = r0; j < r0 + ahead && j < pf_end; j++) {
+        qg_prefetch(w->codes + (idx ? idx[j] : j) * rb + off, len);
+        __builtin_prefetch((const uint8_t *)w->scales + (idx ? idx[j] : j) * t.nb * sbytes, 0, 2);
+    }
 #if QG_VL
     for (; i + 4 <= r1; i += 4) {
         const int64_t rows[4] = {idx ? idx[i] : i, idx ? idx[i + 1] : i + 1, idx ? idx[i + 2] : i + 2,
                                  idx ? idx[i + 3] : i + 3};
-        for (int64_t j = i + ahead; j < i + ahead + 4 && j < r1; j++)
+        for (int64_t j = i + ahead; j < i + ahead + 4 && j < pf_end; j++) {
             qg_prefetch(w->codes + (idx ? idx[j] : j) * rb + off, len);
+            __builtin_prefetch((const uint8_t *)w->scales + (idx ? idx[j] : j) * t.nb * sbytes, 0, 2);
+        }
         if (i8) qx_dot_tile(w, f32s, &t, rows, 4, (const QgX *)xp, c0, c1, out);
         else qg_dot_tile(w, bits, f32s, &t, rows, 4, (const float *)xp, c0, c1, out);
         for (int k = 0; k < 4; k++) y[i + k] = add ? y[i + k] + out[k] : out[k];
@@ -311,7 +320,7 @@ static inline __attribute__((always_inline)) void qg_dot_range(const QMat *w, co
 #endif
     for (; i < r1; i++) {
         const int64_t row = idx ? idx[i] : i;
-        if (i + ahead < r1) qg_prefetch(w->codes + (idx ? idx[i + ahead] : i + ahead) * rb + off, len);
+        if (i + ahead < pf_end) qg_prefetch(w->codes + (idx ? idx[i + ahead] : i + ahead) * rb + off, len);
         if (i8) qx_dot_tile(w, f32s, &t, &row, 1, (const QgX *)xp, c0, c1, out);
         else qg_dot_tile(w, bits, f32s, &t, &row, 1, (const float *)xp, c0, c1, out);
         y[i] = add ? y[i] + out[0] : out[0];
@@ -396,10 +405,12 @@ static inline __attribute__((always_inline)) void qg_axpy_tile(const QMat *w, co
     }
 }
 
-/* yp[c - c0] += sum_{i in [r0, r1), h[i] != 0} h[i] * w[row_i, c] over [c0, c1), yp in the kernel's order. */
+/* yp[c - c0] += sum_{i in [r0, r1), h[i] != 0} h[i] * w[row_i, c] over [c0, c1), yp in the kernel's order.
+ * h_end >= r1: where h is defined up to (rows past r1 with h != 0 are prefetched for the caller's next chunk). */
 static inline __attribute__((always_inline)) void qg_axpy_range(const QMat *w, const int bits, const int f32s,
                                                                 const float *h, const int64_t *idx, int64_t r0,
-                                                                int64_t r1, float *yp, int64_t c0, int64_t c1) {
+                                                                int64_t r1, int64_t h_end, float *yp, int64_t c0,
+                                                                int64_t c1) {
     int64_t rows[4];
     float coef[4];
     int n = 0;
@@ -407,11 +418,13 @@ static inline __attribute__((always_inline)) void qg_axpy_range(const QMat *w, c
     const int64_t rb = t.rb, off = c0 * bits / 8, len = (c1 - c0) * bits / 8;
     int64_t ahead = QG_PF_BYTES / (len > 0 ? len : 1), la = r0, queued = 0; /* prefetched rows not yet read */
     ahead = ahead < 4 ? 4 : ahead > 64 ? 64 : ahead;
+    const int64_t pf_end = idx || h_end < r1 ? r1 : h_end, sbytes = f32s ? 4 : 2;
     for (int64_t i = r0; i < r1; i++) {
         if (h[i] == 0.0f) continue; /* the row is not read (nor prefetched) */
-        for (; la < r1 && queued < ahead; la++)
+        for (; la < pf_end && queued < ahead; la++)
             if (h[la] != 0.0f && la > i) {
                 qg_prefetch(w->codes + (idx ? idx[la] : la) * rb + off, len);
+                __builtin_prefetch((const uint8_t *)w->scales + (idx ? idx[la] : la) * t.nb * sbytes, 0, 2);
                 queued++;
             }
         if (queued) queued--;
@@ -448,19 +461,27 @@ static void qg_finish_y(const QMat *w, const float *yp, int64_t c0, int64_t c1, 
 
 static inline __attribute__((always_inline)) void qg_rows_axpy(const QMat *w, const int bits, const int f32s,
                                                                const float *h, const int64_t *idx, int64_t r0,
-                                                               int64_t r1, float *y) {
+                                                               int64_t r1, int64_t h_end, float *y) {
     float yp[QG_TILE] __attribute__((aligned(64)));
     for (int64_t c0 = 0; c0 < w->cols; c0 += QG_TILE) {
         const int64_t c1 = c0 + QG_TILE < w->cols ? c0 + QG_TILE : w->cols;
         memset(yp, 0, (size_t)(c1 - c0) * sizeof(float));
-        qg_axpy_range(w, bits, f32s, h, idx, r0, r1, yp, c0, c1);
+        qg_axpy_range(w, bits, f32s, h, idx, r0, r1, h_end, yp, c0, c1);
         qg_finish_y(w, yp, c0, c1, y);
     }
 }
 
 /* rows-axpy (see the top of the file): y[c] += sum_{i in [r0, r1), h[i] != 0} h[i] * w[row_i, c]. */
 void caprese_q_rows_axpy(const QMat *w, const float *h, const int64_t *idx, int64_t r0, int64_t r1, float *y) {
-#define QG_AXPY(bits, f32s) qg_rows_axpy(w, bits, f32s, h, idx, r0, r1, y)
+#define QG_AXPY(bits, f32s) qg_rows_axpy(w, bits, f32s, h, idx, r0, r1, r1, y)
+    QG_SPECIALIZE(w, QG_AXPY);
+#undef QG_AXPY
+}
+
+/* The same, h defined for rows [r0, h_end) (h_end >= r1): the rows past r1 that a thread's next chunk reads are
+ * prefetched as this one ends (the decode step, whose chunks of a phase are consecutive row ranges). */
+void caprese_q_rows_axpy_ahead(const QMat *w, const float *h, int64_t r0, int64_t r1, int64_t h_end, float *y) {
+#define QG_AXPY(bits, f32s) qg_rows_axpy(w, bits, f32s, h, NULL, r0, r1, h_end, y)
     QG_SPECIALIZE(w, QG_AXPY);
 #undef QG_AXPY
 }
@@ -472,7 +493,7 @@ void caprese_q_rows_axpy_prepared(const QMat *w, const float *h, const int64_t *
                                   float *yp) {
 #define QG_AXPY(bits, f32s)                                                                                  \
     for (int64_t c0 = 0; c0 < w->cols; c0 += QG_TILE)                                                        \
-        qg_axpy_range(w, bits, f32s, h, idx, r0, r1, yp + c0, c0, c0 + QG_TILE < w->cols ? c0 + QG_TILE : w->cols)
+        qg_axpy_range(w, bits, f32s, h, idx, r0, r1, r1, yp + c0, c0, c0 + QG_TILE < w->cols ? c0 + QG_TILE : w->cols)
     QG_SPECIALIZE(w, QG_AXPY);
 #undef QG_AXPY
 }
