@@ -16,11 +16,11 @@ _CACHE: dict = {}
 
 
 def q_export(tmp_path_factory, tiny_model_dir, kind, method, weights, block=None, target="tensorrt", head=False,
-             precision="fp32", float_selection=False, int8_activations=False):
+             precision="fp32", float_selection=False, int8_activations=False, fp16_bypass=False):
     """(engine, source) of a quantized export, once per session."""
     from caprese.export.exporter import export
 
-    key = (kind, method, weights, block, target, head, precision, float_selection, int8_activations)
+    key = (kind, method, weights, block, target, head, precision, float_selection, int8_activations, fp16_bypass)
     if key not in _CACHE:
         root = tmp_path_factory.mktemp(f"qexport_{kind}_{method}_{weights}")
         src = tiny_model_dir(kind)
@@ -31,7 +31,8 @@ def q_export(tmp_path_factory, tiny_model_dir, kind, method, weights, block=None
             src = _CACHE[art_key]
         out = export(src, root / "engine", precision=precision, max_seq_len=MAX_SEQ, max_prompt_len=MAX_SEQ - 1,
                      target=target, weights=weights, block_size=block, quantize_head=head,
-                     float_selection=float_selection, int8_activations=int8_activations).out
+                     float_selection=float_selection, int8_activations=int8_activations,
+                     fp16_bypass=fp16_bypass).out
         _CACHE[key] = (out, src)
     return _CACHE[key]
 

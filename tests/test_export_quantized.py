@@ -114,6 +114,8 @@ def run_export_cli(args, monkeypatch, capsys):
     (["--weights", "int8", "--block-size", "64"], ("TensorRT", "one scale per row", "--block-size row")),
     (["--weights", "int4", "--block-size", "48", "--target", "onnxruntime"], ("block size", "48")),
     (["--block-size", "64"], ("--weights",)),
+    (["--weights", "int4", "--fp16-bypass"], ("--fp16-bypass", "no bypass")),
+    (["--weights", "int4", "--fp16-bypass", "--precision", "fp16"], ("--fp16-bypass", "fp16 already")),
 ])
 def test_bad_quantization_options_are_one_line_errors(extra, needles, tiny_model_dir, tmp_path, monkeypatch, capsys):
     import cli_helpers
@@ -413,8 +415,44 @@ def test_float_selection_option(weights, block, target, tmp_path_factory, tiny_m
     assert a.tokens == b.tokens
 
 
+@pytest.mark.parametrize("method,weights,block,target", [("griffin", "int4", 32, "onnxruntime"),
+                                                        ("cats", "int8", None, "tensorrt"),
+                                                        ("none", "int4", 32, "onnxruntime")])
+def test_fp16_bypass_option(method, weights, block, target, tmp_path_factory, tiny_model_dir):
+    """--fp16-bypass: L and R stored fp16 in the fp32 engine (half their bytes in weights.bin), cast to fp32 where
+    read; logits and tokens of the quantized reference whose bypass is rounded to fp16 (the same values, so the
+    float tolerance holds), the static TensorRT check passes, and the native, onnxruntime and torch backends give
+    the same tokens."""
+    from caprese.calibration.methods import efficient_layers
+    from caprese.export.exporter import check_folder
+    from caprese.export.manifest import load_manifest
+    from caprese.runtime import Generator
+    from export_helpers import one_torch_thread
+
+    engine, src = q_export(tmp_path_factory, tiny_model_dir, "qwen2", method, weights, block, target,
+                           fp16_bypass=True)
+    spec = load_manifest(engine).spec
+    refs = [w for t in spec.layers for w in (t.L, t.R, t.fold and t.fold.L, t.fold and t.fold.R) if w is not None]
+    assert refs and {w.dtype for w in refs} == {"float16"} and spec.recipe.weights.fp16_bypass
+    m = onnx.load(str(engine / "decode.onnx"), load_external_data=False)
+    assert any(n.op_type == "Cast" and "bypass_L" in n.name for n in m.graph.node)
+    if target == "tensorrt":
+        assert all(not v for v in check_folder(engine).values())
+    dec = quantized_reference(src, weights, block, target)
+    for f in efficient_layers(dec).values():
+        f.bypass.L.data, f.bypass.R.data = f.bypass.L.data.half().float(), f.bypass.R.data.half().float()
+    rho = 8 if method == "griffin" else 0
+    run_parity(engine, dec, rho, what=f"fp16 bypass {method}/{weights}")
+    prompt = prompt_ids(14, seed=3)[0].tolist()
+    with one_torch_thread():
+        runs = [Generator.load(engine, b, threads=1).generate(prompt, 24, reselect_every=rho, ignore_eos=True)
+                for b in ("onnxruntime", "native", "torch")]
+    assert runs[0].tokens == runs[1].tokens == runs[2].tokens
+
+
 def test_help_lists_quantization_options(monkeypatch, capsys):
     rc, out, _ = run_export_cli(["--help"], monkeypatch, capsys)
     assert rc == 0
-    for opt in ("--weights", "--block-size", "--quantize-head", "--int8-activations", "--float-selection"):
+    for opt in ("--weights", "--block-size", "--quantize-head", "--int8-activations", "--float-selection",
+                "--fp16-bypass"):
         assert opt in out, opt

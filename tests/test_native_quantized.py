@@ -112,6 +112,33 @@ def test_attention_in_slot_parts(kind, weights, block, target, tmp_path_factory,
 
 
 @needs_cc
+@pytest.mark.parametrize("isa,method,weights,block,target", [
+    (None, "griffin", "int4", None, "onnxruntime"), (None, "cats", "int8", None, "tensorrt"),
+    *[(isa, "griffin", "int4", None, "onnxruntime") for isa in OTHER_ISAS]])
+def test_fp16_bypass_engines(isa, method, weights, block, target, tmp_path_factory, tiny_model_dir):
+    """--fp16-bypass: the kernel reads L and R as fp16 (decode_step.c gemv_rows_f16, GRIFFIN's L columns and R
+    rows, CATS' too; each build's fp16 conversion) and gives ONNX Runtime's logits (which casts them to fp32)
+    within the tolerance above, the same tokens; a step reads half the bypass bytes of the fp32-bypass engine."""
+    from caprese.export.manifest import load_manifest
+
+    rho = 8 if method == "griffin" else 0
+    eng16 = q_export(tmp_path_factory, tiny_model_dir, "qwen2", method, weights, block, target, fp16_bypass=True)[0]
+    eng32 = engine_of(tmp_path_factory, tiny_model_dir, "qwen2", method, weights, block, target, False)
+    prompt = prompt_ids(14, seed=3)[0].tolist()
+    ref, ref_logits = recorded(generator(eng16, "onnxruntime"), prompt, rho)
+    got, got_logits = recorded(generator(eng16, "native", isa=isa), prompt, rho)
+    diff = (got_logits - ref_logits).abs().max().item()
+    print(f"fp16 bypass {method} {weights} [{isa or 'default'}]: max |logits native - onnxruntime| = {diff:.2e}")
+    assert torch.allclose(got_logits, ref_logits, atol=ATOL, rtol=RTOL), diff
+    assert got.tokens == ref.tokens
+    spec = load_manifest(eng16).spec
+    lr = sum(w.nbytes for t in spec.layers for w in (t.L, t.R, t.fold and t.fold.L, t.fold and t.fold.R) if w)
+    if method != "cats":  # CATS' bytes depend on the rows that pass
+        full = recorded(generator(eng32, "native", isa=isa), prompt, rho)[0]
+        assert full.stats.weight_bytes_per_step - got.stats.weight_bytes_per_step == lr
+
+
+@needs_cc
 @pytest.mark.parametrize("case", [CASES[1], CASES[6]], ids=[IDS[1], IDS[6]])
 def test_threads_give_the_same_bits(case, tmp_path_factory, tiny_model_dir):
     """Whole-row chunks (QKV, o, gate/up, head) and rows-axpy parts added in chunk order: 3 threads give the

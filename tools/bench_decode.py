@@ -37,6 +37,8 @@ Rows (--rows, comma-separated; default: all):
                        GenAI int4's configuration: --weights int4 --quantize-head --int8-activations (every int4
                        product with activations rounded to int8 per block, MatMulNBits accuracy_level 4), on
                        onnxruntime and on the native backend (native/int8_activations.c)
+  native-int4-acc4-caprese-griffin-fp16-bypass, native-int4-acc4-caprese-cats-fp16-bypass
+                       the same, exported with --fp16-bypass too (L and R stored fp16: half their bytes)
   With --native-isa avx512,avx2 (the kernel's instruction sets, see caprese/runtime/native/library.py) every
   native row runs once per instruction set; rows of the second and later ones are named ROW@ISA.
   torch-dense          caprese's PyTorch reference decoder (caprese.model.generation.generate)
@@ -107,14 +109,15 @@ GENAI_ROWS = {"genai-dense": "fp32", "genai-int4": "int4", "genai-int8": "int8"}
 QUANT_ORT_ROWS = ("ort-contrib-int4-dense", "ort-contrib-int4-caprese-griffin", "ort-contrib-int8-dense",
                   "ort-contrib-int4-qhead-dense", "ort-contrib-int4-qhead-caprese-griffin",
                   "ort-contrib-int4-acc4-dense", "ort-contrib-int4-acc4-caprese-griffin",
-                  "ort-contrib-int4-acc4-caprese-cats")
+                  "ort-contrib-int4-acc4-caprese-cats", "ort-contrib-int4-acc4-caprese-griffin-fp16-bypass",
+                  "ort-contrib-int4-acc4-caprese-cats-fp16-bypass")
 ROW_NAMES = ("genai-dense", "genai-int4", "genai-int8", "ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats", "ort-contrib-dense",
              "ort-contrib-caprese-griffin", "native-dense", "native-caprese-griffin", "native-caprese-cats",
              "native-dense-full-head", "native-caprese-griffin-full-head", *QUANT_ORT_ROWS, "native-int4-dense",
              "native-int4-caprese-griffin", "native-int8-dense", "native-int4-qhead-dense",
              "native-int4-qhead-caprese-griffin", "native-int4-acc4-dense", "native-int4-acc4-caprese-griffin",
-             "native-int4-acc4-caprese-cats",
-             "torch-dense", "transformers")
+             "native-int4-acc4-caprese-cats", "native-int4-acc4-caprese-griffin-fp16-bypass",
+             "native-int4-acc4-caprese-cats-fp16-bypass", "torch-dense", "transformers")
 ORT_ROWS = ("ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats", "ort-contrib-dense",
             "ort-contrib-caprese-griffin")
 # native rows: the native backend (caprese/runtime/native) on the engine folder of the row named here, its head
@@ -130,7 +133,11 @@ NATIVE_ROWS = {"native-dense": ("ort-contrib-dense", "auto"),
                "native-int4-qhead-caprese-griffin": ("ort-contrib-int4-qhead-caprese-griffin", "auto"),
                "native-int4-acc4-dense": ("ort-contrib-int4-acc4-dense", "auto"),
                "native-int4-acc4-caprese-griffin": ("ort-contrib-int4-acc4-caprese-griffin", "auto"),
-               "native-int4-acc4-caprese-cats": ("ort-contrib-int4-acc4-caprese-cats", "auto")}
+               "native-int4-acc4-caprese-cats": ("ort-contrib-int4-acc4-caprese-cats", "auto"),
+               "native-int4-acc4-caprese-griffin-fp16-bypass": ("ort-contrib-int4-acc4-caprese-griffin-fp16-bypass",
+                                                                "auto"),
+               "native-int4-acc4-caprese-cats-fp16-bypass": ("ort-contrib-int4-acc4-caprese-cats-fp16-bypass",
+                                                             "auto")}
 # the ONNX Runtime row that runs the same engine folder as each native row (the native rows' "x ORT" ratio)
 SAME_ENGINE = {"native-dense": "ort-contrib-dense", "native-caprese-griffin": "ort-contrib-caprese-griffin",
                "native-caprese-cats": "ort-caprese-cats", "native-dense-full-head": "ort-contrib-dense",
@@ -142,7 +149,9 @@ SAME_ENGINE = {"native-dense": "ort-contrib-dense", "native-caprese-griffin": "o
                "native-int4-qhead-caprese-griffin": "ort-contrib-int4-qhead-caprese-griffin",
                "native-int4-acc4-dense": "ort-contrib-int4-acc4-dense",
                "native-int4-acc4-caprese-griffin": "ort-contrib-int4-acc4-caprese-griffin",
-               "native-int4-acc4-caprese-cats": "ort-contrib-int4-acc4-caprese-cats"}
+               "native-int4-acc4-caprese-cats": "ort-contrib-int4-acc4-caprese-cats",
+               "native-int4-acc4-caprese-griffin-fp16-bypass": "ort-contrib-int4-acc4-caprese-griffin-fp16-bypass",
+               "native-int4-acc4-caprese-cats-fp16-bypass": "ort-contrib-int4-acc4-caprese-cats-fp16-bypass"}
 # issue 13's targets: under --background-load N >= 1, native <= 1.10x ONNX Runtime on the same engine; idle, the
 # AVX2 build <= 1.0x it; the native rows' default head no slower than the full head (same ISA)
 CONTENDED_MAX = 1.10
@@ -155,7 +164,8 @@ TARGETS = (("ort-dense", 0.95, 1.25), ("ort-caprese-griffin", 0.70, 1.25), ("ort
            ("native-caprese-griffin-full-head", 0.70, 1.25),
            # issue 15: against genai-int4, within 1.3x of their bytes floor
            ("native-int4-dense", 0.90, 1.30), ("native-int4-caprese-griffin", 0.65, 1.30),
-           ("native-int4-acc4-dense", 0.90, 1.30), ("native-int4-acc4-caprese-griffin", 0.65, 1.30))
+           ("native-int4-acc4-dense", 0.90, 1.30), ("native-int4-acc4-caprese-griffin", 0.65, 1.30),
+           ("native-int4-acc4-caprese-griffin-fp16-bypass", 0.65, 1.30))
 
 
 # ---------------------------------------------------------------- other CPU-heavy work on the machine
@@ -317,6 +327,7 @@ class Recipe:
     weights: str | None = None  # caprese-export --weights (int4 | int8), None: fp32
     quantize_head: bool = False  # caprese-export --quantize-head
     int8_activations: bool = False  # caprese-export --int8-activations (MatMulNBits accuracy_level 4)
+    fp16_bypass: bool = False  # caprese-export --fp16-bypass
 
 
 def row_recipe(name: str, density: float, rank: int) -> Recipe:
@@ -337,7 +348,11 @@ def row_recipe(name: str, density: float, rank: int) -> Recipe:
             "ort-contrib-int4-acc4-caprese-griffin": Recipe("griffin", density, "all", rank, "onnxruntime", "int4",
                                                            True, True),
             "ort-contrib-int4-acc4-caprese-cats": Recipe("cats", density, "all", rank, "onnxruntime", "int4", True,
-                                                        True)}[name]
+                                                        True),
+            "ort-contrib-int4-acc4-caprese-griffin-fp16-bypass": Recipe("griffin", density, "all", rank, "onnxruntime",
+                                                                       "int4", True, True, True),
+            "ort-contrib-int4-acc4-caprese-cats-fp16-bypass": Recipe("cats", density, "all", rank, "onnxruntime",
+                                                                    "int4", True, True, True)}[name]
 
 
 def random_artifact(model_dir: str | Path, out: Path, r: Recipe, seed: int = 0) -> Path:
@@ -396,7 +411,7 @@ def prepare_engine(model_dir: str | Path, root: Path, name: str, r: Recipe, prec
         src = random_artifact(model_dir, root / f"{name}-artifact", r)
     log(f"bench: exporting {name} ({precision}) -> {engine}")
     export(src, engine, precision=precision, force=True, target=r.target, weights=r.weights,
-           quantize_head=r.quantize_head, int8_activations=r.int8_activations)
+           quantize_head=r.quantize_head, int8_activations=r.int8_activations, fp16_bypass=r.fp16_bypass)
     _write_key(engine, key)
     return engine, adapters
 

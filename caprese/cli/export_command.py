@@ -51,10 +51,13 @@ from caprese.errors import CapreseError
               help="GRIFFIN with --weights: the decode graph takes the per-prompt matrices in floats (dequantized "
                    "once per prompt) instead of quantized rows: faster on ONNX Runtime's CPU provider, 8x the "
                    "per-prompt bytes of int4.")
+@click.option("--fp16-bypass", is_flag=True,
+              help="With --weights, on an artifact with a bypass: store its L and R in fp16 (cast to fp32 where "
+                   "read): half their bytes per decode step, ~1e-3 relative error on the bypass's output.")
 def export(src: str, out: str | None, precision: str, max_seq_len: int | None, max_prompt_len: int | None,
            engine: bool, check: bool, target: str, force: bool, base_model: str | None, max_batch: int,
            timing_cache: str | None, weights: str | None, block_size: str | None, quantize_head: bool,
-           int8_activations: bool, float_selection: bool) -> None:
+           int8_activations: bool, float_selection: bool, fp16_bypass: bool) -> None:
     """Export SRC (a Hugging Face model folder, or a calibration artifact from `caprese calibrate`) to ENGINE_DIR.
 
     \b
@@ -82,7 +85,7 @@ def export(src: str, out: str | None, precision: str, max_seq_len: int | None, m
                         engine=engine, force=force, target=target, base_model=base_model, max_batch=max_batch,
                         timing_cache=timing_cache, log=log, weights=weights, block_size=block_size,
                         quantize_head=quantize_head, int8_activations=int8_activations,
-                        float_selection=float_selection)
+                        float_selection=float_selection, fp16_bypass=fp16_bypass)
     if check:
         _report(check_folder(result.out))
     click.echo(str(result.out))

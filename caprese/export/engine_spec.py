@@ -76,6 +76,7 @@ class QuantRecipe:
     down_axis: str = "out"
     accuracy_level: int = 0  # MatMulNBits' (target onnxruntime): 0 float activations; 4 int8 activations (GenAI's)
     float_selection: bool = False  # GRIFFIN decode inputs: float w_gul / w_dr (dequantized at fold) instead of rows
+    fp16_bypass: bool = False  # an fp32 graph's bypass L / R stored fp16 (half its bytes), cast to fp32 where read
 
     def __post_init__(self):
         if self.bits not in QUANT_BITS:
@@ -396,8 +397,8 @@ def _layer_tensors(m: ModelSpec, i: int, kind: str, rank: int, target: str, dt: 
     qkv_out = (m.num_heads + 2 * m.num_kv_heads) * hd
     qc = QuantContext(q, target, dt) if q is not None else None
 
-    def mat(name: str, rows: int, cols: int) -> WeightRef:
-        return WeightRef(p + name, (rows, cols), dt, MATRIX)
+    def mat(name: str, rows: int, cols: int, dtype: str = dt) -> WeightRef:
+        return WeightRef(p + name, (rows, cols), dtype, MATRIX)
 
     def lin(name: str, out_f: int, in_f: int, axis: str = "in") -> WeightRef:
         """An nn.Linear weight [out, in]: MATRIX [in, out] floats, or quantized [out, in] (axis in) / [in, out]."""
@@ -430,7 +431,8 @@ def _layer_tensors(m: ModelSpec, i: int, kind: str, rank: int, target: str, dt: 
         t.update(gate_up=lin("mlp.gate_up_proj", 2 * F, D), gate_up_bias=vec("mlp.gate_up_proj.bias", 2 * F,
                                                                                  m.mlp_bias),
                  down=lin("mlp.down_proj", D, F, down_axis))
-        L, R = (mat("mlp.bypass.L", D, rank), mat("mlp.bypass.R", rank, D)) if rank else (None, None)
+        bdt = "float16" if q.fp16_bypass else dt
+        L, R = (mat("mlp.bypass.L", D, rank, bdt), mat("mlp.bypass.R", rank, D, bdt)) if rank else (None, None)
         if kind in (C.CATS, C.BYPASS) and rank:
             t.update(L=L, R=R)
         if kind == C.GRIFFIN:

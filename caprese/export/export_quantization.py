@@ -42,6 +42,7 @@ class QuantRequest:
     head: bool = False
     int8_activations: bool = False  # target onnxruntime: MatMulNBits accuracy_level 4
     float_selection: bool = False  # GRIFFIN's per-prompt matrices in floats (dequantized when folded)
+    fp16_bypass: bool = False  # the bypass L / R stored fp16 in an fp32 engine
 
 
 def artifact_quantization(art) -> tuple[QuantRecipe, dict] | None:
@@ -135,13 +136,14 @@ def quantize_for_export(decoder, art, request: QuantRequest | None, target: str,
         return None
     else:
         if not request.weights:
-            raise CapreseError("--block-size, --quantize-head, --int8-activations and --float-selection need --weights "
-                               "int4 or int8")
+            raise CapreseError("--block-size, --quantize-head, --int8-activations, --float-selection and --fp16-bypass "
+                               "need --weights int4 or int8")
         fmt = requested_format(request, target)
         check_target(fmt, target)
         recipe = export_recipe(fmt, request.head, down_axis=down_axis(target, art.method if art is not None else None))
         log(f"weights: {fmt.name}, block {fmt.block_name}, round-to-nearest")
         tensors = quantize_decoder(decoder, recipe)
     float_sel = request is not None and request.float_selection
+    fp16_bypass = request is not None and request.fp16_bypass
     return QuantizedWeights(tensors, dataclasses.replace(spec_recipe(recipe), accuracy_level=level,
-                                                         float_selection=float_sel))
+                                                         float_selection=float_sel, fp16_bypass=fp16_bypass))

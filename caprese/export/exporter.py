@@ -101,14 +101,15 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
            base_model: str | None = None, max_batch: int = 1, timing_cache: str | Path | None = None,
            log: Callable[[str], None] | None = None, weights: str | None = None,
            block_size: int | str | None = None, quantize_head: bool = False,
-           int8_activations: bool = False, float_selection: bool = False) -> ExportResult:
+           int8_activations: bool = False, float_selection: bool = False, fp16_bypass: bool = False) -> ExportResult:
     """Export SRC to OUT; see the module docstring. Raises CapreseError (one line) for anything a user can fix.
 
     weights "int4" | "int8": block-quantized weights (export_quantization.py): the artifact's own codes when SRC
     carries them, else round-to-nearest at export time; block_size 32 | 64 | 128 | "row" (default: the bit
     width's, int4 on TensorRT 64); quantize_head: the LM head too; int8_activations (target onnxruntime):
     MatMulNBits with int8 activations (accuracy_level 4, GenAI's CPU default); float_selection: GRIFFIN's per-prompt
-    matrices as float w_gul / w_dr (dequantized once per prompt; faster on ONNX Runtime's CPU provider).
+    matrices as float w_gul / w_dr (dequantized once per prompt; faster on ONNX Runtime's CPU provider);
+    fp16_bypass: an fp32 engine's bypass L / R stored fp16 (half their bytes per step), cast to fp32 where read.
 
     With engine=True and no TensorRT, the ONNX engine folder is still written completely, then
     TensorRTUnavailable (a CapreseError) says so.
@@ -136,11 +137,18 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
     if target == C.TARGET_ONNXRUNTIME and max_batch != 1:
         raise CapreseError("--target onnxruntime graphs serve batch 1 (no left padding); use --max-batch 1")
     _check_out(out, src, base, force)
+    if fp16_bypass and precision != "fp32":
+        raise CapreseError(f"--fp16-bypass stores an fp32 engine's bypass in fp16; a --precision {precision} engine "
+                           f"keeps it in {precision} already: drop --fp16-bypass")
+    if fp16_bypass and (art is None or not getattr(art, "rank", 0)):
+        raise CapreseError(f"--fp16-bypass: {src} has no bypass (L, R) to store; export a calibrated artifact with a "
+                           "rank, or drop --fp16-bypass")
 
     log(f"loading {base}")
     decoder = load_decoder(base, "fp32", "cpu", spec=spec)
-    asked = weights or block_size or quantize_head or int8_activations or float_selection
-    request = QuantRequest(weights, block_size, quantize_head, int8_activations, float_selection) if asked else None
+    asked = weights or block_size or quantize_head or int8_activations or float_selection or fp16_bypass
+    request = QuantRequest(weights, block_size, quantize_head, int8_activations, float_selection,
+                           fp16_bypass) if asked else None
     quant = quantize_for_export(decoder, art, request, target, log)  # before the method is installed
     if art is not None:
         if method_kind(art.method) not in (C.GRIFFIN, C.CATS, C.BYPASS):

@@ -37,7 +37,10 @@ class FfnGraph:
         self.prefill, self.shared = prefill, shared
 
     def _bypass_matmul(self, x: str, ref, value, i: int, name: str) -> str:
-        return self.g.op("MatMul", [x, self.g.weight(ref, value.detach())], "mlp", f"MatMul_{name}", i)
+        w = self.g.weight(ref, value.detach())
+        if ref.dtype != self.g.fdt:  # --fp16-bypass: L / R stored fp16 in an fp32 graph
+            w = self.g.op("Cast", [w], "mlp", f"Cast_{name}", i, to=self.g.ft)
+        return self.g.op("MatMul", [x, w], "mlp", f"MatMul_{name}", i)
 
     def quantized(self, t: LayerTensors, dense, ffn, x: str) -> str:
         """The fused FFN of a quantized layer: act(x Ŵ_g)·(x Ŵ_1) @ Ŵ_2 from the quantized gate_up / down, the

@@ -115,7 +115,9 @@ class NativeBackend(Backend):
         mapped = set() if spec.tied_head else {spec.embed.name}
         mapped |= {spec.layers[i].gate_up.name for i in self.layout.layers_of(C.CATS)
                    if spec.layers[i].gate_up.quant is None}
-        self.arena = WeightArena(manifest, self._weight_refs(), mapped=mapped)
+        halves = {w.name for t in manifest.spec.layers if t.gate_up is not None and t.gate_up.quant is not None
+                  for w in (t.L, t.R, t.fold and t.fold.L, t.fold and t.fold.R) if w}  # --fp16-bypass
+        self.arena = WeightArena(manifest, self._weight_refs(), mapped=mapped, halves=halves)
         self._extra: list[np.ndarray] = []  # arrays the structs point into (biases, CATS layouts)
         self._layers = (lib_.Layer * self.layout.num_layers)()
         self._model = lib_.Model()
@@ -255,6 +257,7 @@ class NativeBackend(Backend):
             l_, r_ = A[bypass_l], A[bypass_r]
             L.rank = l_.shape[1]
             L.gu2, L.down = self._mat(l_), self._mat(r_)
+            L.bypass_f16 = int(l_.dtype == np.float16)  # --fp16-bypass (the arena keeps weights.bin's dtype)
             if not L.down_rows:  # R's rows are added beside the quantized down rows (rows-axpy) only
                 raise CapreseError(f"layer {i}: a bypass beside a down projection stored {t.down.storage}; the native "
                                    "kernel reads it with down stored [F, D]: use --backend onnxruntime")

@@ -94,6 +94,7 @@ typedef struct {
      * CATS (cats_tau set): q_up rows are read for the neurons that pass only. */
     int64_t q_attn, q_ffn, down_rows;
     QMat q_qkv, q_o, q_gate, q_up, q_down;
+    int64_t bypass_f16;      /* q_ffn: the bypass L (gu2) and R (down) hold fp16 values (--fp16-bypass) */
 } Layer;
 
 typedef struct {
@@ -136,7 +137,7 @@ static const LayoutField LAYOUT[] = {
     FIELD(Layer, cats_tau), FIELD(Layer, k_cache), FIELD(Layer, v_cache), FIELD(Layer, window),
     FIELD(Layer, scale), FIELD(Layer, softcap), FIELD(Layer, up_t), FIELD(Layer, up_bias), FIELD(Layer, q_attn),
     FIELD(Layer, q_ffn), FIELD(Layer, down_rows), FIELD(Layer, q_qkv), FIELD(Layer, q_o), FIELD(Layer, q_gate),
-    FIELD(Layer, q_up), FIELD(Layer, q_down),
+    FIELD(Layer, q_up), FIELD(Layer, q_down), FIELD(Layer, bypass_f16),
     STRUCT(Model), FIELD(Model, num_layers), FIELD(Model, hidden), FIELD(Model, num_heads),
     FIELD(Model, num_kv_heads), FIELD(Model, head_dim), FIELD(Model, vocab), FIELD(Model, capacity),
     FIELD(Model, max_ff), FIELD(Model, activation), FIELD(Model, gemma), FIELD(Model, eps),
@@ -203,6 +204,34 @@ static void gated(int64_t kind, const float *gate, const float *up, const float 
     if (up) {
 #pragma omp simd
         for (int64_t j = 0; j < n; j++) z[j] *= up[j];
+    }
+}
+
+/* y[0:cols) = sum over rows r in [i0, i1) of x[r] * W[r, c0 + (0:cols)] for a bypass matrix of a quantized FFN
+ * (L [hidden, rank], R [rank, hidden]) stored fp16 (--fp16-bypass): each row's halves converted (vcvtph2ps where
+ * the build has it) into a float tile, four rows at a time. */
+#define HTILE 512
+static void gemv_rows_f16(const float *restrict x, const Mat *a, int64_t c0, int64_t cols, int64_t i0, int64_t i1,
+                          float *restrict y) {
+    const uint16_t *W = (const uint16_t *)(const void *)a->w + c0;
+    float t[4][HTILE];
+    for (int64_t t0 = 0; t0 < cols; t0 += HTILE) {
+        const int64_t w = (t0 + HTILE < cols ? t0 + HTILE : cols) - t0;
+        float *restrict yt = y + t0;
+        for (int64_t j = 0; j < w; j++) yt[j] = 0.0f;
+        int64_t i = i0;
+        for (; i + 4 <= i1; i += 4) {
+            for (int k = 0; k < 4; k++) qg_halves(W + (i + k) * a->ld + t0, w, t[k]);
+            const float a0 = x[i], a1 = x[i + 1], a2 = x[i + 2], a3 = x[i + 3];
+#pragma omp simd
+            for (int64_t j = 0; j < w; j++) yt[j] += a0 * t[0][j] + a1 * t[1][j] + a2 * t[2][j] + a3 * t[3][j];
+        }
+        for (; i < i1; i++) {
+            qg_halves(W + i * a->ld + t0, w, t[0]);
+            const float a0 = x[i];
+#pragma omp simd
+            for (int64_t j = 0; j < w; j++) yt[j] += a0 * t[0][j];
+        }
     }
 }
 
@@ -780,8 +809,12 @@ static void stage_q_dot(const Ctx *c, const Phase *ph, int64_t i, float *out) {
         if (u1 > u0) q_dot(c, &L->q_up, c->h, NULL, u0 - F, u1 - F, y + F);
         const int64_t b0 = o0 > nq ? o0 : nq;
         if (o1 > b0) { /* the bypass x L: columns [b0 - nq, o1 - nq) of L, over every input */
-            const Mat cols = {L->gu2.w + (b0 - nq), L->gu2.ld, o1 - b0};
-            gemv_rows(c->h, &cols, NULL, 0, m->hidden, out + (b0 - o0));
+            if (L->bypass_f16) {
+                gemv_rows_f16(c->h, &L->gu2, b0 - nq, o1 - b0, 0, m->hidden, out + (b0 - o0));
+            } else {
+                const Mat cols = {L->gu2.w + (b0 - nq), L->gu2.ld, o1 - b0};
+                gemv_rows(c->h, &cols, NULL, 0, m->hidden, out + (b0 - o0));
+            }
         }
         break;
     }
@@ -801,7 +834,9 @@ static void stage_q_down(const Ctx *c, const Phase *ph, int64_t i, float *out, f
     const int64_t a1 = j1 < F ? j1 : F, b0 = j0 > F ? j0 : F;
     const float *z = c->z;
     int64_t unread = 0;
-    if (j1 > b0) /* the bypass rows of R (float): overwrites out */
+    if (j1 > b0 && L->bypass_f16) /* the bypass rows of R (float): overwrites out */
+        gemv_rows_f16(z + F, &L->down, 0, D, b0 - F, j1 - F, out);
+    else if (j1 > b0)
         gemv_rows(z + F, &L->down, NULL, b0 - F, j1 - F, out);
     else
         memset(out, 0, sizeof(float) * D);
@@ -1272,11 +1307,12 @@ static Phase with_bypass(Phase ph, int64_t rank, int64_t rows2) {
 }
 
 /* A quantized FFN's gate/up(/L) phase: whole outputs [gate | up | L] (CATS: [gate | L]), about Q_CHUNKS chunks of
- * quantized rows, then L's columns in chunks of as many bytes (multiples of 16 columns: whole cache lines). */
+ * quantized rows, then L's columns in chunks of as many bytes (a multiple of 64 bytes of each row: whole cache
+ * lines, or two chunks would read every line). */
 static Phase gu_phase(const Model *m, const Layer *L, int64_t li) {
-    const int64_t nq = L->cats_tau ? L->n_ff : 2 * L->n_ff, rows = q_rows(nq);
-    int64_t cols = rows * qmat_row_bytes(&L->q_gate) / (4 * m->hidden) & ~(int64_t)15;
-    cols = cols < 16 ? 16 : cols;
+    const int64_t nq = L->cats_tau ? L->n_ff : 2 * L->n_ff, rows = q_rows(nq), es = L->bypass_f16 ? 2 : 4;
+    int64_t cols = rows * qmat_row_bytes(&L->q_gate) / (es * m->hidden) & ~(64 / es - 1);
+    cols = cols < 64 / es ? 64 / es : cols;
     Phase g = phase_of(PH_QDOT, li, nq, rows, rows > cols ? rows : cols, 0);
     g.job = J_GU;
     return with_bypass(g, L->rank, cols);
@@ -1286,7 +1322,7 @@ static Phase gu_phase(const Model *m, const Layer *L, int64_t li) {
  * down_rows quantized rows per chunk, then R's fp32 rows in chunks of as many bytes. */
 static Phase q_down_phase(const Model *m, const Layer *L, int64_t li) {
     const int64_t D = m->hidden, F = L->n_ff, rows = down_rows(D);
-    int64_t r2 = rows * qmat_row_bytes(&L->q_down) / (4 * D) & ~(int64_t)3;
+    int64_t r2 = rows * qmat_row_bytes(&L->q_down) / ((L->bypass_f16 ? 2 : 4) * D) & ~(int64_t)3;
     r2 = r2 < 4 ? 4 : r2;
     return with_bypass(phase_of(PH_QDOWN, li, F, rows, D + 2, 0), L->rank, r2);
 }

@@ -58,7 +58,8 @@ class Layer(ctypes.Structure):
         ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("window", ctypes.c_int64),
         ("scale", ctypes.c_float), ("softcap", ctypes.c_float), ("up_t", Mat), ("up_bias", ctypes.c_void_p),
         ("q_attn", ctypes.c_int64), ("q_ffn", ctypes.c_int64), ("down_rows", ctypes.c_int64),
-        ("q_qkv", QMat), ("q_o", QMat), ("q_gate", QMat), ("q_up", QMat), ("q_down", QMat)]
+        ("q_qkv", QMat), ("q_o", QMat), ("q_gate", QMat), ("q_up", QMat), ("q_down", QMat),
+        ("bypass_f16", ctypes.c_int64)]
 
 
 class Model(ctypes.Structure):

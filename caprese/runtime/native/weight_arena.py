@@ -19,20 +19,22 @@ def address(a: np.ndarray | None) -> int | None:
 
 class WeightArena:
     """The decode step's weights, copied out of weights.bin into one 2 MiB-aligned buffer (THP-advised); the
-    `mapped` ones (a table a step reads one row of) stay in the read-only memory map of weights.bin instead.
+    `mapped` ones (a table a step reads one row of) stay in the read-only memory map of weights.bin instead;
+    `halves` may be fp16 (a quantized FFN's --fp16-bypass L / R, which the kernel reads as fp16).
     A quantized weight is its codes ([rows, cols * bits / 8] bytes, in caprese's signed format: MatMulNBits'
     unsigned bytes are flipped back while copying) plus its scales (their own WeightRef). fp32 scales that are
     all exactly fp16 values (an fp32 graph stores the format's fp16 scales widened) are kept as fp16, in place:
     the kernel widens them exactly, so the products are the same bits and a step reads fewer bytes
     (`saved_bytes`: int4 block 32 reads 1/16 byte less per weight)."""
 
-    def __init__(self, manifest, refs: list[WeightRef], mapped: set[str] = frozenset()):
+    def __init__(self, manifest, refs: list[WeightRef], mapped: set[str] = frozenset(),
+                 halves: set[str] = frozenset()):
         refs = refs + [r.quant.scale for r in refs if r.quant is not None]
         refs = list({r.name: r for r in refs}.values())  # the tied embedding is also the head: once
         scales = {r.quant.scale.name for r in refs if r.quant is not None}
         offsets, total = {}, 0
         for r in refs:
-            ok = r.dtype == "float32" or (r.name in scales and r.dtype == "float16") or (
+            ok = r.dtype == "float32" or (r.name in scales | halves and r.dtype == "float16") or (
                 r.quant is not None and r.dtype in ("int4", "int8"))
             if not ok:
                 raise CapreseError(f"the native backend runs fp32 engines; {r.name} is {r.dtype}")
