@@ -68,7 +68,10 @@ def generator(engine, backend: str, threads: int = 1, head: str = "full", isa: s
 
 
 def recorded(g: Generator, prompt: list[int], rho: int):
-    """(result, logits of every decode step [steps, V]) of a greedy generation."""
+    """(result, logits of every decode step [steps, V]) of a greedy generation, each step through decode() (a
+    backend's own greedy shortcut, e.g. the native kernel's argmax over a quantized head, returns no logits)."""
+    from caprese.runtime.backend import Backend
+
     seen, decode = [], g.backend.decode
 
     def record(token, slot):
@@ -77,11 +80,12 @@ def recorded(g: Generator, prompt: list[int], rho: int):
         return out
 
     g.backend.decode = record
+    g.backend.decode_greedy = lambda token, slot: Backend.decode_greedy(g.backend, token, slot)
     try:
         with one_torch_thread():
             r = g.generate(prompt, NEW, reselect_every=rho, ignore_eos=True)
     finally:
-        del g.backend.decode
+        del g.backend.decode, g.backend.decode_greedy
     return r, torch.cat(seen)
 
 

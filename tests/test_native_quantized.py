@@ -76,6 +76,9 @@ def test_native_quantized_equals_onnxruntime(isa, kind, method, weights, block, 
     ref, ref_logits = recorded(generator(engine, "onnxruntime"), prompt, rho)
     nat = generator(engine, "native", isa=isa)
     got, got_logits = recorded(nat, prompt, rho)
+    if head:  # greedy steps of a quantized head: the kernel's own argmax (no logits back to Python)
+        with one_torch_thread():
+            assert nat.generate(prompt, NEW, reselect_every=rho, ignore_eos=True).tokens == ref.tokens
     diff = (got_logits - ref_logits).abs().max().item()
     print(f"{kind} {method} {weights} block {block} {target} [{nat.backend.describe()['isa']}]: max |logits native - "
           f"onnxruntime| = {diff:.2e} over {len(got_logits)} steps (|logit| <= {ref_logits.abs().max():.2f})")

@@ -369,13 +369,14 @@ class NativeBackend(Backend):
 
     # ---- running ----
     def _step(self, token: int, slot: int, top: int = 0) -> None:
-        """One kernel call; top = k > 0: a screened step for the k largest logits."""
+        """One kernel call; top = k > 0: a screened step for the k largest logits (a quantized head: k = 1, every
+        logit computed and the argmax found in the kernel)."""
         if slot >= self.capacity:
             raise RuntimeError(f"decode at slot {slot} past the KV cache ({self.capacity}); reserve first")
         self._next[0] = top
         self._check(self.lib.caprese_decode_step(self._ctx, int(token), int(slot), ctypes.byref(self._skipped),
                                                  self._next if top else None))
-        if top:
+        if top and not self.head_quantized:
             self.head_rows = int(self._next[1])
             self.head_rows_total += self.head_rows
             self.head_steps += 1
@@ -394,7 +395,7 @@ class NativeBackend(Backend):
         return self._logits()
 
     def decode_greedy(self, token: int, slot: int) -> int:
-        if not self._screens(1):
+        if not (self._screens(1) or self.head_quantized):  # a quantized head: the kernel's argmax, no Python
             return super().decode_greedy(token, slot)
         self._step(token, slot, top=1)
         return int(self._next[0])

@@ -1217,6 +1217,27 @@ static void reduce_cat(Ctx *c, const Phase *ph, int64_t i, const float *r, void 
     }
 }
 
+/* reduce_cat, and the running argmax of what it copied (a quantized head's greedy step): chunks come in order,
+ * so the first of equal maxima wins. */
+typedef struct { Cat cat; float best; int64_t arg; } CatMax;
+
+static void reduce_cat_argmax(Ctx *c, const Phase *ph, int64_t i, const float *r, void *arg) {
+    CatMax *a = arg;
+    reduce_cat(c, ph, i, r, &a->cat);
+    int64_t o0, o1;
+    chunk_span(ph, i, &o0, &o1);
+    float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < o1 - o0; j++) m = r[j] > m ? r[j] : m;
+    if (m > a->best)
+        for (int64_t j = 0; j < o1 - o0; j++)
+            if (r[j] == m) {
+                a->best = m;
+                a->arg = o0 + j;
+                break;
+            }
+}
+
 /* Quantized attention chunks (stage_q_attention): each query head's parts, in slot order, merged by their maxima
  * into c->att (m and l of the parts so far in c->t), divided by the total sum after the last part. */
 static void reduce_attention(Ctx *c, const Phase *ph, int64_t i, const float *r, void *arg) {
@@ -1502,15 +1523,11 @@ static int run_head(Ctx *c, int64_t *next, int64_t *skipped) {
         Phase ph = phase_of(PH_QDOT, -1, V, HEAD_ROWS, HEAD_ROWS, 0);
         ph.job = J_HEAD;
         quantize_for(c, &m->q_lm_head, c->h);
-        Cat cat = {m->logits, NULL};
-        run_phase(c, &ph, reduce_cat, &cat);
-        if (next) {
-            int64_t arg = -1;
-            float best = -INFINITY;
-            for (int64_t v = 0; v < V; v++)
-                if (m->logits[v] > best) { best = m->logits[v]; arg = v; }
-            if (arg < 0) return 3;
-            next[0] = arg;
+        CatMax cat = {{m->logits, NULL}, -INFINITY, -1};
+        run_phase(c, &ph, next ? reduce_cat_argmax : reduce_cat, &cat);
+        if (next) { /* greedy: the argmax (the first of equal maxima), found chunk by chunk while others ran */
+            if (cat.arg < 0) return 3;
+            next[0] = cat.arg;
             next[1] = V;
         }
         return 0;
@@ -1645,13 +1662,15 @@ static void run_ffn(Ctx *c, int64_t li, int64_t *skipped) {
  * next == NULL: every logit into m->logits. next != NULL (needs m->head_q): a screened step for the next[0] = k
  * largest logits (1 <= k <= min(HEAD_TOPK_MAX, vocab)): m->logits holds the exact logit of every row that may
  * be among them (those k included, ties at the k-th value too) and -inf elsewhere; next[0] = the argmax,
- * next[1] = how many rows were recomputed in fp32.
+ * next[1] = how many rows were recomputed in fp32. A quantized head (m->q_head) takes next[0] = 1 only: every
+ * logit into m->logits, next[0] = the argmax, next[1] = vocab.
  * 0 = done, 1 = bad arguments, 3 = no finite logit. */
 int caprese_decode_step(Ctx *c, int64_t token, int64_t slot, int64_t *skipped, int64_t *next) {
     const Model *m = c->m;
     const int64_t topk = next ? next[0] : 0;
     if (token < 0 || token >= m->vocab || slot < 0 || slot >= m->capacity || !fits(c) ||
-        (next && (!m->head_q || topk < 1 || topk > HEAD_TOPK_MAX || topk > m->vocab))) return 1;
+        (next && !(m->q_head && topk == 1) && (!m->head_q || topk < 1 || topk > HEAD_TOPK_MAX ||
+                                                 topk > m->vocab))) return 1;
     const int64_t D = m->hidden;
     *skipped = 0;
     const float *e = m->embed + token * D;
