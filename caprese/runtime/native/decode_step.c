@@ -165,6 +165,7 @@ const char *caprese_isa(void) {
 /* ------------------------------------------------------------------ math shared by the stages */
 static void rms_norm(const float *x, const float *w, float *y, int64_t n, float eps) {
     double ss = 0.0;
+#pragma omp simd reduction(+ : ss)
     for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
     float r = (float)(1.0 / sqrt(ss / (double)n + eps));
     for (int64_t i = 0; i < n; i++) y[i] = x[i] * r * w[i];
