@@ -432,7 +432,7 @@ def test_fp16_bypass_option(method, weights, block, target, tmp_path_factory, ti
     engine, src = q_export(tmp_path_factory, tiny_model_dir, "qwen2", method, weights, block, target,
                            fp16_bypass=True)
     spec = load_manifest(engine).spec
-    refs = [w for t in spec.layers for w in (t.L, t.R, t.fold and t.fold.L, t.fold and t.fold.R) if w is not None]
+    refs = [w for t in spec.layers for w in t.bypass() if w is not None]
     assert refs and {w.dtype for w in refs} == {"float16"} and spec.recipe.weights.fp16_bypass
     m = onnx.load(str(engine / "decode.onnx"), load_external_data=False)
     assert any(n.op_type == "Cast" and "bypass_L" in n.name for n in m.graph.node)

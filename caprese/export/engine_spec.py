@@ -202,6 +202,10 @@ class LayerTensors:
         """{role: WeightRef} of the roles this layer has, in LAYER_ROLES order (fold sources not included)."""
         return {r: getattr(self, r) for r in LAYER_ROLES if getattr(self, r) is not None}
 
+    def bypass(self) -> tuple[WeightRef | None, WeightRef | None]:
+        """The layer's bypass (L, R): apart (quantized CATS / BYPASS), a GRIFFIN layer's fold sources, or Nones."""
+        return (self.fold.L, self.fold.R) if self.fold is not None else (self.L, self.R)
+
     def decode_reads(self, quantized_selection: bool = True) -> list[WeightRef]:
         """The weights a decode step of this layer reads from weights.bin (GRIFFIN: not its dense FFN)."""
         skip = _GRIFFIN_DECODE_SKIPS if self.kind == C.GRIFFIN else ()

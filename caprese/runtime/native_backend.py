@@ -115,8 +115,8 @@ class NativeBackend(Backend):
         mapped = set() if spec.tied_head else {spec.embed.name}
         mapped |= {spec.layers[i].gate_up.name for i in self.layout.layers_of(C.CATS)
                    if spec.layers[i].gate_up.quant is None}
-        halves = {w.name for t in manifest.spec.layers if t.gate_up is not None and t.gate_up.quant is not None
-                  for w in (t.L, t.R, t.fold and t.fold.L, t.fold and t.fold.R) if w}  # --fp16-bypass
+        halves = {w.name for t in spec.layers if t.gate_up is not None and t.gate_up.quant is not None
+                  for w in t.bypass() if w is not None}  # --fp16-bypass
         self.arena = WeightArena(manifest, self._weight_refs(), mapped=mapped, halves=halves)
         self._extra: list[np.ndarray] = []  # arrays the structs point into (biases, CATS layouts)
         self._layers = (lib_.Layer * self.layout.num_layers)()
@@ -218,7 +218,7 @@ class NativeBackend(Backend):
         lay, A, sel, i = self.layout, self.arena, self.buffers.selection, t.index
         F = lay.intermediate_size
         L.q_ffn = 1
-        bypass_l, bypass_r = t.L, t.R
+        bypass_l, bypass_r = t.bypass()
         if t.kind == C.GRIFFIN:  # the kept neurons' rows, gathered per prompt by the fold (FoldInto.quantized_rows)
             k, fold = lay.k, t.fold
             gu_q, gu_s = sel[C.w_gu_q(i)].host[0], sel[C.w_gu_s(i)].host[0]
@@ -233,7 +233,6 @@ class NativeBackend(Backend):
             L.n_ff = k
             b = sel.get(C.b_gul(i))
             L.gu_bias = None if b is None else address(b.host[0])
-            bypass_l, bypass_r = fold.L, fold.R
         else:
             if t.gate_up is not None:  # [W_g; W_1] rows
                 L.q_gate = self._qmat(t.gate_up, rows=F, role="gate_up")

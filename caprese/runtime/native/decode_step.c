@@ -599,6 +599,13 @@ static inline __attribute__((always_inline)) vfw dot16(const float *q, const flo
 }
 #endif
 
+static inline float dot_row(const float *q, const float *k, int64_t hd) {
+    float d = 0.0f;
+#pragma omp simd reduction(+ : d)
+    for (int64_t j = 0; j < hd; j++) d += q[j] * k[j];
+    return d;
+}
+
 /* sc[t * ATT_BLOCK + s] = score of query t (of nk, q[t * hd ..]) against key row s < n of K (scaled, soft-capped);
  * their maxima into mx[t]. AVX-512: 16 rows at a time per query (dot16); else, and the last n % 16, one by one. */
 static void score_rows(const Layer *L, const float *q, const float *K, const float *V, int64_t hd, int64_t n, int nk,
@@ -607,30 +614,19 @@ static void score_rows(const Layer *L, const float *q, const float *K, const flo
         const float *qt = q + t * hd;
         float *st = sc + t * ATT_BLOCK;
         int64_t s = 0;
-        for (; s < n; s += 16) {
+        for (; s + 16 <= n; s += 16) {
             if (t == 0) /* DRAM latency: the keys and values of the next 16 rows (the first 16: attend_group) */
                 for (int64_t j = (s + 16) * hd; j < (s + 32 < n ? s + 32 : n) * hd; j += 16) {
                     __builtin_prefetch(K + j);
                     __builtin_prefetch(V + j);
                 }
 #if VW == 16
-            if (s + 16 > n) break;
             *(vfwu *)(st + s) = dot16(qt, K + s * hd, hd);
 #else
-            for (int64_t r = s; r < s + 16 && r < n; r++) {
-                float d = 0.0f;
-#pragma omp simd reduction(+ : d)
-                for (int64_t j = 0; j < hd; j++) d += qt[j] * K[r * hd + j];
-                st[r] = d;
-            }
+            for (int64_t r = s; r < s + 16; r++) st[r] = dot_row(qt, K + r * hd, hd);
 #endif
         }
-        for (; s < n; s++) {
-            float d = 0.0f;
-#pragma omp simd reduction(+ : d)
-            for (int64_t j = 0; j < hd; j++) d += qt[j] * K[s * hd + j];
-            st[s] = d;
-        }
+        for (; s < n; s++) st[s] = dot_row(qt, K + s * hd, hd);
         const float scale = L->scale, cap = L->softcap;
         if (cap > 0.0f) {
             for (int64_t s = 0; s < n; s++) st[s] = tanhf(st[s] * scale / cap) * cap;
@@ -1349,11 +1345,12 @@ static Phase q_down_phase(const Model *m, const Layer *L, int64_t li) {
     return with_bypass(phase_of(PH_QDOWN, li, F, rows, D + 2, 0), L->rank, r2);
 }
 
-/* Floats of one result area: the largest phase (chunks x floats per chunk) of this model. */
-static int64_t result_floats(const Model *m) {
+/* What this model's phases need of a context, in one pass over its layers: the floats of one result area (the
+ * largest phase, chunks x floats per chunk), returned, and the most chunks a phase has (the slots), in *chunks. */
+static int64_t phase_bounds(const Model *m, int64_t *chunks) {
     const int64_t D = m->hidden, nqkv = (m->num_heads + 2 * m->num_kv_heads) * m->head_dim;
-    const int64_t hc = (m->vocab + HEAD_ROWS - 1) / HEAD_ROWS;
-    int64_t most = CHUNKS_WIDE * nqkv;
+    const int64_t hc = (m->vocab + HEAD_ROWS - 1) / HEAD_ROWS, dr = down_rows(D);
+    int64_t most = CHUNKS_WIDE * nqkv, n = hc > CHUNKS_WIDE ? hc : CHUNKS_WIDE;
     if (m->num_heads * D > most) most = m->num_heads * D;
     if (hc * (HEAD_ROWS + HEAD_TOPK_MAX) > most) most = hc * (HEAD_ROWS + HEAD_TOPK_MAX);
     const int64_t qmost = 2 * m->max_ff + 4 * Q_CHUNKS; /* quantized products: whole outputs, chunks of q_rows */
@@ -1361,43 +1358,32 @@ static int64_t result_floats(const Model *m) {
     if (nqkv + 4 * Q_CHUNKS > most) most = nqkv + 4 * Q_CHUNKS;
     if (D + 4 * Q_CHUNKS > most) most = D + 4 * Q_CHUNKS;
     if (ATT_PARTS * m->num_heads * (m->head_dim + 2) > most) most = ATT_PARTS * m->num_heads * (m->head_dim + 2);
+    if (m->num_heads > n) n = m->num_heads;
+    if (ATT_PARTS * m->num_kv_heads > n) n = ATT_PARTS * m->num_kv_heads;
+    if (Q_CHUNKS > n) n = Q_CHUNKS;
+    if ((m->max_ff + dr - 1) / dr > n) n = (m->max_ff + dr - 1) / dr;
     for (int64_t li = 0; li < m->num_layers; li++) {
         const Layer *L = m->layers + li;
-        const int64_t gu = L->gu1.cols + (L->gu2.w ? L->gu2.cols : 0), n = L->n_ff + L->rank;
+        const int64_t gu = L->gu1.cols + (L->gu2.w ? L->gu2.cols : 0), dc = (L->n_ff + L->rank + dr - 1) / dr;
         if (CHUNKS_WIDE * gu > most) most = CHUNKS_WIDE * gu;
-        const int64_t dc = (n + down_rows(D) - 1) / down_rows(D);
         if (dc * (D + 2) > most) most = dc * (D + 2);
         if (L->q_ffn) {
             const Phase g = gu_phase(m, L, li), d = q_down_phase(m, L, li);
             if (g.n_chunks * g.stride > most) most = g.n_chunks * g.stride;
             if (d.n_chunks * d.stride > most) most = d.n_chunks * d.stride;
+            if (g.n_chunks > n) n = g.n_chunks;
+            if (d.n_chunks > n) n = d.n_chunks;
         }
     }
+    *chunks = n;
     return most;
-}
-
-/* The most chunks a phase of this model has (the slots of a context). */
-static int64_t phase_chunks(const Model *m) {
-    const int64_t D = m->hidden, hc = (m->vocab + HEAD_ROWS - 1) / HEAD_ROWS;
-    int64_t chunks = hc > CHUNKS_WIDE ? hc : CHUNKS_WIDE;
-    if (m->num_heads > chunks) chunks = m->num_heads;
-    if (ATT_PARTS * m->num_kv_heads > chunks) chunks = ATT_PARTS * m->num_kv_heads;
-    for (int64_t li = 0; li < m->num_layers; li++)
-        if (m->layers[li].q_ffn) {
-            const int64_t g = gu_phase(m, m->layers + li, li).n_chunks;
-            const int64_t d = q_down_phase(m, m->layers + li, li).n_chunks;
-            chunks = g > chunks ? g : chunks;
-            chunks = d > chunks ? d : chunks;
-        }
-    if (Q_CHUNKS > chunks) chunks = Q_CHUNKS;
-    if ((m->max_ff + down_rows(D) - 1) / down_rows(D) > chunks) chunks = (m->max_ff + down_rows(D) - 1) / down_rows(D);
-    return chunks;
 }
 
 /* The model's layers fit the context's buffers (the shapes it was created for). */
 static int fits(const Ctx *c) {
     const Model *m = c->m;
-    if (result_floats(m) > c->res_floats || phase_chunks(m) > c->max_chunks) return 0;
+    int64_t chunks;
+    if (phase_bounds(m, &chunks) > c->res_floats || chunks > c->max_chunks) return 0;
     for (int64_t li = 0; li < m->num_layers; li++) {
         const Layer *L = m->layers + li;
         if (L->n_ff + L->rank > m->max_ff || L->gu1.cols + (L->gu2.w ? L->gu2.cols : 0) > 2 * m->max_ff) return 0;
@@ -1434,9 +1420,10 @@ Ctx *caprese_context_new(const Model *m, int64_t threads) {
     const int ncpu = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : (int)threads;
     c->spin_ns = threads > ncpu ? SPIN_NS_OVERSUBSCRIBED : SPIN_NS;
     atomic_store(&c->active, (int)threads);
-    c->res_floats = result_floats(m);
-    const int64_t D = m->hidden, hc = (m->vocab + HEAD_ROWS - 1) / HEAD_ROWS, chunks = phase_chunks(m);
+    int64_t chunks;
+    c->res_floats = phase_bounds(m, &chunks);
     c->max_chunks = chunks;
+    const int64_t D = m->hidden, hc = (m->vocab + HEAD_ROWS - 1) / HEAD_ROWS;
     /* per thread: z and up of a down chunk + CATS' row list (max_ff each), or q, o and a block of scores */
     /* quantized CATS: z, up, int64 rows; quantized attention: q and scores of a KV head's query heads */
     const int64_t g = m->num_heads / m->num_kv_heads;
@@ -1658,6 +1645,15 @@ static void run_ffn(Ctx *c, int64_t li, int64_t *skipped) {
     }
 }
 
+/* A step's `next` this model cannot serve: a screened k needs the int8 head copy and 1 <= k <= min(HEAD_TOPK_MAX,
+ * vocab); a quantized head (never screened) serves k = 1, its argmax, only. */
+static int bad_next(const Model *m, const int64_t *next) {
+    if (!next) return 0;
+    const int64_t k = next[0];
+    if (m->q_head) return k != 1;
+    return !m->head_q || k < 1 || k > HEAD_TOPK_MAX || k > m->vocab;
+}
+
 /* One token at `slot` (= its position; batch 1, no padding): writes K/V at slot of every layer, and the weight
  * bytes this step did not read (*skipped: CATS' thresholded up / down rows, the screened head's savings).
  * next == NULL: every logit into m->logits. next != NULL (needs m->head_q): a screened step for the next[0] = k
@@ -1668,10 +1664,7 @@ static void run_ffn(Ctx *c, int64_t li, int64_t *skipped) {
  * 0 = done, 1 = bad arguments, 3 = no finite logit. */
 int caprese_decode_step(Ctx *c, int64_t token, int64_t slot, int64_t *skipped, int64_t *next) {
     const Model *m = c->m;
-    const int64_t topk = next ? next[0] : 0;
-    if (token < 0 || token >= m->vocab || slot < 0 || slot >= m->capacity || !fits(c) ||
-        (next && !(m->q_head && topk == 1) && (!m->head_q || topk < 1 || topk > HEAD_TOPK_MAX ||
-                                                 topk > m->vocab))) return 1;
+    if (token < 0 || token >= m->vocab || slot < 0 || slot >= m->capacity || !fits(c) || bad_next(m, next)) return 1;
     const int64_t D = m->hidden;
     *skipped = 0;
     const float *e = m->embed + token * D;
@@ -1688,7 +1681,7 @@ int caprese_decode_step(Ctx *c, int64_t token, int64_t slot, int64_t *skipped, i
  * load-time choice between the screened and the full head. Same arguments and codes as caprese_decode_step. */
 int caprese_head_only(Ctx *c, const float *h, int64_t *next) {
     const Model *m = c->m;
-    if (next && (!m->head_q || next[0] < 1 || next[0] > HEAD_TOPK_MAX || next[0] > m->vocab)) return 1;
+    if (bad_next(m, next)) return 1;
     int64_t skipped = 0;
     memcpy(c->h, h, sizeof(float) * m->hidden);
     return run_head(c, next, &skipped);
