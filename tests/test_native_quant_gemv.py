@@ -278,7 +278,8 @@ INT8X_CASES = [(WeightFormat(4, 32, "fp16"), 640), (WeightFormat(4, 64, "fp32"),
                (WeightFormat(4, ROW, "fp32"), 64), (WeightFormat(4, ROW, "fp16"), 96),
                (WeightFormat(4, ROW, "fp16"), 576), (WeightFormat(4, 32, "fp32"), 64),
                (WeightFormat(4, 32, "fp16"), 96), (WeightFormat(4, 128, "fp16"), 4224),
-               (WeightFormat(4, ROW, "fp32"), 4160)]
+               (WeightFormat(4, ROW, "fp32"), 4160), (WeightFormat(4, 32, "fp32"), 576),
+               (WeightFormat(4, 64, "fp16"), 4160)]  # every (block, scale dtype) in both the 128- and 64-column steps
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -71,44 +71,45 @@ void caprese_qx_quantize(const QMat *w, const float *x, void *buf, QgX *xq) {
     }
 }
 
-/* Per 32-bit lane (4 weight bytes = 8 elements): sum of (code_w + 8) * code_x, for 16 / 8 / 4 lanes. */
+/* Per 32-bit lane (4 weight bytes = 8 elements): a + sum of (code_w + 8) * code_x, for 16 / 8 / 4 lanes (a = -corr
+ * takes the offset out in the accumulator's start, one instruction per row and step fewer). */
 #if defined(__AVX512BW__)
-static inline __m512i qx_d512(__m512i v, __m512i xe, __m512i xo) {
+static inline __m512i qx_d512(__m512i v, __m512i xe, __m512i xo, __m512i a) {
     const __m512i nib = _mm512_set1_epi8(0x0f);
     v = _mm512_xor_si512(v, _mm512_set1_epi8((char)0x88));
     const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
 #if defined(__AVX512VNNI__)
-    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe), hi, xo);
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a, lo, xe), hi, xo);
 #else
     const __m512i one = _mm512_set1_epi16(1);
-    return _mm512_add_epi32(_mm512_madd_epi16(_mm512_maddubs_epi16(lo, xe), one),
-                            _mm512_madd_epi16(_mm512_maddubs_epi16(hi, xo), one));
+    return _mm512_add_epi32(a, _mm512_add_epi32(_mm512_madd_epi16(_mm512_maddubs_epi16(lo, xe), one),
+                                                _mm512_madd_epi16(_mm512_maddubs_epi16(hi, xo), one)));
 #endif
 }
 #endif
 #if defined(__AVX2__)
-static inline __m256i qx_d256(__m256i v, __m256i xe, __m256i xo) {
+static inline __m256i qx_d256(__m256i v, __m256i xe, __m256i xo, __m256i a) {
     const __m256i nib = _mm256_set1_epi8(0x0f);
     v = _mm256_xor_si256(v, _mm256_set1_epi8((char)0x88));
     const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xe), hi, xo);
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(a, lo, xe), hi, xo);
 #else
     const __m256i one = _mm256_set1_epi16(1);
-    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, xe), one),
-                            _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xo), one));
+    return _mm256_add_epi32(a, _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, xe), one),
+                                                _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xo), one)));
 #endif
 }
-static inline __m128i qx_d128(__m128i v, __m128i xe, __m128i xo) {
+static inline __m128i qx_d128(__m128i v, __m128i xe, __m128i xo, __m128i a) {
     const __m128i nib = _mm_set1_epi8(0x0f);
     v = _mm_xor_si128(v, _mm_set1_epi8((char)0x88));
     const __m128i lo = _mm_and_si128(v, nib), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nib);
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm_dpbusd_epi32(_mm_dpbusd_epi32(_mm_setzero_si128(), lo, xe), hi, xo);
+    return _mm_dpbusd_epi32(_mm_dpbusd_epi32(a, lo, xe), hi, xo);
 #else
     const __m128i one = _mm_set1_epi16(1);
-    return _mm_add_epi32(_mm_madd_epi16(_mm_maddubs_epi16(lo, xe), one),
-                         _mm_madd_epi16(_mm_maddubs_epi16(hi, xo), one));
+    return _mm_add_epi32(a, _mm_add_epi32(_mm_madd_epi16(_mm_maddubs_epi16(lo, xe), one),
+                                          _mm_madd_epi16(_mm_maddubs_epi16(hi, xo), one)));
 #endif
 }
 #endif
@@ -116,10 +117,9 @@ static inline __m128i qx_d128(__m128i v, __m128i xe, __m128i xo) {
 /* The 32-element step (4 lanes), for the scalar build and the SIMD builds' tails: d[l] = sum code_w * code_x. */
 static inline void qx_lanes32(const uint8_t *p, const int8_t *xe, const int8_t *xo, const int32_t *corr, int32_t d[4]) {
 #if defined(__AVX2__)
-    _mm_storeu_si128((__m128i *)d, _mm_sub_epi32(qx_d128(_mm_loadu_si128((const __m128i *)p),
-                                                         _mm_loadu_si128((const __m128i *)xe),
-                                                         _mm_loadu_si128((const __m128i *)xo)),
-                                                 _mm_loadu_si128((const __m128i *)corr)));
+    _mm_storeu_si128((__m128i *)d, qx_d128(_mm_loadu_si128((const __m128i *)p), _mm_loadu_si128((const __m128i *)xe),
+                                           _mm_loadu_si128((const __m128i *)xo),
+                                           _mm_sub_epi32(_mm_setzero_si128(), _mm_loadu_si128((const __m128i *)corr))));
 #else
     (void)corr;
     for (int l = 0; l < 4; l++) {
@@ -131,81 +131,122 @@ static inline void qx_lanes32(const uint8_t *p, const int8_t *xe, const int8_t *
 #endif
 }
 
+/* The scales of blocks i .. i + n - 1 (n <= 4) of one row (sp: its first scale in the tile) in the first n lanes,
+ * read without touching scale i + n: a row's last step may end the scale array. Loaded in registers per step:
+ * converted into a stack buffer per row and read back, they cost a store-forwarding stall per row. */
+#if defined(__AVX2__)
+static inline __m128 qx_scales(const void *sp, const int f32s, int64_t i, int n) {
+#if defined(__AVX512VL__) && defined(__AVX512BW__)
+    const __mmask8 m = (__mmask8)((1u << n) - 1);
+    if (f32s) return _mm_maskz_loadu_ps(m, (const float *)sp + i);
+    return _mm_cvtph_ps(_mm_maskz_loadu_epi16(m, (const uint16_t *)sp + i));
+#else /* the AVX2 build's 64-column step: one or two blocks */
+    if (f32s) {
+        if (n == 2) return _mm_castpd_ps(_mm_load_sd((const double *)((const float *)sp + i)));
+        return _mm_load_ss((const float *)sp + i);
+    }
+    uint32_t u = 0;
+    memcpy(&u, (const uint16_t *)sp + i, 2 * (size_t)n);
+#if defined(__F16C__)
+    return _mm_cvtph_ps(_mm_cvtsi32_si128((int)u));
+#else
+    return _mm_setr_ps(qg_half((uint16_t)u), qg_half((uint16_t)(u >> 16)), 0.0f, 0.0f);
+#endif
+#endif
+}
+
+/* [sum a0, sum a1, sum a2, sum a3]: four rows' sums in one shuffle tree (four separate reductions were ~15 % of a
+ * 576-column row). */
+static inline __m128 qx_hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    const __m256 c01 = _mm256_add_ps(_mm256_permute2f128_ps(a0, a1, 0x20), _mm256_permute2f128_ps(a0, a1, 0x31));
+    const __m256 c23 = _mm256_add_ps(_mm256_permute2f128_ps(a2, a3, 0x20), _mm256_permute2f128_ps(a2, a3, 0x31));
+    __m256 d = _mm256_hadd_ps(c01, c23); /* [a0 a0 a2 a2 | a1 a1 a3 a3] (pair sums) */
+    d = _mm256_hadd_ps(d, d);            /* [a0 a2 a0 a2 | a1 a3 a1 a3] */
+    return _mm_unpacklo_ps(_mm256_castps256_ps128(d), _mm256_extractf128_ps(d, 1));
+}
+#endif
+
 /* out[k] = y of rows[k] (k < nr <= 4) over the column tile [c0, c1) (multiples of 128 but the last c1). */
 static inline __attribute__((always_inline)) void qx_dot_tile(const QMat *w, const int f32s, const QgTile *t,
                                                               const int64_t *rows, const int nr, const QgX *q,
                                                               int64_t c0, int64_t c1, float *out) {
     const uint8_t *p[4];
-    const float *sp[4];
-    float scf[4][QG_TILE_BLOCKS + 4]; /* + 4: the 4-scale loads below may read past the tile's last block */
+    const void *sp[4];
     const int row_block = w->block == w->cols;
     const int64_t blk = row_block ? c1 - c0 + 128 : w->block; /* ROW: every lane of the tile reads scale 0 */
     const int sh = row_block ? 62 : __builtin_ctzll((unsigned long long)blk); /* c / blk as a shift (32 / 64 / 128) */
     for (int k = 0; k < nr; k++) {
         p[k] = w->codes + rows[k] * t->rb;
-        if (f32s) memcpy(scf[k], (const float *)w->scales + rows[k] * t->nb + t->b0, sizeof(float) * t->nbt);
-        else qg_halves((const uint16_t *)w->scales + rows[k] * t->nb + t->b0, t->nbt, scf[k]);
-        for (int j = 0; j < 4; j++) scf[k][t->nbt + j] = 0.0f;
-        sp[k] = scf[k];
+        sp[k] = (const uint8_t *)w->scales + (rows[k] * t->nb + t->b0) * (f32s ? 4 : 2);
     }
     float tail[4] = {0, 0, 0, 0};
     int64_t c = c0;
 #if defined(__AVX512BW__)
-    int32_t li[16];
-    for (int l = 0; l < 16; l++) li[l] = (int32_t)((8 * l) / blk);
-    const __m512i lidx = _mm512_loadu_si512(li);
+    /* lane l (8 columns) of a 128-column step reads the step's scale (8 l) >> sh, of n512 = 128 / blk (or 1) */
+    const __m512i lidx = _mm512_srl_epi32(_mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104,
+                                                            112, 120), _mm_cvtsi32_si128(sh));
+    const int n512 = blk >= 128 ? 1 : (int)(128 / blk);
     __m512 acc[4];
     for (int k = 0; k < nr; k++) acc[k] = _mm512_setzero_ps();
     for (; c + 128 <= c1; c += 128) {
         const __m512i xe = _mm512_loadu_si512(q->xe + c / 2), xo = _mm512_loadu_si512(q->xo + c / 2);
-        const __m512i corr = _mm512_loadu_si512(q->corr + c / 8);
+        const __m512i ncorr = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(q->corr + c / 8));
         const __m512 sx = _mm512_loadu_ps(q->sxl + c / 8);
         const int64_t sb = (c - c0) >> sh;
         for (int k = 0; k < nr; k++) {
-            const __m512i d = _mm512_sub_epi32(qx_d512(_mm512_loadu_si512(p[k] + c / 2), xe, xo), corr);
-            const __m512 sw = _mm512_permutexvar_ps(lidx, _mm512_castps128_ps512(_mm_loadu_ps(sp[k] + sb)));
+            const __m512i d = qx_d512(_mm512_loadu_si512(p[k] + c / 2), xe, xo, ncorr);
+            const __m512 sw = _mm512_permutexvar_ps(lidx, _mm512_castps128_ps512(qx_scales(sp[k], f32s, sb, n512)));
             acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, sx), acc[k]);
         }
     }
 #endif
 #if defined(__AVX2__) /* the AVX2 build's loop; in the AVX-512 build, a last 64 columns (576 = 4 x 128 + 64) */
-    int32_t li8[8];
-    for (int l = 0; l < 8; l++) li8[l] = (int32_t)((8 * l) / blk);
-    const __m256i lidx8 = _mm256_loadu_si256((const __m256i *)li8);
+    const __m256i lidx8 = _mm256_srl_epi32(_mm256_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56), _mm_cvtsi32_si128(sh));
+    const int n256 = blk >= 64 ? 1 : 2;
     __m256 acc8[4];
     for (int k = 0; k < nr; k++) acc8[k] = _mm256_setzero_ps();
     for (; c + 64 <= c1; c += 64) {
         const __m256i xe = _mm256_loadu_si256((const __m256i *)(q->xe + c / 2));
         const __m256i xo = _mm256_loadu_si256((const __m256i *)(q->xo + c / 2));
-        const __m256i corr = _mm256_loadu_si256((const __m256i *)(q->corr + c / 8));
+        const __m256i ncorr = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                               _mm256_loadu_si256((const __m256i *)(q->corr + c / 8)));
         const __m256 sx = _mm256_loadu_ps(q->sxl + c / 8);
         const int64_t sb = (c - c0) >> sh;
         for (int k = 0; k < nr; k++) {
-            const __m256i d = _mm256_sub_epi32(qx_d256(_mm256_loadu_si256((const __m256i *)(p[k] + c / 2)), xe, xo),
-                                               corr);
-            const __m256 sw = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sp[k] + sb)), lidx8);
+            const __m256i d = qx_d256(_mm256_loadu_si256((const __m256i *)(p[k] + c / 2)), xe, xo, ncorr);
+            const __m256 sw = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(qx_scales(sp[k], f32s, sb, n256)),
+                                                       lidx8);
             acc8[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(sw, sx), acc8[k]);
         }
     }
+#if defined(__AVX512BW__)
+    for (int k = 0; k < nr; k++) /* one 256-bit sum per row: the 512-bit halves and the 64-column step */
+        acc8[k] = _mm256_add_ps(acc8[k], _mm256_add_ps(_mm512_castps512_ps256(acc[k]),
+                                                       _mm256_castpd_ps(_mm512_extractf64x4_pd(
+                                                           _mm512_castps_pd(acc[k]), 1))));
+#endif
 #endif
     for (; c < c1; c += 32) { /* the last 32 / 64 / 96 columns (all of them in the scalar build) */
         for (int k = 0; k < nr; k++) {
             int32_t d[4];
             qx_lanes32(p[k] + c / 2, q->xe + c / 2, q->xo + c / 2, q->corr + c / 8, d);
-            for (int l = 0; l < 4; l++)
-                tail[k] = QG_MADD((float)d[l], sp[k][(c - c0 + 8 * l) >> sh] * q->sxl[c / 8 + l], tail[k]);
+            for (int l = 0; l < 4; l++) {
+                const int64_t b = (c - c0 + 8 * l) >> sh;
+                tail[k] = QG_MADD((float)d[l], qg_scale(sp[k], f32s, b) * q->sxl[c / 8 + l], tail[k]);
+            }
         }
     }
-    for (int k = 0; k < nr; k++) {
-        float sum = tail[k];
 #if defined(__AVX2__)
+    if (nr == 4) {
+        _mm_storeu_ps(out, _mm_add_ps(qx_hsum4(acc8[0], acc8[1], acc8[2], acc8[3]), _mm_loadu_ps(tail)));
+        return;
+    }
+    for (int k = 0; k < nr; k++) {
         __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc8[k]), _mm256_extractf128_ps(acc8[k], 1));
         h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        sum += _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-#endif
-#if defined(__AVX512BW__)
-        sum += _mm512_reduce_add_ps(acc[k]);
-#endif
-        out[k] = sum;
+        out[k] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))) + tail[k];
     }
+#else
+    for (int k = 0; k < nr; k++) out[k] = tail[k];
+#endif
 }
