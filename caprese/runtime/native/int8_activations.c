@@ -145,8 +145,14 @@ static inline __m128 qx_scales(const void *sp, const int f32s, int64_t i, int n)
         if (n == 2) return _mm_castpd_ps(_mm_load_sd((const double *)((const float *)sp + i)));
         return _mm_load_ss((const float *)sp + i);
     }
-    uint32_t u = 0;
-    memcpy(&u, (const uint16_t *)sp + i, 2 * (size_t)n);
+    uint32_t u; /* fixed-size loads: a memcpy of 2 * n bytes became a byte loop, and a store-forwarding stall */
+    if (n == 2) {
+        memcpy(&u, (const uint16_t *)sp + i, 4);
+    } else {
+        uint16_t h;
+        memcpy(&h, (const uint16_t *)sp + i, 2);
+        u = h;
+    }
 #if defined(__F16C__)
     return _mm_cvtph_ps(_mm_cvtsi32_si128((int)u));
 #else
