@@ -324,6 +324,76 @@ def test_int8_activations_refuse_other_formats():
             qg.rows_dot_int8_activations(qg.QMatrix(_quant(4, cols, fmt, seed=1)), torch.randn(cols))
 
 
+def _axpy_int8_ref(qt: QuantizedTensor, h: torch.Tensor, sel: torch.Tensor, calls) -> tuple:
+    """int8_activations.c's int8-activation rows-axpy in float64 over the calls' row ranges (groups of 32 from each
+    call's first row): per group and column block, a = fp32(h * s_w), alpha = round_half_even(fp32(a * fp32(127 /
+    max |a|))), s_a = fp32(max |a| / 127); y = sum_g s_a * sum_i alpha * code. Returns (y, the per-group terms'
+    sum of magnitudes, the rounding bound against h itself, the number of groups)."""
+    cols = qt.codes.shape[1]
+    block = qt.fmt.block_size if qt.fmt.block_size != ROW else cols
+    codes = qt.codes.to(torch.float64)
+    sw = qt.scales.to(torch.float32)  # [rows, blocks]
+    y = torch.zeros(cols, dtype=torch.float64)
+    mag, bound, ng = torch.zeros_like(y), torch.zeros_like(y), 0
+    for r0, r1 in calls:
+        for g in range(r0, r1, 32):
+            ii = torch.arange(g, min(g + 32, r1))
+            rows = sel[ii]
+            a = h[ii, None].to(torch.float32) * sw[rows]  # fp32 products [nr, blocks]
+            m = a.abs().amax(dim=0)
+            inv = torch.where(m > 0, torch.tensor(127.0) / m, torch.zeros_like(m))
+            alpha = torch.round(a * inv).to(torch.float64).repeat_interleave(block, dim=1)[:, :cols]
+            sa = (m / 127.0).to(torch.float64).repeat_interleave(block)[:cols]
+            term = (alpha * codes[rows]).sum(dim=0) * sa
+            y += term
+            mag += term.abs()
+            bound += (codes[rows].abs() * sa / 2).sum(dim=0)
+            ng += 1
+    return y, mag, bound, ng
+
+
+AXPY8_CASES = [(WeightFormat(4, 32, "fp16"), 576), (WeightFormat(4, 64, "fp32"), 576),
+               (WeightFormat(4, 128, "fp16"), 4224), (WeightFormat(4, ROW, "fp16"), 96),
+               (WeightFormat(4, ROW, "fp32"), 4160), (WeightFormat(4, 32, "fp32"), 64),
+               (WeightFormat(4, 32, "fp16"), 96)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt,cols", AXPY8_CASES, ids=[f"{_fid(f)}-{c}" for f, c in AXPY8_CASES])
+def test_int8_activation_axpy_against_float64(isa, fmt, cols):
+    """rows-axpy with int8 activations (GRIFFIN's down on an --int8-activations engine) against its definition in
+    float64 (_axpy_int8_ref): the integer sums are exact, each group's term is one fp32 FMA into the partial, so
+    the error is within 4 u (groups + 1) sum_g |term_g|. Shapes: whole 128-column pieces and a 64 tail (576), a
+    48-byte piece (96), tails only (64), more than one 4096-column tile (4224, 4160, a row block across tiles);
+    75 rows (groups of 32, 32, 11: a last 4-row set padded), two calls [0, 40) and [40, 75) into one y (groups
+    restart at each call), a row subset, the -8 code, h with zeros. Against the fp32 product with h itself the
+    error exceeds that tolerance (it is the int8 arithmetic) but stays within the activation rounding's bound."""
+    qt = _quant(83, cols, fmt, seed=21)
+    qm = qg.QMatrix(qt)
+    h = torch.randn(75, generator=torch.Generator().manual_seed(22)) * 2
+    h[3] = 0.0
+    sel = torch.randperm(83, generator=torch.Generator().manual_seed(23))[:75]
+    for calls in ([(0, 75)], [(0, 40), (40, 75)]):
+        y = torch.zeros(cols, dtype=torch.float32)
+        for r0, r1 in calls:
+            qg.rows_axpy_int8_activations(qm, h, y, rows=sel, r0=r0, r1=r1, isa=isa)
+        want, mag, bound, ng = _axpy_int8_ref(qt, h, sel, calls)
+        tol = 4 * U * (ng + 1) * mag + 1e-30
+        err = (y.double() - want).abs()
+        print(f"int8-activation axpy {isa} {_fid(fmt)} [{cols}] calls {calls}: max err "
+              f"{float((err / tol).max()):.3f} of tolerance")
+        assert bool((err <= tol).all())
+        exact = _ref(qt)[sel].T @ h.double()
+        unrounded = (y.double() - exact).abs()
+        assert bool((unrounded <= bound + tol).all()) and bool((unrounded > tol).any())
+
+
+def test_int8_activation_axpy_refuses_other_formats():
+    for fmt, cols in ((WeightFormat(8, 32, "fp16"), 64), (WeightFormat(4, ROW, "fp16"), 48)):
+        with pytest.raises(CapreseError, match="int8-activation rows-axpy takes int4"):
+            qg.rows_axpy_int8_activations(qg.QMatrix(_quant(4, cols, fmt, seed=1)), torch.randn(4))
+
+
 @pytest.mark.parametrize("bits", (4, 8))
 def test_same_bytes_as_onnxruntime_matmulnbits(bits):
     """The kernel reads the bytes export hands ONNX Runtime: com.microsoft.MatMulNBits (accuracy_level 0, fp32

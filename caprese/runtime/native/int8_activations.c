@@ -1,4 +1,5 @@
-/* int4 rows-dot with int8 activations: what an engine exported with --int8-activations computes.
+/* int4 products with int8 activations: what an engine exported with --int8-activations computes. rows-dot here;
+ * GRIFFIN's down (rows-axpy) at the end of the file.
  *
  * Why: int4 rows-dot with fp32 activations is compute-bound (each nibble is looked up as a float and multiplied by
  * one FMA: ~7 elements per cycle on Zen 4, well under the memory's rate), so int4 weights did not run faster than
@@ -255,4 +256,355 @@ static inline __attribute__((always_inline)) void qx_dot_tile(const QMat *w, con
 #else
     for (int k = 0; k < nr; k++) out[k] = tail[k];
 #endif
+}
+
+/* ==================================================================== rows-axpy with int8 activations
+ * GRIFFIN's down product, stored [F, D] with blocks along D (the kept neurons' whole rows):
+ *   y[c] += sum_i h[i] * s_w[row_i, block(c)] * code_w[row_i, c]
+ * In fp32 each element costs a nibble-to-float conversion and an FMA (~10 GB/s per Zen 4 core, half of what the
+ * int8 rows-dot streams). With int8 activations it is integer dot products, as rows-dot's:
+ *   rows [r0, r1) of a call in groups of QA_GROUP from r0 (the last one shorter); per group g and column block b:
+ *     a[i] = fp32(h[i] * s_w[row_i, b]);  m = max |a| over the group;  s_a = m / 127,  alpha[i] =
+ *     round_half_even(a[i] * (127 / m)) (fp32 products; 0 if m = 0)
+ *   y[c] += sum over groups, in order: fp32(sum_{i in g} alpha[i] * code_w[row_i, c]) * s_a(g, block(c))
+ * The integer sums are exact; each group's term is one FMA into the call's fp32 partial, added to y at the end.
+ * Against the fp32 definition the error is the activations' rounding: at most sum_g s_a / 2 * sum_i |code_w|.
+ *
+ * vpdpbusd multiplies 4 consecutive bytes of one operand with 4 of the other, so the weights of 4 ROWS of one
+ * column must share a 32-bit lane: 4 rows' 64-byte pieces (128 columns) are split into nibbles (made unsigned:
+ * XOR 0x88, code + 8, the 8 * sum(alpha) taken out in the accumulator's start) and interleaved in registers by
+ * in-lane byte / word unpacks. Lane l (128 bits) of the results then holds the columns [32 l, 32 l + 32) of the
+ * piece, one block of 32 (or a part of a 64 / 128 / row block): the activations' operand is 4 alphas (4 rows)
+ * per lane, its block's. The accumulators hold the columns in that unpacked order; the call puts them back.
+ * AVX2: 64 columns per piece (2 lanes), vpmaddubsw + vpmaddwd. The scalar build computes the same sums. */
+#define QA_GROUP 32
+#if defined(__AVX512BW__)
+#define QA_LANES 4
+#elif defined(__AVX2__)
+#define QA_LANES 2
+#else
+#define QA_LANES 0
+#endif
+#define QA_CW (QA_LANES ? 32 * QA_LANES : 32) /* columns per piece */
+
+/* Whether w can take int8-activation rows-axpy: int4, columns a multiple of 32, blocks of 32 / 64 / 128 or a row. */
+int caprese_qa_fits(const QMat *w) {
+    return w->bits == 4 && w->cols % 32 == 0 &&
+           (w->block == 32 || w->block == 64 || w->block == 128 || w->block == w->cols);
+}
+
+/* One group's activations over the tile's blocks [b0, b0 + nbt): alpha32[s * QA_BP + b] = the 4 alphas of rows
+ * 4s .. 4s + 3 (bytes, rows past the group 0), sa[b] = s_a, nc[b] = -8 * sum of alpha (the unsigned codes' offset).
+ * Vectorized over the blocks (a per-element conversion of the scales cost as much as the products). */
+#define QA_BP (QG_TILE_BLOCKS + 4) /* + 4: a piece's 4-lane loads may read past the tile's last block */
+#if QA_LANES == 4
+/* AVX-512: 16 blocks at a time, masked; the generic loops below spent as long as the products themselves. */
+static void qa_quantize(const QMat *w, const int f32s, const QgTile *t, const float *h, const int64_t *rows, int nr,
+                        uint32_t *alpha32, float *sa, int32_t *nc) {
+    float a[QA_GROUP][QG_TILE_BLOCKS] __attribute__((aligned(64)));
+    const int64_t n = t->nbt;
+    const int nsub = (nr + 3) / 4;
+    for (int64_t b = 0; b < n; b += 16) {
+        const __mmask16 mask = n - b >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - b)) - 1);
+        __m512 m = _mm512_setzero_ps();
+        for (int r = 0; r < nr; r++) {
+            const int64_t at = rows[r] * t->nb + t->b0 + b;
+            const __m512 sw = f32s ? _mm512_maskz_loadu_ps(mask, (const float *)w->scales + at)
+                                   : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, (const uint16_t *)w->scales + at));
+            const __m512 av = _mm512_mul_ps(sw, _mm512_set1_ps(h[r]));
+            _mm512_store_ps(a[r] + b, av);
+            m = _mm512_max_ps(m, _mm512_abs_ps(av));
+        }
+        const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                               _mm512_set1_ps(127.0f), m);
+        _mm512_storeu_ps(sa + b, _mm512_div_ps(m, _mm512_set1_ps(127.0f)));
+        __m512i sum = _mm512_setzero_si512();
+        for (int s = 0; s < nsub; s++) {
+            __m128i q8[4];
+            for (int k = 0; k < 4; k++) {
+                const int r = 4 * s + k;
+                /* the default rounding mode: to nearest, half to even, as nearbyintf */
+                const __m512i q = r < nr ? _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(a[r] + b), inv))
+                                         : _mm512_setzero_si512();
+                sum = _mm512_add_epi32(sum, q);
+                q8[k] = _mm512_cvtepi32_epi8(q);
+            }
+            const __m128i t01l = _mm_unpacklo_epi8(q8[0], q8[1]), t01h = _mm_unpackhi_epi8(q8[0], q8[1]);
+            const __m128i t23l = _mm_unpacklo_epi8(q8[2], q8[3]), t23h = _mm_unpackhi_epi8(q8[2], q8[3]);
+            uint32_t *dst = alpha32 + s * QA_BP + b;
+            _mm_storeu_si128((__m128i *)dst, _mm_unpacklo_epi16(t01l, t23l));
+            _mm_storeu_si128((__m128i *)(dst + 4), _mm_unpackhi_epi16(t01l, t23l));
+            _mm_storeu_si128((__m128i *)(dst + 8), _mm_unpacklo_epi16(t01h, t23h));
+            _mm_storeu_si128((__m128i *)(dst + 12), _mm_unpackhi_epi16(t01h, t23h));
+        }
+        _mm512_storeu_si512(nc + b, _mm512_mullo_epi32(sum, _mm512_set1_epi32(-8)));
+    }
+    for (int j = 0; j < 4; j++) { /* the pad the pieces' 4-lane loads may read */
+        sa[n + j] = 0.0f;
+        nc[n + j] = 0;
+        for (int s = 0; s < nsub; s++) alpha32[s * QA_BP + n + j] = 0;
+    }
+}
+#else
+static void qa_quantize(const QMat *w, const int f32s, const QgTile *t, const float *h, const int64_t *rows, int nr,
+                        uint32_t *alpha32, float *sa, int32_t *nc) {
+    float a[QA_GROUP][QG_TILE_BLOCKS], m[QG_TILE_BLOCKS], inv[QG_TILE_BLOCKS];
+    int32_t q[QA_GROUP][QG_TILE_BLOCKS];
+    const int64_t n = t->nbt;
+    for (int r = 0; r < nr; r++) {
+        const float *s = qg_row_scales(w, f32s, rows[r], t, a[r]);
+        const float hr = h[r];
+#pragma omp simd
+        for (int64_t b = 0; b < n; b++) a[r][b] = hr * s[b];
+    }
+#pragma omp simd
+    for (int64_t b = 0; b < n; b++) m[b] = 0.0f;
+    for (int r = 0; r < nr; r++)
+#pragma omp simd
+        for (int64_t b = 0; b < n; b++) m[b] = fabsf(a[r][b]) > m[b] ? fabsf(a[r][b]) : m[b];
+#pragma omp simd
+    for (int64_t b = 0; b < n; b++) {
+        inv[b] = m[b] > 0.0f ? 127.0f / m[b] : 0.0f;
+        sa[b] = m[b] / 127.0f;
+        nc[b] = 0;
+    }
+    for (int r = 0; r < QA_GROUP; r++)
+#pragma omp simd
+        for (int64_t b = 0; b < n; b++) q[r][b] = r < nr ? (int32_t)nearbyintf(a[r][b] * inv[b]) : 0;
+    for (int s = 0; s < QA_GROUP / 4; s++)
+#pragma omp simd
+        for (int64_t b = 0; b < n; b++) {
+            alpha32[s * QA_BP + b] = ((uint32_t)q[4 * s][b] & 255u) | ((uint32_t)q[4 * s + 1][b] & 255u) << 8 |
+                                     ((uint32_t)q[4 * s + 2][b] & 255u) << 16 | ((uint32_t)q[4 * s + 3][b] & 255u) << 24;
+            nc[b] -= 8 * (q[4 * s][b] + q[4 * s + 1][b] + q[4 * s + 2][b] + q[4 * s + 3][b]);
+        }
+    for (int j = 0; j < 4; j++) { /* the pad the pieces' 4-lane loads may read */
+        sa[n + j] = 0.0f;
+        nc[n + j] = 0;
+        for (int s = 0; s < QA_GROUP / 4; s++) alpha32[s * QA_BP + n + j] = 0;
+    }
+}
+#endif
+
+/* y[c0 .. c1) += yp in natural order. A piece's column j = 32 l + 8 k + 2 m + odd (l: lane) sits in vector
+ * 4 odd + k, element 4 l + m (the piece's byte 16 l + 4 k + m): interleaving vectors k and 4 + k gives lane l's
+ * columns 8 k .. 8 k + 7, a 4 x 4 transpose of lanes (AVX2: 2 x 2) puts them in order. */
+static void qa_finish(const float *yp, int64_t c0, int64_t c1, float *y) {
+#if QA_LANES == 4
+    for (int64_t c = c0; c < c1; c += QA_CW) {
+        const float *q = yp + (c - c0);
+        __m512 lo[4], hi[4];
+        for (int k = 0; k < 4; k++) {
+            const __m512 e = _mm512_loadu_ps(q + 16 * k), o = _mm512_loadu_ps(q + 16 * (4 + k));
+            lo[k] = _mm512_unpacklo_ps(e, o); /* lane l: columns 32 l + 8 k + 0..3 */
+            hi[k] = _mm512_unpackhi_ps(e, o); /* 32 l + 8 k + 4..7 */
+        }
+        for (int half = 0; half < 2; half++) {
+            const int k = 2 * half;
+            const __m512 t0 = _mm512_shuffle_f32x4(lo[k], hi[k], 0x44), t1 = _mm512_shuffle_f32x4(lo[k], hi[k], 0xee);
+            const __m512 t2 = _mm512_shuffle_f32x4(lo[k + 1], hi[k + 1], 0x44);
+            const __m512 t3 = _mm512_shuffle_f32x4(lo[k + 1], hi[k + 1], 0xee);
+            const __m512 r[4] = {_mm512_shuffle_f32x4(t0, t2, 0x88), _mm512_shuffle_f32x4(t0, t2, 0xdd),
+                                 _mm512_shuffle_f32x4(t1, t3, 0x88), _mm512_shuffle_f32x4(t1, t3, 0xdd)};
+            for (int l = 0; l < 4; l++) {
+                float *d = y + c + 32 * l + 16 * half;
+                if (c + 32 * l + 16 * half < c1) _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), r[l]));
+            }
+        }
+    }
+#elif QA_LANES == 2
+    for (int64_t c = c0; c < c1; c += QA_CW) {
+        const float *q = yp + (c - c0);
+        for (int k = 0; k < 4; k++) {
+            const __m256 e = _mm256_loadu_ps(q + 8 * k), o = _mm256_loadu_ps(q + 8 * (4 + k));
+            const __m256 lo = _mm256_unpacklo_ps(e, o), hi = _mm256_unpackhi_ps(e, o);
+            float *d0 = y + c + 8 * k, *d1 = y + c + 32 + 8 * k;
+            _mm256_storeu_ps(d0, _mm256_add_ps(_mm256_loadu_ps(d0), _mm256_permute2f128_ps(lo, hi, 0x20)));
+            if (c + 32 < c1) _mm256_storeu_ps(d1, _mm256_add_ps(_mm256_loadu_ps(d1), _mm256_permute2f128_ps(lo, hi, 0x31)));
+        }
+    }
+#else
+    for (int64_t c = c0; c < c1; c++) y[c] += yp[c - c0];
+#endif
+}
+
+#if QA_LANES == 4
+static inline __attribute__((always_inline)) __m512i qa_dp512(__m512i acc, __m512i codes, __m512i act) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(acc, codes, act);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(codes, act), _mm512_set1_epi16(1)));
+#endif
+}
+
+/* The 8 accumulators of one piece (even columns d0..d3, odd e0..e3) += 4 rows' codes times act (4 alphas per
+ * lane); `mask`: the piece's bytes of each row. */
+static inline __attribute__((always_inline)) void qa_piece(const uint8_t *const *p, int64_t off, __mmask64 mask,
+                                                           __m512i act, __m512i *acc) {
+    const __m512i nib = _mm512_set1_epi8(0x0f), x88 = _mm512_set1_epi8((char)0x88);
+    __m512i lo[4], hi[4];
+    for (int r = 0; r < 4; r++) {
+        const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, p[r] + off), x88);
+        lo[r] = _mm512_and_si512(v, nib);
+        hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+    }
+    for (int odd = 0; odd < 2; odd++) {
+        const __m512i *u = odd ? hi : lo;
+        const __m512i t01l = _mm512_unpacklo_epi8(u[0], u[1]), t01h = _mm512_unpackhi_epi8(u[0], u[1]);
+        const __m512i t23l = _mm512_unpacklo_epi8(u[2], u[3]), t23h = _mm512_unpackhi_epi8(u[2], u[3]);
+        __m512i *a = acc + 4 * odd;
+        a[0] = qa_dp512(a[0], _mm512_unpacklo_epi16(t01l, t23l), act);
+        a[1] = qa_dp512(a[1], _mm512_unpackhi_epi16(t01l, t23l), act);
+        a[2] = qa_dp512(a[2], _mm512_unpacklo_epi16(t01h, t23h), act);
+        a[3] = qa_dp512(a[3], _mm512_unpackhi_epi16(t01h, t23h), act);
+    }
+}
+#endif
+
+#if QA_LANES == 2
+static inline __attribute__((always_inline)) __m256i qa_dp256(__m256i acc, __m256i codes, __m256i act) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, codes, act);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, act), _mm256_set1_epi16(1)));
+#endif
+}
+
+/* As the AVX-512 qa_piece, 64 columns (2 lanes); `half`: only the first 32 columns exist. */
+static inline __attribute__((always_inline)) void qa_piece(const uint8_t *const *p, int64_t off, int half,
+                                                           __m256i act, __m256i *acc) {
+    const __m256i nib = _mm256_set1_epi8(0x0f), x88 = _mm256_set1_epi8((char)0x88);
+    __m256i lo[4], hi[4];
+    for (int r = 0; r < 4; r++) {
+        const __m256i raw = half ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(p[r] + off)))
+                                 : _mm256_loadu_si256((const __m256i *)(p[r] + off));
+        const __m256i v = _mm256_xor_si256(raw, x88);
+        lo[r] = _mm256_and_si256(v, nib);
+        hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+    }
+    for (int odd = 0; odd < 2; odd++) {
+        const __m256i *u = odd ? hi : lo;
+        const __m256i t01l = _mm256_unpacklo_epi8(u[0], u[1]), t01h = _mm256_unpackhi_epi8(u[0], u[1]);
+        const __m256i t23l = _mm256_unpacklo_epi8(u[2], u[3]), t23h = _mm256_unpackhi_epi8(u[2], u[3]);
+        __m256i *a = acc + 4 * odd;
+        a[0] = qa_dp256(a[0], _mm256_unpacklo_epi16(t01l, t23l), act);
+        a[1] = qa_dp256(a[1], _mm256_unpackhi_epi16(t01l, t23l), act);
+        a[2] = qa_dp256(a[2], _mm256_unpacklo_epi16(t01h, t23h), act);
+        a[3] = qa_dp256(a[3], _mm256_unpackhi_epi16(t01h, t23h), act);
+    }
+}
+#endif
+
+/* One group (rows[0 .. nr), nr <= QA_GROUP) over the column tile [c0, c1): yp (the tile's fp32 partial, in the
+ * pieces' unpacked order) += its term. */
+static inline __attribute__((always_inline)) void qa_group(const QMat *w, const int f32s, const QgTile *t,
+                                                           const float *h, const int64_t *rows, int nr,
+                                                           const uint8_t *const *pn, int64_t c0, int64_t c1,
+                                                           float *yp) {
+    uint32_t alpha32[QA_GROUP / 4 * QA_BP];
+    float sa[QA_BP];
+    int32_t nc[QA_BP];
+    qa_quantize(w, f32s, t, h, rows, nr, alpha32, sa, nc);
+    const uint8_t *p[QA_GROUP];
+    for (int r = 0; r < QA_GROUP; r++) p[r] = w->codes + rows[r < nr ? r : 0] * t->rb; /* pad rows: alpha 0 */
+    const int row_block = w->block == w->cols;
+    const int sh = row_block ? 62 : __builtin_ctzll((unsigned long long)w->block);
+#if QA_LANES
+    const int nsub = (nr + 3) / 4;
+#endif
+#if QA_LANES == 4
+    /* element e of a vector lies in lane e / 4: the lane's block, from the piece's first */
+    const __m512i bidx = _mm512_srl_epi32(_mm512_setr_epi32(0, 0, 0, 0, 32, 32, 32, 32, 64, 64, 64, 64, 96, 96, 96,
+                                                            96), _mm_cvtsi32_si128(sh));
+    for (int64_t c = c0; c < c1; c += QA_CW) {
+        const int64_t nb = (c1 - c) / 2 < 64 ? (c1 - c) / 2 : 64, cb = (c - c0) >> sh;
+        const __mmask64 mask = nb == 64 ? ~(__mmask64)0 : (((__mmask64)1 << nb) - 1);
+        __m512i acc[8];
+        acc[0] = _mm512_permutexvar_epi32(bidx, _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(nc + cb))));
+        for (int k = 1; k < 8; k++) acc[k] = acc[0];
+        for (int s = 0; s < nsub; s++) {
+            const __m512i act = _mm512_permutexvar_epi32(
+                bidx, _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(alpha32 + s * QA_BP + cb))));
+            qa_piece(p + 4 * s, (c >> 1), mask, act, acc);
+            for (int k = 0; k < 4; k++) __builtin_prefetch(pn[4 * s + k] + (c >> 1), 0, 2); /* the next group's */
+        }
+        const __m512 sv = _mm512_permutexvar_ps(bidx, _mm512_castps128_ps512(_mm_loadu_ps(sa + cb)));
+        float *q = yp + (c - c0);
+        for (int k = 0; k < 8; k++)
+            _mm512_storeu_ps(q + 16 * k, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[k]), sv, _mm512_loadu_ps(q + 16 * k)));
+    }
+#elif QA_LANES == 2
+    const __m256i bidx = _mm256_srl_epi32(_mm256_setr_epi32(0, 0, 0, 0, 32, 32, 32, 32), _mm_cvtsi32_si128(sh));
+    for (int64_t c = c0; c < c1; c += QA_CW) {
+        const int64_t cb = (c - c0) >> sh;
+        const int half = c1 - c < QA_CW;
+        __m256i acc[8];
+        acc[0] = _mm256_permutevar8x32_epi32(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(nc + cb))), bidx);
+        for (int k = 1; k < 8; k++) acc[k] = acc[0];
+        for (int s = 0; s < nsub; s++) {
+            const __m256i act = _mm256_permutevar8x32_epi32(
+                _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(alpha32 + s * QA_BP + cb))), bidx);
+            qa_piece(p + 4 * s, (c >> 1), half, act, acc);
+            for (int k = 0; k < 4; k++) __builtin_prefetch(pn[4 * s + k] + (c >> 1), 0, 2); /* the next group's */
+        }
+        const __m256 sv = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sa + cb)), bidx);
+        float *q = yp + (c - c0);
+        for (int k = 0; k < 8; k++)
+            _mm256_storeu_ps(q + 8 * k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[k]), sv, _mm256_loadu_ps(q + 8 * k)));
+    }
+#else
+    (void)pn;
+    for (int64_t c = c0; c < c1; c++) {
+        const int64_t b = (c - c0) >> sh;
+        int32_t d = nc[b];
+        for (int r = 0; r < nr; r++) {
+            const int code = ((p[r][c >> 1] >> ((c & 1) * 4)) & 15) ^ 8; /* code + 8, as the SIMD builds */
+            d += code * (int8_t)(alpha32[(r >> 2) * QA_BP + b] >> (8 * (r & 3)));
+        }
+        yp[c - c0] = QG_MADD((float)d, sa[b], yp[c - c0]);
+    }
+#endif
+}
+
+/* rows-axpy with int8 activations (the definition above): y[c] += ... for i in [r0, r1) (row_i = idx[i] or i;
+ * h indexed by i); caprese_qa_fits(w) must hold. Rows past r1 (up to h_end, idx NULL) are prefetched for the
+ * caller's next chunk. */
+static inline __attribute__((always_inline)) void qa_rows_axpy(const QMat *w, const int f32s, const float *h,
+                                                               const int64_t *idx, int64_t r0, int64_t r1,
+                                                               int64_t h_end, float *y) {
+    float yp[QG_TILE + QA_CW] __attribute__((aligned(64)));
+    int64_t rows[QA_GROUP];
+    for (int64_t c0 = 0; c0 < w->cols; c0 += QG_TILE) {
+        const int64_t c1 = c0 + QG_TILE < w->cols ? c0 + QG_TILE : w->cols;
+        const QgTile t = qg_tile(w, 4, c0, c1);
+        const int64_t off = c0 / 2, len = (c1 - c0) / 2, pf_end = idx || h_end < r1 ? r1 : h_end;
+        memset(yp, 0, sizeof(float) * (size_t)(c1 - c0 + QA_CW));
+        /* Rows are read piece by piece across a group, a pattern the hardware prefetcher does not follow: the
+         * first group's rows at once, then each group's pieces fetch the next group's same pieces (past r1: the
+         * rows the caller's next chunk usually has), and its scales */
+        for (int64_t j = r0; j < r0 + QA_GROUP && j < pf_end; j++) {
+            qg_prefetch(w->codes + (idx ? idx[j] : j) * t.rb + off, len);
+            __builtin_prefetch((const uint8_t *)w->scales + ((idx ? idx[j] : j) * t.nb + t.b0) * (f32s ? 4 : 2), 0, 2);
+        }
+        for (int64_t g = r0; g < r1; g += QA_GROUP) {
+            const int nr = (int)(r1 - g < QA_GROUP ? r1 - g : QA_GROUP);
+            const uint8_t *pn[QA_GROUP];
+            for (int r = 0; r < nr; r++) rows[r] = idx ? idx[g + r] : g + r;
+            for (int r = 0; r < QA_GROUP; r++) {
+                const int64_t j = g + QA_GROUP + r < pf_end ? g + QA_GROUP + r : g; /* past the end: a row read now */
+                pn[r] = w->codes + (idx ? idx[j] : j) * t.rb;
+                if (j != g)
+                    __builtin_prefetch((const uint8_t *)w->scales + ((idx ? idx[j] : j) * t.nb + t.b0) * (f32s ? 4 : 2),
+                                       0, 2);
+            }
+            qa_group(w, f32s, &t, h + g, rows, nr, pn, c0, c1, yp);
+        }
+        qa_finish(yp, c0, c1, y);
+    }
+}
+
+void caprese_q_rows_axpy_qa(const QMat *w, const float *h, const int64_t *idx, int64_t r0, int64_t r1,
+                            int64_t h_end, float *y) {
+    if (w->scale_fp32) qa_rows_axpy(w, 1, h, idx, r0, r1, h_end, y);
+    else qa_rows_axpy(w, 0, h, idx, r0, r1, h_end, y);
 }

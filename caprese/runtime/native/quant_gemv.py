@@ -67,6 +67,11 @@ def load(isa: str | None = None) -> ctypes.CDLL:
         lib.caprese_q_rows_dot_int8x.restype = ctypes.c_int
         lib.caprese_q_rows_dot_int8x.argtypes = [ctypes.POINTER(QMat), _F32P, _I64P, ctypes.c_int64, ctypes.c_int64,
                                                  _F32P]
+        lib.caprese_qa_fits.restype = ctypes.c_int
+        lib.caprese_qa_fits.argtypes = [ctypes.POINTER(QMat)]
+        lib.caprese_q_rows_axpy_qa.restype = None
+        lib.caprese_q_rows_axpy_qa.argtypes = [ctypes.POINTER(QMat), _F32P, _I64P, ctypes.c_int64, ctypes.c_int64,
+                                               ctypes.c_int64, _F32P]
         lib.caprese_q_bench.restype = ctypes.c_double
         lib.caprese_q_bench.argtypes = [ctypes.c_int, ctypes.POINTER(QMat), ctypes.c_int64, _F32P, _F32P,
                                         ctypes.c_int64, ctypes.c_int64]
@@ -133,10 +138,9 @@ def rows_dot(qm: QMatrix, x: torch.Tensor, rows: torch.Tensor | None = None, r0:
     return y[r0:r1]
 
 
-def rows_axpy(qm: QMatrix, h: torch.Tensor, y: torch.Tensor | None = None, rows: torch.Tensor | None = None,
-              r0: int = 0, r1: int | None = None, isa: str | None = None) -> torch.Tensor:
-    """y[c] += sum_{i in [r0, r1), h[i] != 0} h[i] * w_hat[row_i, c] (row_i = rows[i], or i); y (float32 [cols])
-    is updated in place and returned (zeros when not given). Rows whose h is 0 are not read."""
+def _axpy_args(qm: QMatrix, h: torch.Tensor, y: torch.Tensor | None, rows: torch.Tensor | None, r0: int,
+               r1: int | None):
+    """rows-axpy's arguments checked: (row indices or None, h as float32, r1, y: zeros when not given)."""
     n_rows, cols = qm.shape
     idx, n = _rows(rows, n_rows)
     h = _f32(h, n, "h")
@@ -147,6 +151,14 @@ def rows_axpy(qm: QMatrix, h: torch.Tensor, y: torch.Tensor | None = None, rows:
         y = torch.zeros(cols, dtype=torch.float32)
     elif y.dtype != torch.float32 or y.dim() != 1 or y.numel() != cols or not y.is_contiguous():
         raise CapreseError(f"y must be a contiguous float32 vector of {cols} elements")
+    return idx, h, r1, y
+
+
+def rows_axpy(qm: QMatrix, h: torch.Tensor, y: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+              r0: int = 0, r1: int | None = None, isa: str | None = None) -> torch.Tensor:
+    """y[c] += sum_{i in [r0, r1), h[i] != 0} h[i] * w_hat[row_i, c] (row_i = rows[i], or i); y (float32 [cols])
+    is updated in place and returned (zeros when not given). Rows whose h is 0 are not read."""
+    idx, h, r1, y = _axpy_args(qm, h, y, rows, r0, r1)
     load(isa).caprese_q_rows_axpy(ctypes.byref(qm.struct), _ptr(h, _F32P), _ptr(idx, _I64P), r0, r1,
                                   _ptr(y, _F32P))
     return y
@@ -226,4 +238,18 @@ def rows_dot_int8_activations(qm: QMatrix, x: torch.Tensor, rows: torch.Tensor |
                            f"128 or one per row (got {qm.qt.fmt.name} {list(qm.shape)})")
     if rc:
         raise CapreseError("out of memory quantizing the activations")
+    return y
+
+
+def rows_axpy_int8_activations(qm: QMatrix, h: torch.Tensor, y: torch.Tensor | None = None,
+                               rows: torch.Tensor | None = None, r0: int = 0, r1: int | None = None,
+                               isa: str | None = None) -> torch.Tensor:
+    """rows-axpy with the coefficients rounded to int8 per group of 32 rows and column block (int8_activations.c:
+    GRIFFIN's down on an engine exported with --int8-activations): y += over rows [r0, r1), in place."""
+    idx, h, r1, y = _axpy_args(qm, h, y, rows, r0, r1)
+    lib = load(isa)
+    if not lib.caprese_qa_fits(ctypes.byref(qm.struct)):
+        raise CapreseError(f"int8-activation rows-axpy takes int4 weights with columns a multiple of 32 in blocks "
+                           f"of 32, 64, 128 or one per row (got {qm.qt.fmt.name} {list(qm.shape)})")
+    lib.caprese_q_rows_axpy_qa(ctypes.byref(qm.struct), _ptr(h, _F32P), _ptr(idx, _I64P), r0, r1, r1, _ptr(y, _F32P))
     return y
