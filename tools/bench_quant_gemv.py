@@ -8,7 +8,8 @@ On SmolLM2-135M's shapes (hidden 576, FFN 1536, vocab 49152) it times, interleav
   q4-b32       int4, blocks of 32, fp16 scales (int4's default format)
   q4-b32-hot   the same on one copy of the weights (cache-resident): the kernel's compute ceiling
   q4-b32-vnni  int4 with int8 activations (native/int8_activations.c, what --int8-activations engines run on
-               native: x rounded per 32 inside each call; VNNI on AVX-512, vpmaddubsw on AVX2, scalar)
+               native: x rounded per 32 inside each call; down: h * s_w rounded per 32 rows and column block;
+               VNNI on AVX-512, vpmaddubsw on AVX2, scalar)
   ort-f32      ONNX Runtime MatMul, fp32 initializer
   ort-q{4,8}-acc{0,4}  com.microsoft.MatMulNBits, block 32, B from quantization.matmul_nbits_weight (our bytes
                XOR 0x88 / 0x80), fp32 scales; accuracy_level 0 (default: fp32 activations) and 4 (int8 activations)
@@ -156,8 +157,9 @@ def build_forms(shape: str, threads: int, isa: str, rows_wanted: set[str]) -> tu
                 forms[name] = Ours(op, mats, mats[0].nbytes, x, out_len, threads, isa)
             if name + "-hot" in rows_wanted:
                 forms[name + "-hot"] = Ours(op, mats[:1], mats[0].nbytes, x, out_len, threads, isa)
-            if name == "q4-b32" and kernel == "dot" and "q4-b32-vnni" in rows_wanted:
-                forms["q4-b32-vnni"] = Ours(3, mats, mats[0].nbytes, x, out_len, threads, isa)
+            if name == "q4-b32" and "q4-b32-vnni" in rows_wanted:  # down: rows-axpy over int8 coefficients
+                forms["q4-b32-vnni"] = Ours(3 if kernel == "dot" else 4, mats, mats[0].nbytes, x, out_len, threads,
+                                            isa)
     ort_ws = ws if kernel == "dot" else [w.t().contiguous() for w in ws]  # ORT: [N, K], blocks along K
     for row in ORT_ROWS:
         if row in rows_wanted:

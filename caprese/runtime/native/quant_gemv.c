@@ -628,7 +628,8 @@ int caprese_q_rows_dot_int8x(const QMat *w, const float *x, const int64_t *idx, 
 
 /* ------------------------------------------------------------------------------------------- benchmark loop */
 /* op 0: rows-dot, 1: rows-axpy (h = x, length rows; y gets nthreads partials of cols each), 2: fp32 rows-dot
- * (mats[m].codes is the fp32 [rows, cols] matrix), 3: int4 rows-dot with int8 activations (x quantized per call). Runs `reps` calls
+ * (mats[m].codes is the fp32 [rows, cols] matrix), 3: int4 rows-dot with int8 activations (x quantized per call),
+ * 4: int4 rows-axpy with int8 activations (as op 1; caprese_qa_fits must hold). Runs `reps` calls
  * cycling over the n_mats copies (so the weights stream from memory as in a decode step, not from cache) on
  * nthreads threads, each its fixed share of the rows (4-row aligned), with a spinning barrier between calls.
  * Returns the seconds of the whole loop. */
@@ -651,6 +652,7 @@ static void *qg_bench_thread(void *arg) {
         if (a->op == 0) caprese_q_rows_dot(m, a->x, NULL, r0, r1, a->y);
         else if (a->op == 1) caprese_q_rows_axpy(m, a->x, NULL, r0, r1, a->y + a->t * m->cols);
         else if (a->op == 3) caprese_q_rows_dot_int8x(m, a->x, NULL, r0, r1, a->y);
+        else if (a->op == 4) caprese_q_rows_axpy_qa(m, a->x, NULL, r0, r1, r1, a->y + a->t * m->cols);
         else caprese_f32_rows_dot((const float *)(const void *)m->codes, m->cols, m->cols, a->x, NULL, r0, r1, a->y);
         if (a->nthreads > 1) { /* barrier: everyone finished call r */
             const long want = (r + 1) * a->nthreads;
