@@ -209,6 +209,23 @@ static void gated(int64_t kind, const float *gate, const float *up, const float 
     }
 }
 
+/* yt[0:w) += a[0] p[0] + .. + a[3] p[3] (nr = 4; the terms in this order) or a[0] p[0] (nr = 1): the row loops of
+ * gemv_rows and gemv_rows_f16. */
+static inline __attribute__((always_inline)) void add_rows(float *restrict yt, int64_t w, const float *a,
+                                                           const float *const *p, const int nr) {
+    if (nr == 4) {
+        const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+        const float *restrict w0 = p[0], *restrict w1 = p[1], *restrict w2 = p[2], *restrict w3 = p[3];
+#pragma omp simd
+        for (int64_t j = 0; j < w; j++) yt[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j];
+    } else {
+        const float a0 = a[0];
+        const float *restrict w0 = p[0];
+#pragma omp simd
+        for (int64_t j = 0; j < w; j++) yt[j] += a0 * w0[j];
+    }
+}
+
 /* y[0:cols) = sum over rows r in [i0, i1) of x[r] * W[r, c0 + (0:cols)] for a bypass matrix of a quantized FFN
  * (L [hidden, rank], R [rank, hidden]) stored fp16 (--fp16-bypass): each row's halves converted (vcvtph2ps where
  * the build has it) into a float tile, four rows at a time. */
@@ -217,6 +234,7 @@ static void gemv_rows_f16(const float *restrict x, const Mat *a, int64_t c0, int
                           float *restrict y) {
     const uint16_t *W = (const uint16_t *)(const void *)a->w + c0;
     float t[4][HTILE];
+    const float *const tp[4] = {t[0], t[1], t[2], t[3]};
     for (int64_t t0 = 0; t0 < cols; t0 += HTILE) {
         const int64_t w = (t0 + HTILE < cols ? t0 + HTILE : cols) - t0;
         float *restrict yt = y + t0;
@@ -224,15 +242,11 @@ static void gemv_rows_f16(const float *restrict x, const Mat *a, int64_t c0, int
         int64_t i = i0;
         for (; i + 4 <= i1; i += 4) {
             for (int k = 0; k < 4; k++) qg_halves(W + (i + k) * a->ld + t0, w, t[k]);
-            const float a0 = x[i], a1 = x[i + 1], a2 = x[i + 2], a3 = x[i + 3];
-#pragma omp simd
-            for (int64_t j = 0; j < w; j++) yt[j] += a0 * t[0][j] + a1 * t[1][j] + a2 * t[2][j] + a3 * t[3][j];
+            add_rows(yt, w, x + i, tp, 4);
         }
         for (; i < i1; i++) {
             qg_halves(W + i * a->ld + t0, w, t[0]);
-            const float a0 = x[i];
-#pragma omp simd
-            for (int64_t j = 0; j < w; j++) yt[j] += a0 * t[0][j];
+            add_rows(yt, w, x + i, tp, 1);
         }
     }
 }
@@ -251,20 +265,19 @@ static void gemv_rows(const float *restrict x, const Mat *a, const int32_t *rows
         for (int64_t j = 0; j < w; j++) yt[j] = 0.0f;
         int64_t i = i0;
         for (; i + 4 <= i1; i += 4) {
-            const int64_t r0 = rows ? rows[i] : i, r1 = rows ? rows[i + 1] : i + 1;
-            const int64_t r2 = rows ? rows[i + 2] : i + 2, r3 = rows ? rows[i + 3] : i + 3;
-            const float a0 = x[r0], a1 = x[r1], a2 = x[r2], a3 = x[r3];
-            const float *restrict w0 = W + r0 * ld, *restrict w1 = W + r1 * ld, *restrict w2 = W + r2 * ld,
-                        *restrict w3 = W + r3 * ld;
-#pragma omp simd
-            for (int64_t j = 0; j < w; j++) yt[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j];
+            float xa[4];
+            const float *p[4];
+            for (int k = 0; k < 4; k++) {
+                const int64_t r = rows ? rows[i + k] : i + k;
+                xa[k] = x[r];
+                p[k] = W + r * ld;
+            }
+            add_rows(yt, w, xa, p, 4);
         }
         for (; i < i1; i++) {
-            const int64_t r0 = rows ? rows[i] : i;
-            const float a0 = x[r0];
-            const float *restrict w0 = W + r0 * ld;
-#pragma omp simd
-            for (int64_t j = 0; j < w; j++) yt[j] += a0 * w0[j];
+            const int64_t r = rows ? rows[i] : i;
+            const float *p = W + r * ld;
+            add_rows(yt, w, x + r, &p, 1);
         }
     }
 }
