@@ -22,6 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from caprese.errors import CapreseError
 from caprese.export import contract as C
 from caprese.runtime import Generator
 from export_helpers import one_torch_thread, prompt_ids
@@ -275,7 +276,7 @@ def test_int8_activation_engines(isa, kind, method, head, atol, tmp_path_factory
     even): on qwen2 dense / CATS the logits agree to ~5e-6 (atol 2e-3). Two cases differ by design or by chance,
     hence 0.15 there: GRIFFIN's per-prompt rows are graph inputs, which MatMulNBits cannot pre-pack, so ONNX
     Runtime multiplies them as DequantizeLinear -> MatMul with fp32 activations while the kernel keeps int8 for
-    their gate/up and down (1.2e-1 on this tiny model; 8e-2 with the down in fp32); on
+    their gate/up (8e-2 on this tiny model; the down stays fp32 unless int8_down, below); on
     gemma2 (soft-caps; the AVX-512 build) attention outputs that differ from ONNX Runtime's by one fp32 ulp flip a
     few int8 codes of the o projection's input, and this tiny random model amplifies that to ~5e-2. Either way the
     int8 arithmetic must really run: with fp32 activations (int8_act switched off) the kernel moves further."""
@@ -303,3 +304,39 @@ def test_int8_activation_engines(isa, kind, method, head, atol, tmp_path_factory
     if isa is None and method != "dense":  # x rounded once per product, before the chunks: 3 threads, same bits
         _, three = recorded(generator(engine, "native", threads=3), prompt, rho)
         assert torch.equal(three, got_logits)
+
+
+@needs_cc
+@pytest.mark.parametrize("isa", [None, *OTHER_ISAS])
+def test_int8_down_option(isa, tmp_path_factory, tiny_model_dir):
+    """native int8_down=True on an --int8-activations GRIFFIN engine: its down (the kept rows, a rows-axpy) takes
+    int8 activations too (caprese_q_rows_axpy_qa, checked against float64 in tests/test_native_quant_gemv.py).
+    ONNX Runtime multiplies those rows in fp32, so the logits move further from it (1.2e-1 on this tiny model,
+    against 8e-2 without the option: atol 0.15) with the same greedy tokens; the option really changes the
+    arithmetic (the logits move from the default's by more than 10x the float tolerance); 3 threads give the bits
+    of one; the report says so; on an engine without int8 activations it is a one-line error."""
+    engine = q_export(tmp_path_factory, tiny_model_dir, "qwen2", "griffin", "int4", None, "onnxruntime", False,
+                      int8_activations=True)[0]
+    prompt = prompt_ids(14, seed=3)[0].tolist()
+    ref, ref_logits = recorded(generator(engine, "onnxruntime"), prompt, 8)
+    key = (str(engine), "native-int8-down", isa)
+    if key not in _GENERATORS:
+        _GENERATORS[key] = Generator.load(engine, backend="native", threads=1, isa=isa, int8_down=True)
+    nat = _GENERATORS[key]
+    assert nat.backend.describe()["activations"] == "int8 (int4 weights, GRIFFIN's down too)"
+    got, got_logits = recorded(nat, prompt, 8)
+    _, default_logits = recorded(generator(engine, "native", isa=isa), prompt, 8)
+    diff = (got_logits - ref_logits).abs().max().item()
+    moved = (got_logits - default_logits).abs().max().item()
+    print(f"int8 down [{nat.backend.describe()['isa']}]: max |native - onnxruntime| = {diff:.2e}; against the "
+          f"default (fp32 down) {moved:.2e}")
+    assert got.tokens == ref.tokens
+    torch.testing.assert_close(got_logits, ref_logits, atol=0.15, rtol=0)
+    assert moved > 10 * ATOL
+    if isa is None:
+        three = Generator.load(engine, backend="native", threads=3, int8_down=True)
+        assert torch.equal(recorded(three, prompt, 8)[1], got_logits)
+        plain = engine_of(tmp_path_factory, tiny_model_dir, "qwen2", "griffin", "int4", None, "onnxruntime", False)
+        with pytest.raises(CapreseError, match="int8_down takes an engine exported with --int8-activations"):
+            Generator.load(plain, backend="native", int8_down=True)
+

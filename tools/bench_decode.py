@@ -39,6 +39,9 @@ Rows (--rows, comma-separated; default: all):
                        onnxruntime and on the native backend (native/int8_activations.c)
   native-int4-acc4-caprese-griffin-fp16-bypass, native-int4-acc4-caprese-cats-fp16-bypass
                        the same, exported with --fp16-bypass too (L and R stored fp16: half their bytes)
+  native-int4-acc4-caprese-griffin-int8-down
+                       native-int4-acc4-caprese-griffin with the native option int8_down (GRIFFIN's down rows
+                       multiplied with int8 activations too: faster, measured to cost accuracy)
   With --native-isa avx512,avx2 (the kernel's instruction sets, see caprese/runtime/native/library.py) every
   native row runs once per instruction set; rows of the second and later ones are named ROW@ISA.
   torch-dense          caprese's PyTorch reference decoder (caprese.model.generation.generate)
@@ -117,7 +120,8 @@ ROW_NAMES = ("genai-dense", "genai-int4", "genai-int8", "ort-dense", "ort-griffi
              "native-int4-caprese-griffin", "native-int8-dense", "native-int4-qhead-dense",
              "native-int4-qhead-caprese-griffin", "native-int4-acc4-dense", "native-int4-acc4-caprese-griffin",
              "native-int4-acc4-caprese-cats", "native-int4-acc4-caprese-griffin-fp16-bypass",
-             "native-int4-acc4-caprese-cats-fp16-bypass", "torch-dense", "transformers")
+             "native-int4-acc4-caprese-cats-fp16-bypass", "native-int4-acc4-caprese-griffin-int8-down", "torch-dense",
+             "transformers")
 ORT_ROWS = ("ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats", "ort-contrib-dense",
             "ort-contrib-caprese-griffin")
 # native rows: the native backend (caprese/runtime/native) on the engine folder of the row named here, its head
@@ -137,7 +141,9 @@ NATIVE_ROWS = {"native-dense": ("ort-contrib-dense", "auto"),
                "native-int4-acc4-caprese-griffin-fp16-bypass": ("ort-contrib-int4-acc4-caprese-griffin-fp16-bypass",
                                                                 "auto"),
                "native-int4-acc4-caprese-cats-fp16-bypass": ("ort-contrib-int4-acc4-caprese-cats-fp16-bypass",
-                                                             "auto")}
+                                                             "auto"),
+               "native-int4-acc4-caprese-griffin-int8-down": ("ort-contrib-int4-acc4-caprese-griffin", "auto")}
+NATIVE_OPTIONS = {"native-int4-acc4-caprese-griffin-int8-down": {"int8_down": True}}  # more native backend options
 # the ONNX Runtime row that runs the same engine folder as each native row (the native rows' "x ORT" ratio)
 SAME_ENGINE = {"native-dense": "ort-contrib-dense", "native-caprese-griffin": "ort-contrib-caprese-griffin",
                "native-caprese-cats": "ort-caprese-cats", "native-dense-full-head": "ort-contrib-dense",
@@ -151,7 +157,8 @@ SAME_ENGINE = {"native-dense": "ort-contrib-dense", "native-caprese-griffin": "o
                "native-int4-acc4-caprese-griffin": "ort-contrib-int4-acc4-caprese-griffin",
                "native-int4-acc4-caprese-cats": "ort-contrib-int4-acc4-caprese-cats",
                "native-int4-acc4-caprese-griffin-fp16-bypass": "ort-contrib-int4-acc4-caprese-griffin-fp16-bypass",
-               "native-int4-acc4-caprese-cats-fp16-bypass": "ort-contrib-int4-acc4-caprese-cats-fp16-bypass"}
+               "native-int4-acc4-caprese-cats-fp16-bypass": "ort-contrib-int4-acc4-caprese-cats-fp16-bypass",
+               "native-int4-acc4-caprese-griffin-int8-down": "ort-contrib-int4-acc4-caprese-griffin"}
 # issue 13's targets: under --background-load N >= 1, native <= 1.10x ONNX Runtime on the same engine; idle, the
 # AVX2 build <= 1.0x it; the native rows' default head no slower than the full head (same ISA)
 CONTENDED_MAX = 1.10
@@ -516,9 +523,11 @@ class EngineRow(Row):
         isa = None
         if backend == "native":  # what ran: the instruction set, the head the probe chose, the thread pool
             d = self.g.backend.describe()
-            self.notes.update({k: d[k] for k in ("isa", "head", "head_choice", "threads") if k in d})
+            self.notes.update({k: d[k] for k in ("isa", "head", "head_choice", "threads", "activations") if k in d})
             isa = d["isa"]
         self.label = engine_label(self.g.manifest, backend, options.get("head", "auto"), isa)
+        if options.get("int8_down"):
+            self.label = self.label.replace("[native", "[native int8 down")
 
     def run(self, ids, n):
         r = self.g.generate(ids, n, ignore_eos=True)
@@ -682,7 +691,7 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
             engine, adapters = prepare_engine(model_dir, root, src, row_recipe(src, density, rank), precision, log)
             for k, isa in enumerate(native_isas or [None]):
                 built.append(EngineRow(name if k == 0 else f"{name}@{isa}", engine, threads, adapters,
-                                       backend="native", head=head, isa=isa))
+                                       backend="native", head=head, isa=isa, **NATIVE_OPTIONS.get(name, {})))
         elif name == "torch-dense":
             built.append(TorchRow(name, "caprese PyTorch reference decoder, dense", time_ours, dense_decoder,
                                   dense_bytes))

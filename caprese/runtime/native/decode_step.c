@@ -115,8 +115,8 @@ typedef struct {
     int64_t q_head;          /* the LM head is quantized: q_lm_head [vocab, hidden] (lm_head unused, never screened) */
     QMat q_lm_head;
     int64_t int8_act;        /* the engine's quantized products take int8 activations (int8_activations.c): int4
-                              * rows-dot over x rounded once per product by the leader, GRIFFIN's down rows-axpy
-                              * over h rounded per group of 32 rows in each chunk; other formats keep fp32 */
+                              * rows-dot over x rounded once per product by the leader; 2: GRIFFIN's down rows-axpy
+                              * too, h rounded per group of 32 rows in each chunk (opt-in); other formats fp32 */
 } Model;
 
 /* ------------------------------------------------------------------ the structs' layout, for the ctypes mirror */
@@ -865,7 +865,7 @@ static void stage_q_down(const Ctx *c, const Phase *ph, int64_t i, float *out, f
             const int64_t nz = (a1 - j0) - np;
             unread = nz * (qmat_row_bytes(&L->q_up) + qmat_row_bytes(&L->q_down));
             caprese_q_rows_axpy(&L->q_down, zc - j0, NULL, j0, a1, out);
-        } else if (c->m->int8_act && caprese_qa_fits(&L->q_down)) { /* GRIFFIN's rows, int8 activations */
+        } else if (c->m->int8_act == 2 && caprese_qa_fits(&L->q_down)) { /* GRIFFIN's rows, int8 activations */
             caprese_q_rows_axpy_qa(&L->q_down, z, NULL, j0, a1, F, out);
         } else {
             caprese_q_rows_axpy_ahead(&L->q_down, z, j0, a1, F, out);
