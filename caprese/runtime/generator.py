@@ -170,7 +170,8 @@ class Generator:
         options go to the backend: device ("cpu" / "cuda"), kv_policy ("fit" / "max" / slots; onnxruntime,
         native), share_weights (onnxruntime), source / base_model / static / cuda_graph (torch), head ("auto" /
         "screened" / "full"; native: whether greedy and top-k steps screen the LM head; auto, the default: where
-        a probe at load found it faster)."""
+        a probe at load found it faster), int8_down (native, an --int8-activations engine: GRIFFIN's down rows with
+        int8 activations too; off by default, it was measured to cost accuracy)."""
         return cls._on(load_manifest(engine_dir), backend, threads, lambda name: options, options.get("device"))
 
     @classmethod
