@@ -428,69 +428,101 @@ static void qa_finish(const float *yp, int64_t c0, int64_t c1, float *y) {
 #endif
 }
 
+/* The piece's vector operations at the build's width: 512 bits (4 lanes, a piece's bytes loaded under a mask) or
+ * 256 (2 lanes; `part` says whether only the first 32 columns exist). */
 #if QA_LANES == 4
-static inline __attribute__((always_inline)) __m512i qa_dp512(__m512i acc, __m512i codes, __m512i act) {
+typedef __m512i qa_vi;
+typedef __mmask64 qa_part;
+#define QA_SET8(b) _mm512_set1_epi8(b)
+#define QA_XOR(a, b) _mm512_xor_si512(a, b)
+#define QA_AND(a, b) _mm512_and_si512(a, b)
+#define QA_SRL16(a, n) _mm512_srli_epi16(a, n)
+#define QA_UNPLO8(a, b) _mm512_unpacklo_epi8(a, b)
+#define QA_UNPHI8(a, b) _mm512_unpackhi_epi8(a, b)
+#define QA_UNPLO16(a, b) _mm512_unpacklo_epi16(a, b)
+#define QA_UNPHI16(a, b) _mm512_unpackhi_epi16(a, b)
+typedef __m512 qa_vf;
+static inline qa_vi qa_load(const uint8_t *p, qa_part mask) { return _mm512_maskz_loadu_epi8(mask, p); }
+static inline qa_part qa_part_of(int64_t cols_left) { /* the piece's bytes of each row */
+    return cols_left >= 128 ? ~(__mmask64)0 : (((__mmask64)1 << (cols_left / 2)) - 1);
+}
+static inline qa_vi qa_bidx(int sh) { /* element e lies in lane e / 4: that lane's block, from the piece's first */
+    return _mm512_srl_epi32(_mm512_setr_epi32(0, 0, 0, 0, 32, 32, 32, 32, 64, 64, 64, 64, 96, 96, 96, 96),
+                            _mm_cvtsi32_si128(sh));
+}
+static inline qa_vi qa_lanes_i(qa_vi bidx, const void *p) { /* 4 int32 at p, each lane its block's */
+    return _mm512_permutexvar_epi32(bidx, _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)p)));
+}
+static inline qa_vf qa_lanes_f(qa_vi bidx, const float *p) {
+    return _mm512_permutexvar_ps(bidx, _mm512_castps128_ps512(_mm_loadu_ps(p)));
+}
+static inline void qa_flush(float *q, qa_vi acc, qa_vf sv) { /* q += float(acc) * sv */
+    _mm512_storeu_ps(q, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sv, _mm512_loadu_ps(q)));
+}
+static inline __attribute__((always_inline)) qa_vi qa_dp(qa_vi acc, qa_vi codes, qa_vi act) {
 #if defined(__AVX512VNNI__)
     return _mm512_dpbusd_epi32(acc, codes, act);
 #else
     return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(codes, act), _mm512_set1_epi16(1)));
 #endif
 }
-
-/* The 8 accumulators of one piece (even columns d0..d3, odd e0..e3) += 4 rows' codes times act (4 alphas per
- * lane); `mask`: the piece's bytes of each row. */
-static inline __attribute__((always_inline)) void qa_piece(const uint8_t *const *p, int64_t off, __mmask64 mask,
-                                                           __m512i act, __m512i *acc) {
-    const __m512i nib = _mm512_set1_epi8(0x0f), x88 = _mm512_set1_epi8((char)0x88);
-    __m512i lo[4], hi[4];
-    for (int r = 0; r < 4; r++) {
-        const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, p[r] + off), x88);
-        lo[r] = _mm512_and_si512(v, nib);
-        hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-    }
-    for (int odd = 0; odd < 2; odd++) {
-        const __m512i *u = odd ? hi : lo;
-        const __m512i t01l = _mm512_unpacklo_epi8(u[0], u[1]), t01h = _mm512_unpackhi_epi8(u[0], u[1]);
-        const __m512i t23l = _mm512_unpacklo_epi8(u[2], u[3]), t23h = _mm512_unpackhi_epi8(u[2], u[3]);
-        __m512i *a = acc + 4 * odd;
-        a[0] = qa_dp512(a[0], _mm512_unpacklo_epi16(t01l, t23l), act);
-        a[1] = qa_dp512(a[1], _mm512_unpackhi_epi16(t01l, t23l), act);
-        a[2] = qa_dp512(a[2], _mm512_unpacklo_epi16(t01h, t23h), act);
-        a[3] = qa_dp512(a[3], _mm512_unpackhi_epi16(t01h, t23h), act);
-    }
+#elif QA_LANES == 2
+typedef __m256i qa_vi;
+typedef int qa_part; /* 1: the first 32 columns only */
+#define QA_SET8(b) _mm256_set1_epi8(b)
+#define QA_XOR(a, b) _mm256_xor_si256(a, b)
+#define QA_AND(a, b) _mm256_and_si256(a, b)
+#define QA_SRL16(a, n) _mm256_srli_epi16(a, n)
+#define QA_UNPLO8(a, b) _mm256_unpacklo_epi8(a, b)
+#define QA_UNPHI8(a, b) _mm256_unpackhi_epi8(a, b)
+#define QA_UNPLO16(a, b) _mm256_unpacklo_epi16(a, b)
+#define QA_UNPHI16(a, b) _mm256_unpackhi_epi16(a, b)
+typedef __m256 qa_vf;
+static inline qa_vi qa_load(const uint8_t *p, qa_part half) {
+    return half ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)p)) : _mm256_loadu_si256((const __m256i *)p);
 }
-#endif
-
-#if QA_LANES == 2
-static inline __attribute__((always_inline)) __m256i qa_dp256(__m256i acc, __m256i codes, __m256i act) {
+static inline qa_part qa_part_of(int64_t cols_left) { return cols_left < 64; }
+static inline qa_vi qa_bidx(int sh) {
+    return _mm256_srl_epi32(_mm256_setr_epi32(0, 0, 0, 0, 32, 32, 32, 32), _mm_cvtsi32_si128(sh));
+}
+static inline qa_vi qa_lanes_i(qa_vi bidx, const void *p) {
+    return _mm256_permutevar8x32_epi32(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p)), bidx);
+}
+static inline qa_vf qa_lanes_f(qa_vi bidx, const float *p) {
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(p)), bidx);
+}
+static inline void qa_flush(float *q, qa_vi acc, qa_vf sv) {
+    _mm256_storeu_ps(q, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), sv, _mm256_loadu_ps(q)));
+}
+static inline __attribute__((always_inline)) qa_vi qa_dp(qa_vi acc, qa_vi codes, qa_vi act) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
     return _mm256_dpbusd_epi32(acc, codes, act);
 #else
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, act), _mm256_set1_epi16(1)));
 #endif
 }
+#endif
 
-/* As the AVX-512 qa_piece, 64 columns (2 lanes); `half`: only the first 32 columns exist. */
-static inline __attribute__((always_inline)) void qa_piece(const uint8_t *const *p, int64_t off, int half,
-                                                           __m256i act, __m256i *acc) {
-    const __m256i nib = _mm256_set1_epi8(0x0f), x88 = _mm256_set1_epi8((char)0x88);
-    __m256i lo[4], hi[4];
+#if QA_LANES
+/* The 8 accumulators of one piece (even columns 0..3, odd 4..7) += 4 rows' codes times act (4 alphas per lane). */
+static inline __attribute__((always_inline)) void qa_piece(const uint8_t *const *p, int64_t off, qa_part part,
+                                                           qa_vi act, qa_vi *acc) {
+    const qa_vi nib = QA_SET8(0x0f), x88 = QA_SET8((char)0x88);
+    qa_vi lo[4], hi[4];
     for (int r = 0; r < 4; r++) {
-        const __m256i raw = half ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(p[r] + off)))
-                                 : _mm256_loadu_si256((const __m256i *)(p[r] + off));
-        const __m256i v = _mm256_xor_si256(raw, x88);
-        lo[r] = _mm256_and_si256(v, nib);
-        hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+        const qa_vi v = QA_XOR(qa_load(p[r] + off, part), x88);
+        lo[r] = QA_AND(v, nib);
+        hi[r] = QA_AND(QA_SRL16(v, 4), nib);
     }
     for (int odd = 0; odd < 2; odd++) {
-        const __m256i *u = odd ? hi : lo;
-        const __m256i t01l = _mm256_unpacklo_epi8(u[0], u[1]), t01h = _mm256_unpackhi_epi8(u[0], u[1]);
-        const __m256i t23l = _mm256_unpacklo_epi8(u[2], u[3]), t23h = _mm256_unpackhi_epi8(u[2], u[3]);
-        __m256i *a = acc + 4 * odd;
-        a[0] = qa_dp256(a[0], _mm256_unpacklo_epi16(t01l, t23l), act);
-        a[1] = qa_dp256(a[1], _mm256_unpackhi_epi16(t01l, t23l), act);
-        a[2] = qa_dp256(a[2], _mm256_unpacklo_epi16(t01h, t23h), act);
-        a[3] = qa_dp256(a[3], _mm256_unpackhi_epi16(t01h, t23h), act);
+        const qa_vi *u = odd ? hi : lo;
+        const qa_vi t01l = QA_UNPLO8(u[0], u[1]), t01h = QA_UNPHI8(u[0], u[1]);
+        const qa_vi t23l = QA_UNPLO8(u[2], u[3]), t23h = QA_UNPHI8(u[2], u[3]);
+        qa_vi *a = acc + 4 * odd;
+        a[0] = qa_dp(a[0], QA_UNPLO16(t01l, t23l), act);
+        a[1] = qa_dp(a[1], QA_UNPHI16(t01l, t23l), act);
+        a[2] = qa_dp(a[2], QA_UNPLO16(t01h, t23h), act);
+        a[3] = qa_dp(a[3], QA_UNPHI16(t01h, t23h), act);
     }
 }
 #endif
@@ -511,46 +543,19 @@ static inline __attribute__((always_inline)) void qa_group(const QMat *w, const 
     const int sh = row_block ? 62 : __builtin_ctzll((unsigned long long)w->block);
 #if QA_LANES
     const int nsub = (nr + 3) / 4;
-#endif
-#if QA_LANES == 4
-    /* element e of a vector lies in lane e / 4: the lane's block, from the piece's first */
-    const __m512i bidx = _mm512_srl_epi32(_mm512_setr_epi32(0, 0, 0, 0, 32, 32, 32, 32, 64, 64, 64, 64, 96, 96, 96,
-                                                            96), _mm_cvtsi32_si128(sh));
+    const qa_vi bidx = qa_bidx(sh);
     for (int64_t c = c0; c < c1; c += QA_CW) {
-        const int64_t nb = (c1 - c) / 2 < 64 ? (c1 - c) / 2 : 64, cb = (c - c0) >> sh;
-        const __mmask64 mask = nb == 64 ? ~(__mmask64)0 : (((__mmask64)1 << nb) - 1);
-        __m512i acc[8];
-        acc[0] = _mm512_permutexvar_epi32(bidx, _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(nc + cb))));
+        const int64_t cb = (c - c0) >> sh; /* the piece's first block, from the tile's */
+        const qa_part part = qa_part_of(c1 - c);
+        qa_vi acc[8];
+        acc[0] = qa_lanes_i(bidx, nc + cb);
         for (int k = 1; k < 8; k++) acc[k] = acc[0];
         for (int s = 0; s < nsub; s++) {
-            const __m512i act = _mm512_permutexvar_epi32(
-                bidx, _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(alpha32 + s * QA_BP + cb))));
-            qa_piece(p + 4 * s, (c >> 1), mask, act, acc);
+            qa_piece(p + 4 * s, (c >> 1), part, qa_lanes_i(bidx, alpha32 + s * QA_BP + cb), acc);
             for (int k = 0; k < 4; k++) __builtin_prefetch(pn[4 * s + k] + (c >> 1), 0, 2); /* the next group's */
         }
-        const __m512 sv = _mm512_permutexvar_ps(bidx, _mm512_castps128_ps512(_mm_loadu_ps(sa + cb)));
-        float *q = yp + (c - c0);
-        for (int k = 0; k < 8; k++)
-            _mm512_storeu_ps(q + 16 * k, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[k]), sv, _mm512_loadu_ps(q + 16 * k)));
-    }
-#elif QA_LANES == 2
-    const __m256i bidx = _mm256_srl_epi32(_mm256_setr_epi32(0, 0, 0, 0, 32, 32, 32, 32), _mm_cvtsi32_si128(sh));
-    for (int64_t c = c0; c < c1; c += QA_CW) {
-        const int64_t cb = (c - c0) >> sh;
-        const int half = c1 - c < QA_CW;
-        __m256i acc[8];
-        acc[0] = _mm256_permutevar8x32_epi32(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(nc + cb))), bidx);
-        for (int k = 1; k < 8; k++) acc[k] = acc[0];
-        for (int s = 0; s < nsub; s++) {
-            const __m256i act = _mm256_permutevar8x32_epi32(
-                _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(alpha32 + s * QA_BP + cb))), bidx);
-            qa_piece(p + 4 * s, (c >> 1), half, act, acc);
-            for (int k = 0; k < 4; k++) __builtin_prefetch(pn[4 * s + k] + (c >> 1), 0, 2); /* the next group's */
-        }
-        const __m256 sv = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sa + cb)), bidx);
-        float *q = yp + (c - c0);
-        for (int k = 0; k < 8; k++)
-            _mm256_storeu_ps(q + 8 * k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[k]), sv, _mm256_loadu_ps(q + 8 * k)));
+        const qa_vf sv = qa_lanes_f(bidx, sa + cb);
+        for (int k = 0; k < 8; k++) qa_flush(yp + (c - c0) + 4 * QA_LANES * k, acc[k], sv);
     }
 #else
     (void)pn;
