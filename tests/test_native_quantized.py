@@ -340,3 +340,31 @@ def test_int8_down_option(isa, tmp_path_factory, tiny_model_dir):
         with pytest.raises(CapreseError, match="int8_down takes an engine exported with --int8-activations"):
             Generator.load(plain, backend="native", int8_down=True)
 
+
+
+@needs_cc
+def test_cli_int8_down(tmp_path_factory, tiny_model_dir, monkeypatch, capsys):
+    """--int8-down on `run` / `eval ENGINE_DIR` reaches the native backend (its report says so; eval picks native
+    for it); on ONNX Runtime, or on a model folder, a one-line error."""
+    import json
+
+    from caprese.cli.main import main as caprese_main
+    from cli_helpers import assert_one_line_error, run_cli
+
+    engine = q_export(tmp_path_factory, tiny_model_dir, "qwen2", "griffin", "int4", None, "onnxruntime", False,
+                      int8_activations=True)[0]
+    run = ["run", str(engine), "-p", "the cat sat", "-n", "4", "--json"]
+    rc, out, err = run_cli(caprese_main, [*run, "--backend", "native", "--int8-down"], monkeypatch, capsys)
+    assert rc == 0, err
+    assert json.loads(out)["activations"] == "int8 (int4 weights, GRIFFIN's down too)"
+    rc, out, err = run_cli(caprese_main, [*run, "--backend", "native"], monkeypatch, capsys)
+    assert json.loads(out)["activations"] == "int8 (int4 weights)"
+    rc, out, err = run_cli(caprese_main, [*run, "--backend", "onnxruntime", "--int8-down"], monkeypatch, capsys)
+    assert_one_line_error(rc, err, "--int8-down applies to --backend native")
+    rc, out, err = run_cli(caprese_main, ["eval", str(engine), "--limit", "2", "-n", "4", "--json", "--quiet",
+                                          "--no-chat", "--int8-down"], monkeypatch, capsys)
+    assert rc == 0, err
+    assert json.loads(out)["backend"] == "native"
+    rc, out, err = run_cli(caprese_main, ["eval", str(tiny_model_dir("qwen2")), "--limit", "2", "--int8-down"],
+                           monkeypatch, capsys)
+    assert_one_line_error(rc, err, "--int8-down applies to an exported engine folder")

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from caprese.calibration.problems import EVAL_MAX_NEW_TOKENS
-from caprese.cli.options import BACKEND_CHOICES, method_options, weight_options, weights_from_flags
+from caprese.cli.options import BACKEND_CHOICES, INT8_DOWN_OPTION, method_options, weight_options, weights_from_flags
 from caprese.errors import CapreseError
 
 
@@ -56,6 +56,7 @@ def format_table(rows: list[list[str]]) -> str:
 @click.option("--backend", default=None, type=click.Choice(BACKEND_CHOICES),
               help="For an ENGINE_DIR: the runtime that scores it (default auto: native on a CPU where it runs the "
                    "engine, else onnxruntime; see `caprese run --help`). Not for model folders.")
+@INT8_DOWN_OPTION
 @click.option("--no-chat", is_flag=True, help="Send prompts as plain text instead of a chat-template user turn.")
 @click.option("--no-dense", is_flag=True, help="Skip the dense reference run.")
 @click.option("--save", default=None, type=click.Path(path_type=str, dir_okay=False), metavar="FILE",
@@ -64,7 +65,7 @@ def format_table(rows: list[list[str]]) -> str:
 @click.option("--quiet", is_flag=True, help="No progress bar on stderr.")
 def eval_command(src, task_spec, limit, method, density, layers, weights, block_size, quant, quantize_head,
                  quantize_embed, scale_dtype, base_model, reselect_every, max_new_tokens, batch_size, precision, device,
-                 threads, backend, no_chat, no_dense, save, as_json, quiet) -> None:
+                 threads, backend, int8_down, no_chat, no_dense, save, as_json, quiet) -> None:
     """Greedy accuracy of SRC on a math task, next to the dense model on the same problems.
 
     \b
@@ -99,7 +100,11 @@ def eval_command(src, task_spec, limit, method, density, layers, weights, block_
 
     if (Path(src) / MANIFEST).is_file():
         return _eval_engine(src, task_spec, limit, (method, layers, base_model, weights, block_size, quant),
-                            reselect_every, max_new_tokens, threads, backend, no_chat, save, as_json, quiet)
+                            reselect_every, max_new_tokens, threads, backend, int8_down, no_chat, save, as_json,
+                            quiet)
+    if int8_down:
+        raise CapreseError(f"--int8-down applies to an exported engine folder on --backend native; {src} is a model "
+                           "folder or artifact")
     if backend is not None:
         raise CapreseError(f"--backend applies to an exported engine folder; {src} is a model folder or artifact "
                            "(scored with the PyTorch decoder: use --device / --precision)")
@@ -147,7 +152,7 @@ def _save_records(save: str, runs) -> None:
 
 
 def _eval_engine(src, task_spec, limit, fixed_at_export, reselect_every, max_new_tokens, threads, backend,
-                 no_chat, save, as_json, quiet) -> None:
+                 int8_down, no_chat, save, as_json, quiet) -> None:
     """An engine folder: its own score on its runtime (no dense run: score the base model or a dense engine)."""
     from caprese.evaluation.engine_eval import evaluate_engine
     from caprese.evaluation.tasks import load_task
@@ -157,7 +162,8 @@ def _eval_engine(src, task_spec, limit, fixed_at_export, reselect_every, max_new
         raise CapreseError(f"{src} is an exported engine: its method, base model and weights are fixed at "
                            "export; drop --method / --layers / --base-model / --weights")
     task = load_task(task_spec, limit)
-    g = Generator.open(src, EngineOptions(backend=backend or "auto", threads=threads))
+    g = Generator.open(src, EngineOptions(backend=backend or ("native" if int8_down else "auto"), threads=threads,
+                                          int8_down=int8_down))
     backend = g.backend.name
     result = evaluate_engine(g, task, max_new_tokens, chat=not no_chat, progress=not quiet,
                              reselect_every=reselect_every)

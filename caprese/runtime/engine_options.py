@@ -25,6 +25,7 @@ class EngineOptions:
     cuda_graph: bool | None = None  # torch on cuda: capture the decode step (default on)
     head: str | None = None  # native: auto | screened | full (None: the backend's default, auto)
     extra: dict = dataclasses.field(default_factory=dict)  # other backend options (kv_policy, share_weights, ...)
+    int8_down: bool = False  # native, an --int8-activations engine: GRIFFIN's down with int8 activations too
 
     def backend_options(self, name: str) -> dict:
         """The keyword options of backend `name` these options set (open_backend's **options)."""
@@ -38,6 +39,11 @@ class EngineOptions:
                 raise CapreseError(f"--full-head (head=) applies to --backend native; {name} runs this engine and "
                                    "computes every logit")
             out["head"] = self.head
+        if self.int8_down:
+            if name != "native":
+                raise CapreseError(f"--int8-down applies to --backend native; {name} runs this engine's GRIFFIN down "
+                                   "in fp32")
+            out["int8_down"] = True
         return out
 
 
