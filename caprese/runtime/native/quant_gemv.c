@@ -157,17 +157,22 @@ static inline float qg_scale(const void *scales, const int f32s, int64_t i) {
 
 /* n fp16 scales -> floats, converted 16 / 8 at a time (one vcvtph2ps) where the build can: a scalar conversion
  * and broadcast per block and row cost 15 % of int4 rows-dot (measured, Zen 4). */
-static inline void qg_halves(const uint16_t *src, int64_t n, float *dst) {
+static inline __attribute__((always_inline)) void qg_halves_times(const uint16_t *src, int64_t n, float coef,
+                                                                  float *dst) { /* dst = coef * the floats */
     int64_t j = 0;
 #if defined(__AVX512F__)
     for (; j + 16 <= n; j += 16)
-        _mm512_storeu_ps(dst + j, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + j))));
+        _mm512_storeu_ps(dst + j, _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + j))),
+                                                _mm512_set1_ps(coef)));
 #endif
 #if defined(__F16C__)
-    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + j))));
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(dst + j, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + j))),
+                                                _mm256_set1_ps(coef)));
 #endif
-    for (; j < n; j++) dst[j] = qg_half(src[j]);
+    for (; j < n; j++) dst[j] = coef * qg_half(src[j]);
 }
+static inline void qg_halves(const uint16_t *src, int64_t n, float *dst) { qg_halves_times(src, n, 1.0f, dst); }
 
 /* What the rows of one column tile [c0, c1) share: row bytes, blocks per row, the tile's first block and count. */
 typedef struct {
@@ -383,29 +388,18 @@ void caprese_q_rows_dot_prepared(const QMat *w, const float *xp, const int64_t *
 #undef QG_DOT
 }
 
-/* dst[b] = coef * scale b of the row's tile blocks (the fp32 product the segment loop below forms per block). */
+/* dst[b] = coef * scale b of the row's tile blocks (the fp32 product the segment loop below forms per block), in
+ * one pass: converting into a buffer and scaling it after cost the axpy 10 % (a store-forwarding stall). */
 static inline void qg_row_coefs(const QMat *w, const int f32s, int64_t row, const QgTile *t, float coef,
                                 float *dst) {
-    const int64_t n = t->nbt, first = row * t->nb + t->b0;
-    int64_t j = 0;
-    if (f32s) {
-        const float *src = (const float *)w->scales + first;
-#pragma omp simd
-        for (int64_t b = 0; b < n; b++) dst[b] = coef * src[b];
+    const int64_t first = row * t->nb + t->b0;
+    if (!f32s) {
+        qg_halves_times((const uint16_t *)w->scales + first, t->nbt, coef, dst);
         return;
     }
-    const uint16_t *src = (const uint16_t *)w->scales + first;
-#if defined(__AVX512F__)
-    for (; j + 16 <= n; j += 16)
-        _mm512_storeu_ps(dst + j, _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + j))),
-                                                _mm512_set1_ps(coef)));
-#endif
-#if defined(__F16C__)
-    for (; j + 8 <= n; j += 8)
-        _mm256_storeu_ps(dst + j, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + j))),
-                                                _mm256_set1_ps(coef)));
-#endif
-    for (; j < n; j++) dst[j] = coef * qg_half(src[j]);
+    const float *src = (const float *)w->scales + first;
+#pragma omp simd
+    for (int64_t b = 0; b < t->nbt; b++) dst[b] = coef * src[b];
 }
 
 /* yp[c - c0] += sum_k coef[k] * scale(rows[k], block of c) * w[rows[k], c] over [c0, c1), yp de-interleaved. */
