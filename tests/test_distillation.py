@@ -78,15 +78,15 @@ def layer_errors(model_dir, art, samples):
     return {i: tuple(v / rows for v in vals) for i, vals in sums.items()}
 
 
-def final_hidden_mse(model_dir, art, samples, bypass: bool = True) -> float:
-    """Token/feature-mean squared error of the final hidden states on response tokens: dense vs artifact."""
-    dense = load_decoder(model_dir)
-    student = load_decoder(model_dir)
+def final_states(model_dir, art, samples, bypass: bool = True, dtype=torch.float32):
+    """Per sample (dense decoder, artifact decoder, dense final hidden states, artifact's) on response tokens: the
+    dense decoder over the whole sample, the artifact's token by token (as generation runs)."""
+    dense = load_decoder(model_dir, dtype)
+    student = load_decoder(model_dir, dtype)
     art.apply(student)
     if not bypass:
         for f in efficient_layers(student).values():
             f.bypass = None
-    sse, count = 0.0, 0
     with torch.no_grad():
         for s in samples:
             p, n = len(s.prompt_ids), len(s.ids)
@@ -95,10 +95,27 @@ def final_hidden_mse(model_dir, art, samples, bypass: bool = True) -> float:
             t = dense.hidden_states(torch.tensor([s.ids]), 0, phase="prefill")[0, p:]
             student.hidden_states(torch.tensor([s.prompt_ids]), 0, phase="prefill")
             h = torch.cat([student.hidden_states(torch.tensor([[tok]]), p + k, phase="decode")[0]
-                           for k, tok in enumerate(s.response_ids)])  # token by token, as generation runs
-            sse += float((h - t).double().square().sum())
-            count += t.numel()
+                           for k, tok in enumerate(s.response_ids)])
+            yield dense, student, t, h
+
+
+def final_hidden_mse(model_dir, art, samples, bypass: bool = True) -> float:
+    """Token/feature-mean squared error of the final hidden states on response tokens: dense vs artifact."""
+    sse, count = 0.0, 0
+    for _, _, t, h in final_states(model_dir, art, samples, bypass):
+        sse += float((h - t).double().square().sum())
+        count += t.numel()
     return sse / count
+
+
+def final_kl(model_dir, art, samples) -> float:
+    """Token-mean KL(dense || artifact) of the next-token distributions on response tokens, in float64."""
+    total, count = 0.0, 0
+    for dense, student, t, h in final_states(model_dir, art, samples, dtype=torch.float64):
+        pt = torch.softmax(dense.logits(t), -1)
+        total += float((pt * (torch.log(pt) - torch.log_softmax(student.logits(h), -1))).sum())
+        count += len(h)
+    return total / count
 
 
 # ------------------------------------------------------------------ schedule
@@ -326,6 +343,37 @@ def test_e2e_lowers_final_hidden_mse_from_a_layerwise_artifact(tiny_model_dir, t
     assert e2.recipe["init"] and e2.recipe["e2e"]["epochs"] == 4
 
 
+def test_e2e_kl_objective_is_the_next_token_kl_and_training_lowers_it(tiny_model_dir, tmp_path):
+    # loss "kl": the objective of one sample equals a float64 KL(dense || student) summed over its response tokens,
+    # computed from scratch (two decoders, the student token by token); training on it lowers that KL, and the
+    # artifact records it. A sign error (KL(student || dense)) or a missed softmax fails the first check.
+    model = tiny_model_dir("gemma2")  # the final logit soft-cap is inside the head the KL reads
+    samples = make_samples(12, seed=6)
+    lw = calibrate(model, tmp_path / "lw", CalibrationRecipe("griffin", 0.5, "all", 8, stage="layerwise",
+                                                             layerwise=LayerwiseConfig(epochs=2, lr=3e-3,
+                                                                                       batch_size=32)),
+                   samples, QUIET)
+    dec = load_decoder(model, torch.float64)
+    lw.apply(dec)
+    dist = Distiller(dec, samples[:1], loss="kl")
+    got = float(dist.objective(0)) / len(samples[0].response_ids)
+    ref = final_kl(model, lw, samples[:1])
+    print(f"KL objective {got:.8g} nats/token, float64 reference {ref:.8g}")
+    assert got == pytest.approx(ref, rel=1e-6) and ref > 0
+    assert dist.denominator([0]) == len(samples[0].response_ids)
+    e2 = calibrate(model, tmp_path / "kl", CalibrationRecipe(stage="e2e", init=tmp_path / "lw",
+                                                             e2e=E2EConfig(epochs=4, lr=3e-3, batch_size=4,
+                                                                           loss="kl")),
+                   samples, QUIET)
+    before, after = final_kl(model, lw, samples), final_kl(model, load_artifact(tmp_path / "kl"), samples)
+    m = e2.metrics["e2e"]
+    print(f"KL before {before:.6g}, after {after:.6g}; recorded {m['kl_before']:.6g} -> {m['kl_after']:.6g}")
+    assert after < 0.97 * before, (before, after)
+    assert m["kl_before"] == pytest.approx(before, rel=1e-3) and m["kl_after"] == pytest.approx(after, rel=1e-3)
+    assert m["loss"] == "kl" and len(m["epoch_train_kl"]) == 4 and "mse_after" in m
+    assert e2.recipe["e2e"]["loss"] == "kl"
+
+
 def test_e2e_resumes_per_epoch_with_identical_adapters(tiny_model_dir, tmp_path):
     model = tiny_model_dir("llama3")
     samples = make_samples(8, seed=5)
@@ -417,7 +465,7 @@ def test_cli_help_lists_the_options(monkeypatch, capsys):
     assert rc == 0
     for opt in ("--method", "--density", "--layers", "--rank", "--data", "--synthetic", "--response-tokens",
                 "--stage", "--init", "--epochs", "--lr", "--batch-size", "--layerwise-mode", "--e2e-epochs", "--e2e-lr",
-                "--e2e-batch-size", "--seed", "--precision", "--device", "--force", "--keep-work", "--json"):
+                "--e2e-batch-size", "--e2e-loss", "--seed", "--precision", "--device", "--force", "--keep-work", "--json"):
         assert opt in out, opt
 
 
@@ -433,6 +481,7 @@ def test_cli_help_lists_the_options(monkeypatch, capsys):
     (["--stage", "both", "--init", "OUT"], "only goes with --stage e2e"),
     (["--stage", "e2e"], "stage e2e starts from layer-wise adapters"),
     (["--synthetic", "0"], "--synthetic must be at least 1"),
+    (["--e2e-loss", "ce"], "Invalid value for '--e2e-loss'"),
     (["--layerwise-mode", "sequential", "WORLD_SIZE=2"], "run it without torchrun"),
 ])
 def test_cli_bad_input_is_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys, args, needle):

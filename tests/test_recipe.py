@@ -67,6 +67,7 @@ def test_recipe_rejects_bad_values(kwargs, needle):
     (lambda: LayerwiseConfig(epochs=0), "epochs"), (lambda: LayerwiseConfig(warmup=1.0), "warm-up"),
     (lambda: LayerwiseConfig(store="int8"), "capture store"), (lambda: E2EConfig(lr=0), "lr > 0"),
     (lambda: E2EConfig(batch_size=2.5), "batch size"), (lambda: CalibrationOptions(precision="fp8"), "precision"),
+    (lambda: E2EConfig(loss="ce"), "end-to-end loss must be one of mse, kl"),
 ])
 def test_configs_reject_bad_values(make, needle):
     with pytest.raises(CapreseError, match=needle):

@@ -29,6 +29,9 @@ NO_METHOD = "none"
 CALIBRATION_METHODS = METHODS + (NO_METHOD,)
 STAGES = ("layerwise", "e2e", "both")
 LAYERWISE_MODES = ("parallel", "sequential")
+# mse: the paper's final-hidden-state MSE; kl: KL(teacher || student) of the next-token distributions (the LM
+# head over both final hidden states), which weighs the directions the head reads (docs/quantization.md).
+E2E_LOSSES = ("mse", "kl")
 CAPTURE_STORES = ("fp32", "bf16")
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEFAULT_METHOD, DEFAULT_DENSITY, DEFAULT_RANK = "griffin", 0.5, 64
@@ -115,13 +118,15 @@ class LayerwiseConfig:
 
 @dataclasses.dataclass(frozen=True)
 class E2EConfig:
-    """End-to-end stage (paper: Adam, lr 4e-6 .. 2e-4, smaller for larger models, batch 16, 3 epochs, 2% warm-up)."""
+    """End-to-end stage (paper: Adam, lr 4e-6 .. 2e-4, smaller for larger models, batch 16, 3 epochs, 2% warm-up,
+    final-hidden MSE; `loss="kl"` is caprese's option, E2E_LOSSES)."""
 
     epochs: int = 3
     lr: float = 1e-4
     batch_size: int = 16  # sequences per Adam step (gradients accumulated in fp32)
     warmup: float = 0.02
     seed: int = 0  # the per-epoch shuffles
+    loss: str = "mse"  # "mse" | "kl"
 
     def __post_init__(self):
         self.validate()
@@ -129,6 +134,8 @@ class E2EConfig:
     def validate(self) -> None:
         _positive("end-to-end", epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
         _warmup(self.warmup)
+        if self.loss not in E2E_LOSSES:
+            raise CapreseError(f"end-to-end loss must be one of {', '.join(E2E_LOSSES)}; got {self.loss!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +298,6 @@ class CalibrationOptions:
                 raise CapreseError(f"{name} must be a byte count >= 0; got {v!r}")
 
 
-__all__ = ["CalibrationRecipe", "CalibrationOptions", "CalibrationPlan", "LayerwiseConfig", "E2EConfig",
+__all__ = ["CalibrationRecipe", "CalibrationOptions", "CalibrationPlan", "LayerwiseConfig", "E2EConfig", "E2E_LOSSES",
            "METHOD_LAYERS", "METHODS", "CALIBRATION_METHODS", "NO_METHOD", "STAGES", "default_layers",
            "describe_weights", "layers_default_help", "parse_layers"]

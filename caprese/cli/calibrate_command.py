@@ -15,9 +15,9 @@ from pathlib import Path
 
 import click
 
-from caprese.calibration.recipe import (DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_RANK, LAYERWISE_MODES, PRECISIONS,
-                                        STAGES, CalibrationOptions, CalibrationRecipe, E2EConfig, LayerwiseConfig,
-                                        layers_default_help)
+from caprese.calibration.recipe import (DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_RANK, E2E_LOSSES, LAYERWISE_MODES,
+                                        PRECISIONS, STAGES, CalibrationOptions, CalibrationRecipe, E2EConfig,
+                                        LayerwiseConfig, layers_default_help)
 from caprese.cli.options import weight_options, weights_from_flags
 from caprese.errors import CapreseError
 
@@ -68,6 +68,10 @@ _LW, _E2E, _OPTS = LayerwiseConfig(), E2EConfig(), CalibrationOptions()  # the d
               help="End-to-end Adam learning rate (paper: 4e-6 .. 2e-4, smaller for larger models).")
 @click.option("--e2e-batch-size", default=_E2E.batch_size, show_default=True, type=int,
               help="End-to-end batch, in sequences (gradients accumulated in fp32).")
+@click.option("--e2e-loss", default=_E2E.loss, show_default=True, type=click.Choice(list(E2E_LOSSES)),
+              help="End-to-end objective on response tokens. mse: the paper's final-hidden-state MSE; kl: "
+                   "KL(dense || student) of the next-token distributions (the LM head over both), which on int4 "
+                   "RTN + bypass scored better than mse (docs/quantization.md).")
 @click.option("--warmup", default=_LW.warmup, show_default=True, type=float,
               help="Warm-up fraction of the linear schedule (both stages).")
 @click.option("--seed", default=_LW.seed, show_default=True, type=int,
@@ -87,7 +91,8 @@ def calibrate_command(model_dir, out, data, synthetic, response_tokens, as_json,
     Layer-wise: per approximated layer, fit L, R so that FF^(x) + x·L·R matches the dense FF(x) on the
     response tokens of the calibration data (inputs from the original model; with --layerwise-mode
     sequential, inputs from the calibrated layers below, the dense layer output as target). End-to-end:
-    fine-tune all L, R jointly to match the dense model's final hidden states. Base weights stay frozen.
+    fine-tune all L, R jointly to match the dense model's final hidden states (--e2e-loss kl: its next-token
+    distributions). Base weights stay frozen.
 
     With --weights int4|int8 the student is the block-quantized model (every decoder linear layer, attention
     included: what the int4 / int8 graphs run; FF^ is the quantized FFN, pruned as well unless --method none)
@@ -101,6 +106,7 @@ def calibrate_command(model_dir, out, data, synthetic, response_tokens, as_json,
       caprese calibrate MODEL -o out/e2e --stage e2e --init out/lw --e2e-lr 5e-5
       caprese calibrate MODEL -o out/seq --stage layerwise --layerwise-mode sequential --rank 256
       caprese calibrate MODEL -o out/q4 --weights int4 --method none --rank 64        # int4 + bypass, all layers
+      caprese calibrate MODEL -o out/q4kl --weights int4 --method none --layerwise-mode sequential --e2e-loss kl
       caprese calibrate MODEL -o out/q4g --weights int4 --quant gptq --method griffin  # int4 GPTQ + GRIFFIN
       torchrun --nproc_per_node 2 $(which caprese) calibrate MODEL -o out/x   # layers / batches split over ranks
 
@@ -150,7 +156,7 @@ def recipe_from_flags(flags: dict) -> CalibrationRecipe:
     layerwise = LayerwiseConfig(epochs=flags["epochs"], lr=flags["lr"], batch_size=flags["batch_size"],
                                 warmup=flags["warmup"], seed=flags["seed"], mode=flags["layerwise_mode"])
     e2e = E2EConfig(epochs=flags["e2e_epochs"], lr=flags["e2e_lr"], batch_size=flags["e2e_batch_size"],
-                    warmup=flags["warmup"], seed=flags["seed"])
+                    warmup=flags["warmup"], seed=flags["seed"], loss=flags["e2e_loss"])
     choice = weights_from_flags(flags)
     return CalibrationRecipe(method=flags["method"], density=flags["density"], layers=flags["layers"],
                              rank=flags["rank"], stage=flags["stage"], init=flags["init"], layerwise=layerwise,
@@ -204,5 +210,8 @@ def _summary(art, work: Path, keep_work: bool) -> None:
     if e2:
         print(f"caprese: end-to-end final-hidden MSE: FF^ alone {e2['mse_approx']:.5g}, layer-wise "
               f"{e2['mse_before']:.5g}, end-to-end {e2['mse_after']:.5g}", file=err)
+        if "kl_after" in e2:
+            print(f"caprese: end-to-end KL (nats/token, the objective): FF^ alone {e2['kl_approx']:.5g}, layer-wise "
+                  f"{e2['kl_before']:.5g}, end-to-end {e2['kl_after']:.5g}", file=err)
     if keep_work:
         print(f"caprese: work dir kept at {work}", file=err)
