@@ -298,6 +298,6 @@ class CalibrationOptions:
                 raise CapreseError(f"{name} must be a byte count >= 0; got {v!r}")
 
 
-__all__ = ["CalibrationRecipe", "CalibrationOptions", "CalibrationPlan", "LayerwiseConfig", "E2EConfig", "E2E_LOSSES",
-           "METHOD_LAYERS", "METHODS", "CALIBRATION_METHODS", "NO_METHOD", "STAGES", "default_layers",
+__all__ = ["CalibrationRecipe", "CalibrationOptions", "CalibrationPlan", "LayerwiseConfig", "E2EConfig",
+           "E2E_LOSSES", "METHOD_LAYERS", "METHODS", "CALIBRATION_METHODS", "NO_METHOD", "STAGES", "default_layers",
            "describe_weights", "layers_default_help", "parse_layers"]
