@@ -341,7 +341,6 @@ def test_int8_down_option(isa, tmp_path_factory, tiny_model_dir):
             Generator.load(plain, backend="native", int8_down=True)
 
 
-
 @needs_cc
 def test_cli_int8_down(tmp_path_factory, tiny_model_dir, monkeypatch, capsys):
     """--int8-down on `run` / `eval ENGINE_DIR` reaches the native backend (its report says so; eval picks native
