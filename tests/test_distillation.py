@@ -321,13 +321,17 @@ def test_chunked_decode_equals_token_by_token_decode(tiny_model_dir):
     torch.testing.assert_close(chunk, steps, atol=2e-5, rtol=1e-5)
 
 
+def griffin_layerwise(model, out, samples, rank: int, epochs: int):
+    """A GRIFFIN 0.5 (all layers) layer-wise artifact at OUT: the start of the end-to-end tests."""
+    return calibrate(model, out, CalibrationRecipe("griffin", 0.5, "all", rank, stage="layerwise",
+                                                   layerwise=LayerwiseConfig(epochs=epochs, lr=3e-3, batch_size=32)),
+                     samples, QUIET)
+
+
 def test_e2e_lowers_final_hidden_mse_from_a_layerwise_artifact(tiny_model_dir, tmp_path):
     model = tiny_model_dir("llama")
     samples = make_samples(16, seed=4)
-    lw = calibrate(model, tmp_path / "lw", CalibrationRecipe("griffin", 0.5, "all", 16, stage="layerwise",
-                                                             layerwise=LayerwiseConfig(epochs=3, lr=3e-3,
-                                                                                       batch_size=32)),
-                   samples, QUIET)
+    lw = griffin_layerwise(model, tmp_path / "lw", samples, rank=16, epochs=3)
     e2 = calibrate(model, tmp_path / "e2e", CalibrationRecipe(stage="e2e", init=tmp_path / "lw",
                                                               e2e=E2EConfig(epochs=4, lr=3e-3, batch_size=4)),
                    samples, QUIET)
@@ -349,10 +353,7 @@ def test_e2e_kl_objective_is_the_next_token_kl_and_training_lowers_it(tiny_model
     # artifact records it. A sign error (KL(student || dense)) or a missed softmax fails the first check.
     model = tiny_model_dir("gemma2")  # the final logit soft-cap is inside the head the KL reads
     samples = make_samples(12, seed=6)
-    lw = calibrate(model, tmp_path / "lw", CalibrationRecipe("griffin", 0.5, "all", 8, stage="layerwise",
-                                                             layerwise=LayerwiseConfig(epochs=2, lr=3e-3,
-                                                                                       batch_size=32)),
-                   samples, QUIET)
+    lw = griffin_layerwise(model, tmp_path / "lw", samples, rank=8, epochs=2)
     dec = load_decoder(model, torch.float64)
     lw.apply(dec)
     dist = Distiller(dec, samples[:1], loss="kl")
@@ -372,6 +373,59 @@ def test_e2e_kl_objective_is_the_next_token_kl_and_training_lowers_it(tiny_model
     assert m["kl_before"] == pytest.approx(before, rel=1e-3) and m["kl_after"] == pytest.approx(after, rel=1e-3)
     assert m["loss"] == "kl" and len(m["epoch_train_kl"]) == 4 and "mse_after" in m
     assert e2.recipe["e2e"]["loss"] == "kl"
+
+
+def test_e2e_on_student_replies_trains_on_the_students_own_greedy_replies(tiny_model_dir, tmp_path, monkeypatch):
+    # responses "student": E2E re-answers each prompt with the layer-wise student (batched) and trains on those
+    # replies. Reference: the same student generating one prompt at a time, cut by hand after the first stop id
+    # (a stop id that occurs mid-reply is forced, so the cut is exercised); a resumed run reads the saved replies
+    # back instead of generating; the KL the artifact records is the float64 KL on those replies, and it fell.
+    from caprese.calibration import e2e as e2e_mod
+    from caprese.model.generation import generate
+
+    model = tiny_model_dir("llama")
+    samples = make_samples(7, seed=7)
+    lw = griffin_layerwise(model, tmp_path / "lw", samples, rank=8, epochs=2)
+    dec = load_decoder(model)
+    lw.apply(dec)
+    cap = max(len(s.response_ids) for s in samples)
+    full = [list(generate(dec, [list(s.prompt_ids)], cap).tokens[0]) for s in samples]
+
+    def cut(toks, stops):
+        j = next((k for k, t in enumerate(toks) if t in stops), None)
+        return toks if j is None else toks[:j + 1]
+
+    stop = full[0][2]  # the first reply's third token
+    dec.spec = dataclasses.replace(dec.spec, eos_token_ids=(stop,))
+    got = e2e_mod.student_responses(dec, samples, tmp_path / "replies.pt", "key", False, batch_size=3)
+    assert [s.response_ids for s in got] == [cut(f, {stop}) for f in full]
+    assert [s.prompt_ids for s in got] == [s.prompt_ids for s in samples] and len(got[0].response_ids) == 3
+
+    def no_generation(*a, **k):
+        raise AssertionError("generated again instead of reading the saved replies")
+
+    monkeypatch.setattr("caprese.model.generation.generate", no_generation)
+    again = e2e_mod.student_responses(dec, samples, tmp_path / "replies.pt", "key", False)
+    assert [s.response_ids for s in again] == [s.response_ids for s in got]
+    with pytest.raises(AssertionError, match="generated again"):  # another key: the file is not trusted
+        e2e_mod.student_responses(dec, samples, tmp_path / "replies.pt", "other", False)
+    monkeypatch.undo()
+
+    e2 = calibrate(model, tmp_path / "st", CalibrationRecipe(stage="e2e", init=tmp_path / "lw",
+                                                             e2e=E2EConfig(epochs=6, lr=3e-3, batch_size=4,
+                                                                           loss="kl", responses="student")),
+                   samples, QUIET)
+    stops = set(load_decoder(model).spec.eos_token_ids)
+    replies = [type(s)(s.prompt_ids, cut(f, stops)) for s, f in zip(samples, full)]
+    m = e2.metrics["e2e"]
+    before, after = final_kl(model, lw, replies), final_kl(model, load_artifact(tmp_path / "st"), replies)
+    print(f"on the student's replies: KL {before:.6g} -> {after:.6g}; recorded {m['kl_before']:.6g} -> "
+          f"{m['kl_after']:.6g}; {m['tokens']} tokens (given {m['given_tokens']})")
+    assert m["responses"] == "student" and m["tokens"] == sum(len(r.response_ids) for r in replies)
+    assert m["given_tokens"] == sum(len(s.response_ids) for s in samples)
+    assert m["kl_before"] == pytest.approx(before, rel=1e-3) and m["kl_after"] == pytest.approx(after, rel=1e-3)
+    assert after < 0.97 * before
+    assert e2.recipe["e2e"]["responses"] == "student"
 
 
 def test_e2e_resumes_per_epoch_with_identical_adapters(tiny_model_dir, tmp_path):
@@ -465,7 +519,7 @@ def test_cli_help_lists_the_options(monkeypatch, capsys):
     assert rc == 0
     for opt in ("--method", "--density", "--layers", "--rank", "--data", "--synthetic", "--response-tokens",
                 "--stage", "--init", "--epochs", "--lr", "--batch-size", "--layerwise-mode", "--e2e-epochs", "--e2e-lr",
-                "--e2e-batch-size", "--e2e-loss", "--seed", "--precision", "--device", "--force", "--keep-work",
+                "--e2e-batch-size", "--e2e-loss", "--e2e-responses", "--seed", "--precision", "--device", "--force", "--keep-work",
                 "--json"):
         assert opt in out, opt
 
@@ -483,6 +537,7 @@ def test_cli_help_lists_the_options(monkeypatch, capsys):
     (["--stage", "e2e"], "stage e2e starts from layer-wise adapters"),
     (["--synthetic", "0"], "--synthetic must be at least 1"),
     (["--e2e-loss", "ce"], "Invalid value for '--e2e-loss'"),
+    (["--e2e-responses", "teacher"], "Invalid value for '--e2e-responses'"),
     (["--layerwise-mode", "sequential", "WORLD_SIZE=2"], "run it without torchrun"),
 ])
 def test_cli_bad_input_is_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys, args, needle):

@@ -68,6 +68,7 @@ def test_recipe_rejects_bad_values(kwargs, needle):
     (lambda: LayerwiseConfig(store="int8"), "capture store"), (lambda: E2EConfig(lr=0), "lr > 0"),
     (lambda: E2EConfig(batch_size=2.5), "batch size"), (lambda: CalibrationOptions(precision="fp8"), "precision"),
     (lambda: E2EConfig(loss="ce"), "end-to-end loss must be one of mse, kl"),
+    (lambda: E2EConfig(responses="teacher"), "end-to-end responses must be one of dense, student"),
 ])
 def test_configs_reject_bad_values(make, needle):
     with pytest.raises(CapreseError, match=needle):

@@ -32,6 +32,7 @@ LAYERWISE_MODES = ("parallel", "sequential")
 # mse: the paper's final-hidden-state MSE; kl: KL(teacher || student) of the next-token distributions (the LM
 # head over both final hidden states), which weighs the directions the head reads (docs/quantization.md).
 E2E_LOSSES = ("mse", "kl")
+E2E_RESPONSES = ("dense", "student")  # whose replies the E2E loss is taken on (E2EConfig.responses)
 CAPTURE_STORES = ("fp32", "bf16")
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEFAULT_METHOD, DEFAULT_DENSITY, DEFAULT_RANK = "griffin", 0.5, 64
@@ -119,7 +120,8 @@ class LayerwiseConfig:
 @dataclasses.dataclass(frozen=True)
 class E2EConfig:
     """End-to-end stage (paper: Adam, lr 4e-6 .. 2e-4, smaller for larger models, batch 16, 3 epochs, 2% warm-up,
-    final-hidden MSE; `loss="kl"` is caprese's option, E2E_LOSSES)."""
+    final-hidden MSE on the calibration samples' responses; `loss="kl"` and `responses="student"`, the student's
+    own greedy replies to the same prompts (on-policy distillation), are caprese's options)."""
 
     epochs: int = 3
     lr: float = 1e-4
@@ -127,6 +129,7 @@ class E2EConfig:
     warmup: float = 0.02
     seed: int = 0  # the per-epoch shuffles
     loss: str = "mse"  # "mse" | "kl"
+    responses: str = "dense"  # "dense": the samples as given | "student": re-answered by the student first
 
     def __post_init__(self):
         self.validate()
@@ -136,6 +139,9 @@ class E2EConfig:
         _warmup(self.warmup)
         if self.loss not in E2E_LOSSES:
             raise CapreseError(f"end-to-end loss must be one of {', '.join(E2E_LOSSES)}; got {self.loss!r}")
+        if self.responses not in E2E_RESPONSES:
+            raise CapreseError(f"end-to-end responses must be one of {', '.join(E2E_RESPONSES)}; "
+                               f"got {self.responses!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,5 +305,5 @@ class CalibrationOptions:
 
 
 __all__ = ["CalibrationRecipe", "CalibrationOptions", "CalibrationPlan", "LayerwiseConfig", "E2EConfig",
-           "E2E_LOSSES", "METHOD_LAYERS", "METHODS", "CALIBRATION_METHODS", "NO_METHOD", "STAGES", "default_layers",
+           "E2E_LOSSES", "E2E_RESPONSES", "METHOD_LAYERS", "METHODS", "CALIBRATION_METHODS", "NO_METHOD", "STAGES", "default_layers",
            "describe_weights", "layers_default_help", "parse_layers"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from caprese.calibration.recipe import (DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_RANK, E2E_LOSSES, LAYERWISE_MODES,
+from caprese.calibration.recipe import (DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_RANK, E2E_LOSSES, E2E_RESPONSES, LAYERWISE_MODES,
                                         PRECISIONS, STAGES, CalibrationOptions, CalibrationRecipe, E2EConfig,
                                         LayerwiseConfig, layers_default_help)
 from caprese.cli.options import weight_options, weights_from_flags
@@ -72,6 +72,11 @@ _LW, _E2E, _OPTS = LayerwiseConfig(), E2EConfig(), CalibrationOptions()  # the d
               help="End-to-end objective on response tokens. mse: the paper's final-hidden-state MSE; kl: "
                    "KL(dense || student) of the next-token distributions (the LM head over both); on int4 RTN + "
                    "bypass it scored 20.4% against mse's 19.7%, within noise (docs/quantization.md).")
+@click.option("--e2e-responses", default=_E2E.responses, show_default=True, type=click.Choice(list(E2E_RESPONSES)),
+              help="Which replies the end-to-end loss is taken on. dense: the calibration samples as given (with "
+                   "--synthetic, the dense model's); student: the student's own greedy replies to the same "
+                   "prompts, made once after the layer-wise stage (on-policy distillation; on int4 RTN + bypass "
+                   "with --e2e-loss kl: 22.1% against 20.4%, docs/quantization.md).")
 @click.option("--warmup", default=_LW.warmup, show_default=True, type=float,
               help="Warm-up fraction of the linear schedule (both stages).")
 @click.option("--seed", default=_LW.seed, show_default=True, type=int,
@@ -92,7 +97,8 @@ def calibrate_command(model_dir, out, data, synthetic, response_tokens, as_json,
     response tokens of the calibration data (inputs from the original model; with --layerwise-mode
     sequential, inputs from the calibrated layers below, the dense layer output as target). End-to-end:
     fine-tune all L, R jointly to match the dense model's final hidden states (--e2e-loss kl: its next-token
-    distributions). Base weights stay frozen.
+    distributions), on the samples' responses (--e2e-responses student: on the student's own replies).
+    Base weights stay frozen.
 
     With --weights int4|int8 the student is the block-quantized model (every decoder linear layer, attention
     included: what the int4 / int8 graphs run; FF^ is the quantized FFN, pruned as well unless --method none)
@@ -107,6 +113,8 @@ def calibrate_command(model_dir, out, data, synthetic, response_tokens, as_json,
       caprese calibrate MODEL -o out/seq --stage layerwise --layerwise-mode sequential --rank 256
       caprese calibrate MODEL -o out/q4 --weights int4 --method none --rank 64        # int4 + bypass, all layers
       caprese calibrate MODEL -o out/q4kl --weights int4 --method none --layerwise-mode sequential --e2e-loss kl
+      caprese calibrate MODEL -o out/q4s --weights int4 --method none --layerwise-mode sequential --e2e-loss kl \
+          --e2e-responses student                                      # E2E on the student's own replies
       caprese calibrate MODEL -o out/q4g --weights int4 --quant gptq --method griffin  # int4 GPTQ + GRIFFIN
       torchrun --nproc_per_node 2 $(which caprese) calibrate MODEL -o out/x   # layers / batches split over ranks
 
@@ -156,7 +164,8 @@ def recipe_from_flags(flags: dict) -> CalibrationRecipe:
     layerwise = LayerwiseConfig(epochs=flags["epochs"], lr=flags["lr"], batch_size=flags["batch_size"],
                                 warmup=flags["warmup"], seed=flags["seed"], mode=flags["layerwise_mode"])
     e2e = E2EConfig(epochs=flags["e2e_epochs"], lr=flags["e2e_lr"], batch_size=flags["e2e_batch_size"],
-                    warmup=flags["warmup"], seed=flags["seed"], loss=flags["e2e_loss"])
+                    warmup=flags["warmup"], seed=flags["seed"], loss=flags["e2e_loss"],
+                    responses=flags["e2e_responses"])
     choice = weights_from_flags(flags)
     return CalibrationRecipe(method=flags["method"], density=flags["density"], layers=flags["layers"],
                              rank=flags["rank"], stage=flags["stage"], init=flags["init"], layerwise=layerwise,
@@ -208,6 +217,9 @@ def _summary(art, work: Path, keep_work: bool) -> None:
             print(f"  layer {i:>3}: {m['before_rel']:.4f} -> {m['after_rel']:.4f}", file=err)
     e2 = art.metrics.get("e2e")
     if e2:
+        if e2.get("responses") == "student":
+            print(f"caprese: end-to-end on the student's own replies: {e2['tokens']} response tokens (the samples' "
+                  f"own: {e2['given_tokens']})", file=err)
         print(f"caprese: end-to-end final-hidden MSE: FF^ alone {e2['mse_approx']:.5g}, layer-wise "
               f"{e2['mse_before']:.5g}, end-to-end {e2['mse_after']:.5g}", file=err)
         if "kl_after" in e2:
