@@ -122,13 +122,17 @@ def test_native_rows_run_the_onnxruntime_target_engines(bench, tiny_model_dir, t
     assert by["native-dense"]["head_rows_per_step"] >= 1 and "head_rows_per_step" not in by["native-dense-full-head"]
     assert by["native-dense"]["head"] == "screened" and by["native-dense-full-head"]["head"] == "full"
     assert by["native-dense"]["kernel"]["phases"] > 0
+    prof = by["native-dense-full-head"]["profile_us"]  # the full head: one phase, no screening
+    assert {"qkv", "attention+o", "gate_up", "down", "head_full"} == set(prof) - {"between", "step", "phases_per_step"}
     x = by["native-dense"]["ms_per_token"] / by["ort-contrib-dense"]["ms_per_token"]
     assert by["native-dense"]["ratio_to_same_engine_ort"] == pytest.approx(x, abs=1e-3)
     assert by["native-caprese-griffin"].get("ratio_to_same_engine_ort") is None  # its ORT row did not run
     assert {"native-dense", "native-caprese-griffin", "native-dense-full-head"} <= set(res["targets"])
     assert res["targets"]["native-dense head"]["ratio_to_full_head"] == pytest.approx(
         by["native-dense"]["ms_per_token"] / by["native-dense-full-head"]["ms_per_token"], abs=1e-3)
-    assert "x ORT" in bench.format_table(res) and res["background_load"] == 0
+    table = bench.format_table(res)
+    assert "x ORT" in table and res["background_load"] == 0
+    assert "native-dense-full-head: µs per step by phase (median of runs): qkv " in table
 
 
 @needs_cc

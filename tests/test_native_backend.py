@@ -565,6 +565,28 @@ def test_helpers_switched_off_leave_the_work_to_the_caller(tmp_path_factory, tin
     assert after["helper_chunks"] == before["helper_chunks"] and after["leader_chunks"] > before["leader_chunks"]
 
 
+@needs_cc
+def test_kernel_profile_counts_every_phase_of_a_step(tmp_path_factory, tiny_model_dir):
+    """kernel_profile(): one entry per phase kind a dense step runs (QKV, attention + o, gate/up, down per layer;
+    the full head once), their counts per step, a step time that holds them, and a reset that zeroes it."""
+    engine, _ = get_export(tmp_path_factory, tiny_model_dir, "qwen2", "dense")
+    prompt = prompt_ids(14, seed=10)[0].tolist()
+    g = Generator.load(engine, backend="native", threads=2, head="full")
+    b = g.backend
+    with one_torch_thread():
+        g.generate(prompt, 1, ignore_eos=True)
+    b.kernel_profile(reset=True)
+    for i in range(5):
+        b.decode(7 + i, len(prompt) + i)
+    p = b.kernel_profile(reset=True)
+    layers = b.layout.num_layers
+    print(p)
+    assert p["steps"] == 5 and p["phases_per_step"] == 4 * layers + 1
+    assert set(p["phases_us"]) == {"qkv", "attention+o", "gate_up", "down", "head_full"}
+    assert all(v > 0 for v in p["phases_us"].values()) and p["between_phases_us"] >= 0
+    assert b.kernel_profile()["steps"] == 0
+
+
 def test_head_choice_by_probe_is_cached(tmp_path):
     """The probe alternates the two heads and keeps the screened one only if it is strictly faster (a fake
     clock makes the timings exact); the choice is cached per key and read back without probing; a damaged

@@ -324,11 +324,12 @@ def test_int8_activations_refuse_other_formats():
             qg.rows_dot_int8_activations(qg.QMatrix(_quant(4, cols, fmt, seed=1)), torch.randn(cols))
 
 
-def _axpy_int8_ref(qt: QuantizedTensor, h: torch.Tensor, sel: torch.Tensor, calls) -> tuple:
+def _axpy_int8_ref(qt: QuantizedTensor, h: torch.Tensor, sel: torch.Tensor, calls, levels: float = 127.0) -> tuple:
     """int8_activations.c's int8-activation rows-axpy in float64 over the calls' row ranges (groups of 32 from each
     call's first row): per group and column block, a = fp32(h * s_w), alpha = round_half_even(fp32(a * fp32(127 /
-    max |a|))), s_a = fp32(max |a| / 127); y = sum_g s_a * sum_i alpha * code. Returns (y, the per-group terms'
-    sum of magnitudes, the rounding bound against h itself, the number of groups)."""
+    max |a|))), s_a = fp32(max |a| / 127); y = sum_g s_a * sum_i alpha * code. levels=32512: caprese_q_rows_axpy_qw's.
+    Returns (y, the per-group terms' sum of magnitudes, the rounding bound against h itself, the number of
+    groups)."""
     cols = qt.codes.shape[1]
     block = qt.fmt.block_size if qt.fmt.block_size != ROW else cols
     codes = qt.codes.to(torch.float64)
@@ -341,9 +342,9 @@ def _axpy_int8_ref(qt: QuantizedTensor, h: torch.Tensor, sel: torch.Tensor, call
             rows = sel[ii]
             a = h[ii, None].to(torch.float32) * sw[rows]  # fp32 products [nr, blocks]
             m = a.abs().amax(dim=0)
-            inv = torch.where(m > 0, torch.tensor(127.0) / m, torch.zeros_like(m))
+            inv = torch.where(m > 0, torch.tensor(levels) / m, torch.zeros_like(m))
             alpha = torch.round(a * inv).to(torch.float64).repeat_interleave(block, dim=1)[:, :cols]
-            sa = (m / 127.0).to(torch.float64).repeat_interleave(block)[:cols]
+            sa = (m / levels).to(torch.float64).repeat_interleave(block)[:cols]
             term = (alpha * codes[rows]).sum(dim=0) * sa
             y += term
             mag += term.abs()
@@ -358,40 +359,49 @@ AXPY8_CASES = [(WeightFormat(4, 32, "fp16"), 576), (WeightFormat(4, 64, "fp32"),
                (WeightFormat(4, 32, "fp16"), 96)]
 
 
+COEFFICIENTS = {8: (qg.rows_axpy_int8_activations, 127.0), 16: (qg.rows_axpy_int16_coefficients, 32512.0)}
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt,cols", AXPY8_CASES, ids=[f"{_fid(f)}-{c}" for f, c in AXPY8_CASES])
-def test_int8_activation_axpy_against_float64(isa, fmt, cols):
-    """rows-axpy with int8 activations (GRIFFIN's down on an --int8-activations engine) against its definition in
-    float64 (_axpy_int8_ref): the integer sums are exact, each group's term is one fp32 FMA into the partial, so
-    the error is within 4 u (groups + 1) sum_g |term_g|. Shapes: whole 128-column pieces and a 64 tail (576), a
-    48-byte piece (96), tails only (64), more than one 4096-column tile (4224, 4160, a row block across tiles);
-    75 rows (groups of 32, 32, 11: a last 4-row set padded), two calls [0, 40) and [40, 75) into one y (groups
-    restart at each call), a row subset, the -8 code, h with zeros. Against the fp32 product with h itself the
-    error exceeds that tolerance (it is the int8 arithmetic) but stays within the activation rounding's bound."""
+@pytest.mark.parametrize("bits", (8, 16))
+def test_int8_activation_axpy_against_float64(isa, fmt, cols, bits):
+    """rows-axpy with rounded coefficients (GRIFFIN's down on an --int8-activations engine: int8 with `int8_down`,
+    16 bits by default, split into two int8 halves over the same codes) against its definition in float64
+    (_axpy_int8_ref at 127 / 32512 levels): the integer sums are exact, each group's term is one fp32 FMA into the
+    partial, so the error is within 4 u (groups + 1) sum_g |term_g|. Shapes: whole 128-column pieces and a 64 tail
+    (576), a 48-byte piece (96), tails only (64), more than one 4096-column tile (4224, 4160, a row block across
+    tiles); 75 rows (groups of 32, 32, 11: a last 4-row set padded), two calls [0, 41) and [41, 75) into one y
+    (groups restart at each call), a row subset, the -8 code, h with zeros. Against the fp32 product with h itself
+    the error exceeds that tolerance (it is the rounded arithmetic) but stays within the rounding's bound (16 bits:
+    256x tighter). A wrong split of a 16-bit alpha (hi off by one, lo unsigned) would be off by a code step."""
+    axpy, levels = COEFFICIENTS[bits]
     qt = _quant(83, cols, fmt, seed=21)
     qm = qg.QMatrix(qt)
     h = torch.randn(75, generator=torch.Generator().manual_seed(22)) * 2
     h[3] = 0.0
     sel = torch.randperm(83, generator=torch.Generator().manual_seed(23))[:75]
-    for calls in ([(0, 75)], [(0, 40), (40, 75)]):
+    for calls in ([(0, 75)], [(0, 41), (41, 75)]):
         y = torch.zeros(cols, dtype=torch.float32)
         for r0, r1 in calls:
-            qg.rows_axpy_int8_activations(qm, h, y, rows=sel, r0=r0, r1=r1, isa=isa)
-        want, mag, bound, ng = _axpy_int8_ref(qt, h, sel, calls)
+            axpy(qm, h, y, rows=sel, r0=r0, r1=r1, isa=isa)
+        want, mag, bound, ng = _axpy_int8_ref(qt, h, sel, calls, levels)
         tol = 4 * U * (ng + 1) * mag + 1e-30
         err = (y.double() - want).abs()
-        print(f"int8-activation axpy {isa} {_fid(fmt)} [{cols}] calls {calls}: max err "
-              f"{float((err / tol).max()):.3f} of tolerance")
-        assert bool((err <= tol).all())
         exact = _ref(qt)[sel].T @ h.double()
         unrounded = (y.double() - exact).abs()
+        print(f"int{bits}-coefficient axpy {isa} {_fid(fmt)} [{cols}] calls {calls}: max err "
+              f"{float((err / tol).max()):.3f} of tolerance; relative to the fp32 product "
+              f"{float((y.double() - exact).norm() / exact.norm()):.2e}")
+        assert bool((err <= tol).all())
         assert bool((unrounded <= bound + tol).all()) and bool((unrounded > tol).any())
 
 
-def test_int8_activation_axpy_refuses_other_formats():
+@pytest.mark.parametrize("bits", (8, 16))
+def test_rounded_coefficient_axpy_refuses_other_formats(bits):
     for fmt, cols in ((WeightFormat(8, 32, "fp16"), 64), (WeightFormat(4, ROW, "fp16"), 48)):
-        with pytest.raises(CapreseError, match="int8-activation rows-axpy takes int4"):
-            qg.rows_axpy_int8_activations(qg.QMatrix(_quant(4, cols, fmt, seed=1)), torch.randn(4))
+        with pytest.raises(CapreseError, match=f"int{bits}-coefficient rows-axpy takes int4"):
+            COEFFICIENTS[bits][0](qg.QMatrix(_quant(4, cols, fmt, seed=1)), torch.randn(4))
 
 
 @pytest.mark.parametrize("bits", (4, 8))

@@ -286,7 +286,7 @@ def test_int8_activation_engines(isa, kind, method, head, atol, tmp_path_factory
     rho = 8 if method == "griffin" else 0
     ref, ref_logits = recorded(generator(engine, "onnxruntime"), prompt, rho)
     nat = generator(engine, "native", isa=isa)
-    assert nat.backend.describe()["activations"] == "int8 (int4 weights)"
+    assert nat.backend.describe()["activations"] == "int8 (int4 weights; GRIFFIN's down int16)"
     got, got_logits = recorded(nat, prompt, rho)
     diff = (got_logits - ref_logits).abs().max().item()
     nat.backend._model.int8_act = 0
@@ -357,7 +357,7 @@ def test_cli_int8_down(tmp_path_factory, tiny_model_dir, monkeypatch, capsys):
     assert rc == 0, err
     assert json.loads(out)["activations"] == "int8 (int4 weights, GRIFFIN's down too)"
     rc, out, err = run_cli(caprese_main, [*run, "--backend", "native"], monkeypatch, capsys)
-    assert json.loads(out)["activations"] == "int8 (int4 weights)"
+    assert json.loads(out)["activations"] == "int8 (int4 weights; GRIFFIN's down int16)"
     rc, out, err = run_cli(caprese_main, [*run, "--backend", "onnxruntime", "--int8-down"], monkeypatch, capsys)
     assert_one_line_error(rc, err, "--int8-down applies to --backend native")
     rc, out, err = run_cli(caprese_main, ["eval", str(engine), "--limit", "2", "-n", "4", "--json", "--quiet",

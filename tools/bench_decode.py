@@ -41,7 +41,7 @@ Rows (--rows, comma-separated; default: all):
                        the same, exported with --fp16-bypass too (L and R stored fp16: half their bytes)
   native-int4-acc4-caprese-griffin-int8-down
                        native-int4-acc4-caprese-griffin with the native option int8_down (GRIFFIN's down rows
-                       multiplied with int8 activations too: faster, measured to cost accuracy)
+                       multiplied with int8 coefficients, not 16-bit ones: faster, the largest error)
   With --native-isa avx512,avx2 (the kernel's instruction sets, see caprese/runtime/native/library.py) every
   native row runs once per instruction set; rows of the second and later ones are named ROW@ISA.
   torch-dense          caprese's PyTorch reference decoder (caprese.model.generation.generate)
@@ -525,6 +525,8 @@ class EngineRow(Row):
             d = self.g.backend.describe()
             self.notes.update({k: d[k] for k in ("isa", "head", "head_choice", "threads", "activations") if k in d})
             isa = d["isa"]
+            self.g.backend.kernel_profile(reset=True)  # the load-time head probe is not a decode step
+        self.profiles: list[dict] = []
         self.label = engine_label(self.g.manifest, backend, options.get("head", "auto"), isa)
         if options.get("int8_down"):
             self.label = self.label.replace("[native", "[native int8 down")
@@ -539,7 +541,20 @@ class EngineRow(Row):
             self.notes["head_rows_per_step"] = round(b.head_rows_total / b.head_steps, 2)
         if hasattr(b, "kernel_stats"):  # native: chunks run again because their thread was descheduled, etc.
             self.notes["kernel"] = b.kernel_stats()
+            self.profiles.append(b.kernel_profile(reset=True))  # this run's steps: µs per step by phase kind
+            self.notes["profile_us"] = median_profile(self.profiles)
         return Sample(r.stats.ms_per_token, r.stats.bytes_per_step, r.tokens)
+
+
+def median_profile(profiles: list[dict]) -> dict:
+    """µs per step by phase kind, the between-phase (serial) time and the whole step: each the median over the runs
+    (the warm-up included), so one run preempted by the VM's neighbours does not set it."""
+    keys = list(profiles[-1]["phases_us"])
+    out = {k: _r(statistics.median(p["phases_us"].get(k, 0.0) for p in profiles), 1) for k in keys}
+    for k, key in (("between", "between_phases_us"), ("step", "step_us")):
+        out[k] = _r(statistics.median(p[key] for p in profiles), 1)
+    out["phases_per_step"] = profiles[-1]["phases_per_step"]
+    return out
 
 
 def peer_of(row: str) -> str:
@@ -820,6 +835,10 @@ def format_table(res: dict) -> str:
         lines.append("native rows: " + "; ".join(
             f"{r['row']}: {r['isa']}, {r['threads']} threads, head {r.get('head_choice') or r['head']}"
             + (f", {r['kernel']['rerun_chunks']} chunks run again" if r.get("kernel") else "") for r in native))
+    for r in native:
+        if r.get("profile_us"):
+            lines.append(f"{r['row']}: µs per step by phase (median of runs): "
+                         + ", ".join(f"{k} {v}" for k, v in r["profile_us"].items()))
     screened = {r["row"]: r["head_rows_per_step"] for r in res["rows"] if "head_rows_per_step" in r}
     if screened:
         lines.append("screened head, fp32 rows recomputed per step: " +

@@ -10,6 +10,9 @@ On SmolLM2-135M's shapes (hidden 576, FFN 1536, vocab 49152) it times, interleav
   q4-b32-vnni  int4 with int8 activations (native/int8_activations.c, what --int8-activations engines run on
                native: x rounded per 32 inside each call; down: h * s_w rounded per 32 rows and column block;
                VNNI on AVX-512, vpmaddubsw on AVX2, scalar)
+  q4-b32-i16   down only: int4 rows-axpy with h * s_w rounded to 16 bits per 32 rows and column block, split
+               into two int8 halves over the same unpacked codes (native/int8_activations.c, GRIFFIN's down on
+               --int8-activations engines)
   ort-f32      ONNX Runtime MatMul, fp32 initializer
   ort-q{4,8}-acc{0,4}  com.microsoft.MatMulNBits, block 32, B from quantization.matmul_nbits_weight (our bytes
                XOR 0x88 / 0x80), fp32 scales; accuracy_level 0 (default: fp32 activations) and 4 (int8 activations)
@@ -160,6 +163,8 @@ def build_forms(shape: str, threads: int, isa: str, rows_wanted: set[str]) -> tu
             if name == "q4-b32" and "q4-b32-vnni" in rows_wanted:  # down: rows-axpy over int8 coefficients
                 forms["q4-b32-vnni"] = Ours(3 if kernel == "dot" else 4, mats, mats[0].nbytes, x, out_len, threads,
                                             isa)
+            if name == "q4-b32" and "q4-b32-i16" in rows_wanted and kernel != "dot":  # int16 coefficients
+                forms["q4-b32-i16"] = Ours(5, mats, mats[0].nbytes, x, out_len, threads, isa)
     ort_ws = ws if kernel == "dot" else [w.t().contiguous() for w in ws]  # ORT: [N, K], blocks along K
     for row in ORT_ROWS:
         if row in rows_wanted:
@@ -185,7 +190,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--threads", default="1,2", help="comma list of thread counts (default 1,2)")
-    ap.add_argument("--rows", default="f32,q8-row,q8-b32,q4-b32,q4-b32-hot,q4-b32-vnni," + ",".join(ORT_ROWS))
+    ap.add_argument("--rows", default="f32,q8-row,q8-b32,q4-b32,q4-b32-hot,q4-b32-vnni,q4-b32-i16," + ",".join(ORT_ROWS))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sample-ms", type=float, default=60.0, help="time per sample of each form")
     ap.add_argument("--isa", default=None, help="caprese kernel build: avx512 | avx2 | scalar (default: widest)")

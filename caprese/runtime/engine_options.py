@@ -25,7 +25,7 @@ class EngineOptions:
     cuda_graph: bool | None = None  # torch on cuda: capture the decode step (default on)
     head: str | None = None  # native: auto | screened | full (None: the backend's default, auto)
     extra: dict = dataclasses.field(default_factory=dict)  # other backend options (kv_policy, share_weights, ...)
-    int8_down: bool = False  # native, an --int8-activations engine: GRIFFIN's down with int8 activations too
+    int8_down: bool = False  # native, an --int8-activations engine: GRIFFIN's down with int8 coefficients
 
     def backend_options(self, name: str) -> dict:
         """The keyword options of backend `name` these options set (open_backend's **options)."""

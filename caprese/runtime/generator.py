@@ -171,7 +171,7 @@ class Generator:
         native), share_weights (onnxruntime), source / base_model / static / cuda_graph (torch), head ("auto" /
         "screened" / "full"; native: whether greedy and top-k steps screen the LM head; auto, the default: where
         a probe at load found it faster), int8_down (native, an --int8-activations engine: GRIFFIN's down rows with
-        int8 activations too; off by default, it was measured to cost accuracy)."""
+        int8 coefficients, not 16-bit ones; off by default: its error is the largest)."""
         return cls._on(load_manifest(engine_dir), backend, threads, lambda name: options, options.get("device"))
 
     @classmethod

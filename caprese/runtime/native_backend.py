@@ -43,6 +43,9 @@ from caprese.runtime.ort_backend import OrtGraphs
 
 _ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 HEADS = ("auto", "screened", "full")
+# decode_step.c's phase kinds (PH_*), then its quantized products by job (J_*): the rows of kernel_profile()
+PROFILE_LABELS = ("qkv", "attention+o", "gate_up", "down", "head_full", "head_screen", "head_pick", "-",
+                  "q_attention", "q_down_rows", "q_qkv", "q_o", "q_gate_up", "q_down", "q_head")
 
 
 def native_unsupported(manifest) -> str | None:
@@ -104,8 +107,8 @@ class NativeBackend(Backend):
         # multiplies their int4 weights that way too (native/int8_activations.c); other formats keep fp32 x
         w = spec.recipe.weights
         self.int8_activations = w is not None and w.accuracy_level == 4
-        # GRIFFIN's down (rows-axpy over its kept rows) in int8 too: 0.95x the step but measured to cost accuracy
-        # (docs/quantization.md: 18.9% -> 17.5%), and ONNX Runtime multiplies those rows in fp32: opt-in
+        # GRIFFIN's down (rows-axpy over its kept rows) takes 16-bit coefficients there (native/int8_activations.c,
+        # 1/32512 of a group's largest); int8 ones (int8_down) are faster but err most (~0.9%), so they are opt-in
         if int8_down and not self.int8_activations:
             raise CapreseError("int8_down takes an engine exported with --int8-activations")
         self.int8_down = bool(int8_down)
@@ -429,11 +432,28 @@ class NativeBackend(Backend):
         d["wait_ms"] = round(d["wait_ms"] / 1e6, 3)
         return d
 
+    def kernel_profile(self, reset: bool = False) -> dict:
+        """Where the decode steps' wall time went, per step, since load or the last reset: µs in each kind of
+        phase (the calling thread's time from publishing it to its last result, helpers' work included), and
+        `between_phases_us`, the rest of the step (norms, activations, the int8 rounding of inputs: serial work)."""
+        n = len(PROFILE_LABELS)
+        out = (ctypes.c_int64 * (2 * n + 2))()
+        if self.lib.caprese_context_profile(self._ctx, out, int(reset)) != n:
+            raise RuntimeError("the native kernel's profile labels do not match native_backend.PROFILE_LABELS")
+        steps = int(out[2 * n + 1])
+        per = max(1, steps)
+        phases = {name: round(out[k] / 1e3 / per, 2) for k, name in enumerate(PROFILE_LABELS) if out[n + k]}
+        step_us = out[2 * n] / 1e3 / per
+        return {"steps": steps, "step_us": round(step_us, 2), "phases_us": phases,
+                "phases_per_step": round(sum(out[n:2 * n]) / per, 1),
+                "between_phases_us": round(step_us - sum(phases.values()), 2)}
+
     def describe(self) -> dict:
         d = {"threads": self.nthreads, "kv_policy": self.kv_policy, "prefill": "onnxruntime",
              "kernel": str(self.kernel), "isa": self.lib.isa,
              "head": self.head + (" (quantized, read whole)" if self.head_quantized else ""),
-             "activations": ("int8 (int4 weights" + (", GRIFFIN's down too)" if self.int8_down else ")")
+             "activations": ("int8 (int4 weights" + (", GRIFFIN's down too)" if self.int8_down
+                                                     else "; GRIFFIN's down int16)")
                              if self.int8_activations else "fp32")}
         if self.head_choice is not None:
             d["head_choice"] = self.head_choice.describe()

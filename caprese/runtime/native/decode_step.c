@@ -115,8 +115,9 @@ typedef struct {
     int64_t q_head;          /* the LM head is quantized: q_lm_head [vocab, hidden] (lm_head unused, never screened) */
     QMat q_lm_head;
     int64_t int8_act;        /* the engine's quantized products take int8 activations (int8_activations.c): int4
-                              * rows-dot over x rounded once per product by the leader; 2: GRIFFIN's down rows-axpy
-                              * too, h rounded per group of 32 rows in each chunk (opt-in); other formats fp32 */
+                              * rows-dot over x rounded once per product by the leader, GRIFFIN's down rows-axpy
+                              * with h rounded to 16 bits per group of 32 rows; 2: that down in int8 too (opt-in);
+                              * other formats fp32 */
 } Model;
 
 /* ------------------------------------------------------------------ the structs' layout, for the ctypes mirror */
@@ -399,6 +400,7 @@ static float kth_largest(float *a, int64_t n, int64_t k) {
 enum { PH_QKV, PH_ATTN, PH_GATE_UP, PH_DOWN, PH_HEAD_FULL, PH_HEAD_SCREEN, PH_HEAD_PICK, PH_QDOT, PH_QATT, PH_QDOWN,
        PH_KINDS };
 enum { J_QKV, J_O, J_GU, J_DOWN, J_HEAD }; /* what a PH_QDOT phase computes */
+#define PROF_LABELS (PH_KINDS + 5) /* the profile's rows: a phase kind, or PH_KINDS + job for PH_QDOT */
 
 /* Bytes of one row of a quantized matrix: its codes and its scales. */
 static int64_t qmat_row_bytes(const QMat *w) {
@@ -480,6 +482,8 @@ struct Ctx {
     int64_t xq_cols, xq_xb;
     _Alignas(64) int64_t ema_ns[PH_KINDS]; /* typical chunk time per kind (the wait before a chunk is run again) */
     int64_t ns_wait, n_phases;   /* leader: time spent waiting for other threads' chunks; phases run */
+    int64_t prof_ns[PROF_LABELS], prof_n[PROF_LABELS]; /* leader: wall ns and count of phases, per label */
+    int64_t step_ns, steps;      /* leader: wall ns and count of decode steps */
     int64_t spin_ns;             /* how long an idle helper spins before it sleeps */
     Worker workers[MAX_THREADS];
 };
@@ -867,6 +871,8 @@ static void stage_q_down(const Ctx *c, const Phase *ph, int64_t i, float *out, f
             caprese_q_rows_axpy(&L->q_down, zc - j0, NULL, j0, a1, out);
         } else if (c->m->int8_act == 2 && caprese_qa_fits(&L->q_down)) { /* GRIFFIN's rows, int8 activations */
             caprese_q_rows_axpy_qa(&L->q_down, z, NULL, j0, a1, F, out);
+        } else if (c->m->int8_act == 1 && caprese_qw_fits(&L->q_down)) { /* 16-bit coefficients (int8_activations.c) */
+            caprese_q_rows_axpy_qw(&L->q_down, z, NULL, j0, a1, F, out);
         } else {
             caprese_q_rows_axpy_ahead(&L->q_down, z, j0, a1, F, out);
         }
@@ -1181,8 +1187,12 @@ static uint64_t run_phase(Ctx *c, const Phase *ph, Reduce reduce, void *arg) {
     claim_loop(c, e, 0);
     const int64_t t2 = now_ns();
     await_all(c, e, reduce, arg);
-    c->ns_wait += now_ns() - t2;
+    const int64_t t3 = now_ns();
+    c->ns_wait += t3 - t2;
     c->n_phases++;
+    const int lab = ph->kind == PH_QDOT ? PH_KINDS + ph->job : ph->kind;
+    c->prof_ns[lab] += t3 - t;
+    c->prof_n[lab]++;
     return e;
 }
 
@@ -1509,6 +1519,25 @@ void caprese_context_stats(Ctx *c, int64_t *out) {
     out[5] = c->n_phases;
 }
 
+/* out[0..2 * PROF_LABELS + 2): per label (phase kind, or PH_KINDS + job for a quantized product; names in
+ * native_backend.PROFILE_LABELS) the leader's wall ns from publishing a phase to its last reduce, then the phases
+ * run, then the decode steps' wall ns and count: what the leader did between phases is the step time minus the
+ * phases'. Since the context was created or the last reset (reset != 0 zeroes them after the copy). */
+int64_t caprese_context_profile(Ctx *c, int64_t *out, int64_t reset) {
+    for (int k = 0; k < PROF_LABELS; k++) {
+        out[k] = c->prof_ns[k];
+        out[PROF_LABELS + k] = c->prof_n[k];
+    }
+    out[2 * PROF_LABELS] = c->step_ns;
+    out[2 * PROF_LABELS + 1] = c->steps;
+    if (reset) {
+        memset(c->prof_ns, 0, sizeof c->prof_ns);
+        memset(c->prof_n, 0, sizeof c->prof_n);
+        c->step_ns = c->steps = 0;
+    }
+    return PROF_LABELS;
+}
+
 /* Tests: thread `tid` (0: the caller) sleeps `us` microseconds inside every `every`-th chunk it runs (0 = never). */
 void caprese_context_debug_stall(Ctx *c, int64_t tid, int64_t every, int64_t us) {
     if (tid < 0 || tid >= c->threads) return;
@@ -1681,7 +1710,7 @@ static int bad_next(const Model *m, const int64_t *next) {
 int caprese_decode_step(Ctx *c, int64_t token, int64_t slot, int64_t *skipped, int64_t *next) {
     const Model *m = c->m;
     if (token < 0 || token >= m->vocab || slot < 0 || slot >= m->capacity || !fits(c) || bad_next(m, next)) return 1;
-    const int64_t D = m->hidden;
+    const int64_t D = m->hidden, t0 = now_ns();
     *skipped = 0;
     const float *e = m->embed + token * D;
     for (int64_t j = 0; j < D; j++) c->x[j] = e[j] * m->embed_scale;
@@ -1690,7 +1719,10 @@ int caprese_decode_step(Ctx *c, int64_t token, int64_t slot, int64_t *skipped, i
         run_ffn(c, li, skipped);
     }
     rms_norm(c->x, m->final_norm, c->h, D, m->eps);
-    return run_head(c, next, skipped);
+    const int rc = run_head(c, next, skipped);
+    c->step_ns += now_ns() - t0;
+    c->steps++;
+    return rc;
 }
 
 /* The head alone, on the given final hidden state h (after the final norm): what a step's head costs, for the

@@ -278,6 +278,10 @@ static inline __attribute__((always_inline)) void qx_dot_tile(const QMat *w, con
  * per lane, its block's. The accumulators hold the columns in that unpacked order; the call puts them back.
  * AVX2: 64 columns per piece (2 lanes), vpmaddubsw + vpmaddwd. The scalar build computes the same sums. */
 #define QA_GROUP 32
+/* 16-bit coefficients ("wide", caprese_q_rows_axpy_qw): alpha in [-QA_WIDE, QA_WIDE] is split as 256 hi + lo, both
+ * int8 (lo in [-128, 127], hi in [-127, 127]), and the same unpacked codes take vpdpbusd with each: the integer
+ * sum 256 sum(code hi) + sum(code lo) is exact. 127 * 256: the largest level whose hi stays in int8. */
+#define QA_WIDE 32512.0f
 #if defined(__AVX512BW__)
 #define QA_LANES 4
 #elif defined(__AVX2__)
@@ -298,12 +302,24 @@ int caprese_qa_fits(const QMat *w) {
  * Vectorized over the blocks (a per-element conversion of the scales cost as much as the products). */
 #define QA_BP (QG_TILE_BLOCKS + 4) /* + 4: a piece's 4-lane loads may read past the tile's last block */
 #if QA_LANES == 4
+/* 16 blocks' bytes of 4 rows -> dst[b] = the 4 rows' bytes of block b (row 4s + k in byte k). */
+static inline void qa_store_quads(uint32_t *dst, const __m128i *q8) {
+    const __m128i t01l = _mm_unpacklo_epi8(q8[0], q8[1]), t01h = _mm_unpackhi_epi8(q8[0], q8[1]);
+    const __m128i t23l = _mm_unpacklo_epi8(q8[2], q8[3]), t23h = _mm_unpackhi_epi8(q8[2], q8[3]);
+    _mm_storeu_si128((__m128i *)dst, _mm_unpacklo_epi16(t01l, t23l));
+    _mm_storeu_si128((__m128i *)(dst + 4), _mm_unpackhi_epi16(t01l, t23l));
+    _mm_storeu_si128((__m128i *)(dst + 8), _mm_unpacklo_epi16(t01h, t23h));
+    _mm_storeu_si128((__m128i *)(dst + 12), _mm_unpackhi_epi16(t01h, t23h));
+}
 /* AVX-512: 16 blocks at a time, masked; the generic loops below spent as long as the products themselves. */
-static void qa_quantize(const QMat *w, const int f32s, const QgTile *t, const float *h, const int64_t *rows, int nr,
-                        uint32_t *alpha32, float *sa, int32_t *nc) {
+static inline __attribute__((always_inline)) void qa_quantize(const QMat *w, const int f32s, const int wide,
+                                                               const QgTile *t, const float *h, const int64_t *rows,
+                                                               int nr, uint32_t *alpha32, uint32_t *alo32, float *sa,
+                                                               int32_t *nc) {
     float a[QA_GROUP][QG_TILE_BLOCKS] __attribute__((aligned(64)));
     const int64_t n = t->nbt;
     const int nsub = (nr + 3) / 4;
+    const float levels = wide ? QA_WIDE : 127.0f;
     for (int64_t b = 0; b < n; b += 16) {
         const __mmask16 mask = n - b >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - b)) - 1);
         __m512 m = _mm512_setzero_ps();
@@ -316,38 +332,42 @@ static void qa_quantize(const QMat *w, const int f32s, const QgTile *t, const fl
             m = _mm512_max_ps(m, _mm512_abs_ps(av));
         }
         const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_GT_OQ),
-                                               _mm512_set1_ps(127.0f), m);
-        _mm512_storeu_ps(sa + b, _mm512_div_ps(m, _mm512_set1_ps(127.0f)));
+                                               _mm512_set1_ps(levels), m);
+        _mm512_storeu_ps(sa + b, _mm512_div_ps(m, _mm512_set1_ps(levels)));
         __m512i sum = _mm512_setzero_si512();
         for (int s = 0; s < nsub; s++) {
-            __m128i q8[4];
+            __m128i q8[4], l8[4];
             for (int k = 0; k < 4; k++) {
                 const int r = 4 * s + k;
                 /* the default rounding mode: to nearest, half to even, as nearbyintf */
                 const __m512i q = r < nr ? _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(a[r] + b), inv))
                                          : _mm512_setzero_si512();
                 sum = _mm512_add_epi32(sum, q);
-                q8[k] = _mm512_cvtepi32_epi8(q);
+                if (wide) { /* q = 256 hi + lo, lo in [-128, 127] */
+                    const __m512i hi = _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(128)), 8);
+                    q8[k] = _mm512_cvtepi32_epi8(hi);
+                    l8[k] = _mm512_cvtepi32_epi8(_mm512_sub_epi32(q, _mm512_slli_epi32(hi, 8)));
+                } else {
+                    q8[k] = _mm512_cvtepi32_epi8(q);
+                }
             }
-            const __m128i t01l = _mm_unpacklo_epi8(q8[0], q8[1]), t01h = _mm_unpackhi_epi8(q8[0], q8[1]);
-            const __m128i t23l = _mm_unpacklo_epi8(q8[2], q8[3]), t23h = _mm_unpackhi_epi8(q8[2], q8[3]);
-            uint32_t *dst = alpha32 + s * QA_BP + b;
-            _mm_storeu_si128((__m128i *)dst, _mm_unpacklo_epi16(t01l, t23l));
-            _mm_storeu_si128((__m128i *)(dst + 4), _mm_unpackhi_epi16(t01l, t23l));
-            _mm_storeu_si128((__m128i *)(dst + 8), _mm_unpacklo_epi16(t01h, t23h));
-            _mm_storeu_si128((__m128i *)(dst + 12), _mm_unpackhi_epi16(t01h, t23h));
+            qa_store_quads(alpha32 + s * QA_BP + b, q8);
+            if (wide) qa_store_quads(alo32 + s * QA_BP + b, l8);
         }
         _mm512_storeu_si512(nc + b, _mm512_mullo_epi32(sum, _mm512_set1_epi32(-8)));
     }
     for (int j = 0; j < 4; j++) { /* the pad the pieces' 4-lane loads may read */
         sa[n + j] = 0.0f;
         nc[n + j] = 0;
-        for (int s = 0; s < nsub; s++) alpha32[s * QA_BP + n + j] = 0;
+        for (int s = 0; s < nsub; s++) alpha32[s * QA_BP + n + j] = alo32[s * QA_BP + n + j] = 0;
     }
 }
 #else
-static void qa_quantize(const QMat *w, const int f32s, const QgTile *t, const float *h, const int64_t *rows, int nr,
-                        uint32_t *alpha32, float *sa, int32_t *nc) {
+static inline __attribute__((always_inline)) void qa_quantize(const QMat *w, const int f32s, const int wide,
+                                                               const QgTile *t, const float *h, const int64_t *rows,
+                                                               int nr, uint32_t *alpha32, uint32_t *alo32, float *sa,
+                                                               int32_t *nc) {
+    const float levels = wide ? QA_WIDE : 127.0f;
     float a[QA_GROUP][QG_TILE_BLOCKS], m[QG_TILE_BLOCKS], inv[QG_TILE_BLOCKS];
     int32_t q[QA_GROUP][QG_TILE_BLOCKS];
     const int64_t n = t->nbt;
@@ -364,8 +384,8 @@ static void qa_quantize(const QMat *w, const int f32s, const QgTile *t, const fl
         for (int64_t b = 0; b < n; b++) m[b] = fabsf(a[r][b]) > m[b] ? fabsf(a[r][b]) : m[b];
 #pragma omp simd
     for (int64_t b = 0; b < n; b++) {
-        inv[b] = m[b] > 0.0f ? 127.0f / m[b] : 0.0f;
-        sa[b] = m[b] / 127.0f;
+        inv[b] = m[b] > 0.0f ? levels / m[b] : 0.0f;
+        sa[b] = m[b] / levels;
         nc[b] = 0;
     }
     for (int r = 0; r < QA_GROUP; r++)
@@ -374,14 +394,22 @@ static void qa_quantize(const QMat *w, const int f32s, const QgTile *t, const fl
     for (int s = 0; s < QA_GROUP / 4; s++)
 #pragma omp simd
         for (int64_t b = 0; b < n; b++) {
-            alpha32[s * QA_BP + b] = ((uint32_t)q[4 * s][b] & 255u) | ((uint32_t)q[4 * s + 1][b] & 255u) << 8 |
-                                     ((uint32_t)q[4 * s + 2][b] & 255u) << 16 | ((uint32_t)q[4 * s + 3][b] & 255u) << 24;
+            int32_t hi[4], lo[4];
+            for (int k = 0; k < 4; k++) { /* wide: q = 256 hi + lo, lo in [-128, 127] */
+                const int32_t v = q[4 * s + k][b];
+                hi[k] = wide ? (v + 128) >> 8 : v;
+                lo[k] = wide ? v - hi[k] * 256 : 0;
+            }
+            alpha32[s * QA_BP + b] = ((uint32_t)hi[0] & 255u) | ((uint32_t)hi[1] & 255u) << 8 |
+                                     ((uint32_t)hi[2] & 255u) << 16 | ((uint32_t)hi[3] & 255u) << 24;
+            alo32[s * QA_BP + b] = ((uint32_t)lo[0] & 255u) | ((uint32_t)lo[1] & 255u) << 8 |
+                                   ((uint32_t)lo[2] & 255u) << 16 | ((uint32_t)lo[3] & 255u) << 24;
             nc[b] -= 8 * (q[4 * s][b] + q[4 * s + 1][b] + q[4 * s + 2][b] + q[4 * s + 3][b]);
         }
     for (int j = 0; j < 4; j++) { /* the pad the pieces' 4-lane loads may read */
         sa[n + j] = 0.0f;
         nc[n + j] = 0;
-        for (int s = 0; s < QA_GROUP / 4; s++) alpha32[s * QA_BP + n + j] = 0;
+        for (int s = 0; s < QA_GROUP / 4; s++) alpha32[s * QA_BP + n + j] = alo32[s * QA_BP + n + j] = 0;
     }
 }
 #endif
@@ -441,6 +469,8 @@ typedef __mmask64 qa_part;
 #define QA_UNPHI8(a, b) _mm512_unpackhi_epi8(a, b)
 #define QA_UNPLO16(a, b) _mm512_unpacklo_epi16(a, b)
 #define QA_UNPHI16(a, b) _mm512_unpackhi_epi16(a, b)
+#define QA_ADD32(a, b) _mm512_add_epi32(a, b)
+#define QA_SLL32(a, n) _mm512_slli_epi32(a, n)
 typedef __m512 qa_vf;
 static inline qa_vi qa_load(const uint8_t *p, qa_part mask) { return _mm512_maskz_loadu_epi8(mask, p); }
 static inline qa_part qa_part_of(int64_t cols_left) { /* the piece's bytes of each row */
@@ -477,6 +507,8 @@ typedef int qa_part; /* 1: the first 32 columns only */
 #define QA_UNPHI8(a, b) _mm256_unpackhi_epi8(a, b)
 #define QA_UNPLO16(a, b) _mm256_unpacklo_epi16(a, b)
 #define QA_UNPHI16(a, b) _mm256_unpackhi_epi16(a, b)
+#define QA_ADD32(a, b) _mm256_add_epi32(a, b)
+#define QA_SLL32(a, n) _mm256_slli_epi32(a, n)
 typedef __m256 qa_vf;
 static inline qa_vi qa_load(const uint8_t *p, qa_part half) {
     return half ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)p)) : _mm256_loadu_si256((const __m256i *)p);
@@ -506,7 +538,8 @@ static inline __attribute__((always_inline)) qa_vi qa_dp(qa_vi acc, qa_vi codes,
 #if QA_LANES
 /* The 8 accumulators of one piece (even columns 0..3, odd 4..7) += 4 rows' codes times act (4 alphas per lane). */
 static inline __attribute__((always_inline)) void qa_piece(const uint8_t *const *p, int64_t off, qa_part part,
-                                                           qa_vi act, qa_vi *acc) {
+                                                           const int wide, qa_vi act, qa_vi *acc, qa_vi act_lo,
+                                                           qa_vi *acc_lo) {
     const qa_vi nib = QA_SET8(0x0f), x88 = QA_SET8((char)0x88);
     qa_vi lo[4], hi[4];
     for (int r = 0; r < 4; r++) {
@@ -518,25 +551,26 @@ static inline __attribute__((always_inline)) void qa_piece(const uint8_t *const 
         const qa_vi *u = odd ? hi : lo;
         const qa_vi t01l = QA_UNPLO8(u[0], u[1]), t01h = QA_UNPHI8(u[0], u[1]);
         const qa_vi t23l = QA_UNPLO8(u[2], u[3]), t23h = QA_UNPHI8(u[2], u[3]);
-        qa_vi *a = acc + 4 * odd;
-        a[0] = qa_dp(a[0], QA_UNPLO16(t01l, t23l), act);
-        a[1] = qa_dp(a[1], QA_UNPHI16(t01l, t23l), act);
-        a[2] = qa_dp(a[2], QA_UNPLO16(t01h, t23h), act);
-        a[3] = qa_dp(a[3], QA_UNPHI16(t01h, t23h), act);
+        const qa_vi v[4] = {QA_UNPLO16(t01l, t23l), QA_UNPHI16(t01l, t23l), QA_UNPLO16(t01h, t23h),
+                            QA_UNPHI16(t01h, t23h)};
+        for (int k = 0; k < 4; k++) {
+            acc[4 * odd + k] = qa_dp(acc[4 * odd + k], v[k], act);
+            if (wide) acc_lo[4 * odd + k] = qa_dp(acc_lo[4 * odd + k], v[k], act_lo);
+        }
     }
 }
 #endif
 
 /* One group (rows[0 .. nr), nr <= QA_GROUP) over the column tile [c0, c1): yp (the tile's fp32 partial, in the
  * pieces' unpacked order) += its term. */
-static inline __attribute__((always_inline)) void qa_group(const QMat *w, const int f32s, const QgTile *t,
-                                                           const float *h, const int64_t *rows, int nr,
-                                                           const uint8_t *const *pn, int64_t c0, int64_t c1,
+static inline __attribute__((always_inline)) void qa_group(const QMat *w, const int f32s, const int wide,
+                                                           const QgTile *t, const float *h, const int64_t *rows,
+                                                           int nr, const uint8_t *const *pn, int64_t c0, int64_t c1,
                                                            float *yp) {
-    uint32_t alpha32[QA_GROUP / 4 * QA_BP];
+    uint32_t alpha32[QA_GROUP / 4 * QA_BP], alo32[QA_GROUP / 4 * QA_BP];
     float sa[QA_BP];
     int32_t nc[QA_BP];
-    qa_quantize(w, f32s, t, h, rows, nr, alpha32, sa, nc);
+    qa_quantize(w, f32s, wide, t, h, rows, nr, alpha32, alo32, sa, nc);
     const uint8_t *p[QA_GROUP];
     for (int r = 0; r < QA_GROUP; r++) p[r] = w->codes + rows[r < nr ? r : 0] * t->rb; /* pad rows: alpha 0 */
     const int row_block = w->block == w->cols;
@@ -547,15 +581,20 @@ static inline __attribute__((always_inline)) void qa_group(const QMat *w, const 
     for (int64_t c = c0; c < c1; c += QA_CW) {
         const int64_t cb = (c - c0) >> sh; /* the piece's first block, from the tile's */
         const qa_part part = qa_part_of(c1 - c);
-        qa_vi acc[8];
-        acc[0] = qa_lanes_i(bidx, nc + cb);
-        for (int k = 1; k < 8; k++) acc[k] = acc[0];
+        qa_vi acc[8], alo[8]; /* wide: the sum is 256 acc + alo, the offset in alo */
+        const qa_vi start = qa_lanes_i(bidx, nc + cb);
+        for (int k = 0; k < 8; k++) {
+            acc[k] = wide ? QA_XOR(start, start) : start;
+            alo[k] = start;
+        }
         for (int s = 0; s < nsub; s++) {
-            qa_piece(p + 4 * s, (c >> 1), part, qa_lanes_i(bidx, alpha32 + s * QA_BP + cb), acc);
+            qa_piece(p + 4 * s, (c >> 1), part, wide, qa_lanes_i(bidx, alpha32 + s * QA_BP + cb), acc,
+                     wide ? qa_lanes_i(bidx, alo32 + s * QA_BP + cb) : start, alo);
             for (int k = 0; k < 4; k++) __builtin_prefetch(pn[4 * s + k] + (c >> 1), 0, 2); /* the next group's */
         }
         const qa_vf sv = qa_lanes_f(bidx, sa + cb);
-        for (int k = 0; k < 8; k++) qa_flush(yp + (c - c0) + 4 * QA_LANES * k, acc[k], sv);
+        for (int k = 0; k < 8; k++)
+            qa_flush(yp + (c - c0) + 4 * QA_LANES * k, wide ? QA_ADD32(QA_SLL32(acc[k], 8), alo[k]) : acc[k], sv);
     }
 #else
     (void)pn;
@@ -564,7 +603,9 @@ static inline __attribute__((always_inline)) void qa_group(const QMat *w, const 
         int32_t d = nc[b];
         for (int r = 0; r < nr; r++) {
             const int code = ((p[r][c >> 1] >> ((c & 1) * 4)) & 15) ^ 8; /* code + 8, as the SIMD builds */
-            d += code * (int8_t)(alpha32[(r >> 2) * QA_BP + b] >> (8 * (r & 3)));
+            const int sh = 8 * (r & 3);
+            d += code * (int8_t)(alpha32[(r >> 2) * QA_BP + b] >> sh) * (wide ? 256 : 1);
+            if (wide) d += code * (int8_t)(alo32[(r >> 2) * QA_BP + b] >> sh);
         }
         yp[c - c0] = QG_MADD((float)d, sa[b], yp[c - c0]);
     }
@@ -574,9 +615,9 @@ static inline __attribute__((always_inline)) void qa_group(const QMat *w, const 
 /* rows-axpy with int8 activations (the definition above): y[c] += ... for i in [r0, r1) (row_i = idx[i] or i;
  * h indexed by i); caprese_qa_fits(w) must hold. Rows past r1 (up to h_end, idx NULL) are prefetched for the
  * caller's next chunk. */
-static inline __attribute__((always_inline)) void qa_rows_axpy(const QMat *w, const int f32s, const float *h,
-                                                               const int64_t *idx, int64_t r0, int64_t r1,
-                                                               int64_t h_end, float *y) {
+static inline __attribute__((always_inline)) void qa_rows_axpy(const QMat *w, const int f32s, const int wide,
+                                                               const float *h, const int64_t *idx, int64_t r0,
+                                                               int64_t r1, int64_t h_end, float *y) {
     float yp[QG_TILE + QA_CW] __attribute__((aligned(64)));
     int64_t rows[QA_GROUP];
     for (int64_t c0 = 0; c0 < w->cols; c0 += QG_TILE) {
@@ -602,7 +643,7 @@ static inline __attribute__((always_inline)) void qa_rows_axpy(const QMat *w, co
                     __builtin_prefetch((const uint8_t *)w->scales + ((idx ? idx[j] : j) * t.nb + t.b0) * (f32s ? 4 : 2),
                                        0, 2);
             }
-            qa_group(w, f32s, &t, h + g, rows, nr, pn, c0, c1, yp);
+            qa_group(w, f32s, wide, &t, h + g, rows, nr, pn, c0, c1, yp);
         }
         qa_finish(yp, c0, c1, y);
     }
@@ -610,6 +651,15 @@ static inline __attribute__((always_inline)) void qa_rows_axpy(const QMat *w, co
 
 void caprese_q_rows_axpy_qa(const QMat *w, const float *h, const int64_t *idx, int64_t r0, int64_t r1,
                             int64_t h_end, float *y) {
-    if (w->scale_fp32) qa_rows_axpy(w, 1, h, idx, r0, r1, h_end, y);
-    else qa_rows_axpy(w, 0, h, idx, r0, r1, h_end, y);
+    if (w->scale_fp32) qa_rows_axpy(w, 1, 0, h, idx, r0, r1, h_end, y);
+    else qa_rows_axpy(w, 0, 0, h, idx, r0, r1, h_end, y);
+}
+
+/* The same with 16-bit coefficients (alpha in [-QA_WIDE, QA_WIDE]): GRIFFIN's down on --int8-activations engines. */
+int caprese_qw_fits(const QMat *w) { return caprese_qa_fits(w); }
+
+void caprese_q_rows_axpy_qw(const QMat *w, const float *h, const int64_t *idx, int64_t r0, int64_t r1,
+                            int64_t h_end, float *y) {
+    if (w->scale_fp32) qa_rows_axpy(w, 1, 1, h, idx, r0, r1, h_end, y);
+    else qa_rows_axpy(w, 0, 1, h, idx, r0, r1, h_end, y);
 }

@@ -647,6 +647,7 @@ static void *qg_bench_thread(void *arg) {
         else if (a->op == 1) caprese_q_rows_axpy(m, a->x, NULL, r0, r1, a->y + a->t * m->cols);
         else if (a->op == 3) caprese_q_rows_dot_int8x(m, a->x, NULL, r0, r1, a->y);
         else if (a->op == 4) caprese_q_rows_axpy_qa(m, a->x, NULL, r0, r1, r1, a->y + a->t * m->cols);
+        else if (a->op == 5) caprese_q_rows_axpy_qw(m, a->x, NULL, r0, r1, r1, a->y + a->t * m->cols);
         else caprese_f32_rows_dot((const float *)(const void *)m->codes, m->cols, m->cols, a->x, NULL, r0, r1, a->y);
         if (a->nthreads > 1) { /* barrier: everyone finished call r */
             const long want = (r + 1) * a->nthreads;

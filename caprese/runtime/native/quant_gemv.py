@@ -67,10 +67,14 @@ def load(isa: str | None = None) -> ctypes.CDLL:
         lib.caprese_q_rows_dot_int8x.restype = ctypes.c_int
         lib.caprese_q_rows_dot_int8x.argtypes = [ctypes.POINTER(QMat), _F32P, _I64P, ctypes.c_int64, ctypes.c_int64,
                                                  _F32P]
-        lib.caprese_qa_fits.restype = ctypes.c_int
-        lib.caprese_qa_fits.argtypes = [ctypes.POINTER(QMat)]
+        for f in ("caprese_qa_fits", "caprese_qw_fits"):
+            getattr(lib, f).restype = ctypes.c_int
+            getattr(lib, f).argtypes = [ctypes.POINTER(QMat)]
         lib.caprese_q_rows_axpy_qa.restype = None
         lib.caprese_q_rows_axpy_qa.argtypes = [ctypes.POINTER(QMat), _F32P, _I64P, ctypes.c_int64, ctypes.c_int64,
+                                               ctypes.c_int64, _F32P]
+        lib.caprese_q_rows_axpy_qw.restype = None
+        lib.caprese_q_rows_axpy_qw.argtypes = [ctypes.POINTER(QMat), _F32P, _I64P, ctypes.c_int64, ctypes.c_int64,
                                                ctypes.c_int64, _F32P]
         lib.caprese_q_bench.restype = ctypes.c_double
         lib.caprese_q_bench.argtypes = [ctypes.c_int, ctypes.POINTER(QMat), ctypes.c_int64, _F32P, _F32P,
@@ -241,15 +245,28 @@ def rows_dot_int8_activations(qm: QMatrix, x: torch.Tensor, rows: torch.Tensor |
     return y
 
 
+def _rounded_axpy(qm: QMatrix, h, y, rows, r0, r1, isa, bits: int, entry: str) -> torch.Tensor:
+    idx, h, r1, y = _axpy_args(qm, h, y, rows, r0, r1)
+    lib = load(isa)
+    if not lib.caprese_qa_fits(ctypes.byref(qm.struct)):
+        raise CapreseError(f"int{bits}-coefficient rows-axpy takes int4 weights with columns a multiple of 32 in "
+                           f"blocks of 32, 64, 128 or one per row (got {qm.qt.fmt.name} {list(qm.shape)})")
+    getattr(lib, entry)(ctypes.byref(qm.struct), _ptr(h, _F32P), _ptr(idx, _I64P), r0, r1, r1, _ptr(y, _F32P))
+    return y
+
+
 def rows_axpy_int8_activations(qm: QMatrix, h: torch.Tensor, y: torch.Tensor | None = None,
                                rows: torch.Tensor | None = None, r0: int = 0, r1: int | None = None,
                                isa: str | None = None) -> torch.Tensor:
     """rows-axpy with the coefficients rounded to int8 per group of 32 rows and column block (int8_activations.c:
-    GRIFFIN's down on an engine exported with --int8-activations): y += over rows [r0, r1), in place."""
-    idx, h, r1, y = _axpy_args(qm, h, y, rows, r0, r1)
-    lib = load(isa)
-    if not lib.caprese_qa_fits(ctypes.byref(qm.struct)):
-        raise CapreseError(f"int8-activation rows-axpy takes int4 weights with columns a multiple of 32 in blocks "
-                           f"of 32, 64, 128 or one per row (got {qm.qt.fmt.name} {list(qm.shape)})")
-    lib.caprese_q_rows_axpy_qa(ctypes.byref(qm.struct), _ptr(h, _F32P), _ptr(idx, _I64P), r0, r1, r1, _ptr(y, _F32P))
-    return y
+    GRIFFIN's down on an engine exported with --int8-activations, native `int8_down`): y += over rows [r0, r1),
+    in place."""
+    return _rounded_axpy(qm, h, y, rows, r0, r1, isa, 8, "caprese_q_rows_axpy_qa")
+
+
+def rows_axpy_int16_coefficients(qm: QMatrix, h: torch.Tensor, y: torch.Tensor | None = None,
+                                 rows: torch.Tensor | None = None, r0: int = 0, r1: int | None = None,
+                                 isa: str | None = None) -> torch.Tensor:
+    """The same with 16-bit coefficients (32512 levels; int8_activations.c, caprese_q_rows_axpy_qw): GRIFFIN's down
+    on an engine exported with --int8-activations, by default."""
+    return _rounded_axpy(qm, h, y, rows, r0, r1, isa, 16, "caprese_q_rows_axpy_qw")
