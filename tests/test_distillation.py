@@ -519,8 +519,8 @@ def test_cli_help_lists_the_options(monkeypatch, capsys):
     assert rc == 0
     for opt in ("--method", "--density", "--layers", "--rank", "--data", "--synthetic", "--response-tokens",
                 "--stage", "--init", "--epochs", "--lr", "--batch-size", "--layerwise-mode", "--e2e-epochs", "--e2e-lr",
-                "--e2e-batch-size", "--e2e-loss", "--e2e-responses", "--seed", "--precision", "--device", "--force", "--keep-work",
-                "--json"):
+                "--e2e-batch-size", "--e2e-loss", "--e2e-responses", "--seed", "--precision", "--device", "--force",
+                "--keep-work", "--json"):
         assert opt in out, opt
 
 

@@ -190,7 +190,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--threads", default="1,2", help="comma list of thread counts (default 1,2)")
-    ap.add_argument("--rows", default="f32,q8-row,q8-b32,q4-b32,q4-b32-hot,q4-b32-vnni,q4-b32-i16," + ",".join(ORT_ROWS))
+    ap.add_argument("--rows", default=",".join(["f32", "q8-row", "q8-b32", "q4-b32", "q4-b32-hot", "q4-b32-vnni",
+                                                "q4-b32-i16", *ORT_ROWS]))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sample-ms", type=float, default=60.0, help="time per sample of each form")
     ap.add_argument("--isa", default=None, help="caprese kernel build: avx512 | avx2 | scalar (default: widest)")

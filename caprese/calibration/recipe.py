@@ -305,5 +305,5 @@ class CalibrationOptions:
 
 
 __all__ = ["CalibrationRecipe", "CalibrationOptions", "CalibrationPlan", "LayerwiseConfig", "E2EConfig",
-           "E2E_LOSSES", "E2E_RESPONSES", "METHOD_LAYERS", "METHODS", "CALIBRATION_METHODS", "NO_METHOD", "STAGES", "default_layers",
-           "describe_weights", "layers_default_help", "parse_layers"]
+           "E2E_LOSSES", "E2E_RESPONSES", "METHOD_LAYERS", "METHODS", "CALIBRATION_METHODS", "NO_METHOD", "STAGES",
+           "default_layers", "describe_weights", "layers_default_help", "parse_layers"]

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import click
 
-from caprese.calibration.recipe import (DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_RANK, E2E_LOSSES, E2E_RESPONSES, LAYERWISE_MODES,
-                                        PRECISIONS, STAGES, CalibrationOptions, CalibrationRecipe, E2EConfig,
-                                        LayerwiseConfig, layers_default_help)
+from caprese.calibration.recipe import (DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_RANK, E2E_LOSSES, E2E_RESPONSES,
+                                        LAYERWISE_MODES, PRECISIONS, STAGES, CalibrationOptions, CalibrationRecipe,
+                                        E2EConfig, LayerwiseConfig, layers_default_help)
 from caprese.cli.options import weight_options, weights_from_flags
 from caprese.errors import CapreseError
 

@@ -1,5 +1,5 @@
 /* int4 products with int8 activations: what an engine exported with --int8-activations computes. rows-dot here;
- * GRIFFIN's down (rows-axpy) at the end of the file.
+ * GRIFFIN's down (rows-axpy) at the end of the file, with its coefficients in 16 bits (the default) or int8.
  *
  * Why: int4 rows-dot with fp32 activations is compute-bound (each nibble is looked up as a float and multiplied by
  * one FMA: ~7 elements per cycle on Zen 4, well under the memory's rate), so int4 weights did not run faster than
