@@ -12,7 +12,8 @@ dense model's own replies: the paper's); "student" first re-answers every sample
 layer-wise stage left it (greedy, at most as long as the longest given response, cut after the model's first stop
 id) and trains on those: on-policy distillation (GKD's λ = 1 with one fixed set of replies), the teacher scoring the
 student's own prefixes, so the errors that send a quantized student's replies astray are the ones it learns from.
-On int4 RTN + bypass (SmolLM2-135M, KL) it scored 22.1% against 20.4% on the dense replies (docs/quantization.md).
+On int4 RTN + bypass (SmolLM2-135M, KL) it scored 22.1% against 20.4% on the dense replies with one calibration
+seed, 18.7% against 18.4% with another: ahead both times, by less than the seeds differ (docs/quantization.md).
 Per sample:
   teacher  = the same decoder in phase "prefill" over prompt + response (every FFN dense, no bypass), no grad;
              kept in memory for later epochs while it fits `teacher_cache_bytes`, recomputed otherwise;
