@@ -566,11 +566,17 @@ def test_helpers_switched_off_leave_the_work_to_the_caller(tmp_path_factory, tin
 
 
 @needs_cc
-def test_kernel_profile_counts_every_phase_of_a_step(tmp_path_factory, tiny_model_dir):
+def test_kernel_profile_counts_every_phase_of_a_step(tmp_path_factory, tiny_model_dir, tmp_path, monkeypatch):
     """kernel_profile(): one entry per phase kind a dense step runs (QKV, attention + o, gate/up, down per layer;
-    the full head once), their counts per step, a step time that holds them, and a reset that zeroes it."""
+    the full head once), their counts per step, a step time that holds them, and a reset that zeroes it. The
+    load-time head probe (forced: an empty choice cache) runs head phases that are not decode steps: not counted."""
     engine, _ = get_export(tmp_path_factory, tiny_model_dir, "qwen2", "dense")
     prompt = prompt_ids(14, seed=10)[0].tolist()
+    monkeypatch.setattr("caprese.model.default_model.cache_root", lambda: tmp_path)
+    probed = Generator.load(engine, backend="native", threads=2, head="auto").backend
+    assert probed.kernel_stats()["phases"] > 0  # the probe ran
+    assert probed.kernel_profile() == {"steps": 0, "step_us": 0.0, "phases_us": {}, "phases_per_step": 0.0,
+                                       "between_phases_us": 0.0}
     g = Generator.load(engine, backend="native", threads=2, head="full")
     b = g.backend
     with one_torch_thread():

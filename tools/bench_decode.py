@@ -525,7 +525,6 @@ class EngineRow(Row):
             d = self.g.backend.describe()
             self.notes.update({k: d[k] for k in ("isa", "head", "head_choice", "threads", "activations") if k in d})
             isa = d["isa"]
-            self.g.backend.kernel_profile(reset=True)  # the load-time head probe is not a decode step
         self.profiles: list[dict] = []
         self.label = engine_label(self.g.manifest, backend, options.get("head", "auto"), isa)
         if options.get("int8_down"):
