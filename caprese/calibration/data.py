@@ -272,6 +272,13 @@ def _lock(f) -> None:
     fcntl.flock(f.fileno(), fcntl.LOCK_EX)
 
 
+def through_first_stop(tokens, stops) -> list[int]:
+    """`tokens` up to and including the first of the `stops` ids (all of them when none occurs): a calibration
+    reply keeps its stop token, which generate() drops."""
+    cut = next((j for j, t in enumerate(tokens) if t in stops), None)
+    return [int(t) for t in (tokens if cut is None else tokens[:cut + 1])]
+
+
 def synthetic_samples(text_model, n: int, cache_dir: str | Path, response_tokens: int = 64, batch_size: int = 16,
                       seed: int = 0, progress: bool = True, threads: int | None = None) -> list[Sample]:
     """n samples: problems("train", n, seed) as chat prompts (calibration_prompt: "Please reason step by step.
@@ -355,8 +362,7 @@ def synthetic_samples(text_model, n: int, cache_dir: str | Path, response_tokens
                 out = generate(text_model.decoder, batch, response_tokens, Sampling(), eos_ids=(), threads=threads)
                 lines = []
                 for i, p, toks in zip(idx, batch, out.tokens):
-                    cut = next((j for j, t in enumerate(toks) if t in eos_ids), None)
-                    resp = list(toks if cut is None else toks[:cut + 1])
+                    resp = through_first_stop(toks, eos_ids)
                     lines.append(_record_line(key, i, p, resp))
                     records.append(Sample(p, resp))
                 f.write(b"".join(lines))  # whole lines only; a kill mid-write leaves a tail the reader ignores

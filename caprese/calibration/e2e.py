@@ -213,7 +213,7 @@ def student_responses(decoder, samples, path: Path, key: str, progress: bool, ba
 
     Rank 0 generates and writes them to `path` (temp + rename); every rank, and a resumed run, reads that file
     back, so all ranks and all epochs see the same replies. A file of another key or sample count is replaced."""
-    from caprese.calibration.data import Sample
+    from caprese.calibration.data import Sample, through_first_stop
     from caprese.model.generation import generate
     from caprese.model.sampling import Sampling
 
@@ -237,9 +237,7 @@ def student_responses(decoder, samples, path: Path, key: str, progress: bool, ba
             for b in range(0, len(samples), batch_size):
                 prompts = [list(s.prompt_ids) for s in samples[b:b + batch_size]]
                 out = generate(decoder, prompts, cap, Sampling(), eos_ids=())  # cut below: keep the stop id
-                for toks in out.tokens:
-                    cut = next((j for j, t in enumerate(toks) if t in stops), None)
-                    replies.append([int(t) for t in (toks if cut is None else toks[:cut + 1])])
+                replies += [through_first_stop(toks, stops) for toks in out.tokens]
                 pbar.update(len(prompts))
         finally:
             pbar.close()

@@ -153,7 +153,7 @@ class NativeBackend(Backend):
             if head == "full":  # the int8 copy is not read: give its memory back
                 self._model.head_q = self._model.head_scale = self._model.head_bound = None
                 self._head_q = self._head_scale = self._head_bound = None
-            self.lib.caprese_context_profile(self._ctx, (ctypes.c_int64 * (2 * len(PROFILE_LABELS) + 2))(), 1)
+            self.kernel_profile(reset=True)
         self.head = head  # (the probe's head phases are not decode steps: kernel_profile starts after them)
 
     def _choose_head(self) -> HeadChoice:

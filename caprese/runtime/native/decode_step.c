@@ -871,7 +871,7 @@ static void stage_q_down(const Ctx *c, const Phase *ph, int64_t i, float *out, f
             caprese_q_rows_axpy(&L->q_down, zc - j0, NULL, j0, a1, out);
         } else if (c->m->int8_act == 2 && caprese_qa_fits(&L->q_down)) { /* GRIFFIN's rows, int8 activations */
             caprese_q_rows_axpy_qa(&L->q_down, z, NULL, j0, a1, F, out);
-        } else if (c->m->int8_act == 1 && caprese_qw_fits(&L->q_down)) { /* 16-bit coefficients (int8_activations.c) */
+        } else if (c->m->int8_act == 1 && caprese_qa_fits(&L->q_down)) { /* 16-bit coefficients (int8_activations.c) */
             caprese_q_rows_axpy_qw(&L->q_down, z, NULL, j0, a1, F, out);
         } else {
             caprese_q_rows_axpy_ahead(&L->q_down, z, j0, a1, F, out);

@@ -655,9 +655,8 @@ void caprese_q_rows_axpy_qa(const QMat *w, const float *h, const int64_t *idx, i
     else qa_rows_axpy(w, 0, 0, h, idx, r0, r1, h_end, y);
 }
 
-/* The same with 16-bit coefficients (alpha in [-QA_WIDE, QA_WIDE]): GRIFFIN's down on --int8-activations engines. */
-int caprese_qw_fits(const QMat *w) { return caprese_qa_fits(w); }
-
+/* The same with 16-bit coefficients (alpha in [-QA_WIDE, QA_WIDE]; caprese_qa_fits(w) must hold): GRIFFIN's down
+ * on --int8-activations engines. */
 void caprese_q_rows_axpy_qw(const QMat *w, const float *h, const int64_t *idx, int64_t r0, int64_t r1,
                             int64_t h_end, float *y) {
     if (w->scale_fp32) qa_rows_axpy(w, 1, 1, h, idx, r0, r1, h_end, y);

@@ -67,9 +67,8 @@ def load(isa: str | None = None) -> ctypes.CDLL:
         lib.caprese_q_rows_dot_int8x.restype = ctypes.c_int
         lib.caprese_q_rows_dot_int8x.argtypes = [ctypes.POINTER(QMat), _F32P, _I64P, ctypes.c_int64, ctypes.c_int64,
                                                  _F32P]
-        for f in ("caprese_qa_fits", "caprese_qw_fits"):
-            getattr(lib, f).restype = ctypes.c_int
-            getattr(lib, f).argtypes = [ctypes.POINTER(QMat)]
+        lib.caprese_qa_fits.restype = ctypes.c_int
+        lib.caprese_qa_fits.argtypes = [ctypes.POINTER(QMat)]
         lib.caprese_q_rows_axpy_qa.restype = None
         lib.caprese_q_rows_axpy_qa.argtypes = [ctypes.POINTER(QMat), _F32P, _I64P, ctypes.c_int64, ctypes.c_int64,
                                                ctypes.c_int64, _F32P]
