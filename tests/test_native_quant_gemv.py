@@ -397,6 +397,33 @@ def test_int8_activation_axpy_against_float64(isa, fmt, cols, bits):
         assert bool((unrounded <= bound + tol).all()) and bool((unrounded > tol).any())
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt,cols", AXPY8_CASES, ids=[f"{_fid(f)}-{c}" for f, c in AXPY8_CASES])
+@pytest.mark.parametrize("bits", (8, 16))
+def test_quads_layout_gives_the_same_bits(isa, fmt, cols, bits):
+    """GRIFFIN's down repacked into the quads layout (AVX-512 builds; int8_activations.c) gives the plain layout's
+    rounded-coefficient rows-axpy bit for bit (the same groups, integer sums and fp32 roundings, which the test
+    above checks against float64): 75 rows (the last quad padded), calls [0, 75), [0, 40) + [40, 75) and
+    [0, 12) + [12, 75), every shape above. Other builds have no such layout (pack_quads: None)."""
+    axpy = COEFFICIENTS[bits][0]
+    qm = qg.QMatrix(_quant(75, cols, fmt, seed=21))
+    h = torch.randn(75, generator=torch.Generator().manual_seed(22)) * 2
+    h[3] = 0.0
+    quads = qg.pack_quads(qm, isa=isa)
+    if quads is None:
+        assert isa != "avx512"
+        pytest.skip(f"no quads layout on the {isa} build")
+    assert quads.numel() == 19 * cols // 32 * 64
+    for calls in ([(0, 75)], [(0, 40), (40, 75)], [(0, 12), (12, 75)]):
+        want, got = torch.zeros(cols), torch.zeros(cols)
+        for r0, r1 in calls:
+            axpy(qm, h, want, r0=r0, r1=r1, isa=isa)
+            qg.rows_axpy_quads(qm, quads, h, got, r0=r0, r1=r1, bits=bits, isa=isa)
+        assert torch.equal(got, want), calls
+    with pytest.raises(CapreseError, match="r0 a multiple of 4"):
+        qg.rows_axpy_quads(qm, quads, h, r0=2, isa=isa)
+
+
 @pytest.mark.parametrize("bits", (8, 16))
 def test_rounded_coefficient_axpy_refuses_other_formats(bits):
     for fmt, cols in ((WeightFormat(8, 32, "fp16"), 64), (WeightFormat(4, ROW, "fp16"), 48)):

@@ -307,6 +307,33 @@ def test_int8_activation_engines(isa, kind, method, head, atol, tmp_path_factory
 
 
 @needs_cc
+@pytest.mark.parametrize("int8_down", (False, True))
+def test_griffin_down_quads_equal_the_fold_layout(int8_down, tmp_path_factory, tiny_model_dir):
+    """AVX-512 builds read GRIFFIN's down rows on --int8-activations engines from a copy repacked at every
+    selection (int8_activations.c, the quads layout): the same sums as the fold's layout, so the logits are the same
+    bits with the copy switched off, over re-selections every 8 steps (a selection the copy missed would differ)."""
+    engine = q_export(tmp_path_factory, tiny_model_dir, "qwen2", "griffin", "int4", None, "onnxruntime", False,
+                      int8_activations=True)[0]
+    nat = Generator.load(engine, backend="native", threads=2, int8_down=int8_down)
+    if not nat.backend.lib.caprese_qa_quads():
+        pytest.skip("the quads layout is built for AVX-512 only")
+    layers = [nat.backend._layers[i] for i, _ in nat.backend._quads]
+    assert layers and all(L.down_quads for L in layers)
+    prompt = prompt_ids(14, seed=3)[0].tolist()
+    got, got_logits = recorded(nat, prompt, 8)
+    saved = [L.down_quads for L in layers]
+    try:
+        for L in layers:
+            L.down_quads = None
+        plain, plain_logits = recorded(nat, prompt, 8)
+    finally:
+        for L, q in zip(layers, saved):
+            L.down_quads = q
+    assert got.tokens == plain.tokens
+    assert torch.equal(got_logits, plain_logits)
+
+
+@needs_cc
 @pytest.mark.parametrize("isa", [None, *OTHER_ISAS])
 def test_int8_down_option(isa, tmp_path_factory, tiny_model_dir):
     """native int8_down=True on an --int8-activations GRIFFIN engine: its down (the kept rows, a rows-axpy) takes

@@ -127,6 +127,7 @@ class NativeBackend(Backend):
                   for w in t.bypass() if w is not None}  # --fp16-bypass
         self.arena = WeightArena(manifest, self._weight_refs(), mapped=mapped, halves=halves)
         self._extra: list[np.ndarray] = []  # arrays the structs point into (biases, CATS layouts)
+        self._quads: list[tuple[int, np.ndarray]] = []  # GRIFFIN's down repacked per prompt: (layer, bytes)
         self._layers = (lib_.Layer * self.layout.num_layers)()
         self._model = lib_.Model()
         self._fill_model()
@@ -236,6 +237,9 @@ class NativeBackend(Backend):
             L.q_up = self._qmat(fold.gate_up, gu_q, gu_s, k, k, role="gate_up")
             L.q_down = self._qmat(fold.down, d_q, d_s, 0, k)
             L.down_rows = 1
+            if self.int8_activations and self.lib.caprese_qa_quads() and self.lib.caprese_qa_fits(L.q_down):
+                # AVX-512: the down rows in the kernel's own layout, repacked from the fold's at each select()
+                self._quads.append((i, self.lib.caprese_qa_quads_bytes(L.q_down)))
             if fold.down.storage != MATRIX:
                 raise CapreseError(f"GRIFFIN layer {i}: its down rows are stored {fold.down.storage}; the native "
                                    "kernel reads a neuron's down row whole: export the engine again")
@@ -266,9 +270,24 @@ class NativeBackend(Backend):
             L.rank = l_.shape[1]
             L.gu2, L.down = self._mat(l_), self._mat(r_)
             L.bypass_f16 = int(l_.dtype == np.float16)  # --fp16-bypass (the arena keeps weights.bin's dtype)
+            if not L.bypass_f16:  # L's columns as rows: a chunk of x L's outputs reads contiguous bytes
+                l_t = copy_huge(l_.T)
+                self._extra.append(l_t)
+                L.l_t = address(l_t)
             if not L.down_rows:  # R's rows are added beside the quantized down rows (rows-axpy) only
                 raise CapreseError(f"layer {i}: a bypass beside a down projection stored {t.down.storage}; the native "
                                    "kernel reads it with down stored [F, D]: use --backend onnxruntime")
+
+    def _place_quads(self) -> None:
+        """One huge-page buffer for every GRIFFIN layer's down quads (4 KiB pages cost a TLB miss per page read),
+        packed from what the selection buffers hold now."""
+        buf = huge_buffer(sum(n for _, n in self._quads))
+        self._extra.append(buf)
+        ends = np.cumsum([n for _, n in self._quads])
+        self._quads = [(i, buf[e - n:e]) for (i, n), e in zip(self._quads, ends)]
+        for i, quads in self._quads:
+            self._layers[i].down_quads = address(quads)
+            self.lib.caprese_qa_pack_quads(self._layers[i].q_down, address(quads))
 
     def _split_gate_up_bias(self, t, F: int) -> int | None:
         """[b_g, b_1] of a layer whose gate and up are stored apart (a missing one zeros), kept alive here."""
@@ -335,6 +354,8 @@ class NativeBackend(Backend):
             L.window = int(window or 0)
             L.scale = float(m.attn_scale) if m.attn_scale is not None else lay.head_dim ** -0.5
             L.softcap = float(m.attn_softcap or 0.0)
+        if self._quads:
+            self._place_quads()
         M = self._model
         M.num_layers, M.hidden = lay.num_layers, D
         M.num_heads, M.num_kv_heads, M.head_dim = m.num_heads, lay.num_kv_heads, lay.head_dim
@@ -371,6 +392,8 @@ class NativeBackend(Backend):
 
     def select(self, griffin: dict, tau: dict) -> None:
         self.prefill_runner.select(griffin, tau)
+        for i, quads in self._quads:  # the fold wrote this prompt's kept rows: their quads for the kernel
+            self.lib.caprese_qa_pack_quads(self._layers[i].q_down, address(quads))
 
     def _logits(self):
         return self.prefill_runner.logits()

@@ -95,6 +95,10 @@ typedef struct {
     int64_t q_attn, q_ffn, down_rows;
     QMat q_qkv, q_o, q_gate, q_up, q_down;
     int64_t bypass_f16;      /* q_ffn: the bypass L (gu2) and R (down) hold fp16 values (--fp16-bypass) */
+    const uint8_t *down_quads; /* GRIFFIN on int8 activations, AVX-512: q_down's codes repacked per prompt
+                                * (caprese_qa_pack_quads), read instead of q_down.codes; or NULL */
+    const float *l_t;        /* q_ffn, fp32 bypass: L transposed [rank, hidden] (a copy made at load), read instead
+                              * of gu2: a chunk of L's outputs is then contiguous rows, not 64 bytes of each row */
 } Layer;
 
 typedef struct {
@@ -139,7 +143,8 @@ static const LayoutField LAYOUT[] = {
     FIELD(Layer, cats_tau), FIELD(Layer, k_cache), FIELD(Layer, v_cache), FIELD(Layer, window),
     FIELD(Layer, scale), FIELD(Layer, softcap), FIELD(Layer, up_t), FIELD(Layer, up_bias), FIELD(Layer, q_attn),
     FIELD(Layer, q_ffn), FIELD(Layer, down_rows), FIELD(Layer, q_qkv), FIELD(Layer, q_o), FIELD(Layer, q_gate),
-    FIELD(Layer, q_up), FIELD(Layer, q_down), FIELD(Layer, bypass_f16),
+    FIELD(Layer, q_up), FIELD(Layer, q_down), FIELD(Layer, bypass_f16), FIELD(Layer, down_quads),
+    FIELD(Layer, l_t),
     STRUCT(Model), FIELD(Model, num_layers), FIELD(Model, hidden), FIELD(Model, num_heads),
     FIELD(Model, num_kv_heads), FIELD(Model, head_dim), FIELD(Model, vocab), FIELD(Model, capacity),
     FIELD(Model, max_ff), FIELD(Model, activation), FIELD(Model, gemma), FIELD(Model, eps),
@@ -824,7 +829,9 @@ static void stage_q_dot(const Ctx *c, const Phase *ph, int64_t i, float *out) {
         if (u1 > u0) q_dot(c, &L->q_up, c->h, NULL, u0 - F, u1 - F, y + F);
         const int64_t b0 = o0 > nq ? o0 : nq;
         if (o1 > b0) { /* the bypass x L: columns [b0 - nq, o1 - nq) of L, over every input */
-            if (L->bypass_f16) {
+            if (L->l_t) { /* y[j] for j in [b0 - nq, o1 - nq) */
+                caprese_f32_rows_dot(L->l_t, m->hidden, m->hidden, c->h, NULL, b0 - nq, o1 - nq, out - (o0 - nq));
+            } else if (L->bypass_f16) {
                 gemv_rows_f16(c->h, &L->gu2, b0 - nq, o1 - b0, 0, m->hidden, out + (b0 - o0));
             } else {
                 const Mat cols = {L->gu2.w + (b0 - nq), L->gu2.ld, o1 - b0};
@@ -869,6 +876,8 @@ static void stage_q_down(const Ctx *c, const Phase *ph, int64_t i, float *out, f
             const int64_t nz = (a1 - j0) - np;
             unread = nz * (qmat_row_bytes(&L->q_up) + qmat_row_bytes(&L->q_down));
             caprese_q_rows_axpy(&L->q_down, zc - j0, NULL, j0, a1, out);
+        } else if (c->m->int8_act && L->down_quads && caprese_qa_fits(&L->q_down)) { /* j0: a multiple of 16 */
+            caprese_q_rows_axpy_quads(&L->q_down, L->down_quads, c->m->int8_act == 1, z, j0, a1, F, out);
         } else if (c->m->int8_act == 2 && caprese_qa_fits(&L->q_down)) { /* GRIFFIN's rows, int8 activations */
             caprese_q_rows_axpy_qa(&L->q_down, z, NULL, j0, a1, F, out);
         } else if (c->m->int8_act == 1 && caprese_qa_fits(&L->q_down)) { /* 16-bit coefficients (int8_activations.c) */

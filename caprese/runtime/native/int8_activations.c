@@ -42,6 +42,38 @@ int caprese_qx_fits(const QMat *w) {
 
 static inline int64_t qx_block(const QMat *w) { return w->block == 64 || w->block == 128 ? w->block : 32; }
 
+#if defined(__AVX2__)
+/* max |x[0 .. n)| for n a multiple of 16 */
+static inline float qx_abs_max(const float *x, int64_t n) {
+#if defined(__AVX512F__)
+    __m512 m = _mm512_setzero_ps();
+    for (int64_t c = 0; c < n; c += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + c)));
+    return _mm512_reduce_max_ps(m);
+#else
+    const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 m = _mm256_setzero_ps();
+    for (int64_t c = 0; c < n; c += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(x + c), abs));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+#endif
+}
+
+/* The int8 codes of x[0 .. 16) * inv (|x * inv| <= 127), in order. */
+static inline __m128i qx_codes16(const float *x, float inv) {
+#if defined(__AVX512F__)
+    return _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x), _mm512_set1_ps(inv))));
+#else
+    const __m256 v = _mm256_set1_ps(inv);
+    const __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), v));
+    const __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8), v));
+    const __m128i w0 = _mm_packs_epi32(_mm256_castsi256_si128(q0), _mm256_extracti128_si256(q0, 1));
+    const __m128i w1 = _mm_packs_epi32(_mm256_castsi256_si128(q1), _mm256_extracti128_si256(q1, 1));
+    return _mm_packs_epi16(w0, w1);
+#endif
+}
+#endif
+
 /* xq over buf (caprese_qx_bytes(w->cols) bytes): x quantized for w (see the definition at the top). */
 void caprese_qx_quantize(const QMat *w, const float *x, void *buf, QgX *xq) {
     const int64_t n = w->cols, xb = qx_block(w);
@@ -51,6 +83,25 @@ void caprese_qx_quantize(const QMat *w, const float *x, void *buf, QgX *xq) {
     xq->corr = (int32_t *)(xq->xo + (n / 2 + 63) / 64 * 64);
     xq->sxl = (float *)(xq->corr + (n / 8 + 15) / 16 * 16);
     xq->cols = n;
+#if defined(__AVX2__)
+    /* 16 elements at a time (the generic loop below took ~1 us for 576 elements, 3 or 4 such per layer): codes by
+     * vcvtps2dq in the default rounding mode (to nearest, half to even, as nearbyintf), their bytes split into the
+     * even / odd elements by one shuffle, each lane's sum of codes by psadbw. */
+    const __m128i split = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    for (int64_t c0 = 0; c0 < n; c0 += xb) {
+        const float m = qx_abs_max(x + c0, xb), inv = m > 0.0f ? 127.0f / m : 0.0f, sx = m / 127.0f;
+        for (int64_t c = c0; c < c0 + xb; c += 16) {
+            const __m128i a = qx_codes16(x + c, inv), b = _mm_shuffle_epi8(a, split);
+            _mm_storel_epi64((__m128i *)(xq->xe + c / 2), b);
+            _mm_storel_epi64((__m128i *)(xq->xo + c / 2), _mm_unpackhi_epi64(b, b));
+            /* each half of a holds the 8 codes of one lane: their sum is that of (code + 128) less 1024 */
+            const __m128i sad = _mm_sad_epu8(_mm_xor_si128(a, _mm_set1_epi8((char)0x80)), _mm_setzero_si128());
+            xq->corr[c / 8] = 8 * (_mm_cvtsi128_si32(sad) - 1024);
+            xq->corr[c / 8 + 1] = 8 * (_mm_extract_epi32(sad, 2) - 1024);
+            xq->sxl[c / 8] = xq->sxl[c / 8 + 1] = sx;
+        }
+    }
+#else
     for (int64_t c0 = 0; c0 < n; c0 += xb) {
         float m = 0.0f;
 #pragma omp simd reduction(max : m)
@@ -70,6 +121,7 @@ void caprese_qx_quantize(const QMat *w, const float *x, void *buf, QgX *xq) {
             xq->sxl[c0 / 8 + l] = sx;
         }
     }
+#endif
 }
 
 /* Per 32-bit lane (4 weight bytes = 8 elements): a + sum of (code_w + 8) * code_x, for 16 / 8 / 4 lanes (a = -corr
@@ -662,3 +714,148 @@ void caprese_q_rows_axpy_qw(const QMat *w, const float *h, const int64_t *idx, i
     if (w->scale_fp32) qa_rows_axpy(w, 1, 1, h, idx, r0, r1, h_end, y);
     else qa_rows_axpy(w, 0, 1, h, idx, r0, r1, h_end, y);
 }
+
+/* GRIFFIN's down in a layout of its own ("quads"; AVX-512 builds): its kept rows are gathered per prompt, so the
+ * backend repacks them once per prompt and every decode step skips the nibble interleaving above (16 of a piece's
+ * 50 vector operations), bit for bit the same sums. Row quad s (rows 4s .. 4s + 3), 32-column block j: 64 bytes at
+ * ((s * cols / 32) + j) * 64; byte 4i + k holds row 4s + k's unsigned codes (code + 8) of columns 32j + i (low
+ * nibble) and 32j + 16 + i (high), i < 16; rows past the last are code 0. */
+#if QA_LANES == 4
+int caprese_qa_quads(void) { return 1; }
+
+int64_t caprese_qa_quads_bytes(const QMat *w) { return (w->rows + 3) / 4 * (w->cols / 32) * 64; }
+
+/* w's codes (caprese_qa_fits(w)) into dst (caprese_qa_quads_bytes(w) bytes), as above. */
+void caprese_qa_pack_quads(const QMat *w, uint8_t *dst) {
+    const int64_t rb = w->cols / 2, nb = w->cols / 32;
+    const __m128i nib = _mm_set1_epi8(0x0f), x88 = _mm_set1_epi8((char)0x88);
+    for (int64_t s = 0; s < (w->rows + 3) / 4; s++)
+        for (int64_t j = 0; j < nb; j++) {
+            __m128i e[4];
+            for (int k = 0; k < 4; k++) {
+                if (4 * s + k >= w->rows) {
+                    e[k] = x88;
+                    continue;
+                }
+                const __m128i v = _mm_loadu_si128((const __m128i *)(w->codes + (4 * s + k) * rb + 16 * j));
+                const __m128i ev = _mm_and_si128(v, nib), od = _mm_and_si128(_mm_srli_epi16(v, 4), nib);
+                const __m128i c0 = _mm_unpacklo_epi8(ev, od), c1 = _mm_unpackhi_epi8(ev, od); /* columns 0-15, 16-31 */
+                e[k] = _mm_xor_si128(_mm_or_si128(c0, _mm_slli_epi16(c1, 4)), x88);
+            }
+            qa_store_quads((uint32_t *)(dst + (s * nb + j) * 64), e);
+        }
+}
+
+/* nsb (1 .. 4) 32-column blocks from column c of one group (nsub quads at q, the group's first): yp (natural
+ * order) += its term; alphas and sums as qa_group's. The same bytes of the next group (at q + ahead; 0: none)
+ * are fetched meanwhile: a step's other phases leave the hardware prefetchers nothing to go on. */
+static inline __attribute__((always_inline)) void qa_quads_piece(const uint8_t *q, int64_t ahead, int64_t nb,
+                                                                 int64_t c, int nsb,
+                                                                 int nsub, const int wide, const int sh,
+                                                                 const int64_t cb0, const uint32_t *alpha32,
+                                                                 const uint32_t *alo32, const float *sa,
+                                                                 const int32_t *nc, float *yp) {
+    const __m512i nib = _mm512_set1_epi8(0x0f);
+    __m512i acc[8], alo[8];
+    int64_t cb[4];
+    for (int u = 0; u < nsb; u++) {
+        cb[u] = cb0 + ((32 * u) >> sh);
+        const __m512i start = _mm512_set1_epi32(nc[cb[u]]);
+        acc[2 * u] = acc[2 * u + 1] = wide ? _mm512_setzero_si512() : start;
+        alo[2 * u] = alo[2 * u + 1] = start;
+    }
+    for (int s = 0; s < nsub; s++) {
+        const uint8_t *p = q + (s * nb + c / 32) * 64;
+        if (ahead)
+            for (int u = 0; u < nsb; u++) __builtin_prefetch(p + ahead + 64 * u, 0, 2);
+        for (int u = 0; u < nsb; u++) {
+            const __m512i v = _mm512_loadu_si512(p + 64 * u);
+            const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+            const __m512i a = _mm512_set1_epi32((int)alpha32[s * QA_BP + cb[u]]);
+            acc[2 * u] = qa_dp(acc[2 * u], lo, a);
+            acc[2 * u + 1] = qa_dp(acc[2 * u + 1], hi, a);
+            if (wide) {
+                const __m512i b = _mm512_set1_epi32((int)alo32[s * QA_BP + cb[u]]);
+                alo[2 * u] = qa_dp(alo[2 * u], lo, b);
+                alo[2 * u + 1] = qa_dp(alo[2 * u + 1], hi, b);
+            }
+        }
+    }
+    for (int u = 0; u < nsb; u++) {
+        const __m512 sv = _mm512_set1_ps(sa[cb[u]]);
+        for (int k = 0; k < 2; k++)
+            qa_flush(yp + 32 * u + 16 * k, wide ? QA_ADD32(QA_SLL32(acc[2 * u + k], 8), alo[2 * u + k]) : acc[2 * u + k],
+                     sv);
+    }
+}
+
+/* rows-axpy over the quads of w (caprese_qa_pack_quads) with rounded coefficients, rows [r0, r1) (r0 % 4 == 0):
+ * the same groups, sums and roundings as qa_rows_axpy with idx NULL. Rows past r1 up to h_end are prefetched. */
+static inline __attribute__((always_inline)) void qa_rows_axpy_quads(const QMat *w, const uint8_t *quads,
+                                                                     const int f32s, const int wide, const float *h,
+                                                                     int64_t r0, int64_t r1, int64_t h_end, float *y) {
+    float yp[QG_TILE] __attribute__((aligned(64)));
+    int64_t rows[QA_GROUP];
+    const int64_t nb = w->cols / 32, gbytes = QA_GROUP / 4 * nb * 64, pf_end = h_end > r1 ? h_end : r1;
+    const int sh = w->block == w->cols ? 62 : __builtin_ctzll((unsigned long long)w->block);
+    const int64_t sbytes = (w->cols / w->block) * (f32s ? 4 : 2); /* a row's scales */
+    for (int64_t c0 = 0; c0 < w->cols; c0 += QG_TILE) {
+        const int64_t c1 = c0 + QG_TILE < w->cols ? c0 + QG_TILE : w->cols;
+        const QgTile t = qg_tile(w, 4, c0, c1);
+        memset(yp, 0, sizeof(float) * (size_t)(c1 - c0));
+        /* the first group's bytes and scales at once; then each group fetches the next one's as it goes */
+        qg_prefetch(quads + r0 / 4 * nb * 64, (r1 - r0 < QA_GROUP ? r1 - r0 + 3 : QA_GROUP) / 4 * nb * 64);
+        qg_prefetch((const uint8_t *)w->scales + r0 * sbytes, (r1 - r0 < QA_GROUP ? r1 - r0 : QA_GROUP) * sbytes);
+        for (int64_t g = r0; g < r1; g += QA_GROUP) {
+            const int nr = (int)(r1 - g < QA_GROUP ? r1 - g : QA_GROUP), nsub = (nr + 3) / 4;
+            uint32_t alpha32[QA_GROUP / 4 * QA_BP], alo32[QA_GROUP / 4 * QA_BP];
+            float sa[QA_BP];
+            int32_t nc[QA_BP];
+            for (int r = 0; r < nr; r++) rows[r] = g + r;
+            const uint8_t *q = quads + g / 4 * nb * 64;
+            const int64_t next = g + QA_GROUP < pf_end ? g + QA_GROUP : 0, ahead = next ? gbytes : 0;
+            if (next) /* the next group's scales (its bytes: in the pieces below) */
+                for (int64_t o = 0; o < (pf_end - next < QA_GROUP ? pf_end - next : QA_GROUP) * sbytes; o += 64)
+                    __builtin_prefetch((const uint8_t *)w->scales + next * sbytes + o, 0, 2);
+            qa_quantize(w, f32s, wide, &t, h + g, rows, nr, alpha32, alo32, sa, nc);
+            int64_t c = c0;
+            for (; c + 128 <= c1; c += 128)
+                qa_quads_piece(q, ahead, nb, c, 4, nsub, wide, sh, (c - c0) >> sh, alpha32, alo32, sa, nc,
+                               yp + (c - c0));
+            switch ((c1 - c) / 32) {
+            case 3:
+                qa_quads_piece(q, ahead, nb, c, 3, nsub, wide, sh, (c - c0) >> sh, alpha32, alo32, sa, nc, yp + (c - c0));
+                break;
+            case 2:
+                qa_quads_piece(q, ahead, nb, c, 2, nsub, wide, sh, (c - c0) >> sh, alpha32, alo32, sa, nc, yp + (c - c0));
+                break;
+            case 1:
+                qa_quads_piece(q, ahead, nb, c, 1, nsub, wide, sh, (c - c0) >> sh, alpha32, alo32, sa, nc, yp + (c - c0));
+                break;
+            default: break;
+            }
+        }
+        for (int64_t c = c0; c < c1; c += 16)
+            _mm512_storeu_ps(y + c, _mm512_add_ps(_mm512_loadu_ps(y + c), _mm512_load_ps(yp + (c - c0))));
+    }
+}
+
+/* Entry point: wide = 1: 16-bit coefficients (caprese_q_rows_axpy_qw's), 0: int8 (caprese_q_rows_axpy_qa's). */
+void caprese_q_rows_axpy_quads(const QMat *w, const uint8_t *quads, int64_t wide, const float *h, int64_t r0,
+                               int64_t r1, int64_t h_end, float *y) {
+    if (w->scale_fp32 && wide) qa_rows_axpy_quads(w, quads, 1, 1, h, r0, r1, h_end, y);
+    else if (w->scale_fp32) qa_rows_axpy_quads(w, quads, 1, 0, h, r0, r1, h_end, y);
+    else if (wide) qa_rows_axpy_quads(w, quads, 0, 1, h, r0, r1, h_end, y);
+    else qa_rows_axpy_quads(w, quads, 0, 0, h, r0, r1, h_end, y);
+}
+#else
+int caprese_qa_quads(void) { return 0; } /* the other builds keep the interleaving in the step */
+int64_t caprese_qa_quads_bytes(const QMat *w) { (void)w; return 0; }
+void caprese_qa_pack_quads(const QMat *w, uint8_t *dst) { (void)w; (void)dst; }
+void caprese_q_rows_axpy_quads(const QMat *w, const uint8_t *quads, int64_t wide, const float *h, int64_t r0,
+                               int64_t r1, int64_t h_end, float *y) {
+    (void)quads;
+    if (wide) caprese_q_rows_axpy_qw(w, h, NULL, r0, r1, h_end, y);
+    else caprese_q_rows_axpy_qa(w, h, NULL, r0, r1, h_end, y);
+}
+#endif

@@ -59,7 +59,7 @@ class Layer(ctypes.Structure):
         ("scale", ctypes.c_float), ("softcap", ctypes.c_float), ("up_t", Mat), ("up_bias", ctypes.c_void_p),
         ("q_attn", ctypes.c_int64), ("q_ffn", ctypes.c_int64), ("down_rows", ctypes.c_int64),
         ("q_qkv", QMat), ("q_o", QMat), ("q_gate", QMat), ("q_up", QMat), ("q_down", QMat),
-        ("bypass_f16", ctypes.c_int64)]
+        ("bypass_f16", ctypes.c_int64), ("down_quads", ctypes.c_void_p), ("l_t", ctypes.c_void_p)]
 
 
 class Model(ctypes.Structure):
@@ -260,6 +260,13 @@ def load(isa: str | None = None) -> ctypes.CDLL:
         lib.caprese_decode_step.restype = ctypes.c_int
         lib.caprese_decode_step.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                            ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64)]
+        lib.caprese_qa_quads.restype = ctypes.c_int
+        lib.caprese_qa_quads_bytes.restype = ctypes.c_int64
+        lib.caprese_qa_quads_bytes.argtypes = [ctypes.POINTER(QMat)]
+        lib.caprese_qa_fits.restype = ctypes.c_int
+        lib.caprese_qa_fits.argtypes = [ctypes.POINTER(QMat)]
+        lib.caprese_qa_pack_quads.restype = None
+        lib.caprese_qa_pack_quads.argtypes = [ctypes.POINTER(QMat), ctypes.c_void_p]
         lib.caprese_head_only.restype = ctypes.c_int
         lib.caprese_head_only.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)]
         built_for = lib.caprese_isa().decode()

@@ -75,6 +75,15 @@ def load(isa: str | None = None) -> ctypes.CDLL:
         lib.caprese_q_rows_axpy_qw.restype = None
         lib.caprese_q_rows_axpy_qw.argtypes = [ctypes.POINTER(QMat), _F32P, _I64P, ctypes.c_int64, ctypes.c_int64,
                                                ctypes.c_int64, _F32P]
+        lib.caprese_qa_quads.restype = ctypes.c_int
+        lib.caprese_qa_quads.argtypes = []
+        lib.caprese_qa_quads_bytes.restype = ctypes.c_int64
+        lib.caprese_qa_quads_bytes.argtypes = [ctypes.POINTER(QMat)]
+        lib.caprese_qa_pack_quads.restype = None
+        lib.caprese_qa_pack_quads.argtypes = [ctypes.POINTER(QMat), ctypes.c_void_p]
+        lib.caprese_q_rows_axpy_quads.restype = None
+        lib.caprese_q_rows_axpy_quads.argtypes = [ctypes.POINTER(QMat), ctypes.c_void_p, ctypes.c_int64, _F32P,
+                                                  ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _F32P]
         lib.caprese_q_bench.restype = ctypes.c_double
         lib.caprese_q_bench.argtypes = [ctypes.c_int, ctypes.POINTER(QMat), ctypes.c_int64, _F32P, _F32P,
                                         ctypes.c_int64, ctypes.c_int64]
@@ -269,3 +278,29 @@ def rows_axpy_int16_coefficients(qm: QMatrix, h: torch.Tensor, y: torch.Tensor |
     """The same with 16-bit coefficients (32512 levels; int8_activations.c, caprese_q_rows_axpy_qw): GRIFFIN's down
     on an engine exported with --int8-activations, by default."""
     return _rounded_axpy(qm, h, y, rows, r0, r1, isa, 16, "caprese_q_rows_axpy_qw")
+
+
+def pack_quads(qm: QMatrix, isa: str | None = None) -> torch.Tensor | None:
+    """qm's codes in the quads layout GRIFFIN's down is repacked into once per prompt (int8_activations.c), or None
+    where the build reads the plain layout (not AVX-512)."""
+    lib = load(isa)
+    if not lib.caprese_qa_fits(ctypes.byref(qm.struct)):
+        raise CapreseError(f"the quads layout takes int4 weights with columns a multiple of 32 in blocks of 32, 64, "
+                           f"128 or one per row (got {qm.qt.fmt.name} {list(qm.shape)})")
+    if not lib.caprese_qa_quads():
+        return None
+    out = torch.empty(int(lib.caprese_qa_quads_bytes(ctypes.byref(qm.struct))), dtype=torch.uint8)
+    lib.caprese_qa_pack_quads(ctypes.byref(qm.struct), out.data_ptr())
+    return out
+
+
+def rows_axpy_quads(qm: QMatrix, quads: torch.Tensor | None, h: torch.Tensor, y: torch.Tensor | None = None,
+                    r0: int = 0, r1: int | None = None, bits: int = 16, isa: str | None = None) -> torch.Tensor:
+    """rows_axpy_int16_coefficients (bits=16) / rows_axpy_int8_activations (8) over rows [r0, r1) (r0 % 4 == 0) read
+    from pack_quads(qm)'s bytes: the same sums; quads None (a build without the layout): the plain entry point."""
+    idx, h, r1, y = _axpy_args(qm, h, y, None, r0, r1)
+    if r0 % 4 or bits not in (8, 16):
+        raise CapreseError(f"quads rows-axpy takes r0 a multiple of 4 and bits 8 or 16 (got r0={r0}, bits={bits})")
+    load(isa).caprese_q_rows_axpy_quads(ctypes.byref(qm.struct), None if quads is None else quads.data_ptr(),
+                                        int(bits == 16), _ptr(h, _F32P), r0, r1, r1, _ptr(y, _F32P))
+    return y
