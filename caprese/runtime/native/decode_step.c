@@ -631,18 +631,13 @@ static inline float dot_row(const float *q, const float *k, int64_t hd) {
 
 /* sc[t * ATT_BLOCK + s] = score of query t (of nk, q[t * hd ..]) against key row s < n of K (scaled, soft-capped);
  * their maxima into mx[t]. AVX-512: 16 rows at a time per query (dot16); else, and the last n % 16, one by one. */
-static void score_rows(const Layer *L, const float *q, const float *K, const float *V, int64_t hd, int64_t n, int nk,
-                       float *sc, float *mx) {
+static void score_rows(const Layer *L, const float *q, const float *K, int64_t hd, int64_t n, int nk, float *sc,
+                       float *mx) {
     for (int t = 0; t < nk; t++) {
         const float *qt = q + t * hd;
         float *st = sc + t * ATT_BLOCK;
         int64_t s = 0;
         for (; s + 16 <= n; s += 16) {
-            if (t == 0) /* DRAM latency: the keys and values of the next 16 rows (the first 16: attend_group) */
-                for (int64_t j = (s + 16) * hd; j < (s + 32 < n ? s + 32 : n) * hd; j += 16) {
-                    __builtin_prefetch(K + j);
-                    __builtin_prefetch(V + j);
-                }
 #if VW == 16
             *(vfwu *)(st + s) = dot16(qt, K + s * hd, hd);
 #else
@@ -696,6 +691,16 @@ static inline __attribute__((always_inline)) void add_values(const float *p, con
         }
 }
 
+/* The keys and values of slots [s0, s1) of KV head kvh into L2, all requested at once. A chunk's rows are short
+ * streams (~16 KB each of K and V) that the hardware prefetchers do not ramp up on, so asked 16 rows ahead they
+ * were read at half the weights' rate (docs/performance.md). */
+static void prefetch_kv_rows(const Model *m, const Layer *L, int64_t kvh, int64_t s0, int64_t s1) {
+    const int64_t hd = m->head_dim;
+    const float *K = L->k_cache + kvh * m->capacity * hd, *V = L->v_cache + kvh * m->capacity * hd;
+    for (int64_t j = s0 * hd; j < s1 * hd; j += 16) __builtin_prefetch(K + j, 0, 2);
+    for (int64_t j = s0 * hd; j < s1 * hd; j += 16) __builtin_prefetch(V + j, 0, 2);
+}
+
 /* Query heads h0 .. h0 + g - 1 of layer L at `slot`, all of one KV head: their q (raw: the QKV product's outputs of
  * those heads, bias added) normed and rotated into q[g * hd]; attention over slots [s0, s1) of their KV head (scores
  * a block at a time into sc[g * ATT_BLOCK], merged by their running max and sum), left unnormalized: head k's
@@ -715,18 +720,14 @@ static void attend_group(const Ctx *c, const Layer *L, int64_t slot, int64_t h0,
         ok[hd + 1] = 0.0f;
     }
     const float *K = L->k_cache + kvh * m->capacity * hd, *V = L->v_cache + kvh * m->capacity * hd;
-    /* the first 16 rows' keys and values (score_rows prefetches the rest 16 rows ahead) */
-    for (int64_t j = s0 * hd; j < (s0 + 16 < s1 ? s0 + 16 : s1) * hd; j += 16) {
-        __builtin_prefetch(K + j);
-        __builtin_prefetch(V + j);
-    }
+    prefetch_kv_rows(m, L, kvh, s0, s1);
     for (int64_t b0 = s0; b0 < s1; b0 += ATT_BLOCK) {
         const int64_t n = b0 + ATT_BLOCK <= s1 ? ATT_BLOCK : s1 - b0;
         for (int64_t k0 = 0; k0 < g; k0 += 4) {
             const int nk = g - k0 < 4 ? (int)(g - k0) : 4;
             float bm[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
             float *sk = sc + k0 * ATT_BLOCK, *qk = q + k0 * hd, *ok = o + k0 * ostride;
-            score_rows(L, qk, K + b0 * hd, V + b0 * hd, hd, n, nk, sk, bm);
+            score_rows(L, qk, K + b0 * hd, hd, n, nk, sk, bm);
             for (int t = 0; t < nk; t++) { /* e^(score - new max); the sums so far rescaled to the new max */
                 float *ot = ok + t * ostride, *st = sk + t * ATT_BLOCK;
                 const float mx = ot[hd], nm = bm[t] > mx ? bm[t] : mx, corr = mx == -INFINITY ? 0.0f : expf(mx - nm);
@@ -771,15 +772,27 @@ static void stage_attention(const Ctx *c, const Phase *ph, int64_t i, float *out
     gemv_rows(o, &rows, NULL, 0, hd, out);
 }
 
+/* Slots [*s0, *s1) of chunk i of a quantized attention phase over slots [lo, lo + len) in S parts per KV head. */
+static void att_part(int64_t i, int64_t S, int64_t lo, int64_t len, int64_t *s0, int64_t *s1) {
+    *s0 = lo + len * (i % S) / S;
+    *s1 = lo + len * (i % S + 1) / S;
+}
+
 /* B, quantized o: chunk i = KV head i / S, slots part i % S of S (ph->n = KV heads x S): the unnormalized
  * attention of that KV head's query heads over the part (attend_group), for reduce_attention to merge; the o
- * projection is a phase of its own (a quantized row spans every head's inputs). */
+ * projection is a phase of its own (a quantized row spans every head's inputs). The next chunk's rows are
+ * requested first: with threads of equal speed it is this thread's next. */
 static void stage_q_attention(const Ctx *c, const Phase *ph, int64_t i, float *out, float *tmp) {
     const Model *m = c->m;
     const Layer *L = m->layers + ph->layer;
     const int64_t hd = m->head_dim, g = m->num_heads / m->num_kv_heads, S = ph->n / m->num_kv_heads;
-    const int64_t kvh = i / S, part = i % S, lo = first_slot(L, ph->slot), len = ph->slot + 1 - lo;
-    const int64_t s0 = lo + len * part / S, s1 = lo + len * (part + 1) / S;
+    const int64_t kvh = i / S, lo = first_slot(L, ph->slot), len = ph->slot + 1 - lo;
+    int64_t s0, s1;
+    if (i + 1 < ph->n) {
+        att_part(i + 1, S, lo, len, &s0, &s1);
+        prefetch_kv_rows(m, L, (i + 1) / S, s0, s1);
+    }
+    att_part(i, S, lo, len, &s0, &s1);
     attend_group(c, L, ph->slot, kvh * g, g, s0, s1, c->qkv + kvh * g * hd, tmp, tmp + g * hd, out, hd + 2);
 }
 
@@ -1614,9 +1627,20 @@ static void run_attention(Ctx *c, int64_t li, int64_t slot) {
         quantize_for(c, &L->q_qkv, c->h);
         Cat qkv = {c->qkv, L->qkv_bias};
         run_phase(c, &a, reduce_cat, &qkv);
+        const int64_t lo = first_slot(L, slot), S = att_parts(m, slot + 1 - lo), g = m->num_heads / m->num_kv_heads;
+        /* The first 32 slots of each thread's first attention chunk (run_phase's ranges), requested while the
+         * leader writes this slot's K / V: the attention phase then starts on rows under way (4% of the step
+         * measured; all of each chunk stalled the leader for longer than it saved). Two threads' at most. */
+        const int64_t act = atomic_load_explicit(&c->active, memory_order_relaxed), n = m->num_kv_heads * S;
+        for (int64_t k = 0; k < act && k < 2; k++) {
+            const int64_t first = n - n * (act - k) / act;
+            if (first >= n) break;
+            int64_t s0, s1;
+            att_part(first, S, lo, slot + 1 - lo, &s0, &s1);
+            prefetch_kv_rows(m, L, first / S, s0, s0 + 32 < s1 ? s0 + 32 : s1);
+        }
         memcpy(c->kv, c->qkv + kvo, sizeof(float) * (nqkv - kvo));
         stage_kv_write(c, li, slot);
-        const int64_t S = att_parts(m, slot + 1 - first_slot(L, slot)), g = m->num_heads / m->num_kv_heads;
         const Phase b = phase_of(PH_QATT, li, m->num_kv_heads * S, 1, g * (m->head_dim + 2), slot);
         run_phase(c, &b, reduce_attention, NULL);
         Phase o = phase_of(PH_QDOT, li, D, q_rows(D), q_rows(D), slot);
