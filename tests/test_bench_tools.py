@@ -54,6 +54,8 @@ def test_caprese_onnxruntime_rows(bench, tiny_model_dir, tmp_path):
                   "ratio_to_floor"):
             assert r[k] > 0, (r["row"], k)
         assert len(r["ms_per_token_samples"]) == 1
+        # one round: its own bandwidth sample is the median, so the per-round ratio is the ratio
+        assert r["ratio_to_floor_per_round"] == pytest.approx([r["ratio_to_floor"]], rel=2e-3)
         assert r["ratio_to_peer"] is None
         assert (tmp_path / "cache" / f"{r['row']}-fp32" / "manifest.json").is_file()
     by = {r["row"]: r for r in res["rows"]}

@@ -746,11 +746,16 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
         ms = statistics.median(ms_all)
         b = samples[row.name][-1].bytes_per_step
         floor = b / (gbs * 1e9) * 1000
+        # also each round against the bandwidth sampled in that round: these VMs flip between read-bandwidth
+        # regimes from one minute to the next, and the median row time and median bandwidth may come from
+        # different ones (information only: the targets stay on the medians)
+        per_round = [x / (b / (g * 1e9) * 1000) for x, g in zip(ms_all, bandwidth)]
         results.append({"row": row.name, "label": row.label, "backend": row.backend,
                         "ms_per_token": _r(ms), "ms_per_token_samples": [_r(x) for x in ms_all],
                         "tokens_per_s": _r(1000 / ms, 2), "bytes_per_step": int(round(b)),
                         "gb_per_s": _r(b / ms / 1e6), "floor_ms_per_token": _r(floor),
-                        "ratio_to_floor": _r(ms / floor), "ratio_to_peer": None, **row.notes})
+                        "ratio_to_floor": _r(ms / floor), "ratio_to_floor_per_round": [_r(x) for x in per_round],
+                        "ratio_to_peer": None, **row.notes})
     by = {r["row"]: r for r in results}
     for r in results:  # native rows: the ratio to ONNX Runtime on the same engine, per round and overall
         ref = by.get(SAME_ENGINE.get(r["row"].split("@")[0], ""))
@@ -775,6 +780,7 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
             r = by[name]
             targets[name] = {"ratio_to_peer": r["ratio_to_peer"], "peer_max": peer_max,
                              "ratio_to_floor": r["ratio_to_floor"], "floor_max": floor_max,
+                             "ratio_to_floor_per_round": r["ratio_to_floor_per_round"],
                              "met_peer": None if r["ratio_to_peer"] is None else r["ratio_to_peer"] <= peer_max,
                              "met_floor": r["ratio_to_floor"] <= floor_max}
     for r in results:
@@ -854,7 +860,8 @@ def format_table(res: dict) -> str:
         peer = ("n/a (no peer)" if t["met_peer"] is None else
                 f"{t['ratio_to_peer']:.3f}x peer (target <= {t['peer_max']}: {'met' if t['met_peer'] else 'NOT met'})")
         lines.append(f"target {name}: {peer}; {t['ratio_to_floor']:.3f}x floor (target <= {t['floor_max']}: "
-                     f"{'met' if t['met_floor'] else 'NOT met'})")
+                     f"{'met' if t['met_floor'] else 'NOT met'}; each round against its own bandwidth sample: "
+                     f"{t['ratio_to_floor_per_round']})")
     if "ratio_caprese_over_transformers" in res:
         lines.append(f"ratio caprese torch reference / transformers: {res['ratio_caprese_over_transformers']:.3f}")
     return "\n".join(lines)
