@@ -142,6 +142,40 @@ def test_fp16_bypass_engines(isa, method, weights, block, target, tmp_path_facto
         assert full.stats.weight_bytes_per_step - got.stats.weight_bytes_per_step == lr
 
 
+# GRIFFIN engines: int4 (fp32 activations), int8 with MLP biases (b_gul), --int8-activations (the quads down on
+# AVX-512), --fp16-bypass
+FUSED_CASES = [("qwen2", "int4", {}), ("llama", "int8", {}), ("qwen2", "int4", {"int8_activations": True}),
+               ("qwen2", "int4", {"fp16_bypass": True})]
+
+
+@needs_cc
+@pytest.mark.parametrize("isa", [None, *OTHER_ISAS])
+@pytest.mark.parametrize("kind,weights,extra", FUSED_CASES,
+                         ids=[f"{k}-{w}" + "".join(f"-{x}" for x in e) for k, w, e in FUSED_CASES])
+def test_griffin_ffn_in_one_phase_equals_two(isa, kind, weights, extra, tmp_path_factory, tiny_model_dir):
+    """A GRIFFIN layer's FFN runs as one phase (stage_q_ffn: a chunk of neurons computes its gate / up rows, the
+    activation and its down rows; the default) with the down phase's chunk spans, so its logits are the two-phase
+    path's (gate/up, the leader's activation, then down) bit for bit, over re-selections every 8 steps, on every
+    build; the profile shows which ran."""
+    engine = q_export(tmp_path_factory, tiny_model_dir, kind, "griffin", weights, None, "onnxruntime", False,
+                      **extra)[0]
+    nat = Generator.load(engine, backend="native", threads=2, isa=isa)
+    be, prompt = nat.backend, prompt_ids(14, seed=3)[0].tolist()
+    be.kernel_profile(reset=True)
+    one, one_logits = recorded(nat, prompt, 8)
+    fused = be.kernel_profile(reset=True)["phases_us"]
+    be.lib.caprese_context_set_fused_ffn(be._ctx, 0)
+    try:
+        two, two_logits = recorded(nat, prompt, 8)
+        split = be.kernel_profile(reset=True)["phases_us"]
+    finally:
+        be.lib.caprese_context_set_fused_ffn(be._ctx, 1)
+    assert "q_ffn_rows" in fused and "q_gate_up" not in fused and "q_down_rows" not in fused
+    assert "q_ffn_rows" not in split and "q_gate_up" in split and "q_down_rows" in split
+    assert one.tokens == two.tokens
+    assert torch.equal(one_logits, two_logits)
+
+
 @needs_cc
 @pytest.mark.parametrize("case", [CASES[1], CASES[6]], ids=[IDS[1], IDS[6]])
 def test_threads_give_the_same_bits(case, tmp_path_factory, tiny_model_dir):

@@ -403,7 +403,7 @@ static float kth_largest(float *a, int64_t n, int64_t k) {
 
 /* ------------------------------------------------------------------ the context: pool, scratch, phases */
 enum { PH_QKV, PH_ATTN, PH_GATE_UP, PH_DOWN, PH_HEAD_FULL, PH_HEAD_SCREEN, PH_HEAD_PICK, PH_QDOT, PH_QATT, PH_QDOWN,
-       PH_KINDS };
+       PH_QFFN, PH_KINDS };
 enum { J_QKV, J_O, J_GU, J_DOWN, J_HEAD }; /* what a PH_QDOT phase computes */
 #define PROF_LABELS (PH_KINDS + 5) /* the profile's rows: a phase kind, or PH_KINDS + job for PH_QDOT */
 
@@ -490,6 +490,7 @@ struct Ctx {
     int64_t prof_ns[PROF_LABELS], prof_n[PROF_LABELS]; /* leader: wall ns and count of phases, per label */
     int64_t step_ns, steps;      /* leader: wall ns and count of decode steps */
     int64_t spin_ns;             /* how long an idle helper spins before it sleeps */
+    int fused_ffn;               /* GRIFFIN's FFN as one phase (stage_q_ffn; default), else gate/up then down */
     Worker workers[MAX_THREADS];
 };
 
@@ -856,6 +857,23 @@ static void stage_q_dot(const Ctx *c, const Phase *ph, int64_t i, float *out) {
     }
 }
 
+/* GRIFFIN's down rows over their coefficients zr[j] for rows [j0, j1) (rows-axpy into out): the product an
+ * engine's arithmetic asks for (int8 activations: 16-bit or int8 coefficients, the quads layout where repacked;
+ * else fp32). zr is defined on [j0, h_end): fp32 reads it ahead to skip zero rows; the others prefetch rows
+ * up to h_end. */
+static void griffin_down(const Ctx *c, const Layer *L, const float *zr, int64_t j0, int64_t j1, int64_t h_end,
+                         float *out) {
+    const int act = (int)c->m->int8_act;
+    if (act && L->down_quads && caprese_qa_fits(&L->q_down)) /* j0: a multiple of 16 */
+        caprese_q_rows_axpy_quads(&L->q_down, L->down_quads, act == 1, zr, j0, j1, h_end, out);
+    else if (act == 2 && caprese_qa_fits(&L->q_down))
+        caprese_q_rows_axpy_qa(&L->q_down, zr, NULL, j0, j1, h_end, out);
+    else if (act == 1 && caprese_qa_fits(&L->q_down)) /* 16-bit coefficients (int8_activations.c) */
+        caprese_q_rows_axpy_qw(&L->q_down, zr, NULL, j0, j1, h_end, out);
+    else
+        caprese_q_rows_axpy_ahead(&L->q_down, zr, j0, j1, h_end, out);
+}
+
 /* D, quantized down stored [n_ff, hidden] (GRIFFIN / CATS): neurons [j0, j1) of n_ff + rank, z from c->z
  * (gathered and activated by the leader), times their down rows (rows-axpy: a row whose z is 0 is not read):
  * a partial sum over the hidden outputs. CATS: the up row of each neuron that passed its threshold is read
@@ -889,16 +907,56 @@ static void stage_q_down(const Ctx *c, const Phase *ph, int64_t i, float *out, f
             const int64_t nz = (a1 - j0) - np;
             unread = nz * (qmat_row_bytes(&L->q_up) + qmat_row_bytes(&L->q_down));
             caprese_q_rows_axpy(&L->q_down, zc - j0, NULL, j0, a1, out);
-        } else if (c->m->int8_act && L->down_quads && caprese_qa_fits(&L->q_down)) { /* j0: a multiple of 16 */
-            caprese_q_rows_axpy_quads(&L->q_down, L->down_quads, c->m->int8_act == 1, z, j0, a1, F, out);
-        } else if (c->m->int8_act == 2 && caprese_qa_fits(&L->q_down)) { /* GRIFFIN's rows, int8 activations */
-            caprese_q_rows_axpy_qa(&L->q_down, z, NULL, j0, a1, F, out);
-        } else if (c->m->int8_act == 1 && caprese_qa_fits(&L->q_down)) { /* 16-bit coefficients (int8_activations.c) */
-            caprese_q_rows_axpy_qw(&L->q_down, z, NULL, j0, a1, F, out);
-        } else {
-            caprese_q_rows_axpy_ahead(&L->q_down, z, j0, a1, F, out);
+        } else { /* GRIFFIN's rows */
+            griffin_down(c, L, z, j0, a1, F, out);
         }
     }
+    memcpy(out + D, &unread, sizeof unread);
+}
+
+/* A GRIFFIN layer's FFN as ONE phase: its gate / up are whole rows per neuron, so a chunk of neurons needs nothing
+ * from the others (one barrier and the leader's activation pass fewer per layer than gate/up, then down). Chunk i
+ * = neurons [j0, j1) of k + rank (q_ffn_phase): kept neurons: their gate and up rows, z = act(gate) * up, then
+ * their down rows; bypass neurons: z = x L (L's columns), then their R rows. out: a partial sum over the hidden
+ * outputs, PH_QDOWN's bit for bit (the same products, activation and chunk spans). */
+static void stage_q_ffn(const Ctx *c, const Phase *ph, int64_t i, float *out, float *tmp) {
+    const Model *m = c->m;
+    const Layer *L = m->layers + ph->layer;
+    const int64_t D = m->hidden, F = L->n_ff;
+    int64_t j0, j1;
+    chunk_span(ph, i, &j0, &j1);
+    const int64_t a1 = j1 < F ? j1 : F, b0 = j0 > F ? j0 : F;
+    float *z = tmp, *u = tmp + (j1 - j0); /* z[j - j0] for the chunk's neurons */
+    if (j1 > b0) { /* bypass neurons b0 - F .. j1 - F: x L, then their R rows (overwrites out) */
+        float *zb = z + (b0 - j0) - (b0 - F); /* zb[r] for r in [b0 - F, j1 - F) */
+        if (L->l_t)
+            caprese_f32_rows_dot(L->l_t, D, D, c->h, NULL, b0 - F, j1 - F, zb);
+        else if (L->bypass_f16)
+            gemv_rows_f16(c->h, &L->gu2, b0 - F, j1 - b0, 0, D, zb + (b0 - F));
+        else {
+            const Mat cols = {L->gu2.w + (b0 - F), L->gu2.ld, j1 - b0};
+            gemv_rows(c->h, &cols, NULL, 0, D, zb + (b0 - F));
+        }
+        if (L->bypass_f16)
+            gemv_rows_f16(zb, &L->down, 0, D, b0 - F, j1 - F, out);
+        else
+            gemv_rows(zb, &L->down, NULL, b0 - F, j1 - F, out);
+    } else {
+        memset(out, 0, sizeof(float) * D);
+    }
+    if (a1 > j0) {
+        q_dot(c, &L->q_gate, c->h, NULL, j0, a1, z - j0);
+        q_dot(c, &L->q_up, c->h, NULL, j0, a1, u - j0);
+        if (L->gu_bias)
+            for (int64_t j = j0; j < a1; j++) {
+                z[j - j0] += L->gu_bias[j];
+                u[j - j0] += L->gu_bias[F + j];
+            }
+        gated(m->activation, z, u, NULL, z, a1 - j0);
+        /* fp32 reads coefficients ahead of the chunk: the next chunk's are not computed here */
+        griffin_down(c, L, z - j0, j0, a1, m->int8_act ? F : a1, out);
+    }
+    const int64_t unread = 0;
     memcpy(out + D, &unread, sizeof unread);
 }
 
@@ -1051,6 +1109,7 @@ static void run_chunk(Ctx *c, const Phase *ph, int64_t i, float *out, int tid) {
     case PH_QDOT: stage_q_dot(c, ph, i, out); break;
     case PH_QATT: stage_q_attention(c, ph, i, out, tmp); break;
     case PH_QDOWN: stage_q_down(c, ph, i, out, tmp); break;
+    case PH_QFFN: stage_q_ffn(c, ph, i, out, tmp); break;
     }
 }
 
@@ -1393,6 +1452,14 @@ static Phase q_down_phase(const Model *m, const Layer *L, int64_t li) {
     return with_bypass(phase_of(PH_QDOWN, li, F, rows, D + 2, 0), L->rank, r2);
 }
 
+/* GRIFFIN's FFN as one phase (stage_q_ffn): the down phase's chunks, so the partial sums are the two-phase
+ * path's bit for bit (smaller chunks, 64 kept neurons, ran slower: more chunks to claim; measured). */
+static Phase q_ffn_phase(const Model *m, const Layer *L, int64_t li) {
+    Phase ph = q_down_phase(m, L, li);
+    ph.kind = PH_QFFN;
+    return ph;
+}
+
 /* What this model's phases need of a context, in one pass over its layers: the floats of one result area (the
  * largest phase, chunks x floats per chunk), returned, and the most chunks a phase has (the slots), in *chunks. */
 static int64_t phase_bounds(const Model *m, int64_t *chunks) {
@@ -1416,11 +1483,13 @@ static int64_t phase_bounds(const Model *m, int64_t *chunks) {
         if (CHUNKS_WIDE * gu > most) most = CHUNKS_WIDE * gu;
         if (dc * (D + 2) > most) most = dc * (D + 2);
         if (L->q_ffn) {
-            const Phase g = gu_phase(m, L, li), d = q_down_phase(m, L, li);
+            const Phase g = gu_phase(m, L, li), d = q_down_phase(m, L, li), f = q_ffn_phase(m, L, li);
             if (g.n_chunks * g.stride > most) most = g.n_chunks * g.stride;
             if (d.n_chunks * d.stride > most) most = d.n_chunks * d.stride;
+            if (f.n_chunks * f.stride > most) most = f.n_chunks * f.stride;
             if (g.n_chunks > n) n = g.n_chunks;
             if (d.n_chunks > n) n = d.n_chunks;
+            if (f.n_chunks > n) n = f.n_chunks;
         }
     }
     *chunks = n;
@@ -1467,6 +1536,7 @@ Ctx *caprese_context_new(const Model *m, int64_t threads) {
     cpu_set_t cpus;
     const int ncpu = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : (int)threads;
     c->spin_ns = threads > ncpu ? SPIN_NS_OVERSUBSCRIBED : SPIN_NS;
+    c->fused_ffn = 1;
     atomic_store(&c->active, (int)threads);
     int64_t chunks;
     c->res_floats = phase_bounds(m, &chunks);
@@ -1559,6 +1629,9 @@ int64_t caprese_context_profile(Ctx *c, int64_t *out, int64_t reset) {
     }
     return PROF_LABELS;
 }
+
+/* Tests: GRIFFIN's FFN as one phase (1, the default) or as the gate/up phase then the down phase (0). */
+void caprese_context_set_fused_ffn(Ctx *c, int64_t on) { c->fused_ffn = on != 0; }
 
 /* Tests: thread `tid` (0: the caller) sleeps `us` microseconds inside every `every`-th chunk it runs (0 = never). */
 void caprese_context_debug_stall(Ctx *c, int64_t tid, int64_t every, int64_t us) {
@@ -1675,6 +1748,13 @@ static void run_q_ffn(Ctx *c, int64_t li, int64_t *skipped) {
     const Model *m = c->m;
     const Layer *L = m->layers + li;
     const int64_t D = m->hidden, F = L->n_ff, r = L->rank, nq = L->cats_tau ? F : 2 * F;
+    if (c->fused_ffn && L->down_rows && !L->cats_tau) { /* GRIFFIN: one phase (stage_q_ffn) */
+        quantize_for(c, &L->q_gate, c->h);
+        Sum down = {0, D, L->down_bias, c->y, D, NULL};
+        const Phase d = q_ffn_phase(m, L, li);
+        run_phase(c, &d, reduce_sum, &down);
+        return;
+    }
     const Phase g = gu_phase(m, L, li);
     quantize_for(c, &L->q_gate, c->h); /* gate and up: one tensor's rows, the same columns and blocks */
     Cat gu = {c->gu, NULL};
