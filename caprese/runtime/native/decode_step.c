@@ -816,6 +816,27 @@ static void q_dot(const Ctx *c, const QMat *w, const float *x, const int64_t *id
         caprese_q_rows_dot(w, x, idx, r0, r1, y);
 }
 
+/* y[0 .. k1 - k0) = outputs [k0, k1) of a quantized FFN's bypass x L (L fp32 transposed, fp16, or fp32 columns). */
+static void bypass_l(const Ctx *c, const Layer *L, int64_t k0, int64_t k1, float *y) {
+    const int64_t D = c->m->hidden;
+    if (L->l_t) {
+        caprese_f32_rows_dot(L->l_t, D, D, c->h, NULL, k0, k1, y - k0);
+    } else if (L->bypass_f16) {
+        gemv_rows_f16(c->h, &L->gu2, k0, k1 - k0, 0, D, y);
+    } else {
+        const Mat cols = {L->gu2.w + k0, L->gu2.ld, k1 - k0};
+        gemv_rows(c->h, &cols, NULL, 0, D, y);
+    }
+}
+
+/* out[0 .. hidden) = sum over bypass rows r in [r0, r1) of zb[r] * R[r] (R fp32 or fp16): overwrites out. */
+static void bypass_r(const Ctx *c, const Layer *L, const float *zb, int64_t r0, int64_t r1, float *out) {
+    if (L->bypass_f16)
+        gemv_rows_f16(zb, &L->down, 0, c->m->hidden, r0, r1, out);
+    else
+        gemv_rows(zb, &L->down, NULL, r0, r1, out);
+}
+
 /* A quantized product's chunk: outputs [o0, o1) of the phase's job, each a whole row dot product (no partial
  * sums), into out[0 ..). */
 static void stage_q_dot(const Ctx *c, const Phase *ph, int64_t i, float *out) {
@@ -842,16 +863,8 @@ static void stage_q_dot(const Ctx *c, const Phase *ph, int64_t i, float *out) {
         const int64_t u0 = o0 > F ? o0 : F, u1 = o1 < nq ? o1 : nq;
         if (u1 > u0) q_dot(c, &L->q_up, c->h, NULL, u0 - F, u1 - F, y + F);
         const int64_t b0 = o0 > nq ? o0 : nq;
-        if (o1 > b0) { /* the bypass x L: columns [b0 - nq, o1 - nq) of L, over every input */
-            if (L->l_t) { /* y[j] for j in [b0 - nq, o1 - nq) */
-                caprese_f32_rows_dot(L->l_t, m->hidden, m->hidden, c->h, NULL, b0 - nq, o1 - nq, out - (o0 - nq));
-            } else if (L->bypass_f16) {
-                gemv_rows_f16(c->h, &L->gu2, b0 - nq, o1 - b0, 0, m->hidden, out + (b0 - o0));
-            } else {
-                const Mat cols = {L->gu2.w + (b0 - nq), L->gu2.ld, o1 - b0};
-                gemv_rows(c->h, &cols, NULL, 0, m->hidden, out + (b0 - o0));
-            }
-        }
+        if (o1 > b0) /* the bypass x L: its outputs [b0 - nq, o1 - nq) */
+            bypass_l(c, L, b0 - nq, o1 - nq, out + (b0 - o0));
         break;
     }
     }
@@ -887,10 +900,8 @@ static void stage_q_down(const Ctx *c, const Phase *ph, int64_t i, float *out, f
     const int64_t a1 = j1 < F ? j1 : F, b0 = j0 > F ? j0 : F;
     const float *z = c->z;
     int64_t unread = 0;
-    if (j1 > b0 && L->bypass_f16) /* the bypass rows of R (float): overwrites out */
-        gemv_rows_f16(z + F, &L->down, 0, D, b0 - F, j1 - F, out);
-    else if (j1 > b0)
-        gemv_rows(z + F, &L->down, NULL, b0 - F, j1 - F, out);
+    if (j1 > b0) /* the bypass rows of R: overwrites out */
+        bypass_r(c, L, z + F, b0 - F, j1 - F, out);
     else
         memset(out, 0, sizeof(float) * D);
     if (a1 > j0) {
@@ -928,19 +939,8 @@ static void stage_q_ffn(const Ctx *c, const Phase *ph, int64_t i, float *out, fl
     const int64_t a1 = j1 < F ? j1 : F, b0 = j0 > F ? j0 : F;
     float *z = tmp, *u = tmp + (j1 - j0); /* z[j - j0] for the chunk's neurons */
     if (j1 > b0) { /* bypass neurons b0 - F .. j1 - F: x L, then their R rows (overwrites out) */
-        float *zb = z + (b0 - j0) - (b0 - F); /* zb[r] for r in [b0 - F, j1 - F) */
-        if (L->l_t)
-            caprese_f32_rows_dot(L->l_t, D, D, c->h, NULL, b0 - F, j1 - F, zb);
-        else if (L->bypass_f16)
-            gemv_rows_f16(c->h, &L->gu2, b0 - F, j1 - b0, 0, D, zb + (b0 - F));
-        else {
-            const Mat cols = {L->gu2.w + (b0 - F), L->gu2.ld, j1 - b0};
-            gemv_rows(c->h, &cols, NULL, 0, D, zb + (b0 - F));
-        }
-        if (L->bypass_f16)
-            gemv_rows_f16(zb, &L->down, 0, D, b0 - F, j1 - F, out);
-        else
-            gemv_rows(zb, &L->down, NULL, b0 - F, j1 - F, out);
+        bypass_l(c, L, b0 - F, j1 - F, z + (b0 - j0));
+        bypass_r(c, L, z + (b0 - j0) - (b0 - F), b0 - F, j1 - F, out);
     } else {
         memset(out, 0, sizeof(float) * D);
     }
