@@ -127,7 +127,8 @@ class NativeBackend(Backend):
                   for w in t.bypass() if w is not None}  # --fp16-bypass
         self.arena = WeightArena(manifest, self._weight_refs(), mapped=mapped, halves=halves)
         self._extra: list[np.ndarray] = []  # arrays the structs point into (biases, CATS layouts)
-        self._quads: list[tuple[int, np.ndarray]] = []  # GRIFFIN's down repacked per prompt: (layer, bytes)
+        self._quad_bytes: list[tuple[int, int]] = []  # GRIFFIN layers whose down the kernel reads repacked
+        self._quads: list[tuple[int, np.ndarray]] = []  # ... and their buffers (_place_quads), repacked per select()
         self._layers = (lib_.Layer * self.layout.num_layers)()
         self._model = lib_.Model()
         self._fill_model()
@@ -239,7 +240,7 @@ class NativeBackend(Backend):
             L.down_rows = 1
             if self.int8_activations and self.lib.caprese_qa_quads() and self.lib.caprese_qa_fits(L.q_down):
                 # AVX-512: the down rows in the kernel's own layout, repacked from the fold's at each select()
-                self._quads.append((i, self.lib.caprese_qa_quads_bytes(L.q_down)))
+                self._quad_bytes.append((i, self.lib.caprese_qa_quads_bytes(L.q_down)))
             if fold.down.storage != MATRIX:
                 raise CapreseError(f"GRIFFIN layer {i}: its down rows are stored {fold.down.storage}; the native "
                                    "kernel reads a neuron's down row whole: export the engine again")
@@ -279,12 +280,12 @@ class NativeBackend(Backend):
                                    "kernel reads it with down stored [F, D]: use --backend onnxruntime")
 
     def _place_quads(self) -> None:
-        """One huge-page buffer for every GRIFFIN layer's down quads (4 KiB pages cost a TLB miss per page read),
-        packed from what the selection buffers hold now."""
-        buf = huge_buffer(sum(n for _, n in self._quads))
+        """One buffer (huge pages advised, as the arena's) for every GRIFFIN layer's down quads, packed from what
+        the selection buffers hold now."""
+        buf = huge_buffer(sum(n for _, n in self._quad_bytes))
         self._extra.append(buf)
-        ends = np.cumsum([n for _, n in self._quads])
-        self._quads = [(i, buf[e - n:e]) for (i, n), e in zip(self._quads, ends)]
+        ends = np.cumsum([n for _, n in self._quad_bytes])
+        self._quads = [(i, buf[e - n:e]) for (i, n), e in zip(self._quad_bytes, ends)]
         for i, quads in self._quads:
             self._layers[i].down_quads = address(quads)
             self.lib.caprese_qa_pack_quads(self._layers[i].q_down, address(quads))
@@ -354,7 +355,7 @@ class NativeBackend(Backend):
             L.window = int(window or 0)
             L.scale = float(m.attn_scale) if m.attn_scale is not None else lay.head_dim ** -0.5
             L.softcap = float(m.attn_softcap or 0.0)
-        if self._quads:
+        if self._quad_bytes:
             self._place_quads()
         M = self._model
         M.num_layers, M.hidden = lay.num_layers, D

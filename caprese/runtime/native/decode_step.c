@@ -1749,7 +1749,7 @@ static void run_q_ffn(Ctx *c, int64_t li, int64_t *skipped) {
     const Model *m = c->m;
     const Layer *L = m->layers + li;
     const int64_t D = m->hidden, F = L->n_ff, r = L->rank, nq = L->cats_tau ? F : 2 * F;
-    if (c->fused_ffn && L->down_rows && !L->cats_tau) { /* GRIFFIN: one phase (stage_q_ffn) */
+    if (c->fused_ffn && L->down_rows && !L->cats_tau) { /* GRIFFIN (whole gate/up rows, down rows): one phase */
         quantize_for(c, &L->q_gate, c->h);
         Sum down = {0, D, L->down_bias, c->y, D, NULL};
         const Phase d = q_ffn_phase(m, L, li);
