@@ -446,6 +446,14 @@ static void chunk_span(const Phase *ph, int64_t i, int64_t *r0, int64_t *r1) {
     }
 }
 
+/* Chunk i of a phase over a quantized FFN's F neurons then its bypass (PH_QDOWN, PH_QFFN): neurons [*j0, *j1),
+ * its FFN neurons [*j0, *a1) and its bypass neurons [*b0, *j1) (either range may be empty). */
+static void neuron_span(const Phase *ph, int64_t i, int64_t F, int64_t *j0, int64_t *j1, int64_t *a1, int64_t *b0) {
+    chunk_span(ph, i, j0, j1);
+    *a1 = *j1 < F ? *j1 : F;
+    *b0 = *j0 > F ? *j0 : F;
+}
+
 typedef struct Ctx Ctx;
 typedef struct { /* a thread of the pool, and what it did (written by that thread only: no shared lines) */
     _Alignas(64) Ctx *c;
@@ -896,9 +904,8 @@ static void stage_q_down(const Ctx *c, const Phase *ph, int64_t i, float *out, f
     const Model *m = c->m;
     const Layer *L = m->layers + ph->layer;
     const int64_t D = m->hidden, F = L->n_ff;
-    int64_t j0, j1;
-    chunk_span(ph, i, &j0, &j1);
-    const int64_t a1 = j1 < F ? j1 : F, b0 = j0 > F ? j0 : F;
+    int64_t j0, j1, a1, b0;
+    neuron_span(ph, i, F, &j0, &j1, &a1, &b0);
     const float *z = c->z;
     int64_t unread = 0;
     if (j1 > b0) /* the bypass rows of R: overwrites out */
@@ -935,9 +942,8 @@ static void stage_q_ffn(const Ctx *c, const Phase *ph, int64_t i, float *out, fl
     const Model *m = c->m;
     const Layer *L = m->layers + ph->layer;
     const int64_t D = m->hidden, F = L->n_ff;
-    int64_t j0, j1;
-    chunk_span(ph, i, &j0, &j1);
-    const int64_t a1 = j1 < F ? j1 : F, b0 = j0 > F ? j0 : F;
+    int64_t j0, j1, a1, b0;
+    neuron_span(ph, i, F, &j0, &j1, &a1, &b0);
     float *z = tmp, *u = tmp + (j1 - j0); /* z[j - j0] for the chunk's neurons */
     if (j1 > b0) { /* bypass neurons b0 - F .. j1 - F: x L, then their R rows (overwrites out) */
         bypass_l(c, L, b0 - F, j1 - F, z + (b0 - j0));

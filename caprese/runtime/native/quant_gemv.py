@@ -253,12 +253,17 @@ def rows_dot_int8_activations(qm: QMatrix, x: torch.Tensor, rows: torch.Tensor |
     return y
 
 
+def _require_qa_fits(lib, qm: QMatrix, what: str) -> None:
+    """The rounded-coefficient rows-axpy's format (caprese_qa_fits), or a one-line error naming `what`."""
+    if not lib.caprese_qa_fits(ctypes.byref(qm.struct)):
+        raise CapreseError(f"{what} takes int4 weights with columns a multiple of 32 in blocks of 32, 64, 128 or "
+                           f"one per row (got {qm.qt.fmt.name} {list(qm.shape)})")
+
+
 def _rounded_axpy(qm: QMatrix, h, y, rows, r0, r1, isa, bits: int, entry: str) -> torch.Tensor:
     idx, h, r1, y = _axpy_args(qm, h, y, rows, r0, r1)
     lib = load(isa)
-    if not lib.caprese_qa_fits(ctypes.byref(qm.struct)):
-        raise CapreseError(f"int{bits}-coefficient rows-axpy takes int4 weights with columns a multiple of 32 in "
-                           f"blocks of 32, 64, 128 or one per row (got {qm.qt.fmt.name} {list(qm.shape)})")
+    _require_qa_fits(lib, qm, f"int{bits}-coefficient rows-axpy")
     getattr(lib, entry)(ctypes.byref(qm.struct), _ptr(h, _F32P), _ptr(idx, _I64P), r0, r1, r1, _ptr(y, _F32P))
     return y
 
@@ -284,9 +289,7 @@ def pack_quads(qm: QMatrix, isa: str | None = None) -> torch.Tensor | None:
     """qm's codes in the quads layout GRIFFIN's down is repacked into once per prompt (int8_activations.c), or None
     where the build reads the plain layout (not AVX-512)."""
     lib = load(isa)
-    if not lib.caprese_qa_fits(ctypes.byref(qm.struct)):
-        raise CapreseError(f"the quads layout takes int4 weights with columns a multiple of 32 in blocks of 32, 64, "
-                           f"128 or one per row (got {qm.qt.fmt.name} {list(qm.shape)})")
+    _require_qa_fits(lib, qm, "the quads layout")
     if not lib.caprese_qa_quads():
         return None
     out = torch.empty(int(lib.caprese_qa_quads_bytes(ctypes.byref(qm.struct))), dtype=torch.uint8)
