@@ -74,11 +74,43 @@ def test_caprese_onnxruntime_rows(bench, tiny_model_dir, tmp_path):
     table = bench.format_table(res)
     assert all(name in table for name in rows)
 
+    # one round trip per round, next to its bandwidth sample; one round is one placement
+    assert len(res["core_round_trip_ns_samples"]) == 1 and res["placements"] is None
+    assert "ratio_to_floor_by_placement" not in by["ort-dense"]
+
     # a second run reuses the cached engines (no export)
     logs.clear()
     again = bench.run_bench(model, ["ort-dense"], **kw)
     assert not any("exporting" in m for m in logs)
     assert again["rows"][0]["row"] == "ort-dense"
+
+
+def test_floor_ratios_by_placement(bench, tiny_model_dir, tmp_path, monkeypatch):
+    """Rounds whose round trips fall into two groups get their floor ratios split by placement; the split matches
+    the per-round ratios and the table says it."""
+    trips = iter([60.0, 400.0, 65.0])
+    monkeypatch.setattr(bench, "measure_round_trip_ns", lambda: next(trips))
+    res = bench.run_bench(tiny_model_dir("llama"), ["ort-dense"], prompt_tokens=8, new_tokens=4, repeats=3,
+                          threads=1, out_dir=tmp_path / "cache", bandwidth_mb=8, settle_s=0.0, log=lambda m: None)
+    assert res["core_round_trip_ns_samples"] == [60.0, 400.0, 65.0]
+    assert res["placements"] == ["near", "far", "near"]
+    r = res["rows"][0]
+    per = r["ratio_to_floor_per_round"]
+    split = r["ratio_to_floor_by_placement"]
+    assert split["far"] == {"rounds": 1, "median": per[1]}
+    assert split["near"]["rounds"] == 2
+    assert split["near"]["median"] == pytest.approx((per[0] + per[2]) / 2, abs=1e-3)
+    assert res["targets"]["ort-dense"]["ratio_to_floor_by_placement"] == split
+    table = bench.format_table(res)
+    assert "core-to-core round trip per round [60.0, 400.0, 65.0] ns" in table
+    assert f"rounds with the threads far (1): median {per[1]:.3f}x" in table
+
+
+def test_placements_need_two_groups(bench):
+    assert bench.placements([55.0, 60.0, 340.0, 58.0]) == ["near", "near", "far", "near"]
+    assert bench.placements([55.0, 60.0, 100.0]) is None  # within 3x: one placement
+    assert bench.placements([55.0, None, 340.0]) is None  # a round not measured
+    assert bench.placements([]) is None
 
 
 needs_cc = pytest.mark.skipif(
@@ -95,6 +127,22 @@ def screened_by_default(monkeypatch):
 
     monkeypatch.setattr(native_backend, "choose",
                         lambda key, full, screened, folder: HeadChoice("screened", 1.0, 2.0, 1, "cached"))
+
+
+@needs_cc
+def test_round_trip_between_two_cpus(bench, monkeypatch):
+    """tools/core_round_trip.c: a positive time between two CPUs of this process; None with one CPU, or with a CPU
+    the threads cannot be pinned to (the C side's -1)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU")
+    before = os.sched_getaffinity(0)
+    ns = bench.measure_round_trip_ns(iters=2000)
+    assert ns is not None and 0 < ns < 1e6
+    assert os.sched_getaffinity(0) == before  # the calling thread gets its own affinity back
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert bench.measure_round_trip_ns(iters=10) is None
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1000})
+    assert bench.measure_round_trip_ns(iters=10) is None
 
 
 @needs_cc

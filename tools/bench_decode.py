@@ -53,7 +53,10 @@ Rows (--rows, comma-separated; default: all):
 
 Per row: ms per output token (decode only, median over repeats), tokens/s, bytes one decode step reads,
 achieved GB/s, ratio to the peer (GenAI dense ms/token) and ratio to the bandwidth floor (bytes per step / the
-read bandwidth this run measures with a streaming reduction, same thread count).
+read bandwidth this run measures with a streaming reduction, same thread count). Each round also measures the
+core-to-core round trip between the first two CPUs (tools/core_round_trip.c): where the rounds fall into two
+placements (the 2-vCPU EPYC VMs: both vCPUs on one CCD, ~35 GB/s, or on two, ~50 GB/s and 6x slower
+synchronisation), the floor ratios are also given per placement (information only).
 
 Timing. Every row runs the same random prompt ids (seeded) and generates exactly --new-tokens tokens (EOS
 ignored, greedy). Decode only: onnxruntime rows report the Generator's RuntimeStats.ms_per_token (mean of the
@@ -262,6 +265,42 @@ def measure_bandwidth_gbs(mbytes: int = 512, repeats: int = 7) -> float:
         x.sum()
         times.append(time.perf_counter() - t0)
     return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+ROUND_TRIP_C = Path(__file__).with_name("core_round_trip.c")
+
+
+def measure_round_trip_ns(iters: int = 200_000) -> float | None:
+    """Core-to-core round trip (ns) between this process's first two CPUs (tools/core_round_trip.c), median of 3;
+    None with fewer than two CPUs, no C compiler, or a CPU that cannot be pinned. On the 2-vCPU EPYC VMs it tells
+    which placement a round ran in: both vCPUs on one CCD (~55-100 ns, ~35 GB/s) or on two (~350 ns, ~50 GB/s)."""
+    import ctypes
+
+    from caprese.errors import CapreseError
+    from caprese.runtime.native import library
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    try:
+        path = library.library_path(source=ROUND_TRIP_C)
+        if not path.exists():
+            library.build(path, source=ROUND_TRIP_C)
+        f = ctypes.CDLL(str(path)).caprese_core_round_trip_ns
+    except (CapreseError, OSError):
+        return None
+    f.restype, f.argtypes = ctypes.c_double, [ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+    ns = [f(cpus[0], cpus[1], iters) for _ in range(3)]
+    return None if min(ns) < 0 else statistics.median(ns)
+
+
+def placements(round_trips: list[float | None]) -> list[str] | None:
+    """Each round's placement, "near" or "far", where the round trips fall into two groups (the largest at least
+    3x the smallest; split at their geometric mean); None where they do not (one placement, or not measured)."""
+    if not round_trips or any(t is None for t in round_trips) or max(round_trips) < 3 * min(round_trips):
+        return None
+    cut = math.sqrt(min(round_trips) * max(round_trips))
+    return ["near" if t < cut else "far" for t in round_trips]
 
 
 def decode_bytes_per_step(model, context_len: float) -> float:
@@ -721,6 +760,7 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
         + (f", {background_load} busy processes running" if background_load else ""))
     samples: dict[str, list[Sample]] = {r.name: [] for r in built}
     bandwidth: list[float] = []
+    round_trips: list[float | None] = []  # each round's core-to-core round trip, next to its bandwidth sample
     with BackgroundLoad(background_load, load_max_s) as load:
         for rnd in range(repeats + 1):  # round 0 is the warm-up
             k = (rnd - 1) % len(built) if rnd and built else 0  # rotated: each row takes every place in turn
@@ -732,6 +772,7 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
                     row.notes["first_tokens"] = s.tokens[:16]
                 time.sleep(settle_s)  # let the previous runtime's spinning threads go idle
             if rnd:
+                round_trips.append(measure_round_trip_ns())
                 bandwidth.append(measure_bandwidth_gbs(bandwidth_mb))
                 time.sleep(settle_s)
             if load.alive() != background_load:
@@ -739,6 +780,7 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
                                    "ended early (raise load_max_s)")
             log(f"bench: round {rnd}/{repeats} done" + (" (warm-up)" if rnd == 0 else ""))
     gbs = statistics.median(bandwidth)
+    placed = placements(round_trips)
 
     results = []
     for row in built:
@@ -756,6 +798,10 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
                         "gb_per_s": _r(b / ms / 1e6), "floor_ms_per_token": _r(floor),
                         "ratio_to_floor": _r(ms / floor), "ratio_to_floor_per_round": [_r(x) for x in per_round],
                         "ratio_to_peer": None, **row.notes})
+        if placed:  # the per-round ratios by the threads' placement in that round (information only)
+            results[-1]["ratio_to_floor_by_placement"] = {
+                where: {"rounds": len(xs), "median": _r(statistics.median(xs))}
+                for where in ("near", "far") if (xs := [x for x, p in zip(per_round, placed) if p == where])}
     by = {r["row"]: r for r in results}
     for r in results:  # native rows: the ratio to ONNX Runtime on the same engine, per round and overall
         ref = by.get(SAME_ENGINE.get(r["row"].split("@")[0], ""))
@@ -781,6 +827,7 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
             targets[name] = {"ratio_to_peer": r["ratio_to_peer"], "peer_max": peer_max,
                              "ratio_to_floor": r["ratio_to_floor"], "floor_max": floor_max,
                              "ratio_to_floor_per_round": r["ratio_to_floor_per_round"],
+                             "ratio_to_floor_by_placement": r.get("ratio_to_floor_by_placement"),
                              "met_peer": None if r["ratio_to_peer"] is None else r["ratio_to_peer"] <= peer_max,
                              "met_floor": r["ratio_to_floor"] <= floor_max}
     for r in results:
@@ -804,6 +851,8 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
            "density": density, "rank": rank, "cache_dir": str(root),
            "measured_bandwidth_gbs": _r(gbs, 2), "bandwidth_samples_gbs": [_r(x, 2) for x in bandwidth],
+           "core_round_trip_ns_samples": [None if t is None else _r(t, 1) for t in round_trips],
+           "placements": placed,
            "peer": PEER if PEER in by else None, "rows": results, "skipped": skipped, "targets": targets}
     if "torch-dense" in by and "transformers" in by:
         out["ratio_caprese_over_transformers"] = _r(by["torch-dense"]["ms_per_token"]
@@ -816,7 +865,9 @@ def format_table(res: dict) -> str:
     lines = [f"model {res['model_dir']} ({res['precision']}, {res.get('cpu', 'cpu')}, {res['threads']} threads), "
              f"prompt {res['prompt_tokens']} tokens, {res['new_tokens']} new tokens, median of {res['repeats']} "
              f"interleaved repeats, {load or 'no'} busy process{'es' if load != 1 else ''} started by the bench; "
-             f"read bandwidth {res['measured_bandwidth_gbs']} GB/s (median of {res['bandwidth_samples_gbs']})"]
+             f"read bandwidth {res['measured_bandwidth_gbs']} GB/s (median of {res['bandwidth_samples_gbs']})"
+             + (f"; core-to-core round trip per round {res['core_round_trip_ns_samples']} ns"
+                if any(t is not None for t in res.get("core_round_trip_ns_samples", [])) else "")]
     w = max([29] + [len(r["row"]) + 2 for r in res["rows"]] + [len(n) + 2 for n in res["skipped"]])
     head = (f"{'row':<{w}}{'what':<64}{'ms/token':>9}{'tok/s':>8}{'MB/step':>9}{'GB/s':>7}{'x peer':>8}"
             f"{'x ORT':>7}{'floor ms':>9}{'x floor':>8}")
@@ -861,7 +912,9 @@ def format_table(res: dict) -> str:
                 f"{t['ratio_to_peer']:.3f}x peer (target <= {t['peer_max']}: {'met' if t['met_peer'] else 'NOT met'})")
         lines.append(f"target {name}: {peer}; {t['ratio_to_floor']:.3f}x floor (target <= {t['floor_max']}: "
                      f"{'met' if t['met_floor'] else 'NOT met'}; each round against its own bandwidth sample: "
-                     f"{t['ratio_to_floor_per_round']})")
+                     f"{t['ratio_to_floor_per_round']}"
+                     + "".join(f"; rounds with the threads {w} ({v['rounds']}): median {v['median']:.3f}x"
+                               for w, v in (t.get("ratio_to_floor_by_placement") or {}).items()) + ")")
     if "ratio_caprese_over_transformers" in res:
         lines.append(f"ratio caprese torch reference / transformers: {res['ratio_caprese_over_transformers']:.3f}")
     return "\n".join(lines)
