@@ -270,10 +270,11 @@ def measure_bandwidth_gbs(mbytes: int = 512, repeats: int = 7) -> float:
 ROUND_TRIP_C = Path(__file__).with_name("core_round_trip.c")
 
 
-def measure_round_trip_ns(iters: int = 200_000) -> float | None:
-    """Core-to-core round trip (ns) between this process's first two CPUs (tools/core_round_trip.c), median of 3;
-    None with fewer than two CPUs, no C compiler, or a CPU that cannot be pinned. On the 2-vCPU EPYC VMs it tells
-    which placement a round ran in: both vCPUs on one CCD (~55-100 ns, ~35 GB/s) or on two (~350 ns, ~50 GB/s)."""
+def measure_round_trip_ns(iters: int = 200_000, max_s: float = 0.25) -> float | None:
+    """Core-to-core round trip (ns) between this process's first two CPUs (tools/core_round_trip.c), median of 3
+    runs of `iters` round trips (or `max_s` seconds); None with fewer than two CPUs, no C compiler, or a CPU that
+    cannot be pinned. On the 2-vCPU EPYC VMs it tells which placement a round ran in: both vCPUs on one CCD (~55-120
+    ns, ~35 GB/s) or on two (~350 ns, ~50 GB/s)."""
     import ctypes
 
     from caprese.errors import CapreseError
@@ -289,8 +290,8 @@ def measure_round_trip_ns(iters: int = 200_000) -> float | None:
         f = ctypes.CDLL(str(path)).caprese_core_round_trip_ns
     except (CapreseError, OSError):
         return None
-    f.restype, f.argtypes = ctypes.c_double, [ctypes.c_int, ctypes.c_int, ctypes.c_int64]
-    ns = [f(cpus[0], cpus[1], iters) for _ in range(3)]
+    f.restype, f.argtypes = ctypes.c_double, [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_double]
+    ns = [f(cpus[0], cpus[1], iters, max_s) for _ in range(3)]
     return None if min(ns) < 0 else statistics.median(ns)
 
 
@@ -772,7 +773,8 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
                     row.notes["first_tokens"] = s.tokens[:16]
                 time.sleep(settle_s)  # let the previous runtime's spinning threads go idle
             if rnd:
-                round_trips.append(measure_round_trip_ns())
+                # not next to the busy processes: they take the pinned threads' CPUs (time slices, not placement)
+                round_trips.append(None if background_load else measure_round_trip_ns())
                 bandwidth.append(measure_bandwidth_gbs(bandwidth_mb))
                 time.sleep(settle_s)
             if load.alive() != background_load:
