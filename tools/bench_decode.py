@@ -92,6 +92,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -275,14 +276,23 @@ def measure_round_trip_ns(iters: int = 200_000, max_s: float = 0.25) -> float | 
     runs of `iters` round trips (or `max_s` seconds); None with fewer than two CPUs, no C compiler, or a CPU that
     cannot be pinned. On the 2-vCPU EPYC VMs it tells which placement a round ran in: both vCPUs on one CCD (~55-120
     ns, ~35 GB/s) or on two (~350 ns, ~50 GB/s)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    f = _round_trip_function() if len(cpus) >= 2 else None
+    if f is None:
+        return None
+    ns = [f(cpus[0], cpus[1], iters, max_s) for _ in range(3)]
+    return None if min(ns) < 0 else statistics.median(ns)
+
+
+@functools.cache
+def _round_trip_function():
+    """tools/core_round_trip.c's function, built at first use (once per machine) and loaded once per process; None
+    without a working C compiler."""
     import ctypes
 
     from caprese.errors import CapreseError
     from caprese.runtime.native import library
 
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        return None
     try:
         path = library.library_path(source=ROUND_TRIP_C)
         if not path.exists():
@@ -291,8 +301,7 @@ def measure_round_trip_ns(iters: int = 200_000, max_s: float = 0.25) -> float | 
     except (CapreseError, OSError):
         return None
     f.restype, f.argtypes = ctypes.c_double, [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_double]
-    ns = [f(cpus[0], cpus[1], iters, max_s) for _ in range(3)]
-    return None if min(ns) < 0 else statistics.median(ns)
+    return f
 
 
 def placements(round_trips: list[float | None]) -> list[str] | None:
