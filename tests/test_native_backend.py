@@ -422,7 +422,7 @@ def test_kernel_is_built_once_per_source_and_machine(tmp_path, monkeypatch):
     damaged = path.with_name("decode_step-damaged.so")
     damaged.write_bytes(b"not a shared object")
     monkeypatch.setattr(library, "_LOADED", {})
-    monkeypatch.setattr(library, "library_path", lambda isa=None: damaged)
+    monkeypatch.setattr(library, "library_path", lambda isa=None, source=library.SOURCE: damaged)
     with pytest.raises(CapreseError, match="delete it to rebuild") as e:
         library.load()
     assert "\n" not in str(e.value)

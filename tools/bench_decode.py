@@ -294,10 +294,7 @@ def _round_trip_function():
     from caprese.runtime.native import library
 
     try:
-        path = library.library_path(source=ROUND_TRIP_C)
-        if not path.exists():
-            library.build(path, source=ROUND_TRIP_C)
-        f = ctypes.CDLL(str(path)).caprese_core_round_trip_ns
+        f = ctypes.CDLL(str(library.built(source=ROUND_TRIP_C))).caprese_core_round_trip_ns
     except (CapreseError, OSError):
         return None
     f.restype, f.argtypes = ctypes.c_double, [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_double]

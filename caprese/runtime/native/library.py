@@ -1,6 +1,6 @@
 """Build (once per machine, source and instruction set) and load decode_step.c; mirror its structs for ctypes and
 check the mirror against the layout the compiled library reports. Sibling kernel files (quant_gemv.c) are built
-the same way (`library_path(isa, source=...)`, `build(path, isa, source=...)`, `check_layout(..., mirrors=...)`).
+the same way (`built(isa, source=...)`, `check_layout(..., mirrors=...)`).
 
 The library is compiled with the system C compiler at first use into the caprese cache, keyed on the source, the
 flags, the compiler's version and this CPU's feature flags, written to a temporary name and renamed, so
@@ -183,6 +183,12 @@ def build(path: Path, isa: str | None = None, source: Path = SOURCE) -> Path:
     return path
 
 
+def built(isa: str | None = None, source: Path = SOURCE) -> Path:
+    """This machine's build of `source` for `isa`, compiled now if there is none yet (library_path, build)."""
+    path = library_path(isa, source)
+    return path if path.exists() else build(path, isa, source)
+
+
 def compiled_layout(lib: ctypes.CDLL) -> dict[str, dict[str, tuple[int, int]]]:
     """{struct: {field: (offset, size)}} as the compiled library laid them out; field "" is the struct's size."""
     out: dict[str, dict[str, tuple[int, int]]] = {}
@@ -232,9 +238,7 @@ def load(isa: str | None = None) -> ctypes.CDLL:
     its structs' layout checked against the ctypes mirror."""
     isa = resolve_isa(isa)
     if isa not in _LOADED:
-        path = library_path(isa)
-        if not path.exists():
-            build(path, isa)
+        path = built(isa)
         try:
             lib = ctypes.CDLL(str(path))
             lib.caprese_layout_info.restype = ctypes.POINTER(LayoutField)

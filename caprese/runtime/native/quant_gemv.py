@@ -3,7 +3,7 @@ of 32 / 64 / 128 or ROW, fp16 / fp32 scales), for tests, benchmarks and the deco
 
 The kernels read the bytes `QuantizedTensor.packed()` holds and its scales as stored, so the weights the native
 kernel multiplies are the very bytes export writes. Built per instruction set like decode_step.c
-(`library.build(..., source=SOURCE)`), and QMat's layout is checked against the compiled one at load.
+(`library.built(isa, source=SOURCE)`), and QMat's layout is checked against the compiled one at load.
 
     qm = QMatrix(quantize_rtn(w, WeightFormat(4, 32)))   # w [out, in], blocks along `in`
     y = rows_dot(qm, x)                                  # y[i] = sum_c x[c] * w_hat[i, c]
@@ -41,9 +41,7 @@ def load(isa: str | None = None) -> ctypes.CDLL:
     """quant_gemv.c built for `isa` (library.resolve_isa: avx512 | avx2 | scalar, default the CPU's widest)."""
     isa = library.resolve_isa(isa)
     if isa not in _LOADED:
-        path = library.library_path(isa, source=SOURCE)
-        if not path.exists():
-            library.build(path, isa, source=SOURCE)
+        path = library.built(isa, source=SOURCE)
         try:
             lib = ctypes.CDLL(str(path))
             lib.caprese_layout_info.restype = ctypes.POINTER(library.LayoutField)
