@@ -428,6 +428,59 @@ def test_e2e_on_student_replies_trains_on_the_students_own_greedy_replies(tiny_m
     assert e2.recipe["e2e"]["responses"] == "student"
 
 
+def test_e2e_on_policy_re_answers_with_the_current_student_before_every_epoch(tiny_model_dir, tmp_path):
+    # responses "on-policy": before epoch e > 0 the student, with the adapters epoch e - 1 left, re-answers every
+    # prompt. Reference: a decoder given the checkpoint's adapters after epoch 0 (the run killed at epoch 1's first
+    # step, its replies for epoch 1 already written), generating one prompt at a time; epoch 0's replies are the
+    # layer-wise student's. The resumed run reads both back and ends with the adapters of an uninterrupted run.
+    from caprese.calibration.data import through_first_stop
+    from caprese.model.generation import generate
+
+    model = tiny_model_dir("llama")
+    samples = make_samples(6, seed=8)
+    lw = griffin_layerwise(model, tmp_path / "lw", samples, rank=8, epochs=2)
+    recipe = CalibrationRecipe(stage="e2e", init=tmp_path / "lw",
+                               e2e=E2EConfig(epochs=3, lr=2e-2, batch_size=3, loss="kl", responses="on-policy"))
+    ref = calibrate(model, tmp_path / "ref", recipe, samples, QUIET)
+    work = tmp_path / "work"
+    opts = CalibrationOptions(work_dir=work, keep_work=True, progress=False)
+
+    def kill(ev):
+        if ev["stage"] == "e2e" and ev["event"] == "step" and ev["step"] == 3:  # epoch 1's first step (2 a epoch)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(model, tmp_path / "out", recipe, samples, opts, callback=kill)
+    dec = load_decoder(model)
+    lw.apply(dec)
+    stops = set(dec.spec.eos_token_ids or ())
+    cap = max(len(s.response_ids) for s in samples)
+
+    def answers():
+        one = [generate(dec, [list(s.prompt_ids)], cap, eos_ids=()).tokens[0] for s in samples]
+        return [through_first_stop(list(t), stops) for t in one]
+
+    e0 = answers()
+    master = torch.load(work / "e2e" / "checkpoint.pt", weights_only=True)["master"]
+    with torch.no_grad():
+        for k, (_, f) in enumerate(sorted(efficient_layers(dec).items())):
+            f.bypass.L.copy_(master[2 * k])
+            f.bypass.R.copy_(master[2 * k + 1])
+    e1 = answers()
+    saved = [torch.load(work / "e2e" / f"student_replies_e{e}.pt", weights_only=True)["responses"] for e in (0, 1)]
+    print(f"replies that changed after epoch 0: {sum(a != b for a, b in zip(e0, e1))} of {len(e0)}")
+    assert saved[0] == e0 and saved[1] == e1
+    assert e0 != e1  # the replies do follow the student (else this test could not tell the two options apart)
+
+    art = calibrate(model, tmp_path / "out", recipe, samples, opts)
+    m = art.metrics["e2e"]
+    assert art.metrics["timing"]["e2e"]["resumed_from_epoch"] == 1
+    assert adapters_equal(art.adapters, ref.adapters)
+    assert m["responses"] == "on-policy" and m["reply_tokens"] == ref.metrics["e2e"]["reply_tokens"]
+    assert m["reply_tokens"][:2] == [sum(map(len, e0)), sum(map(len, e1))] and len(m["reply_tokens"]) == 3
+    assert art.recipe["e2e"]["responses"] == "on-policy"
+
+
 def test_e2e_resumes_per_epoch_with_identical_adapters(tiny_model_dir, tmp_path):
     model = tiny_model_dir("llama3")
     samples = make_samples(8, seed=5)

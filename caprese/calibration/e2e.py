@@ -11,7 +11,9 @@ Responses (E2EConfig.responses): "dense" trains on the calibration samples as gi
 dense model's own replies: the paper's); "student" first re-answers every sample's prompt with the student as the
 layer-wise stage left it (greedy, at most as long as the longest given response, cut after the model's first stop
 id) and trains on those: on-policy distillation (GKD's λ = 1 with one fixed set of replies), the teacher scoring the
-student's own prefixes, so the errors that send a quantized student's replies astray are the ones it learns from.
+student's own prefixes, so the errors that send a quantized student's replies astray are the ones it learns from;
+"on-policy" re-answers the prompts before every epoch with the student as it then stands (the replies follow the
+student as it learns; each epoch's replies are written to WORK/e2e so a resumed run reads them back).
 On int4 RTN + bypass (SmolLM2-135M, KL) it scored 22.1% against 20.4% on the dense replies with one calibration
 seed, 18.7% against 18.4% with another: ahead both times, by less than the seeds differ (docs/quantization.md).
 Per sample:
@@ -312,11 +314,23 @@ def _run_e2e(decoder, samples, plan, init_adapters, work, key, options, callback
         p.requires_grad_(True)
     master = [p.detach().float().clone().requires_grad_(True) for p in params]
     opt = torch.optim.Adam(master, lr=cfg.lr)
-    given_tokens = sum(len(s.response_ids) for s in samples)
-    t_replies = time.monotonic()
-    if cfg.responses == "student":  # the student as the layer-wise stage left it (adapters copied in above)
-        samples = student_responses(decoder, samples, work / "student_replies.pt", ckey, progress and me == 0)
-    replies_s = round(time.monotonic() - t_replies, 3)
+    given, given_tokens = samples, sum(len(s.response_ids) for s in samples)
+    on_policy = cfg.responses == "on-policy"
+    replies_s = 0.0
+
+    def replies(epoch: int) -> list:
+        """The student's replies as its adapters stand now: before epoch 0 (the layer-wise stage's), and with
+        "on-policy" before every later epoch (each epoch's file keyed by it, so a resumed run reads them back)."""
+        nonlocal replies_s
+        t = time.monotonic()
+        name, k = (f"student_replies_e{epoch}.pt", f"{ckey}:{epoch}") if on_policy else ("student_replies.pt", ckey)
+        got = student_responses(decoder, given, work / name, k, progress and me == 0)
+        replies_s += time.monotonic() - t
+        return got
+
+    if cfg.responses != "dense":  # the student as the layer-wise stage left it (adapters copied in above)
+        samples = replies(0)
+    reply_tokens: list[int] = []  # on-policy: each epoch's reply tokens
     n = len(samples)
     spe = max(1, math.ceil(n / cfg.batch_size))
     total = cfg.epochs * spe
@@ -332,6 +346,7 @@ def _run_e2e(decoder, samples, plan, init_adapters, work, key, options, callback
         opt.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
         start_epoch, history, before = state["epoch"], list(state["history"]), dict(state["before"])
+        reply_tokens = list(state.get("reply_tokens", ()))
     else:
         start_epoch, history = 0, []
         t0 = time.monotonic()
@@ -348,6 +363,11 @@ def _run_e2e(decoder, samples, plan, init_adapters, work, key, options, callback
     pbar = bar(total, "e2e", progress and me == 0, initial=start_epoch * spe)
     try:
         for epoch in range(start_epoch, cfg.epochs):
+            if on_policy and epoch > 0:  # the adapters after epoch - 1 (a resumed run: the checkpoint's)
+                samples = replies(epoch)
+                dist_ = Distiller(decoder, samples, options.teacher_cache_bytes, student, cfg.loss)
+            if on_policy:
+                reply_tokens.append(sum(len(s.response_ids) for s in samples))
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).tolist()
             ep_sse = ep_count = 0.0
             for b in range(spe):
@@ -379,7 +399,8 @@ def _run_e2e(decoder, samples, plan, init_adapters, work, key, options, callback
                 _save_checkpoint(ckpt_path, {"key": ckey, "epoch": epoch + 1,
                                              "master": [m.detach().cpu() for m in master],
                                              "optim": opt.state_dict(), "sched": sched.state_dict(),
-                                             "history": history, "before": before})
+                                             "history": history, "before": before,
+                                             "reply_tokens": reply_tokens})
             barrier()
             if callback is not None:
                 callback({"stage": "e2e", "event": "epoch_done", "epoch": epoch,
@@ -399,9 +420,11 @@ def _run_e2e(decoder, samples, plan, init_adapters, work, key, options, callback
     metrics = {**before, **{f"{k}_after": v for k, v in after.items()}, f"epoch_train_{cfg.loss}": history,
                "loss": cfg.loss, "responses": cfg.responses, "steps": total,
                "tokens": sum(len(s.response_ids) for s in samples)}
-    if cfg.responses == "student":
+    if cfg.responses != "dense":
         metrics["given_tokens"] = given_tokens
-    timing = {"student_replies_s": replies_s, "train_s": round(train_s, 3),
+    if on_policy:  # per epoch; "tokens" and the metrics after: the last epoch's replies
+        metrics["reply_tokens"] = reply_tokens
+    timing = {"student_replies_s": round(replies_s, 3), "train_s": round(train_s, 3),
               "eval_after_s": round(time.monotonic() - t0, 3), "total_s": round(time.monotonic() - t_start, 3),
               "resumed_from_epoch": start_epoch}
     adapters = {i: (bp.L.detach().float().cpu().clone(), bp.R.detach().float().cpu().clone()) for i, bp in bps}

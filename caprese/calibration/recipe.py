@@ -32,7 +32,9 @@ LAYERWISE_MODES = ("parallel", "sequential")
 # mse: the paper's final-hidden-state MSE; kl: KL(teacher || student) of the next-token distributions (the LM
 # head over both final hidden states), which weighs the directions the head reads (docs/quantization.md).
 E2E_LOSSES = ("mse", "kl")
-E2E_RESPONSES = ("dense", "student")  # whose replies the E2E loss is taken on (E2EConfig.responses)
+# whose replies the E2E loss is taken on (E2EConfig.responses): the samples' own, the student's after the
+# layer-wise stage, or the student's re-answered before every epoch (on-policy)
+E2E_RESPONSES = ("dense", "student", "on-policy")
 CAPTURE_STORES = ("fp32", "bf16")
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEFAULT_METHOD, DEFAULT_DENSITY, DEFAULT_RANK = "griffin", 0.5, 64
@@ -129,7 +131,8 @@ class E2EConfig:
     warmup: float = 0.02
     seed: int = 0  # the per-epoch shuffles
     loss: str = "mse"  # "mse" | "kl"
-    responses: str = "dense"  # "dense": the samples as given | "student": re-answered by the student first
+    responses: str = "dense"  # "dense": the samples as given | "student": re-answered by the student first |
+    # "on-policy": re-answered by the student as it stands before every epoch
 
     def __post_init__(self):
         self.validate()

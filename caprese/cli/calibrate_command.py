@@ -77,7 +77,8 @@ _LW, _E2E, _OPTS = LayerwiseConfig(), E2EConfig(), CalibrationOptions()  # the d
                    "--synthetic, the dense model's); student: the student's own greedy replies to the same "
                    "prompts, made once after the layer-wise stage (on-policy distillation; on int4 RTN + bypass "
                    "with --e2e-loss kl: 22.1% against 20.4% at --seed 0, 18.7% against 18.4% at --seed 1, "
-                   "docs/quantization.md).")
+                   "docs/quantization.md); on-policy: the student re-answers before every epoch, as it then "
+                   "stands.")
 @click.option("--warmup", default=_LW.warmup, show_default=True, type=float,
               help="Warm-up fraction of the linear schedule (both stages).")
 @click.option("--seed", default=_LW.seed, show_default=True, type=int,
@@ -221,6 +222,11 @@ def _summary(art, work: Path, keep_work: bool) -> None:
         if e2.get("responses") == "student":
             print(f"caprese: end-to-end on the student's own replies: {e2['tokens']} response tokens (the samples' "
                   f"own: {e2['given_tokens']})", file=err)
+        elif e2.get("responses") == "on-policy":
+            print(f"caprese: end-to-end on the student's replies of each epoch: "
+                  f"{', '.join(map(str, e2['reply_tokens']))} response tokens (the samples' own: "
+                  f"{e2['given_tokens']}; the errors below: before on the first epoch's replies, after on the "
+                  f"last's)", file=err)
         print(f"caprese: end-to-end final-hidden MSE: FF^ alone {e2['mse_approx']:.5g}, layer-wise "
               f"{e2['mse_before']:.5g}, end-to-end {e2['mse_after']:.5g}", file=err)
         if "kl_after" in e2:
