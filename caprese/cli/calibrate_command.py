@@ -78,7 +78,7 @@ _LW, _E2E, _OPTS = LayerwiseConfig(), E2EConfig(), CalibrationOptions()  # the d
                    "prompts, made once after the layer-wise stage (on-policy distillation; on int4 RTN + bypass "
                    "with --e2e-loss kl: 22.1% against 20.4% at --seed 0, 18.7% against 18.4% at --seed 1, "
                    "docs/quantization.md); on-policy: the student re-answers before every epoch, as it then "
-                   "stands.")
+                   "stands (--seed 1: 186 of 1,000 against student's 187, 1.5x the E2E time).")
 @click.option("--warmup", default=_LW.warmup, show_default=True, type=float,
               help="Warm-up fraction of the linear schedule (both stages).")
 @click.option("--seed", default=_LW.seed, show_default=True, type=int,
@@ -115,7 +115,7 @@ def calibrate_command(model_dir, out, data, synthetic, response_tokens, as_json,
       caprese calibrate MODEL -o out/seq --stage layerwise --layerwise-mode sequential --rank 256
       caprese calibrate MODEL -o out/q4 --weights int4 --method none --rank 64        # int4 + bypass, all layers
       caprese calibrate MODEL -o out/q4kl --weights int4 --method none --layerwise-mode sequential --e2e-loss kl
-      caprese calibrate MODEL -o out/q4s --weights int4 --method none --layerwise-mode sequential --e2e-loss kl \
+      caprese calibrate MODEL -o out/q4s --weights int4 --method none --layerwise-mode sequential --e2e-loss kl \\
           --e2e-responses student                                      # E2E on the student's own replies
       caprese calibrate MODEL -o out/q4g --weights int4 --quant gptq --method griffin  # int4 GPTQ + GRIFFIN
       torchrun --nproc_per_node 2 $(which caprese) calibrate MODEL -o out/x   # layers / batches split over ranks
