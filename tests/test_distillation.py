@@ -480,6 +480,18 @@ def test_e2e_on_policy_re_answers_with_the_current_student_before_every_epoch(ti
     assert m["reply_tokens"][:2] == [sum(map(len, e0)), sum(map(len, e1))] and len(m["reply_tokens"]) == 3
     assert art.recipe["e2e"]["responses"] == "on-policy"
 
+    def kill_at_the_end(ev):  # after the last epoch's checkpoint, before the artifact
+        if ev["stage"] == "e2e" and ev["event"] == "epoch_done" and ev["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(model, tmp_path / "end", recipe, samples, dataclasses.replace(opts, work_dir=tmp_path / "w2"),
+                  callback=kill_at_the_end)
+    end = calibrate(model, tmp_path / "end", recipe, samples, dataclasses.replace(opts, work_dir=tmp_path / "w2"))
+    assert end.metrics["timing"]["e2e"]["resumed_from_epoch"] == 3 and adapters_equal(end.adapters, ref.adapters)
+    for k in ("kl_after", "mse_after", "tokens", "reply_tokens"):  # measured on the last epoch's replies, as ref
+        assert end.metrics["e2e"][k] == ref.metrics["e2e"][k], k
+
 
 def test_e2e_resumes_per_epoch_with_identical_adapters(tiny_model_dir, tmp_path):
     model = tiny_model_dir("llama3")

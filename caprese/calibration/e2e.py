@@ -347,6 +347,9 @@ def _run_e2e(decoder, samples, plan, init_adapters, work, key, options, callback
         sched.load_state_dict(state["sched"])
         start_epoch, history, before = state["epoch"], list(state["history"]), dict(state["before"])
         reply_tokens = list(state.get("reply_tokens", ()))
+        if on_policy and start_epoch >= cfg.epochs:  # killed after the last epoch: the errors after on its replies
+            samples = replies(cfg.epochs - 1)
+            dist_ = Distiller(decoder, samples, options.teacher_cache_bytes, student, cfg.loss)
     else:
         start_epoch, history = 0, []
         t0 = time.monotonic()
