@@ -4,7 +4,7 @@
  * read bandwidth of one CCD's link, ~35 GB/s) or on two (~350 ns, ~50 GB/s), and that flips from one minute to
  * the next. A decode step synchronises its threads ~120 times, so the placement moves both a step's time and the
  * bytes floor it is measured against; tools/bench_decode.py records it next to each bandwidth sample.
- * Built with caprese.runtime.native.library.build(..., source=this file). */
+ * Built with caprese.runtime.native.library.built(source=this file). */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <sched.h>

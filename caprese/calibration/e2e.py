@@ -335,7 +335,11 @@ def _run_e2e(decoder, samples, plan, init_adapters, work, key, options, callback
     spe = max(1, math.ceil(n / cfg.batch_size))
     total = cfg.epochs * spe
     sched = linear_schedule(opt, total, cfg.warmup)
-    dist_ = Distiller(decoder, samples, options.teacher_cache_bytes, student, cfg.loss)
+
+    def distiller(on: list) -> Distiller:  # the passes over one set of replies (on-policy: one per epoch)
+        return Distiller(decoder, on, options.teacher_cache_bytes, student, cfg.loss)
+
+    dist_ = distiller(samples)
 
     state = _load_checkpoint(ckpt_path, ckey)
     if state is not None:
@@ -349,7 +353,7 @@ def _run_e2e(decoder, samples, plan, init_adapters, work, key, options, callback
         reply_tokens = list(state.get("reply_tokens", ()))
         if on_policy and start_epoch >= cfg.epochs:  # killed after the last epoch: the errors after on its replies
             samples = replies(cfg.epochs - 1)
-            dist_ = Distiller(decoder, samples, options.teacher_cache_bytes, student, cfg.loss)
+            dist_ = distiller(samples)
     else:
         start_epoch, history = 0, []
         t0 = time.monotonic()
@@ -368,7 +372,7 @@ def _run_e2e(decoder, samples, plan, init_adapters, work, key, options, callback
         for epoch in range(start_epoch, cfg.epochs):
             if on_policy and epoch > 0:  # the adapters after epoch - 1 (a resumed run: the checkpoint's)
                 samples = replies(epoch)
-                dist_ = Distiller(decoder, samples, options.teacher_cache_bytes, student, cfg.loss)
+                dist_ = distiller(samples)
             if on_policy:
                 reply_tokens.append(sum(len(s.response_ids) for s in samples))
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).tolist()
