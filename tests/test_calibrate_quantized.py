@@ -20,14 +20,14 @@ from distributed_worker import make_samples
 
 from caprese.calibration.artifact import QUANTIZED, load_artifact
 from caprese.calibration.calibrate import calibrate
-from caprese.calibration.quantized_file import read_quantized
+from caprese.calibration.quantized_file import read_quantized, write_quantized
 from caprese.calibration.recipe import CalibrationOptions, CalibrationRecipe, E2EConfig, LayerwiseConfig
 from caprese.calibration.source import open_source
 from caprese.calibration.weight_quant import QuantRecipe, quantize_decoder, weight_slots
 from caprese.calibration.weights_choice import WeightsChoice
 from caprese.errors import CapreseError
 from caprese.model.loading import load_decoder
-from caprese.model.quantization import WeightFormat, linear_weight
+from caprese.model.quantization import WeightFormat, linear_weight, quantize_rtn
 
 QUIET = CalibrationOptions(progress=False)
 LW = LayerwiseConfig(epochs=3, lr=5e-3, batch_size=32, seed=1)
@@ -311,6 +311,26 @@ def test_corrupt_or_missing_quantized_file_is_a_one_line_error(tiny_model_dir, t
     assert_one_line_error(rc, err, QUANTIZED, "missing")
     with pytest.raises(CapreseError, match="missing"):
         read_quantized(f)
+
+
+def test_the_same_codes_give_the_same_file_bytes_every_time(tmp_path):
+    """safetensors writes its metadata keys in a random order per write; the artifact records the file's sha256, so
+    identical codes must give identical bytes (8 writes: by chance all alike with probability 1/6^7 unfixed)."""
+    g = torch.Generator().manual_seed(0)
+    qt = quantize_rtn(torch.randn(8, 64, generator=g), INT4.fmt)
+    qweights = {"model.layers.0.mlp.up_proj.weight": qt, "model.embed_tokens.weight": qt,
+                "lm_head.weight": quantize_rtn(torch.randn(4, 64, generator=g), INT4.fmt)}
+    blobs, shas = set(), set()
+    for k in range(8):
+        f = tmp_path / f"q{k}.safetensors"
+        shas.add(write_quantized(f, qweights, INT4))
+        blobs.add(f.read_bytes())
+    assert len(shas) == 1 and len(blobs) == 1
+    back = read_quantized(f, INT4, shas.pop())
+    assert back.keys() == qweights.keys()
+    for name, q in qweights.items():
+        assert torch.equal(back[name].packed(), q.packed()) and torch.equal(back[name].scales, q.scales), name
+    assert back["model.embed_tokens.weight"] is back["model.layers.0.mlp.up_proj.weight"]  # stored once, aliased
 
 
 def test_e2e_from_a_quantized_init_keeps_its_codes_and_refuses_other_weights(tiny_model_dir, tmp_path):

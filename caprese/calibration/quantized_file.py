@@ -6,7 +6,9 @@ Per HF weight name N (stored once; a tied LM head / embedding is one entry plus 
 metadata: "format" (caprese-quantized), "recipe" (QuantRecipe.to_dict() as JSON), "aliases" ({name: stored name}).
 The tensors are in the recipe's orientation per role (QuantRecipe.block_axis: [out, in], or [in, out] for the
 down projection). The writer also returns the file's sha256, which the artifact records; `read_quantized`
-checks it, so a truncated or edited file is a one-line error, never silently different codes.
+checks it, so a truncated or edited file is a one-line error, never silently different codes. The same codes give
+the same bytes (and sha256) on every run: safetensors writes its metadata in a random key order, so the writer
+puts the header's metadata keys in sorted order afterwards.
 """
 
 from __future__ import annotations
@@ -45,7 +47,25 @@ def write_quantized(path: str | Path, qweights: dict[str, QuantizedTensor], reci
         tensors[name + ".scales"] = qt.scales.contiguous()
     meta = {"format": FILE_FORMAT, "recipe": json.dumps(recipe.to_dict()), "aliases": json.dumps(aliases)}
     save_file(tensors, str(path), metadata=meta)
+    sort_metadata_keys(Path(path))
     return sha256_file(Path(path))
+
+
+def sort_metadata_keys(path: Path) -> None:
+    """Rewrite a safetensors header in place with its `__metadata__` keys sorted (safetensors serializes them from
+    a hash map: a random order per write). Same length, same tensors and offsets: only the key order changes."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.pop("__metadata__", None)
+        ordered = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
+        ordered.update(header)
+        out = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(out) > n:  # cannot happen for a reordering of safetensors' compact JSON; never corrupt the file
+            raise RuntimeError(f"{path}: the reordered safetensors header is longer than the written one")
+        f.seek(8)
+        f.write(out + b" " * (n - len(out)))
 
 
 def read_quantized(path: str | Path, recipe: QuantRecipe | None = None, sha256: str | None = None
