@@ -326,6 +326,24 @@ def test_gemv_inputs_forms_compute_the_same_chain():
     assert set(res["rows"]) == set(mod.FORMS) and res["rows"]["init"]["x_init"] == 1.0
 
 
+@pytest.mark.skipif(not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")) or not shutil.which("git")
+                    or not (BENCH.parents[1] / ".git").exists(), reason="needs a C compiler and a git checkout")
+def test_quant_gemv_ab_runs_both_builds(capsys):
+    """tools/ab_quant_gemv.py builds this tree's kernel and a revision's, times both on one small shape and prints
+    the ratio; a revision git does not know is a one-line error."""
+    spec = importlib.util.spec_from_file_location("ab_quant_gemv", BENCH.parent / "ab_quant_gemv.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--baseline", "HEAD", "--shapes", "24x256", "--threads", "1", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    row = next(ln.split() for ln in out.splitlines() if ln.split()[:2] == ["24x256", "1"])
+    assert float(row[2]) > 0 and float(row[3]) > 0 and float(row[4]) > 0, out
+    with pytest.raises(SystemExit, match="error: git show no-such-revision"):
+        mod.main(["--baseline", "no-such-revision", "--shapes", "24x256", "--rounds", "1"])
+    with pytest.raises(SystemExit, match="not ROWSxCOLS"):
+        mod.main(["--baseline", "HEAD", "--shapes", "24by256"])
+
+
 def test_gpu_checks_script_runs_on_cpu(tmp_path):
     """tools/gpu_checks.sh (what a session lent a GPU runs in one go) on this CPU: the gpu/tensorrt tests skip,
     the GPU bench runs its smoke shape, and both logs and the bench JSON land in $OUT."""

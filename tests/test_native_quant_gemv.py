@@ -97,9 +97,10 @@ def _check(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor, n: int, w
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", FORMATS, ids=_fid)
 def test_rows_dot_against_float64(isa, fmt):
-    # rows 37 (not a multiple of 4), cols 4480 = 35 blocks of 128 over two tiles (4096 + 384); ROW also
-    # cols 200 (not a multiple of 16 or 32: the scalar tail of the row block) and 6 (shorter than one group)
-    shapes = [(37, 4480), (5, 256)] + ([(11, 200), (3, 6), (9, 4106)] if fmt.block_size == ROW else [])
+    # rows 37 (not a multiple of 4), cols 4480 = 35 blocks of 128 over two tiles (4096 + 384); cols 768: int4
+    # rows of 384 bytes, the shortest the kernel reads two at a time (QG_PAIR_BYTES; 256: four at a time); ROW
+    # also cols 200 (not a multiple of 16 or 32: the scalar tail of the row block) and 6 (shorter than one group)
+    shapes = [(37, 4480), (5, 256), (23, 768)] + ([(11, 200), (3, 6), (9, 4106)] if fmt.block_size == ROW else [])
     for k, (rows, cols) in enumerate(shapes):
         qt = _quant(rows, cols, fmt, seed=k)
         x = torch.randn(cols, generator=torch.Generator().manual_seed(100 + k))
@@ -279,7 +280,8 @@ INT8X_CASES = [(WeightFormat(4, 32, "fp16"), 640), (WeightFormat(4, 64, "fp32"),
                (WeightFormat(4, ROW, "fp16"), 576), (WeightFormat(4, 32, "fp32"), 64),
                (WeightFormat(4, 32, "fp16"), 96), (WeightFormat(4, 128, "fp16"), 4224),
                (WeightFormat(4, ROW, "fp32"), 4160), (WeightFormat(4, 32, "fp32"), 576),
-               (WeightFormat(4, 64, "fp16"), 4160)]  # every (block, scale dtype) in both the 128- and 64-column steps
+               (WeightFormat(4, 64, "fp16"), 4160),  # every (block, scale dtype) in both the 128- and 64-column steps
+               (WeightFormat(4, 32, "fp16"), 768)]  # rows of 384 bytes: read in pairs (QG_PAIR_BYTES)
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -10,14 +10,16 @@ On SmolLM2-135M's shapes (hidden 576, FFN 1536, vocab 49152) it times, interleav
   q4-b32-vnni  int4 with int8 activations (native/int8_activations.c, what --int8-activations engines run on
                native: x rounded per 32 inside each call; down: h * s_w rounded per 32 rows and column block;
                VNNI on AVX-512, vpmaddubsw on AVX2, scalar)
+  q4-b32-vnni-hot  the same on one copy of the weights: the int8-activation kernel's compute ceiling
   q4-b32-i16   down only: int4 rows-axpy with h * s_w rounded to 16 bits per 32 rows and column block, split
                into two int8 halves over the same unpacked codes (native/int8_activations.c, GRIFFIN's down on
                --int8-activations engines)
   ort-f32      ONNX Runtime MatMul, fp32 initializer
   ort-q{4,8}-acc{0,4}  com.microsoft.MatMulNBits, block 32, B from quantization.matmul_nbits_weight (our bytes
                XOR 0x88 / 0x80), fp32 scales; accuracy_level 0 (default: fp32 activations) and 4 (int8 activations)
-`down` runs caprese's rows-axpy on W [F, D] blocked along D (the format's plan); ONNX Runtime gets the same
-matrix in its own orientation, [N = D, K = F] blocked along K. Every form cycles over enough copies of its
+`down` runs caprese's rows-axpy on W [F, D] blocked along D (the format's plan, GRIFFIN's down); ONNX Runtime gets
+the same matrix in its own orientation, [N = D, K = F] blocked along K. `down_dot` is the dense step's down, a
+rows-dot over [D, F] (rows of 1536 columns: the long-row case). Every form cycles over enough copies of its
 weights that they stream from memory as in a decode step (ONNX Runtime: one graph of `copies` independent
 MatMulNBits nodes, so the per-run overhead is shared), and prints ms per call, GB/s of the matrix's bytes and
 the ratio to f32 and to ort-q4-acc4, with the CPU and the kernel's ISA.
@@ -48,7 +50,7 @@ from caprese.runtime.native import quant_gemv as qg  # noqa: E402
 
 # name: (rows, cols, kernel) of the caprese layout; dot = W [out, in], axpy = W [F, D]
 SHAPES = {"qkv": (960, 576, "dot"), "o": (576, 576, "dot"), "gate_up": (3072, 576, "dot"),
-          "down": (1536, 576, "axpy"), "head": (49152, 576, "dot")}
+          "down": (1536, 576, "axpy"), "down_dot": (576, 1536, "dot"), "head": (49152, 576, "dot")}
 OURS = {"q8-row": WeightFormat(8, ROW), "q8-b32": WeightFormat(8, 32), "q4-b32": WeightFormat(4, 32)}
 ORT_ROWS = ("ort-f32", "ort-q4-acc0", "ort-q4-acc4", "ort-q8-acc0", "ort-q8-acc4")
 STREAM_BYTES = 96e6  # each form's copies together: 3x the 32 MiB L3 of this VM
@@ -163,6 +165,9 @@ def build_forms(shape: str, threads: int, isa: str, rows_wanted: set[str]) -> tu
             if name == "q4-b32" and "q4-b32-vnni" in rows_wanted:  # down: rows-axpy over int8 coefficients
                 forms["q4-b32-vnni"] = Ours(3 if kernel == "dot" else 4, mats, mats[0].nbytes, x, out_len, threads,
                                             isa)
+            if name == "q4-b32" and "q4-b32-vnni-hot" in rows_wanted:
+                forms["q4-b32-vnni-hot"] = Ours(3 if kernel == "dot" else 4, mats[:1], mats[0].nbytes, x, out_len,
+                                                threads, isa)
             if name == "q4-b32" and "q4-b32-i16" in rows_wanted and kernel != "dot":  # int16 coefficients
                 forms["q4-b32-i16"] = Ours(5, mats, mats[0].nbytes, x, out_len, threads, isa)
     ort_ws = ws if kernel == "dot" else [w.t().contiguous() for w in ws]  # ORT: [N, K], blocks along K
@@ -191,7 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--threads", default="1,2", help="comma list of thread counts (default 1,2)")
     ap.add_argument("--rows", default=",".join(["f32", "q8-row", "q8-b32", "q4-b32", "q4-b32-hot", "q4-b32-vnni",
-                                                "q4-b32-i16", *ORT_ROWS]))
+                                                "q4-b32-vnni-hot", "q4-b32-i16", *ORT_ROWS]))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sample-ms", type=float, default=60.0, help="time per sample of each form")
     ap.add_argument("--isa", default=None, help="caprese kernel build: avx512 | avx2 | scalar (default: widest)")

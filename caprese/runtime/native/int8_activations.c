@@ -681,8 +681,7 @@ static inline __attribute__((always_inline)) void qa_rows_axpy(const QMat *w, co
          * first group's rows at once, then each group's pieces fetch the next group's same pieces (past r1: the
          * rows the caller's next chunk usually has), and its scales */
         for (int64_t j = r0; j < r0 + QA_GROUP && j < pf_end; j++) {
-            qg_prefetch(w->codes + (idx ? idx[j] : j) * t.rb + off, len);
-            __builtin_prefetch((const uint8_t *)w->scales + ((idx ? idx[j] : j) * t.nb + t.b0) * (f32s ? 4 : 2), 0, 2);
+            qg_prefetch_row(w, &t, idx ? idx[j] : j, off, len, f32s ? 4 : 2);
         }
         for (int64_t g = r0; g < r1; g += QA_GROUP) {
             const int nr = (int)(r1 - g < QA_GROUP ? r1 - g : QA_GROUP);
@@ -692,8 +691,8 @@ static inline __attribute__((always_inline)) void qa_rows_axpy(const QMat *w, co
                 const int64_t j = g + QA_GROUP + r < pf_end ? g + QA_GROUP + r : g; /* past the end: a row read now */
                 pn[r] = w->codes + (idx ? idx[j] : j) * t.rb;
                 if (j != g)
-                    __builtin_prefetch((const uint8_t *)w->scales + ((idx ? idx[j] : j) * t.nb + t.b0) * (f32s ? 4 : 2),
-                                       0, 2);
+                    qg_prefetch_span((const uint8_t *)w->scales + ((idx ? idx[j] : j) * t.nb + t.b0) * (f32s ? 4 : 2),
+                                     t.nbt * (f32s ? 4 : 2));
             }
             qa_group(w, f32s, wide, &t, h + g, rows, nr, pn, c0, c1, yp);
         }

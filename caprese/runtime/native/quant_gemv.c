@@ -29,7 +29,8 @@
  * de-interleaved and interleaved once at the end (rows-axpy); the *_prepared entry points let a thread pool do
  * that once per vector instead of once per chunk. Columns are processed in tiles of QG_TILE (a multiple of
  * every block and vector group), so the per-call buffers live on the stack (~18 KiB). Four rows at a time share
- * each x / y load; rows are prefetched ahead by index. Speed: docs/performance.md (2026-12-06).
+ * each x / y load (rows-dot: two, for rows of QG_PAIR_BYTES or more); rows are prefetched ahead by index, codes
+ * and every line of their scales. Speed: docs/performance.md (2026-12-06, 2026-12-07).
  *
  * ISA: built like decode_step.c by caprese/runtime/native/library.py (avx512 | avx2 | scalar); caprese_isa()
  * says which code paths this build runs. Self-contained, so decode_step.c can `#include` it later (define
@@ -184,6 +185,22 @@ static inline QgTile qg_tile(const QMat *w, const int bits, int64_t c0, int64_t 
     return t;
 }
 
+/* Every cache line of [p, p + len). */
+static inline void qg_prefetch_span(const uint8_t *p, int64_t len) {
+    for (uintptr_t a = (uintptr_t)p & ~(uintptr_t)63; a < (uintptr_t)(p + len); a += 64)
+        __builtin_prefetch((const void *)a, 0, 2);
+}
+
+/* One row's codes in the tile (`off`, `len` bytes) and ALL of its scales' lines. Fetching only the first line of
+ * the scales (enough for short rows, whose scales share lines with the next rows') left long rows' later scale
+ * lines to demand misses: one thread streamed [576 x 1536] int4 at 23 GB/s, [288 x 3072] at 13 (tools/
+ * bench_quant_gemv.py, Zen 4; docs/performance.md). */
+static inline void qg_prefetch_row(const QMat *w, const QgTile *t, int64_t row, int64_t off, int64_t len,
+                                   int64_t sbytes) {
+    qg_prefetch(w->codes + row * t->rb + off, len);
+    qg_prefetch_span((const uint8_t *)w->scales + (row * t->nb + t->b0) * sbytes, t->nbt * sbytes);
+}
+
 /* The fp32 scales of one row's blocks in the tile: in place (fp32 scales) or converted into buf (fp16). */
 static inline const float *qg_row_scales(const QMat *w, const int f32s, int64_t row, const QgTile *t, float *buf) {
     if (f32s) return (const float *)w->scales + row * t->nb + t->b0;
@@ -315,6 +332,32 @@ static void qg_prepare_x(const QMat *w, const float *x, int64_t c0, int64_t c1, 
 
 #include "int8_activations.c" /* QgX, qx_dot_tile: int4 rows-dot with int8 activations */
 
+/* Rows [*i, r1) of qg_dot_range in tiles of nr rows (4 or 2), while a whole tile is left. */
+static inline __attribute__((always_inline)) void qg_dot_tiles(const QMat *w, const int bits, const int f32s,
+                                                               const QgTile *t, const void *xp, int64_t c0,
+                                                               int64_t c1, const int64_t *idx, int64_t *i,
+                                                               int64_t r1, int64_t ahead, int64_t pf_end, float *y,
+                                                               int add, const int i8, const int nr) {
+    const int64_t off = c0 * bits / 8, len = (c1 - c0) * bits / 8, sbytes = f32s ? 4 : 2;
+    float out[4];
+    for (; *i + nr <= r1; *i += nr) {
+        int64_t rows[4];
+        for (int k = 0; k < nr; k++) rows[k] = idx ? idx[*i + k] : *i + k;
+        for (int64_t j = *i + ahead; j < *i + ahead + nr && j < pf_end; j++)
+            qg_prefetch_row(w, t, idx ? idx[j] : j, off, len, sbytes);
+        if (i8) qx_dot_tile(w, f32s, t, rows, nr, (const QgX *)xp, c0, c1, out);
+        else qg_dot_tile(w, bits, f32s, t, rows, nr, (const float *)xp, c0, c1, out);
+        for (int k = 0; k < nr; k++) y[*i + k] = add ? y[*i + k] + out[k] : out[k];
+    }
+}
+
+/* Rows of at least this many bytes (in the tile) are read two at a time, shorter ones four at a time: four long
+ * rows read in lockstep streamed slower than two. Measured on a Zen 4 VM, int4, all scale lines prefetched in
+ * both, pairs over quads on 1 / 2 threads: rows of 768-1536 bytes 1.31-1.44x / 1.03-1.25x, 384-512 bytes
+ * 1.01-1.02x / 0.96-1.04x, 288 bytes 0.92x / 0.99x (docs/performance.md). Probably four long sequential
+ * streams at once are more than the hardware prefetchers track beside the software prefetches. */
+#define QG_PAIR_BYTES 384
+
 /* y[i] (= or +=, `add`) sum_{c in [c0, c1)} x[c] * w[row_i, c] for i in [r0, r1); xp = x[c0..c1) prepared, or
  * (i8) the QgX of all of x (int4 weights, int8 activations: int8_activations.c). */
 static inline __attribute__((always_inline)) void qg_dot_range(const QMat *w, const int bits, const int f32s,
@@ -324,32 +367,21 @@ static inline __attribute__((always_inline)) void qg_dot_range(const QMat *w, co
     int64_t i = r0;
     float out[4];
     const QgTile t = qg_tile(w, bits, c0, c1);
-    const int64_t rb = t.rb, off = c0 * bits / 8, len = (c1 - c0) * bits / 8;
+    const int64_t off = c0 * bits / 8, len = (c1 - c0) * bits / 8, sbytes = f32s ? 4 : 2;
     int64_t ahead = QG_PF_BYTES / (len > 0 ? len : 1);
     ahead = ahead < 4 ? 4 : ahead > 64 ? 64 : ahead;
     /* the stream's start at once (a chunk's first rows would otherwise miss one after another), and on past r1
      * into the rows this thread's next chunk usually has */
-    const int64_t pf_end = idx ? r1 : w->rows, sbytes = f32s ? 4 : 2;
-    for (int64_t j = r0; j < r0 + ahead && j < pf_end; j++) {
-        qg_prefetch(w->codes + (idx ? idx[j] : j) * rb + off, len);
-        __builtin_prefetch((const uint8_t *)w->scales + (idx ? idx[j] : j) * t.nb * sbytes, 0, 2);
-    }
+    const int64_t pf_end = idx ? r1 : w->rows;
+    for (int64_t j = r0; j < r0 + ahead && j < pf_end; j++)
+        qg_prefetch_row(w, &t, idx ? idx[j] : j, off, len, sbytes);
 #if QG_VL
-    for (; i + 4 <= r1; i += 4) {
-        const int64_t rows[4] = {idx ? idx[i] : i, idx ? idx[i + 1] : i + 1, idx ? idx[i + 2] : i + 2,
-                                 idx ? idx[i + 3] : i + 3};
-        for (int64_t j = i + ahead; j < i + ahead + 4 && j < pf_end; j++) {
-            qg_prefetch(w->codes + (idx ? idx[j] : j) * rb + off, len);
-            __builtin_prefetch((const uint8_t *)w->scales + (idx ? idx[j] : j) * t.nb * sbytes, 0, 2);
-        }
-        if (i8) qx_dot_tile(w, f32s, &t, rows, 4, (const QgX *)xp, c0, c1, out);
-        else qg_dot_tile(w, bits, f32s, &t, rows, 4, (const float *)xp, c0, c1, out);
-        for (int k = 0; k < 4; k++) y[i + k] = add ? y[i + k] + out[k] : out[k];
-    }
+    if (len >= QG_PAIR_BYTES) qg_dot_tiles(w, bits, f32s, &t, xp, c0, c1, idx, &i, r1, ahead, pf_end, y, add, i8, 2);
+    else qg_dot_tiles(w, bits, f32s, &t, xp, c0, c1, idx, &i, r1, ahead, pf_end, y, add, i8, 4);
 #endif
     for (; i < r1; i++) {
         const int64_t row = idx ? idx[i] : i;
-        if (i + ahead < pf_end) qg_prefetch(w->codes + (idx ? idx[i + ahead] : i + ahead) * rb + off, len);
+        if (i + ahead < pf_end) qg_prefetch_row(w, &t, idx ? idx[i + ahead] : i + ahead, off, len, sbytes);
         if (i8) qx_dot_tile(w, f32s, &t, &row, 1, (const QgX *)xp, c0, c1, out);
         else qg_dot_tile(w, bits, f32s, &t, &row, 1, (const float *)xp, c0, c1, out);
         y[i] = add ? y[i] + out[0] : out[0];
@@ -484,7 +516,7 @@ static inline __attribute__((always_inline)) void qg_axpy_range(const QMat *w, c
     float coef[4];
     int n = 0;
     const QgTile t = qg_tile(w, bits, c0, c1);
-    const int64_t rb = t.rb, off = c0 * bits / 8, len = (c1 - c0) * bits / 8;
+    const int64_t off = c0 * bits / 8, len = (c1 - c0) * bits / 8;
     int64_t ahead = QG_PF_BYTES / (len > 0 ? len : 1), la = r0, queued = 0; /* prefetched rows not yet read */
     ahead = ahead < 4 ? 4 : ahead > 64 ? 64 : ahead;
     const int64_t pf_end = idx || h_end < r1 ? r1 : h_end, sbytes = f32s ? 4 : 2;
@@ -492,8 +524,7 @@ static inline __attribute__((always_inline)) void qg_axpy_range(const QMat *w, c
         if (h[i] == 0.0f) continue; /* the row is not read (nor prefetched) */
         for (; la < pf_end && queued < ahead; la++)
             if (h[la] != 0.0f && la > i) {
-                qg_prefetch(w->codes + (idx ? idx[la] : la) * rb + off, len);
-                __builtin_prefetch((const uint8_t *)w->scales + (idx ? idx[la] : la) * t.nb * sbytes, 0, 2);
+                qg_prefetch_row(w, &t, idx ? idx[la] : la, off, len, sbytes);
                 queued++;
             }
         if (queued) queued--;
