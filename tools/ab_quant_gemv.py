@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", type=int, choices=(4, 8), default=4)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--isa", default=None, help="avx512 | avx2 | scalar (default: widest)")
+    ap.add_argument("--hot", action="store_true",
+                    help="one copy of each matrix, read from the caches: the kernels' compute ceilings")
     a = ap.parse_args(argv)
     if a.op == "dot-i8" and a.bits != 4:
         raise SystemExit("error: --op dot-i8 is int4 only; use --bits 4 or --op dot-f32")
@@ -103,13 +105,14 @@ def main(argv=None) -> int:
         fmt = WeightFormat(a.bits, 32)
         data = []
         for r, c in shapes:
-            copies = max(1, min(256, math.ceil(STREAM_BYTES / (r * c * a.bits // 8))))
+            copies = 1 if a.hot else max(1, min(256, math.ceil(STREAM_BYTES / (r * c * a.bits // 8))))
             g = torch.Generator().manual_seed(0)
             mats = [qg.QMatrix(quantize_rtn(torch.randn(r, c, generator=g) * 0.02, fmt)) for _ in range(copies)]
             arr = (qg.QMat * copies)(*[m.struct for m in mats])
             data.append(((r, c), mats, arr, torch.randn(c, generator=g), torch.zeros(16 * r)))
         print(f"cpu: {cpu_name()}; kernel isa {isa}; op {a.op}, int{a.bits} block 32 fp16 scales; new = this tree, "
-              f"base = {a.baseline}; {a.rounds} rounds, the two builds alternated within each")
+              f"base = {a.baseline}; {a.rounds} rounds, the two builds alternated within each"
+              + ("; --hot: weights cache-resident" if a.hot else ""))
         gbs: dict[tuple, list[float]] = {}
         for rnd in range(a.rounds):
             rt = measure_round_trip_ns()

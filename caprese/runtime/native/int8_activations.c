@@ -125,7 +125,9 @@ void caprese_qx_quantize(const QMat *w, const float *x, void *buf, QgX *xq) {
 }
 
 /* Per 32-bit lane (4 weight bytes = 8 elements): a + sum of (code_w + 8) * code_x, for 16 / 8 / 4 lanes (a = -corr
- * takes the offset out in the accumulator's start, one instruction per row and step fewer). */
+ * takes the offset out in the accumulator's start, one instruction per row and step fewer). Without VNNI, the two
+ * vpmaddubsw results are added in 16 bits before the one vpmaddwd: each is a sum of two products of at most
+ * 15 * 128, so their sum (<= 7680 in magnitude) fits, and the int32 lane sums are the same. */
 #if defined(__AVX512BW__)
 static inline __m512i qx_d512(__m512i v, __m512i xe, __m512i xo, __m512i a) {
     const __m512i nib = _mm512_set1_epi8(0x0f);
@@ -135,8 +137,8 @@ static inline __m512i qx_d512(__m512i v, __m512i xe, __m512i xo, __m512i a) {
     return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a, lo, xe), hi, xo);
 #else
     const __m512i one = _mm512_set1_epi16(1);
-    return _mm512_add_epi32(a, _mm512_add_epi32(_mm512_madd_epi16(_mm512_maddubs_epi16(lo, xe), one),
-                                                _mm512_madd_epi16(_mm512_maddubs_epi16(hi, xo), one)));
+    return _mm512_add_epi32(a, _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(lo, xe),
+                                                                  _mm512_maddubs_epi16(hi, xo)), one));
 #endif
 }
 #endif
@@ -149,8 +151,8 @@ static inline __m256i qx_d256(__m256i v, __m256i xe, __m256i xo, __m256i a) {
     return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(a, lo, xe), hi, xo);
 #else
     const __m256i one = _mm256_set1_epi16(1);
-    return _mm256_add_epi32(a, _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, xe), one),
-                                                _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xo), one)));
+    return _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xe),
+                                                                  _mm256_maddubs_epi16(hi, xo)), one));
 #endif
 }
 static inline __m128i qx_d128(__m128i v, __m128i xe, __m128i xo, __m128i a) {
@@ -161,8 +163,8 @@ static inline __m128i qx_d128(__m128i v, __m128i xe, __m128i xo, __m128i a) {
     return _mm_dpbusd_epi32(_mm_dpbusd_epi32(a, lo, xe), hi, xo);
 #else
     const __m128i one = _mm_set1_epi16(1);
-    return _mm_add_epi32(a, _mm_add_epi32(_mm_madd_epi16(_mm_maddubs_epi16(lo, xe), one),
-                                          _mm_madd_epi16(_mm_maddubs_epi16(hi, xo), one)));
+    return _mm_add_epi32(a, _mm_madd_epi16(_mm_add_epi16(_mm_maddubs_epi16(lo, xe), _mm_maddubs_epi16(hi, xo)),
+                                           one));
 #endif
 }
 #endif
@@ -193,23 +195,29 @@ static inline __m128 qx_scales(const void *sp, const int f32s, int64_t i, int n)
     const __mmask8 m = (__mmask8)((1u << n) - 1);
     if (f32s) return _mm_maskz_loadu_ps(m, (const float *)sp + i);
     return _mm_cvtph_ps(_mm_maskz_loadu_epi16(m, (const uint16_t *)sp + i));
-#else /* the AVX2 build's 64-column step: one or two blocks */
+#else /* the AVX2 build's 128-column step: one, two or four blocks; its 64-column step: one or two */
     if (f32s) {
+        if (n == 4) return _mm_loadu_ps((const float *)sp + i);
         if (n == 2) return _mm_castpd_ps(_mm_load_sd((const double *)((const float *)sp + i)));
         return _mm_load_ss((const float *)sp + i);
     }
-    uint32_t u; /* fixed-size loads: a memcpy of 2 * n bytes became a byte loop, and a store-forwarding stall */
-    if (n == 2) {
-        memcpy(&u, (const uint16_t *)sp + i, 4);
+    uint64_t u; /* fixed-size loads: a memcpy of 2 * n bytes became a byte loop, and a store-forwarding stall */
+    if (n == 4) {
+        memcpy(&u, (const uint16_t *)sp + i, 8);
+    } else if (n == 2) {
+        uint32_t w;
+        memcpy(&w, (const uint16_t *)sp + i, 4);
+        u = w;
     } else {
         uint16_t h;
         memcpy(&h, (const uint16_t *)sp + i, 2);
         u = h;
     }
 #if defined(__F16C__)
-    return _mm_cvtph_ps(_mm_cvtsi32_si128((int)u));
+    return _mm_cvtph_ps(_mm_cvtsi64_si128((long long)u));
 #else
-    return _mm_setr_ps(qg_half((uint16_t)u), qg_half((uint16_t)(u >> 16)), 0.0f, 0.0f);
+    return _mm_setr_ps(qg_half((uint16_t)u), qg_half((uint16_t)(u >> 16)), qg_half((uint16_t)(u >> 32)),
+                       qg_half((uint16_t)(u >> 48)));
 #endif
 #endif
 }
@@ -264,6 +272,34 @@ static inline __attribute__((always_inline)) void qx_dot_tile(const QMat *w, con
     const int n256 = blk >= 64 ? 1 : 2;
     __m256 acc8[4];
     for (int k = 0; k < nr; k++) acc8[k] = _mm256_setzero_ps();
+#if !defined(__AVX512BW__)
+    /* 128 columns a step: a row's scales of both halves in one load and conversion (two instructions fewer per
+     * row and step than two 64-column steps) */
+    const __m256i lidx8h = _mm256_srl_epi32(_mm256_setr_epi32(64, 72, 80, 88, 96, 104, 112, 120),
+                                            _mm_cvtsi32_si128(sh));
+    const int n128 = blk >= 128 ? 1 : (int)(128 / blk);
+    for (; c + 128 <= c1; c += 128) {
+        const __m256i xe0 = _mm256_loadu_si256((const __m256i *)(q->xe + c / 2));
+        const __m256i xo0 = _mm256_loadu_si256((const __m256i *)(q->xo + c / 2));
+        const __m256i xe1 = _mm256_loadu_si256((const __m256i *)(q->xe + c / 2 + 32));
+        const __m256i xo1 = _mm256_loadu_si256((const __m256i *)(q->xo + c / 2 + 32));
+        const __m256i nc0 = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                             _mm256_loadu_si256((const __m256i *)(q->corr + c / 8)));
+        const __m256i nc1 = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                             _mm256_loadu_si256((const __m256i *)(q->corr + c / 8 + 8)));
+        const __m256 sx0 = _mm256_loadu_ps(q->sxl + c / 8), sx1 = _mm256_loadu_ps(q->sxl + c / 8 + 8);
+        const int64_t sb = (c - c0) >> sh;
+        for (int k = 0; k < nr; k++) {
+            const __m256i d0 = qx_d256(_mm256_loadu_si256((const __m256i *)(p[k] + c / 2)), xe0, xo0, nc0);
+            const __m256i d1 = qx_d256(_mm256_loadu_si256((const __m256i *)(p[k] + c / 2 + 32)), xe1, xo1, nc1);
+            const __m256 s4 = _mm256_castps128_ps256(qx_scales(sp[k], f32s, sb, n128));
+            acc8[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_mul_ps(_mm256_permutevar8x32_ps(s4, lidx8), sx0),
+                                      acc8[k]);
+            acc8[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_mul_ps(_mm256_permutevar8x32_ps(s4, lidx8h), sx1),
+                                      acc8[k]);
+        }
+    }
+#endif
     for (; c + 64 <= c1; c += 64) {
         const __m256i xe = _mm256_loadu_si256((const __m256i *)(q->xe + c / 2));
         const __m256i xo = _mm256_loadu_si256((const __m256i *)(q->xo + c / 2));
