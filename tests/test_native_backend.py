@@ -131,6 +131,22 @@ def test_native_decode_equals_onnxruntime(isa, kind, method, rho, target, tmp_pa
     assert nat.backend.describe()["isa"] == (isa or library.best_isa())
 
 
+def test_prefill_pool_stops_spinning_after_each_run(tmp_path_factory, tiny_model_dir):
+    """The native backend's prefill sessions (ONNX Runtime) stop their pool's spinning as each run returns: a
+    spinning pool took a CPU from the decode steps after it. The onnxruntime backend, whose decode steps are its
+    own runs, keeps ONNX Runtime's default."""
+    engine, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "dense")
+    nat = Generator.load(engine, "native", threads=2).backend
+    opts = nat.prefill_runner.sessions[C.PREFILL].get_session_options()
+    assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert nat.describe()["prefill_stop_spinning"] is True
+    ort = Generator.load(engine, "onnxruntime", threads=2).backend
+    for sess in ort.graphs.sessions.values():  # the key is not set at all
+        with pytest.raises(Exception, match="force_spinning_stop"):
+            sess.get_session_options().get_session_config_entry("session.force_spinning_stop")
+    assert ort.describe()["stop_spinning"] is False
+
+
 @needs_cc
 @pytest.mark.parametrize("kind,method,threads", [("llama", "griffin", 2), ("gemma2", "dense", 3),
                                                  ("mistral", "cats", 16)])

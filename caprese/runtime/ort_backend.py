@@ -110,7 +110,7 @@ class OrtGraphs:
 
     def __init__(self, manifest, graphs: tuple = C.GRAPHS, threads: int | None = None,
                  kv_policy: str | int = "fit", device: str | None = None, share_weights: bool = False,
-                 spinning: bool | None = None):
+                 spinning: bool | None = None, stop_spinning: bool = False):
         self.manifest, self.layout = manifest, manifest.layout
         ort = self.ort = import_onnxruntime()
         lay = self.layout
@@ -136,6 +136,9 @@ class OrtGraphs:
         if spinning is None:
             spinning = bool(threads) or device != "cpu" or self.intra_threads >= cpu_threads.usable_cpus()
         self.spinning = bool(spinning)
+        # stop_spinning: the pool spins within a run but stops as each run returns (ORT's force_spinning_stop),
+        # for a runner whose runs are followed by other work on the same CPUs (the native backend's prefill)
+        self.stop_spinning = bool(stop_spinning) and self.spinning
         self.sessions = {g: self._session(g) for g in graphs}
         self.fold = FoldInto(manifest)  # into the host arrays (on CPU: the bound buffers themselves)
         specs = {k: b for k, b in graph_buffers(lay, 0).items() if k not in self._kv_keys()}  # KV: reserve()
@@ -157,6 +160,8 @@ class OrtGraphs:
         opts.inter_op_num_threads = 1
         if not self.spinning:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self.stop_spinning:
+            opts.add_session_config_entry("session.force_spinning_stop", "1")
         if self.share_weights:  # no per-session packed copies: both sessions read the mapped weights.bin
             opts.add_session_config_entry("session.disable_prepacking", "1")
         if self.manifest.layout.quantized:
@@ -246,7 +251,8 @@ class OrtGraphs:
 
     def describe(self) -> dict:
         return {"providers": self.providers, "threads": self.intra_threads, "kv_policy": self.kv_policy,
-                "share_weights": self.share_weights, "spinning": self.spinning}
+                "share_weights": self.share_weights, "spinning": self.spinning,
+                "stop_spinning": self.stop_spinning}
 
 
 class OrtBackend(Backend):
