@@ -596,17 +596,31 @@ static void stage_kv_write(Ctx *c, int64_t li, int64_t slot) {
 typedef float vfw __attribute__((vector_size(VW * 4)));
 typedef float vfwu __attribute__((vector_size(VW * 4), aligned(4))); /* an unaligned load / store of VW floats */
 
+#if VW >= 8
+/* The tiles of dot16 / dot8: a[s] = VW partial sums of q . K[s] for VW key rows of hd floats (whole vectors of q),
+ * and the products past the last whole vector added to r[s]. */
+static inline __attribute__((always_inline)) void tile_partials(const float *q, const float *K, int64_t hd, vfw *a) {
+    const int64_t hv = hd & ~(int64_t)(VW - 1);
+    for (int s = 0; s < VW; s++) a[s] = (vfw){0};
+    for (int64_t j = 0; j < hv; j += VW) {
+        const vfw qv = *(const vfwu *)(q + j);
+        for (int s = 0; s < VW; s++) a[s] += qv * *(const vfwu *)(K + s * hd + j);
+    }
+}
+
+static inline __attribute__((always_inline)) vfw tile_tail(const float *q, const float *K, int64_t hd, vfw r) {
+    for (int64_t j = hd & ~(int64_t)(VW - 1); j < hd; j++) /* head_dim not a multiple of VW */
+        for (int s = 0; s < VW; s++) r[s] += q[j] * K[s * hd + j];
+    return r;
+}
+#endif
+
 #if VW == 16
 /* d[s] = q . K[s] for 16 key rows of hd floats: one vector of partial sums per row, then a transposing tree of
  * shuffles adds the 16 vectors into one (46 vector operations for 16 dot products, not a horizontal sum each). */
 static inline __attribute__((always_inline)) vfw dot16(const float *q, const float *K, int64_t hd) {
-    const int64_t hv = hd & ~(int64_t)15;
     vfw a[16];
-    for (int s = 0; s < 16; s++) a[s] = (vfw){0};
-    for (int64_t j = 0; j < hv; j += 16) {
-        const vfw qv = *(const vfwu *)(q + j);
-        for (int s = 0; s < 16; s++) a[s] += qv * *(const vfwu *)(K + s * hd + j);
-    }
+    tile_partials(q, K, hd, a);
     vfw b[8], c[4], d[2];
     for (int i = 0; i < 8; i++) /* [row 2i: 8 partial sums | row 2i + 1: 8] */
         b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -625,10 +639,7 @@ static inline __attribute__((always_inline)) vfw dot16(const float *q, const flo
     const vfw e = /* rows in bit-reversed order */
         __builtin_shufflevector(d[0], d[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
         __builtin_shufflevector(d[0], d[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-    vfw r = __builtin_shufflevector(e, e, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
-    for (int64_t j = hv; j < hd; j++) /* head_dim not a multiple of 16 */
-        for (int s = 0; s < 16; s++) r[s] += q[j] * K[s * hd + j];
-    return r;
+    return tile_tail(q, K, hd, __builtin_shufflevector(e, e, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15));
 }
 #endif
 
@@ -636,13 +647,8 @@ static inline __attribute__((always_inline)) vfw dot16(const float *q, const flo
 /* d[s] = q . K[s] for 8 key rows (the AVX2 build): dot16's transposing tree at 8 lanes (22 operations for 8 dot
  * products where a horizontal sum per row took ~6 each). */
 static inline __attribute__((always_inline)) vfw dot8(const float *q, const float *K, int64_t hd) {
-    const int64_t hv = hd & ~(int64_t)7;
     vfw a[8];
-    for (int s = 0; s < 8; s++) a[s] = (vfw){0};
-    for (int64_t j = 0; j < hv; j += 8) {
-        const vfw qv = *(const vfwu *)(q + j);
-        for (int s = 0; s < 8; s++) a[s] += qv * *(const vfwu *)(K + s * hd + j);
-    }
+    tile_partials(q, K, hd, a);
     vfw b[4], c[2];
     for (int i = 0; i < 4; i++) /* [row 2i: 4 partial sums | row 2i + 1: 4] */
         b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
@@ -653,10 +659,7 @@ static inline __attribute__((always_inline)) vfw dot8(const float *q, const floa
     const vfw d = /* rows 0, 4, 2, 6, 1, 5, 3, 7 */
         __builtin_shufflevector(c[0], c[1], 0, 8, 2, 10, 4, 12, 6, 14) +
         __builtin_shufflevector(c[0], c[1], 1, 9, 3, 11, 5, 13, 7, 15);
-    vfw r = __builtin_shufflevector(d, d, 0, 4, 2, 6, 1, 5, 3, 7);
-    for (int64_t j = hv; j < hd; j++) /* head_dim not a multiple of 8 */
-        for (int s = 0; s < 8; s++) r[s] += q[j] * K[s * hd + j];
-    return r;
+    return tile_tail(q, K, hd, __builtin_shufflevector(d, d, 0, 4, 2, 6, 1, 5, 3, 7));
 }
 #endif
 
