@@ -403,10 +403,10 @@ def test_int8_activation_axpy_against_float64(isa, fmt, cols, bits):
 @pytest.mark.parametrize("fmt,cols", AXPY8_CASES, ids=[f"{_fid(f)}-{c}" for f, c in AXPY8_CASES])
 @pytest.mark.parametrize("bits", (8, 16))
 def test_quads_layout_gives_the_same_bits(isa, fmt, cols, bits):
-    """GRIFFIN's down repacked into the quads layout (AVX-512 builds; int8_activations.c) gives the plain layout's
-    rounded-coefficient rows-axpy bit for bit (the same groups, integer sums and fp32 roundings, which the test
-    above checks against float64): 75 rows (the last quad padded), calls [0, 75), [0, 40) + [40, 75) and
-    [0, 12) + [12, 75), every shape above. Other builds have no such layout (pack_quads: None)."""
+    """GRIFFIN's down repacked into the quads layout (AVX-512 and AVX2 builds; int8_activations.c) gives the plain
+    layout's rounded-coefficient rows-axpy bit for bit (the same groups, integer sums and fp32 roundings, which the
+    test above checks against float64): 75 rows (the last quad padded), calls [0, 75), [0, 40) + [40, 75) and
+    [0, 12) + [12, 75), every shape above. The scalar build has no such layout (pack_quads: None)."""
     axpy = COEFFICIENTS[bits][0]
     qm = qg.QMatrix(_quant(75, cols, fmt, seed=21))
     h = torch.randn(75, generator=torch.Generator().manual_seed(22)) * 2

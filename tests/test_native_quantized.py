@@ -341,16 +341,18 @@ def test_int8_activation_engines(isa, kind, method, head, atol, tmp_path_factory
 
 
 @needs_cc
+@pytest.mark.parametrize("isa", [None, *OTHER_ISAS])
 @pytest.mark.parametrize("int8_down", (False, True))
-def test_griffin_down_quads_equal_the_fold_layout(int8_down, tmp_path_factory, tiny_model_dir):
-    """AVX-512 builds read GRIFFIN's down rows on --int8-activations engines from a copy repacked at every
-    selection (int8_activations.c, the quads layout): the same sums as the fold's layout, so the logits are the same
-    bits with the copy switched off, over re-selections every 8 steps (a selection the copy missed would differ)."""
+def test_griffin_down_quads_equal_the_fold_layout(int8_down, isa, tmp_path_factory, tiny_model_dir):
+    """The AVX-512 and AVX2 builds read GRIFFIN's down rows on --int8-activations engines from a copy repacked at
+    every selection (int8_activations.c, the quads layout): the same sums as the fold's layout, so the logits are
+    the same bits with the copy switched off, over re-selections every 8 steps (a selection the copy missed would
+    differ)."""
     engine = q_export(tmp_path_factory, tiny_model_dir, "qwen2", "griffin", "int4", None, "onnxruntime", False,
                       int8_activations=True)[0]
-    nat = Generator.load(engine, backend="native", threads=2, int8_down=int8_down)
+    nat = Generator.load(engine, backend="native", threads=2, int8_down=int8_down, isa=isa)
     if not nat.backend.lib.caprese_qa_quads():
-        pytest.skip("the quads layout is built for AVX-512 only")
+        pytest.skip(f"no quads layout on the {nat.backend.lib.isa} build")
     layers = [nat.backend._layers[i] for i, _ in nat.backend._quads]
     assert layers and all(L.down_quads for L in layers)
     prompt = prompt_ids(14, seed=3)[0].tolist()

@@ -389,8 +389,9 @@ int caprese_qa_fits(const QMat *w) {
  * 4s .. 4s + 3 (bytes, rows past the group 0), sa[b] = s_a, nc[b] = -8 * sum of alpha (the unsigned codes' offset).
  * Vectorized over the blocks (a per-element conversion of the scales cost as much as the products). */
 #define QA_BP (QG_TILE_BLOCKS + 4) /* + 4: a piece's 4-lane loads may read past the tile's last block */
-#if QA_LANES == 4
-/* 16 blocks' bytes of 4 rows -> dst[b] = the 4 rows' bytes of block b (row 4s + k in byte k). */
+#if QA_LANES
+/* 16 blocks' bytes of 4 rows -> dst[b] = the 4 rows' bytes of block b (row 4s + k in byte k). SSE2: the quads
+ * layout's packing below uses it in the AVX2 builds too. */
 static inline void qa_store_quads(uint32_t *dst, const __m128i *q8) {
     const __m128i t01l = _mm_unpacklo_epi8(q8[0], q8[1]), t01h = _mm_unpackhi_epi8(q8[0], q8[1]);
     const __m128i t23l = _mm_unpacklo_epi8(q8[2], q8[3]), t23h = _mm_unpackhi_epi8(q8[2], q8[3]);
@@ -399,6 +400,8 @@ static inline void qa_store_quads(uint32_t *dst, const __m128i *q8) {
     _mm_storeu_si128((__m128i *)(dst + 8), _mm_unpacklo_epi16(t01h, t23h));
     _mm_storeu_si128((__m128i *)(dst + 12), _mm_unpackhi_epi16(t01h, t23h));
 }
+#endif
+#if QA_LANES == 4
 /* AVX-512: 16 blocks at a time, masked; the generic loops below spent as long as the products themselves. */
 static inline __attribute__((always_inline)) void qa_quantize(const QMat *w, const int f32s, const int wide,
                                                                const QgTile *t, const float *h, const int64_t *rows,
@@ -750,12 +753,12 @@ void caprese_q_rows_axpy_qw(const QMat *w, const float *h, const int64_t *idx, i
     else qa_rows_axpy(w, 0, 1, h, idx, r0, r1, h_end, y);
 }
 
-/* GRIFFIN's down in a layout of its own ("quads"; AVX-512 builds): its kept rows are gathered per prompt, so the
- * backend repacks them once per prompt and every decode step skips the nibble interleaving above (16 of a piece's
- * 50 vector operations), bit for bit the same sums. Row quad s (rows 4s .. 4s + 3), 32-column block j: 64 bytes at
- * ((s * cols / 32) + j) * 64; byte 4i + k holds row 4s + k's unsigned codes (code + 8) of columns 32j + i (low
- * nibble) and 32j + 16 + i (high), i < 16; rows past the last are code 0. */
-#if QA_LANES == 4
+/* GRIFFIN's down in a layout of its own ("quads"; AVX-512 and AVX2 builds): its kept rows are gathered per prompt,
+ * so the backend repacks them once per prompt and every decode step skips the nibble interleaving above (16 of a
+ * piece's 50 vector operations), bit for bit the same sums. Row quad s (rows 4s .. 4s + 3), 32-column block j: 64
+ * bytes at ((s * cols / 32) + j) * 64; byte 4i + k holds row 4s + k's unsigned codes (code + 8) of columns 32j + i
+ * (low nibble) and 32j + 16 + i (high), i < 16; rows past the last are code 0. */
+#if QA_LANES
 int caprese_qa_quads(void) { return 1; }
 
 int64_t caprese_qa_quads_bytes(const QMat *w) { return (w->rows + 3) / 4 * (w->cols / 32) * 64; }
@@ -781,6 +784,7 @@ void caprese_qa_pack_quads(const QMat *w, uint8_t *dst) {
         }
 }
 
+#if QA_LANES == 4
 /* nsb (1 .. 4) 32-column blocks from column c of one group (nsub quads at q, the group's first): yp (natural
  * order) += its term; alphas and sums as qa_group's. The same bytes of the next group (at q + ahead; 0: none)
  * are fetched meanwhile: a step's other phases leave the hardware prefetchers nothing to go on. */
@@ -824,6 +828,47 @@ static inline __attribute__((always_inline)) void qa_quads_piece(const uint8_t *
     }
 }
 
+#else
+/* AVX2: one 32-column block from column c of one group (the 64 bytes of a row quad as two halves: lanes 0-7 hold
+ * columns 0-7 and 16-23, lanes 8-15 columns 8-15 and 24-31); yp (natural order, 32 floats) += its term; the next
+ * group's same bytes (at q + ahead; 0: none) fetched meanwhile. cb: the block's scale index in the tile.
+ * vpmaddubsw's int16 pair sums are added in 16 bits over the group's row quads and widened once (vpmaddwd) at the
+ * end: a pair sum is at most 2 * 15 * 128 in magnitude, and a group has at most 8 quads (static assert below). */
+_Static_assert(QA_GROUP / 4 * 2 * 15 * 128 <= 32767, "a group's int16 sums of vpmaddubsw pairs must not overflow");
+static inline __attribute__((always_inline)) void qa_quads_block(const uint8_t *q, int64_t ahead, int64_t nb,
+                                                                 int64_t c, int nsub, const int wide, int64_t cb,
+                                                                 const uint32_t *alpha32, const uint32_t *alo32,
+                                                                 const float *sa, const int32_t *nc, float *yp) {
+    const __m256i nib = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi16(1), start = _mm256_set1_epi32(nc[cb]);
+    __m256i acc[4], alo[4]; /* int16 sums; columns 0-7, 16-23, 8-15, 24-31 */
+    for (int k = 0; k < 4; k++) acc[k] = alo[k] = _mm256_setzero_si256();
+    for (int s = 0; s < nsub; s++) {
+        const uint8_t *p = q + (s * nb + c / 32) * 64;
+        if (ahead) __builtin_prefetch(p + ahead, 0, 2);
+        const __m256i a = _mm256_set1_epi32((int)alpha32[s * QA_BP + cb]);
+        const __m256i b = wide ? _mm256_set1_epi32((int)alo32[s * QA_BP + cb]) : a;
+        for (int h = 0; h < 2; h++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 32 * h));
+            const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+            acc[2 * h] = _mm256_add_epi16(acc[2 * h], _mm256_maddubs_epi16(lo, a));
+            acc[2 * h + 1] = _mm256_add_epi16(acc[2 * h + 1], _mm256_maddubs_epi16(hi, a));
+            if (wide) {
+                alo[2 * h] = _mm256_add_epi16(alo[2 * h], _mm256_maddubs_epi16(lo, b));
+                alo[2 * h + 1] = _mm256_add_epi16(alo[2 * h + 1], _mm256_maddubs_epi16(hi, b));
+            }
+        }
+    }
+    const __m256 sv = _mm256_set1_ps(sa[cb]);
+    for (int k = 0; k < 4; k++) {
+        const __m256i a32 = _mm256_madd_epi16(acc[k], one);
+        const __m256i sum = wide ? QA_ADD32(QA_ADD32(QA_SLL32(a32, 8), _mm256_madd_epi16(alo[k], one)), start)
+                                 : QA_ADD32(a32, start);
+        qa_flush(yp + (k & 1) * 16 + (k >> 1) * 8, sum, sv);
+    }
+}
+
+#endif
+
 /* rows-axpy over the quads of w (caprese_qa_pack_quads) with rounded coefficients, rows [r0, r1) (r0 % 4 == 0):
  * the same groups, sums and roundings as qa_rows_axpy with idx NULL. Rows past r1 up to h_end are prefetched. */
 static inline __attribute__((always_inline)) void qa_rows_axpy_quads(const QMat *w, const uint8_t *quads,
@@ -854,6 +899,7 @@ static inline __attribute__((always_inline)) void qa_rows_axpy_quads(const QMat 
                     __builtin_prefetch((const uint8_t *)w->scales + next * sbytes + o, 0, 2);
             qa_quantize(w, f32s, wide, &t, h + g, rows, nr, alpha32, alo32, sa, nc);
             int64_t c = c0;
+#if QA_LANES == 4
             for (; c + 128 <= c1; c += 128)
                 qa_quads_piece(q, ahead, nb, c, 4, nsub, wide, sh, (c - c0) >> sh, alpha32, alo32, sa, nc,
                                yp + (c - c0));
@@ -869,9 +915,18 @@ static inline __attribute__((always_inline)) void qa_rows_axpy_quads(const QMat 
                 break;
             default: break;
             }
+#else
+            for (; c < c1; c += 32)
+                qa_quads_block(q, ahead, nb, c, nsub, wide, (c - c0) >> sh, alpha32, alo32, sa, nc, yp + (c - c0));
+#endif
         }
+#if QA_LANES == 4
         for (int64_t c = c0; c < c1; c += 16)
             _mm512_storeu_ps(y + c, _mm512_add_ps(_mm512_loadu_ps(y + c), _mm512_load_ps(yp + (c - c0))));
+#else
+        for (int64_t c = c0; c < c1; c += 8)
+            _mm256_storeu_ps(y + c, _mm256_add_ps(_mm256_loadu_ps(y + c), _mm256_load_ps(yp + (c - c0))));
+#endif
     }
 }
 
@@ -884,7 +939,7 @@ void caprese_q_rows_axpy_quads(const QMat *w, const uint8_t *quads, int64_t wide
     else qa_rows_axpy_quads(w, quads, 0, 0, h, r0, r1, h_end, y);
 }
 #else
-int caprese_qa_quads(void) { return 0; } /* the other builds keep the interleaving in the step */
+int caprese_qa_quads(void) { return 0; } /* the scalar build keeps the interleaving in the step */
 int64_t caprese_qa_quads_bytes(const QMat *w) { (void)w; return 0; }
 void caprese_qa_pack_quads(const QMat *w, uint8_t *dst) { (void)w; (void)dst; }
 void caprese_q_rows_axpy_quads(const QMat *w, const uint8_t *quads, int64_t wide, const float *h, int64_t r0,

@@ -285,7 +285,7 @@ def rows_axpy_int16_coefficients(qm: QMatrix, h: torch.Tensor, y: torch.Tensor |
 
 def pack_quads(qm: QMatrix, isa: str | None = None) -> torch.Tensor | None:
     """qm's codes in the quads layout GRIFFIN's down is repacked into once per prompt (int8_activations.c), or None
-    where the build reads the plain layout (not AVX-512)."""
+    where the build reads the plain layout (the scalar build)."""
     lib = load(isa)
     _require_qa_fits(lib, qm, "the quads layout")
     if not lib.caprese_qa_quads():
