@@ -342,6 +342,8 @@ def test_quant_gemv_ab_runs_both_builds(capsys):
         mod.main(["--baseline", "no-such-revision", "--shapes", "24x256", "--rounds", "1"])
     with pytest.raises(SystemExit, match="not ROWSxCOLS"):
         mod.main(["--baseline", "HEAD", "--shapes", "24by256"])
+    with pytest.raises(SystemExit, match="error: unknown native instruction set 'bogus'"):
+        mod.main(["--baseline", "HEAD", "--isa", "bogus"])
 
 
 def test_gpu_checks_script_runs_on_cpu(tmp_path):

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from bench_decode import measure_round_trip_ns  # noqa: E402
 from bench_quant_gemv import cpu_name  # noqa: E402
 
+from caprese.errors import CapreseError  # noqa: E402
 from caprese.model.quantization import WeightFormat, quantize_rtn  # noqa: E402
 from caprese.runtime.native import library  # noqa: E402
 from caprese.runtime.native import quant_gemv as qg  # noqa: E402
@@ -94,9 +95,18 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.op == "dot-i8" and a.bits != 4:
         raise SystemExit("error: --op dot-i8 is int4 only; use --bits 4 or --op dot-f32")
-    isa = library.resolve_isa(a.isa)
+    try:
+        isa = library.resolve_isa(a.isa)
+        library._compiler()
+    except CapreseError as e:
+        raise SystemExit(f"error: {e}") from None
     shapes = [parse_shape(s) for s in a.shapes.split(",")]
-    threads = [int(t) for t in a.threads.split(",")]
+    try:
+        threads = [int(t) for t in a.threads.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --threads {a.threads!r} is not a comma list of counts (e.g. 1,2)") from None
+    if a.rounds < 1 or min(threads) < 1:
+        raise SystemExit("error: --rounds and every --threads count must be at least 1")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "base").mkdir()
