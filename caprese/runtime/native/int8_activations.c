@@ -730,8 +730,8 @@ static inline __attribute__((always_inline)) void qa_rows_axpy(const QMat *w, co
                 const int64_t j = g + QA_GROUP + r < pf_end ? g + QA_GROUP + r : g; /* past the end: a row read now */
                 pn[r] = w->codes + (idx ? idx[j] : j) * t.rb;
                 if (j != g)
-                    qg_prefetch_span((const uint8_t *)w->scales + ((idx ? idx[j] : j) * t.nb + t.b0) * (f32s ? 4 : 2),
-                                     t.nbt * (f32s ? 4 : 2));
+                    qg_prefetch((const uint8_t *)w->scales + ((idx ? idx[j] : j) * t.nb + t.b0) * (f32s ? 4 : 2),
+                                t.nbt * (f32s ? 4 : 2));
             }
             qa_group(w, f32s, wide, &t, h + g, rows, nr, pn, c0, c1, yp);
         }

@@ -69,8 +69,10 @@ typedef struct {
  * GRIFFIN's gathered rows and CATS' skipped rows fetch only the rows that will be read. */
 #define QG_PF_BYTES 8192
 
+/* Every cache line of [p, p + len) (a range that does not start on a line touches one more line than len / 64). */
 static inline void qg_prefetch(const uint8_t *p, int64_t len) {
-    for (int64_t o = 0; o < len; o += 64) __builtin_prefetch(p + o, 0, 2);
+    for (uintptr_t a = (uintptr_t)p & ~(uintptr_t)63; a < (uintptr_t)(p + len); a += 64)
+        __builtin_prefetch((const void *)a, 0, 2);
 }
 
 #if defined(__AVX512F__)
@@ -185,12 +187,6 @@ static inline QgTile qg_tile(const QMat *w, const int bits, int64_t c0, int64_t 
     return t;
 }
 
-/* Every cache line of [p, p + len). */
-static inline void qg_prefetch_span(const uint8_t *p, int64_t len) {
-    for (uintptr_t a = (uintptr_t)p & ~(uintptr_t)63; a < (uintptr_t)(p + len); a += 64)
-        __builtin_prefetch((const void *)a, 0, 2);
-}
-
 /* One row's codes in the tile (`off`, `len` bytes) and ALL of its scales' lines. Fetching only the first line of
  * the scales (enough for short rows, whose scales share lines with the next rows') left long rows' later scale
  * lines to demand misses: one thread streamed [576 x 1536] int4 at 23 GB/s, [288 x 3072] at 13 (tools/
@@ -198,7 +194,7 @@ static inline void qg_prefetch_span(const uint8_t *p, int64_t len) {
 static inline void qg_prefetch_row(const QMat *w, const QgTile *t, int64_t row, int64_t off, int64_t len,
                                    int64_t sbytes) {
     qg_prefetch(w->codes + row * t->rb + off, len);
-    qg_prefetch_span((const uint8_t *)w->scales + (row * t->nb + t->b0) * sbytes, t->nbt * sbytes);
+    qg_prefetch((const uint8_t *)w->scales + (row * t->nb + t->b0) * sbytes, t->nbt * sbytes);
 }
 
 /* The fp32 scales of one row's blocks in the tile: in place (fp32 scales) or converted into buf (fp16). */
