@@ -407,6 +407,9 @@ def test_kernel_build_errors_are_one_line_and_leave_nothing(tmp_path, monkeypatc
     with pytest.raises(CapreseError, match="does not run") as e:
         library.load()
     assert "\n" not in str(e.value) and "--backend onnxruntime" in str(e.value)
+    with pytest.raises(CapreseError, match="does not run") as e:  # build() alone (tools/ab_quant_gemv.py's way)
+        library.build(tmp_path / "cache" / "alone.so")
+    assert "\n" not in str(e.value) and not list((tmp_path / "cache").rglob("*.so*"))
     fake = tmp_path / "fake-cc"
     fake.write_text('#!/bin/sh\nif [ "$1" = "--version" ]; then echo fake-cc 1.0; exit 0; fi\n'
                     'echo "decode_step.c:1:1: error: no such luck" >&2\nexit 1\n')

@@ -170,8 +170,12 @@ def build(path: Path, isa: str | None = None, source: Path = SOURCE) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *isa_flags(isa), "-o", tmp, str(source), "-lm"], capture_output=True,
-                              text=True, timeout=300)
+        try:
+            proc = subprocess.run([cc, *isa_flags(isa), "-o", tmp, str(source), "-lm"], capture_output=True,
+                                  text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as e:  # as library_path's version check words it
+            raise CapreseError(f"the C compiler {cc} does not run ({e}); set CC to a working one, or use "
+                               "--backend onnxruntime") from None
         if proc.returncode != 0:
             first = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[:200])
             raise CapreseError(f"building the native {what} with {cc} failed: {first}; use --backend "
