@@ -47,11 +47,11 @@ STREAM_BYTES = 96e6
 
 
 def build(src_dir: Path, isa: str, out: Path) -> ctypes.CDLL:
-    cc = library._compiler()
-    proc = subprocess.run([cc, *library.isa_flags(isa), "-o", str(out), str(src_dir / "quant_gemv.c"), "-lm"],
-                          capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"error: building {src_dir / 'quant_gemv.c'} failed: {proc.stderr.strip()[:300]}")
+    """src_dir's quant_gemv.c built as the native library builds it (its flags for `isa`), loaded."""
+    try:
+        library.build(out, isa, source=src_dir / "quant_gemv.c")
+    except CapreseError as e:
+        raise SystemExit(f"error: {e}") from None
     lib = ctypes.CDLL(str(out))
     lib.caprese_q_bench.restype = ctypes.c_double
     lib.caprese_q_bench.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
@@ -97,7 +97,6 @@ def main(argv=None) -> int:
         raise SystemExit("error: --op dot-i8 is int4 only; use --bits 4 or --op dot-f32")
     try:
         isa = library.resolve_isa(a.isa)
-        library._compiler()
     except CapreseError as e:
         raise SystemExit(f"error: {e}") from None
     shapes = [parse_shape(s) for s in a.shapes.split(",")]
