@@ -326,6 +326,56 @@ def test_int8_activations_refuse_other_formats():
             qg.rows_dot_int8_activations(qg.QMatrix(_quant(4, cols, fmt, seed=1)), torch.randn(cols))
 
 
+R16_CASES = [(WeightFormat(4, 32, "fp16"), 576), (WeightFormat(4, 32, "fp32"), 1536),
+             (WeightFormat(4, 64, "fp16"), 640), (WeightFormat(4, 64, "fp32"), 576),
+             (WeightFormat(4, 128, "fp16"), 4224), (WeightFormat(4, ROW, "fp16"), 96),
+             (WeightFormat(4, ROW, "fp32"), 576)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt,cols", R16_CASES, ids=[f"{_fid(f)}-{c}" for f, c in R16_CASES])
+def test_r16_layout_against_its_definition(isa, fmt, cols):
+    """The r16 layout (int8_activations.c: groups of 16 rows, which the decode step repacks its int4 rows-dot
+    weights into on AVX-512) against its definition in float64: per x block b, t_b = sum code_w * code_x exactly
+    (integers), y = sum_b t_b * fp32(s_w s_x). The kernel rounds each of the nb FMAs of that sum once and each
+    fp32 s_w s_x once, so |y - def| <= (nb + 2) u sum_b |t_b s_w s_x| (a strict bound, not a statistical one).
+    A wrong interleave or nibble would move an output by whole products (~sum / cols), far above it at these
+    sizes. 48 rows (3 groups), the -8 code; ranges that cut groups, rows by index; and the r16 matrix read with
+    fp32 activations (caprese_q_rows_dot puts its groups back in rows) gives the rows layout's bits."""
+    qt = _quant(48, cols, fmt, seed=31)
+    qm = qg.QMatrix(qt)
+    r16 = qg.pack_r16(qm, isa=isa)
+    assert r16.struct.layout == library.QG_R16 and qm.struct.layout == 0
+    assert not torch.equal(r16.packed, qm.packed)  # really repacked (and the source left as it was)
+    x = torch.randn(cols, generator=torch.Generator().manual_seed(32)) * 3
+    x[-32:] = 0.0  # an all-zero block
+    block = cols if fmt.block_size == ROW else fmt.block_size
+    xb = block if block in (64, 128) else 32
+    codes, sx = _quantize_x(x, xb)
+    cw = qt.codes.to(torch.float64).reshape(48, -1, xb)
+    t = (cw * codes.double().reshape(1, -1, xb)).sum(dim=2)  # [48, nb]: exact (integers below 2^53)
+    s_w = qt.scales.float().reshape(48, -1).repeat_interleave(cols // xb // qt.scales.reshape(48, -1).shape[1], 1)
+    scale = (s_w * sx.reshape(-1, xb)[:, 0].reshape(1, -1)).double()  # fp32 s_w * s_x, widened
+    want = (t * scale).sum(dim=1)
+    nb = cols // xb
+    tol = (nb + 2) * U * (t * scale).abs().sum(dim=1) + 1e-30
+    y = qg.rows_dot_int8_activations(r16, x, isa=isa)
+    err = (y.double() - want).abs()
+    print(f"r16 {isa} {_fid(fmt)} [{cols}]: max err {float((err / tol).max()):.3f} of the bound")
+    assert bool((err <= tol).all())
+    part = qg.rows_dot_int8_activations(r16, x, isa=isa, r0=5, r1=37)
+    assert torch.equal(part[5:37], y[5:37]) and bool(part[:5].isnan().all()) and bool(part[37:].isnan().all())
+    rows = torch.tensor([47, 0, 16, 16, 31])
+    assert torch.equal(qg.rows_dot_int8_activations(r16, x, rows=rows, isa=isa), y[rows])
+    assert torch.equal(qg.rows_dot(r16, x, isa=isa), qg.rows_dot(qm, x, isa=isa))
+
+
+def test_r16_layout_refuses_other_shapes():
+    for fmt, rows, cols in ((WeightFormat(4, 32, "fp16"), 40, 64), (WeightFormat(8, 32, "fp16"), 48, 64)):
+        with pytest.raises(CapreseError, match="r16 layout takes int4 weights with rows a multiple of 16"):
+            qg.pack_r16(qg.QMatrix(_quant(rows, cols, fmt, seed=1)))
+
+
 def _axpy_int8_ref(qt: QuantizedTensor, h: torch.Tensor, sel: torch.Tensor, calls, levels: float = 127.0) -> tuple:
     """int8_activations.c's int8-activation rows-axpy in float64 over the calls' row ranges (groups of 32 from each
     call's first row): per group and column block, a = fp32(h * s_w), alpha = round_half_even(fp32(a * fp32(127 /

@@ -11,6 +11,8 @@ On SmolLM2-135M's shapes (hidden 576, FFN 1536, vocab 49152) it times, interleav
                native: x rounded per 32 inside each call; down: h * s_w rounded per 32 rows and column block;
                VNNI on AVX-512, vpmaddubsw on AVX2, scalar)
   q4-b32-vnni-hot  the same on one copy of the weights: the int8-activation kernel's compute ceiling
+  q4-b32-r16   dot shapes only: the same arithmetic over the r16 layout (groups of 16 rows, int8_activations.c),
+               what the AVX-512 decode step reads its int4 rows-dot weights from; q4-b32-r16-hot: one copy
   q4-b32-i16   down only: int4 rows-axpy with h * s_w rounded to 16 bits per 32 rows and column block, split
                into two int8 halves over the same unpacked codes (native/int8_activations.c, GRIFFIN's down on
                --int8-activations engines)
@@ -168,6 +170,10 @@ def build_forms(shape: str, threads: int, isa: str, rows_wanted: set[str]) -> tu
             if name == "q4-b32" and "q4-b32-vnni-hot" in rows_wanted:
                 forms["q4-b32-vnni-hot"] = Ours(3 if kernel == "dot" else 4, mats[:1], mats[0].nbytes, x, out_len,
                                                 threads, isa)
+            for r16 in ("q4-b32-r16", "q4-b32-r16-hot"):  # int8 activations over the 16-row groups (AVX-512 step)
+                if name == "q4-b32" and r16 in rows_wanted and kernel == "dot":
+                    packed = [qg.pack_r16(m, isa) for m in (mats[:1] if r16.endswith("-hot") else mats)]
+                    forms[r16] = Ours(3, packed, mats[0].nbytes, x, out_len, threads, isa)
             if name == "q4-b32" and "q4-b32-i16" in rows_wanted and kernel != "dot":  # int16 coefficients
                 forms["q4-b32-i16"] = Ours(5, mats, mats[0].nbytes, x, out_len, threads, isa)
     ort_ws = ws if kernel == "dot" else [w.t().contiguous() for w in ws]  # ORT: [N, K], blocks along K
@@ -196,7 +202,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--threads", default="1,2", help="comma list of thread counts (default 1,2)")
     ap.add_argument("--rows", default=",".join(["f32", "q8-row", "q8-b32", "q4-b32", "q4-b32-hot", "q4-b32-vnni",
-                                                "q4-b32-vnni-hot", "q4-b32-i16", *ORT_ROWS]))
+                                                "q4-b32-vnni-hot", "q4-b32-r16", "q4-b32-r16-hot", "q4-b32-i16",
+                                                *ORT_ROWS]))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sample-ms", type=float, default=60.0, help="time per sample of each form")
     ap.add_argument("--isa", default=None, help="caprese kernel build: avx512 | avx2 | scalar (default: widest)")

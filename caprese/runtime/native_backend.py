@@ -133,6 +133,7 @@ class NativeBackend(Backend):
         self._quad_bytes: list[tuple[int, int]] = []  # GRIFFIN layers whose down the kernel reads repacked
         self._quads: list[tuple[int, np.ndarray]] = []  # ... and their buffers (_place_quads), repacked per select()
         self._layers = (lib_.Layer * self.layout.num_layers)()
+        self.r16_matrices = 0  # int4 matrices the kernel reads in its r16 layout (_repack_r16)
         self._model = lib_.Model()
         self._fill_model()
         self._skipped = ctypes.c_int64(0)
@@ -360,6 +361,7 @@ class NativeBackend(Backend):
             L.softcap = float(m.attn_softcap or 0.0)
         if self._quad_bytes:
             self._place_quads()
+        self._repack_r16()
         M = self._model
         M.num_layers, M.hidden = lay.num_layers, D
         M.num_heads, M.num_kv_heads, M.head_dim = m.num_heads, lay.num_kv_heads, lay.head_dim
@@ -377,6 +379,34 @@ class NativeBackend(Backend):
         M.rope_cos, M.rope_sin = address(A[spec.rope_cos]), address(A[spec.rope_sin])
         M.layers = self._layers
         M.logits = address(self.buffers[C.LOGITS].host)
+        if M.q_head:
+            self._repack_r16([M.q_lm_head])
+
+    def _repack_r16(self, mats: list | None = None) -> None:
+        """Where this build reads them faster so (caprese_qx_r16_preferred: AVX-512), the int4 rows-dot weights of
+        an int8-activation engine are rewritten in the arena, in place, in the kernel's groups of 16 rows
+        (native/int8_activations.c, "r16"): QKV, o, a dense or CATS layer's gate (and dense up), a down stored
+        [hidden, n_ff], the quantized head (`mats`). GRIFFIN's per-prompt rows and CATS' up (read by neuron) keep
+        their rows. The same values, so the same products up to fp32 rounding (the r16 definition sums a block's
+        integer products before scaling it)."""
+        if not (self.int8_activations and self.lib.caprese_qx_r16_preferred()):
+            return
+        if mats is None:
+            mats = []
+            for t in self.manifest.spec.layers:
+                L = self._layers[t.index]
+                if L.q_attn:
+                    mats += [L.q_qkv, L.q_o]
+                if L.q_ffn and t.kind != C.GRIFFIN:
+                    mats += [L.q_gate] + ([] if L.cats_tau else [L.q_up]) + ([] if L.down_rows else [L.q_down])
+        for q in mats:  # ctypes views into the structs: setting layout sets the kernel's field
+            if q.layout == lib_.QG_R16 or not self.lib.caprese_qx_r16_fits(ctypes.byref(q)):
+                continue
+            if self.lib.caprese_qx_pack_r16(ctypes.byref(q)):
+                raise CapreseError("out of memory repacking the int4 weights for the native kernel; use --backend "
+                                   "onnxruntime")
+            q.layout = lib_.QG_R16
+            self.r16_matrices += 1
 
     def reserve(self, need: int, keep: int = 0) -> None:
         """The prefill runner's reserve(); the kernel then points at the KV buffers it (re)allocated."""
@@ -483,7 +513,8 @@ class NativeBackend(Backend):
              "head": self.head + (" (quantized, read whole)" if self.head_quantized else ""),
              "activations": ("int8 (int4 weights" + (", GRIFFIN's down too)" if self.int8_down
                                                      else "; GRIFFIN's down int16)")
-                             if self.int8_activations else "fp32")}
+                             if self.int8_activations else "fp32"),
+             "r16_matrices": self.r16_matrices}
         if self.head_choice is not None:
             d["head_choice"] = self.head_choice.describe()
         return d

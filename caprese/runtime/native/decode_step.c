@@ -136,7 +136,7 @@ typedef struct {
 static const LayoutField LAYOUT[] = {
     STRUCT(Mat), FIELD(Mat, w), FIELD(Mat, ld), FIELD(Mat, cols),
     STRUCT(QMat), FIELD(QMat, codes), FIELD(QMat, scales), FIELD(QMat, rows), FIELD(QMat, cols), FIELD(QMat, block),
-    FIELD(QMat, bits), FIELD(QMat, scale_fp32),
+    FIELD(QMat, bits), FIELD(QMat, scale_fp32), FIELD(QMat, layout),
     STRUCT(Layer), FIELD(Layer, input_norm), FIELD(Layer, post_attn_norm), FIELD(Layer, pre_ffn_norm),
     FIELD(Layer, post_ffn_norm), FIELD(Layer, q_norm), FIELD(Layer, k_norm), FIELD(Layer, qkv),
     FIELD(Layer, qkv_bias), FIELD(Layer, o), FIELD(Layer, o_bias), FIELD(Layer, gu1), FIELD(Layer, gu2),
@@ -1440,12 +1440,13 @@ static void reduce_pick(Ctx *c, const Phase *ph, int64_t i, const float *r, void
 
 static int64_t wide_rows(int64_t hidden) { return (hidden + CHUNKS_WIDE - 1) / CHUNKS_WIDE; }
 
-/* Outputs per chunk of a quantized product of n outputs: about Q_CHUNKS chunks, whole groups of four rows (8: a
- * phase of 16 took 0.8 us more to claim and commit, measured on 2 vCPUs, and no faster next to a busy process). */
+/* Outputs per chunk of a quantized product of n outputs: about Q_CHUNKS chunks, whole groups of 16 rows (the r16
+ * layout's groups; 8: a phase of 16 took 0.8 us more to claim and commit, measured on 2 vCPUs, and no faster next
+ * to a busy process). */
 #define Q_CHUNKS 8
 static int64_t q_rows(int64_t n) {
-    const int64_t r = ((n + Q_CHUNKS - 1) / Q_CHUNKS + 3) & ~(int64_t)3;
-    return r < 4 ? 4 : r;
+    const int64_t r = ((n + Q_CHUNKS - 1) / Q_CHUNKS + 15) & ~(int64_t)15;
+    return r < 16 ? 16 : r;
 }
 
 /* Slot parts of a quantized attention phase: at least ATT_PARTS chunks (KV heads x parts) where each part keeps 32
@@ -1510,10 +1511,10 @@ static int64_t phase_bounds(const Model *m, int64_t *chunks) {
     int64_t most = CHUNKS_WIDE * nqkv, n = hc > CHUNKS_WIDE ? hc : CHUNKS_WIDE;
     if (m->num_heads * D > most) most = m->num_heads * D;
     if (hc * (HEAD_ROWS + HEAD_TOPK_MAX) > most) most = hc * (HEAD_ROWS + HEAD_TOPK_MAX);
-    const int64_t qmost = 2 * m->max_ff + 4 * Q_CHUNKS; /* quantized products: whole outputs, chunks of q_rows */
+    const int64_t qmost = 2 * m->max_ff + 16 * Q_CHUNKS; /* quantized products: whole outputs, chunks of q_rows */
     if (qmost > most) most = qmost;
-    if (nqkv + 4 * Q_CHUNKS > most) most = nqkv + 4 * Q_CHUNKS;
-    if (D + 4 * Q_CHUNKS > most) most = D + 4 * Q_CHUNKS;
+    if (nqkv + 16 * Q_CHUNKS > most) most = nqkv + 16 * Q_CHUNKS;
+    if (D + 16 * Q_CHUNKS > most) most = D + 16 * Q_CHUNKS;
     if (ATT_PARTS * m->num_heads * (m->head_dim + 2) > most) most = ATT_PARTS * m->num_heads * (m->head_dim + 2);
     if (m->num_heads > n) n = m->num_heads;
     if (ATT_PARTS * m->num_kv_heads > n) n = ATT_PARTS * m->num_kv_heads;

@@ -28,11 +28,13 @@ typedef struct {
     int8_t *xe, *xo;  /* [cols / 2] */
     int32_t *corr;    /* [cols / 8]: per lane, 8 * the sum of its 8 codes */
     float *sxl;       /* [cols / 8]: per lane, its block's s_x */
+    int32_t *ncb;     /* [cols / xb]: per block, -8 * the sum of its codes (the r16 rows-dot's start) */
+    float *sxb;       /* [cols / xb]: per block, s_x */
     int64_t cols;
 } QgX;
 
 /* Bytes of the buffer a QgX of `cols` columns lives in (64-byte aligned parts). */
-int64_t caprese_qx_bytes(int64_t cols) { return 2 * (cols / 2 + 64) + 2 * 4 * (cols / 8 + 16) + 64; }
+int64_t caprese_qx_bytes(int64_t cols) { return 2 * (cols / 2 + 64) + 4 * 4 * (cols / 8 + 16) + 64; }
 
 /* Whether w can be multiplied with int8 activations: int4, cols % 32 == 0, blocks of 32 / 64 / 128 or one per row. */
 int caprese_qx_fits(const QMat *w) {
@@ -82,6 +84,8 @@ void caprese_qx_quantize(const QMat *w, const float *x, void *buf, QgX *xq) {
     xq->xo = xq->xe + (n / 2 + 63) / 64 * 64;
     xq->corr = (int32_t *)(xq->xo + (n / 2 + 63) / 64 * 64);
     xq->sxl = (float *)(xq->corr + (n / 8 + 15) / 16 * 16);
+    xq->ncb = (int32_t *)(xq->sxl + (n / 8 + 15) / 16 * 16);
+    xq->sxb = (float *)(xq->ncb + (n / 8 + 15) / 16 * 16);
     xq->cols = n;
 #if defined(__AVX2__)
     /* 16 elements at a time (the generic loop below took ~1 us for 576 elements, 3 or 4 such per layer): codes by
@@ -100,6 +104,10 @@ void caprese_qx_quantize(const QMat *w, const float *x, void *buf, QgX *xq) {
             xq->corr[c / 8 + 1] = 8 * (_mm_extract_epi32(sad, 2) - 1024);
             xq->sxl[c / 8] = xq->sxl[c / 8 + 1] = sx;
         }
+        int32_t t = 0;
+        for (int64_t l = c0 / 8; l < (c0 + xb) / 8; l++) t += xq->corr[l];
+        xq->ncb[c0 / xb] = -t;
+        xq->sxb[c0 / xb] = sx;
     }
 #else
     for (int64_t c0 = 0; c0 < n; c0 += xb) {
@@ -120,6 +128,10 @@ void caprese_qx_quantize(const QMat *w, const float *x, void *buf, QgX *xq) {
             xq->corr[c0 / 8 + l] = 8 * s;
             xq->sxl[c0 / 8 + l] = sx;
         }
+        int32_t t = 0;
+        for (int64_t l = c0 / 8; l < (c0 + xb) / 8; l++) t += xq->corr[l];
+        xq->ncb[c0 / xb] = -t;
+        xq->sxb[c0 / xb] = sx;
     }
 #endif
 }
@@ -344,6 +356,201 @@ static inline __attribute__((always_inline)) void qx_dot_tile(const QMat *w, con
 #else
     for (int k = 0; k < nr; k++) out[k] = tail[k];
 #endif
+}
+
+/* ==================================================================== rows-dot over groups of 16 rows (r16)
+ * Why: at a few hundred columns the row-major kernel above is compute-bound near 40 GB/s per Zen 4 core: per 128
+ * columns of a row it splits the nibbles, runs two vpdpbusd, then widens the scales, converts and multiplies
+ * per 8-column lane, and each row ends in a horizontal sum. Two cores on two CCDs read 64-80 GB/s from DRAM.
+ * Layout (caprese_qx_pack_r16, in place: a group keeps its bytes): rows in groups of 16; a group's codes are
+ * cols / 8 chunks of 64 bytes, chunk k holding bytes [4k, 4k + 4) (columns 8k .. 8k + 7) of each of its 16 rows
+ * (32-bit lane r = row r), every nibble made unsigned (XOR 0x88: code + 8); its scales [blocks][16 rows]. One
+ * vpdpbusd then multiplies 8 columns of 16 rows by the same 4 activation bytes (a broadcast), a block's integer
+ * sums build up in the lanes, and a block costs one conversion and one FMA for 16 rows, no horizontal sum. The
+ * high nibbles are used as 16 * (code + 8) (an AND, no shift): their sum is shifted back once per block, exactly.
+ * Definition (every build; tests/test_native_quant_gemv.py recomputes it):
+ *   y[i] = f after, for x's blocks b in order (xb columns, qx_block): t = sum_{c in b} code_w[i, c] * code_x[c]
+ *   (exact), f = fp32 fma(fp32(t), fp32(s_w[i, b] * s_x[b]), f); a row block's one scale for every b.
+ * Measured (tools/bench_quant_gemv.py, docs/performance.md): 1.3-1.8x the row-major kernel's rate on
+ * cache-resident weights. */
+#define QX_R16_PF 8192 /* bytes prefetched ahead of the chunk being read (one stream: a group follows the last) */
+
+int caprese_qx_r16_fits(const QMat *w) { return caprese_qx_fits(w) && w->rows > 0 && w->rows % 16 == 0; }
+
+/* Whether this build's rows-dot is faster over the r16 layout than over rows (the decode step repacks then). */
+int caprese_qx_r16_preferred(void) {
+#if defined(__AVX512BW__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* w's codes and scales (caprese_qx_r16_fits(w), layout rows) rewritten in place in the r16 layout. The caller
+ * sets w->layout. 0, or -1 (does not fit), -2 (out of memory). */
+int caprese_qx_pack_r16(const QMat *w) {
+    if (!caprese_qx_r16_fits(w) || w->layout != QG_ROWS) return -1;
+    const int64_t rb = w->cols / 2, nsb = w->cols / w->block, ssz = w->scale_fp32 ? 4 : 2;
+    uint8_t *tmp = malloc((size_t)(16 * rb + 16 * nsb * ssz));
+    if (!tmp) return -2;
+    uint8_t *codes = (uint8_t *)w->codes, *scales = (uint8_t *)w->scales, *ts = tmp + 16 * rb;
+    for (int64_t g = 0; g < w->rows / 16; g++) {
+        uint8_t *c = codes + g * 16 * rb, *s = scales + g * 16 * nsb * ssz;
+        memcpy(tmp, c, (size_t)(16 * rb));
+        memcpy(ts, s, (size_t)(16 * nsb * ssz));
+        for (int64_t k = 0; k < rb / 4; k++)
+            for (int r = 0; r < 16; r++)
+                for (int b = 0; b < 4; b++) c[k * 64 + r * 4 + b] = tmp[r * rb + 4 * k + b] ^ 0x88;
+        for (int64_t u = 0; u < nsb; u++)
+            for (int r = 0; r < 16; r++) memcpy(s + (u * 16 + r) * ssz, ts + (r * nsb + u) * ssz, (size_t)ssz);
+    }
+    free(tmp);
+    return 0;
+}
+
+/* Group g of w (r16 layout) back in rows: its 16 rows' codes into codes [16, cols / 2] and scales into scales
+ * [16, blocks] (the rows layout's bytes), for the fp32-activation kernels (caprese_q_rows_dot on an r16 matrix). */
+static void qx_r16_unpack_group(const QMat *w, int64_t g, uint8_t *codes, uint8_t *scales) {
+    const int64_t rb = w->cols / 2, nsb = w->cols / w->block, ssz = w->scale_fp32 ? 4 : 2;
+    const uint8_t *c = w->codes + g * 16 * rb, *s = (const uint8_t *)w->scales + g * 16 * nsb * ssz;
+    for (int64_t k = 0; k < rb / 4; k++)
+        for (int r = 0; r < 16; r++)
+            for (int b = 0; b < 4; b++) codes[r * rb + 4 * k + b] = c[k * 64 + r * 4 + b] ^ 0x88;
+    for (int64_t u = 0; u < nsb; u++)
+        for (int r = 0; r < 16; r++) memcpy(scales + (r * nsb + u) * ssz, s + (u * 16 + r) * ssz, (size_t)ssz);
+}
+
+/* out[0 .. 16) = the 16 rows of group g (r16 layout) times q. */
+static inline __attribute__((always_inline)) void qx_r16_group(const QMat *w, const int f32s, const QgX *q,
+                                                               int64_t g, float *out) {
+    const int64_t xb = qx_block(w), nu = w->cols / xb, cpu = xb / 8, gb = 8 * w->cols; /* group bytes */
+    const int row_block = w->block == w->cols;
+    const uint8_t *p = w->codes + g * gb;
+    const uint8_t *sp = (const uint8_t *)w->scales + g * 16 * (row_block ? 1 : nu) * (f32s ? 4 : 2);
+    const int32_t *xe = (const int32_t *)q->xe, *xo = (const int32_t *)q->xo;
+    for (int64_t k = 0; k < 16 * (row_block ? 1 : nu) * (f32s ? 4 : 2); k += 64) /* the group after next's scales */
+        __builtin_prefetch(sp + 2 * 16 * (row_block ? 1 : nu) * (f32s ? 4 : 2) + k, 0, 2);
+#if defined(__AVX512BW__)
+    const __m512i lo4 = _mm512_set1_epi8(0x0f);
+#if defined(__AVX512VNNI__)
+    const __m512i hi4 = _mm512_set1_epi8((char)0xf0);
+#else
+    const __m512i one = _mm512_set1_epi16(1);
+#endif
+    __m512 f = _mm512_setzero_ps(), sw = _mm512_setzero_ps();
+    for (int64_t u = 0; u < nu; u++) {
+        if (u == 0 || !row_block)
+            sw = f32s ? _mm512_loadu_ps((const float *)sp + (row_block ? 0 : 16 * u))
+                      : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)sp + 16 * u)));
+        __m512i lo = _mm512_set1_epi32(q->ncb[u]);
+#if defined(__AVX512VNNI__)
+        __m512i hi = _mm512_setzero_si512();
+        for (int64_t k = u * cpu; k < (u + 1) * cpu; k++) {
+            __builtin_prefetch(p + k * 64 + QX_R16_PF, 0, 2);
+            const __m512i v = _mm512_loadu_si512(p + k * 64);
+            lo = _mm512_dpbusd_epi32(lo, _mm512_and_si512(v, lo4), _mm512_set1_epi32(xe[k]));
+            hi = _mm512_dpbusd_epi32(hi, _mm512_and_si512(v, hi4), _mm512_set1_epi32(xo[k]));
+        }
+        lo = _mm512_add_epi32(lo, _mm512_srai_epi32(hi, 4));
+#else /* pair sums of vpmaddubsw <= 2 * 15 * 127 each, four chunks' of both nibbles <= 30480: int16 */
+        for (int64_t k0 = u * cpu; k0 < (u + 1) * cpu; k0 += 4) {
+            __m512i s16 = _mm512_setzero_si512();
+            for (int64_t k = k0; k < k0 + 4; k++) {
+                __builtin_prefetch(p + k * 64 + QX_R16_PF, 0, 2);
+                const __m512i v = _mm512_loadu_si512(p + k * 64);
+                s16 = _mm512_add_epi16(s16, _mm512_add_epi16(
+                    _mm512_maddubs_epi16(_mm512_and_si512(v, lo4), _mm512_set1_epi32(xe[k])),
+                    _mm512_maddubs_epi16(_mm512_and_si512(_mm512_srli_epi16(v, 4), lo4), _mm512_set1_epi32(xo[k]))));
+            }
+            lo = _mm512_add_epi32(lo, _mm512_madd_epi16(s16, one));
+        }
+#endif
+        f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_mul_ps(sw, _mm512_set1_ps(q->sxb[u])), f);
+    }
+    _mm512_storeu_ps(out, f);
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__) /* rows 0-7 and 8-15: the chunk's two halves */
+    const __m256i lo4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi16(1);
+    __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps(), sw0 = f0, sw1 = f0;
+    for (int64_t u = 0; u < nu; u++) {
+        if (u == 0 || !row_block) {
+            const int64_t o = row_block ? 0 : 16 * u;
+            sw0 = f32s ? _mm256_loadu_ps((const float *)sp + o)
+                       : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)sp + o)));
+            sw1 = f32s ? _mm256_loadu_ps((const float *)sp + o + 8)
+                       : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)sp + o + 8)));
+        }
+        __m256i a0 = _mm256_set1_epi32(q->ncb[u]), a1 = a0;
+        for (int64_t k0 = u * cpu; k0 < (u + 1) * cpu; k0 += 4) { /* int16 sums of four chunks, as above */
+            __m256i s0 = _mm256_setzero_si256(), s1 = s0;
+            for (int64_t k = k0; k < k0 + 4; k++) {
+                __builtin_prefetch(p + k * 64 + QX_R16_PF, 0, 2);
+                const __m256i v0 = _mm256_loadu_si256((const __m256i *)(p + k * 64));
+                const __m256i v1 = _mm256_loadu_si256((const __m256i *)(p + k * 64 + 32));
+                const __m256i e = _mm256_set1_epi32(xe[k]), o = _mm256_set1_epi32(xo[k]);
+                s0 = _mm256_add_epi16(s0, _mm256_add_epi16(
+                    _mm256_maddubs_epi16(_mm256_and_si256(v0, lo4), e),
+                    _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), lo4), o)));
+                s1 = _mm256_add_epi16(s1, _mm256_add_epi16(
+                    _mm256_maddubs_epi16(_mm256_and_si256(v1, lo4), e),
+                    _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), lo4), o)));
+            }
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(s0, one));
+            a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(s1, one));
+        }
+        const __m256 sx = _mm256_set1_ps(q->sxb[u]);
+        f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0), _mm256_mul_ps(sw0, sx), f0);
+        f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1), _mm256_mul_ps(sw1, sx), f1);
+    }
+    _mm256_storeu_ps(out, f0);
+    _mm256_storeu_ps(out + 8, f1);
+#else
+    const int8_t *xeb = q->xe, *xob = q->xo;
+    for (int r = 0; r < 16; r++) {
+        float f = 0.0f;
+        for (int64_t u = 0; u < nu; u++) {
+            int32_t t = q->ncb[u];
+            for (int64_t k = u * cpu; k < (u + 1) * cpu; k++)
+                for (int b = 0; b < 4; b++) {
+                    const uint8_t v = p[k * 64 + r * 4 + b];
+                    t += (v & 15) * xeb[4 * k + b] + (v >> 4) * xob[4 * k + b];
+                }
+            f = QG_MADD((float)t, qg_scale(sp, f32s, row_block ? r : 16 * u + r) * q->sxb[u], f);
+        }
+        out[r] = f;
+    }
+#endif
+}
+
+/* y[i] for i in [r0, r1) (rows idx[i] when given: one group per row, for tests) over the r16 layout. */
+static inline __attribute__((always_inline)) void qx_r16_range(const QMat *w, const int f32s, const QgX *q,
+                                                               const int64_t *idx, int64_t r0, int64_t r1,
+                                                               float *y) {
+    float tmp[16] __attribute__((aligned(64)));
+    if (idx) {
+        for (int64_t i = r0; i < r1; i++) {
+            qx_r16_group(w, f32s, q, idx[i] / 16, tmp);
+            y[i] = tmp[idx[i] % 16];
+        }
+        return;
+    }
+    const int64_t gb = 8 * w->cols, end = (r1 + 15) / 16 * gb;
+    for (int64_t k = r0 / 16 * gb; k < r0 / 16 * gb + QX_R16_PF && k < end; k += 64) /* the stream's start */
+        __builtin_prefetch(w->codes + k, 0, 2);
+    for (int64_t i = r0; i < r1;) {
+        const int64_t g = i / 16, e = 16 * g + 16 < r1 ? 16 * g + 16 : r1;
+        if (i == 16 * g && e == 16 * g + 16) {
+            qx_r16_group(w, f32s, q, g, y + i);
+        } else { /* a range that cuts a group: the whole group, then its rows in the range */
+            qx_r16_group(w, f32s, q, g, tmp);
+            memcpy(y + i, tmp + (i - 16 * g), sizeof(float) * (size_t)(e - i));
+        }
+        i = e;
+    }
+}
+
+static void qx_r16_rows(const QMat *w, const QgX *q, const int64_t *idx, int64_t r0, int64_t r1, float *y) {
+    if (w->scale_fp32) qx_r16_range(w, 1, q, idx, r0, r1, y);
+    else qx_r16_range(w, 0, q, idx, r0, r1, y);
 }
 
 /* ==================================================================== rows-axpy with int8 activations

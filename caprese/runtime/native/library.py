@@ -46,7 +46,7 @@ class Mat(ctypes.Structure):
 class QMat(ctypes.Structure):  # quant_gemv.c's QMat (decode_step.c #includes it)
     _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("rows", ctypes.c_int64),
                 ("cols", ctypes.c_int64), ("block", ctypes.c_int64), ("bits", ctypes.c_int32),
-                ("scale_fp32", ctypes.c_int32)]
+                ("scale_fp32", ctypes.c_int32), ("layout", ctypes.c_int64)]
 
 
 class Layer(ctypes.Structure):
@@ -73,6 +73,17 @@ class Model(ctypes.Structure):
 
 
 MIRRORS = (Mat, QMat, Layer, Model)  # every struct the library reads from Python
+QG_R16 = 1  # QMat.layout: codes and scales in groups of 16 rows (int8_activations.c, caprese_qx_pack_r16)
+
+
+def declare_r16(lib, qmat=None) -> None:
+    """The r16 layout's entry points, in decode_step.c's and quant_gemv.c's builds alike (qmat: the QMat mirror
+    the caller passes)."""
+    for f in ("caprese_qx_r16_fits", "caprese_qx_pack_r16"):
+        getattr(lib, f).restype = ctypes.c_int
+        getattr(lib, f).argtypes = [ctypes.POINTER(qmat or QMat)]
+    lib.caprese_qx_r16_preferred.restype = ctypes.c_int
+    lib.caprese_qx_r16_preferred.argtypes = []
 
 
 class LayoutField(ctypes.Structure):  # decode_step.c's LayoutField
@@ -277,6 +288,7 @@ def load(isa: str | None = None) -> ctypes.CDLL:
         lib.caprese_qa_fits.argtypes = [ctypes.POINTER(QMat)]
         lib.caprese_qa_pack_quads.restype = None
         lib.caprese_qa_pack_quads.argtypes = [ctypes.POINTER(QMat), ctypes.c_void_p]
+        declare_r16(lib)
         lib.caprese_head_only.restype = ctypes.c_int
         lib.caprese_head_only.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)]
         built_for = lib.caprese_isa().decode()

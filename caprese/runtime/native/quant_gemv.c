@@ -59,7 +59,11 @@ typedef struct {
     int64_t block;        /* elements per scale: 32 | 64 | 128, or cols (block size ROW: one scale per row) */
     int32_t bits;         /* 4 | 8 */
     int32_t scale_fp32;   /* 0: fp16 scales, 1: fp32 */
+    int64_t layout;       /* QG_ROWS, or QG_R16: codes and scales repacked in groups of 16 rows (int8_activations.c,
+                           * caprese_qx_pack_r16), read by the int8-activation rows-dot only */
 } QMat;
+#define QG_ROWS 0
+#define QG_R16 1
 
 #define QG_TILE 4096 /* columns per tile: a multiple of 128 and of every vector group */
 /* Rows are prefetched whole (the tile's columns) about this many bytes ahead of the rows being read: the kernel
@@ -395,8 +399,35 @@ static inline __attribute__((always_inline)) void qg_rows_dot(const QMat *w, con
     }
 }
 
+/* caprese_q_rows_dot on a matrix in the r16 layout (int8_activations.c), which the decode step reads with int8
+ * activations only: each group it needs is put back in rows first, so fp32 activations (a test switching int8
+ * off) give the rows layout's results. 0, or -2 (out of memory). */
+static int qg_r16_rows_dot(const QMat *w, const float *x, const int64_t *idx, int64_t r0, int64_t r1, float *y) {
+    const int64_t rb = w->cols / 2, sb = w->cols / w->block * (w->scale_fp32 ? 4 : 2);
+    uint8_t *tmp = malloc((size_t)(16 * (rb + sb)));
+    if (!tmp) return -2;
+    QMat g16 = *w;
+    g16.codes = tmp;
+    g16.scales = tmp + 16 * rb;
+    g16.rows = 16;
+    g16.layout = QG_ROWS;
+    for (int64_t i = r0; i < r1; i++) { /* one row at a time: a slow path, not the decode step's */
+        const int64_t row = idx ? idx[i] : i;
+        qx_r16_unpack_group(w, row / 16, tmp, tmp + 16 * rb);
+        const int64_t one = row % 16;
+        caprese_q_rows_dot(&g16, x, &one, 0, 1, y + i);
+    }
+    free(tmp);
+    return 0;
+}
+
 /* rows-dot (see the top of the file): y[i] = sum_c x[c] * w[row_i, c] for i in [r0, r1). */
 void caprese_q_rows_dot(const QMat *w, const float *x, const int64_t *idx, int64_t r0, int64_t r1, float *y) {
+    if (w->layout == QG_R16) {
+        if (qg_r16_rows_dot(w, x, idx, r0, r1, y))
+            for (int64_t i = r0; i < r1; i++) y[i] = NAN; /* out of memory: no silent result */
+        return;
+    }
 #define QG_DOT(bits, f32s) qg_rows_dot(w, bits, f32s, x, idx, r0, r1, y)
     QG_SPECIALIZE(w, QG_DOT);
 #undef QG_DOT
@@ -625,6 +656,10 @@ void caprese_f32_rows_dot(const float *w, int64_t ld, int64_t cols, const float 
 /* ----------------------------------------------------------------------- int4 weights, int8 activations */
 /* rows-dot over x quantized once (caprese_qx_quantize; caprese_qx_fits(w) must hold): y[i] for i in [r0, r1). */
 void caprese_q_rows_dot_qx(const QMat *w, const QgX *xq, const int64_t *idx, int64_t r0, int64_t r1, float *y) {
+    if (w->layout == QG_R16) {
+        qx_r16_rows(w, xq, idx, r0, r1, y);
+        return;
+    }
 #define QX_DOT(f32s)                                                                                         \
     for (int64_t c0 = 0; c0 < w->cols; c0 += QG_TILE)                                                        \
         qg_dot_range(w, 4, f32s, xq, c0, c0 + QG_TILE < w->cols ? c0 + QG_TILE : w->cols, idx, r0, r1, y,      \
@@ -652,7 +687,7 @@ int caprese_q_rows_dot_int8x(const QMat *w, const float *x, const int64_t *idx, 
  * (mats[m].codes is the fp32 [rows, cols] matrix), 3: int4 rows-dot with int8 activations (x quantized per call),
  * 4: int4 rows-axpy with int8 activations (as op 1; caprese_qa_fits must hold). Runs `reps` calls
  * cycling over the n_mats copies (so the weights stream from memory as in a decode step, not from cache) on
- * nthreads threads, each its fixed share of the rows (4-row aligned), with a spinning barrier between calls.
+ * nthreads threads, each its fixed share of the rows (16-row aligned), with a spinning barrier between calls.
  * Returns the seconds of the whole loop. */
 typedef struct {
     int op;
@@ -667,7 +702,7 @@ static void *qg_bench_thread(void *arg) {
     const QgBench *a = arg;
     for (int64_t r = 0; r < a->reps; r++) {
         const QMat *m = &a->mats[r % a->n_mats];
-        const int64_t per = ((m->rows + a->nthreads - 1) / a->nthreads + 3) / 4 * 4;
+        const int64_t per = ((m->rows + a->nthreads - 1) / a->nthreads + 15) / 16 * 16; /* r16 groups */
         const int64_t r0 = a->t * per < m->rows ? a->t * per : m->rows;
         const int64_t r1 = r0 + per < m->rows ? r0 + per : m->rows;
         if (a->op == 0) caprese_q_rows_dot(m, a->x, NULL, r0, r1, a->y);
@@ -716,7 +751,7 @@ typedef struct {
 static const LayoutField QG_LAYOUT[] = {
     {"QMat", "", 0, (int64_t)sizeof(QMat)}, QG_FIELD(QMat, codes), QG_FIELD(QMat, scales), QG_FIELD(QMat, rows),
     QG_FIELD(QMat, cols), QG_FIELD(QMat, block), QG_FIELD(QMat, bits), QG_FIELD(QMat, scale_fp32),
-    {NULL, NULL, 0, 0}};
+    QG_FIELD(QMat, layout), {NULL, NULL, 0, 0}};
 
 const LayoutField *caprese_layout_info(void) { return QG_LAYOUT; }
 

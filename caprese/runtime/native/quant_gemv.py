@@ -31,7 +31,7 @@ _F32P = ctypes.POINTER(ctypes.c_float)
 class QMat(ctypes.Structure):  # quant_gemv.c's QMat
     _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("rows", ctypes.c_int64),
                 ("cols", ctypes.c_int64), ("block", ctypes.c_int64), ("bits", ctypes.c_int32),
-                ("scale_fp32", ctypes.c_int32)]
+                ("scale_fp32", ctypes.c_int32), ("layout", ctypes.c_int64)]
 
 
 _LOADED: dict[str, ctypes.CDLL] = {}
@@ -82,6 +82,7 @@ def load(isa: str | None = None) -> ctypes.CDLL:
         lib.caprese_q_rows_axpy_quads.restype = None
         lib.caprese_q_rows_axpy_quads.argtypes = [ctypes.POINTER(QMat), ctypes.c_void_p, ctypes.c_int64, _F32P,
                                                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _F32P]
+        library.declare_r16(lib, QMat)
         lib.caprese_q_bench.restype = ctypes.c_double
         lib.caprese_q_bench.argtypes = [ctypes.c_int, ctypes.POINTER(QMat), ctypes.c_int64, _F32P, _F32P,
                                         ctypes.c_int64, ctypes.c_int64]
@@ -234,14 +235,18 @@ def f32_rows_dot(w: torch.Tensor, x: torch.Tensor, isa: str | None = None) -> to
 
 
 def rows_dot_int8_activations(qm: QMatrix, x: torch.Tensor, rows: torch.Tensor | None = None,
-                              isa: str | None = None) -> torch.Tensor:
+                              isa: str | None = None, r0: int = 0, r1: int | None = None) -> torch.Tensor:
     """int4 rows-dot with x rounded to int8 per block (int8_activations.c: what an engine exported with
-    --int8-activations computes): y[i] for every row, or the rows `rows` (GRIFFIN)."""
+    --int8-activations computes): y[i] for every row, or the rows `rows` (GRIFFIN); only y[r0:r1] is computed
+    (the rest is NaN)."""
     n_rows, cols = qm.shape
     idx, n = _rows(rows, n_rows)
+    r1 = n if r1 is None else r1
+    if not 0 <= r0 <= r1 <= n:
+        raise CapreseError(f"rows [{r0}, {r1}) outside [0, {n})")
     x = _f32(x, cols, "x")
-    y = torch.empty(n, dtype=torch.float32)
-    rc = load(isa).caprese_q_rows_dot_int8x(ctypes.byref(qm.struct), _ptr(x, _F32P), _ptr(idx, _I64P), 0, n,
+    y = torch.full((n,), float("nan"), dtype=torch.float32)
+    rc = load(isa).caprese_q_rows_dot_int8x(ctypes.byref(qm.struct), _ptr(x, _F32P), _ptr(idx, _I64P), r0, r1,
                                             _ptr(y, _F32P))
     if rc == -1:
         raise CapreseError(f"int8 activations take int4 weights with columns a multiple of 32 in blocks of 32, 64, "
@@ -249,6 +254,22 @@ def rows_dot_int8_activations(qm: QMatrix, x: torch.Tensor, rows: torch.Tensor |
     if rc:
         raise CapreseError("out of memory quantizing the activations")
     return y
+
+
+def pack_r16(qm: QMatrix, isa: str | None = None) -> QMatrix:
+    """A copy of qm in the r16 layout (int8_activations.c: groups of 16 rows, what the decode step repacks its
+    int8-activation rows-dot weights into where caprese_qx_r16_preferred()); rows_dot_int8_activations reads it."""
+    lib = load(isa)
+    if not lib.caprese_qx_r16_fits(ctypes.byref(qm.struct)):
+        raise CapreseError(f"the r16 layout takes int4 weights with rows a multiple of 16 and columns a multiple "
+                           f"of 32 in blocks of 32, 64, 128 or one per row (got {qm.qt.fmt.name} {list(qm.shape)})")
+    out = QMatrix(qm.qt)
+    out.packed, out.scales = qm.packed.clone(), qm.scales.clone()
+    out.struct.codes, out.struct.scales = out.packed.data_ptr(), out.scales.data_ptr()
+    if lib.caprese_qx_pack_r16(ctypes.byref(out.struct)):
+        raise CapreseError("out of memory repacking into the r16 layout")
+    out.struct.layout = library.QG_R16
+    return out
 
 
 def _require_qa_fits(lib, qm: QMatrix, what: str) -> None:
