@@ -335,10 +335,10 @@ R16_CASES = [(WeightFormat(4, 32, "fp16"), 576), (WeightFormat(4, 32, "fp32"), 1
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt,cols", R16_CASES, ids=[f"{_fid(f)}-{c}" for f, c in R16_CASES])
 def test_r16_layout_against_its_definition(isa, fmt, cols):
-    """The r16 layout (int8_activations.c: groups of 16 rows, which the decode step repacks its int4 rows-dot
-    weights into on AVX-512) against its definition in float64: per x block b, t_b = sum code_w * code_x exactly
-    (integers), y = sum_b t_b * fp32(s_w s_x). The kernel rounds each of the nb FMAs of that sum once and each
-    fp32 s_w s_x once, so |y - def| <= (nb + 2) u sum_b |t_b s_w s_x| (a strict bound, not a statistical one).
+    """The r16 layout (int8_activations.c: groups of 16 rows, which the AVX-512 and AVX2 decode steps repack their
+    int4 rows-dot weights into) against its definition in float64: per x block b, t_b = sum code_w * code_x
+    exactly (integers), y = sum_b t_b * fp32(s_w s_x). The kernel rounds each of the nb FMAs of that sum once and
+    each fp32 s_w s_x once, so |y - def| <= (nb + 2) u sum_b |t_b s_w s_x| (a strict bound, not a statistical one).
     A wrong interleave or nibble would move an output by whole products (~sum / cols), far above it at these
     sizes. 48 rows (3 groups), the -8 code; ranges that cut groups, rows by index; and the r16 matrix read with
     fp32 activations (caprese_q_rows_dot puts its groups back in rows) gives the rows layout's bits."""

@@ -321,7 +321,7 @@ def test_int8_activation_engines(isa, kind, method, head, atol, tmp_path_factory
     ref, ref_logits = recorded(generator(engine, "onnxruntime"), prompt, rho)
     nat = generator(engine, "native", isa=isa)
     assert nat.backend.describe()["activations"] == "int8 (int4 weights; GRIFFIN's down int16)"
-    # the AVX-512 build reads QKV, o, the head and dense / CATS gate (and up) in its r16 layout (groups of 16 rows)
+    # the SIMD builds read QKV, o, the head, gate / up (not CATS' up) in their r16 layout (groups of 16 rows)
     r16 = nat.backend.describe()["r16_matrices"]
     assert r16 >= 2 * nat.backend.layout.num_layers if nat.backend.lib.caprese_qx_r16_preferred() else r16 == 0
     got, got_logits = recorded(nat, prompt, rho)

@@ -12,7 +12,7 @@ On SmolLM2-135M's shapes (hidden 576, FFN 1536, vocab 49152) it times, interleav
                VNNI on AVX-512, vpmaddubsw on AVX2, scalar)
   q4-b32-vnni-hot  the same on one copy of the weights: the int8-activation kernel's compute ceiling
   q4-b32-r16   dot shapes only: the same arithmetic over the r16 layout (groups of 16 rows, int8_activations.c),
-               what the AVX-512 decode step reads its int4 rows-dot weights from; q4-b32-r16-hot: one copy
+               what the AVX-512 and AVX2 decode steps read int4 rows-dot weights from; q4-b32-r16-hot: one copy
   q4-b32-i16   down only: int4 rows-axpy with h * s_w rounded to 16 bits per 32 rows and column block, split
                into two int8 halves over the same unpacked codes (native/int8_activations.c, GRIFFIN's down on
                --int8-activations engines)
@@ -170,7 +170,7 @@ def build_forms(shape: str, threads: int, isa: str, rows_wanted: set[str]) -> tu
             if name == "q4-b32" and "q4-b32-vnni-hot" in rows_wanted:
                 forms["q4-b32-vnni-hot"] = Ours(3 if kernel == "dot" else 4, mats[:1], mats[0].nbytes, x, out_len,
                                                 threads, isa)
-            for r16 in ("q4-b32-r16", "q4-b32-r16-hot"):  # int8 activations over the 16-row groups (AVX-512 step)
+            for r16 in ("q4-b32-r16", "q4-b32-r16-hot"):  # int8 activations over the 16-row groups (the SIMD steps)
                 if name == "q4-b32" and r16 in rows_wanted and kernel == "dot":
                     packed = [qg.pack_r16(m, isa) for m in (mats[:1] if r16.endswith("-hot") else mats)]
                     forms[r16] = Ours(3, packed, mats[0].nbytes, x, out_len, threads, isa)

@@ -132,8 +132,8 @@ class NativeBackend(Backend):
         self._extra: list[np.ndarray] = []  # arrays the structs point into (biases, CATS layouts)
         self._quad_bytes: list[tuple[int, int]] = []  # GRIFFIN layers whose down the kernel reads repacked
         self._quads: list[tuple[int, np.ndarray]] = []  # ... and their buffers (_place_quads), repacked per select()
+        self._r16_rows: list[tuple] = []  # GRIFFIN layers whose gate / up rows the kernel reads in r16 (_place_r16)
         self._layers = (lib_.Layer * self.layout.num_layers)()
-        self.r16_matrices = 0  # int4 matrices the kernel reads in its r16 layout (_repack_r16)
         self._model = lib_.Model()
         self._fill_model()
         self._skipped = ctypes.c_int64(0)
@@ -245,6 +245,9 @@ class NativeBackend(Backend):
             if self.int8_activations and self.lib.caprese_qa_quads() and self.lib.caprese_qa_fits(L.q_down):
                 # AVX-512: the down rows in the kernel's own layout, repacked from the fold's at each select()
                 self._quad_bytes.append((i, self.lib.caprese_qa_quads_bytes(L.q_down)))
+            if (self.int8_activations and self.lib.caprese_qx_r16_preferred()
+                    and self.lib.caprese_qx_r16_fits(ctypes.byref(L.q_gate))):
+                self._r16_rows.append((i, gu_q, gu_s))  # gate / up: an r16 copy of the fold's, per select()
             if fold.down.storage != MATRIX:
                 raise CapreseError(f"GRIFFIN layer {i}: its down rows are stored {fold.down.storage}; the native "
                                    "kernel reads a neuron's down row whole: export the engine again")
@@ -293,6 +296,35 @@ class NativeBackend(Backend):
         for i, quads in self._quads:
             self._layers[i].down_quads = address(quads)
             self.lib.caprese_qa_pack_quads(self._layers[i].q_down, address(quads))
+
+    def _place_r16(self) -> None:
+        """GRIFFIN's gate / up rows (the fold's per-prompt buffers) copied into one buffer the kernel reads in its
+        r16 layout (_repack_r16): the layers' q_gate / q_up point there, repacked from the fold's at each select()."""
+        need = [(gu_q.nbytes, gu_s.nbytes) for _, gu_q, gu_s in self._r16_rows]
+        buf = huge_buffer(sum(-(-c // 64) * 64 + -(-s // 64) * 64 for c, s in need))
+        self._extra.append(buf)
+        at, placed = 0, []
+        for (i, gu_q, gu_s), (c, s) in zip(self._r16_rows, need):
+            codes = buf[at:at + c].reshape(gu_q.shape)
+            at += -(-c // 64) * 64
+            scales = buf[at:at + s].view(gu_s.dtype).reshape(gu_s.shape)
+            at += -(-s // 64) * 64
+            L, k = self._layers[i], self.layout.k
+            for q, row0 in ((L.q_gate, 0), (L.q_up, k)):
+                q.codes = address(codes) + row0 * codes.shape[1]
+                q.scales = address(scales) + row0 * scales.shape[1] * scales.itemsize
+            placed.append((i, gu_q, gu_s, codes, scales))
+        self._r16_rows = placed
+        self._pack_r16_rows()
+
+    def _pack_r16_rows(self) -> None:
+        for i, gu_q, gu_s, codes, scales in self._r16_rows:
+            codes[...] = gu_q
+            scales[...] = gu_s
+            L = self._layers[i]
+            for q in (L.q_gate, L.q_up):
+                q.layout = 0
+            self._repack_r16([L.q_gate, L.q_up])
 
     def _split_gate_up_bias(self, t, F: int) -> int | None:
         """[b_g, b_1] of a layer whose gate and up are stored apart (a missing one zeros), kept alive here."""
@@ -361,6 +393,8 @@ class NativeBackend(Backend):
             L.softcap = float(m.attn_softcap or 0.0)
         if self._quad_bytes:
             self._place_quads()
+        if self._r16_rows:
+            self._place_r16()
         self._repack_r16()
         M = self._model
         M.num_layers, M.hidden = lay.num_layers, D
@@ -382,13 +416,18 @@ class NativeBackend(Backend):
         if M.q_head:
             self._repack_r16([M.q_lm_head])
 
+    def r16_matrices(self) -> int:
+        """How many int4 matrices the kernel reads in its r16 layout (_repack_r16)."""
+        mats = [getattr(L, f) for L in self._layers for f in ("q_qkv", "q_o", "q_gate", "q_up", "q_down")]
+        return sum(q.layout == lib_.QG_R16 for q in mats + [self._model.q_lm_head])
+
     def _repack_r16(self, mats: list | None = None) -> None:
-        """Where this build reads them faster so (caprese_qx_r16_preferred: AVX-512), the int4 rows-dot weights of
-        an int8-activation engine are rewritten in the arena, in place, in the kernel's groups of 16 rows
-        (native/int8_activations.c, "r16"): QKV, o, a dense or CATS layer's gate (and dense up), a down stored
-        [hidden, n_ff], the quantized head (`mats`). GRIFFIN's per-prompt rows and CATS' up (read by neuron) keep
-        their rows. The same values, so the same products up to fp32 rounding (the r16 definition sums a block's
-        integer products before scaling it)."""
+        """Where this build reads them faster so (caprese_qx_r16_preferred: AVX-512, AVX2), the int4 rows-dot weights of
+        an int8-activation engine are rewritten in place in the kernel's groups of 16 rows (native/int8_activations.c,
+        "r16"): in the arena, QKV, o, a dense or CATS layer's gate (and dense up), a down stored [hidden, n_ff];
+        the quantized head and GRIFFIN's gate / up copies (_place_r16) as `mats`. CATS' up (read by neuron) keeps
+        its rows. The same values: the same products up to fp32 rounding (r16 sums a block's integer products
+        before scaling them)."""
         if not (self.int8_activations and self.lib.caprese_qx_r16_preferred()):
             return
         if mats is None:
@@ -406,7 +445,6 @@ class NativeBackend(Backend):
                 raise CapreseError("out of memory repacking the int4 weights for the native kernel; use --backend "
                                    "onnxruntime")
             q.layout = lib_.QG_R16
-            self.r16_matrices += 1
 
     def reserve(self, need: int, keep: int = 0) -> None:
         """The prefill runner's reserve(); the kernel then points at the KV buffers it (re)allocated."""
@@ -428,6 +466,7 @@ class NativeBackend(Backend):
         self.prefill_runner.select(griffin, tau)
         for i, quads in self._quads:  # the fold wrote this prompt's kept rows: their quads for the kernel
             self.lib.caprese_qa_pack_quads(self._layers[i].q_down, address(quads))
+        self._pack_r16_rows()  # ... and their gate / up rows in r16
 
     def _logits(self):
         return self.prefill_runner.logits()
@@ -514,7 +553,7 @@ class NativeBackend(Backend):
              "activations": ("int8 (int4 weights" + (", GRIFFIN's down too)" if self.int8_down
                                                      else "; GRIFFIN's down int16)")
                              if self.int8_activations else "fp32"),
-             "r16_matrices": self.r16_matrices}
+             "r16_matrices": self.r16_matrices()}
         if self.head_choice is not None:
             d["head_choice"] = self.head_choice.describe()
         return d
