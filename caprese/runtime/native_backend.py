@@ -422,9 +422,9 @@ class NativeBackend(Backend):
         return sum(q.layout == lib_.QG_R16 for q in mats + [self._model.q_lm_head])
 
     def _repack_r16(self, mats: list | None = None) -> None:
-        """Where this build reads them faster so (caprese_qx_r16_preferred: AVX-512, AVX2), the int4 rows-dot weights of
-        an int8-activation engine are rewritten in place in the kernel's groups of 16 rows (native/int8_activations.c,
-        "r16"): in the arena, QKV, o, a dense or CATS layer's gate (and dense up), a down stored [hidden, n_ff];
+        """Where this build reads them faster so (caprese_qx_r16_preferred: AVX-512, AVX2), the int4 rows-dot
+        weights of an int8-activation engine are rewritten in place in the kernel's groups of 16 rows
+        (native/int8_activations.c, "r16"): in the arena, QKV, o, a dense or CATS layer's gate (and dense up), a down stored [hidden, n_ff];
         the quantized head and GRIFFIN's gate / up copies (_place_r16) as `mats`. CATS' up (read by neuron) keeps
         its rows. The same values: the same products up to fp32 rounding (r16 sums a block's integer products
         before scaling them)."""
