@@ -430,25 +430,7 @@ typedef struct {  /* what a phase computes; every thread copies it before runnin
     int64_t n;         /* the rows (outputs, heads, neurons) the phase covers: chunk i has [i rows, (i + 1) rows) */
     int job;           /* PH_QDOT: J_QKV ... */
     int64_t split, rows2; /* split > 0: rows per chunk over [0, split), then rows2 per chunk (chunk_span) */
-    /* the next phase's quantized rows, if it is a product: each thread prefetches the start of its first chunk
-     * there once it has no chunk of this phase left (next_prefetch) */
-    const uint8_t *nx_codes, *nx_scales;
-    int64_t nx_chunk_bytes, nx_chunk_sbytes, nx_chunks;
 } Phase;
-
-/* Bytes of the next phase's first chunk each thread requests ahead: the kernels' own distance (QG_PF_BYTES). */
-#define NX_PF_BYTES 8192
-
-/* ph's next phase will be a product over w in `chunks` chunks of `rows` rows (both layouts keep a chunk's rows
- * contiguous: whole groups of 16 in r16). */
-static void set_next(Phase *ph, const QMat *w, int64_t rows, int64_t chunks) {
-    const int64_t rb = w->cols * w->bits / 8, sb = w->cols / w->block * (w->scale_fp32 ? 4 : 2);
-    ph->nx_codes = w->codes;
-    ph->nx_scales = (const uint8_t *)w->scales;
-    ph->nx_chunk_bytes = rows * rb;
-    ph->nx_chunk_sbytes = rows * sb;
-    ph->nx_chunks = chunks;
-}
 
 /* Rows [*r0, *r1) of chunk i. A quantized FFN's bypass (L's columns, R's rows: fp32) costs several times a
  * quantized row, so its chunks take fewer (ph->rows2): one heavy chunk at the end would be a thread's alone. */
@@ -518,7 +500,6 @@ struct Ctx {
     int64_t step_ns, steps;      /* leader: wall ns and count of decode steps */
     int64_t spin_ns;             /* how long an idle helper spins before it sleeps */
     int fused_ffn;               /* GRIFFIN's FFN as one phase (stage_q_ffn; default), else gate/up then down */
-    int prefetch_next;           /* threads request the next product's first rows at the end of a phase (default) */
     Worker workers[MAX_THREADS];
 };
 
@@ -1205,19 +1186,6 @@ static int execute(Ctx *c, const Phase *ph, uint64_t e, int64_t i, int tid) {
 #define EPOCH_BITS 0xffffffull
 static inline uint64_t pack(uint64_t e, uint64_t lo, uint64_t hi) { return (e & EPOCH_BITS) << 40 | lo << 20 | hi; }
 
-/* The start of thread tid's first chunk of the phase after ph (ph->nx_*), requested while the leader finishes
- * this one: each phase otherwise starts on cold rows (the range formula is run_phase's). */
-static void next_prefetch(const Ctx *c, const Phase *ph, int tid) {
-    const int64_t act = atomic_load_explicit(&c->active, memory_order_relaxed), n = ph->nx_chunks;
-    if (!ph->nx_codes || tid >= act || n <= 0) return;
-    const int64_t first = n - n * (act - tid) / act;
-    if (first >= n) return;
-    qg_prefetch(ph->nx_codes + first * ph->nx_chunk_bytes,
-                ph->nx_chunk_bytes < NX_PF_BYTES ? ph->nx_chunk_bytes : NX_PF_BYTES);
-    qg_prefetch(ph->nx_scales + first * ph->nx_chunk_sbytes,
-                ph->nx_chunk_sbytes < NX_PF_BYTES / 8 ? ph->nx_chunk_sbytes : NX_PF_BYTES / 8);
-}
-
 /* The next chunk of epoch e for thread tid (its own first, else another's last), or -1. */
 static int64_t claim(Ctx *c, uint64_t e, int tid) {
     for (int k = 0; k < c->threads; k++) {
@@ -1238,13 +1206,10 @@ static int64_t claim(Ctx *c, uint64_t e, int tid) {
 /* Claim and run chunks of phase epoch e until none is left or the phase has moved on. */
 static void claim_loop(Ctx *c, uint64_t e, int tid) {
     const Phase ph = c->phase[e & 1]; /* a copy: valid if a claim below succeeds at epoch e */
-    int ran = tid == 0;
     for (int64_t i; (i = claim(c, e, tid)) >= 0;) {
         count_run(&c->slots[e & 1][i], e, 0);
         execute(c, &ph, e, i, tid);
-        ran = 1;
     }
-    if (ran && c->prefetch_next) next_prefetch(c, &ph, tid);
 }
 
 /* Run again every chunk of epoch e (at most twice) whose execution has run for longer than twice the usual
@@ -1538,15 +1503,6 @@ static Phase q_ffn_phase(const Model *m, const Layer *L, int64_t li) {
     return ph;
 }
 
-/* ph's next phase is layer li + 1's QKV product, or the quantized head after the last layer (li = -1: layer 0). */
-static void set_next_layer(const Model *m, Phase *ph, int64_t li) {
-    const int64_t nqkv = (m->num_heads + 2 * m->num_kv_heads) * m->head_dim;
-    if (li + 1 < m->num_layers && m->layers[li + 1].q_attn)
-        set_next(ph, &m->layers[li + 1].q_qkv, q_rows(nqkv), (nqkv + q_rows(nqkv) - 1) / q_rows(nqkv));
-    else if (li + 1 == m->num_layers && m->q_head)
-        set_next(ph, &m->q_lm_head, HEAD_ROWS, (m->vocab + HEAD_ROWS - 1) / HEAD_ROWS);
-}
-
 /* What this model's phases need of a context, in one pass over its layers: the floats of one result area (the
  * largest phase, chunks x floats per chunk), returned, and the most chunks a phase has (the slots), in *chunks. */
 static int64_t phase_bounds(const Model *m, int64_t *chunks) {
@@ -1624,7 +1580,6 @@ Ctx *caprese_context_new(const Model *m, int64_t threads) {
     const int ncpu = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : (int)threads;
     c->spin_ns = threads > ncpu ? SPIN_NS_OVERSUBSCRIBED : SPIN_NS;
     c->fused_ffn = 1;
-    c->prefetch_next = 1;
     atomic_store(&c->active, (int)threads);
     int64_t chunks;
     c->res_floats = phase_bounds(m, &chunks);
@@ -1720,7 +1675,6 @@ int64_t caprese_context_profile(Ctx *c, int64_t *out, int64_t reset) {
 
 /* Tests: GRIFFIN's FFN as one phase (1, the default) or as the gate/up phase then the down phase (0). */
 void caprese_context_set_fused_ffn(Ctx *c, int64_t on) { c->fused_ffn = on != 0; }
-void caprese_context_set_prefetch_next(Ctx *c, int64_t on) { c->prefetch_next = on != 0; }
 
 /* Tests: thread `tid` (0: the caller) sleeps `us` microseconds inside every `every`-th chunk it runs (0 = never). */
 void caprese_context_debug_stall(Ctx *c, int64_t tid, int64_t every, int64_t us) {
@@ -1739,7 +1693,6 @@ static int run_head(Ctx *c, int64_t *next, int64_t *skipped) {
     if (m->q_head) { /* a quantized head is read whole (see native_backend.py: never screened) */
         Phase ph = phase_of(PH_QDOT, -1, V, HEAD_ROWS, HEAD_ROWS, 0);
         ph.job = J_HEAD;
-        set_next_layer(m, &ph, -1); /* the next step's */
         quantize_for(c, &m->q_lm_head, c->h);
         CatMax cat = {{m->logits, NULL}, -INFINITY, -1};
         run_phase(c, &ph, next ? reduce_cat_argmax : reduce_cat, &cat);
@@ -1804,15 +1757,10 @@ static void run_attention(Ctx *c, int64_t li, int64_t slot) {
         }
         memcpy(c->kv, c->qkv + kvo, sizeof(float) * (nqkv - kvo));
         stage_kv_write(c, li, slot);
-        Phase b = phase_of(PH_QATT, li, m->num_kv_heads * S, 1, g * (m->head_dim + 2), slot);
-        set_next(&b, &L->q_o, q_rows(D), (D + q_rows(D) - 1) / q_rows(D));
+        const Phase b = phase_of(PH_QATT, li, m->num_kv_heads * S, 1, g * (m->head_dim + 2), slot);
         run_phase(c, &b, reduce_attention, NULL);
         Phase o = phase_of(PH_QDOT, li, D, q_rows(D), q_rows(D), slot);
         o.job = J_O;
-        if (L->q_ffn) { /* next: the FFN's gate (/ up) rows */
-            const Phase f = c->fused_ffn && L->down_rows && !L->cats_tau ? q_ffn_phase(m, L, li) : gu_phase(m, L, li);
-            set_next(&o, &L->q_gate, f.rows, f.n_chunks);
-        }
         quantize_for(c, &L->q_o, c->att);
         Cat y = {c->y, L->o_bias};
         run_phase(c, &o, reduce_cat, &y);
@@ -1846,14 +1794,11 @@ static void run_q_ffn(Ctx *c, int64_t li, int64_t *skipped) {
     if (c->fused_ffn && L->down_rows && !L->cats_tau) { /* GRIFFIN (whole gate/up rows, down rows): one phase */
         quantize_for(c, &L->q_gate, c->h);
         Sum down = {0, D, L->down_bias, c->y, D, NULL};
-        Phase d = q_ffn_phase(m, L, li);
-        set_next_layer(m, &d, li);
+        const Phase d = q_ffn_phase(m, L, li);
         run_phase(c, &d, reduce_sum, &down);
         return;
     }
-    Phase g = gu_phase(m, L, li);
-    if (!L->down_rows)
-        set_next(&g, &L->q_down, q_rows(D), (D + q_rows(D) - 1) / q_rows(D));
+    const Phase g = gu_phase(m, L, li);
     quantize_for(c, &L->q_gate, c->h); /* gate and up: one tensor's rows, the same columns and blocks */
     Cat gu = {c->gu, NULL};
     run_phase(c, &g, reduce_cat, &gu);
@@ -1868,13 +1813,11 @@ static void run_q_ffn(Ctx *c, int64_t li, int64_t *skipped) {
     memcpy(c->z + F, c->gu + nq, sizeof(float) * r);
     if (L->down_rows) {
         Sum down = {0, D, L->down_bias, c->y, D, L->cats_tau ? skipped : NULL};
-        Phase d = q_down_phase(m, L, li);
-        set_next_layer(m, &d, li);
+        const Phase d = q_down_phase(m, L, li);
         run_phase(c, &d, reduce_sum, &down);
     } else {
         Phase d = phase_of(PH_QDOT, li, D, q_rows(D), q_rows(D), 0);
         d.job = J_DOWN;
-        set_next_layer(m, &d, li);
         quantize_for(c, &L->q_down, c->z);
         Cat y = {c->y, L->down_bias};
         run_phase(c, &d, reduce_cat, &y);
