@@ -370,15 +370,16 @@ static inline __attribute__((always_inline)) void qx_dot_tile(const QMat *w, con
  * high nibbles are used as 16 * (code + 8) (an AND, no shift): their sum is shifted back once per block, exactly.
  * Definition (every build; tests/test_native_quant_gemv.py recomputes it):
  *   y[i] = f after, for x's blocks b in order (xb columns, qx_block): t = sum_{c in b} code_w[i, c] * code_x[c]
- *   (exact), f = fp32 fma(fp32(t), fp32(s_w[i, b] * s_x[b]), f); a row block's one scale for every b.
- * Measured (tools/bench_quant_gemv.py, docs/performance.md): 1.3-1.8x the row-major kernel's rate on
- * cache-resident weights. */
+ *   (exact), f = fp32 fma(fp32(t), fp32(s_w[i, b] * s_x[b]), f) (the scalar build: a product, then a sum); a row
+ *   block's one scale for every b.
+ * Measured (tools/bench_quant_gemv.py, docs/performance.md): 1.4-2x the row-major kernel's rate on
+ * cache-resident weights (AVX-512 and AVX2). */
 #define QX_R16_PF 8192 /* bytes prefetched ahead of the chunk being read (one stream: a group follows the last) */
 
 int caprese_qx_r16_fits(const QMat *w) { return caprese_qx_fits(w) && w->rows > 0 && w->rows % 16 == 0; }
 
 /* Whether this build's rows-dot is faster over the r16 layout than over rows (the decode step repacks then):
- * the AVX-512 and AVX2 builds (measured: 1.6-2x on cache-resident weights, both); not the scalar one. */
+ * the AVX-512 and AVX2 builds (measured: 1.4-2x on cache-resident weights, both); not the scalar one. */
 int caprese_qx_r16_preferred(void) {
 #if defined(__AVX512BW__) || (defined(__AVX2__) && defined(__F16C__) && defined(__FMA__))
     return 1;
