@@ -344,6 +344,34 @@ def test_int8_activation_engines(isa, kind, method, head, atol, tmp_path_factory
 
 
 @needs_cc
+def test_r16_beside_rows_layout_matrices(tmp_path, monkeypatch):
+    """A model whose fused QKV has 120 rows (head_dim 12, 8 query heads, 1 KV head: not a multiple of 16) on an
+    --int8-activations engine: QKV keeps its rows while o, gate, up and down go to the r16 layout, and QKV's chunks,
+    in whole groups of 16 rows, end inside a group. The native step still follows ONNX Runtime acc4 (identical
+    greedy tokens, logits within 2e-3 as the qwen2 dense case above)."""
+    import tiny_models
+    from caprese.export.exporter import export
+
+    kind = "llama_qkv120"
+    monkeypatch.setitem(tiny_models.CONFIGS, kind, ("llama", dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=1,
+        head_dim=12, tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})))
+    src = tiny_models.make_tiny_model(kind, tmp_path / "model")
+    engine = export(src, tmp_path / "engine", max_seq_len=64, max_prompt_len=63, target="onnxruntime",
+                    weights="int4", int8_activations=True).out
+    prompt = prompt_ids(14, seed=5)[0].tolist()
+    ref, ref_logits = recorded(generator(engine, "onnxruntime"), prompt, 0)
+    nat = generator(engine, "native")
+    L0 = nat.backend._layers[0]
+    if nat.backend.lib.caprese_qx_r16_preferred():
+        assert (L0.q_qkv.rows, L0.q_qkv.layout, L0.q_o.layout, L0.q_gate.layout, L0.q_down.layout) == (120, 0, 1, 1, 1)
+    got, got_logits = recorded(nat, prompt, 0)
+    print(f"QKV of 120 rows: max |native - onnxruntime acc4| = {(got_logits - ref_logits).abs().max().item():.2e}")
+    assert got.tokens == ref.tokens
+    torch.testing.assert_close(got_logits, ref_logits, atol=2e-3, rtol=0)
+
+
+@needs_cc
 @pytest.mark.parametrize("isa", [None, *OTHER_ISAS])
 @pytest.mark.parametrize("int8_down", (False, True))
 def test_griffin_down_quads_equal_the_fold_layout(int8_down, isa, tmp_path_factory, tiny_model_dir):
