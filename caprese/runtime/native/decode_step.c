@@ -1440,14 +1440,20 @@ static void reduce_pick(Ctx *c, const Phase *ph, int64_t i, const float *r, void
 
 static int64_t wide_rows(int64_t hidden) { return (hidden + CHUNKS_WIDE - 1) / CHUNKS_WIDE; }
 
-/* Outputs per chunk of a quantized product of n outputs: about Q_CHUNKS chunks, whole groups of 16 rows (the r16
- * layout's groups; 8: a phase of 16 took 0.8 us more to claim and commit, measured on 2 vCPUs, and no faster next
- * to a busy process). */
-#define Q_CHUNKS 8
-static int64_t q_rows(int64_t n) {
-    const int64_t r = ((n + Q_CHUNKS - 1) / Q_CHUNKS + 15) & ~(int64_t)15;
+/* Outputs per chunk of a quantized product of n outputs (whole rows, so any split gives the same bits): one chunk
+ * per running thread, in whole groups of 16 rows (the r16 layout's). Each chunk costs a claim, a commit and its
+ * results' trip to the leader, and a thread's rows streamed as one run start once. Measured on 2 vCPUs against 8
+ * chunks (docs/performance.md, two 40-round A/Bs): dense 0.90x / 0.95x the step's time, GRIFFIN 0.95x / 0.97x
+ * (0.93x in the far rounds of both), next to 1 or 2 busy processes within noise (0.92-1.03x); 4 chunks gave
+ * 0.97-0.98x, 16 chunks 1.02-1.03x. A descheduled thread's chunk is still run again by the others after twice the
+ * usual chunk time (rerun_if_late). */
+static int64_t q_rows(int64_t n, int64_t parts) {
+    const int64_t r = ((n + parts - 1) / parts + 15) & ~(int64_t)15;
     return r < 16 ? 16 : r;
 }
+
+/* The threads a step's quantized products are split over now. */
+static int64_t q_parts(const Ctx *c) { return atomic_load_explicit(&c->active, memory_order_relaxed); }
 
 /* Slot parts of a quantized attention phase: at least ATT_PARTS chunks (KV heads x parts) where each part keeps 32
  * slots or more. Not a function of the thread count: a step's result does not depend on it. */
@@ -1474,11 +1480,11 @@ static Phase with_bypass(Phase ph, int64_t rank, int64_t rows2) {
     return ph;
 }
 
-/* A quantized FFN's gate/up(/L) phase: whole outputs [gate | up | L] (CATS: [gate | L]), about Q_CHUNKS chunks of
+/* A quantized FFN's gate/up(/L) phase: whole outputs [gate | up | L] (CATS: [gate | L]), `parts` chunks of
  * quantized rows, then L's columns in chunks of as many bytes (a multiple of 64 bytes of each row: whole cache
  * lines, or two chunks would read every line). */
-static Phase gu_phase(const Model *m, const Layer *L, int64_t li) {
-    const int64_t nq = L->cats_tau ? L->n_ff : 2 * L->n_ff, rows = q_rows(nq), es = L->bypass_f16 ? 2 : 4;
+static Phase gu_phase(const Model *m, const Layer *L, int64_t li, int64_t parts) {
+    const int64_t nq = L->cats_tau ? L->n_ff : 2 * L->n_ff, rows = q_rows(nq, parts), es = L->bypass_f16 ? 2 : 4;
     int64_t cols = rows * qmat_row_bytes(&L->q_gate) / (es * m->hidden) & ~(64 / es - 1);
     cols = cols < 64 / es ? 64 / es : cols;
     Phase g = phase_of(PH_QDOT, li, nq, rows, rows > cols ? rows : cols, 0);
@@ -1505,20 +1511,20 @@ static Phase q_ffn_phase(const Model *m, const Layer *L, int64_t li) {
 
 /* What this model's phases need of a context, in one pass over its layers: the floats of one result area (the
  * largest phase, chunks x floats per chunk), returned, and the most chunks a phase has (the slots), in *chunks. */
-static int64_t phase_bounds(const Model *m, int64_t *chunks) {
+static int64_t phase_bounds(const Model *m, int64_t threads, int64_t *chunks) {
     const int64_t D = m->hidden, nqkv = (m->num_heads + 2 * m->num_kv_heads) * m->head_dim;
     const int64_t hc = (m->vocab + HEAD_ROWS - 1) / HEAD_ROWS, dr = down_rows(D);
     int64_t most = CHUNKS_WIDE * nqkv, n = hc > CHUNKS_WIDE ? hc : CHUNKS_WIDE;
     if (m->num_heads * D > most) most = m->num_heads * D;
     if (hc * (HEAD_ROWS + HEAD_TOPK_MAX) > most) most = hc * (HEAD_ROWS + HEAD_TOPK_MAX);
-    const int64_t qmost = 2 * m->max_ff + 16 * Q_CHUNKS; /* quantized products: whole outputs, chunks of q_rows */
+    const int64_t qmost = 2 * m->max_ff + 16 * threads; /* quantized products: whole outputs, chunks of q_rows */
     if (qmost > most) most = qmost;
-    if (nqkv + 16 * Q_CHUNKS > most) most = nqkv + 16 * Q_CHUNKS;
-    if (D + 16 * Q_CHUNKS > most) most = D + 16 * Q_CHUNKS;
+    if (nqkv + 16 * threads > most) most = nqkv + 16 * threads;
+    if (D + 16 * threads > most) most = D + 16 * threads;
     if (ATT_PARTS * m->num_heads * (m->head_dim + 2) > most) most = ATT_PARTS * m->num_heads * (m->head_dim + 2);
     if (m->num_heads > n) n = m->num_heads;
     if (ATT_PARTS * m->num_kv_heads > n) n = ATT_PARTS * m->num_kv_heads;
-    if (Q_CHUNKS > n) n = Q_CHUNKS;
+    if (threads > n) n = threads;
     if ((m->max_ff + dr - 1) / dr > n) n = (m->max_ff + dr - 1) / dr;
     for (int64_t li = 0; li < m->num_layers; li++) {
         const Layer *L = m->layers + li;
@@ -1526,11 +1532,14 @@ static int64_t phase_bounds(const Model *m, int64_t *chunks) {
         if (CHUNKS_WIDE * gu > most) most = CHUNKS_WIDE * gu;
         if (dc * (D + 2) > most) most = dc * (D + 2);
         if (L->q_ffn) {
-            const Phase g = gu_phase(m, L, li), d = q_down_phase(m, L, li), f = q_ffn_phase(m, L, li);
-            if (g.n_chunks * g.stride > most) most = g.n_chunks * g.stride;
+            const Phase d = q_down_phase(m, L, li), f = q_ffn_phase(m, L, li);
+            for (int64_t parts = 1; parts <= threads; parts++) { /* whichever number of threads runs */
+                const Phase g = gu_phase(m, L, li, parts);
+                if (g.n_chunks * g.stride > most) most = g.n_chunks * g.stride;
+                if (g.n_chunks > n) n = g.n_chunks;
+            }
             if (d.n_chunks * d.stride > most) most = d.n_chunks * d.stride;
             if (f.n_chunks * f.stride > most) most = f.n_chunks * f.stride;
-            if (g.n_chunks > n) n = g.n_chunks;
             if (d.n_chunks > n) n = d.n_chunks;
             if (f.n_chunks > n) n = f.n_chunks;
         }
@@ -1543,7 +1552,7 @@ static int64_t phase_bounds(const Model *m, int64_t *chunks) {
 static int fits(const Ctx *c) {
     const Model *m = c->m;
     int64_t chunks;
-    if (phase_bounds(m, &chunks) > c->res_floats || chunks > c->max_chunks) return 0;
+    if (phase_bounds(m, c->threads, &chunks) > c->res_floats || chunks > c->max_chunks) return 0;
     for (int64_t li = 0; li < m->num_layers; li++) {
         const Layer *L = m->layers + li;
         if (L->n_ff + L->rank > m->max_ff || L->gu1.cols + (L->gu2.w ? L->gu2.cols : 0) > 2 * m->max_ff) return 0;
@@ -1582,7 +1591,7 @@ Ctx *caprese_context_new(const Model *m, int64_t threads) {
     c->fused_ffn = 1;
     atomic_store(&c->active, (int)threads);
     int64_t chunks;
-    c->res_floats = phase_bounds(m, &chunks);
+    c->res_floats = phase_bounds(m, threads, &chunks);
     c->max_chunks = chunks;
     const int64_t D = m->hidden, hc = (m->vocab + HEAD_ROWS - 1) / HEAD_ROWS;
     /* per thread: z and up of a down chunk + CATS' row list (max_ff each), or q, o and a block of scores */
@@ -1738,7 +1747,8 @@ static void run_attention(Ctx *c, int64_t li, int64_t slot) {
     rms_norm(c->x, L->input_norm, c->h, D, m->eps);
     const int64_t kvo = m->num_heads * m->head_dim; /* K and V: the last 2 Hkv heads of QKV's outputs */
     if (L->q_attn) { /* whole-output chunks: QKV gathered, attention per head gathered, then the o rows */
-        Phase a = phase_of(PH_QDOT, li, nqkv, q_rows(nqkv), q_rows(nqkv), slot);
+        const int64_t parts = q_parts(c);
+        Phase a = phase_of(PH_QDOT, li, nqkv, q_rows(nqkv, parts), q_rows(nqkv, parts), slot);
         a.job = J_QKV;
         quantize_for(c, &L->q_qkv, c->h);
         Cat qkv = {c->qkv, L->qkv_bias};
@@ -1759,7 +1769,7 @@ static void run_attention(Ctx *c, int64_t li, int64_t slot) {
         stage_kv_write(c, li, slot);
         const Phase b = phase_of(PH_QATT, li, m->num_kv_heads * S, 1, g * (m->head_dim + 2), slot);
         run_phase(c, &b, reduce_attention, NULL);
-        Phase o = phase_of(PH_QDOT, li, D, q_rows(D), q_rows(D), slot);
+        Phase o = phase_of(PH_QDOT, li, D, q_rows(D, parts), q_rows(D, parts), slot);
         o.job = J_O;
         quantize_for(c, &L->q_o, c->att);
         Cat y = {c->y, L->o_bias};
@@ -1798,7 +1808,7 @@ static void run_q_ffn(Ctx *c, int64_t li, int64_t *skipped) {
         run_phase(c, &d, reduce_sum, &down);
         return;
     }
-    const Phase g = gu_phase(m, L, li);
+    const Phase g = gu_phase(m, L, li, q_parts(c));
     quantize_for(c, &L->q_gate, c->h); /* gate and up: one tensor's rows, the same columns and blocks */
     Cat gu = {c->gu, NULL};
     run_phase(c, &g, reduce_cat, &gu);
@@ -1816,7 +1826,7 @@ static void run_q_ffn(Ctx *c, int64_t li, int64_t *skipped) {
         const Phase d = q_down_phase(m, L, li);
         run_phase(c, &d, reduce_sum, &down);
     } else {
-        Phase d = phase_of(PH_QDOT, li, D, q_rows(D), q_rows(D), 0);
+        Phase d = phase_of(PH_QDOT, li, D, q_rows(D, q_parts(c)), q_rows(D, q_parts(c)), 0);
         d.job = J_DOWN;
         quantize_for(c, &L->q_down, c->z);
         Cat y = {c->y, L->down_bias};
