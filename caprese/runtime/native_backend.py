@@ -132,7 +132,8 @@ class NativeBackend(Backend):
         self._extra: list[np.ndarray] = []  # arrays the structs point into (biases, CATS layouts)
         self._quad_bytes: list[tuple[int, int]] = []  # GRIFFIN layers whose down the kernel reads repacked
         self._quads: list[tuple[int, np.ndarray]] = []  # ... and their buffers (_place_quads), repacked per select()
-        self._r16_rows: list[tuple] = []  # GRIFFIN layers whose gate / up rows the kernel reads in r16 (_place_r16)
+        self._r16_src: list[tuple] = []  # GRIFFIN layers whose gate / up rows are read in r16: (i, codes, scales)
+        self._r16_rows: list[tuple] = []  # ... with the copies read (_place_r16): (i, codes, scales, copy, copy)
         self._layers = (lib_.Layer * self.layout.num_layers)()
         self._model = lib_.Model()
         self._fill_model()
@@ -247,7 +248,7 @@ class NativeBackend(Backend):
                 self._quad_bytes.append((i, self.lib.caprese_qa_quads_bytes(L.q_down)))
             if (self.int8_activations and self.lib.caprese_qx_r16_preferred()
                     and self.lib.caprese_qx_r16_fits(ctypes.byref(L.q_gate))):
-                self._r16_rows.append((i, gu_q, gu_s))  # gate / up: an r16 copy of the fold's, per select()
+                self._r16_src.append((i, gu_q, gu_s))  # gate / up: an r16 copy of the fold's, per select()
             if fold.down.storage != MATRIX:
                 raise CapreseError(f"GRIFFIN layer {i}: its down rows are stored {fold.down.storage}; the native "
                                    "kernel reads a neuron's down row whole: export the engine again")
@@ -300,21 +301,22 @@ class NativeBackend(Backend):
     def _place_r16(self) -> None:
         """GRIFFIN's gate / up rows (the fold's per-prompt buffers) copied into one buffer the kernel reads in its
         r16 layout (_repack_r16): the layers' q_gate / q_up point there, repacked from the fold's at each select()."""
-        need = [(gu_q.nbytes, gu_s.nbytes) for _, gu_q, gu_s in self._r16_rows]
-        buf = huge_buffer(sum(-(-c // 64) * 64 + -(-s // 64) * 64 for c, s in need))
+        def lines(a: np.ndarray) -> int:  # its bytes, whole cache lines
+            return -(-a.nbytes // 64) * 64
+
+        buf = huge_buffer(sum(lines(gu_q) + lines(gu_s) for _, gu_q, gu_s in self._r16_src))
         self._extra.append(buf)
-        at, placed = 0, []
-        for (i, gu_q, gu_s), (c, s) in zip(self._r16_rows, need):
-            codes = buf[at:at + c].reshape(gu_q.shape)
-            at += -(-c // 64) * 64
-            scales = buf[at:at + s].view(gu_s.dtype).reshape(gu_s.shape)
-            at += -(-s // 64) * 64
+        at = 0
+        for i, gu_q, gu_s in self._r16_src:
+            codes = buf[at:at + gu_q.nbytes].reshape(gu_q.shape)
+            at += lines(gu_q)
+            scales = buf[at:at + gu_s.nbytes].view(gu_s.dtype).reshape(gu_s.shape)
+            at += lines(gu_s)
             L, k = self._layers[i], self.layout.k
             for q, row0 in ((L.q_gate, 0), (L.q_up, k)):
                 q.codes = address(codes) + row0 * codes.shape[1]
                 q.scales = address(scales) + row0 * scales.shape[1] * scales.itemsize
-            placed.append((i, gu_q, gu_s, codes, scales))
-        self._r16_rows = placed
+            self._r16_rows.append((i, gu_q, gu_s, codes, scales))
         self._pack_r16_rows()
 
     def _pack_r16_rows(self) -> None:
@@ -393,7 +395,7 @@ class NativeBackend(Backend):
             L.softcap = float(m.attn_softcap or 0.0)
         if self._quad_bytes:
             self._place_quads()
-        if self._r16_rows:
+        if self._r16_src:
             self._place_r16()
         self._repack_r16()
         M = self._model
@@ -424,10 +426,10 @@ class NativeBackend(Backend):
     def _repack_r16(self, mats: list | None = None) -> None:
         """Where this build reads them faster so (caprese_qx_r16_preferred: AVX-512, AVX2), the int4 rows-dot
         weights of an int8-activation engine are rewritten in place in the kernel's groups of 16 rows
-        (native/int8_activations.c, "r16"): in the arena, QKV, o, a dense or CATS layer's gate (and dense up), a down stored [hidden, n_ff];
-        the quantized head and GRIFFIN's gate / up copies (_place_r16) as `mats`. CATS' up (read by neuron) keeps
-        its rows. The same values: the same products up to fp32 rounding (r16 sums a block's integer products
-        before scaling them)."""
+        (native/int8_activations.c, "r16"): in the arena, QKV, o, a dense or CATS layer's gate (and dense up), a
+        down stored [hidden, n_ff]; the quantized head and GRIFFIN's gate / up copies (_place_r16) as `mats`. CATS'
+        up (read by neuron) keeps its rows. The same values: the same products up to fp32 rounding (r16 sums a
+        block's integer products before scaling them)."""
         if not (self.int8_activations and self.lib.caprese_qx_r16_preferred()):
             return
         if mats is None:

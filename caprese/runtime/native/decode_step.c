@@ -1826,7 +1826,8 @@ static void run_q_ffn(Ctx *c, int64_t li, int64_t *skipped) {
         const Phase d = q_down_phase(m, L, li);
         run_phase(c, &d, reduce_sum, &down);
     } else {
-        Phase d = phase_of(PH_QDOT, li, D, q_rows(D, q_parts(c)), q_rows(D, q_parts(c)), 0);
+        const int64_t rows = q_rows(D, q_parts(c));
+        Phase d = phase_of(PH_QDOT, li, D, rows, rows, 0);
         d.job = J_DOWN;
         quantize_for(c, &L->q_down, c->z);
         Cat y = {c->y, L->down_bias};

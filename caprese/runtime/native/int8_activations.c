@@ -388,6 +388,23 @@ int caprese_qx_r16_preferred(void) {
 #endif
 }
 
+/* One group of 16 rows from one layout into the other (to_r16: rows -> r16, else back): codes of rb bytes a row
+ * (XOR 0x88 both ways: its own inverse) and nsb scales of ssz bytes a row. */
+static void qx_r16_regroup(int64_t rb, int64_t nsb, int64_t ssz, const uint8_t *ci, const uint8_t *si, uint8_t *co,
+                           uint8_t *so, const int to_r16) {
+    for (int64_t k = 0; k < rb / 4; k++)
+        for (int r = 0; r < 16; r++)
+            for (int b = 0; b < 4; b++) {
+                const int64_t in_rows = r * rb + 4 * k + b, in_r16 = k * 64 + r * 4 + b;
+                co[to_r16 ? in_r16 : in_rows] = ci[to_r16 ? in_rows : in_r16] ^ 0x88;
+            }
+    for (int64_t u = 0; u < nsb; u++)
+        for (int r = 0; r < 16; r++) {
+            const int64_t in_rows = (r * nsb + u) * ssz, in_r16 = (u * 16 + r) * ssz;
+            memcpy(so + (to_r16 ? in_r16 : in_rows), si + (to_r16 ? in_rows : in_r16), (size_t)ssz);
+        }
+}
+
 /* w's codes and scales (caprese_qx_r16_fits(w), layout rows) rewritten in place in the r16 layout. The caller
  * sets w->layout. 0, or -1 (does not fit), -2 (out of memory). */
 int caprese_qx_pack_r16(const QMat *w) {
@@ -396,15 +413,11 @@ int caprese_qx_pack_r16(const QMat *w) {
     uint8_t *tmp = malloc((size_t)(16 * rb + 16 * nsb * ssz));
     if (!tmp) return -2;
     uint8_t *codes = (uint8_t *)w->codes, *scales = (uint8_t *)w->scales, *ts = tmp + 16 * rb;
-    for (int64_t g = 0; g < w->rows / 16; g++) {
+    for (int64_t g = 0; g < w->rows / 16; g++) { /* a group keeps its bytes: copied out, then regrouped back */
         uint8_t *c = codes + g * 16 * rb, *s = scales + g * 16 * nsb * ssz;
         memcpy(tmp, c, (size_t)(16 * rb));
         memcpy(ts, s, (size_t)(16 * nsb * ssz));
-        for (int64_t k = 0; k < rb / 4; k++)
-            for (int r = 0; r < 16; r++)
-                for (int b = 0; b < 4; b++) c[k * 64 + r * 4 + b] = tmp[r * rb + 4 * k + b] ^ 0x88;
-        for (int64_t u = 0; u < nsb; u++)
-            for (int r = 0; r < 16; r++) memcpy(s + (u * 16 + r) * ssz, ts + (r * nsb + u) * ssz, (size_t)ssz);
+        qx_r16_regroup(rb, nsb, ssz, tmp, ts, c, s, 1);
     }
     free(tmp);
     return 0;
@@ -414,12 +427,8 @@ int caprese_qx_pack_r16(const QMat *w) {
  * [16, blocks] (the rows layout's bytes), for the fp32-activation kernels (caprese_q_rows_dot on an r16 matrix). */
 static void qx_r16_unpack_group(const QMat *w, int64_t g, uint8_t *codes, uint8_t *scales) {
     const int64_t rb = w->cols / 2, nsb = w->cols / w->block, ssz = w->scale_fp32 ? 4 : 2;
-    const uint8_t *c = w->codes + g * 16 * rb, *s = (const uint8_t *)w->scales + g * 16 * nsb * ssz;
-    for (int64_t k = 0; k < rb / 4; k++)
-        for (int r = 0; r < 16; r++)
-            for (int b = 0; b < 4; b++) codes[r * rb + 4 * k + b] = c[k * 64 + r * 4 + b] ^ 0x88;
-    for (int64_t u = 0; u < nsb; u++)
-        for (int r = 0; r < 16; r++) memcpy(scales + (r * nsb + u) * ssz, s + (u * 16 + r) * ssz, (size_t)ssz);
+    qx_r16_regroup(rb, nsb, ssz, w->codes + g * 16 * rb, (const uint8_t *)w->scales + g * 16 * nsb * ssz, codes,
+                   scales, 0);
 }
 
 /* out[0 .. 16) = the 16 rows of group g (r16 layout) times q. */
@@ -428,10 +437,10 @@ static inline __attribute__((always_inline)) void qx_r16_group(const QMat *w, co
     const int64_t xb = qx_block(w), nu = w->cols / xb, cpu = xb / 8, gb = 8 * w->cols; /* group bytes */
     const int row_block = w->block == w->cols;
     const uint8_t *p = w->codes + g * gb;
-    const uint8_t *sp = (const uint8_t *)w->scales + g * 16 * (row_block ? 1 : nu) * (f32s ? 4 : 2);
-    const int32_t *xe = (const int32_t *)q->xe, *xo = (const int32_t *)q->xo;
-    for (int64_t k = 0; k < 16 * (row_block ? 1 : nu) * (f32s ? 4 : 2); k += 64) /* the group after next's scales */
-        __builtin_prefetch(sp + 2 * 16 * (row_block ? 1 : nu) * (f32s ? 4 : 2) + k, 0, 2);
+    const int64_t gsb = 16 * (row_block ? 1 : nu) * (f32s ? 4 : 2); /* a group's scale bytes */
+    const uint8_t *sp = (const uint8_t *)w->scales + g * gsb;
+    const int32_t *xe = (const int32_t *)q->xe, *xo = (const int32_t *)q->xo; /* 4 codes (8 columns) a chunk */
+    for (int64_t k = 0; k < gsb; k += 64) __builtin_prefetch(sp + 2 * gsb + k, 0, 2); /* the group after next's */
 #if defined(__AVX512BW__)
     const __m512i lo4 = _mm512_set1_epi8(0x0f);
 #if defined(__AVX512VNNI__)
@@ -506,7 +515,7 @@ static inline __attribute__((always_inline)) void qx_r16_group(const QMat *w, co
     _mm256_storeu_ps(out, f0);
     _mm256_storeu_ps(out + 8, f1);
 #else
-    const int8_t *xeb = q->xe, *xob = q->xo;
+    const int8_t *xeb = (const int8_t *)xe, *xob = (const int8_t *)xo;
     for (int r = 0; r < 16; r++) {
         float f = 0.0f;
         for (int64_t u = 0; u < nu; u++) {

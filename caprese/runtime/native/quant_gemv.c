@@ -402,6 +402,7 @@ static inline __attribute__((always_inline)) void qg_rows_dot(const QMat *w, con
 /* caprese_q_rows_dot on a matrix in the r16 layout (int8_activations.c), which the decode step reads with int8
  * activations only: each group it needs is put back in rows first, so fp32 activations (a test switching int8
  * off) give the rows layout's results. 0, or -2 (out of memory). */
+void caprese_q_rows_dot(const QMat *w, const float *x, const int64_t *idx, int64_t r0, int64_t r1, float *y);
 static int qg_r16_rows_dot(const QMat *w, const float *x, const int64_t *idx, int64_t r0, int64_t r1, float *y) {
     const int64_t rb = w->cols / 2, sb = w->cols / w->block * (w->scale_fp32 ? 4 : 2);
     uint8_t *tmp = malloc((size_t)(16 * (rb + sb)));
@@ -411,9 +412,9 @@ static int qg_r16_rows_dot(const QMat *w, const float *x, const int64_t *idx, in
     g16.scales = tmp + 16 * rb;
     g16.rows = 16;
     g16.layout = QG_ROWS;
-    for (int64_t i = r0; i < r1; i++) { /* one row at a time: a slow path, not the decode step's */
+    for (int64_t i = r0, g = -1; i < r1; i++) { /* one row at a time: a slow path, not the decode step's */
         const int64_t row = idx ? idx[i] : i;
-        qx_r16_unpack_group(w, row / 16, tmp, tmp + 16 * rb);
+        if (row / 16 != g) qx_r16_unpack_group(w, g = row / 16, tmp, tmp + 16 * rb);
         const int64_t one = row % 16;
         caprese_q_rows_dot(&g16, x, &one, 0, 1, y + i);
     }
