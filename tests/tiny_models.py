@@ -79,10 +79,6 @@ KINDS: tuple[str, ...] = tuple(CONFIGS)
 CONFIGS["gemma2-hd16"] = ("gemma2", {**CONFIGS["gemma2"][1], "head_dim": 16})
 # Gemma 2 with its own lm_head (Gemma2Config ties by default; some fine-tunes untie): the head must be read.
 CONFIGS["gemma2-untied"] = ("gemma2", {**CONFIGS["gemma2"][1], "tie_word_embeddings": False})
-# head_dim 32, a whole int4 block: the native step's quantized attention block runs as one phase on these
-# (stage_q_block): GQA 3:1 with q/k/v/o and MLP biases as SmolLM2's shape, and Mistral's sliding window.
-CONFIGS["llama-hd32"] = ("llama", {**CONFIGS["llama"][1], "head_dim": 32})
-CONFIGS["mistral-ff128"] = ("mistral", {**CONFIGS["mistral"][1], "intermediate_size": 128})
 SLIDING_KINDS = ("mistral", "qwen2", "gemma2")
 
 

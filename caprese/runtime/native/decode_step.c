@@ -404,7 +404,7 @@ static float kth_largest(float *a, int64_t n, int64_t k) {
 
 /* ------------------------------------------------------------------ the context: pool, scratch, phases */
 enum { PH_QKV, PH_ATTN, PH_GATE_UP, PH_DOWN, PH_HEAD_FULL, PH_HEAD_SCREEN, PH_HEAD_PICK, PH_QDOT, PH_QATT, PH_QDOWN,
-       PH_QFFN, PH_QBLOCK, PH_KINDS };
+       PH_QFFN, PH_KINDS };
 enum { J_QKV, J_O, J_GU, J_DOWN, J_HEAD }; /* what a PH_QDOT phase computes */
 #define PROF_LABELS (PH_KINDS + 5) /* the profile's rows: a phase kind, or PH_KINDS + job for PH_QDOT */
 
@@ -461,7 +461,6 @@ typedef struct { /* a thread of the pool, and what it did (written by that threa
     pthread_t th;
     int64_t committed, dropped, reruns;
     int64_t stall_every, stall_us, stall_count; /* tests: this thread sleeps inside every stall_every-th chunk */
-    int64_t kv_t0, kv_head; /* PH_QBLOCK: the phase (its t0) and KV head whose K / V this thread's scratch holds */
 } Worker;
 
 typedef struct { /* one chunk, on its own cache line; tagged with the epoch, so a new phase resets nothing */
@@ -501,7 +500,6 @@ struct Ctx {
     int64_t step_ns, steps;      /* leader: wall ns and count of decode steps */
     int64_t spin_ns;             /* how long an idle helper spins before it sleeps */
     int fused_ffn;               /* GRIFFIN's FFN as one phase (stage_q_ffn; default), else gate/up then down */
-    int fused_attention;         /* a quantized attention block as one phase where it can (stage_q_block; default) */
     Worker workers[MAX_THREADS];
 };
 
@@ -571,22 +569,18 @@ static void stage_qkv(const Ctx *c, const Phase *ph, int64_t i, float *out) {
     gemv_rows(c->h, &L->qkv, NULL, r0, r1, out);
 }
 
-/* kd = a K row as the cache holds it at slot: k (bias added) normed where the model norms keys, then rotated. */
-static void k_at_slot(const Model *m, const Layer *L, int64_t slot, const float *k, float *kd) {
-    const int64_t hd = m->head_dim, half = hd / 2;
-    if (L->k_norm) rms_norm(k, L->k_norm, kd, hd, m->eps); else memcpy(kd, k, sizeof(float) * hd);
-    rope(kd, m->rope_cos + slot * half, m->rope_sin + slot * half, half);
-}
-
 /* The new slot's K (normed, rotated) and V of every KV head, from their sums over phase A's parts in c->kv
  * ([k heads | v heads], bias added), into the cache (leader). */
 static void stage_kv_write(Ctx *c, int64_t li, int64_t slot) {
     const Model *m = c->m;
     const Layer *L = m->layers + li;
-    const int64_t hd = m->head_dim, Hkv = m->num_kv_heads;
+    const int64_t hd = m->head_dim, Hkv = m->num_kv_heads, half = hd / 2;
     for (int64_t kv = 0; kv < Hkv; kv++) {
-        k_at_slot(m, L, slot, c->kv + kv * hd, L->k_cache + (kv * m->capacity + slot) * hd);
-        memcpy(L->v_cache + (kv * m->capacity + slot) * hd, c->kv + (Hkv + kv) * hd, sizeof(float) * hd);
+        float *kd = L->k_cache + (kv * m->capacity + slot) * hd, *vd = L->v_cache + (kv * m->capacity + slot) * hd;
+        const float *k = c->kv + kv * hd;
+        if (L->k_norm) rms_norm(k, L->k_norm, kd, hd, m->eps); else memcpy(kd, k, sizeof(float) * hd);
+        rope(kd, m->rope_cos + slot * half, m->rope_sin + slot * half, half);
+        memcpy(vd, c->kv + (Hkv + kv) * hd, sizeof(float) * hd);
     }
 }
 
@@ -752,47 +746,12 @@ static void prefetch_kv_rows(const Model *m, const Layer *L, int64_t kvh, int64_
     for (int64_t j = s0 * hd; j < s1 * hd; j += 16) __builtin_prefetch(V + j, 0, 2);
 }
 
-/* Rows K[0 .. n), V[0 .. n) of one KV head scored by the g query heads q[g * hd] and folded into their running
- * sums o + k * ostride ([sum e^(score - m) v, m, sum e^(score - m)]): scores into sc[g * ATT_BLOCK], n <= ATT_BLOCK. */
-static void attend_rows(const Layer *L, const float *q, const float *K, const float *V, int64_t hd, int64_t n,
-                        int64_t g, float *sc, float *o, int64_t ostride) {
-    for (int64_t k0 = 0; k0 < g; k0 += 4) {
-        const int nk = g - k0 < 4 ? (int)(g - k0) : 4;
-        float bm[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-        float *sk = sc + k0 * ATT_BLOCK, *ok = o + k0 * ostride;
-        score_rows(L, q + k0 * hd, K, hd, n, nk, sk, bm);
-        for (int t = 0; t < nk; t++) { /* e^(score - new max); the sums so far rescaled to the new max */
-            float *ot = ok + t * ostride, *st = sk + t * ATT_BLOCK;
-            const float mx = ot[hd], nm = bm[t] > mx ? bm[t] : mx, corr = mx == -INFINITY ? 0.0f : expf(mx - nm);
-            float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t s = 0; s < n; s++) {
-                st[s] = exp_vec(st[s] - nm);
-                sum += st[s];
-            }
-            ot[hd] = nm;
-            ot[hd + 1] = ot[hd + 1] * corr + sum;
-            if (corr != 1.0f)
-                for (int64_t j = 0; j < hd; j++) ot[j] *= corr;
-        }
-        switch (nk) {
-        case 1: add_values(sk, V, hd, n, 1, ok, ostride); break;
-        case 2: add_values(sk, V, hd, n, 2, ok, ostride); break;
-        case 3: add_values(sk, V, hd, n, 3, ok, ostride); break;
-        default: add_values(sk, V, hd, n, 4, ok, ostride); break;
-        }
-    }
-}
-
 /* Query heads h0 .. h0 + g - 1 of layer L at `slot`, all of one KV head: their q (raw: the QKV product's outputs of
  * those heads, bias added) normed and rotated into q[g * hd]; attention over slots [s0, s1) of their KV head (scores
  * a block at a time into sc[g * ATT_BLOCK], merged by their running max and sum), left unnormalized: head k's
- * o + k * ostride gets [sum_s e^(score_s - m) v_s (hd floats), m, sum_s e^(score_s - m)]. raw may alias sc.
- * k_last / v_last (or NULL): slot s1 - 1's K / V rows, taken from there and not from the cache (stage_q_block,
- * whose chunks write nothing shared: the leader writes them into the cache after the phase). */
+ * o + k * ostride gets [sum_s e^(score_s - m) v_s (hd floats), m, sum_s e^(score_s - m)]. raw may alias sc. */
 static void attend_group(const Ctx *c, const Layer *L, int64_t slot, int64_t h0, int64_t g, int64_t s0, int64_t s1,
-                         const float *raw, float *q, float *sc, float *o, int64_t ostride, const float *k_last,
-                         const float *v_last) {
+                         const float *raw, float *q, float *sc, float *o, int64_t ostride) {
     const Model *m = c->m;
     const int64_t hd = m->head_dim, half = hd / 2, kvh = h0 / (m->num_heads / m->num_kv_heads);
     for (int64_t k = 0; k < g; k++) {
@@ -806,12 +765,36 @@ static void attend_group(const Ctx *c, const Layer *L, int64_t slot, int64_t h0,
         ok[hd + 1] = 0.0f;
     }
     const float *K = L->k_cache + kvh * m->capacity * hd, *V = L->v_cache + kvh * m->capacity * hd;
-    const int64_t sc1 = k_last ? s1 - 1 : s1; /* the slots read from the cache */
-    prefetch_kv_rows(m, L, kvh, s0, sc1);
-    for (int64_t b0 = s0; b0 < sc1; b0 += ATT_BLOCK)
-        attend_rows(L, q, K + b0 * hd, V + b0 * hd, hd, b0 + ATT_BLOCK <= sc1 ? ATT_BLOCK : sc1 - b0, g, sc, o,
-                    ostride);
-    if (k_last) attend_rows(L, q, k_last, v_last, hd, 1, g, sc, o, ostride);
+    prefetch_kv_rows(m, L, kvh, s0, s1);
+    for (int64_t b0 = s0; b0 < s1; b0 += ATT_BLOCK) {
+        const int64_t n = b0 + ATT_BLOCK <= s1 ? ATT_BLOCK : s1 - b0;
+        for (int64_t k0 = 0; k0 < g; k0 += 4) {
+            const int nk = g - k0 < 4 ? (int)(g - k0) : 4;
+            float bm[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+            float *sk = sc + k0 * ATT_BLOCK, *qk = q + k0 * hd, *ok = o + k0 * ostride;
+            score_rows(L, qk, K + b0 * hd, hd, n, nk, sk, bm);
+            for (int t = 0; t < nk; t++) { /* e^(score - new max); the sums so far rescaled to the new max */
+                float *ot = ok + t * ostride, *st = sk + t * ATT_BLOCK;
+                const float mx = ot[hd], nm = bm[t] > mx ? bm[t] : mx, corr = mx == -INFINITY ? 0.0f : expf(mx - nm);
+                float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+                for (int64_t s = 0; s < n; s++) {
+                    st[s] = exp_vec(st[s] - nm);
+                    sum += st[s];
+                }
+                ot[hd] = nm;
+                ot[hd + 1] = ot[hd + 1] * corr + sum;
+                if (corr != 1.0f)
+                    for (int64_t j = 0; j < hd; j++) ot[j] *= corr;
+            }
+            switch (nk) {
+            case 1: add_values(sk, V + b0 * hd, hd, n, 1, ok, ostride); break;
+            case 2: add_values(sk, V + b0 * hd, hd, n, 2, ok, ostride); break;
+            case 3: add_values(sk, V + b0 * hd, hd, n, 3, ok, ostride); break;
+            default: add_values(sk, V + b0 * hd, hd, n, 4, ok, ostride); break;
+            }
+        }
+    }
 }
 
 /* The first slot query heads attend at `slot` (Gemma 2's sliding window starts later). */
@@ -827,7 +810,7 @@ static void stage_attention(const Ctx *c, const Phase *ph, int64_t i, float *out
     const int64_t hd = m->head_dim;
     float *q = tmp, *o = q + hd, *sc = o + hd + 2;
     sum_parts(c, ph->p ^ 1, ph->prev_n, ph->prev_stride, i * hd, hd, L->qkv_bias ? L->qkv_bias + i * hd : NULL, sc);
-    attend_group(c, L, ph->slot, i, 1, first_slot(L, ph->slot), ph->slot + 1, sc, q, sc, o, hd + 2, NULL, NULL);
+    attend_group(c, L, ph->slot, i, 1, first_slot(L, ph->slot), ph->slot + 1, sc, q, sc, o, hd + 2);
     const float inv = 1.0f / o[hd + 1];
     for (int64_t j = 0; j < hd; j++) o[j] *= inv;
     const Mat rows = {L->o.w + i * hd * L->o.ld, L->o.ld, L->o.cols}; /* this head's rows of o */
@@ -855,8 +838,7 @@ static void stage_q_attention(const Ctx *c, const Phase *ph, int64_t i, float *o
         prefetch_kv_rows(m, L, (i + 1) / S, s0, s1);
     }
     att_part(i, S, lo, len, &s0, &s1);
-    attend_group(c, L, ph->slot, kvh * g, g, s0, s1, c->qkv + kvh * g * hd, tmp, tmp + g * hd, out, hd + 2, NULL,
-                 NULL);
+    attend_group(c, L, ph->slot, kvh * g, g, s0, s1, c->qkv + kvh * g * hd, tmp, tmp + g * hd, out, hd + 2);
 }
 
 /* Leader, before a phase of quantized products of w-shaped matrices over x: on an int8-activation engine, x
@@ -876,55 +858,6 @@ static void q_dot(const Ctx *c, const QMat *w, const float *x, const int64_t *id
         caprese_q_rows_dot_qx(w, &c->xq, idx, r0, r1, y);
     else
         caprese_q_rows_dot(w, x, idx, r0, r1, y);
-}
-
-/* Whether layer L's quantized attention block runs as one phase (stage_q_block): int8 activations, o in the r16
- * layout, and a head's outputs whole blocks of o's input (their int8 rounding is then the whole vector's). */
-static int q_block_fits(const Ctx *c, const Layer *L) {
-    const QMat *o = &L->q_o;
-    return c->fused_attention && c->m->int8_act && o->layout == QG_R16 && caprese_qx_fits(o) &&
-           c->m->head_dim % qx_block(o) == 0;
-}
-
-/* A quantized attention block as ONE phase (q_block_fits): chunk i = query head i. Its KV head's K / V rows of QKV
- * (once per phase and thread: computed by the first of that KV head's query heads the thread runs; every thread
- * gets the same bits), its own q rows, its attention over the cached slots and the new one (from its own K / V), then
- * its columns of o over its output rounded to int8: out = [a partial sum over the hidden outputs | the new slot's
- * K as cached | its V]. A chunk writes nothing shared (a late run's results are dropped, its writes would not be):
- * the leader caches K / V (reduce_block). One phase a layer instead of three (QKV, attention, o), each of which
- * costs a publish, commits and results crossing between the cores: several µs when the VM's two vCPUs sit on two
- * CCDs (docs/performance.md). */
-static void stage_q_block(const Ctx *c, Worker *w, const Phase *ph, int64_t i, float *out, float *tmp) {
-    const Model *m = c->m;
-    const Layer *L = m->layers + ph->layer;
-    const int64_t hd = m->head_dim, D = m->hidden, kvh = i / (m->num_heads / m->num_kv_heads);
-    const int64_t k0 = m->num_heads * hd + kvh * hd, v0 = k0 + m->num_kv_heads * hd;
-    float *kd = tmp, *v = kd + hd, *raw = v + hd, *q = raw + hd, *o = q + hd, *sc = o + hd + 2;
-    float *xqb = sc + ATT_BLOCK;
-    const float *b = L->qkv_bias;
-    if (w->kv_t0 != ph->t0 || w->kv_head != kvh) { /* raw: K before its norm and rotation */
-        q_dot(c, &L->q_qkv, c->h, NULL, k0, k0 + hd, raw - k0);
-        q_dot(c, &L->q_qkv, c->h, NULL, v0, v0 + hd, v - v0);
-        if (b)
-            for (int64_t j = 0; j < hd; j++) {
-                raw[j] = raw[j] + b[k0 + j];
-                v[j] = v[j] + b[v0 + j];
-            }
-        k_at_slot(m, L, ph->slot, raw, kd);
-        w->kv_t0 = ph->t0;
-        w->kv_head = kvh;
-    }
-    q_dot(c, &L->q_qkv, c->h, NULL, i * hd, (i + 1) * hd, raw - i * hd);
-    if (b)
-        for (int64_t j = 0; j < hd; j++) raw[j] = raw[j] + b[i * hd + j];
-    attend_group(c, L, ph->slot, i, 1, first_slot(L, ph->slot), ph->slot + 1, raw, q, sc, o, hd + 2, kd, v);
-    const float inv = 1.0f / o[hd + 1];
-    for (int64_t j = 0; j < hd; j++) o[j] *= inv;
-    QgX xq;
-    qx_quantize_n(qx_block(&L->q_o), o, hd, xqb, &xq);
-    caprese_q_rows_dot_qx_cols(&L->q_o, &xq, i * hd, (i + 1) * hd, 0, D, out);
-    memcpy(out + D, kd, sizeof(float) * hd);
-    memcpy(out + D + hd, v, sizeof(float) * hd);
 }
 
 /* y[0 .. k1 - k0) = outputs [k0, k1) of a quantized FFN's bypass x L (L fp32 transposed, fp16, or fp32 columns). */
@@ -1219,7 +1152,6 @@ static void run_chunk(Ctx *c, const Phase *ph, int64_t i, float *out, int tid) {
     case PH_QATT: stage_q_attention(c, ph, i, out, tmp); break;
     case PH_QDOWN: stage_q_down(c, ph, i, out, tmp); break;
     case PH_QFFN: stage_q_ffn(c, ph, i, out, tmp); break;
-    case PH_QBLOCK: stage_q_block(c, &c->workers[tid], ph, i, out, tmp); break;
     }
 }
 
@@ -1413,19 +1345,6 @@ static void reduce_sum(Ctx *c, const Phase *ph, int64_t i, const float *r, void 
     }
 }
 
-/* PH_QBLOCK's chunks: their o parts summed as reduce_sum's; the first query head of each KV head brings the new
- * slot's K / V, cached here (by the leader: no chunk writes shared memory). */
-static void reduce_block(Ctx *c, const Phase *ph, int64_t i, const float *r, void *arg) {
-    reduce_sum(c, ph, i, r, arg);
-    const Model *m = c->m;
-    const Layer *L = m->layers + ph->layer;
-    const int64_t hd = m->head_dim, g = m->num_heads / m->num_kv_heads, kvh = i / g, at = kvh * m->capacity + ph->slot;
-    if (i % g == 0) {
-        memcpy(L->k_cache + at * hd, r + m->hidden, sizeof(float) * hd);
-        memcpy(L->v_cache + at * hd, r + m->hidden + hd, sizeof(float) * hd);
-    }
-}
-
 /* Chunks of a phase of whole outputs (PH_QDOT, PH_QATT: ph->stride outputs per chunk): copied to dst (+ bias). */
 typedef struct { float *dst; const float *bias; } Cat;
 
@@ -1596,7 +1515,7 @@ static int64_t phase_bounds(const Model *m, int64_t threads, int64_t *chunks) {
     const int64_t D = m->hidden, nqkv = (m->num_heads + 2 * m->num_kv_heads) * m->head_dim;
     const int64_t hc = (m->vocab + HEAD_ROWS - 1) / HEAD_ROWS, dr = down_rows(D);
     int64_t most = CHUNKS_WIDE * nqkv, n = hc > CHUNKS_WIDE ? hc : CHUNKS_WIDE;
-    if (m->num_heads * (D + 2 * m->head_dim) > most) most = m->num_heads * (D + 2 * m->head_dim); /* PH_QBLOCK */
+    if (m->num_heads * D > most) most = m->num_heads * D;
     if (hc * (HEAD_ROWS + HEAD_TOPK_MAX) > most) most = hc * (HEAD_ROWS + HEAD_TOPK_MAX);
     const int64_t qmost = 2 * m->max_ff + 16 * threads; /* quantized products: whole outputs, chunks of q_rows */
     if (qmost > most) most = qmost;
@@ -1670,7 +1589,6 @@ Ctx *caprese_context_new(const Model *m, int64_t threads) {
     const int ncpu = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : (int)threads;
     c->spin_ns = threads > ncpu ? SPIN_NS_OVERSUBSCRIBED : SPIN_NS;
     c->fused_ffn = 1;
-    c->fused_attention = 1;
     atomic_store(&c->active, (int)threads);
     int64_t chunks;
     c->res_floats = phase_bounds(m, threads, &chunks);
@@ -1680,8 +1598,6 @@ Ctx *caprese_context_new(const Model *m, int64_t threads) {
     /* quantized CATS: z, up, int64 rows; quantized attention: q and scores of a KV head's query heads */
     const int64_t g = m->num_heads / m->num_kv_heads;
     c->tmp_floats = 4 * m->max_ff + 2 * m->head_dim + ATT_BLOCK + 16 + g * (m->head_dim + ATT_BLOCK);
-    const int64_t qblock = 5 * m->head_dim + 2 + ATT_BLOCK + caprese_qx_bytes(m->head_dim) / 4 + 1; /* stage_q_block */
-    if (qblock > c->tmp_floats) c->tmp_floats = qblock;
     int ok = 1;
     for (int t = 0; t < threads; t++) {
         c->res[t][0] = malloc(sizeof(float) * c->res_floats);
@@ -1768,7 +1684,6 @@ int64_t caprese_context_profile(Ctx *c, int64_t *out, int64_t reset) {
 
 /* Tests: GRIFFIN's FFN as one phase (1, the default) or as the gate/up phase then the down phase (0). */
 void caprese_context_set_fused_ffn(Ctx *c, int64_t on) { c->fused_ffn = on != 0; }
-void caprese_context_set_fused_attention(Ctx *c, int64_t on) { c->fused_attention = on != 0; }
 
 /* Tests: thread `tid` (0: the caller) sleeps `us` microseconds inside every `every`-th chunk it runs (0 = never). */
 void caprese_context_debug_stall(Ctx *c, int64_t tid, int64_t every, int64_t us) {
@@ -1831,12 +1746,7 @@ static void run_attention(Ctx *c, int64_t li, int64_t slot) {
     const int64_t D = m->hidden, nqkv = (m->num_heads + 2 * m->num_kv_heads) * m->head_dim;
     rms_norm(c->x, L->input_norm, c->h, D, m->eps);
     const int64_t kvo = m->num_heads * m->head_dim; /* K and V: the last 2 Hkv heads of QKV's outputs */
-    if (L->q_attn && q_block_fits(c, L)) { /* one phase: per query head, QKV rows, attention, o columns */
-        quantize_for(c, &L->q_qkv, c->h);
-        const Phase a = phase_of(PH_QBLOCK, li, m->num_heads, 1, D + 2 * m->head_dim, slot);
-        Sum o = {0, D, L->o_bias, c->y, 0, NULL};
-        run_phase(c, &a, reduce_block, &o);
-    } else if (L->q_attn) { /* whole-output chunks: QKV gathered, attention per head gathered, then the o rows */
+    if (L->q_attn) { /* whole-output chunks: QKV gathered, attention per head gathered, then the o rows */
         const int64_t parts = q_parts(c);
         Phase a = phase_of(PH_QDOT, li, nqkv, q_rows(nqkv, parts), q_rows(nqkv, parts), slot);
         a.job = J_QKV;

@@ -65,9 +65,6 @@ def load(isa: str | None = None) -> ctypes.CDLL:
         lib.caprese_q_rows_dot_int8x.restype = ctypes.c_int
         lib.caprese_q_rows_dot_int8x.argtypes = [ctypes.POINTER(QMat), _F32P, _I64P, ctypes.c_int64, ctypes.c_int64,
                                                  _F32P]
-        lib.caprese_q_rows_dot_int8x_cols.restype = ctypes.c_int
-        lib.caprese_q_rows_dot_int8x_cols.argtypes = [ctypes.POINTER(QMat), _F32P, ctypes.c_int64, ctypes.c_int64,
-                                                      ctypes.c_int64, ctypes.c_int64, _F32P]
         lib.caprese_qa_fits.restype = ctypes.c_int
         lib.caprese_qa_fits.argtypes = [ctypes.POINTER(QMat)]
         lib.caprese_q_rows_axpy_qa.restype = None
@@ -254,24 +251,6 @@ def rows_dot_int8_activations(qm: QMatrix, x: torch.Tensor, rows: torch.Tensor |
     if rc == -1:
         raise CapreseError(f"int8 activations take int4 weights with columns a multiple of 32 in blocks of 32, 64, "
                            f"128 or one per row (got {qm.qt.fmt.name} {list(qm.shape)})")
-    if rc:
-        raise CapreseError("out of memory quantizing the activations")
-    return y
-
-
-def rows_dot_int8_activations_cols(qm: QMatrix, x: torch.Tensor, c0: int, c1: int, r0: int = 0,
-                                   r1: int | None = None, isa: str | None = None) -> torch.Tensor:
-    """Rows [r0, r1) of an r16 matrix (pack_r16) times x over its columns [c0, c1) only, x[c0:c1] rounded to int8 in
-    the weight's blocks: the decode step's o product per query head (a partial sum). y[r0:r1]; the rest is NaN."""
-    n_rows, cols = qm.shape
-    r1 = n_rows if r1 is None else r1
-    x = _f32(x, cols, "x")
-    y = torch.full((n_rows,), float("nan"), dtype=torch.float32)
-    rc = load(isa).caprese_q_rows_dot_int8x_cols(ctypes.byref(qm.struct), _ptr(x, _F32P), c0, c1, r0, r1,
-                                                 _ptr(y, _F32P))
-    if rc == -1:
-        raise CapreseError(f"columns [{c0}, {c1}) and rows [{r0}, {r1}) must be whole blocks and whole groups of 16 "
-                           f"of an r16 matrix (got {list(qm.shape)}, block {qm.struct.block})")
     if rc:
         raise CapreseError("out of memory quantizing the activations")
     return y
