@@ -368,6 +368,22 @@ def test_r16_layout_against_its_definition(isa, fmt, cols):
     rows = torch.tensor([47, 0, 16, 16, 31])
     assert torch.equal(qg.rows_dot_int8_activations(r16, x, rows=rows, isa=isa), y[rows])
     assert torch.equal(qg.rows_dot(r16, x, isa=isa), qg.rows_dot(qm, x, isa=isa))
+    # Columns [c0, c1) only (the decode step's dense down product per neuron chunk): the same definition on those blocks, x's
+    # rounding per block unchanged; over every column it is the whole product's FMA chain, so its bits.
+    assert torch.equal(qg.rows_dot_int8_activations_cols(r16, x, 0, cols, isa=isa), y)
+    c0, c1 = xb, cols - xb if nb > 2 else cols
+    b0, b1 = c0 // xb, c1 // xb
+    want_c = (t[:, b0:b1] * scale[:, b0:b1]).sum(dim=1)
+    tol_c = (b1 - b0 + 2) * U * (t[:, b0:b1] * scale[:, b0:b1]).abs().sum(dim=1) + 1e-30
+    got = qg.rows_dot_int8_activations_cols(r16, x, c0, c1, r0=16, r1=48, isa=isa)
+    assert bool(got[:16].isnan().all())
+    err_c = (got[16:].double() - want_c[16:]).abs()
+    print(f"r16 cols [{c0}, {c1}) {isa}: max err {float((err_c / tol_c[16:]).max()):.3f} of the bound")
+    assert bool((err_c <= tol_c[16:]).all())
+    with pytest.raises(CapreseError, match="must be whole blocks and whole groups of 16"):
+        qg.rows_dot_int8_activations_cols(r16, x, 0, cols, r0=8, r1=48, isa=isa)
+    with pytest.raises(CapreseError, match="must be whole blocks and whole groups of 16"):
+        qg.rows_dot_int8_activations_cols(qm, x, 0, cols, isa=isa)  # rows layout
 
 
 def test_r16_layout_refuses_other_shapes():

@@ -79,6 +79,9 @@ KINDS: tuple[str, ...] = tuple(CONFIGS)
 CONFIGS["gemma2-hd16"] = ("gemma2", {**CONFIGS["gemma2"][1], "head_dim": 16})
 # Gemma 2 with its own lm_head (Gemma2Config ties by default; some fine-tunes untie): the head must be read.
 CONFIGS["gemma2-untied"] = ("gemma2", {**CONFIGS["gemma2"][1], "tie_word_embeddings": False})
+# More neurons than two chunks of the native step's dense FFN phase (stage_q_ffn_dense: 768): 1600 = 768 + 768 + 64,
+# with the llama kind's MLP biases, and head_dim 32 so that o's 192 inputs take int4 blocks of 32.
+CONFIGS["llama-ff1600"] = ("llama", {**CONFIGS["llama"][1], "head_dim": 32, "intermediate_size": 1600})
 SLIDING_KINDS = ("mistral", "qwen2", "gemma2")
 
 

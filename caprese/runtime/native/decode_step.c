@@ -404,7 +404,7 @@ static float kth_largest(float *a, int64_t n, int64_t k) {
 
 /* ------------------------------------------------------------------ the context: pool, scratch, phases */
 enum { PH_QKV, PH_ATTN, PH_GATE_UP, PH_DOWN, PH_HEAD_FULL, PH_HEAD_SCREEN, PH_HEAD_PICK, PH_QDOT, PH_QATT, PH_QDOWN,
-       PH_QFFN, PH_KINDS };
+       PH_QFFN, PH_QFFN_DENSE, PH_KINDS };
 enum { J_QKV, J_O, J_GU, J_DOWN, J_HEAD }; /* what a PH_QDOT phase computes */
 #define PROF_LABELS (PH_KINDS + 5) /* the profile's rows: a phase kind, or PH_KINDS + job for PH_QDOT */
 
@@ -499,7 +499,8 @@ struct Ctx {
     int64_t prof_ns[PROF_LABELS], prof_n[PROF_LABELS]; /* leader: wall ns and count of phases, per label */
     int64_t step_ns, steps;      /* leader: wall ns and count of decode steps */
     int64_t spin_ns;             /* how long an idle helper spins before it sleeps */
-    int fused_ffn;               /* GRIFFIN's FFN as one phase (stage_q_ffn; default), else gate/up then down */
+    int fused_ffn;               /* a quantized FFN as one phase where it can (stage_q_ffn, stage_q_ffn_dense; the
+                                  * default), else gate/up, then down */
     Worker workers[MAX_THREADS];
 };
 
@@ -1002,6 +1003,47 @@ static void stage_q_ffn(const Ctx *c, const Phase *ph, int64_t i, float *out, fl
     memcpy(out + D, &unread, sizeof unread);
 }
 
+/* Neurons per chunk of a dense FFN as one phase (stage_q_ffn_dense): a multiple of every int8-activation block
+ * (32, 64, 128), and not a function of the thread count, so the partial sums' bits are not either. Each chunk
+ * costs its own streams and partial sum: SmolLM2's 1536 neurons in 2 chunks gave 0.96x the two phases' step (40
+ * rounds), in 6 chunks of 256 1.03x (docs/performance.md). */
+#define FFN_NEURONS 768
+
+/* Whether dense layer L's FFN runs as one phase (stage_q_ffn_dense): int8 activations, no bypass and no CATS, down
+ * stored [hidden, n_ff] in the r16 layout (its columns per neuron chunk: caprese_q_rows_dot_qx_cols), and a chunk
+ * for each of the pool's threads (else some would idle through the phase; the two phases split by thread). */
+static int q_ffn_dense_fits(const Ctx *c, const Layer *L) {
+    const QMat *d = &L->q_down;
+    return c->fused_ffn && c->m->int8_act && !L->down_rows && !L->cats_tau && L->rank == 0 &&
+           d->layout == QG_R16 && caprese_qx_fits(d) && L->n_ff % qx_block(d) == 0 &&
+           c->threads <= (L->n_ff + FFN_NEURONS - 1) / FFN_NEURONS;
+}
+
+/* A dense quantized FFN as ONE phase (q_ffn_dense_fits): chunk i = neurons [j0, j1) (FFN_NEURONS): their gate and up
+ * rows, z = act(gate) * up rounded to int8 in down's blocks (those of the whole z: chunks hold whole blocks), then
+ * down's columns [j0, j1): a partial sum over the hidden outputs. One phase and no serial activation pass a layer
+ * fewer than gate/up, the leader's activation, then down. */
+static void stage_q_ffn_dense(const Ctx *c, const Phase *ph, int64_t i, float *out, float *tmp) {
+    const Model *m = c->m;
+    const Layer *L = m->layers + ph->layer;
+    const int64_t F = L->n_ff;
+    int64_t j0, j1;
+    chunk_span(ph, i, &j0, &j1);
+    const int64_t n = j1 - j0;
+    float *z = tmp, *u = tmp + n, *xqb = u + n;
+    q_dot(c, &L->q_gate, c->h, NULL, j0, j1, z - j0);
+    q_dot(c, &L->q_up, c->h, NULL, j0, j1, u - j0);
+    if (L->gu_bias)
+        for (int64_t j = 0; j < n; j++) {
+            z[j] += L->gu_bias[j0 + j];
+            u[j] += L->gu_bias[F + j0 + j];
+        }
+    gated(m->activation, z, u, NULL, z, n);
+    QgX xq;
+    qx_quantize_n(qx_block(&L->q_down), z, n, xqb, &xq);
+    caprese_q_rows_dot_qx_cols(&L->q_down, &xq, j0, j1, 0, m->hidden, out);
+}
+
 /* C: rows [r0, r1) of the gate/up(/L) product: a partial sum over [gu1 cols | gu2 cols]. */
 static void stage_gate_up(const Ctx *c, const Phase *ph, int64_t i, float *out) {
     const Layer *L = c->m->layers + ph->layer;
@@ -1152,6 +1194,7 @@ static void run_chunk(Ctx *c, const Phase *ph, int64_t i, float *out, int tid) {
     case PH_QATT: stage_q_attention(c, ph, i, out, tmp); break;
     case PH_QDOWN: stage_q_down(c, ph, i, out, tmp); break;
     case PH_QFFN: stage_q_ffn(c, ph, i, out, tmp); break;
+    case PH_QFFN_DENSE: stage_q_ffn_dense(c, ph, i, out, tmp); break;
     }
 }
 
@@ -1526,6 +1569,9 @@ static int64_t phase_bounds(const Model *m, int64_t threads, int64_t *chunks) {
     if (ATT_PARTS * m->num_kv_heads > n) n = ATT_PARTS * m->num_kv_heads;
     if (threads > n) n = threads;
     if ((m->max_ff + dr - 1) / dr > n) n = (m->max_ff + dr - 1) / dr;
+    const int64_t fc = (m->max_ff + FFN_NEURONS - 1) / FFN_NEURONS; /* PH_QFFN_DENSE */
+    if (fc > n) n = fc;
+    if (fc * D > most) most = fc * D;
     for (int64_t li = 0; li < m->num_layers; li++) {
         const Layer *L = m->layers + li;
         const int64_t gu = L->gu1.cols + (L->gu2.w ? L->gu2.cols : 0), dc = (L->n_ff + L->rank + dr - 1) / dr;
@@ -1598,6 +1644,8 @@ Ctx *caprese_context_new(const Model *m, int64_t threads) {
     /* quantized CATS: z, up, int64 rows; quantized attention: q and scores of a KV head's query heads */
     const int64_t g = m->num_heads / m->num_kv_heads;
     c->tmp_floats = 4 * m->max_ff + 2 * m->head_dim + ATT_BLOCK + 16 + g * (m->head_dim + ATT_BLOCK);
+    const int64_t ffn = 2 * FFN_NEURONS + caprese_qx_bytes(FFN_NEURONS) / 4 + 1; /* stage_q_ffn_dense */
+    if (ffn > c->tmp_floats) c->tmp_floats = ffn;
     int ok = 1;
     for (int t = 0; t < threads; t++) {
         c->res[t][0] = malloc(sizeof(float) * c->res_floats);
@@ -1805,6 +1853,13 @@ static void run_q_ffn(Ctx *c, int64_t li, int64_t *skipped) {
         quantize_for(c, &L->q_gate, c->h);
         Sum down = {0, D, L->down_bias, c->y, D, NULL};
         const Phase d = q_ffn_phase(m, L, li);
+        run_phase(c, &d, reduce_sum, &down);
+        return;
+    }
+    if (q_ffn_dense_fits(c, L)) { /* dense, down [hidden, n_ff] in r16: one phase over neuron chunks */
+        quantize_for(c, &L->q_gate, c->h);
+        Sum down = {0, D, L->down_bias, c->y, 0, NULL};
+        const Phase d = phase_of(PH_QFFN_DENSE, li, F, FFN_NEURONS, D, 0);
         run_phase(c, &d, reduce_sum, &down);
         return;
     }

@@ -76,9 +76,8 @@ static inline __m128i qx_codes16(const float *x, float inv) {
 }
 #endif
 
-/* xq over buf (caprese_qx_bytes(w->cols) bytes): x quantized for w (see the definition at the top). */
-void caprese_qx_quantize(const QMat *w, const float *x, void *buf, QgX *xq) {
-    const int64_t n = w->cols, xb = qx_block(w);
+/* xq over buf (caprese_qx_bytes(n) bytes): x[0 .. n) quantized in blocks of xb (n a multiple of xb). */
+static void qx_quantize_n(int64_t xb, const float *x, int64_t n, void *buf, QgX *xq) {
     uint8_t *b = (uint8_t *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
     xq->xe = (int8_t *)b;
     xq->xo = xq->xe + (n / 2 + 63) / 64 * 64;
@@ -134,6 +133,11 @@ void caprese_qx_quantize(const QMat *w, const float *x, void *buf, QgX *xq) {
         xq->sxb[c0 / xb] = sx;
     }
 #endif
+}
+
+/* xq over buf (caprese_qx_bytes(w->cols) bytes): x quantized for w (see the definition at the top). */
+void caprese_qx_quantize(const QMat *w, const float *x, void *buf, QgX *xq) {
+    qx_quantize_n(qx_block(w), x, w->cols, buf, xq);
 }
 
 /* Per 32-bit lane (4 weight bytes = 8 elements): a + sum of (code_w + 8) * code_x, for 16 / 8 / 4 lanes (a = -corr
@@ -431,16 +435,19 @@ static void qx_r16_unpack_group(const QMat *w, int64_t g, uint8_t *codes, uint8_
                    scales, 0);
 }
 
-/* out[0 .. 16) = the 16 rows of group g (r16 layout) times q. */
+/* out[0 .. 16) = the 16 rows of group g (r16 layout) times q, over x's blocks [u0, u0 + nu) (q holds those blocks
+ * only, from its start); codes are requested pf bytes ahead. */
 static inline __attribute__((always_inline)) void qx_r16_group(const QMat *w, const int f32s, const QgX *q,
-                                                               int64_t g, float *out) {
-    const int64_t xb = qx_block(w), nu = w->cols / xb, cpu = xb / 8, gb = 8 * w->cols; /* group bytes */
+                                                               int64_t g, int64_t u0, int64_t nu, int64_t pf,
+                                                               float *out) {
+    const int64_t xb = qx_block(w), cpu = xb / 8, gb = 8 * w->cols; /* group bytes */
     const int row_block = w->block == w->cols;
-    const uint8_t *p = w->codes + g * gb;
-    const int64_t gsb = 16 * (row_block ? 1 : nu) * (f32s ? 4 : 2); /* a group's scale bytes */
-    const uint8_t *sp = (const uint8_t *)w->scales + g * gsb;
+    const uint8_t *p = w->codes + g * gb + u0 * cpu * 64;
+    const int64_t gsb = 16 * (row_block ? 1 : w->cols / xb) * (f32s ? 4 : 2); /* a group's scale bytes */
+    const uint8_t *sp = (const uint8_t *)w->scales + g * gsb + (row_block ? 0 : u0 * 16 * (f32s ? 4 : 2));
     const int32_t *xe = (const int32_t *)q->xe, *xo = (const int32_t *)q->xo; /* 4 codes (8 columns) a chunk */
-    for (int64_t k = 0; k < gsb; k += 64) __builtin_prefetch(sp + 2 * gsb + k, 0, 2); /* the group after next's */
+    const int64_t ssb = (row_block ? 16 : 16 * nu) * (f32s ? 4 : 2); /* the scale bytes read here */
+    for (int64_t k = 0; k < ssb; k += 64) __builtin_prefetch(sp + 2 * gsb + k, 0, 2); /* the group after next's */
 #if defined(__AVX512BW__)
     const __m512i lo4 = _mm512_set1_epi8(0x0f);
 #if defined(__AVX512VNNI__)
@@ -457,7 +464,7 @@ static inline __attribute__((always_inline)) void qx_r16_group(const QMat *w, co
 #if defined(__AVX512VNNI__)
         __m512i hi = _mm512_setzero_si512();
         for (int64_t k = u * cpu; k < (u + 1) * cpu; k++) {
-            __builtin_prefetch(p + k * 64 + QX_R16_PF, 0, 2);
+            __builtin_prefetch(p + k * 64 + pf, 0, 2);
             const __m512i v = _mm512_loadu_si512(p + k * 64);
             lo = _mm512_dpbusd_epi32(lo, _mm512_and_si512(v, lo4), _mm512_set1_epi32(xe[k]));
             hi = _mm512_dpbusd_epi32(hi, _mm512_and_si512(v, hi4), _mm512_set1_epi32(xo[k]));
@@ -467,7 +474,7 @@ static inline __attribute__((always_inline)) void qx_r16_group(const QMat *w, co
         for (int64_t k0 = u * cpu; k0 < (u + 1) * cpu; k0 += 4) {
             __m512i s16 = _mm512_setzero_si512();
             for (int64_t k = k0; k < k0 + 4; k++) {
-                __builtin_prefetch(p + k * 64 + QX_R16_PF, 0, 2);
+                __builtin_prefetch(p + k * 64 + pf, 0, 2);
                 const __m512i v = _mm512_loadu_si512(p + k * 64);
                 s16 = _mm512_add_epi16(s16, _mm512_add_epi16(
                     _mm512_maddubs_epi16(_mm512_and_si512(v, lo4), _mm512_set1_epi32(xe[k])),
@@ -494,7 +501,7 @@ static inline __attribute__((always_inline)) void qx_r16_group(const QMat *w, co
         for (int64_t k0 = u * cpu; k0 < (u + 1) * cpu; k0 += 4) { /* int16 sums of four chunks, as above */
             __m256i s0 = _mm256_setzero_si256(), s1 = s0;
             for (int64_t k = k0; k < k0 + 4; k++) {
-                __builtin_prefetch(p + k * 64 + QX_R16_PF, 0, 2);
+                __builtin_prefetch(p + k * 64 + pf, 0, 2);
                 const __m256i v0 = _mm256_loadu_si256((const __m256i *)(p + k * 64));
                 const __m256i v1 = _mm256_loadu_si256((const __m256i *)(p + k * 64 + 32));
                 const __m256i e = _mm256_set1_epi32(xe[k]), o = _mm256_set1_epi32(xo[k]);
@@ -539,7 +546,7 @@ static inline __attribute__((always_inline)) void qx_r16_range(const QMat *w, co
     float tmp[16] __attribute__((aligned(64)));
     if (idx) {
         for (int64_t i = r0; i < r1; i++) {
-            qx_r16_group(w, f32s, q, idx[i] / 16, tmp);
+            qx_r16_group(w, f32s, q, idx[i] / 16, 0, w->cols / qx_block(w), QX_R16_PF, tmp);
             y[i] = tmp[idx[i] % 16];
         }
         return;
@@ -550,9 +557,9 @@ static inline __attribute__((always_inline)) void qx_r16_range(const QMat *w, co
     for (int64_t i = r0; i < r1;) {
         const int64_t g = i / 16, e = 16 * g + 16 < r1 ? 16 * g + 16 : r1;
         if (i == 16 * g && e == 16 * g + 16) {
-            qx_r16_group(w, f32s, q, g, y + i);
+            qx_r16_group(w, f32s, q, g, 0, w->cols / qx_block(w), QX_R16_PF, y + i);
         } else { /* a range that cuts a group: the whole group, then its rows in the range */
-            qx_r16_group(w, f32s, q, g, tmp);
+            qx_r16_group(w, f32s, q, g, 0, w->cols / qx_block(w), QX_R16_PF, tmp);
             memcpy(y + i, tmp + (i - 16 * g), sizeof(float) * (size_t)(e - i));
         }
         i = e;
@@ -562,6 +569,19 @@ static inline __attribute__((always_inline)) void qx_r16_range(const QMat *w, co
 static void qx_r16_rows(const QMat *w, const QgX *q, const int64_t *idx, int64_t r0, int64_t r1, float *y) {
     if (w->scale_fp32) qx_r16_range(w, 1, q, idx, r0, r1, y);
     else qx_r16_range(w, 0, q, idx, r0, r1, y);
+}
+
+/* y[i] for i in [r0, r1) (r0, r1 multiples of 16) over columns [c0, c1) of w (r16 layout; c0, c1 multiples of
+ * x's block qx_block(w)), q holding x[c0 .. c1) quantized in w's blocks (qx_quantize_n): the decode step's down
+ * product per neuron chunk of a dense FFN, a partial sum. The same definition as over all columns, on those blocks;
+ * each group's columns are a run of its 64-byte chunks, the same run of the group after next requested ahead. */
+void caprese_q_rows_dot_qx_cols(const QMat *w, const QgX *q, int64_t c0, int64_t c1, int64_t r0, int64_t r1,
+                                float *y) {
+    const int64_t xb = qx_block(w), u0 = c0 / xb, nu = (c1 - c0) / xb, pf = 2 * 8 * w->cols;
+    for (int64_t g = r0 / 16; g < r1 / 16; g++) {
+        if (w->scale_fp32) qx_r16_group(w, 1, q, g, u0, nu, pf, y + 16 * g);
+        else qx_r16_group(w, 0, q, g, u0, nu, pf, y + 16 * g);
+    }
 }
 
 /* ==================================================================== rows-axpy with int8 activations

@@ -683,6 +683,23 @@ int caprese_q_rows_dot_int8x(const QMat *w, const float *x, const int64_t *idx, 
     return 0;
 }
 
+/* caprese_q_rows_dot_qx_cols on a float x, its columns [c0, c1) quantized by this call (tests). -1: w is not in the
+ * r16 layout, or the columns or rows are not whole blocks / groups; -2: out of memory. */
+int caprese_q_rows_dot_int8x_cols(const QMat *w, const float *x, int64_t c0, int64_t c1, int64_t r0, int64_t r1,
+                                  float *y) {
+    const int64_t xb = qx_block(w);
+    if (!caprese_qx_r16_fits(w) || w->layout != QG_R16 || c0 < 0 || c1 > w->cols || c0 >= c1 || c0 % xb ||
+        c1 % xb || r0 < 0 || r1 > w->rows || r0 % 16 || r1 % 16)
+        return -1;
+    void *buf = malloc((size_t)caprese_qx_bytes(c1 - c0));
+    if (!buf) return -2;
+    QgX xq;
+    qx_quantize_n(xb, x + c0, c1 - c0, buf, &xq);
+    caprese_q_rows_dot_qx_cols(w, &xq, c0, c1, r0, r1, y);
+    free(buf);
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------------- benchmark loop */
 /* op 0: rows-dot, 1: rows-axpy (h = x, length rows; y gets nthreads partials of cols each), 2: fp32 rows-dot
  * (mats[m].codes is the fp32 [rows, cols] matrix), 3: int4 rows-dot with int8 activations (x quantized per call),

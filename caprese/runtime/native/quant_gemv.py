@@ -65,6 +65,9 @@ def load(isa: str | None = None) -> ctypes.CDLL:
         lib.caprese_q_rows_dot_int8x.restype = ctypes.c_int
         lib.caprese_q_rows_dot_int8x.argtypes = [ctypes.POINTER(QMat), _F32P, _I64P, ctypes.c_int64, ctypes.c_int64,
                                                  _F32P]
+        lib.caprese_q_rows_dot_int8x_cols.restype = ctypes.c_int
+        lib.caprese_q_rows_dot_int8x_cols.argtypes = [ctypes.POINTER(QMat), _F32P, ctypes.c_int64, ctypes.c_int64,
+                                                      ctypes.c_int64, ctypes.c_int64, _F32P]
         lib.caprese_qa_fits.restype = ctypes.c_int
         lib.caprese_qa_fits.argtypes = [ctypes.POINTER(QMat)]
         lib.caprese_q_rows_axpy_qa.restype = None
@@ -248,12 +251,32 @@ def rows_dot_int8_activations(qm: QMatrix, x: torch.Tensor, rows: torch.Tensor |
     y = torch.full((n,), float("nan"), dtype=torch.float32)
     rc = load(isa).caprese_q_rows_dot_int8x(ctypes.byref(qm.struct), _ptr(x, _F32P), _ptr(idx, _I64P), r0, r1,
                                             _ptr(y, _F32P))
+    return _int8x_result(rc, y, f"int8 activations take int4 weights with columns a multiple of 32 in blocks of 32, "
+                                f"64, 128 or one per row (got {qm.qt.fmt.name} {list(qm.shape)})")
+
+
+def _int8x_result(rc: int, y: torch.Tensor, misfit: str) -> torch.Tensor:
+    """y, or the one-line error for an int8-activation call's code (-1: the arguments do not fit; -2: memory)."""
     if rc == -1:
-        raise CapreseError(f"int8 activations take int4 weights with columns a multiple of 32 in blocks of 32, 64, "
-                           f"128 or one per row (got {qm.qt.fmt.name} {list(qm.shape)})")
+        raise CapreseError(misfit)
     if rc:
         raise CapreseError("out of memory quantizing the activations")
     return y
+
+
+def rows_dot_int8_activations_cols(qm: QMatrix, x: torch.Tensor, c0: int, c1: int, r0: int = 0,
+                                   r1: int | None = None, isa: str | None = None) -> torch.Tensor:
+    """Rows [r0, r1) of an r16 matrix (pack_r16) times x over its columns [c0, c1) only, x[c0:c1] rounded to int8 in
+    the weight's blocks: the decode step's dense down product per neuron chunk (a partial sum). y[r0:r1]; the rest
+    is NaN."""
+    n_rows, cols = qm.shape
+    r1 = n_rows if r1 is None else r1
+    x = _f32(x, cols, "x")
+    y = torch.full((n_rows,), float("nan"), dtype=torch.float32)
+    rc = load(isa).caprese_q_rows_dot_int8x_cols(ctypes.byref(qm.struct), _ptr(x, _F32P), c0, c1, r0, r1,
+                                                 _ptr(y, _F32P))
+    return _int8x_result(rc, y, f"columns [{c0}, {c1}) and rows [{r0}, {r1}) must be whole blocks and whole groups "
+                                f"of 16 of an r16 matrix (got {list(qm.shape)}, block {qm.struct.block})")
 
 
 def pack_r16(qm: QMatrix, isa: str | None = None) -> QMatrix:
