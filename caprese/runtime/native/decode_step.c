@@ -13,8 +13,8 @@
  *   H  LM head, chunks of rows (full, or the int8        threshold, then up/down rows of the passing neurons)
  *      screen and then the fp32 recomputation)
  * (Quantized layers: whole-output chunks of QKV, attention per KV head and part of the slots, o, gate/up(/L), then
- * down; GRIFFIN's gate/up, activation and down in one phase of neuron chunks, stage_q_ffn; runtime README
- * "Quantized engines".)
+ * down; GRIFFIN's gate/up, activation and down in one phase of neuron chunks, stage_q_ffn, and so a dense FFN with
+ * int8 activations in the r16 layout, stage_q_ffn_dense; runtime README "Quantized engines".)
  * The calling thread (the leader) publishes a phase; it and the pool's helper threads each take chunks from the
  * front of their own range of it (so that, at equal speed, each streams its own contiguous stretch of every
  * matrix, as a static split does) and, once that is empty, from the back of another's; a thread computes a chunk
