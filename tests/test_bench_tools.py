@@ -75,8 +75,9 @@ def test_caprese_onnxruntime_rows(bench, tiny_model_dir, tmp_path):
     table = bench.format_table(res)
     assert all(name in table for name in rows)
 
-    # one round trip per round, next to its bandwidth sample; one round is one placement
-    assert len(res["core_round_trip_ns_samples"]) == 1 and res["placements"] is None
+    # round trips before and after each round; one round is one placement
+    assert len(res["core_round_trip_ns_samples"]) == 1 and len(res["core_round_trip_ns_samples"][0]) == 2
+    assert res["placements"] is None
     assert "ratio_to_floor_by_placement" not in by["ort-dense"]
 
     # a second run reuses the cached engines (no export)
@@ -88,22 +89,24 @@ def test_caprese_onnxruntime_rows(bench, tiny_model_dir, tmp_path):
 
 def test_floor_ratios_by_placement(bench, tiny_model_dir, tmp_path, monkeypatch):
     """Rounds whose round trips fall into two groups get their floor ratios split by placement; the split matches
-    the per-round ratios and the table says it."""
-    trips = iter([60.0, 400.0, 65.0])
+    the per-round ratios and the table says it. A round whose round trips before and after it disagree is
+    "moved", not counted in either placement."""
+    trips = iter([60.0, 62.0, 400.0, 390.0, 65.0, 61.0, 58.0, 380.0])
     monkeypatch.setattr(bench, "measure_round_trip_ns", lambda: next(trips))
-    res = bench.run_bench(tiny_model_dir("llama"), ["ort-dense"], prompt_tokens=8, new_tokens=4, repeats=3,
+    res = bench.run_bench(tiny_model_dir("llama"), ["ort-dense"], prompt_tokens=8, new_tokens=4, repeats=4,
                           threads=1, out_dir=tmp_path / "cache", bandwidth_mb=8, settle_s=0.0, log=lambda m: None)
-    assert res["core_round_trip_ns_samples"] == [60.0, 400.0, 65.0]
-    assert res["placements"] == ["near", "far", "near"]
+    assert res["core_round_trip_ns_samples"] == [[60.0, 62.0], [400.0, 390.0], [65.0, 61.0], [58.0, 380.0]]
+    assert res["placements"] == ["near", "far", "near", "moved"]
     r = res["rows"][0]
     per = r["ratio_to_floor_per_round"]
     split = r["ratio_to_floor_by_placement"]
     assert split["far"] == {"rounds": 1, "median": per[1]}
+    assert split["moved"] == {"rounds": 1, "median": per[3]}
     assert split["near"]["rounds"] == 2
     assert split["near"]["median"] == pytest.approx((per[0] + per[2]) / 2, abs=1e-3)
     assert res["targets"]["ort-dense"]["ratio_to_floor_by_placement"] == split
     table = bench.format_table(res)
-    assert "core-to-core round trip per round [60.0, 400.0, 65.0] ns" in table
+    assert "core-to-core round trip before / after each round [[60.0, 62.0], [400.0, 390.0]" in table
     assert f"rounds with the threads far (1): median {per[1]:.3f}x" in table
 
 
@@ -112,6 +115,8 @@ def test_placements_need_two_groups(bench):
     assert bench.placements([55.0, 60.0, 100.0]) is None  # within 3x: one placement
     assert bench.placements([55.0, None, 340.0]) is None  # a round not measured
     assert bench.placements([]) is None
+    assert bench.placements([[55.0, 58.0], [340.0, 360.0], [60.0, 350.0]]) == ["near", "far", "moved"]
+    assert bench.placements([[55.0, None]]) is None
 
 
 needs_cc = pytest.mark.skipif(
@@ -265,7 +270,7 @@ def test_contended_bench_has_the_same_engine_targets(bench, tiny_model_dir, tmp_
     t = res["targets"]["native-dense (contended)"]
     assert t["max"] == 1.10 and t["met"] == (t["ratio_to_same_engine_ort"] <= 1.10)
     assert len(started) == 1 and not _running(started[0])
-    assert res["core_round_trip_ns_samples"] == [None]  # not measured next to the busy processes
+    assert res["core_round_trip_ns_samples"] == [[None, None]]  # not measured next to the busy processes
 
 
 def test_genai_row_skips_with_a_reason(bench, tiny_model_dir, tmp_path, monkeypatch):

@@ -54,9 +54,10 @@ Rows (--rows, comma-separated; default: all):
 Per row: ms per output token (decode only, median over repeats), tokens/s, bytes one decode step reads,
 achieved GB/s, ratio to the peer (GenAI dense ms/token) and ratio to the bandwidth floor (bytes per step / the
 read bandwidth this run measures with a streaming reduction, same thread count). Each round also measures the
-core-to-core round trip between the first two CPUs (tools/core_round_trip.c): where the rounds fall into two
-placements (the 2-vCPU EPYC VMs: both vCPUs on one CCD, ~35 GB/s, or on two, ~50 GB/s and 6x slower
-synchronisation), the floor ratios are also given per placement (information only).
+core-to-core round trip between the first two CPUs (tools/core_round_trip.c), before its rows and after its
+bandwidth sample: where the rounds fall into two placements (the 2-vCPU EPYC VMs: both vCPUs on one CCD, ~35
+GB/s, or on two, ~50 GB/s and 6x slower synchronisation), the floor ratios are also given per placement
+(information only); a round whose two round trips disagree is "moved" (the placement changed during it).
 
 Timing. Every row runs the same random prompt ids (seeded) and generates exactly --new-tokens tokens (EOS
 ignored, greedy). Decode only: onnxruntime rows report the Generator's RuntimeStats.ms_per_token (mean of the
@@ -301,13 +302,18 @@ def _round_trip_function():
     return f
 
 
-def placements(round_trips: list[float | None]) -> list[str] | None:
+def placements(round_trips: list) -> list[str] | None:
     """Each round's placement, "near" or "far", where the round trips fall into two groups (the largest at least
-    3x the smallest; split at their geometric mean); None where they do not (one placement, or not measured)."""
-    if not round_trips or any(t is None for t in round_trips) or max(round_trips) < 3 * min(round_trips):
+    3x the smallest; split at their geometric mean); None where they do not (one placement, or not measured). A
+    round may have several round trips (taken before and after it): "moved" where they fall into both groups (the
+    placement changed during the round, which a single sample would label at random)."""
+    per_round = [list(t) if isinstance(t, (list, tuple)) else [t] for t in round_trips]
+    flat = [t for ts in per_round for t in ts]
+    if not flat or any(t is None for t in flat) or max(flat) < 3 * min(flat):
         return None
-    cut = math.sqrt(min(round_trips) * max(round_trips))
-    return ["near" if t < cut else "far" for t in round_trips]
+    cut = math.sqrt(min(flat) * max(flat))
+    labels = [{"near" if t < cut else "far" for t in ts} for ts in per_round]
+    return [ls.pop() if len(ls) == 1 else "moved" for ls in labels]
 
 
 def decode_bytes_per_step(model, context_len: float) -> float:
@@ -767,10 +773,12 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
         + (f", {background_load} busy processes running" if background_load else ""))
     samples: dict[str, list[Sample]] = {r.name: [] for r in built}
     bandwidth: list[float] = []
-    round_trips: list[float | None] = []  # each round's core-to-core round trip, next to its bandwidth sample
+    round_trips: list[list[float | None]] = []  # each round's core-to-core round trips, before it and after it
     with BackgroundLoad(background_load, load_max_s) as load:
         for rnd in range(repeats + 1):  # round 0 is the warm-up
             k = (rnd - 1) % len(built) if rnd and built else 0  # rotated: each row takes every place in turn
+            # not next to the busy processes: they take the pinned threads' CPUs (time slices, not placement)
+            before = measure_round_trip_ns() if rnd and not background_load else None
             for row in built[k:] + built[:k]:
                 s = row.run(ids, new_tokens)
                 if rnd:
@@ -779,9 +787,8 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
                     row.notes["first_tokens"] = s.tokens[:16]
                 time.sleep(settle_s)  # let the previous runtime's spinning threads go idle
             if rnd:
-                # not next to the busy processes: they take the pinned threads' CPUs (time slices, not placement)
-                round_trips.append(None if background_load else measure_round_trip_ns())
                 bandwidth.append(measure_bandwidth_gbs(bandwidth_mb))
+                round_trips.append([before, None if background_load else measure_round_trip_ns()])
                 time.sleep(settle_s)
             if load.alive() != background_load:
                 raise RuntimeError(f"{background_load - load.alive()} of the {background_load} busy processes "
@@ -809,7 +816,8 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
         if placed:  # the per-round ratios by the threads' placement in that round (information only)
             results[-1]["ratio_to_floor_by_placement"] = {
                 where: {"rounds": len(xs), "median": _r(statistics.median(xs))}
-                for where in ("near", "far") if (xs := [x for x, p in zip(per_round, placed) if p == where])}
+                for where in ("near", "far", "moved")
+                if (xs := [x for x, p in zip(per_round, placed) if p == where])}
     by = {r["row"]: r for r in results}
     for r in results:  # native rows: the ratio to ONNX Runtime on the same engine, per round and overall
         ref = by.get(SAME_ENGINE.get(r["row"].split("@")[0], ""))
@@ -859,7 +867,7 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
            "density": density, "rank": rank, "cache_dir": str(root),
            "measured_bandwidth_gbs": _r(gbs, 2), "bandwidth_samples_gbs": [_r(x, 2) for x in bandwidth],
-           "core_round_trip_ns_samples": [None if t is None else _r(t, 1) for t in round_trips],
+           "core_round_trip_ns_samples": [[None if t is None else _r(t, 1) for t in ts] for ts in round_trips],
            "placements": placed,
            "peer": PEER if PEER in by else None, "rows": results, "skipped": skipped, "targets": targets}
     if "torch-dense" in by and "transformers" in by:
@@ -874,8 +882,8 @@ def format_table(res: dict) -> str:
              f"prompt {res['prompt_tokens']} tokens, {res['new_tokens']} new tokens, median of {res['repeats']} "
              f"interleaved repeats, {load or 'no'} busy process{'es' if load != 1 else ''} started by the bench; "
              f"read bandwidth {res['measured_bandwidth_gbs']} GB/s (median of {res['bandwidth_samples_gbs']})"
-             + (f"; core-to-core round trip per round {res['core_round_trip_ns_samples']} ns"
-                if any(t is not None for t in res.get("core_round_trip_ns_samples", [])) else "")]
+             + (f"; core-to-core round trip before / after each round {res['core_round_trip_ns_samples']} ns"
+                if any(t is not None for ts in res.get("core_round_trip_ns_samples", []) for t in ts) else "")]
     w = max([29] + [len(r["row"]) + 2 for r in res["rows"]] + [len(n) + 2 for n in res["skipped"]])
     head = (f"{'row':<{w}}{'what':<64}{'ms/token':>9}{'tok/s':>8}{'MB/step':>9}{'GB/s':>7}{'x peer':>8}"
             f"{'x ORT':>7}{'floor ms':>9}{'x floor':>8}")
