@@ -630,7 +630,7 @@ void caprese_q_finish_y(const QMat *w, const float *yp, float *y) { qg_finish_y(
 
 /* The cols floats of the up to 4 rows from row i (idx[k] or k, k < r1) requested: one core streams fp32 rows
  * faster when each 4 rows' successors are on their way (tools/bench_quant_gemv.py's f32 row, one thread: 12.5-13.8
- * GB/s with the hardware prefetchers alone, 17.4-19.0 with this; docs/performance.md). */
+ * GB/s with the hardware prefetchers alone, 16.8-19.0 with this; docs/performance.md). */
 static inline void f32_prefetch_rows(const float *w, int64_t ld, int64_t cols, const int64_t *idx, int64_t i,
                                      int64_t r1) {
     for (int64_t k = i; k < i + 4 && k < r1; k++) {
