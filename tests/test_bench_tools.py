@@ -111,9 +111,9 @@ def test_floor_ratios_by_placement(bench, tiny_model_dir, tmp_path, monkeypatch)
 
 
 def test_placements_need_two_groups(bench):
-    assert bench.placements([55.0, 60.0, 340.0, 58.0]) == ["near", "near", "far", "near"]
-    assert bench.placements([55.0, 60.0, 100.0]) is None  # within 3x: one placement
-    assert bench.placements([55.0, None, 340.0]) is None  # a round not measured
+    assert bench.placements([[55.0], [60.0], [340.0], [58.0]]) == ["near", "near", "far", "near"]
+    assert bench.placements([[55.0], [60.0], [100.0]]) is None  # within 3x: one placement
+    assert bench.placements([[55.0], [None], [340.0]]) is None  # a round not measured
     assert bench.placements([]) is None
     assert bench.placements([[55.0, 58.0], [340.0, 360.0], [60.0, 350.0]]) == ["near", "far", "moved"]
     assert bench.placements([[55.0, None]]) is None

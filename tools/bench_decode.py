@@ -302,17 +302,16 @@ def _round_trip_function():
     return f
 
 
-def placements(round_trips: list) -> list[str] | None:
-    """Each round's placement, "near" or "far", where the round trips fall into two groups (the largest at least
-    3x the smallest; split at their geometric mean); None where they do not (one placement, or not measured). A
-    round may have several round trips (taken before and after it): "moved" where they fall into both groups (the
+def placements(round_trips: list[list[float | None]]) -> list[str] | None:
+    """Each round's placement from its round trips (taken before and after it), "near" or "far", where all the
+    round trips fall into two groups (the largest at least 3x the smallest; split at their geometric mean); None
+    where they do not (one placement, or not measured). "moved" where a round's fall into both groups (the
     placement changed during the round, which a single sample would label at random)."""
-    per_round = [list(t) if isinstance(t, (list, tuple)) else [t] for t in round_trips]
-    flat = [t for ts in per_round for t in ts]
+    flat = [t for ts in round_trips for t in ts]
     if not flat or any(t is None for t in flat) or max(flat) < 3 * min(flat):
         return None
     cut = math.sqrt(min(flat) * max(flat))
-    labels = [{"near" if t < cut else "far" for t in ts} for ts in per_round]
+    labels = [{"near" if t < cut else "far" for t in ts} for ts in round_trips]
     return [ls.pop() if len(ls) == 1 else "moved" for ls in labels]
 
 

@@ -45,7 +45,8 @@ _ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 HEADS = ("auto", "screened", "full")
 # decode_step.c's phase kinds (PH_*), then its quantized products by job (J_*): the rows of kernel_profile()
 PROFILE_LABELS = ("qkv", "attention+o", "gate_up", "down", "head_full", "head_screen", "head_pick", "-",
-                  "q_attention", "q_down_rows", "q_ffn_rows", "q_ffn_dense", "q_qkv", "q_o", "q_gate_up", "q_down", "q_head")
+                  "q_attention", "q_down_rows", "q_ffn_rows", "q_ffn_dense", "q_qkv", "q_o", "q_gate_up", "q_down",
+                  "q_head")
 
 
 def native_unsupported(manifest) -> str | None:

@@ -969,6 +969,21 @@ static void stage_q_down(const Ctx *c, const Phase *ph, int64_t i, float *out, f
     memcpy(out + D, &unread, sizeof unread);
 }
 
+/* z[0 .. j1 - j0) = act(gate) * up of neurons [j0, j1) of a quantized FFN on h (their gate and up rows, + bias); u:
+ * scratch of as many floats. A chunk of an FFN phase (stage_q_ffn, stage_q_ffn_dense) needs nothing else of the
+ * other chunks for it. */
+static void gated_neurons(const Ctx *c, const Layer *L, int64_t j0, int64_t j1, float *z, float *u) {
+    const int64_t F = L->n_ff;
+    q_dot(c, &L->q_gate, c->h, NULL, j0, j1, z - j0);
+    q_dot(c, &L->q_up, c->h, NULL, j0, j1, u - j0);
+    if (L->gu_bias)
+        for (int64_t j = j0; j < j1; j++) {
+            z[j - j0] += L->gu_bias[j];
+            u[j - j0] += L->gu_bias[F + j];
+        }
+    gated(c->m->activation, z, u, NULL, z, j1 - j0);
+}
+
 /* A GRIFFIN layer's FFN as ONE phase: its gate / up are whole rows per neuron, so a chunk of neurons needs nothing
  * from the others (one barrier and the leader's activation pass fewer per layer than gate/up, then down). Chunk i
  * = neurons [j0, j1) of k + rank (q_ffn_phase): kept neurons: their gate and up rows, z = act(gate) * up, then
@@ -988,14 +1003,7 @@ static void stage_q_ffn(const Ctx *c, const Phase *ph, int64_t i, float *out, fl
         memset(out, 0, sizeof(float) * D);
     }
     if (a1 > j0) {
-        q_dot(c, &L->q_gate, c->h, NULL, j0, a1, z - j0);
-        q_dot(c, &L->q_up, c->h, NULL, j0, a1, u - j0);
-        if (L->gu_bias)
-            for (int64_t j = j0; j < a1; j++) {
-                z[j - j0] += L->gu_bias[j];
-                u[j - j0] += L->gu_bias[F + j];
-            }
-        gated(m->activation, z, u, NULL, z, a1 - j0);
+        gated_neurons(c, L, j0, a1, z, u);
         /* fp32 reads coefficients ahead of the chunk: the next chunk's are not computed here */
         griffin_down(c, L, z - j0, j0, a1, m->int8_act ? F : a1, out);
     }
@@ -1015,8 +1023,7 @@ static void stage_q_ffn(const Ctx *c, const Phase *ph, int64_t i, float *out, fl
 static int q_ffn_dense_fits(const Ctx *c, const Layer *L) {
     const QMat *d = &L->q_down;
     return c->fused_ffn && c->m->int8_act && !L->down_rows && !L->cats_tau && L->rank == 0 &&
-           d->layout == QG_R16 && caprese_qx_fits(d) && L->n_ff % qx_block(d) == 0 &&
-           c->threads <= (L->n_ff + FFN_NEURONS - 1) / FFN_NEURONS;
+           d->layout == QG_R16 && caprese_qx_fits(d) && c->threads <= (L->n_ff + FFN_NEURONS - 1) / FFN_NEURONS;
 }
 
 /* A dense quantized FFN as ONE phase (q_ffn_dense_fits): chunk i = neurons [j0, j1) (FFN_NEURONS): their gate and up
@@ -1024,24 +1031,15 @@ static int q_ffn_dense_fits(const Ctx *c, const Layer *L) {
  * down's columns [j0, j1): a partial sum over the hidden outputs. One phase and no serial activation pass a layer
  * fewer than gate/up, the leader's activation, then down. */
 static void stage_q_ffn_dense(const Ctx *c, const Phase *ph, int64_t i, float *out, float *tmp) {
-    const Model *m = c->m;
-    const Layer *L = m->layers + ph->layer;
-    const int64_t F = L->n_ff;
+    const Layer *L = c->m->layers + ph->layer;
     int64_t j0, j1;
     chunk_span(ph, i, &j0, &j1);
     const int64_t n = j1 - j0;
     float *z = tmp, *u = tmp + n, *xqb = u + n;
-    q_dot(c, &L->q_gate, c->h, NULL, j0, j1, z - j0);
-    q_dot(c, &L->q_up, c->h, NULL, j0, j1, u - j0);
-    if (L->gu_bias)
-        for (int64_t j = 0; j < n; j++) {
-            z[j] += L->gu_bias[j0 + j];
-            u[j] += L->gu_bias[F + j0 + j];
-        }
-    gated(m->activation, z, u, NULL, z, n);
+    gated_neurons(c, L, j0, j1, z, u);
     QgX xq;
     qx_quantize_n(qx_block(&L->q_down), z, n, xqb, &xq);
-    caprese_q_rows_dot_qx_cols(&L->q_down, &xq, j0, j1, 0, m->hidden, out);
+    caprese_q_rows_dot_qx_cols(&L->q_down, &xq, j0, j1, 0, c->m->hidden, out);
 }
 
 /* C: rows [r0, r1) of the gate/up(/L) product: a partial sum over [gu1 cols | gu2 cols]. */
