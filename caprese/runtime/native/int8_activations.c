@@ -664,24 +664,26 @@ static inline __attribute__((always_inline)) void qa_quantize(const QMat *w, con
                                                _mm512_set1_ps(levels), m);
         _mm512_storeu_ps(sa + b, _mm512_div_ps(m, _mm512_set1_ps(levels)));
         __m512i sum = _mm512_setzero_si512();
-        for (int s = 0; s < nsub; s++) {
-            __m128i q8[4], l8[4];
+        for (int s = 0; s < nsub; s++) { /* row 4s + k's byte into byte k of each block's lane: shifts and masks */
+            __m512i q4 = _mm512_setzero_si512(), l4 = q4;
             for (int k = 0; k < 4; k++) {
                 const int r = 4 * s + k;
                 /* the default rounding mode: to nearest, half to even, as nearbyintf */
                 const __m512i q = r < nr ? _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(a[r] + b), inv))
                                          : _mm512_setzero_si512();
                 sum = _mm512_add_epi32(sum, q);
+                const __m512i byte_k = _mm512_set1_epi32((int)(0xffu << (8 * k)));
                 if (wide) { /* q = 256 hi + lo, lo in [-128, 127] */
                     const __m512i hi = _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(128)), 8);
-                    q8[k] = _mm512_cvtepi32_epi8(hi);
-                    l8[k] = _mm512_cvtepi32_epi8(_mm512_sub_epi32(q, _mm512_slli_epi32(hi, 8)));
+                    const __m512i lo = _mm512_sub_epi32(q, _mm512_slli_epi32(hi, 8));
+                    q4 = _mm512_ternarylogic_epi32(_mm512_slli_epi32(hi, 8 * k), byte_k, q4, 0xEA); /* (A & B) | C */
+                    l4 = _mm512_ternarylogic_epi32(_mm512_slli_epi32(lo, 8 * k), byte_k, l4, 0xEA);
                 } else {
-                    q8[k] = _mm512_cvtepi32_epi8(q);
+                    q4 = _mm512_ternarylogic_epi32(_mm512_slli_epi32(q, 8 * k), byte_k, q4, 0xEA);
                 }
             }
-            qa_store_quads(alpha32 + s * QA_BP + b, q8);
-            if (wide) qa_store_quads(alo32 + s * QA_BP + b, l8);
+            _mm512_mask_storeu_epi32(alpha32 + s * QA_BP + b, mask, q4);
+            if (wide) _mm512_mask_storeu_epi32(alo32 + s * QA_BP + b, mask, l4);
         }
         _mm512_storeu_si512(nc + b, _mm512_mullo_epi32(sum, _mm512_set1_epi32(-8)));
     }
