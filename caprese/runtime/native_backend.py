@@ -280,10 +280,9 @@ class NativeBackend(Backend):
             L.rank = l_.shape[1]
             L.gu2, L.down = self._mat(l_), self._mat(r_)
             L.bypass_f16 = int(l_.dtype == np.float16)  # --fp16-bypass (the arena keeps weights.bin's dtype)
-            if not L.bypass_f16:  # L's columns as rows: a chunk of x L's outputs reads contiguous bytes
-                l_t = copy_huge(l_.T)
-                self._extra.append(l_t)
-                L.l_t = address(l_t)
+            l_t = copy_huge(l_.T)  # L's columns as rows (its dtype): a chunk of x L's outputs reads contiguous bytes
+            self._extra.append(l_t)
+            L.l_t = address(l_t)
             if not L.down_rows:  # R's rows are added beside the quantized down rows (rows-axpy) only
                 raise CapreseError(f"layer {i}: a bypass beside a down projection stored {t.down.storage}; the native "
                                    "kernel reads it with down stored [F, D]: use --backend onnxruntime")

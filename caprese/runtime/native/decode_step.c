@@ -98,8 +98,9 @@ typedef struct {
     int64_t bypass_f16;      /* q_ffn: the bypass L (gu2) and R (down) hold fp16 values (--fp16-bypass) */
     const uint8_t *down_quads; /* GRIFFIN on int8 activations, AVX-512: q_down's codes repacked per prompt
                                 * (caprese_qa_pack_quads), read instead of q_down.codes; or NULL */
-    const float *l_t;        /* q_ffn, fp32 bypass: L transposed [rank, hidden] (a copy made at load), read instead
-                              * of gu2: a chunk of L's outputs is then contiguous rows, not 64 bytes of each row */
+    const void *l_t;         /* q_ffn with a bypass: L transposed [rank, hidden] in its dtype (fp32, or fp16 under
+                              * bypass_f16; a copy made at load), read instead of gu2: a chunk of L's outputs is
+                              * then contiguous rows, not a few bytes of each row */
 } Layer;
 
 typedef struct {
@@ -216,8 +217,8 @@ static void gated(int64_t kind, const float *gate, const float *up, const float 
     }
 }
 
-/* yt[0:w) += a[0] p[0] + .. + a[3] p[3] (nr = 4; the terms in this order) or a[0] p[0] (nr = 1): the row loops of
- * gemv_rows and gemv_rows_f16. */
+/* yt[0:w) += a[0] p[0] + .. + a[3] p[3] (nr = 4; the terms in this order) or a[0] p[0] (nr = 1): the row loop of
+ * gemv_rows. */
 static inline __attribute__((always_inline)) void add_rows(float *restrict yt, int64_t w, const float *a,
                                                            const float *const *p, const int nr) {
     if (nr == 4) {
@@ -233,28 +234,31 @@ static inline __attribute__((always_inline)) void add_rows(float *restrict yt, i
     }
 }
 
-/* y[0:cols) = sum over rows r in [i0, i1) of x[r] * W[r, c0 + (0:cols)] for a bypass matrix of a quantized FFN
- * (L [hidden, rank], R [rank, hidden]) stored fp16 (--fp16-bypass): each row's halves converted (vcvtph2ps where
- * the build has it) into a float tile, four rows at a time. */
-#define HTILE 512
-static void gemv_rows_f16(const float *restrict x, const Mat *a, int64_t c0, int64_t cols, int64_t i0, int64_t i1,
-                          float *restrict y) {
-    const uint16_t *W = (const uint16_t *)(const void *)a->w + c0;
-    float t[4][HTILE];
-    const float *const tp[4] = {t[0], t[1], t[2], t[3]};
-    for (int64_t t0 = 0; t0 < cols; t0 += HTILE) {
-        const int64_t w = (t0 + HTILE < cols ? t0 + HTILE : cols) - t0;
-        float *restrict yt = y + t0;
-        for (int64_t j = 0; j < w; j++) yt[j] = 0.0f;
-        int64_t i = i0;
-        for (; i + 4 <= i1; i += 4) {
-            for (int k = 0; k < 4; k++) qg_halves(W + (i + k) * a->ld + t0, w, t[k]);
-            add_rows(yt, w, x + i, tp, 4);
-        }
-        for (; i < i1; i++) {
-            qg_halves(W + i * a->ld + t0, w, t[0]);
-            add_rows(yt, w, x + i, tp, 1);
-        }
+/* y[0:n) = sum over rows r in [i0, i1) of x[r] * W[r, 0:n) (n = a->cols) for a quantized FFN's bypass R [rank,
+ * hidden] stored fp16 (--fp16-bypass), rows in order, the next four requested while four are added: each 16
+ * (AVX-512) or 8 (F16C) halves converted in registers and added into y (in L1); other builds convert a row first. */
+static void gemv_rows_f16(const float *restrict x, const Mat *a, int64_t i0, int64_t i1, float *restrict y) {
+    const uint16_t *W = (const uint16_t *)(const void *)a->w;
+    const int64_t n = a->cols, ld = a->ld;
+    for (int64_t j = 0; j < n; j++) y[j] = 0.0f;
+    for (int64_t i = i0; i < i1; i++) {
+        if ((i - i0) % 4 == 0) /* the rows after the next four, under way meanwhile */
+            for (int64_t r = i + 4; r < i + 8 && r < i1; r++)
+                for (int64_t k = 0; k < n * 2; k += 64) __builtin_prefetch((const uint8_t *)(W + r * ld) + k, 0, 2);
+        const uint16_t *wr = W + i * ld;
+        int64_t j = 0;
+#if defined(__AVX512F__)
+        const __m512 xv = _mm512_set1_ps(x[i]);
+        for (; j + 16 <= n; j += 16)
+            _mm512_storeu_ps(y + j, _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wr + j))), xv,
+                                                    _mm512_loadu_ps(y + j)));
+#elif defined(__F16C__) && defined(__FMA__)
+        const __m256 xv = _mm256_set1_ps(x[i]);
+        for (; j + 8 <= n; j += 8)
+            _mm256_storeu_ps(y + j, _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wr + j))), xv,
+                                                    _mm256_loadu_ps(y + j)));
+#endif
+        for (; j < n; j++) y[j] += x[i] * qg_half(wr[j]);
     }
 }
 
@@ -861,23 +865,51 @@ static void q_dot(const Ctx *c, const QMat *w, const float *x, const int64_t *id
         caprese_q_rows_dot(w, x, idx, r0, r1, y);
 }
 
-/* y[0 .. k1 - k0) = outputs [k0, k1) of a quantized FFN's bypass x L (L fp32 transposed, fp16, or fp32 columns). */
-static void bypass_l(const Ctx *c, const Layer *L, int64_t k0, int64_t k1, float *y) {
-    const int64_t D = c->m->hidden;
-    if (L->l_t) {
-        caprese_f32_rows_dot(L->l_t, D, D, c->h, NULL, k0, k1, y - k0);
-    } else if (L->bypass_f16) {
-        gemv_rows_f16(c->h, &L->gu2, k0, k1 - k0, 0, D, y);
-    } else {
-        const Mat cols = {L->gu2.w + k0, L->gu2.ld, k1 - k0};
-        gemv_rows(c->h, &cols, NULL, 0, D, y);
+/* y[i] = w[i] . x for i in [r0, r1), w [rows, cols] fp16 row-major, four rows at a time, the next four requested
+ * meanwhile (as caprese_f32_rows_dot): each 16 (AVX-512) or 8 (F16C) halves converted and multiplied in
+ * registers; other builds convert a row's tile first. */
+static void f16_rows_dot(const uint16_t *w, int64_t cols, const float *restrict x, int64_t r0, int64_t r1,
+                         float *y) {
+    for (int64_t k = 0; k < cols * 2 && r0 < r1; k += 64) __builtin_prefetch((const uint8_t *)(w + r0 * cols) + k, 0, 2);
+    for (int64_t i = r0; i < r1; i += 4) {
+        const int nr = r1 - i < 4 ? (int)(r1 - i) : 4;
+        for (int64_t k = 0; k < (r1 - i - nr < 4 ? r1 - i - nr : 4) * cols * 2; k += 64)
+            __builtin_prefetch((const uint8_t *)(w + (i + nr) * cols) + k, 0, 2);
+        for (int r = 0; r < nr; r++) {
+            const uint16_t *wr = w + (i + r) * cols;
+            float d = 0.0f;
+            int64_t j = 0;
+#if defined(__AVX512F__)
+            __m512 a = _mm512_setzero_ps();
+            for (; j + 16 <= cols; j += 16)
+                a = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wr + j))),
+                                    _mm512_loadu_ps(x + j), a);
+            d = _mm512_reduce_add_ps(a);
+#elif defined(__F16C__) && defined(__FMA__)
+            __m256 a = _mm256_setzero_ps();
+            for (; j + 8 <= cols; j += 8)
+                a = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wr + j))), _mm256_loadu_ps(x + j), a);
+            float l[8];
+            _mm256_storeu_ps(l, a);
+            for (int k = 0; k < 8; k++) d += l[k];
+#endif
+            for (; j < cols; j++) d += qg_half(wr[j]) * x[j];
+            y[i + r] = d;
+        }
     }
 }
 
+/* y[0 .. k1 - k0) = outputs [k0, k1) of a quantized FFN's bypass x L: rows of L transposed (fp32, or fp16). */
+static void bypass_l(const Ctx *c, const Layer *L, int64_t k0, int64_t k1, float *y) {
+    const int64_t D = c->m->hidden;
+    if (L->bypass_f16) f16_rows_dot(L->l_t, D, c->h, k0, k1, y - k0);
+    else caprese_f32_rows_dot(L->l_t, D, D, c->h, NULL, k0, k1, y - k0);
+}
+
 /* out[0 .. hidden) = sum over bypass rows r in [r0, r1) of zb[r] * R[r] (R fp32 or fp16): overwrites out. */
-static void bypass_r(const Ctx *c, const Layer *L, const float *zb, int64_t r0, int64_t r1, float *out) {
+static void bypass_r(const Layer *L, const float *zb, int64_t r0, int64_t r1, float *out) {
     if (L->bypass_f16)
-        gemv_rows_f16(zb, &L->down, 0, c->m->hidden, r0, r1, out);
+        gemv_rows_f16(zb, &L->down, r0, r1, out);
     else
         gemv_rows(zb, &L->down, NULL, r0, r1, out);
 }
@@ -945,7 +977,7 @@ static void stage_q_down(const Ctx *c, const Phase *ph, int64_t i, float *out, f
     const float *z = c->z;
     int64_t unread = 0;
     if (j1 > b0) /* the bypass rows of R: overwrites out */
-        bypass_r(c, L, z + F, b0 - F, j1 - F, out);
+        bypass_r(L, z + F, b0 - F, j1 - F, out);
     else
         memset(out, 0, sizeof(float) * D);
     if (a1 > j0) {
@@ -998,7 +1030,7 @@ static void stage_q_ffn(const Ctx *c, const Phase *ph, int64_t i, float *out, fl
     float *z = tmp, *u = tmp + (j1 - j0); /* z[j - j0] for the chunk's neurons */
     if (j1 > b0) { /* bypass neurons b0 - F .. j1 - F: x L, then their R rows (overwrites out) */
         bypass_l(c, L, b0 - F, j1 - F, z + (b0 - j0));
-        bypass_r(c, L, z + (b0 - j0) - (b0 - F), b0 - F, j1 - F, out);
+        bypass_r(L, z + (b0 - j0) - (b0 - F), b0 - F, j1 - F, out);
     } else {
         memset(out, 0, sizeof(float) * D);
     }
