@@ -677,14 +677,16 @@ static inline float dot_row(const float *q, const float *k, int64_t hd) {
 
 /* sc[t * ATT_BLOCK + s] = score of query t (of nk, q[t * hd ..]) against key row s < n of K (scaled, soft-capped);
  * their maxima into mx[t]. AVX-512: 16 rows at a time per query (dot16); AVX2: 2 x 8 (dot8); else, and the last
- * n % 16, one by one. */
+ * n % 16, one by one. pk (or NULL): npk key rows requested along, one per row scored (attend_group). */
 static void score_rows(const Layer *L, const float *q, const float *K, int64_t hd, int64_t n, int nk, float *sc,
-                       float *mx) {
+                       float *mx, const float *pk, int64_t npk) {
     for (int t = 0; t < nk; t++) {
         const float *qt = q + t * hd;
         float *st = sc + t * ATT_BLOCK;
         int64_t s = 0;
         for (; s + 16 <= n; s += 16) {
+            if (pk && t == 0 && s < npk)
+                for (int64_t j = s * hd; j < (s + 16 < npk ? s + 16 : npk) * hd; j += 16) __builtin_prefetch(pk + j, 0, 2);
 #if VW == 16
             *(vfwu *)(st + s) = dot16(qt, K + s * hd, hd);
 #elif VW == 8
@@ -694,6 +696,8 @@ static void score_rows(const Layer *L, const float *q, const float *K, int64_t h
             for (int64_t r = s; r < s + 16; r++) st[r] = dot_row(qt, K + r * hd, hd);
 #endif
         }
+        if (pk && t == 0 && s < npk)
+            for (int64_t j = s * hd; j < npk * hd; j += 16) __builtin_prefetch(pk + j, 0, 2);
         for (; s < n; s++) st[s] = dot_row(qt, K + s * hd, hd);
         const float scale = L->scale, cap = L->softcap;
         if (cap > 0.0f) {
@@ -710,18 +714,23 @@ static void score_rows(const Layer *L, const float *q, const float *K, int64_t h
 }
 
 /* o_k[0:hd] += sum over rows s < n of p_k[s] * V[s] for nk <= 4 queries (p_k = p + k * ATT_BLOCK, o_k = o + k *
- * ostride): 2 VW columns at a time, the 2 nk sums kept in registers across the rows (independent chains). */
+ * ostride): 2 VW columns at a time, the 2 nk sums kept in registers across the rows (independent chains). pv (or
+ * NULL): npv value rows requested along, one per row added (attend_group). */
 static inline __attribute__((always_inline)) void add_values(const float *p, const float *V, int64_t hd, int64_t n,
-                                                             int nk, float *o, int64_t ostride) {
+                                                             int nk, float *o, int64_t ostride, const float *pv,
+                                                             int64_t npv) {
     const float *p0 = p, *p1 = p + ATT_BLOCK, *p2 = p + 2 * ATT_BLOCK, *p3 = p + 3 * ATT_BLOCK;
     int64_t j = 0;
     for (; j + 2 * VW <= hd; j += 2 * VW) {
+        const int64_t npf = j == 0 && pv ? npv : 0; /* the next chunk's value rows, one per row added */
         float *o0 = o + j, *o1 = o0 + ostride, *o2 = o1 + ostride, *o3 = o2 + ostride;
         vfw a0 = *(vfwu *)o0, b0 = *(vfwu *)(o0 + VW), a1 = {0}, b1 = {0}, a2 = {0}, b2 = {0}, a3 = {0}, b3 = {0};
         if (nk > 1) a1 = *(vfwu *)o1, b1 = *(vfwu *)(o1 + VW);
         if (nk > 2) a2 = *(vfwu *)o2, b2 = *(vfwu *)(o2 + VW);
         if (nk > 3) a3 = *(vfwu *)o3, b3 = *(vfwu *)(o3 + VW);
         for (int64_t s = 0; s < n; s++) {
+            if (s < npf)
+                for (int64_t k = 0; k < hd; k += 16) __builtin_prefetch(pv + s * hd + k, 0, 2);
             const vfw v = *(const vfwu *)(V + s * hd + j), w = *(const vfwu *)(V + s * hd + j + VW);
             a0 += p0[s] * v, b0 += p0[s] * w;
             if (nk > 1) a1 += p1[s] * v, b1 += p1[s] * w;
@@ -754,9 +763,14 @@ static void prefetch_kv_rows(const Model *m, const Layer *L, int64_t kvh, int64_
 /* Query heads h0 .. h0 + g - 1 of layer L at `slot`, all of one KV head: their q (raw: the QKV product's outputs of
  * those heads, bias added) normed and rotated into q[g * hd]; attention over slots [s0, s1) of their KV head (scores
  * a block at a time into sc[g * ATT_BLOCK], merged by their running max and sum), left unnormalized: head k's
- * o + k * ostride gets [sum_s e^(score_s - m) v_s (hd floats), m, sum_s e^(score_s - m)]. raw may alias sc. */
+ * o + k * ostride gets [sum_s e^(score_s - m) v_s (hd floats), m, sum_s e^(score_s - m)]. raw may alias sc.
+ * nkvh >= 0: slots [ns0, ns1) of KV head nkvh (the next chunk) are requested a row at a time as this chunk's rows
+ * are read (a key row per key scored, a value row per value added): their memory time overlaps this chunk's
+ * arithmetic, where one burst of requests first stalled the core until most of them had come back (docs/
+ * performance.md: the attention phase 0.91x on two threads, 0.80x at 1,024 tokens). */
 static void attend_group(const Ctx *c, const Layer *L, int64_t slot, int64_t h0, int64_t g, int64_t s0, int64_t s1,
-                         const float *raw, float *q, float *sc, float *o, int64_t ostride) {
+                         const float *raw, float *q, float *sc, float *o, int64_t ostride, int64_t nkvh, int64_t ns0,
+                         int64_t ns1) {
     const Model *m = c->m;
     const int64_t hd = m->head_dim, half = hd / 2, kvh = h0 / (m->num_heads / m->num_kv_heads);
     for (int64_t k = 0; k < g; k++) {
@@ -773,11 +787,16 @@ static void attend_group(const Ctx *c, const Layer *L, int64_t slot, int64_t h0,
     prefetch_kv_rows(m, L, kvh, s0, s1);
     for (int64_t b0 = s0; b0 < s1; b0 += ATT_BLOCK) {
         const int64_t n = b0 + ATT_BLOCK <= s1 ? ATT_BLOCK : s1 - b0;
+        /* the next chunk's rows, requested as this block's are read (the same count, from its matching slot) */
+        const int64_t nb0 = ns0 + (b0 - s0), np = nkvh < 0 || nb0 >= ns1 ? 0 : (ns1 - nb0 < n ? ns1 - nb0 : n);
+        const float *pk = np ? L->k_cache + (nkvh * m->capacity + nb0) * hd : NULL;
+        const float *pv = np ? L->v_cache + (nkvh * m->capacity + nb0) * hd : NULL;
+        int64_t npk = np, npv = np;
         for (int64_t k0 = 0; k0 < g; k0 += 4) {
             const int nk = g - k0 < 4 ? (int)(g - k0) : 4;
             float bm[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
             float *sk = sc + k0 * ATT_BLOCK, *qk = q + k0 * hd, *ok = o + k0 * ostride;
-            score_rows(L, qk, K + b0 * hd, hd, n, nk, sk, bm);
+            score_rows(L, qk, K + b0 * hd, hd, n, nk, sk, bm, pk, npk);
             for (int t = 0; t < nk; t++) { /* e^(score - new max); the sums so far rescaled to the new max */
                 float *ot = ok + t * ostride, *st = sk + t * ATT_BLOCK;
                 const float mx = ot[hd], nm = bm[t] > mx ? bm[t] : mx, corr = mx == -INFINITY ? 0.0f : expf(mx - nm);
@@ -793,13 +812,15 @@ static void attend_group(const Ctx *c, const Layer *L, int64_t slot, int64_t h0,
                     for (int64_t j = 0; j < hd; j++) ot[j] *= corr;
             }
             switch (nk) {
-            case 1: add_values(sk, V + b0 * hd, hd, n, 1, ok, ostride); break;
-            case 2: add_values(sk, V + b0 * hd, hd, n, 2, ok, ostride); break;
-            case 3: add_values(sk, V + b0 * hd, hd, n, 3, ok, ostride); break;
-            default: add_values(sk, V + b0 * hd, hd, n, 4, ok, ostride); break;
+            case 1: add_values(sk, V + b0 * hd, hd, n, 1, ok, ostride, pv, npv); break;
+            case 2: add_values(sk, V + b0 * hd, hd, n, 2, ok, ostride, pv, npv); break;
+            case 3: add_values(sk, V + b0 * hd, hd, n, 3, ok, ostride, pv, npv); break;
+            default: add_values(sk, V + b0 * hd, hd, n, 4, ok, ostride, pv, npv); break;
             }
+            pk = pv = NULL; /* once per block */
         }
     }
+    if (nkvh >= 0 && ns1 - ns0 > s1 - s0) prefetch_kv_rows(m, L, nkvh, ns0 + (s1 - s0), ns1);
 }
 
 /* The first slot query heads attend at `slot` (Gemma 2's sliding window starts later). */
@@ -815,7 +836,7 @@ static void stage_attention(const Ctx *c, const Phase *ph, int64_t i, float *out
     const int64_t hd = m->head_dim;
     float *q = tmp, *o = q + hd, *sc = o + hd + 2;
     sum_parts(c, ph->p ^ 1, ph->prev_n, ph->prev_stride, i * hd, hd, L->qkv_bias ? L->qkv_bias + i * hd : NULL, sc);
-    attend_group(c, L, ph->slot, i, 1, first_slot(L, ph->slot), ph->slot + 1, sc, q, sc, o, hd + 2);
+    attend_group(c, L, ph->slot, i, 1, first_slot(L, ph->slot), ph->slot + 1, sc, q, sc, o, hd + 2, -1, 0, 0);
     const float inv = 1.0f / o[hd + 1];
     for (int64_t j = 0; j < hd; j++) o[j] *= inv;
     const Mat rows = {L->o.w + i * hd * L->o.ld, L->o.ld, L->o.cols}; /* this head's rows of o */
@@ -831,19 +852,20 @@ static void att_part(int64_t i, int64_t S, int64_t lo, int64_t len, int64_t *s0,
 /* B, quantized o: chunk i = KV head i / S, slots part i % S of S (ph->n = KV heads x S): the unnormalized
  * attention of that KV head's query heads over the part (attend_group), for reduce_attention to merge; the o
  * projection is a phase of its own (a quantized row spans every head's inputs). The next chunk's rows are
- * requested first: with threads of equal speed it is this thread's next. */
+ * requested as this one's are read: with threads of equal speed it is this thread's next. */
 static void stage_q_attention(const Ctx *c, const Phase *ph, int64_t i, float *out, float *tmp) {
     const Model *m = c->m;
     const Layer *L = m->layers + ph->layer;
     const int64_t hd = m->head_dim, g = m->num_heads / m->num_kv_heads, S = ph->n / m->num_kv_heads;
     const int64_t kvh = i / S, lo = first_slot(L, ph->slot), len = ph->slot + 1 - lo;
-    int64_t s0, s1;
+    int64_t s0, s1, ns0 = 0, ns1 = 0, nkvh = -1;
     if (i + 1 < ph->n) {
-        att_part(i + 1, S, lo, len, &s0, &s1);
-        prefetch_kv_rows(m, L, (i + 1) / S, s0, s1);
+        att_part(i + 1, S, lo, len, &ns0, &ns1);
+        nkvh = (i + 1) / S;
     }
     att_part(i, S, lo, len, &s0, &s1);
-    attend_group(c, L, ph->slot, kvh * g, g, s0, s1, c->qkv + kvh * g * hd, tmp, tmp + g * hd, out, hd + 2);
+    attend_group(c, L, ph->slot, kvh * g, g, s0, s1, c->qkv + kvh * g * hd, tmp, tmp + g * hd, out, hd + 2, nkvh, ns0,
+                 ns1);
 }
 
 /* Leader, before a phase of quantized products of w-shaped matrices over x: on an int8-activation engine, x
