@@ -791,12 +791,11 @@ static void attend_group(const Ctx *c, const Layer *L, int64_t slot, int64_t h0,
         const int64_t nb0 = ns0 + (b0 - s0), np = nkvh < 0 || nb0 >= ns1 ? 0 : (ns1 - nb0 < n ? ns1 - nb0 : n);
         const float *pk = np ? L->k_cache + (nkvh * m->capacity + nb0) * hd : NULL;
         const float *pv = np ? L->v_cache + (nkvh * m->capacity + nb0) * hd : NULL;
-        int64_t npk = np, npv = np;
         for (int64_t k0 = 0; k0 < g; k0 += 4) {
             const int nk = g - k0 < 4 ? (int)(g - k0) : 4;
             float bm[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
             float *sk = sc + k0 * ATT_BLOCK, *qk = q + k0 * hd, *ok = o + k0 * ostride;
-            score_rows(L, qk, K + b0 * hd, hd, n, nk, sk, bm, pk, npk);
+            score_rows(L, qk, K + b0 * hd, hd, n, nk, sk, bm, pk, np);
             for (int t = 0; t < nk; t++) { /* e^(score - new max); the sums so far rescaled to the new max */
                 float *ot = ok + t * ostride, *st = sk + t * ATT_BLOCK;
                 const float mx = ot[hd], nm = bm[t] > mx ? bm[t] : mx, corr = mx == -INFINITY ? 0.0f : expf(mx - nm);
@@ -812,10 +811,10 @@ static void attend_group(const Ctx *c, const Layer *L, int64_t slot, int64_t h0,
                     for (int64_t j = 0; j < hd; j++) ot[j] *= corr;
             }
             switch (nk) {
-            case 1: add_values(sk, V + b0 * hd, hd, n, 1, ok, ostride, pv, npv); break;
-            case 2: add_values(sk, V + b0 * hd, hd, n, 2, ok, ostride, pv, npv); break;
-            case 3: add_values(sk, V + b0 * hd, hd, n, 3, ok, ostride, pv, npv); break;
-            default: add_values(sk, V + b0 * hd, hd, n, 4, ok, ostride, pv, npv); break;
+            case 1: add_values(sk, V + b0 * hd, hd, n, 1, ok, ostride, pv, np); break;
+            case 2: add_values(sk, V + b0 * hd, hd, n, 2, ok, ostride, pv, np); break;
+            case 3: add_values(sk, V + b0 * hd, hd, n, 3, ok, ostride, pv, np); break;
+            default: add_values(sk, V + b0 * hd, hd, n, 4, ok, ostride, pv, np); break;
             }
             pk = pv = NULL; /* once per block */
         }
@@ -892,7 +891,8 @@ static void q_dot(const Ctx *c, const QMat *w, const float *x, const int64_t *id
  * registers; other builds convert a row's tile first. */
 static void f16_rows_dot(const uint16_t *w, int64_t cols, const float *restrict x, int64_t r0, int64_t r1,
                          float *y) {
-    for (int64_t k = 0; k < cols * 2 && r0 < r1; k += 64) __builtin_prefetch((const uint8_t *)(w + r0 * cols) + k, 0, 2);
+    for (int64_t k = 0; k < (r1 - r0 < 4 ? r1 - r0 : 4) * cols * 2; k += 64) /* the first four rows at once */
+        __builtin_prefetch((const uint8_t *)(w + r0 * cols) + k, 0, 2);
     for (int64_t i = r0; i < r1; i += 4) {
         const int nr = r1 - i < 4 ? (int)(r1 - i) : 4;
         for (int64_t k = 0; k < (r1 - i - nr < 4 ? r1 - i - nr : 4) * cols * 2; k += 64)
