@@ -243,8 +243,7 @@ static void gemv_rows_f16(const float *restrict x, const Mat *a, int64_t i0, int
     for (int64_t j = 0; j < n; j++) y[j] = 0.0f;
     for (int64_t i = i0; i < i1; i++) {
         if ((i - i0) % 4 == 0) /* the rows after the next four, under way meanwhile */
-            for (int64_t r = i + 4; r < i + 8 && r < i1; r++)
-                for (int64_t k = 0; k < n * 2; k += 64) __builtin_prefetch((const uint8_t *)(W + r * ld) + k, 0, 2);
+            for (int64_t r = i + 4; r < i + 8 && r < i1; r++) qg_prefetch((const uint8_t *)(W + r * ld), n * 2);
         const uint16_t *wr = W + i * ld;
         int64_t j = 0;
 #if defined(__AVX512F__)
@@ -891,12 +890,10 @@ static void q_dot(const Ctx *c, const QMat *w, const float *x, const int64_t *id
  * registers; other builds convert a row's tile first. */
 static void f16_rows_dot(const uint16_t *w, int64_t cols, const float *restrict x, int64_t r0, int64_t r1,
                          float *y) {
-    for (int64_t k = 0; k < (r1 - r0 < 4 ? r1 - r0 : 4) * cols * 2; k += 64) /* the first four rows at once */
-        __builtin_prefetch((const uint8_t *)(w + r0 * cols) + k, 0, 2);
+    qg_prefetch((const uint8_t *)(w + r0 * cols), (r1 - r0 < 4 ? r1 - r0 : 4) * cols * 2); /* the first four rows */
     for (int64_t i = r0; i < r1; i += 4) {
         const int nr = r1 - i < 4 ? (int)(r1 - i) : 4;
-        for (int64_t k = 0; k < (r1 - i - nr < 4 ? r1 - i - nr : 4) * cols * 2; k += 64)
-            __builtin_prefetch((const uint8_t *)(w + (i + nr) * cols) + k, 0, 2);
+        qg_prefetch((const uint8_t *)(w + (i + nr) * cols), (r1 - i - nr < 4 ? r1 - i - nr : 4) * cols * 2);
         for (int r = 0; r < nr; r++) {
             const uint16_t *wr = w + (i + r) * cols;
             float d = 0.0f;
