@@ -457,6 +457,15 @@ static void neuron_span(const Phase *ph, int64_t i, int64_t F, int64_t *j0, int6
     *b0 = *j0 > F ? *j0 : F;
 }
 
+typedef struct { /* x rounded to int8 (QgX over buf), valid for x == src and matrices of q.cols columns in blocks
+                  * of xb. The first line is what the leader writes for every product; the second changes rarely */
+    _Alignas(64) QgX q;
+    const float *src;
+    _Alignas(64) int64_t xb;
+    void *buf;
+} XqSlot;
+static __thread int chunk_parity; /* the parity of the phase this thread runs a chunk of (q_dot's xq first) */
+
 typedef struct Ctx Ctx;
 typedef struct { /* a thread of the pool, and what it did (written by that thread only: no shared lines) */
     _Alignas(64) Ctx *c;
@@ -493,10 +502,8 @@ struct Ctx {
     float *sel;                  /* leader: the screened head's lower bounds gathered from the chunks */
     float *qkv, *att, *gu, *z;   /* quantized layers, gathered by the leader: QKV outputs, attention outputs of
                                   * every head, gate/up(/L) outputs, the FFN's activations (+ bypass) */
-    void *xq_buf;                /* int8-activation engines: the leader's x rounded to int8 for the next product(s), */
-    QgX xq;                      /* valid for x == xq_src and matrices of xq_cols columns in blocks of xq_xb */
-    const float *xq_src;
-    int64_t xq_cols, xq_xb;
+    XqSlot xqs[2];               /* int8-activation engines: the leader's x rounded to int8 for the next product(s),
+                                  * by the parity of the phase it was made for (see quantize_for) */
     _Alignas(64) int64_t ema_ns[PH_KINDS]; /* typical chunk time per kind (the wait before a chunk is run again) */
     int64_t ns_wait, n_phases;   /* leader: time spent waiting for other threads' chunks; phases run */
     int64_t prof_ns[PROF_LABELS], prof_n[PROF_LABELS]; /* leader: wall ns and count of phases, per label */
@@ -869,20 +876,26 @@ static void stage_q_attention(const Ctx *c, const Phase *ph, int64_t i, float *o
 /* Leader, before a phase of quantized products of w-shaped matrices over x: on an int8-activation engine, x
  * rounded to int8 once for every chunk (int4 weights only; other formats keep fp32 activations). */
 static void quantize_for(Ctx *c, const QMat *w, const float *x) {
-    c->xq_src = NULL;
+    const int p = (int)((atomic_load_explicit(&c->epoch, memory_order_relaxed) + 1) & 1);
+    XqSlot *s = &c->xqs[p], *o = &c->xqs[p ^ 1];
+    s->src = NULL;
+    if (o->src == x) o->src = NULL; /* x has changed since */
     if (!c->m->int8_act || !caprese_qx_fits(w)) return;
-    caprese_qx_quantize(w, x, c->xq_buf, &c->xq);
-    c->xq_src = x;
-    c->xq_cols = w->cols;
-    c->xq_xb = qx_block(w);
+    caprese_qx_quantize(w, x, s->buf, &s->q);
+    s->src = x;
+    if (s->xb != qx_block(w)) s->xb = qx_block(w);
 }
 
 /* y[r] for r in [r0, r1) (rows idx[r] when given) of w times x: int8 activations where the leader prepared them. */
 static void q_dot(const Ctx *c, const QMat *w, const float *x, const int64_t *idx, int64_t r0, int64_t r1, float *y) {
-    if (c->xq_src == x && c->xq_cols == w->cols && c->xq_xb == qx_block(w) && caprese_qx_fits(w))
-        caprese_q_rows_dot_qx(w, &c->xq, idx, r0, r1, y);
-    else
-        caprese_q_rows_dot(w, x, idx, r0, r1, y);
+    for (int k = 0; k < 2; k++) {
+        const XqSlot *s = &c->xqs[chunk_parity ^ k];
+        if (s->src == x && s->q.cols == w->cols && s->xb == qx_block(w) && caprese_qx_fits(w)) {
+            caprese_q_rows_dot_qx(w, &s->q, idx, r0, r1, y);
+            return;
+        }
+    }
+    caprese_q_rows_dot(w, x, idx, r0, r1, y);
 }
 
 /* y[i] = w[i] . x for i in [r0, r1), w [rows, cols] fp16 row-major, four rows at a time, the next four requested
@@ -1226,6 +1239,7 @@ static void stage_head_pick(const Ctx *c, const Phase *ph, int64_t i, float *out
 /* ------------------------------------------------------------------ running chunks */
 static void run_chunk(Ctx *c, const Phase *ph, int64_t i, float *out, int tid) {
     float *tmp = c->tmp[tid];
+    chunk_parity = ph->p;
     switch (ph->kind) {
     case PH_QKV: stage_qkv(c, ph, i, out); break;
     case PH_ATTN: stage_attention(c, ph, i, out, tmp); break;
@@ -1378,6 +1392,37 @@ static void *helper_main(void *arg) {
     return NULL;
 }
 
+/* Leader: make this core the owner of the lines of [p, p + n) by writing back the bytes they hold, so that its
+ * next writes there do not each wait for another core's copy to be invalidated. A prefetchw does not do this: the
+ * leader still holds these lines (shared since a helper read them), and a prefetch that hits does nothing. Safe
+ * at any time: the same bytes, and only the leader writes these buffers. */
+static void own_lines(const void *p, int64_t n) {
+    volatile char *b = (volatile char *)((uintptr_t)p & ~(uintptr_t)63);
+    for (; (const char *)b < (const char *)p + n; b += 64) *b = *b;
+}
+
+/* Leader, as it publishes phase ph (parity p): own the buffers it writes after this phase that helpers read
+ * before it: the next product's int8 x (written before the next phase; read in the one before this), the QKV
+ * outputs (written as this QKV phase's chunks are reduced; read by the last attention phase) and h (written
+ * after the o product; read by the last FFN's chunks). On two vCPUs on different CCDs each such write waited
+ * ~0.4 us for the other core: quantizing x took 0.72-0.92 us there against 0.29 near (docs/performance.md). */
+static void own_next_inputs(Ctx *c, const Phase *ph, int p) {
+    const XqSlot *nx = &c->xqs[p ^ 1];
+    own_lines(&nx->q, 64);
+    if (nx->q.cols) own_lines(nx->buf, caprese_qx_bytes(nx->q.cols));
+    const Model *m = c->m;
+    if (ph->kind == PH_QDOT && ph->job == J_QKV) {
+        own_lines(c->qkv, sizeof(float) * (m->num_heads + 2 * m->num_kv_heads) * m->head_dim);
+        const Layer *L = m->layers + ph->layer; /* the new K / V rows (stage_kv_write): lines no core holds */
+        for (int64_t kv = 0; kv < m->num_kv_heads; kv++)
+            for (int64_t j = 0; j < m->head_dim; j += 16) {
+                __builtin_prefetch(L->k_cache + (kv * m->capacity + ph->slot) * m->head_dim + j, 1, 3);
+                __builtin_prefetch(L->v_cache + (kv * m->capacity + ph->slot) * m->head_dim + j, 1, 3);
+            }
+    }
+    if (ph->kind == PH_QDOT && ph->job == J_O) own_lines(c->h, sizeof(float) * m->hidden);
+}
+
 /* Leader: publish phase *ph as the next epoch, work on it, and return once every chunk is committed and reduced. */
 static uint64_t run_phase(Ctx *c, const Phase *ph, Reduce reduce, void *arg) {
     const uint64_t e = atomic_load_explicit(&c->epoch, memory_order_relaxed) + 1;
@@ -1399,6 +1444,7 @@ static uint64_t run_phase(Ctx *c, const Phase *ph, Reduce reduce, void *arg) {
         atomic_store(&c->futex_word, (uint32_t)e);
         if (atomic_load(&c->sleepers) > 0) futex_wake_all(&c->futex_word);
     }
+    own_next_inputs(c, ph, p);
     claim_loop(c, e, 0);
     const int64_t t2 = now_ns();
     await_all(c, e, reduce, arg);
@@ -1667,7 +1713,7 @@ void caprese_context_free(Ctx *c) {
     }
     free(c->slots[0]); free(c->slots[1]);
     free(c->x); free(c->h); free(c->y); free(c->t); free(c->kv); free(c->sel);
-    free(c->qkv); free(c->att); free(c->gu); free(c->z); free(c->xq_buf);
+    free(c->qkv); free(c->att); free(c->gu); free(c->z); free(c->xqs[0].buf); free(c->xqs[1].buf);
     free(c);
 }
 
@@ -1719,8 +1765,11 @@ Ctx *caprese_context_new(const Model *m, int64_t threads) {
     c->z = malloc(sizeof(float) * (m->max_ff + 16));
     int64_t xq_cols = D > m->max_ff ? D : m->max_ff;
     if (m->num_heads * m->head_dim > xq_cols) xq_cols = m->num_heads * m->head_dim;
-    c->xq_buf = malloc((size_t)caprese_qx_bytes(xq_cols));
-    ok &= c->x && c->h && c->y && c->t && c->kv && c->sel && c->qkv && c->att && c->gu && c->z && c->xq_buf;
+    for (int k = 0; k < 2; k++) {
+        c->xqs[k].buf = aligned_alloc(64, (size_t)(caprese_qx_bytes(xq_cols) + 63) / 64 * 64);
+        ok &= c->xqs[k].buf != NULL;
+    }
+    ok &= c->x && c->h && c->y && c->t && c->kv && c->sel && c->qkv && c->att && c->gu && c->z;
     for (int t = 1; ok && t < threads; t++) {
         c->workers[t].tid = t;
         c->workers[t].c = c;
