@@ -236,7 +236,8 @@ static inline __attribute__((always_inline)) void add_rows(float *restrict yt, i
 
 /* y[0:n) = sum over rows r in [i0, i1) of x[r] * W[r, 0:n) (n = a->cols) for a quantized FFN's bypass R [rank,
  * hidden] stored fp16 (--fp16-bypass), rows in order, the next four requested while four are added: each 16
- * (AVX-512) or 8 (F16C) halves converted in registers and added into y (in L1); other builds convert a row first. */
+ * (AVX-512) or 8 (F16C) halves converted in registers and added into y (in L1); other builds convert one half at
+ * a time. */
 static void gemv_rows_f16(const float *restrict x, const Mat *a, int64_t i0, int64_t i1, float *restrict y) {
     const uint16_t *W = (const uint16_t *)(const void *)a->w;
     const int64_t n = a->cols, ld = a->ld;
@@ -692,7 +693,7 @@ static void score_rows(const Layer *L, const float *q, const float *K, int64_t h
         int64_t s = 0;
         for (; s + 16 <= n; s += 16) {
             if (pk && t == 0 && s < npk)
-                for (int64_t j = s * hd; j < (s + 16 < npk ? s + 16 : npk) * hd; j += 16) __builtin_prefetch(pk + j, 0, 2);
+                qg_prefetch((const uint8_t *)(pk + s * hd), ((s + 16 < npk ? s + 16 : npk) - s) * hd * 4);
 #if VW == 16
             *(vfwu *)(st + s) = dot16(qt, K + s * hd, hd);
 #elif VW == 8
@@ -702,8 +703,7 @@ static void score_rows(const Layer *L, const float *q, const float *K, int64_t h
             for (int64_t r = s; r < s + 16; r++) st[r] = dot_row(qt, K + r * hd, hd);
 #endif
         }
-        if (pk && t == 0 && s < npk)
-            for (int64_t j = s * hd; j < npk * hd; j += 16) __builtin_prefetch(pk + j, 0, 2);
+        if (pk && t == 0 && s < npk) qg_prefetch((const uint8_t *)(pk + s * hd), (npk - s) * hd * 4);
         for (; s < n; s++) st[s] = dot_row(qt, K + s * hd, hd);
         const float scale = L->scale, cap = L->softcap;
         if (cap > 0.0f) {
@@ -735,8 +735,7 @@ static inline __attribute__((always_inline)) void add_values(const float *p, con
         if (nk > 2) a2 = *(vfwu *)o2, b2 = *(vfwu *)(o2 + VW);
         if (nk > 3) a3 = *(vfwu *)o3, b3 = *(vfwu *)(o3 + VW);
         for (int64_t s = 0; s < n; s++) {
-            if (s < npf)
-                for (int64_t k = 0; k < hd; k += 16) __builtin_prefetch(pv + s * hd + k, 0, 2);
+            if (s < npf) qg_prefetch((const uint8_t *)(pv + s * hd), hd * 4);
             const vfw v = *(const vfwu *)(V + s * hd + j), w = *(const vfwu *)(V + s * hd + j + VW);
             a0 += p0[s] * v, b0 += p0[s] * w;
             if (nk > 1) a1 += p1[s] * v, b1 += p1[s] * w;
@@ -762,8 +761,8 @@ static inline __attribute__((always_inline)) void add_values(const float *p, con
 static void prefetch_kv_rows(const Model *m, const Layer *L, int64_t kvh, int64_t s0, int64_t s1) {
     const int64_t hd = m->head_dim;
     const float *K = L->k_cache + kvh * m->capacity * hd, *V = L->v_cache + kvh * m->capacity * hd;
-    for (int64_t j = s0 * hd; j < s1 * hd; j += 16) __builtin_prefetch(K + j, 0, 2);
-    for (int64_t j = s0 * hd; j < s1 * hd; j += 16) __builtin_prefetch(V + j, 0, 2);
+    qg_prefetch((const uint8_t *)(K + s0 * hd), (s1 - s0) * hd * 4);
+    qg_prefetch((const uint8_t *)(V + s0 * hd), (s1 - s0) * hd * 4);
 }
 
 /* Query heads h0 .. h0 + g - 1 of layer L at `slot`, all of one KV head: their q (raw: the QKV product's outputs of
@@ -874,7 +873,8 @@ static void stage_q_attention(const Ctx *c, const Phase *ph, int64_t i, float *o
 }
 
 /* Leader, before a phase of quantized products of w-shaped matrices over x: on an int8-activation engine, x
- * rounded to int8 once for every chunk (int4 weights only; other formats keep fp32 activations). */
+ * rounded to int8 once for every chunk (int4 weights only; other formats keep fp32 activations), into the buffer
+ * of that phase's parity (the other may still serve a product of the phase before: CATS' up rows). */
 static void quantize_for(Ctx *c, const QMat *w, const float *x) {
     const int p = (int)((atomic_load_explicit(&c->epoch, memory_order_relaxed) + 1) & 1);
     XqSlot *s = &c->xqs[p], *o = &c->xqs[p ^ 1];
@@ -900,7 +900,7 @@ static void q_dot(const Ctx *c, const QMat *w, const float *x, const int64_t *id
 
 /* y[i] = w[i] . x for i in [r0, r1), w [rows, cols] fp16 row-major, four rows at a time, the next four requested
  * meanwhile (as caprese_f32_rows_dot): each 16 (AVX-512) or 8 (F16C) halves converted and multiplied in
- * registers; other builds convert a row's tile first. */
+ * registers; other builds convert one half at a time. */
 static void f16_rows_dot(const uint16_t *w, int64_t cols, const float *restrict x, int64_t r0, int64_t r1,
                          float *y) {
     qg_prefetch((const uint8_t *)(w + r0 * cols), (r1 - r0 < 4 ? r1 - r0 : 4) * cols * 2); /* the first four rows */
@@ -920,7 +920,8 @@ static void f16_rows_dot(const uint16_t *w, int64_t cols, const float *restrict 
 #elif defined(__F16C__) && defined(__FMA__)
             __m256 a = _mm256_setzero_ps();
             for (; j + 8 <= cols; j += 8)
-                a = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wr + j))), _mm256_loadu_ps(x + j), a);
+                a = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wr + j))),
+                                    _mm256_loadu_ps(x + j), a);
             float l[8];
             _mm256_storeu_ps(l, a);
             for (int k = 0; k < 8; k++) d += l[k];
@@ -1408,7 +1409,7 @@ static void own_lines(const void *p, int64_t n) {
  * ~0.4 us for the other core: quantizing x took 0.72-0.92 us there against 0.29 near (docs/performance.md). */
 static void own_next_inputs(Ctx *c, const Phase *ph, int p) {
     const XqSlot *nx = &c->xqs[p ^ 1];
-    own_lines(&nx->q, 64);
+    own_lines(nx, offsetof(XqSlot, xb)); /* its first line: q and src */
     if (nx->q.cols) own_lines(nx->buf, caprese_qx_bytes(nx->q.cols));
     const Model *m = c->m;
     if (ph->kind == PH_QDOT && ph->job == J_QKV) {

@@ -633,10 +633,8 @@ void caprese_q_finish_y(const QMat *w, const float *yp, float *y) { qg_finish_y(
  * GB/s with the hardware prefetchers alone, 16.8-19.0 with this; docs/performance.md). */
 static inline void f32_prefetch_rows(const float *w, int64_t ld, int64_t cols, const int64_t *idx, int64_t i,
                                      int64_t r1) {
-    for (int64_t k = i; k < i + 4 && k < r1; k++) {
-        const float *p = w + (idx ? idx[k] : k) * ld;
-        for (int64_t j = 0; j < cols; j += 16) __builtin_prefetch(p + j, 0, 2);
-    }
+    for (int64_t k = i; k < i + 4 && k < r1; k++)
+        qg_prefetch((const uint8_t *)(w + (idx ? idx[k] : k) * ld), cols * 4);
 }
 
 /* The fp32 baseline of the benchmark: y[i] = w[row_i] . x for i in [r0, r1), w [rows, ld] row-major. */
