@@ -157,39 +157,55 @@ def resolve(threads: int | None) -> int:
     return int(threads) if threads else default_threads()
 
 
-class TorchThreads:
-    """A torch decode loop's intra-op threads: resolve(threads) on entry, the old count restored on exit.
-
-    Without an explicit count the loop calls tick() once per step, and every RETUNE_S the count follows the
-    load of the last interval (no sleep: the reading is the difference since the previous one), so a load that
-    arrives in the middle of a long reply costs at most RETUNE_S at the wrong count."""
+class FollowLoad:
+    """A decode loop's thread count: the explicit one (a count given, else pinned()), or default_threads(),
+    re-read by tick() once per step every RETUNE_S (no sleep: the reading is the difference since the previous
+    one), so a load that arrives in the middle of a long reply costs at most RETUNE_S at the wrong count.
+    apply(n) puts a count in force (at most `most`, the pool's size, where there is one)."""
 
     RETUNE_S = 1.0
 
-    def __init__(self, threads: int | None = None):
+    def __init__(self, threads: int | None, apply, most: int | None = None):
         self.explicit = int(threads) if threads else pinned()
         self.threads = 0
-        self._before = 0
+        self._apply, self._most = apply, most
         self._next = 0.0
 
-    def __enter__(self) -> "TorchThreads":
-        import torch
-
-        self._before = torch.get_num_threads()
+    def start(self):
         self._set(self.explicit or default_threads())
         return self
 
     def _set(self, n: int) -> None:
-        import torch
-
-        if n != torch.get_num_threads():
-            torch.set_num_threads(n)
+        n = min(n, self._most) if self._most else n
+        self._apply(n)
         self.threads = n
         self._next = time.monotonic() + self.RETUNE_S
 
     def tick(self) -> None:
         if self.explicit is None and time.monotonic() >= self._next:
             self._set(default_threads())
+
+
+class TorchThreads(FollowLoad):
+    """A torch decode loop's intra-op threads (FollowLoad): resolve(threads) on entry, the old count restored on
+    exit."""
+
+    def __init__(self, threads: int | None = None):
+        super().__init__(threads, self._torch_set)
+        self._before = 0
+
+    @staticmethod
+    def _torch_set(n: int) -> None:
+        import torch
+
+        if n != torch.get_num_threads():
+            torch.set_num_threads(n)
+
+    def __enter__(self) -> "TorchThreads":
+        import torch
+
+        self._before = torch.get_num_threads()
+        return self.start()
 
     def __exit__(self, *exc) -> None:
         import torch

@@ -218,6 +218,24 @@ def test_native_rows_per_instruction_set(bench, tiny_model_dir, tmp_path, screen
         assert res["targets"]["native-dense@avx2 (avx2)"]["max"] == 1.0
 
 
+@needs_cc
+def test_auto_threads_leave_every_row_its_policy(bench, tiny_model_dir, tmp_path, monkeypatch):
+    """threads=0 ("auto"): no row gets a count, so the native row's working threads follow caprese.cpu_threads
+    (here 1 free CPU of 2), and each bandwidth sample runs on the policy's count; the result says so."""
+    from caprese import cpu_threads
+
+    monkeypatch.setattr(cpu_threads, "_pinned", None)  # the conftest pins 1
+    for var in ("CAPRESE_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(cpu_threads, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(cpu_threads, "default_threads", lambda: 1)
+    res = bench.run_bench(tiny_model_dir("llama"), ["native-dense"], prompt_tokens=8, new_tokens=4, repeats=2,
+                          threads=0, out_dir=tmp_path / "cache", bandwidth_mb=8, settle_s=0.0, log=lambda m: None)
+    row = res["rows"][0]
+    assert res["threads"] == "auto" and res["bandwidth_sample_threads"] == [1, 1]
+    assert row["threads_after_runs"] == [1, 1, 1]  # warm-up and two rounds, on 1 of a pool of 2
+
+
 def test_background_load_starts_and_stops_its_processes(bench):
     """N busy processes run inside the block and are gone after it, also when the block raises; each ends by
     itself at its time bound; a negative N is refused."""

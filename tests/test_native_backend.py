@@ -585,6 +585,44 @@ def test_helpers_switched_off_leave_the_work_to_the_caller(tmp_path_factory, tin
 
 
 @needs_cc
+def test_without_a_count_the_working_threads_follow_the_load(tmp_path_factory, tiny_model_dir, monkeypatch):
+    """threads=None: a pool of one thread per usable CPU, of which as many work as cpu_threads' policy finds free,
+    re-read as the steps run (here every step); 1 working thread runs every chunk itself, 2 share them, and the
+    logits are the same bits. An explicit count is not retuned."""
+    from caprese import cpu_threads
+
+    engine, _ = get_export(tmp_path_factory, tiny_model_dir, "qwen2", "dense")
+    prompt = prompt_ids(14, seed=9)[0].tolist()
+    monkeypatch.setattr(cpu_threads, "_pinned", None)  # the conftest pins 1
+    for var in ("CAPRESE_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(cpu_threads, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(cpu_threads.FollowLoad, "RETUNE_S", 0.0)
+    free = [2]
+    monkeypatch.setattr(cpu_threads, "default_threads", lambda: free[0])
+    g = Generator.load(engine, backend="native", head="full")
+    b = g.backend
+    d = b.describe()
+    assert (d["threads"], d["pool_threads"], d["threads_follow_load"]) == (2, 2, True)
+    ref, _ = _steps(g, prompt, 6)
+    assert b.kernel_stats()["helper_chunks"] > 0
+    free[0] = 1  # a busy process took a CPU
+    before = b.kernel_stats()
+    got, _ = _steps(g, prompt, 6)
+    after = b.kernel_stats()
+    assert b.describe()["threads"] == 1 and torch.equal(got, ref)
+    assert after["helper_chunks"] == before["helper_chunks"] and after["leader_chunks"] > before["leader_chunks"]
+    free[0] = 2  # it stopped
+    _steps(g, prompt, 6)
+    assert b.describe()["threads"] == 2 and b.kernel_stats()["helper_chunks"] > after["helper_chunks"]
+    free[0] = 1
+    fixed = Generator.load(engine, backend="native", threads=2, head="full")
+    _steps(fixed, prompt, 6)
+    d = fixed.backend.describe()
+    assert (d["threads"], d["threads_follow_load"]) == (2, False) and fixed.backend.kernel_stats()["helper_chunks"] > 0
+
+
+@needs_cc
 def test_kernel_profile_counts_every_phase_of_a_step(tmp_path_factory, tiny_model_dir, tmp_path, monkeypatch):
     """kernel_profile(): one entry per phase kind a dense step runs (QKV, attention + o, gate/up, down per layer;
     the full head once), their counts per step, a step time that holds them, and a reset that zeroes it. The

@@ -47,7 +47,7 @@ Rows (--rows, comma-separated; default: all):
   torch-dense          caprese's PyTorch reference decoder (caprese.model.generation.generate)
   transformers         transformers' `generate`, same model and prompt
 
-    python tools/bench_decode.py                  # built-in SmolLM2-135M-Instruct, fp32, CPU, 2 threads
+    python tools/bench_decode.py                  # built-in SmolLM2-135M-Instruct, fp32, CPU, auto threads
     python tools/bench_decode.py MODEL_DIR --prompt-tokens 64 --new-tokens 128 --repeats 5 --json out.json
     python tools/bench_decode.py --rows genai-dense,ort-dense,ort-caprese-griffin
 
@@ -67,7 +67,11 @@ take (time for N new tokens - time for 1 new token) / (N - 1). Rows run interlea
 round rotated by one (A B C, B C A, C A B ...: a disturbance that recurs at the same point of every round, as
 seen on these VMs, does not land on the same row every time), with the bandwidth measurement as one more entry
 of each round, so drift hits all of them equally. Every
-row uses --threads (ONNX Runtime intra-op threads, GenAI's session options, torch.set_num_threads).
+row uses --threads N (ONNX Runtime intra-op threads, GenAI's session options, torch.set_num_threads); the default,
+--threads auto, gives each row its runtime's own count (caprese.cpu_threads: one thread per CPU other processes
+leave free; the native kernel's working threads follow it as the steps run) and GenAI the policy's count at load,
+and takes each bandwidth sample on the count the policy gives at that moment (next to a busy process on 2 vCPUs:
+one thread, whose read bandwidth is higher than two time-sliced ones': the stricter floor).
 "x ORT" is a native row's ms/token over the ONNX Runtime row on the same engine folder, per round and overall.
 
 Other work on the cores: --background-load N starts N busy processes (CPU-only Python loops) for the warm-up and
@@ -110,6 +114,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from caprese import cpu_threads
 
 BENCH_VERSION = 2
 PEER = "genai-dense"
@@ -563,7 +569,7 @@ def engine_label(manifest, backend: str = "onnxruntime", head: str = "auto", isa
 
 
 class EngineRow(Row):
-    def __init__(self, name: str, engine: Path, threads: int, adapters: str, backend: str = "onnxruntime",
+    def __init__(self, name: str, engine: Path, threads: int | None, adapters: str, backend: str = "onnxruntime",
                  **options):
         from caprese.runtime import Generator
 
@@ -593,6 +599,7 @@ class EngineRow(Row):
             self.notes["kernel"] = b.kernel_stats()
             self.profiles.append(b.kernel_profile(reset=True))  # this run's steps: µs per step by phase kind
             self.notes["profile_us"] = median_profile(self.profiles)
+            self.notes.setdefault("threads_after_runs", []).append(b.describe()["threads"])  # the load policy's
         return Sample(r.stats.ms_per_token, r.stats.bytes_per_step, r.tokens)
 
 
@@ -708,7 +715,7 @@ def _r(x, n=3):
 
 
 def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, new_tokens: int = 128,
-              repeats: int = 5, threads: int = 2, precision: str = "fp32", density: float = 0.5, rank: int = 64,
+              repeats: int = 5, threads: int = 0, precision: str = "fp32", density: float = 0.5, rank: int = 64,
               out_dir: str | Path | None = None, bandwidth_mb: int = 512, settle_s: float = 0.2,
               log: Callable[[str], None] = print, background_load: int = 0, load_max_s: float = 3600.0,
               native_isas: list[str] | None = None) -> dict:
@@ -720,7 +727,8 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
         raise ValueError("new_tokens must be >= 2 (decode steps are timed after the first token)")
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
-    torch.set_num_threads(threads)
+    if threads:  # 0: "auto", every row on its backend's own policy (caprese.cpu_threads), the samples too
+        torch.set_num_threads(threads)
     model_dir = str(model_dir)
     spec = load_spec(model_dir)
     root = Path(out_dir) if out_dir else Path("out/bench") / model_tag(model_dir)
@@ -733,47 +741,51 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
         dense_decoder = load_decoder(model_dir, precision)
         dense_bytes = decode_bytes_per_step(dense_decoder, prompt_tokens + new_tokens / 2)
 
-    built: list[Row] = []
-    for name in rows:
-        if name in GENAI_ROWS:
-            why = genai_unavailable()
-            if why is None and precision != "fp32":
-                why = f"the GenAI rows are built for CPU with fp32 activations here (asked {precision})"
-            if why is None:
-                try:
-                    folder = prepare_genai(model_dir, root, GENAI_ROWS[name], log)
-                    built.append(GenAIRow(folder, threads, dense_bytes, name))
-                except Exception as e:
-                    why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if why is not None:
-                skipped[name] = why
-                log(f"bench: skipping {name}: {why}")
-        elif name in ORT_ROWS or name in QUANT_ORT_ROWS:
-            engine, adapters = prepare_engine(model_dir, root, name, row_recipe(name, density, rank), precision, log)
-            built.append(EngineRow(name, engine, threads, adapters))
-        elif name in NATIVE_ROWS:
-            src, head = NATIVE_ROWS[name]
-            engine, adapters = prepare_engine(model_dir, root, src, row_recipe(src, density, rank), precision, log)
-            for k, isa in enumerate(native_isas or [None]):
-                built.append(EngineRow(name if k == 0 else f"{name}@{isa}", engine, threads, adapters,
-                                       backend="native", head=head, isa=isa, **NATIVE_OPTIONS.get(name, {})))
-        elif name == "torch-dense":
-            built.append(TorchRow(name, "caprese PyTorch reference decoder, dense", time_ours, dense_decoder,
-                                  dense_bytes))
-        elif name == "transformers":
-            from transformers import AutoModelForCausalLM
-
-            attn = "eager" if spec.model_type == "gemma2" else None
-            hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(precision),
-                                                      attn_implementation=attn).eval()
-            built.append(TorchRow(name, "transformers generate, dense", time_hf, hf, dense_bytes))
-
-    log(f"bench: {len(built)} rows, warm-up then {repeats} interleaved rounds"
-        + (f", {background_load} busy processes running" if background_load else ""))
-    samples: dict[str, list[Sample]] = {r.name: [] for r in built}
-    bandwidth: list[float] = []
-    round_trips: list[list[float | None]] = []  # each round's core-to-core round trips, before it and after it
+    # the busy processes run from before the rows load: a load-time thread count sees them, as a user's would
     with BackgroundLoad(background_load, load_max_s) as load:
+        built: list[Row] = []
+        for name in rows:
+            if name in GENAI_ROWS:
+                why = genai_unavailable()
+                if why is None and precision != "fp32":
+                    why = f"the GenAI rows are built for CPU with fp32 activations here (asked {precision})"
+                if why is None:
+                    try:
+                        folder = prepare_genai(model_dir, root, GENAI_ROWS[name], log)
+                        built.append(GenAIRow(folder, threads or cpu_threads.default_threads(), dense_bytes, name))
+                    except Exception as e:
+                        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if why is not None:
+                    skipped[name] = why
+                    log(f"bench: skipping {name}: {why}")
+            elif name in ORT_ROWS or name in QUANT_ORT_ROWS:
+                engine, adapters = prepare_engine(model_dir, root, name, row_recipe(name, density, rank), precision,
+                                                  log)
+                built.append(EngineRow(name, engine, threads or None, adapters))
+            elif name in NATIVE_ROWS:
+                src, head = NATIVE_ROWS[name]
+                engine, adapters = prepare_engine(model_dir, root, src, row_recipe(src, density, rank), precision,
+                                                  log)
+                for k, isa in enumerate(native_isas or [None]):
+                    built.append(EngineRow(name if k == 0 else f"{name}@{isa}", engine, threads or None, adapters,
+                                           backend="native", head=head, isa=isa, **NATIVE_OPTIONS.get(name, {})))
+            elif name == "torch-dense":
+                built.append(TorchRow(name, "caprese PyTorch reference decoder, dense", time_ours, dense_decoder,
+                                      dense_bytes))
+            elif name == "transformers":
+                from transformers import AutoModelForCausalLM
+
+                attn = "eager" if spec.model_type == "gemma2" else None
+                hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(precision),
+                                                          attn_implementation=attn).eval()
+                built.append(TorchRow(name, "transformers generate, dense", time_hf, hf, dense_bytes))
+
+        log(f"bench: {len(built)} rows, warm-up then {repeats} interleaved rounds"
+            + (f", {background_load} busy processes running" if background_load else ""))
+        samples: dict[str, list[Sample]] = {r.name: [] for r in built}
+        bandwidth: list[float] = []
+        sample_threads: list[int] = []  # auto: the threads of each bandwidth sample
+        round_trips: list[list[float | None]] = []  # each round's core-to-core round trips, before it and after it
         for rnd in range(repeats + 1):  # round 0 is the warm-up
             k = (rnd - 1) % len(built) if rnd and built else 0  # rotated: each row takes every place in turn
             # not next to the busy processes: they take the pinned threads' CPUs (time slices, not placement)
@@ -786,6 +798,9 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
                     row.notes["first_tokens"] = s.tokens[:16]
                 time.sleep(settle_s)  # let the previous runtime's spinning threads go idle
             if rnd:
+                if not threads:  # auto: the sample on as many threads as the policy gives a row now
+                    sample_threads.append(cpu_threads.default_threads())
+                    torch.set_num_threads(sample_threads[-1])
                 bandwidth.append(measure_bandwidth_gbs(bandwidth_mb))
                 round_trips.append([before, None if background_load else measure_round_trip_ns()])
                 time.sleep(settle_s)
@@ -862,7 +877,8 @@ def run_bench(model_dir: str | Path, rows: list[str], prompt_tokens: int = 64, n
             targets[f"{r['row']} head"] = {"ratio_to_full_head": x, "head": r.get("head"), "max": 1.0,
                                            "met": x <= 1.0}
     out = {"model_dir": model_dir, "precision": precision, "device": "cpu", "cpu": cpu_name(),
-           "background_load": background_load, "threads": threads,
+           "background_load": background_load, "threads": threads or "auto",
+           "bandwidth_sample_threads": sample_threads or None,
            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
            "density": density, "rank": rank, "cache_dir": str(root),
            "measured_bandwidth_gbs": _r(gbs, 2), "bandwidth_samples_gbs": [_r(x, 2) for x in bandwidth],
@@ -943,7 +959,11 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2, help="threads for every row (default 2)")
+    ap.add_argument("--threads", default="auto", type=lambda v: 0 if v == "auto" else int(v),
+                    help="threads for every row, or 'auto' (the default: what a user gets): every row on its "
+                         "runtime's own policy, one thread per CPU other processes leave free (the native rows "
+                         "re-read it as they run, GenAI takes the count at load), and each bandwidth sample on the "
+                         "count the policy gives then")
     ap.add_argument("--rows", default="all", help=f"comma-separated subset of: {', '.join(ROW_NAMES)}")
     ap.add_argument("--density", type=float, default=0.5)
     ap.add_argument("--rank", type=int, default=64, help="rank of the Caprese rows' (random-init) adapters")

@@ -55,8 +55,8 @@ def engine_options(f):
         click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKEND_CHOICES),
                      help=BACKEND_HELP),
         click.option("--threads", default=None, type=click.IntRange(min=1),
-                     help="Intra-op threads (ONNX Runtime / native / torch). Default: ONNX Runtime and torch use "
-                          "one per CPU not busy with other work; native its own choice."),
+                     help="Intra-op threads (ONNX Runtime / native / torch). Default: one per CPU not busy with "
+                          "other work (native and torch re-read it every second as they decode)."),
         click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]),
                      help="onnxruntime / torch device. Default: cuda where the backend can use it, else cpu."),
         click.option("--cuda-graph/--no-cuda-graph", default=None,

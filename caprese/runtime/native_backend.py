@@ -27,10 +27,10 @@ programs on the cores slow a step down instead of stalling it at every barrier (
 from __future__ import annotations
 
 import ctypes
-import os
 
 import numpy as np
 
+from caprese import cpu_threads
 from caprese.errors import CapreseError
 from caprese.export import contract as C
 from caprese.export.engine_spec import MATRIX, MATRIX_T, PACKING_INT4, PACKING_NBITS, WeightRef
@@ -121,8 +121,10 @@ class NativeBackend(Backend):
         self.prefill_runner = OrtGraphs(manifest, (C.PREFILL,), threads=threads, kv_policy=kv_policy, device="cpu",
                                         stop_spinning=True)
         self.buffers, self.kv_policy = self.prefill_runner.buffers, kv_policy
-        self.nthreads = int(threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                        else os.cpu_count() or 1))
+        # the pool has a thread per usable CPU (or the count asked); without an explicit count, as many of them
+        # work as CPUs other processes leave free (caprese.cpu_threads), re-read as the steps run: next to one
+        # busy process on 2 vCPUs, 1 thread took 3.07 ms/token where 2 took 4.2-4.8 (docs/performance.md)
+        self.nthreads = int(threads or cpu_threads.pinned() or cpu_threads.usable_cpus())
         # an untied embedding is read one row per token, and CATS' gate_up is re-laid out below: both stay mapped
         mapped = set() if spec.tied_head else {spec.embed.name}
         mapped |= {spec.layers[i].gate_up.name for i in self.layout.layers_of(C.CATS)
@@ -154,6 +156,7 @@ class NativeBackend(Backend):
             raise CapreseError(f"the native kernel could not allocate its buffers or start {self.nthreads} threads; "
                                "pass fewer --threads, or use --backend onnxruntime")
         self._ctx = ctypes.c_void_p(ctx)
+        self._threads = cpu_threads.FollowLoad(threads, self._set_active, most=self.nthreads).start()
         self.head_choice: HeadChoice | None = None
         if head == "auto":
             self.head_choice = self._choose_head()
@@ -480,12 +483,16 @@ class NativeBackend(Backend):
         if slot >= self.capacity:
             raise RuntimeError(f"decode at slot {slot} past the KV cache ({self.capacity}); reserve first")
         self._next[0] = top
+        self._threads.tick()
         self._check(self.lib.caprese_decode_step(self._ctx, int(token), int(slot), ctypes.byref(self._skipped),
                                                  self._next if top else None))
         if top and not self.head_quantized:
             self.head_rows = int(self._next[1])
             self.head_rows_total += self.head_rows
             self.head_steps += 1
+
+    def _set_active(self, n: int) -> None:
+        self.lib.caprese_context_set_active(self._ctx, n)
 
     @staticmethod
     def _check(rc: int) -> None:
@@ -548,7 +555,9 @@ class NativeBackend(Backend):
                 "between_phases_us": round(step_us - sum(phases.values()), 2)}
 
     def describe(self) -> dict:
-        d = {"threads": self.nthreads, "kv_policy": self.kv_policy, "prefill": "onnxruntime",
+        d = {"threads": self._threads.threads, "pool_threads": self.nthreads,
+             "threads_follow_load": self._threads.explicit is None, "kv_policy": self.kv_policy,
+             "prefill": "onnxruntime",
              "prefill_stop_spinning": self.prefill_runner.stop_spinning,
              "kernel": str(self.kernel), "isa": self.lib.isa,
              "head": self.head + (" (quantized, read whole)" if self.head_quantized else ""),
