@@ -220,6 +220,8 @@ class BackgroundLoad:
         for _ in range(self.n):
             self.procs.append(subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(os.getpid()), str(self.max_s)],
                                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
+        if self.n:
+            time.sleep(0.5)  # spinning (past Python's start) before anything reads the load: --threads auto does
         return self
 
     def _on_term(self, signum, frame):
