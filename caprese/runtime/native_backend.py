@@ -184,7 +184,8 @@ class NativeBackend(Backend):
             self._check(self.lib.caprese_head_only(self._ctx, address(h), nxt))
             return int(nxt[1])
 
-        key = f"{self.kernel.name}|head {lay.vocab_size}x{lay.hidden_size}|threads {self.nthreads}"
+        # the threads working now (the probe times them; the cached answer is for that count)
+        key = f"{self.kernel.name}|head {lay.vocab_size}x{lay.hidden_size}|threads {self._threads.threads}"
         return choose(key, full, screened, cache_root() / "native")
 
     def close(self) -> None:
