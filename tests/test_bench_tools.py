@@ -236,6 +236,15 @@ def test_auto_threads_leave_every_row_its_policy(bench, tiny_model_dir, tmp_path
     assert row["threads_after_runs"] == [1, 1, 1]  # warm-up and two rounds, on 1 of a pool of 2
 
 
+def test_threads_flag_takes_a_count_or_auto(bench):
+    import argparse
+
+    assert bench.threads_arg("auto") == 0 and bench.threads_arg("3") == 3
+    for bad in ("0", "-1", "x", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.threads_arg(bad)
+
+
 def test_background_load_starts_and_stops_its_processes(bench):
     """N busy processes run inside the block and are gone after it, also when the block raises; each ends by
     itself at its time bound; a negative N is refused."""

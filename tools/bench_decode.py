@@ -953,6 +953,15 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def threads_arg(v: str) -> int:
+    """--threads: a count >= 1, or 'auto' (0 to run_bench)."""
+    if v == "auto":
+        return 0
+    if not v.isdigit() or int(v) < 1:
+        raise argparse.ArgumentTypeError(f"takes a thread count >= 1 or 'auto' (got {v!r})")
+    return int(v)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[1:10]))
@@ -961,7 +970,7 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", default="auto", type=lambda v: 0 if v == "auto" else int(v),
+    ap.add_argument("--threads", default="auto", type=threads_arg,
                     help="threads for every row, or 'auto' (the default: what a user gets): every row on its "
                          "runtime's own policy, one thread per CPU other processes leave free (the native rows "
                          "re-read it as they run, GenAI takes the count at load), and each bandwidth sample on the "
