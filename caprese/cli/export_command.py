@@ -54,10 +54,14 @@ from caprese.errors import CapreseError
 @click.option("--fp16-bypass", is_flag=True,
               help="With --weights, on an artifact with a bypass: store its L and R in fp16 (cast to fp32 where "
                    "read): half their bytes per decode step, ~1e-3 relative error on the bypass's output.")
+@click.option("--kv-dtype", default=None, type=click.Choice(["fp32", "fp16"]),
+              help="The KV cache's dtype (default: the precision's). fp16 with --target onnxruntime and --precision "
+                   "fp32: half the cache's bytes per decode step (GroupQueryAttention in fp16: fp32 arithmetic on "
+                   "fp16 q, K, V, as llama.cpp's f16 cache); ~5e-4 relative error on K and V.")
 def export(src: str, out: str | None, precision: str, max_seq_len: int | None, max_prompt_len: int | None,
            engine: bool, check: bool, target: str, force: bool, base_model: str | None, max_batch: int,
            timing_cache: str | None, weights: str | None, block_size: str | None, quantize_head: bool,
-           int8_activations: bool, float_selection: bool, fp16_bypass: bool) -> None:
+           int8_activations: bool, float_selection: bool, fp16_bypass: bool, kv_dtype: str | None) -> None:
     """Export SRC (a Hugging Face model folder, or a calibration artifact from `caprese calibrate`) to ENGINE_DIR.
 
     \b
@@ -85,7 +89,7 @@ def export(src: str, out: str | None, precision: str, max_seq_len: int | None, m
                         engine=engine, force=force, target=target, base_model=base_model, max_batch=max_batch,
                         timing_cache=timing_cache, log=log, weights=weights, block_size=block_size,
                         quantize_head=quantize_head, int8_activations=int8_activations,
-                        float_selection=float_selection, fp16_bypass=fp16_bypass)
+                        float_selection=float_selection, fp16_bypass=fp16_bypass, kv_dtype=kv_dtype)
     if check:
         _report(check_folder(result.out))
     click.echo(str(result.out))

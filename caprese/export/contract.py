@@ -16,7 +16,8 @@ Inputs (both graphs; `batch`, `seq`, `cache_len` are symbolic dims, decode has s
                                                            0 = left padding; causality and sliding windows
                                                            are applied inside the graph
   past_key.{i}     [batch, kv_heads, cache_len, head_dim]  the KV buffers, allocated ONCE at the runtime's
-  past_value.{i}   [batch, kv_heads, cache_len, head_dim]  maximum length (cache_len <= max_seq_len)
+  past_value.{i}   [batch, kv_heads, cache_len, head_dim]  maximum length (cache_len <= max_seq_len); the
+                                                           precision's dtype, or float16 (layout.kv_dtype)
 Outputs (both graphs):
   logits           [batch, 1, vocab]               float32 logits of the LAST new token of each row
   present_key.{i}  same as past_key.{i}            the same buffer with the new tokens written at
@@ -230,6 +231,7 @@ class GraphLayout:
     weight_block: int = 0  # their block size (0: one scale per row)
     scale_dtype: str = ""  # their scales' dtype (float16 | float32)
     quantized_selection: bool = True  # a quantized layout's GRIFFIN decode inputs: quantized rows (False: w_gul...)
+    kv_dtype: str = ""  # the KV cache's dtype where it is not the precision's: "float16" (an fp32 graph's, --kv-dtype)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -238,10 +240,17 @@ class GraphLayout:
             raise ValueError(f"layer_kinds must name one of {LAYER_KINDS} per layer")
         if GRIFFIN in self.layer_kinds and not 0 < self.k <= self.intermediate_size:
             raise ValueError("GRIFFIN layers need 0 < k <= intermediate_size")
+        if self.kv_dtype not in ("", "float16") or (self.kv_dtype and self.precision != "fp32"):
+            raise ValueError(f"KV cache dtype {self.kv_dtype!r}: an fp32 layout may keep it in float16, nothing else")
 
     @property
     def dtype(self) -> str:
         return PRECISIONS[self.precision]
+
+    @property
+    def cache_dtype(self) -> str:
+        """past_* / present_*: the precision's dtype, or kv_dtype."""
+        return self.kv_dtype or self.dtype
 
     def layers_of(self, kind: str) -> list[int]:
         return [i for i, k in enumerate(self.layer_kinds) if k == kind]
@@ -256,6 +265,8 @@ class GraphLayout:
         if not self.quantized:  # float layouts record what they always did
             for key in ("weight_bits", "weight_block", "scale_dtype", "quantized_selection"):
                 del d[key]
+        if not self.kv_dtype:  # layouts before --kv-dtype record what they always did
+            del d["kv_dtype"]
         return d
 
     @classmethod
@@ -266,7 +277,7 @@ class GraphLayout:
 
     # ---- I/O lists, in graph order ----
     def _cache(self, name: str) -> TensorSpec:
-        return TensorSpec(name, self.dtype, (BATCH, self.num_kv_heads, CACHE_LEN, self.head_dim))
+        return TensorSpec(name, self.cache_dtype, (BATCH, self.num_kv_heads, CACHE_LEN, self.head_dim))
 
     def inputs(self, graph: str, quantized_selection: bool | None = None) -> list[TensorSpec]:
         """The graph's inputs in order. quantized_selection (default: the layout's): False gives a quantized

@@ -243,8 +243,9 @@ class EngineSpec:
 
     @classmethod
     def build(cls, model: ModelSpec, recipe: Recipe, target: str, precision: str, max_seq_len: int,
-              max_prompt_len: int, max_batch: int = 1) -> "EngineSpec":
-        """The spec of exporting `model` with `recipe` for `target` at `precision` (ValueError if it cannot be)."""
+              max_prompt_len: int, max_batch: int = 1, kv_dtype: str = "") -> "EngineSpec":
+        """The spec of exporting `model` with `recipe` for `target` at `precision` (ValueError if it cannot be);
+        kv_dtype "float16": an fp32 engine's KV cache in fp16 (target onnxruntime: GroupQueryAttention in fp16)."""
         if target not in C.TARGETS:
             raise ValueError(f"unknown target {target!r}")
         if precision not in C.PRECISIONS:
@@ -257,12 +258,15 @@ class EngineSpec:
             raise ValueError(f"need 1 <= max_prompt_len ({max_prompt_len}) <= max_seq_len ({max_seq_len}) and "
                              f"max_batch ({max_batch}) >= 1")
         m, dt = model, C.PRECISIONS[precision]
+        if kv_dtype and (target != C.TARGET_ONNXRUNTIME or m.head_dim % 16):
+            raise ValueError("an fp16 KV cache is built for --target onnxruntime's GroupQueryAttention (head_dim a "
+                             f"multiple of 16; here {m.head_dim}, target {target})")
         kinds = recipe.layer_kinds(m.num_layers)
         layout = C.GraphLayout(m.num_layers, m.hidden_size, m.intermediate_size, m.num_kv_heads, m.head_dim,
                                m.vocab_size, precision, kinds, k=recipe.k, rank=recipe.rank, mlp_bias=m.mlp_bias,
                                weight_bits=q.bits if q else 0, weight_block=q.block_size if q else 0,
                                scale_dtype=QuantContext(q, target, dt).scale_dt if q else "",
-                               quantized_selection=not (q and q.float_selection))
+                               quantized_selection=not (q and q.float_selection), kv_dtype=kv_dtype)
         embed = WeightRef("model.embed_tokens.weight", (m.vocab_size, m.hidden_size), dt, ROWS)
         if q is not None and q.head:
             head = _quantized(QuantContext(q, target, dt), "lm_head.weight", m.vocab_size, m.hidden_size, MATRIX_T)
@@ -318,7 +322,8 @@ class EngineSpec:
         recorded layout and tensors are what this caprese derives from them (ValueError naming the first
         difference otherwise)."""
         spec = cls.build(ModelSpec.from_dict(d["model"]), Recipe.from_dict(d["recipe"]), d["target"],
-                         d["precision"], int(d["max_seq_len"]), int(d["max_prompt_len"]), int(d["max_batch"]))
+                         d["precision"], int(d["max_seq_len"]), int(d["max_prompt_len"]), int(d["max_batch"]),
+                         kv_dtype=str(d["layout"].get("kv_dtype", "")) if isinstance(d.get("layout"), dict) else "")
         want = spec.to_dict()
         for key in ("recipe", "layout", "tensors"):
             diff = first_difference(d[key], want[key], key)

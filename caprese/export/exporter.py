@@ -101,7 +101,8 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
            base_model: str | None = None, max_batch: int = 1, timing_cache: str | Path | None = None,
            log: Callable[[str], None] | None = None, weights: str | None = None,
            block_size: int | str | None = None, quantize_head: bool = False,
-           int8_activations: bool = False, float_selection: bool = False, fp16_bypass: bool = False) -> ExportResult:
+           int8_activations: bool = False, float_selection: bool = False, fp16_bypass: bool = False,
+           kv_dtype: str | None = None) -> ExportResult:
     """Export SRC to OUT; see the module docstring. Raises CapreseError (one line) for anything a user can fix.
 
     weights "int4" | "int8": block-quantized weights (export_quantization.py): the artifact's own codes when SRC
@@ -110,6 +111,7 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
     MatMulNBits with int8 activations (accuracy_level 4, GenAI's CPU default); float_selection: GRIFFIN's per-prompt
     matrices as float w_gul / w_dr (dequantized once per prompt; faster on ONNX Runtime's CPU provider);
     fp16_bypass: an fp32 engine's bypass L / R stored fp16 (half their bytes per step), cast to fp32 where read.
+    kv_dtype "fp16" (target onnxruntime, precision fp32): the KV cache in fp16 (GroupQueryAttention in fp16).
 
     With engine=True and no TensorRT, the ONNX engine folder is still written completely, then
     TensorRTUnavailable (a CapreseError) says so.
@@ -140,6 +142,15 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
     if fp16_bypass and precision != "fp32":
         raise CapreseError(f"--fp16-bypass stores an fp32 engine's bypass in fp16; a --precision {precision} engine "
                            f"keeps it in {precision} already: drop --fp16-bypass")
+    if kv_dtype not in (None, precision, "fp32", "fp16"):
+        raise CapreseError(f"unknown --kv-dtype {kv_dtype!r}; use fp16 (or the precision's own, the default)")
+    kv16 = kv_dtype == "fp16" and precision == "fp32"
+    if kv_dtype == "fp32" and precision != "fp32":
+        raise CapreseError(f"--kv-dtype fp32 with --precision {precision}: the cache takes the precision's dtype; "
+                           "drop --kv-dtype")
+    if kv16 and target != C.TARGET_ONNXRUNTIME:
+        raise CapreseError("--kv-dtype fp16 on an fp32 engine is built for --target onnxruntime (GroupQueryAttention "
+                           "in fp16); add --target onnxruntime, or export --precision fp16")
     if fp16_bypass and (art is None or not getattr(art, "rank", 0)):
         raise CapreseError(f"--fp16-bypass: {src} has no bypass (L, R) to store; export a calibrated artifact with a "
                            "rank, or drop --fp16-bypass")
@@ -162,7 +173,8 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
         recipe = recipe_for(ffns)
         if quant is not None:
             recipe = dataclasses.replace(recipe, weights=quant.recipe)
-        engine_spec = EngineSpec.build(spec, recipe, target, precision, seq, prompt, max_batch)
+        engine_spec = EngineSpec.build(spec, recipe, target, precision, seq, prompt, max_batch,
+                                       kv_dtype="float16" if kv16 else "")
     except ValueError as e:
         raise CapreseError(str(e)) from None
     em = ExportModel(decoder, engine_spec, ffns, quant, float_selection=bool(quant and quant.recipe.float_selection))

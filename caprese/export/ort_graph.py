@@ -116,10 +116,20 @@ class OrtGraph(StandardGraph):
             attrs["local_window_size"] = int(attn.window)  # = keys q - w + 1 .. q (parity tests cross w)
         if attn.softcap is not None:
             attrs["softcap"] = float(attn.softcap)
+        cos, sin = self.cos, self.sin
+        if self.lay.kv_dtype:  # an fp16 cache: GroupQueryAttention in fp16 (its CPU kernel: fp32 arithmetic on fp16
+            f16 = TensorProto.FLOAT16  # inputs, q / k rounded after the rotation, the output rounded once)
+            qkv = g.op("Cast", [qkv], "attn", "Cast_qkv_fp16", i, to=f16)
+            if not hasattr(self, "_rope16"):
+                self._rope16 = tuple(g.op("Cast", [r], "rope", f"Cast_{n}_fp16", to=f16)
+                                     for r, n in ((cos, "cos"), (sin, "sin")))
+            cos, sin = self._rope16
         y = g.op("GroupQueryAttention", [qkv, "", "", C.past_key(i), C.past_value(i), self.seqlens_k, self.total_len,
-                                         self.cos, self.sin], "attn", "GroupQueryAttention", i, domain=C.MS_DOMAIN,
+                                         cos, sin], "attn", "GroupQueryAttention", i, domain=C.MS_DOMAIN,
                  out=[f"{C.node_name('attn', 'GroupQueryAttention', i)}/output_0", C.present_key(i),
                       C.present_value(i)], **attrs)[0]
+        if self.lay.kv_dtype:
+            y = g.op("Cast", [y], "attn", "Cast_output_fp32", i, to=TensorProto.FLOAT)
         return self.proj(y, attn.o_proj, t.o, t.o_bias, i, "o")
 
     # ---- FFN ----

@@ -96,7 +96,7 @@ def kv_buffers(layout: C.GraphLayout, slots: int) -> dict[str, Buffer]:
     """The KV cache (one [1, H_kv, slots, D] buffer per layer for K and V) and its attention mask (batch 1:
     every slot is, or will be, a real token)."""
     shape = (1, layout.num_kv_heads, slots, layout.head_dim)
-    out = {past: Buffer(past, layout.dtype, shape) for past, _ in layout.in_place_pairs()}
+    out = {past: Buffer(past, layout.cache_dtype, shape) for past, _ in layout.in_place_pairs()}
     out[C.ATTENTION_MASK] = Buffer(C.ATTENTION_MASK, "int64", (1, slots), 1)
     return out
 

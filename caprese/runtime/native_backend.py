@@ -416,7 +416,14 @@ class NativeBackend(Backend):
             M.lm_head = address(A[spec.head])
         M.final_norm = address(A[spec.final_norm])
         M.int8_act = 2 if self.int8_down else int(self.int8_activations)
-        M.rope_cos, M.rope_sin = address(A[spec.rope_cos]), address(A[spec.rope_sin])
+        M.kv_f16 = int(lay.kv_dtype == "float16")
+        if M.kv_f16:  # GroupQueryAttention in fp16 rotates by the fp16-rounded tables (--kv-dtype fp16)
+            for name, ref in (("rope_cos", spec.rope_cos), ("rope_sin", spec.rope_sin)):
+                t = np.ascontiguousarray(A[ref], dtype=np.float32).astype(np.float16).astype(np.float32)
+                self._extra.append(t)
+                setattr(M, name, address(t))
+        else:
+            M.rope_cos, M.rope_sin = address(A[spec.rope_cos]), address(A[spec.rope_sin])
         M.layers = self._layers
         M.logits = address(self.buffers[C.LOGITS].host)
         if M.q_head:

@@ -42,7 +42,7 @@ def spec_traffic(spec: EngineSpec) -> DecodeTraffic:
     for t in lay.inputs(C.DECODE):  # the per-prompt inputs; the cache is counted per slot below
         if selection_name(t.name):
             total += math.prod(concrete(t.shape)) * DTYPE_BITS[t.dtype] // 8
-    per_slot = 2 * lay.num_layers * lay.num_kv_heads * lay.head_dim * DTYPE_BITS[lay.dtype] // 8
+    per_slot = 2 * lay.num_layers * lay.num_kv_heads * lay.head_dim * DTYPE_BITS[lay.cache_dtype] // 8
     return DecodeTraffic(total, per_slot)
 
 

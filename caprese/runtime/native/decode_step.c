@@ -124,6 +124,10 @@ typedef struct {
                               * rows-dot over x rounded once per product by the leader, GRIFFIN's down rows-axpy
                               * with h rounded to 16 bits per group of 32 rows; 2: that down in int8 too (opt-in);
                               * other formats fp32 */
+    int64_t kv_f16;          /* the KV cache holds fp16 (k_cache / v_cache point at uint16 rows; --kv-dtype fp16):
+                              * ONNX Runtime's fp16 GroupQueryAttention's numbers: q, k, v rounded to fp16, q and k
+                              * rotated in fp32 (fp16-rounded cos / sin: the backend's tables) and rounded again,
+                              * attention in fp32, its output rounded to fp16 */
 } Model;
 
 /* ------------------------------------------------------------------ the structs' layout, for the ctypes mirror */
@@ -153,7 +157,7 @@ static const LayoutField LAYOUT[] = {
     FIELD(Model, final_softcap), FIELD(Model, embed_scale), FIELD(Model, embed), FIELD(Model, lm_head),
     FIELD(Model, final_norm), FIELD(Model, rope_cos), FIELD(Model, rope_sin), FIELD(Model, layers),
     FIELD(Model, logits), FIELD(Model, head_q), FIELD(Model, head_scale), FIELD(Model, head_bound),
-    FIELD(Model, q_head), FIELD(Model, q_lm_head), FIELD(Model, int8_act),
+    FIELD(Model, q_head), FIELD(Model, q_lm_head), FIELD(Model, int8_act), FIELD(Model, kv_f16),
     {NULL, NULL, 0, 0}};
 
 /* Every struct ctypes mirrors, with each field's offset and size as this compiler laid them out. */
@@ -299,6 +303,49 @@ static void rope(float *v, const float *cos, const float *sin, int64_t half) {
         v[j] = a * cos[j] - b * sin[j];
         v[j + half] = b * cos[j] + a * sin[j];
     }
+}
+
+/* float -> fp16 bits, rounded to nearest even (F16C's vcvtps2ph, and ONNX Runtime's Cast), in portable C */
+static inline uint16_t f16_bits(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000, exp = (x >> 23) & 0xff;
+    uint32_t mant = x & 0x7fffff;
+    if (exp == 0xff) return (uint16_t)(sign | 0x7c00 | (mant ? 0x200 : 0));
+    const int32_t e = (int32_t)exp - 112; /* the fp16 exponent field */
+    if (e >= 0x1f) return (uint16_t)(sign | 0x7c00);
+    if (e <= 0) { /* an fp16 subnormal, or zero */
+        if (e < -10) return (uint16_t)sign;
+        mant |= 0x800000;
+        const uint32_t shift = (uint32_t)(14 - e), mid = 1u << (shift - 1), rem = mant & ((1u << shift) - 1);
+        uint32_t h = mant >> shift;
+        if (rem > mid || (rem == mid && (h & 1))) h++;
+        return (uint16_t)(sign | h);
+    }
+    uint32_t h = (uint32_t)e << 10 | mant >> 13;
+    const uint32_t rem = mant & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++; /* a carry moves into the exponent, as it should */
+    return (uint16_t)(sign | h);
+}
+
+/* dst[j] = src[j] rounded to fp16 bits, n values */
+static void to_f16(const float *src, uint16_t *dst, int64_t n) {
+    int64_t j = 0;
+#if defined(__F16C__) && defined(__AVX__)
+    for (; j + 8 <= n; j += 8)
+        _mm_storeu_si128((__m128i *)(dst + j), _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; j < n; j++) dst[j] = f16_bits(src[j]);
+}
+
+/* v[j] = v[j] rounded to fp16 (and back), n values */
+static void round_f16(float *v, int64_t n) {
+    int64_t j = 0;
+#if defined(__F16C__) && defined(__AVX__)
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(v + j, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(v + j), _MM_FROUND_TO_NEAREST_INT)));
+#endif
+    for (; j < n; j++) v[j] = qg_half(f16_bits(v[j]));
 }
 
 /* d[k] = w_k . h for four fp32 head rows. Every head logit, of the full head and of a screened head's
@@ -588,11 +635,20 @@ static void stage_kv_write(Ctx *c, int64_t li, int64_t slot) {
     const Layer *L = m->layers + li;
     const int64_t hd = m->head_dim, Hkv = m->num_kv_heads, half = hd / 2;
     for (int64_t kv = 0; kv < Hkv; kv++) {
+        const float *k = c->kv + kv * hd, *v = c->kv + (Hkv + kv) * hd;
+        if (m->kv_f16) { /* fp16 rows: k rounded, rotated, rounded again; v rounded */
+            float *t = c->t;
+            memcpy(t, k, sizeof(float) * hd);
+            round_f16(t, hd);
+            rope(t, m->rope_cos + slot * half, m->rope_sin + slot * half, half);
+            to_f16(t, (uint16_t *)L->k_cache + (kv * m->capacity + slot) * hd, hd);
+            to_f16(v, (uint16_t *)L->v_cache + (kv * m->capacity + slot) * hd, hd);
+            continue;
+        }
         float *kd = L->k_cache + (kv * m->capacity + slot) * hd, *vd = L->v_cache + (kv * m->capacity + slot) * hd;
-        const float *k = c->kv + kv * hd;
         if (L->k_norm) rms_norm(k, L->k_norm, kd, hd, m->eps); else memcpy(kd, k, sizeof(float) * hd);
         rope(kd, m->rope_cos + slot * half, m->rope_sin + slot * half, half);
-        memcpy(vd, c->kv + (Hkv + kv) * hd, sizeof(float) * hd);
+        memcpy(vd, v, sizeof(float) * hd);
     }
 }
 
@@ -608,21 +664,42 @@ static void stage_kv_write(Ctx *c, int64_t li, int64_t slot) {
 typedef float vfw __attribute__((vector_size(VW * 4)));
 typedef float vfwu __attribute__((vector_size(VW * 4), aligned(4))); /* an unaligned load / store of VW floats */
 
+/* K / V rows in their cache's dtype (f16: Model.kv_f16, a compile-time constant where it is used): element e of
+ * a cache area, one VW-vector or one value of it, widened to fp32 */
+#define KV_AT(base, e, f16) ((const void *)((const char *)(base) + ((f16) ? 2 : 4) * (e)))
+static inline __attribute__((always_inline)) vfw kv_vec(const void *p, const int f16) {
+    if (!f16) return *(const vfwu *)p;
+#if VW == 16
+    return (vfw)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#elif VW == 8 && defined(__F16C__)
+    return (vfw)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+    vfw r;
+    for (int k = 0; k < VW; k++) r[k] = qg_half(((const uint16_t *)p)[k]);
+    return r;
+#endif
+}
+static inline __attribute__((always_inline)) float kv_val(const void *p, int64_t j, const int f16) {
+    return f16 ? qg_half(((const uint16_t *)p)[j]) : ((const float *)p)[j];
+}
+
 #if VW >= 8
 /* The tiles of dot16 / dot8: a[s] = VW partial sums of q . K[s] for VW key rows of hd floats (whole vectors of q),
  * and the products past the last whole vector added to r[s]. */
-static inline __attribute__((always_inline)) void tile_partials(const float *q, const float *K, int64_t hd, vfw *a) {
+static inline __attribute__((always_inline)) void tile_partials(const float *q, const void *K, int64_t hd, vfw *a,
+                                                                const int f16) {
     const int64_t hv = hd & ~(int64_t)(VW - 1);
     for (int s = 0; s < VW; s++) a[s] = (vfw){0};
     for (int64_t j = 0; j < hv; j += VW) {
         const vfw qv = *(const vfwu *)(q + j);
-        for (int s = 0; s < VW; s++) a[s] += qv * *(const vfwu *)(K + s * hd + j);
+        for (int s = 0; s < VW; s++) a[s] += qv * kv_vec(KV_AT(K, s * hd + j, f16), f16);
     }
 }
 
-static inline __attribute__((always_inline)) vfw tile_tail(const float *q, const float *K, int64_t hd, vfw r) {
+static inline __attribute__((always_inline)) vfw tile_tail(const float *q, const void *K, int64_t hd, vfw r,
+                                                           const int f16) {
     for (int64_t j = hd & ~(int64_t)(VW - 1); j < hd; j++) /* head_dim not a multiple of VW */
-        for (int s = 0; s < VW; s++) r[s] += q[j] * K[s * hd + j];
+        for (int s = 0; s < VW; s++) r[s] += q[j] * kv_val(K, s * hd + j, f16);
     return r;
 }
 #endif
@@ -630,9 +707,9 @@ static inline __attribute__((always_inline)) vfw tile_tail(const float *q, const
 #if VW == 16
 /* d[s] = q . K[s] for 16 key rows of hd floats: one vector of partial sums per row, then a transposing tree of
  * shuffles adds the 16 vectors into one (46 vector operations for 16 dot products, not a horizontal sum each). */
-static inline __attribute__((always_inline)) vfw dot16(const float *q, const float *K, int64_t hd) {
+static inline __attribute__((always_inline)) vfw dot16(const float *q, const void *K, int64_t hd, const int f16) {
     vfw a[16];
-    tile_partials(q, K, hd, a);
+    tile_partials(q, K, hd, a, f16);
     vfw b[8], c[4], d[2];
     for (int i = 0; i < 8; i++) /* [row 2i: 8 partial sums | row 2i + 1: 8] */
         b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -651,16 +728,17 @@ static inline __attribute__((always_inline)) vfw dot16(const float *q, const flo
     const vfw e = /* rows in bit-reversed order */
         __builtin_shufflevector(d[0], d[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
         __builtin_shufflevector(d[0], d[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-    return tile_tail(q, K, hd, __builtin_shufflevector(e, e, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15));
+    return tile_tail(q, K, hd, __builtin_shufflevector(e, e, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15),
+                     f16);
 }
 #endif
 
 #if VW == 8
 /* d[s] = q . K[s] for 8 key rows (the AVX2 build): dot16's transposing tree at 8 lanes (22 operations for 8 dot
  * products where a horizontal sum per row took ~6 each). */
-static inline __attribute__((always_inline)) vfw dot8(const float *q, const float *K, int64_t hd) {
+static inline __attribute__((always_inline)) vfw dot8(const float *q, const void *K, int64_t hd, const int f16) {
     vfw a[8];
-    tile_partials(q, K, hd, a);
+    tile_partials(q, K, hd, a, f16);
     vfw b[4], c[2];
     for (int i = 0; i < 4; i++) /* [row 2i: 4 partial sums | row 2i + 1: 4] */
         b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
@@ -671,40 +749,50 @@ static inline __attribute__((always_inline)) vfw dot8(const float *q, const floa
     const vfw d = /* rows 0, 4, 2, 6, 1, 5, 3, 7 */
         __builtin_shufflevector(c[0], c[1], 0, 8, 2, 10, 4, 12, 6, 14) +
         __builtin_shufflevector(c[0], c[1], 1, 9, 3, 11, 5, 13, 7, 15);
-    return tile_tail(q, K, hd, __builtin_shufflevector(d, d, 0, 4, 2, 6, 1, 5, 3, 7));
+    return tile_tail(q, K, hd, __builtin_shufflevector(d, d, 0, 4, 2, 6, 1, 5, 3, 7), f16);
 }
 #endif
 
-static inline float dot_row(const float *q, const float *k, int64_t hd) {
+static inline __attribute__((always_inline)) float dot_row(const float *q, const void *k, int64_t hd, const int f16) {
     float d = 0.0f;
+    if (f16) { /* whole vectors widened at once, then the rest one by one */
+        vfw a = {0};
+        int64_t j = 0;
+        for (; j + VW <= hd; j += VW) a += *(const vfwu *)(q + j) * kv_vec(KV_AT(k, j, 1), 1);
+        for (int t = 0; t < VW; t++) d += a[t];
+        for (; j < hd; j++) d += q[j] * kv_val(k, j, 1);
+        return d;
+    }
 #pragma omp simd reduction(+ : d)
-    for (int64_t j = 0; j < hd; j++) d += q[j] * k[j];
+    for (int64_t j = 0; j < hd; j++) d += q[j] * ((const float *)k)[j];
     return d;
 }
 
 /* sc[t * ATT_BLOCK + s] = score of query t (of nk, q[t * hd ..]) against key row s < n of K (scaled, soft-capped);
  * their maxima into mx[t]. AVX-512: 16 rows at a time per query (dot16); AVX2: 2 x 8 (dot8); else, and the last
  * n % 16, one by one. pk (or NULL): npk key rows requested along, one per row scored (attend_group). */
-static void score_rows(const Layer *L, const float *q, const float *K, int64_t hd, int64_t n, int nk, float *sc,
-                       float *mx, const float *pk, int64_t npk) {
+static inline __attribute__((always_inline)) void score_rows(const Layer *L, const float *q, const void *K, int64_t hd,
+                                                             int64_t n, int nk, float *sc, float *mx, const void *pk,
+                                                             int64_t npk, const int f16) {
+    const int64_t rb = hd * (f16 ? 2 : 4); /* bytes of a row */
     for (int t = 0; t < nk; t++) {
         const float *qt = q + t * hd;
         float *st = sc + t * ATT_BLOCK;
         int64_t s = 0;
         for (; s + 16 <= n; s += 16) {
             if (pk && t == 0 && s < npk)
-                qg_prefetch((const uint8_t *)(pk + s * hd), ((s + 16 < npk ? s + 16 : npk) - s) * hd * 4);
+                qg_prefetch((const uint8_t *)KV_AT(pk, s * hd, f16), ((s + 16 < npk ? s + 16 : npk) - s) * rb);
 #if VW == 16
-            *(vfwu *)(st + s) = dot16(qt, K + s * hd, hd);
+            *(vfwu *)(st + s) = dot16(qt, KV_AT(K, s * hd, f16), hd, f16);
 #elif VW == 8
-            *(vfwu *)(st + s) = dot8(qt, K + s * hd, hd);
-            *(vfwu *)(st + s + 8) = dot8(qt, K + (s + 8) * hd, hd);
+            *(vfwu *)(st + s) = dot8(qt, KV_AT(K, s * hd, f16), hd, f16);
+            *(vfwu *)(st + s + 8) = dot8(qt, KV_AT(K, (s + 8) * hd, f16), hd, f16);
 #else
-            for (int64_t r = s; r < s + 16; r++) st[r] = dot_row(qt, K + r * hd, hd);
+            for (int64_t r = s; r < s + 16; r++) st[r] = dot_row(qt, KV_AT(K, r * hd, f16), hd, f16);
 #endif
         }
-        if (pk && t == 0 && s < npk) qg_prefetch((const uint8_t *)(pk + s * hd), (npk - s) * hd * 4);
-        for (; s < n; s++) st[s] = dot_row(qt, K + s * hd, hd);
+        if (pk && t == 0 && s < npk) qg_prefetch((const uint8_t *)KV_AT(pk, s * hd, f16), (npk - s) * rb);
+        for (; s < n; s++) st[s] = dot_row(qt, KV_AT(K, s * hd, f16), hd, f16);
         const float scale = L->scale, cap = L->softcap;
         if (cap > 0.0f) {
             for (int64_t s = 0; s < n; s++) st[s] = tanhf(st[s] * scale / cap) * cap;
@@ -722,9 +810,9 @@ static void score_rows(const Layer *L, const float *q, const float *K, int64_t h
 /* o_k[0:hd] += sum over rows s < n of p_k[s] * V[s] for nk <= 4 queries (p_k = p + k * ATT_BLOCK, o_k = o + k *
  * ostride): 2 VW columns at a time, the 2 nk sums kept in registers across the rows (independent chains). pv (or
  * NULL): npv value rows requested along, one per row added (attend_group). */
-static inline __attribute__((always_inline)) void add_values(const float *p, const float *V, int64_t hd, int64_t n,
-                                                             int nk, float *o, int64_t ostride, const float *pv,
-                                                             int64_t npv) {
+static inline __attribute__((always_inline)) void add_values(const float *p, const void *V, int64_t hd, int64_t n,
+                                                             int nk, float *o, int64_t ostride, const void *pv,
+                                                             int64_t npv, const int f16) {
     const float *p0 = p, *p1 = p + ATT_BLOCK, *p2 = p + 2 * ATT_BLOCK, *p3 = p + 3 * ATT_BLOCK;
     int64_t j = 0;
     for (; j + 2 * VW <= hd; j += 2 * VW) {
@@ -735,8 +823,8 @@ static inline __attribute__((always_inline)) void add_values(const float *p, con
         if (nk > 2) a2 = *(vfwu *)o2, b2 = *(vfwu *)(o2 + VW);
         if (nk > 3) a3 = *(vfwu *)o3, b3 = *(vfwu *)(o3 + VW);
         for (int64_t s = 0; s < n; s++) {
-            if (s < npf) qg_prefetch((const uint8_t *)(pv + s * hd), hd * 4);
-            const vfw v = *(const vfwu *)(V + s * hd + j), w = *(const vfwu *)(V + s * hd + j + VW);
+            if (s < npf) qg_prefetch((const uint8_t *)KV_AT(pv, s * hd, f16), hd * (f16 ? 2 : 4));
+            const vfw v = kv_vec(KV_AT(V, s * hd + j, f16), f16), w = kv_vec(KV_AT(V, s * hd + j + VW, f16), f16);
             a0 += p0[s] * v, b0 += p0[s] * w;
             if (nk > 1) a1 += p1[s] * v, b1 += p1[s] * w;
             if (nk > 2) a2 += p2[s] * v, b2 += p2[s] * w;
@@ -750,7 +838,7 @@ static inline __attribute__((always_inline)) void add_values(const float *p, con
     for (; j < hd; j++) /* head_dim not a multiple of 2 VW */
         for (int t = 0; t < nk; t++) {
             float a = o[t * ostride + j];
-            for (int64_t s = 0; s < n; s++) a += p[t * ATT_BLOCK + s] * V[s * hd + j];
+            for (int64_t s = 0; s < n; s++) a += p[t * ATT_BLOCK + s] * kv_val(V, s * hd + j, f16);
             o[t * ostride + j] = a;
         }
 }
@@ -759,10 +847,9 @@ static inline __attribute__((always_inline)) void add_values(const float *p, con
  * streams (~16 KB each of K and V) that the hardware prefetchers do not ramp up on, so asked 16 rows ahead they
  * were read at half the weights' rate (docs/performance.md). */
 static void prefetch_kv_rows(const Model *m, const Layer *L, int64_t kvh, int64_t s0, int64_t s1) {
-    const int64_t hd = m->head_dim;
-    const float *K = L->k_cache + kvh * m->capacity * hd, *V = L->v_cache + kvh * m->capacity * hd;
-    qg_prefetch((const uint8_t *)(K + s0 * hd), (s1 - s0) * hd * 4);
-    qg_prefetch((const uint8_t *)(V + s0 * hd), (s1 - s0) * hd * 4);
+    const int64_t hd = m->head_dim, f16 = m->kv_f16, rb = hd * (f16 ? 2 : 4);
+    qg_prefetch((const uint8_t *)KV_AT(L->k_cache, (kvh * m->capacity + s0) * hd, f16), (s1 - s0) * rb);
+    qg_prefetch((const uint8_t *)KV_AT(L->v_cache, (kvh * m->capacity + s0) * hd, f16), (s1 - s0) * rb);
 }
 
 /* Query heads h0 .. h0 + g - 1 of layer L at `slot`, all of one KV head: their q (raw: the QKV product's outputs of
@@ -773,34 +860,38 @@ static void prefetch_kv_rows(const Model *m, const Layer *L, int64_t kvh, int64_
  * are read (a key row per key scored, a value row per value added): their memory time overlaps this chunk's
  * arithmetic, where one burst of requests first stalled the core until most of them had come back (docs/
  * performance.md: the attention phase 0.91x on two threads, 0.80x at 1,024 tokens). */
-static void attend_group(const Ctx *c, const Layer *L, int64_t slot, int64_t h0, int64_t g, int64_t s0, int64_t s1,
-                         const float *raw, float *q, float *sc, float *o, int64_t ostride, int64_t nkvh, int64_t ns0,
-                         int64_t ns1) {
+static inline __attribute__((always_inline)) void attend_group_kv(const Ctx *c, const Layer *L, int64_t slot,
+                                                                  int64_t h0, int64_t g, int64_t s0, int64_t s1,
+                                                                  const float *raw, float *q, float *sc, float *o,
+                                                                  int64_t ostride, int64_t nkvh, int64_t ns0,
+                                                                  int64_t ns1, const int f16) {
     const Model *m = c->m;
     const int64_t hd = m->head_dim, half = hd / 2, kvh = h0 / (m->num_heads / m->num_kv_heads);
     for (int64_t k = 0; k < g; k++) {
         float *qk = q + k * hd;
         if (L->q_norm) rms_norm(raw + k * hd, L->q_norm, qk, hd, m->eps);
         else memcpy(qk, raw + k * hd, sizeof(float) * hd);
+        if (f16) round_f16(qk, hd); /* an fp16 cache: q as ONNX Runtime's fp16 attention takes it (Model.kv_f16) */
         rope(qk, m->rope_cos + slot * half, m->rope_sin + slot * half, half);
+        if (f16) round_f16(qk, hd);
         float *ok = o + k * ostride;
         for (int64_t j = 0; j < hd; j++) ok[j] = 0.0f;
         ok[hd] = -INFINITY;
         ok[hd + 1] = 0.0f;
     }
-    const float *K = L->k_cache + kvh * m->capacity * hd, *V = L->v_cache + kvh * m->capacity * hd;
+    const void *K = KV_AT(L->k_cache, kvh * m->capacity * hd, f16), *V = KV_AT(L->v_cache, kvh * m->capacity * hd, f16);
     prefetch_kv_rows(m, L, kvh, s0, s1);
     for (int64_t b0 = s0; b0 < s1; b0 += ATT_BLOCK) {
         const int64_t n = b0 + ATT_BLOCK <= s1 ? ATT_BLOCK : s1 - b0;
         /* the next chunk's rows, requested as this block's are read (the same count, from its matching slot) */
         const int64_t nb0 = ns0 + (b0 - s0), np = nkvh < 0 || nb0 >= ns1 ? 0 : (ns1 - nb0 < n ? ns1 - nb0 : n);
-        const float *pk = np ? L->k_cache + (nkvh * m->capacity + nb0) * hd : NULL;
-        const float *pv = np ? L->v_cache + (nkvh * m->capacity + nb0) * hd : NULL;
+        const void *pk = np ? KV_AT(L->k_cache, (nkvh * m->capacity + nb0) * hd, f16) : NULL;
+        const void *pv = np ? KV_AT(L->v_cache, (nkvh * m->capacity + nb0) * hd, f16) : NULL;
         for (int64_t k0 = 0; k0 < g; k0 += 4) {
             const int nk = g - k0 < 4 ? (int)(g - k0) : 4;
             float bm[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
             float *sk = sc + k0 * ATT_BLOCK, *qk = q + k0 * hd, *ok = o + k0 * ostride;
-            score_rows(L, qk, K + b0 * hd, hd, n, nk, sk, bm, pk, np);
+            score_rows(L, qk, KV_AT(K, b0 * hd, f16), hd, n, nk, sk, bm, pk, np, f16);
             for (int t = 0; t < nk; t++) { /* e^(score - new max); the sums so far rescaled to the new max */
                 float *ot = ok + t * ostride, *st = sk + t * ATT_BLOCK;
                 const float mx = ot[hd], nm = bm[t] > mx ? bm[t] : mx, corr = mx == -INFINITY ? 0.0f : expf(mx - nm);
@@ -816,15 +907,22 @@ static void attend_group(const Ctx *c, const Layer *L, int64_t slot, int64_t h0,
                     for (int64_t j = 0; j < hd; j++) ot[j] *= corr;
             }
             switch (nk) {
-            case 1: add_values(sk, V + b0 * hd, hd, n, 1, ok, ostride, pv, np); break;
-            case 2: add_values(sk, V + b0 * hd, hd, n, 2, ok, ostride, pv, np); break;
-            case 3: add_values(sk, V + b0 * hd, hd, n, 3, ok, ostride, pv, np); break;
-            default: add_values(sk, V + b0 * hd, hd, n, 4, ok, ostride, pv, np); break;
+            case 1: add_values(sk, KV_AT(V, b0 * hd, f16), hd, n, 1, ok, ostride, pv, np, f16); break;
+            case 2: add_values(sk, KV_AT(V, b0 * hd, f16), hd, n, 2, ok, ostride, pv, np, f16); break;
+            case 3: add_values(sk, KV_AT(V, b0 * hd, f16), hd, n, 3, ok, ostride, pv, np, f16); break;
+            default: add_values(sk, KV_AT(V, b0 * hd, f16), hd, n, 4, ok, ostride, pv, np, f16); break;
             }
             pk = pv = NULL; /* once per block */
         }
     }
     if (nkvh >= 0 && ns1 - ns0 > s1 - s0) prefetch_kv_rows(m, L, nkvh, ns0 + (s1 - s0), ns1);
+}
+
+static void attend_group(const Ctx *c, const Layer *L, int64_t slot, int64_t h0, int64_t g, int64_t s0, int64_t s1,
+                         const float *raw, float *q, float *sc, float *o, int64_t ostride, int64_t nkvh, int64_t ns0,
+                         int64_t ns1) {
+    if (c->m->kv_f16) attend_group_kv(c, L, slot, h0, g, s0, s1, raw, q, sc, o, ostride, nkvh, ns0, ns1, 1);
+    else attend_group_kv(c, L, slot, h0, g, s0, s1, raw, q, sc, o, ostride, nkvh, ns0, ns1, 0);
 }
 
 /* The first slot query heads attend at `slot` (Gemma 2's sliding window starts later). */
@@ -843,6 +941,7 @@ static void stage_attention(const Ctx *c, const Phase *ph, int64_t i, float *out
     attend_group(c, L, ph->slot, i, 1, first_slot(L, ph->slot), ph->slot + 1, sc, q, sc, o, hd + 2, -1, 0, 0);
     const float inv = 1.0f / o[hd + 1];
     for (int64_t j = 0; j < hd; j++) o[j] *= inv;
+    if (m->kv_f16) round_f16(o, hd); /* ONNX Runtime's fp16 attention output (Model.kv_f16) */
     const Mat rows = {L->o.w + i * hd * L->o.ld, L->o.ld, L->o.cols}; /* this head's rows of o */
     gemv_rows(o, &rows, NULL, 0, hd, out);
 }
@@ -1417,8 +1516,8 @@ static void own_next_inputs(Ctx *c, const Phase *ph, int p) {
         const Layer *L = m->layers + ph->layer; /* the new K / V rows (stage_kv_write): lines no core holds */
         for (int64_t kv = 0; kv < m->num_kv_heads; kv++)
             for (int64_t j = 0; j < m->head_dim; j += 16) {
-                __builtin_prefetch(L->k_cache + (kv * m->capacity + ph->slot) * m->head_dim + j, 1, 3);
-                __builtin_prefetch(L->v_cache + (kv * m->capacity + ph->slot) * m->head_dim + j, 1, 3);
+                __builtin_prefetch(KV_AT(L->k_cache, (kv * m->capacity + ph->slot) * m->head_dim + j, m->kv_f16), 1, 3);
+                __builtin_prefetch(KV_AT(L->v_cache, (kv * m->capacity + ph->slot) * m->head_dim + j, m->kv_f16), 1, 3);
             }
     }
     if (ph->kind == PH_QDOT && ph->job == J_O) own_lines(c->h, sizeof(float) * m->hidden);
@@ -1547,6 +1646,7 @@ static void reduce_attention(Ctx *c, const Phase *ph, int64_t i, const float *r,
         if (part == S - 1) {
             const float inv = 1.0f / ml[1];
             for (int64_t j = 0; j < hd; j++) o[j] *= inv;
+            if (m->kv_f16) round_f16(o, hd); /* ONNX Runtime's fp16 attention output (Model.kv_f16) */
         }
     }
 }

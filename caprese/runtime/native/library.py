@@ -69,7 +69,8 @@ class Model(ctypes.Structure):
         (n, ctypes.c_void_p) for n in ("embed", "lm_head", "final_norm", "rope_cos", "rope_sin")] + [
         ("layers", ctypes.POINTER(Layer)), ("logits", ctypes.c_void_p),
         ("head_q", ctypes.c_void_p), ("head_scale", ctypes.c_void_p), ("head_bound", ctypes.c_void_p),
-        ("q_head", ctypes.c_int64), ("q_lm_head", QMat), ("int8_act", ctypes.c_int64)]
+        ("q_head", ctypes.c_int64), ("q_lm_head", QMat), ("int8_act", ctypes.c_int64),
+        ("kv_f16", ctypes.c_int64)]
 
 
 MIRRORS = (Mat, QMat, Layer, Model)  # every struct the library reads from Python

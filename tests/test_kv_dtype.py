@@ -1,0 +1,123 @@
+"""An fp32 engine with its KV cache in fp16 (`caprese-export --target onnxruntime --kv-dtype fp16`): the contract's
+cache dtype, ONNX Runtime's fp16 GroupQueryAttention against the fp32 engine, the native kernel against ONNX
+Runtime on the same engine (float and int4 weights, every instruction set this CPU builds), and the refusals.
+
+Tolerances. The fp16 engine against the fp32 one: K and V rounded to fp16 (2^-11 relative) move these tiny
+models' O(1) logits by ~1e-3; bound 2e-2. Native against ONNX Runtime on the fp16 engine: both round q, k, v and
+the attention output to fp16 at the same points (ONNX Runtime's CPU kernel: fp32 arithmetic on fp16 inputs, q and
+k rotated in fp32 and rounded, the output rounded once), so the K / V rows each writes are the same bits except
+where fp32 sums in another order land on the other side of an fp16 rounding tie: >= 97% of them identical here
+(a kernel that skips the rounding before the rotation: ~70%). Those 1-ulp flips of the attention output (5e-4
+relative) amplify the fp32 bound of the float tests (5e-5) to ~1e-3 on the logits; bound 1e-2 (a wrong row,
+sign or mask moves them by more)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from caprese.errors import CapreseError
+from caprese.export import contract as C
+from caprese.export.exporter import export
+from caprese.runtime import Generator
+from export_helpers import MAX_SEQ, one_torch_thread, prompt_ids
+
+STEPS = 12
+_ENGINES: dict = {}
+
+
+def _engine(tmp_path_factory, tiny_model_dir, kind: str, kv: str | None, weights: str | None = None):
+    key = (kind, kv, weights)
+    if key not in _ENGINES:
+        root = tmp_path_factory.mktemp(f"kv_{kind}_{kv}_{weights}")
+        _ENGINES[key] = export(tiny_model_dir(kind), root / "engine", target="onnxruntime", max_seq_len=MAX_SEQ,
+                               max_prompt_len=MAX_SEQ - 1, kv_dtype=kv, weights=weights,
+                               int8_activations=bool(weights)).out
+    return _ENGINES[key]
+
+
+def _decode(g: Generator, prompt: list[int], n: int = STEPS):
+    """(logits [n, V] of n decode steps after a prefill, the K and V rows those steps wrote, per layer)."""
+    with one_torch_thread():
+        g.generate(prompt, 1, ignore_eos=True)
+    b, out = g.backend, []
+    for i in range(n):
+        out.append(b.decode(7 + i, len(prompt) + i).float().reshape(-1).clone())
+    kv = b.buffers
+    rows = [np.array(kv[name(i)].host)[:, :, len(prompt):len(prompt) + n].copy()
+            for i in range(g.manifest.layout.num_layers) for name in (C.past_key, C.past_value)]
+    return torch.stack(out), rows
+
+
+def test_the_contract_records_an_fp16_cache(tmp_path_factory, tiny_model_dir):
+    engine = _engine(tmp_path_factory, tiny_model_dir, "qwen2", "fp16")
+    g = Generator.load(engine, backend="onnxruntime")
+    lay = g.manifest.layout
+    assert lay.kv_dtype == "float16" and lay.dtype == "float32"
+    specs = {t.name: t for t in lay.inputs(C.DECODE)}
+    assert specs[C.past_key(0)].dtype == "float16" and specs[C.past_value(1)].dtype == "float16"
+    g.generate([5, 6, 7], 2, ignore_eos=True)  # the cache is allocated at the first prompt
+    assert np.array(g.backend.buffers[C.past_key(0)].host).dtype == np.float16
+    assert C.GraphLayout.from_dict(lay.to_dict()) == lay
+    with pytest.raises(ValueError):
+        C.GraphLayout.from_dict({**lay.to_dict(), "kv_dtype": "bfloat16"})
+    plain = Generator.load(_engine(tmp_path_factory, tiny_model_dir, "qwen2", None), backend="onnxruntime")
+    assert "kv_dtype" not in plain.manifest.layout.to_dict()  # fp32 caches record what they always did
+    # the cache's bytes per slot are half the fp32 engine's (what RuntimeStats.bytes_per_step counts)
+    from caprese.runtime.traffic import spec_traffic
+
+    assert 2 * spec_traffic(g.manifest.spec).kv_bytes_per_slot == spec_traffic(plain.manifest.spec).kv_bytes_per_slot
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_fp16_cache_against_the_fp32_one(kind, tmp_path_factory, tiny_model_dir):
+    prompt = prompt_ids(20, seed=3)[0].tolist()
+    a, _ = _decode(Generator.load(_engine(tmp_path_factory, tiny_model_dir, kind, "fp16"), backend="onnxruntime"),
+                   prompt)
+    b, _ = _decode(Generator.load(_engine(tmp_path_factory, tiny_model_dir, kind, None), backend="onnxruntime"),
+                   prompt)
+    d = (a - b).abs().max().item()
+    print(f"\n{kind}: fp16 cache vs fp32, max |logit diff| {d:.2e}")
+    assert 0 < d < 2e-2
+
+
+@pytest.mark.parametrize("kind,weights", [("qwen2", None), ("mistral", None), ("qwen2", "int4")])
+def test_native_follows_onnx_runtime_on_an_fp16_cache(kind, weights, tmp_path_factory, tiny_model_dir):
+    """Float weights (the float attention path) and int4 with int8 activations (the quantized one); mistral's
+    sliding window of 8 is passed within the steps. Every ISA this CPU builds, 1 and 2 threads."""
+    from test_native_backend import ISAS, needs_cc
+
+    if needs_cc.mark.args[0]:
+        pytest.skip(needs_cc.mark.kwargs["reason"])
+    engine = _engine(tmp_path_factory, tiny_model_dir, kind, "fp16", weights)
+    prompt = prompt_ids(20, seed=3)[0].tolist()
+    ref, ref_rows = _decode(Generator.load(engine, backend="onnxruntime"), prompt)
+    first = None
+    for isa in ISAS:
+        for threads in (1, 2):
+            got, rows = _decode(Generator.load(engine, backend="native", threads=threads, head="full", isa=isa),
+                                prompt)
+            same = np.mean([np.mean(x == y) for x, y in zip(rows, ref_rows)])
+            d = (got - ref).abs().max().item()
+            print(f"\n{kind} {weights} {isa or 'default'} x{threads}: K/V rows identical {same:.4f}, "
+                  f"max |logit diff| {d:.2e}")
+            assert same >= 0.97 and d < 1e-2
+            assert torch.equal(got.argmax(-1), ref.argmax(-1))
+            if first is None or first[0] != isa:
+                first = (isa, got)
+            else:  # the thread count changes no bit
+                assert torch.equal(got, first[1])
+
+
+def test_refusals(tmp_path, tiny_model_dir):
+    src = tiny_model_dir("qwen2")
+    with pytest.raises(CapreseError, match="--target onnxruntime"):
+        export(src, tmp_path / "a", kv_dtype="fp16")  # the standard (TensorRT) graphs
+    with pytest.raises(CapreseError, match="--kv-dtype fp32 with --precision fp16"):
+        export(src, tmp_path / "b", precision="fp16", kv_dtype="fp32")
+    with pytest.raises(CapreseError, match="unknown --kv-dtype"):
+        export(src, tmp_path / "c", target="onnxruntime", kv_dtype="int8")
+    with pytest.raises(CapreseError, match="head_dim"):  # GroupQueryAttention's CPU kernel: multiples of 16
+        export(tiny_model_dir("llama"), tmp_path / "d", target="onnxruntime", kv_dtype="fp16")
+    assert not any(p.name.startswith((".a", ".b", ".c", ".d")) for p in tmp_path.iterdir())  # nothing half-written
