@@ -121,3 +121,13 @@ def test_refusals(tmp_path, tiny_model_dir):
     with pytest.raises(CapreseError, match="head_dim"):  # GroupQueryAttention's CPU kernel: multiples of 16
         export(tiny_model_dir("llama"), tmp_path / "d", target="onnxruntime", kv_dtype="fp16")
     assert not any(p.name.startswith((".a", ".b", ".c", ".d")) for p in tmp_path.iterdir())  # nothing half-written
+
+
+def test_cli_refusal_is_one_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    from caprese.cli.export_command import main as export_main
+    from cli_helpers import assert_one_line_error, run_cli
+
+    rc, _, err = run_cli(export_main, [str(tiny_model_dir("qwen2")), "-o", str(tmp_path / "e"), "--kv-dtype", "fp16"],
+                         monkeypatch, capsys)
+    assert_one_line_error(rc, err, "--target onnxruntime", log_prefix="[caprese-export]")
+    assert not (tmp_path / "e").exists()

@@ -638,7 +638,7 @@ static void stage_kv_write(Ctx *c, int64_t li, int64_t slot) {
         const float *k = c->kv + kv * hd, *v = c->kv + (Hkv + kv) * hd;
         if (m->kv_f16) { /* fp16 rows: k rounded, rotated, rounded again; v rounded */
             float *t = c->t;
-            memcpy(t, k, sizeof(float) * hd);
+            if (L->k_norm) rms_norm(k, L->k_norm, t, hd, m->eps); else memcpy(t, k, sizeof(float) * hd);
             round_f16(t, hd);
             rope(t, m->rope_cos + slot * half, m->rope_sin + slot * half, half);
             to_f16(t, (uint16_t *)L->k_cache + (kv * m->capacity + slot) * hd, hd);
