@@ -131,3 +131,24 @@ def test_cli_refusal_is_one_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
                          monkeypatch, capsys)
     assert_one_line_error(rc, err, "--target onnxruntime", log_prefix="[caprese-export]")
     assert not (tmp_path / "e").exists()
+
+
+def test_conversation_regrows_an_fp16_cache(tmp_path_factory, tiny_model_dir):
+    """Chat turns with a cache sized to each turn: the fp16 buffers are reallocated (cached slots kept, still
+    fp16) and the kernel follows them; its replies are ONNX Runtime's."""
+    from caprese.runtime.conversation import Conversation
+    from test_native_backend import needs_cc
+
+    if needs_cc.mark.args[0]:
+        pytest.skip(needs_cc.mark.kwargs["reason"])
+    engine = _engine(tmp_path_factory, tiny_model_dir, "mistral", "fp16")
+    ref = Conversation(Generator.load(engine, backend="onnxruntime", threads=1, kv_policy=1))
+    nat = Generator.load(engine, backend="native", threads=1, kv_policy=1)
+    got = Conversation(nat)
+    capacities = []
+    with one_torch_thread():
+        for turn in ("hello there", "and again", "one more"):
+            assert got.say(turn, 6).consume().tokens == ref.say(turn, 6).consume().tokens
+            capacities.append(nat.backend.capacity)
+            assert np.array(nat.backend.buffers[C.past_value(1)].host).dtype == np.float16
+    assert len(set(capacities)) == 3  # grown at every turn
