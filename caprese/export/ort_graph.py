@@ -31,6 +31,7 @@ class OrtGraph(StandardGraph):
         if self.shared:
             raise ValueError("the shared TensorRT graph has no onnxruntime variant")
         self.gqa = self.model.head_dim % GQA_HEAD_MULTIPLE == 0
+        self._rope16 = None  # an fp16 cache: the rotary tables cast to fp16 once, shared by every layer
 
     def build_masks(self) -> GraphMasks:
         """GroupQueryAttention: seqlens_k = slots written so far - 1 and total = the longest, no masks."""
@@ -120,7 +121,7 @@ class OrtGraph(StandardGraph):
         if self.lay.kv_dtype:  # an fp16 cache: GroupQueryAttention in fp16 (its CPU kernel: fp32 arithmetic on fp16
             f16 = TensorProto.FLOAT16  # inputs, q / k rounded after the rotation, the output rounded once)
             qkv = g.op("Cast", [qkv], "attn", "Cast_qkv_fp16", i, to=f16)
-            if not hasattr(self, "_rope16"):
+            if self._rope16 is None:
                 self._rope16 = tuple(g.op("Cast", [r], "rope", f"Cast_{n}_fp16", to=f16)
                                      for r, n in ((cos, "cos"), (sin, "sin")))
             cos, sin = self._rope16

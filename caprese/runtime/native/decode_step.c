@@ -636,19 +636,18 @@ static void stage_kv_write(Ctx *c, int64_t li, int64_t slot) {
     const int64_t hd = m->head_dim, Hkv = m->num_kv_heads, half = hd / 2;
     for (int64_t kv = 0; kv < Hkv; kv++) {
         const float *k = c->kv + kv * hd, *v = c->kv + (Hkv + kv) * hd;
-        if (m->kv_f16) { /* fp16 rows: k rounded, rotated, rounded again; v rounded */
-            float *t = c->t;
-            if (L->k_norm) rms_norm(k, L->k_norm, t, hd, m->eps); else memcpy(t, k, sizeof(float) * hd);
-            round_f16(t, hd);
-            rope(t, m->rope_cos + slot * half, m->rope_sin + slot * half, half);
-            to_f16(t, (uint16_t *)L->k_cache + (kv * m->capacity + slot) * hd, hd);
-            to_f16(v, (uint16_t *)L->v_cache + (kv * m->capacity + slot) * hd, hd);
-            continue;
-        }
-        float *kd = L->k_cache + (kv * m->capacity + slot) * hd, *vd = L->v_cache + (kv * m->capacity + slot) * hd;
+        const int64_t row = (kv * m->capacity + slot) * hd;
+        /* an fp16 cache (Model.kv_f16): k rounded, rotated (in c->t), rounded again into its row; v rounded */
+        float *kd = m->kv_f16 ? c->t : L->k_cache + row;
         if (L->k_norm) rms_norm(k, L->k_norm, kd, hd, m->eps); else memcpy(kd, k, sizeof(float) * hd);
+        if (m->kv_f16) round_f16(kd, hd);
         rope(kd, m->rope_cos + slot * half, m->rope_sin + slot * half, half);
-        memcpy(vd, v, sizeof(float) * hd);
+        if (m->kv_f16) {
+            to_f16(kd, (uint16_t *)L->k_cache + row, hd);
+            to_f16(v, (uint16_t *)L->v_cache + row, hd);
+        } else {
+            memcpy(L->v_cache + row, v, sizeof(float) * hd);
+        }
     }
 }
 
@@ -666,7 +665,8 @@ typedef float vfwu __attribute__((vector_size(VW * 4), aligned(4))); /* an unali
 
 /* K / V rows in their cache's dtype (f16: Model.kv_f16, a compile-time constant where it is used): element e of
  * a cache area, one VW-vector or one value of it, widened to fp32 */
-#define KV_AT(base, e, f16) ((const void *)((const char *)(base) + ((f16) ? 2 : 4) * (e)))
+#define KV_BYTES(f16) ((f16) ? 2 : 4) /* bytes of one cached value */
+#define KV_AT(base, e, f16) ((const void *)((const char *)(base) + KV_BYTES(f16) * (e)))
 static inline __attribute__((always_inline)) vfw kv_vec(const void *p, const int f16) {
     if (!f16) return *(const vfwu *)p;
 #if VW == 16
@@ -774,7 +774,7 @@ static inline __attribute__((always_inline)) float dot_row(const float *q, const
 static inline __attribute__((always_inline)) void score_rows(const Layer *L, const float *q, const void *K, int64_t hd,
                                                              int64_t n, int nk, float *sc, float *mx, const void *pk,
                                                              int64_t npk, const int f16) {
-    const int64_t rb = hd * (f16 ? 2 : 4); /* bytes of a row */
+    const int64_t rb = hd * KV_BYTES(f16); /* bytes of a row */
     for (int t = 0; t < nk; t++) {
         const float *qt = q + t * hd;
         float *st = sc + t * ATT_BLOCK;
@@ -823,7 +823,7 @@ static inline __attribute__((always_inline)) void add_values(const float *p, con
         if (nk > 2) a2 = *(vfwu *)o2, b2 = *(vfwu *)(o2 + VW);
         if (nk > 3) a3 = *(vfwu *)o3, b3 = *(vfwu *)(o3 + VW);
         for (int64_t s = 0; s < n; s++) {
-            if (s < npf) qg_prefetch((const uint8_t *)KV_AT(pv, s * hd, f16), hd * (f16 ? 2 : 4));
+            if (s < npf) qg_prefetch((const uint8_t *)KV_AT(pv, s * hd, f16), hd * KV_BYTES(f16));
             const vfw v = kv_vec(KV_AT(V, s * hd + j, f16), f16), w = kv_vec(KV_AT(V, s * hd + j + VW, f16), f16);
             a0 += p0[s] * v, b0 += p0[s] * w;
             if (nk > 1) a1 += p1[s] * v, b1 += p1[s] * w;
@@ -847,7 +847,7 @@ static inline __attribute__((always_inline)) void add_values(const float *p, con
  * streams (~16 KB each of K and V) that the hardware prefetchers do not ramp up on, so asked 16 rows ahead they
  * were read at half the weights' rate (docs/performance.md). */
 static void prefetch_kv_rows(const Model *m, const Layer *L, int64_t kvh, int64_t s0, int64_t s1) {
-    const int64_t hd = m->head_dim, f16 = m->kv_f16, rb = hd * (f16 ? 2 : 4);
+    const int64_t hd = m->head_dim, f16 = m->kv_f16, rb = hd * KV_BYTES(f16);
     qg_prefetch((const uint8_t *)KV_AT(L->k_cache, (kvh * m->capacity + s0) * hd, f16), (s1 - s0) * rb);
     qg_prefetch((const uint8_t *)KV_AT(L->v_cache, (kvh * m->capacity + s0) * hd, f16), (s1 - s0) * rb);
 }
