@@ -101,6 +101,7 @@ CASES = [  # (kind, method, rho, target, what it exercises)
     ("gemma2", "dense", 0, "tensorrt"),  # 1 + w norms, post norms, gelu-tanh, soft-caps, embedding scale
     ("gemma2", "griffin", 8, "tensorrt"),
     ("gemma2-untied", "dense", 0, "tensorrt"),  # Gemma 2 with its own lm_head (the head the native kernel reads)
+    ("llama-hd96", "dense", 0, "tensorrt"),  # head_dim 96: the attention's 64- and 32-column value passes
     ("qwen2", "dense", 0, "onnxruntime"),  # --target onnxruntime: gate and up as two matrices
     ("qwen2", "griffin", 8, "onnxruntime"),
 ]
@@ -111,7 +112,7 @@ CASES = [  # (kind, method, rho, target, what it exercises)
 ISA_CASES = [(None, *c) for c in CASES] + [
     (isa, *c) for isa in OTHER_ISAS for c in CASES if c[:2] in (("llama", "cats"), ("qwen2", "griffin"),
                                                                 ("qwen3", "dense"), ("gemma2", "dense"),
-                                                                ("mistral", "dense"))]
+                                                                ("mistral", "dense"), ("llama-hd96", "dense"))]
 
 
 @needs_cc

@@ -46,11 +46,13 @@ CASES = [
     ("qwen2", "griffin", "int4", None, "tensorrt", False, 8),  # int4x2 signed packing, block 64
     ("qwen2", "cats", "int8", None, "tensorrt", False, 0),
     ("qwen2", "dense", "int4", 64, "onnxruntime", True, 0),  # block 64 (gemma2's o has 96 inputs), quantized head
+    ("llama-hd96", "dense", "int4", None, "onnxruntime", False, 0),  # 4 query heads per key tile, head_dim 96
 ]
 IDS = [f"{k}-{m}-{w}-{b or 'default'}-{t}{'-qhead' if h else ''}" for k, m, w, b, t, h, _ in CASES]
 # the other builds: a case per distinct code path (rows-dot int4 / int8, GRIFFIN rows, CATS rows, quantized head)
 ISA_CASES = [(None, *c) for c in CASES] + [(isa, *c) for isa in OTHER_ISAS for c in CASES
-                                           if c[:3] in (("qwen2", "griffin", "int4"), ("llama", "cats", "int8"))
+                                           if c[:3] in (("qwen2", "griffin", "int4"), ("llama", "cats", "int8"),
+                                                        ("llama-hd96", "dense", "int4"))
                                            or c[3] in (32, 64)]
 
 

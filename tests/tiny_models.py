@@ -82,6 +82,10 @@ CONFIGS["gemma2-untied"] = ("gemma2", {**CONFIGS["gemma2"][1], "tie_word_embeddi
 # More neurons than two chunks of the native step's dense FFN phase (stage_q_ffn_dense: 768): 1600 = 768 + 768 + 64,
 # with the llama kind's MLP biases, and head_dim 32 so that o's 192 inputs take int4 blocks of 32.
 CONFIGS["llama-ff1600"] = ("llama", {**CONFIGS["llama"][1], "head_dim": 32, "intermediate_size": 1600})
+# head_dim 96 with GQA 4:1: the native attention's value rows in a 64-column pass then a 32-column one, four query
+# heads sharing each key tile (the smaller head_dims above take only the 32-column path).
+CONFIGS["llama-hd96"] = ("llama", {**CONFIGS["llama"][1], "num_attention_heads": 4, "num_key_value_heads": 1,
+                                   "head_dim": 96})
 SLIDING_KINDS = ("mistral", "qwen2", "gemma2")
 
 

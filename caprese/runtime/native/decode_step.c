@@ -769,52 +769,78 @@ static inline __attribute__((always_inline)) float dot_row(const float *q, const
 }
 
 /* sc[t * ATT_BLOCK + s] = score of query t (of nk, q[t * hd ..]) against key row s < n of K (scaled, soft-capped);
- * their maxima into mx[t]. AVX-512: 16 rows at a time per query (dot16); AVX2: 2 x 8 (dot8); else, and the last
- * n % 16, one by one. pk (or NULL): npk key rows requested along, one per row scored (attend_group). */
+ * their maxima into mx[t]. AVX-512: 16 rows at a time (dot16), AVX2: 2 x 8 (dot8), every query's scores of a tile
+ * before the next tile, so the nk queries after the first read its rows from L1 (a 256-slot block's rows do not
+ * fit it: query by query, each re-read them from L2; the attention 10-15% faster, docs/performance.md); else, and
+ * the last n % 16, one by one. pk (or NULL): npk key rows requested along, one per row scored (attend_group). */
 static inline __attribute__((always_inline)) void score_rows(const Layer *L, const float *q, const void *K, int64_t hd,
                                                              int64_t n, int nk, float *sc, float *mx, const void *pk,
                                                              int64_t npk, const int f16) {
     const int64_t rb = hd * KV_BYTES(f16); /* bytes of a row */
+    int64_t s = 0;
+#if VW >= 8
+    for (; s + 16 <= n; s += 16) {
+        if (pk && s < npk)
+            qg_prefetch((const uint8_t *)KV_AT(pk, s * hd, f16), ((s + 16 < npk ? s + 16 : npk) - s) * rb);
+        for (int t = 0; t < nk; t++) {
+#if VW == 16
+            *(vfwu *)(sc + t * ATT_BLOCK + s) = dot16(q + t * hd, KV_AT(K, s * hd, f16), hd, f16);
+#else
+            *(vfwu *)(sc + t * ATT_BLOCK + s) = dot8(q + t * hd, KV_AT(K, s * hd, f16), hd, f16);
+            *(vfwu *)(sc + t * ATT_BLOCK + s + 8) = dot8(q + t * hd, KV_AT(K, (s + 8) * hd, f16), hd, f16);
+#endif
+        }
+    }
+#endif
+    if (pk && s < npk) qg_prefetch((const uint8_t *)KV_AT(pk, s * hd, f16), (npk - s) * rb);
     for (int t = 0; t < nk; t++) {
         const float *qt = q + t * hd;
         float *st = sc + t * ATT_BLOCK;
-        int64_t s = 0;
-        for (; s + 16 <= n; s += 16) {
-            if (pk && t == 0 && s < npk)
-                qg_prefetch((const uint8_t *)KV_AT(pk, s * hd, f16), ((s + 16 < npk ? s + 16 : npk) - s) * rb);
-#if VW == 16
-            *(vfwu *)(st + s) = dot16(qt, KV_AT(K, s * hd, f16), hd, f16);
-#elif VW == 8
-            *(vfwu *)(st + s) = dot8(qt, KV_AT(K, s * hd, f16), hd, f16);
-            *(vfwu *)(st + s + 8) = dot8(qt, KV_AT(K, (s + 8) * hd, f16), hd, f16);
-#else
-            for (int64_t r = s; r < s + 16; r++) st[r] = dot_row(qt, KV_AT(K, r * hd, f16), hd, f16);
-#endif
-        }
-        if (pk && t == 0 && s < npk) qg_prefetch((const uint8_t *)KV_AT(pk, s * hd, f16), (npk - s) * rb);
-        for (; s < n; s++) st[s] = dot_row(qt, KV_AT(K, s * hd, f16), hd, f16);
+        for (int64_t r = s; r < n; r++) st[r] = dot_row(qt, KV_AT(K, r * hd, f16), hd, f16);
         const float scale = L->scale, cap = L->softcap;
         if (cap > 0.0f) {
-            for (int64_t s = 0; s < n; s++) st[s] = tanhf(st[s] * scale / cap) * cap;
+            for (int64_t r = 0; r < n; r++) st[r] = tanhf(st[r] * scale / cap) * cap;
         } else {
 #pragma omp simd
-            for (int64_t s = 0; s < n; s++) st[s] *= scale;
+            for (int64_t r = 0; r < n; r++) st[r] *= scale;
         }
         float m = mx[t];
 #pragma omp simd reduction(max : m)
-        for (int64_t s = 0; s < n; s++) m = st[s] > m ? st[s] : m;
+        for (int64_t r = 0; r < n; r++) m = st[r] > m ? st[r] : m;
         mx[t] = m;
     }
 }
 
 /* o_k[0:hd] += sum over rows s < n of p_k[s] * V[s] for nk <= 4 queries (p_k = p + k * ATT_BLOCK, o_k = o + k *
- * ostride): 2 VW columns at a time, the 2 nk sums kept in registers across the rows (independent chains). pv (or
- * NULL): npv value rows requested along, one per row added (attend_group). */
+ * ostride): 4 VW columns at a time on AVX-512 (4 nk sums), then 2 VW (2 nk), the sums kept in registers across the
+ * rows (independent chains). pv (or NULL): npv value rows requested along, one per row added (attend_group). */
 static inline __attribute__((always_inline)) void add_values(const float *p, const void *V, int64_t hd, int64_t n,
                                                              int nk, float *o, int64_t ostride, const void *pv,
                                                              int64_t npv, const int f16) {
     const float *p0 = p, *p1 = p + ATT_BLOCK, *p2 = p + 2 * ATT_BLOCK, *p3 = p + 3 * ATT_BLOCK;
     int64_t j = 0;
+#if VW == 16
+    /* AVX-512: 64 columns at a time, each value vector loaded into a register once for all nk queries (the
+     * compiler had folded the loads into the FMAs, loading every vector nk times: load-bound); the same sums */
+    for (; j + 4 * VW <= hd; j += 4 * VW) {
+        const int64_t npf = j == 0 && pv ? npv : 0; /* the next chunk's value rows, one per row added */
+        vfw a[4][4];
+        for (int t = 0; t < 4; t++)
+            for (int u = 0; u < 4; u++) a[t][u] = t < nk ? *(vfwu *)(o + t * ostride + j + u * VW) : (vfw){0};
+        for (int64_t s = 0; s < n; s++) {
+            if (s < npf) qg_prefetch((const uint8_t *)KV_AT(pv, s * hd, f16), hd * KV_BYTES(f16));
+            vfw v[4];
+            for (int u = 0; u < 4; u++) v[u] = kv_vec(KV_AT(V, s * hd + j + u * VW, f16), f16);
+            __asm__("" : "+v"(v[0]), "+v"(v[1]), "+v"(v[2]), "+v"(v[3]));
+            for (int t = 0; t < nk; t++) {
+                const float pt = p[t * ATT_BLOCK + s];
+                for (int u = 0; u < 4; u++) a[t][u] += pt * v[u];
+            }
+        }
+        for (int t = 0; t < nk; t++)
+            for (int u = 0; u < 4; u++) *(vfwu *)(o + t * ostride + j + u * VW) = a[t][u];
+    }
+#endif
     for (; j + 2 * VW <= hd; j += 2 * VW) {
         const int64_t npf = j == 0 && pv ? npv : 0; /* the next chunk's value rows, one per row added */
         float *o0 = o + j, *o1 = o0 + ostride, *o2 = o1 + ostride, *o3 = o2 + ostride;
