@@ -850,7 +850,10 @@ static inline __attribute__((always_inline)) void add_values(const float *p, con
         if (nk > 3) a3 = *(vfwu *)o3, b3 = *(vfwu *)(o3 + VW);
         for (int64_t s = 0; s < n; s++) {
             if (s < npf) qg_prefetch((const uint8_t *)KV_AT(pv, s * hd, f16), hd * KV_BYTES(f16));
-            const vfw v = kv_vec(KV_AT(V, s * hd + j, f16), f16), w = kv_vec(KV_AT(V, s * hd + j + VW, f16), f16);
+            vfw v = kv_vec(KV_AT(V, s * hd + j, f16), f16), w = kv_vec(KV_AT(V, s * hd + j + VW, f16), f16);
+#if VW >= 8
+            __asm__("" : "+x"(v), "+x"(w)); /* in registers: one load each (see above) */
+#endif
             a0 += p0[s] * v, b0 += p0[s] * w;
             if (nk > 1) a1 += p1[s] * v, b1 += p1[s] * w;
             if (nk > 2) a2 += p2[s] * v, b2 += p2[s] * w;
