@@ -27,13 +27,15 @@ STEPS = 12
 _ENGINES: dict = {}
 
 
-def _engine(tmp_path_factory, tiny_model_dir, kind: str, kv: str | None, weights: str | None = None):
-    key = (kind, kv, weights)
+def _engine(tmp_path_factory, tiny_model_dir, kind: str, kv: str | None, weights: str | None = None,
+            int8_activations: bool | None = None):
+    int8_activations = bool(weights) if int8_activations is None else int8_activations
+    key = (kind, kv, weights, int8_activations)
     if key not in _ENGINES:
         root = tmp_path_factory.mktemp(f"kv_{kind}_{kv}_{weights}")
         _ENGINES[key] = export(tiny_model_dir(kind), root / "engine", target="onnxruntime", max_seq_len=MAX_SEQ,
                                max_prompt_len=MAX_SEQ - 1, kv_dtype=kv, weights=weights,
-                               int8_activations=bool(weights)).out
+                               int8_activations=int8_activations).out
     return _ENGINES[key]
 
 
@@ -82,15 +84,26 @@ def test_fp16_cache_against_the_fp32_one(kind, tmp_path_factory, tiny_model_dir)
     assert 0 < d < 2e-2
 
 
-@pytest.mark.parametrize("kind,weights", [("qwen2", None), ("mistral", None), ("qwen2", "int4")])
-def test_native_follows_onnx_runtime_on_an_fp16_cache(kind, weights, tmp_path_factory, tiny_model_dir):
-    """Float weights (the float attention path) and int4 with int8 activations (the quantized one); mistral's
-    sliding window of 8 is passed within the steps. Every ISA this CPU builds, 1 and 2 threads."""
+# (kind, weights, int8 activations, the least share of K / V bits equal to ONNX Runtime's)
+FOLLOW_CASES = [("qwen2", None, None, 0.97), ("mistral", None, None, 0.97), ("qwen2", "int4", True, 0.97),
+                # GQA 3:1 / 4:1 at head_dim 64 / 96: on AVX-512 the quantized attention scores an fp16 cache's keys
+                # for 3 and 2 + 2 query heads at once (qwen2: 2). fp32 activations: with int8 ones these random
+                # models turn one-ulp differences into flipped codes (test_int8_activation_engines). Their int4
+                # products sum in another order than ONNX Runtime's DequantizeLinear -> MatMul, which flips the
+                # fp16 rounding of 3-15% of the later layer's K / V values (logits still within 3e-3).
+                ("llama-hd64", "int4", False, 0.8), ("llama-hd96", "int4", False, 0.8)]
+
+
+@pytest.mark.parametrize("kind,weights,int8_activations,min_same", FOLLOW_CASES)
+def test_native_follows_onnx_runtime_on_an_fp16_cache(kind, weights, int8_activations, min_same, tmp_path_factory,
+                                                      tiny_model_dir):
+    """Float weights (the float attention path) and int4 (the quantized one); mistral's sliding window of 8 is
+    passed within the steps. Every ISA this CPU builds, 1 and 2 threads."""
     from test_native_backend import ISAS, needs_cc
 
     if needs_cc.mark.args[0]:
         pytest.skip(needs_cc.mark.kwargs["reason"])
-    engine = _engine(tmp_path_factory, tiny_model_dir, kind, "fp16", weights)
+    engine = _engine(tmp_path_factory, tiny_model_dir, kind, "fp16", weights, int8_activations)
     prompt = prompt_ids(20, seed=3)[0].tolist()
     ref, ref_rows = _decode(Generator.load(engine, backend="onnxruntime"), prompt)
     first = None
@@ -102,7 +115,7 @@ def test_native_follows_onnx_runtime_on_an_fp16_cache(kind, weights, tmp_path_fa
             d = (got - ref).abs().max().item()
             print(f"\n{kind} {weights} {isa or 'default'} x{threads}: K/V rows identical {same:.4f}, "
                   f"max |logit diff| {d:.2e}")
-            assert same >= 0.97 and d < 1e-2
+            assert same >= min_same and d < 1e-2
             assert torch.equal(got.argmax(-1), ref.argmax(-1))
             if first is None or first[0] != isa:
                 first = (isa, got)

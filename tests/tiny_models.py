@@ -86,6 +86,8 @@ CONFIGS["llama-ff1600"] = ("llama", {**CONFIGS["llama"][1], "head_dim": 32, "int
 # heads sharing each key tile (the smaller head_dims above take only the 32-column path).
 CONFIGS["llama-hd96"] = ("llama", {**CONFIGS["llama"][1], "num_attention_heads": 4, "num_key_value_heads": 1,
                                    "head_dim": 96})
+# SmolLM2's attention shape: GQA 3:1, head_dim 64 (an fp16 cache's keys scored for three query heads at once).
+CONFIGS["llama-hd64"] = ("llama", {**CONFIGS["llama"][1], "head_dim": 64})
 SLIDING_KINDS = ("mistral", "qwen2", "gemma2")
 
 
