@@ -2230,3 +2230,41 @@ int caprese_head_only(Ctx *c, const float *h, int64_t *next) {
     memcpy(c->h, h, sizeof(float) * m->hidden);
     return run_head(c, next, &skipped);
 }
+
+/* tools/bench_attention.py: one decode step's attention of a layer on this thread, as the quantized step runs it
+ * (attend_group per KV head over every slot, then each head normalized), `reps` times over the caller's rows
+ * (cache-resident after the first): ns per layer. q [heads, head_dim] is taken as already rotated (the tables
+ * here are the identity); k / v [kv_heads, slots, head_dim] fp32, or fp16 bits with f16; out [heads, head_dim]
+ * gets the last run's outputs. Returns ns per layer, or -1 for shapes it does not take. */
+double caprese_attention_bench(const float *q, const void *k, const void *v, int64_t heads, int64_t kv_heads,
+                               int64_t head_dim, int64_t slots, int64_t f16, int64_t reps, float *out) {
+    if (heads < 1 || kv_heads < 1 || heads % kv_heads || head_dim < 2 || head_dim % 2 || slots < 1 || reps < 1)
+        return -1.0;
+    const int64_t g = heads / kv_heads, half = head_dim / 2;
+    Model m = {0};
+    Layer L = {0};
+    Ctx *c = calloc(1, sizeof(Ctx));
+    float *cs = malloc(sizeof(float) * (size_t)(slots * half)), *sn = calloc((size_t)(slots * half), sizeof(float));
+    float *q2 = malloc(sizeof(float) * (size_t)(g * head_dim)), *sc = malloc(sizeof(float) * (size_t)(g * ATT_BLOCK));
+    float *o = malloc(sizeof(float) * (size_t)(heads * (head_dim + 2)));
+    double ns = -1.0;
+    if (c && cs && sn && q2 && sc && o) {
+        for (int64_t i = 0; i < slots * half; i++) cs[i] = 1.0f;
+        m.head_dim = head_dim, m.num_heads = heads, m.num_kv_heads = kv_heads, m.capacity = slots, m.kv_f16 = f16;
+        m.rope_cos = cs, m.rope_sin = sn, m.eps = 1e-6f;
+        L.k_cache = (float *)(uintptr_t)k, L.v_cache = (float *)(uintptr_t)v;
+        L.scale = 1.0f / sqrtf((float)head_dim);
+        c->m = &m;
+        const int64_t t0 = now_ns();
+        for (int64_t r = 0; r < reps; r++)
+            for (int64_t h = 0; h < kv_heads; h++)
+                attend_group(c, &L, slots - 1, h * g, g, 0, slots, q + h * g * head_dim, q2, sc,
+                             o + h * g * (head_dim + 2), head_dim + 2, -1, 0, 0);
+        ns = (double)(now_ns() - t0) / (double)reps;
+        for (int64_t h = 0; h < heads; h++)
+            for (int64_t j = 0; j < head_dim; j++)
+                out[h * head_dim + j] = o[h * (head_dim + 2) + j] / o[h * (head_dim + 2) + head_dim + 1];
+    }
+    free(c), free(cs), free(sn), free(q2), free(sc), free(o);
+    return ns;
+}
