@@ -606,7 +606,7 @@ def test_without_a_count_the_working_threads_follow_the_load(tmp_path_factory, t
     d = b.describe()
     assert (d["threads"], d["pool_threads"], d["threads_follow_load"]) == (2, 2, True)
     ref, _ = _steps(g, prompt, 6)
-    assert b.kernel_stats()["helper_chunks"] > 0
+    assert _helper_runs(g, prompt, 0)
     free[0] = 1  # a busy process took a CPU
     before = b.kernel_stats()
     got, _ = _steps(g, prompt, 6)
@@ -614,13 +614,22 @@ def test_without_a_count_the_working_threads_follow_the_load(tmp_path_factory, t
     assert b.describe()["threads"] == 1 and torch.equal(got, ref)
     assert after["helper_chunks"] == before["helper_chunks"] and after["leader_chunks"] > before["leader_chunks"]
     free[0] = 2  # it stopped
-    _steps(g, prompt, 6)
-    assert b.describe()["threads"] == 2 and b.kernel_stats()["helper_chunks"] > after["helper_chunks"]
+    assert _helper_runs(g, prompt, after["helper_chunks"]) and b.describe()["threads"] == 2
     free[0] = 1
     fixed = Generator.load(engine, backend="native", threads=2, head="full")
-    _steps(fixed, prompt, 6)
+    assert _helper_runs(fixed, prompt, 0)
     d = fixed.backend.describe()
-    assert (d["threads"], d["threads_follow_load"]) == (2, False) and fixed.backend.kernel_stats()["helper_chunks"] > 0
+    assert (d["threads"], d["threads_follow_load"]) == (2, False)
+
+
+def _helper_runs(g: Generator, prompt: list[int], before: int, tries: int = 20) -> bool:
+    """Whether the pool's helper commits chunks past `before` within `tries` runs of 6 steps: on a machine busy
+    with other work (the suite's other tests) the leader can take every chunk of a few tiny steps itself."""
+    for _ in range(tries):
+        _steps(g, prompt, 6)
+        if g.backend.kernel_stats()["helper_chunks"] > before:
+            return True
+    return False
 
 
 @needs_cc
