@@ -43,12 +43,15 @@ def method_artifact(folder: Path, out: Path, method: str, rank: int = 8, layers=
 
 
 def get_export(tmp_path_factory, tiny_model_dir, kind: str, method: str = "dense", rank: int = 8,
-               layers="all", precision: str = "fp32", target: str = "tensorrt") -> tuple[Path, Path]:
+               layers="all", precision: str = "fp32", target: str = "tensorrt",
+               kv_dtype: str | None = "fp32") -> tuple[Path, Path]:
     """(engine folder, source folder) exported once per session for (kind, method, rank, layers, precision,
-    target)."""
+    target, kv_dtype). kv_dtype "fp32" (an fp32 engine's cache in fp32, not --target onnxruntime's default fp16):
+    these engines are held to fp32 references at fp32 tolerances; tests/test_kv_dtype.py covers the fp16 cache."""
     from caprese.export.exporter import export
 
-    key = (kind, method, rank, str(layers), precision) + ((target,) if target != "tensorrt" else ())
+    kv_dtype = kv_dtype if precision == "fp32" else None
+    key = (kind, method, rank, str(layers), precision) + ((target,) if target != "tensorrt" else ()) + (kv_dtype,)
     if key not in _CACHE:
         root = tmp_path_factory.mktemp(f"export_{kind}_{method}_{precision}_{target}")
         art_key = (kind, method, rank, str(layers), "fp32")
@@ -59,7 +62,7 @@ def get_export(tmp_path_factory, tiny_model_dir, kind: str, method: str = "dense
         else:
             src = method_artifact(tiny_model_dir(kind), root / "artifact", method, rank, layers)
         out = export(src, root / "engine", precision=precision, max_seq_len=MAX_SEQ, max_prompt_len=MAX_SEQ - 1,
-                     target=target).out
+                     target=target, kv_dtype=kv_dtype).out
         _CACHE[key] = (out, src)
     return _CACHE[key]
 
@@ -111,7 +114,7 @@ class OrtLoop:
         sessions = {p: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for p in set(files.values())}
         self.sessions = {g: sessions[p] for g, p in files.items()}
         self.role_inputs = C.DECODE_FLAG in {i.name for i in self.sessions[C.PREFILL].get_inputs()}
-        np_dt = {"float32": np.float32, "float16": np.float16}[self.lay.dtype]
+        np_dt = {"float32": np.float32, "float16": np.float16}[self.lay.cache_dtype]  # --kv-dtype
         shape = (batch, self.lay.num_kv_heads, cache_len, self.lay.head_dim)
         self.kv = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np_dt))
                    for pair in self.lay.in_place_pairs() for name in pair[:1]}

@@ -16,11 +16,14 @@ _CACHE: dict = {}
 
 
 def q_export(tmp_path_factory, tiny_model_dir, kind, method, weights, block=None, target="tensorrt", head=False,
-             precision="fp32", float_selection=False, int8_activations=False, fp16_bypass=False):
-    """(engine, source) of a quantized export, once per session."""
+             precision="fp32", float_selection=False, int8_activations=False, fp16_bypass=False, kv_dtype="fp32"):
+    """(engine, source) of a quantized export, once per session. kv_dtype "fp32": an fp32 engine's cache in fp32
+    (not --target onnxruntime's default fp16), as export_helpers.get_export."""
     from caprese.export.exporter import export
 
-    key = (kind, method, weights, block, target, head, precision, float_selection, int8_activations, fp16_bypass)
+    kv_dtype = kv_dtype if precision == "fp32" else None
+    key = (kind, method, weights, block, target, head, precision, float_selection, int8_activations, fp16_bypass,
+           kv_dtype)
     if key not in _CACHE:
         root = tmp_path_factory.mktemp(f"qexport_{kind}_{method}_{weights}")
         src = tiny_model_dir(kind)
@@ -32,7 +35,7 @@ def q_export(tmp_path_factory, tiny_model_dir, kind, method, weights, block=None
         out = export(src, root / "engine", precision=precision, max_seq_len=MAX_SEQ, max_prompt_len=MAX_SEQ - 1,
                      target=target, weights=weights, block_size=block, quantize_head=head,
                      float_selection=float_selection, int8_activations=int8_activations,
-                     fp16_bypass=fp16_bypass).out
+                     fp16_bypass=fp16_bypass, kv_dtype=kv_dtype).out
         _CACHE[key] = (out, src)
     return _CACHE[key]
 

@@ -70,7 +70,7 @@ def test_smollm2_onnxruntime_target_matches_reference(tmp_path):
     from caprese.model.default_model import fetch_default
 
     art = method_artifact(fetch_default(), tmp_path / "art", "griffin", rank=16, layers="first-half")
-    engine = export(art, tmp_path / "engine", max_seq_len=MAX_SEQ, target="onnxruntime").out
+    engine = export(art, tmp_path / "engine", max_seq_len=MAX_SEQ, target="onnxruntime", kv_dtype="fp32").out
     dec = reference_decoder(art)
     prompt = prompt_ids(24, seed=29)
     old, support.MAX_SEQ = support.MAX_SEQ, MAX_SEQ

@@ -1,5 +1,5 @@
-"""An fp32 engine with its KV cache in fp16 (`caprese-export --target onnxruntime --kv-dtype fp16`): the contract's
-cache dtype, ONNX Runtime's fp16 GroupQueryAttention against the fp32 engine, the native kernel against ONNX
+"""An fp32 engine with its KV cache in fp16 (`caprese-export --target onnxruntime`'s default where head_dim is a
+multiple of 16, `--kv-dtype fp32` to keep fp32): the default, the contract's cache dtype, ONNX Runtime's fp16 GroupQueryAttention against the fp32 engine, the native kernel against ONNX
 Runtime on the same engine (float and int4 weights, every instruction set this CPU builds), and the refusals.
 
 Tolerances. The fp16 engine against the fp32 one: K and V rounded to fp16 (2^-11 relative) move these tiny
@@ -64,7 +64,7 @@ def test_the_contract_records_an_fp16_cache(tmp_path_factory, tiny_model_dir):
     assert C.GraphLayout.from_dict(lay.to_dict()) == lay
     with pytest.raises(ValueError):
         C.GraphLayout.from_dict({**lay.to_dict(), "kv_dtype": "bfloat16"})
-    plain = Generator.load(_engine(tmp_path_factory, tiny_model_dir, "qwen2", None), backend="onnxruntime")
+    plain = Generator.load(_engine(tmp_path_factory, tiny_model_dir, "qwen2", "fp32"), backend="onnxruntime")
     assert "kv_dtype" not in plain.manifest.layout.to_dict()  # fp32 caches record what they always did
     # the cache's bytes per slot are half the fp32 engine's (what RuntimeStats.bytes_per_step counts)
     from caprese.runtime.traffic import spec_traffic
@@ -77,7 +77,7 @@ def test_fp16_cache_against_the_fp32_one(kind, tmp_path_factory, tiny_model_dir)
     prompt = prompt_ids(20, seed=3)[0].tolist()
     a, _ = _decode(Generator.load(_engine(tmp_path_factory, tiny_model_dir, kind, "fp16"), backend="onnxruntime"),
                    prompt)
-    b, _ = _decode(Generator.load(_engine(tmp_path_factory, tiny_model_dir, kind, None), backend="onnxruntime"),
+    b, _ = _decode(Generator.load(_engine(tmp_path_factory, tiny_model_dir, kind, "fp32"), backend="onnxruntime"),
                    prompt)
     d = (a - b).abs().max().item()
     print(f"\n{kind}: fp16 cache vs fp32, max |logit diff| {d:.2e}")
@@ -121,6 +121,22 @@ def test_native_follows_onnx_runtime_on_an_fp16_cache(kind, weights, int8_activa
                 first = (isa, got)
             else:  # the thread count changes no bit
                 assert torch.equal(got, first[1])
+
+
+def test_the_default_cache_is_fp16_where_ort_takes_it(tmp_path_factory, tiny_model_dir):
+    """fp16 for an fp32 --target onnxruntime engine (head_dim 16 here); the precision's own elsewhere: the standard
+    graphs, a head_dim GroupQueryAttention's CPU kernel cannot take in fp16 (llama: 24), an fp16 engine."""
+    from caprese.export.manifest import load_manifest
+
+    def cache(kind, **kw):
+        out = tmp_path_factory.mktemp(f"kvdefault_{kind}") / "engine"
+        return load_manifest(export(tiny_model_dir(kind), out, max_seq_len=MAX_SEQ, max_prompt_len=MAX_SEQ - 1,
+                                    **kw).out).layout.cache_dtype
+
+    assert load_manifest(_engine(tmp_path_factory, tiny_model_dir, "qwen2", None)).layout.cache_dtype == "float16"
+    assert cache("qwen2") == "float32"  # --target tensorrt
+    assert cache("llama", target="onnxruntime") == "float32"
+    assert cache("qwen2", target="onnxruntime", precision="fp16") == "float16"
 
 
 def test_refusals(tmp_path, tiny_model_dir):

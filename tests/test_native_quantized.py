@@ -321,15 +321,21 @@ def test_cats_quantized_rows_below_the_threshold_are_not_read(weights, tmp_path_
 
 @pytest.mark.slow
 @needs_cc
-def test_smollm2_int4_native_equals_onnxruntime(tmp_path):
+@pytest.mark.parametrize("kv,tol", [("fp32", 1e-3), (None, 5e-2)])
+def test_smollm2_int4_native_equals_onnxruntime(kv, tol, tmp_path):
     """SmolLM2-135M exported with --weights int4 --target onnxruntime (GenAI's layout: MatMulNBits block 32):
-    32 greedy decode tokens of the native backend equal ONNX Runtime's; logits within 1e-3 (magnitude ~25, fp32
-    accumulation order only)."""
+    32 greedy decode tokens of the native backend equal ONNX Runtime's. Logits (magnitude ~25): with an fp32 cache
+    within 1e-3 (fp32 accumulation order only); with the default fp16 cache within 5e-2 (measured 1.7e-2: a K / V
+    element or attention output one fp16 ulp apart where the two sums straddle a rounding tie, 2^-11 relative,
+    carried through 30 layers; tests/test_kv_dtype.py bounds the rows themselves)."""
     from caprese.export.exporter import export
     from caprese.model.default_model import fetch_default
 
     engine = export(fetch_default(), tmp_path / "engine", max_seq_len=96, target="onnxruntime",
-                    weights="int4").out
+                    weights="int4", kv_dtype=kv).out
+    from caprese.export.manifest import load_manifest
+
+    assert load_manifest(engine).layout.cache_dtype == ("float32" if kv else "float16")
     prompt = prompt_ids(24, seed=29)[0].tolist()
     ort = Generator.load(engine, backend="onnxruntime", threads=2)
     nat = Generator.load(engine, backend="native", threads=2, head="full")
@@ -338,7 +344,7 @@ def test_smollm2_int4_native_equals_onnxruntime(tmp_path):
     diff = (got_logits - ref_logits).abs().max().item()
     print(f"SmolLM2 int4: max |logits native - onnxruntime| = {diff:.3g} over {len(got_logits)} steps")
     assert len(got.tokens) >= 33 and got.tokens == ref.tokens
-    assert diff < 1e-3
+    assert diff < tol
 
 
 @needs_cc

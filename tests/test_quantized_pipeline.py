@@ -41,7 +41,8 @@ def test_export_writes_the_artifacts_codes_and_runs_its_model(gptq_artifact, tmp
 
     art = load_artifact(gptq_artifact)
     assert art.weights is not None and art.weights.method == "gptq"
-    engine = export(gptq_artifact, tmp_path / "engine", max_seq_len=96, target="onnxruntime").out
+    engine = export(gptq_artifact, tmp_path / "engine", max_seq_len=96, target="onnxruntime",
+                    kv_dtype="fp32").out  # its tokens are the fp32 model's
     m = load_manifest(engine)
     assert m.spec.recipe.weights is not None and m.spec.recipe.weights.bits == 4
 

@@ -1,6 +1,7 @@
 """Bytes per decode step from the engine spec (caprese.runtime.traffic) equal what the decode graph itself reads:
 the independent reference below walks decode.onnx (every weights.bin initializer once; one row of a table read
-only by Gather / RotaryEmbedding / GroupQueryAttention's cos-sin inputs) plus the per-prompt decode inputs."""
+only by Gather / RotaryEmbedding / GroupQueryAttention's cos-sin inputs) plus the per-prompt decode inputs; the KV
+cache at the dtype of the graph's past_* inputs."""
 
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ def graph_traffic(m) -> DecodeTraffic:
     for node in model.graph.node:
         for j, name in enumerate(node.input):
             readers.setdefault(name, set()).add((node.op_type, j))
+    # an initializer's Cast (an fp16 cache's RoPE tables) is folded by ONNX Runtime at load: its readers read it
+    casts = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast" and n.input[0] in table}
+    for out, src in casts.items():
+        readers[src] = (readers[src] - {("Cast", 0)}) | readers.get(out, set())
     total = 0
     for init in model.graph.initializer:
         entry = table.get(init.name)
@@ -38,7 +43,9 @@ def graph_traffic(m) -> DecodeTraffic:
     for spec in lay.inputs(C.DECODE):
         if spec.name.startswith(("w_gul.", "w_dr.", "b_gul.", "cats_tau.")):
             total += int(np.prod([1 if isinstance(d, str) else d for d in spec.shape])) * _ITEMSIZE[spec.dtype]
-    return DecodeTraffic(total, 2 * lay.num_layers * lay.num_kv_heads * lay.head_dim * _ITEMSIZE[lay.dtype])
+    past = next(i for i in model.graph.input if i.name in dict(lay.in_place_pairs()))  # the cache's own dtype
+    kv_item = onnx.helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type).itemsize
+    return DecodeTraffic(total, 2 * lay.num_layers * lay.num_kv_heads * lay.head_dim * kv_item)
 
 
 CASES = [(kind, method, precision, target)

@@ -39,9 +39,10 @@ Rows (--rows, comma-separated; default: all):
                        onnxruntime and on the native backend (native/int8_activations.c)
   native-int4-acc4-caprese-griffin-fp16-bypass, native-int4-acc4-caprese-cats-fp16-bypass
                        the same, exported with --fp16-bypass too (L and R stored fp16: half their bytes)
-  ort-contrib-int4-acc4-dense-kv16, ort-contrib-int4-acc4-caprese-griffin-fp16-bypass-kv16,
-  native-int4-acc4-dense-kv16, native-int4-acc4-caprese-griffin-fp16-bypass-kv16
-                       the same exported with --kv-dtype fp16 too (the KV cache in fp16: half its bytes)
+  ort-contrib-int4-acc4-dense-kv32, ort-contrib-int4-acc4-caprese-griffin-fp16-bypass-kv32,
+  native-int4-acc4-dense-kv32, native-int4-acc4-caprese-griffin-fp16-bypass-kv32
+                       the same exported with --kv-dtype fp32 (the KV cache in fp32, twice the default fp16's
+                       bytes; every --target onnxruntime row above has the default fp16 cache)
   native-int4-acc4-caprese-griffin-int8-down
                        native-int4-acc4-caprese-griffin with the native option int8_down (GRIFFIN's down rows
                        multiplied with int8 coefficients, not 16-bit ones: faster, the largest error)
@@ -127,8 +128,8 @@ QUANT_ORT_ROWS = ("ort-contrib-int4-dense", "ort-contrib-int4-caprese-griffin", 
                   "ort-contrib-int4-qhead-dense", "ort-contrib-int4-qhead-caprese-griffin",
                   "ort-contrib-int4-acc4-dense", "ort-contrib-int4-acc4-caprese-griffin",
                   "ort-contrib-int4-acc4-caprese-cats", "ort-contrib-int4-acc4-caprese-griffin-fp16-bypass",
-                  "ort-contrib-int4-acc4-caprese-cats-fp16-bypass", "ort-contrib-int4-acc4-dense-kv16",
-                  "ort-contrib-int4-acc4-caprese-griffin-fp16-bypass-kv16")
+                  "ort-contrib-int4-acc4-caprese-cats-fp16-bypass", "ort-contrib-int4-acc4-dense-kv32",
+                  "ort-contrib-int4-acc4-caprese-griffin-fp16-bypass-kv32")
 ROW_NAMES = ("genai-dense", "genai-int4", "genai-int8", "ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats", "ort-contrib-dense",
              "ort-contrib-caprese-griffin", "native-dense", "native-caprese-griffin", "native-caprese-cats",
              "native-dense-full-head", "native-caprese-griffin-full-head", *QUANT_ORT_ROWS, "native-int4-dense",
@@ -136,7 +137,7 @@ ROW_NAMES = ("genai-dense", "genai-int4", "genai-int8", "ort-dense", "ort-griffi
              "native-int4-qhead-caprese-griffin", "native-int4-acc4-dense", "native-int4-acc4-caprese-griffin",
              "native-int4-acc4-caprese-cats", "native-int4-acc4-caprese-griffin-fp16-bypass",
              "native-int4-acc4-caprese-cats-fp16-bypass", "native-int4-acc4-caprese-griffin-int8-down",
-             "native-int4-acc4-dense-kv16", "native-int4-acc4-caprese-griffin-fp16-bypass-kv16", "torch-dense",
+             "native-int4-acc4-dense-kv32", "native-int4-acc4-caprese-griffin-fp16-bypass-kv32", "torch-dense",
              "transformers")
 ORT_ROWS = ("ort-dense", "ort-griffin", "ort-caprese-griffin", "ort-caprese-cats", "ort-contrib-dense",
             "ort-contrib-caprese-griffin")
@@ -159,9 +160,9 @@ NATIVE_ROWS = {"native-dense": ("ort-contrib-dense", "auto"),
                "native-int4-acc4-caprese-cats-fp16-bypass": ("ort-contrib-int4-acc4-caprese-cats-fp16-bypass",
                                                              "auto"),
                "native-int4-acc4-caprese-griffin-int8-down": ("ort-contrib-int4-acc4-caprese-griffin", "auto"),
-               "native-int4-acc4-dense-kv16": ("ort-contrib-int4-acc4-dense-kv16", "auto"),
-               "native-int4-acc4-caprese-griffin-fp16-bypass-kv16": (
-                   "ort-contrib-int4-acc4-caprese-griffin-fp16-bypass-kv16", "auto")}
+               "native-int4-acc4-dense-kv32": ("ort-contrib-int4-acc4-dense-kv32", "auto"),
+               "native-int4-acc4-caprese-griffin-fp16-bypass-kv32": (
+                   "ort-contrib-int4-acc4-caprese-griffin-fp16-bypass-kv32", "auto")}
 NATIVE_OPTIONS = {"native-int4-acc4-caprese-griffin-int8-down": {"int8_down": True}}  # more native backend options
 # the ONNX Runtime row that runs the same engine folder as each native row (the native rows' "x ORT" ratio)
 SAME_ENGINE = {"native-dense": "ort-contrib-dense", "native-caprese-griffin": "ort-contrib-caprese-griffin",
@@ -178,9 +179,9 @@ SAME_ENGINE = {"native-dense": "ort-contrib-dense", "native-caprese-griffin": "o
                "native-int4-acc4-caprese-griffin-fp16-bypass": "ort-contrib-int4-acc4-caprese-griffin-fp16-bypass",
                "native-int4-acc4-caprese-cats-fp16-bypass": "ort-contrib-int4-acc4-caprese-cats-fp16-bypass",
                "native-int4-acc4-caprese-griffin-int8-down": "ort-contrib-int4-acc4-caprese-griffin",
-               "native-int4-acc4-dense-kv16": "ort-contrib-int4-acc4-dense-kv16",
-               "native-int4-acc4-caprese-griffin-fp16-bypass-kv16":
-                   "ort-contrib-int4-acc4-caprese-griffin-fp16-bypass-kv16"}
+               "native-int4-acc4-dense-kv32": "ort-contrib-int4-acc4-dense-kv32",
+               "native-int4-acc4-caprese-griffin-fp16-bypass-kv32":
+                   "ort-contrib-int4-acc4-caprese-griffin-fp16-bypass-kv32"}
 # issue 13's targets: under --background-load N >= 1, native <= 1.10x ONNX Runtime on the same engine; idle, the
 # AVX2 build <= 1.0x it; the native rows' default head no slower than the full head (same ISA)
 CONTENDED_MAX = 1.10
@@ -194,8 +195,8 @@ TARGETS = (("ort-dense", 0.95, 1.25), ("ort-caprese-griffin", 0.70, 1.25), ("ort
            # issue 15: against genai-int4, within 1.3x of their bytes floor
            ("native-int4-dense", 0.90, 1.30), ("native-int4-caprese-griffin", 0.65, 1.30),
            ("native-int4-acc4-dense", 0.90, 1.30), ("native-int4-acc4-caprese-griffin", 0.65, 1.30),
-           ("native-int4-acc4-caprese-griffin-fp16-bypass", 0.65, 1.30), ("native-int4-acc4-dense-kv16", 0.90, 1.30),
-           ("native-int4-acc4-caprese-griffin-fp16-bypass-kv16", 0.65, 1.30))
+           ("native-int4-acc4-caprese-griffin-fp16-bypass", 0.65, 1.30), ("native-int4-acc4-dense-kv32", 0.90, 1.30),
+           ("native-int4-acc4-caprese-griffin-fp16-bypass-kv32", 0.65, 1.30))
 
 
 # ---------------------------------------------------------------- other CPU-heavy work on the machine
@@ -406,7 +407,7 @@ class Recipe:
     quantize_head: bool = False  # caprese-export --quantize-head
     int8_activations: bool = False  # caprese-export --int8-activations (MatMulNBits accuracy_level 4)
     fp16_bypass: bool = False  # caprese-export --fp16-bypass
-    kv16: bool = False  # caprese-export --kv-dtype fp16
+    kv_dtype: str | None = None  # caprese-export --kv-dtype (None: its default, fp16 on --target onnxruntime fp32)
 
 
 def row_recipe(name: str, density: float, rank: int) -> Recipe:
@@ -432,10 +433,10 @@ def row_recipe(name: str, density: float, rank: int) -> Recipe:
                                                                        "int4", True, True, True),
             "ort-contrib-int4-acc4-caprese-cats-fp16-bypass": Recipe("cats", density, "all", rank, "onnxruntime",
                                                                     "int4", True, True, True),
-            "ort-contrib-int4-acc4-dense-kv16": Recipe(None, target="onnxruntime", weights="int4", quantize_head=True,
-                                                       int8_activations=True, kv16=True),
-            "ort-contrib-int4-acc4-caprese-griffin-fp16-bypass-kv16": Recipe(
-                "griffin", density, "all", rank, "onnxruntime", "int4", True, True, True, kv16=True)}[name]
+            "ort-contrib-int4-acc4-dense-kv32": Recipe(None, target="onnxruntime", weights="int4", quantize_head=True,
+                                                       int8_activations=True, kv_dtype="fp32"),
+            "ort-contrib-int4-acc4-caprese-griffin-fp16-bypass-kv32": Recipe(
+                "griffin", density, "all", rank, "onnxruntime", "int4", True, True, True, kv_dtype="fp32")}[name]
 
 
 def random_artifact(model_dir: str | Path, out: Path, r: Recipe, seed: int = 0) -> Path:
@@ -495,7 +496,7 @@ def prepare_engine(model_dir: str | Path, root: Path, name: str, r: Recipe, prec
     log(f"bench: exporting {name} ({precision}) -> {engine}")
     export(src, engine, precision=precision, force=True, target=r.target, weights=r.weights,
            quantize_head=r.quantize_head, int8_activations=r.int8_activations, fp16_bypass=r.fp16_bypass,
-           kv_dtype="fp16" if r.kv16 else None)
+           kv_dtype=r.kv_dtype)
     _write_key(engine, key)
     return engine, adapters
 
