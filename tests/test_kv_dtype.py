@@ -91,7 +91,12 @@ FOLLOW_CASES = [("qwen2", None, None, 0.97), ("mistral", None, None, 0.97), ("qw
                 # models turn one-ulp differences into flipped codes (test_int8_activation_engines). Their int4
                 # products sum in another order than ONNX Runtime's DequantizeLinear -> MatMul, which flips the
                 # fp16 rounding of 3-15% of the later layer's K / V values (logits still within 3e-3).
-                ("llama-hd64", "int4", False, 0.8), ("llama-hd96", "int4", False, 0.8)]
+                ("llama-hd64", "int4", False, 0.8), ("llama-hd96", "int4", False, 0.8),
+                # Gemma 2 (head_dim 16): the attention soft-cap, query_pre_attn_scalar and alternating windows of 8
+                # on the fp16 cache, which --target onnxruntime gives it by default. Its three layers' rows measured
+                # 100% / 98-99% / 88-91% identical: layer 0 is exact, and an output that lands one fp16 ulp apart
+                # moves the next layer's K / V by ~1e-4 relative, so the flips compound with depth.
+                ("gemma2-hd16", None, None, 0.9)]
 
 
 @pytest.mark.parametrize("kind,weights,int8_activations,min_same", FOLLOW_CASES)
