@@ -1,6 +1,7 @@
 """An fp32 engine with its KV cache in fp16 (`caprese-export --target onnxruntime`'s default where head_dim is a
-multiple of 16, `--kv-dtype fp32` to keep fp32): the default, the contract's cache dtype, ONNX Runtime's fp16 GroupQueryAttention against the fp32 engine, the native kernel against ONNX
-Runtime on the same engine (float and int4 weights, every instruction set this CPU builds), and the refusals.
+multiple of 16, `--kv-dtype fp32` to keep fp32): the default, the contract's cache dtype, ONNX Runtime's fp16
+GroupQueryAttention against the fp32 engine, the native kernel against ONNX Runtime on the same engine (float and
+int4 weights, every instruction set this CPU builds), and the refusals.
 
 Tolerances. The fp16 engine against the fp32 one: K and V rounded to fp16 (2^-11 relative) move these tiny
 models' O(1) logits by ~1e-3; bound 2e-2. Native against ONNX Runtime on the fp16 engine: both round q, k, v and

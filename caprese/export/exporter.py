@@ -155,6 +155,7 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
                            f"keeps it in {precision} already: drop --fp16-bypass")
     if kv_dtype not in (None, precision, "fp32", "fp16"):
         raise CapreseError(f"unknown --kv-dtype {kv_dtype!r}; use fp16 (or the precision's own, the default)")
+    kv_dtype_given = kv_dtype
     if kv_dtype is None:
         kv_dtype = default_kv_dtype(spec, target, precision)
     kv16 = kv_dtype == "fp16" and precision == "fp32"
@@ -196,7 +197,9 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        log(f"building graphs ({precision}, {len(ffns)} approximated layers)")
+        kv = "fp16" if layout.cache_dtype == "float16" else "fp32"
+        note = " (--target onnxruntime's default; --kv-dtype fp32 keeps fp32)" if kv16 and not kv_dtype_given else ""
+        log(f"building graphs ({precision}, {len(ffns)} approximated layers); KV cache {kv}{note}")
         manifest = _write_folder(tmp, em, art, src, base)
         engines_error = None
         if engine:
