@@ -329,12 +329,11 @@ def test_smollm2_int4_native_equals_onnxruntime(kv, tol, tmp_path):
     element or attention output one fp16 ulp apart where the two sums straddle a rounding tie, 2^-11 relative,
     carried through 30 layers; tests/test_kv_dtype.py bounds the rows themselves)."""
     from caprese.export.exporter import export
+    from caprese.export.manifest import load_manifest
     from caprese.model.default_model import fetch_default
 
     engine = export(fetch_default(), tmp_path / "engine", max_seq_len=96, target="onnxruntime",
                     weights="int4", kv_dtype=kv).out
-    from caprese.export.manifest import load_manifest
-
     assert load_manifest(engine).layout.cache_dtype == ("float32" if kv else "float16")
     prompt = prompt_ids(24, seed=29)[0].tolist()
     ort = Generator.load(engine, backend="onnxruntime", threads=2)
