@@ -197,7 +197,7 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        kv = "fp16" if layout.cache_dtype == "float16" else "fp32"
+        kv = {dt: name for name, dt in C.PRECISIONS.items()}[layout.cache_dtype]  # bf16 engines: bf16
         note = " (--target onnxruntime's default; --kv-dtype fp32 keeps fp32)" if kv16 and not kv_dtype_given else ""
         log(f"building graphs ({precision}, {len(ffns)} approximated layers); KV cache {kv}{note}")
         manifest = _write_folder(tmp, em, art, src, base)
