@@ -997,15 +997,37 @@ void caprese_q_rows_axpy_qw(const QMat *w, const float *h, const int64_t *idx, i
  * so the backend repacks them once per prompt and every decode step skips the nibble interleaving above (16 of a
  * piece's 50 vector operations), bit for bit the same sums. Row quad s (rows 4s .. 4s + 3), 32-column block j: 64
  * bytes at ((s * cols / 32) + j) * 64; byte 4i + k holds row 4s + k's unsigned codes (code + 8) of columns 32j + i
- * (low nibble) and 32j + 16 + i (high), i < 16; rows past the last are code 0. */
+ * (low nibble) and 32j + 16 + i (high), i < 16; rows past the last are code 0. AVX-512 builds: the quads' scales
+ * follow (qa_quantize_lanes reads them). */
 #if QA_LANES
 int caprese_qa_quads(void) { return 1; }
 
-int64_t caprese_qa_quads_bytes(const QMat *w) { return (w->rows + 3) / 4 * (w->cols / 32) * 64; }
+/* The codes' bytes; on AVX-512 builds the quads' scales follow (qa_quantize_lanes): quad s's at s * (cols /
+ * block) * 4 elements, [block][its 4 rows] in w's scale dtype (rows past the last: 0). */
+static int64_t qa_codes_bytes(const QMat *w) { return (w->rows + 3) / 4 * (w->cols / 32) * 64; }
+#if QA_LANES == 4
+static int64_t qa_lane_scales_bytes(const QMat *w) {
+    return (w->rows + 3) / 4 * 4 * (w->cols / w->block) * (w->scale_fp32 ? 4 : 2);
+}
+#else
+static int64_t qa_lane_scales_bytes(const QMat *w) { (void)w; return 0; }
+#endif
+int64_t caprese_qa_quads_bytes(const QMat *w) { return qa_codes_bytes(w) + qa_lane_scales_bytes(w); }
 
-/* w's codes (caprese_qa_fits(w)) into dst (caprese_qa_quads_bytes(w) bytes), as above. */
+/* w's codes (caprese_qa_fits(w)) into dst (caprese_qa_quads_bytes(w) bytes), as above; then its scales by quad. */
 void caprese_qa_pack_quads(const QMat *w, uint8_t *dst) {
     const int64_t rb = w->cols / 2, nb = w->cols / 32;
+    if (qa_lane_scales_bytes(w)) {
+        const int64_t nbk = w->cols / w->block, es = w->scale_fp32 ? 4 : 2;
+        uint8_t *ls = dst + qa_codes_bytes(w);
+        for (int64_t s = 0; s < (w->rows + 3) / 4; s++)
+            for (int64_t b = 0; b < nbk; b++)
+                for (int k = 0; k < 4; k++) {
+                    uint8_t *to = ls + ((s * nbk + b) * 4 + k) * es;
+                    if (4 * s + k < w->rows) memcpy(to, (const uint8_t *)w->scales + ((4 * s + k) * nbk + b) * es, es);
+                    else memset(to, 0, es);
+                }
+    }
     const __m128i nib = _mm_set1_epi8(0x0f), x88 = _mm_set1_epi8((char)0x88);
     for (int64_t s = 0; s < (w->rows + 3) / 4; s++)
         for (int64_t j = 0; j < nb; j++) {
@@ -1109,35 +1131,118 @@ static inline __attribute__((always_inline)) void qa_quads_block(const uint8_t *
 
 #endif
 
+#if QA_LANES == 4
+/* qa_quantize over the quads' scales (caprese_qa_pack_quads): a vector is 4 blocks x 4 rows (a quad), so its codes
+ * are those 4 blocks' alpha bytes for the quad at once (vpmovdb; a 16-bit code's low byte is its lo), SmolLM2's 18
+ * blocks fill 18 of 20 lanes where qa_quantize's 16-block vectors filled 18 of 32, and no row's products are
+ * gathered through memory. The maxima of 16 blocks are gathered into one vector for the two divisions. The same
+ * products, maxima, roundings and sums as qa_quantize, so the same bits (tests/test_native_quant_gemv.py).
+ * ls: the quads' scales, q0: the group's first quad, h: the group's rows' activations (nr of them). */
+static inline __attribute__((always_inline)) void qa_quantize_lanes(const uint8_t *ls, const int f32s,
+                                                                    const int wide, const QgTile *t, const float *h,
+                                                                    int64_t q0, int nr, uint32_t *alpha32,
+                                                                    uint32_t *alo32, float *sa, int32_t *nc) {
+    float hz[QA_GROUP] __attribute__((aligned(16)));
+    __m512 a[QA_GROUP / 4][4];
+    const int nsub = (nr + 3) / 4;
+    for (int r = 0; r < 4 * nsub; r++) hz[r] = r < nr ? h[r] : 0.0f; /* rows past the call's: no term */
+    const int64_t n = t->nbt, nbk = t->nb;
+    const __m512 levels = _mm512_set1_ps(wide ? QA_WIDE : 127.0f);
+    const __m512i lane4 = _mm512_set_epi32(12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0);
+    for (int64_t b16 = 0; b16 < n; b16 += 16) { /* 16 blocks: 4 pieces of 4 blocks x 4 rows */
+        const int np = (int)((n - b16 < 16 ? n - b16 : 16) + 3) / 4;
+        __m512 m16 = _mm512_setzero_ps(); /* block b16 + j's maximum in lane j */
+        for (int p = 0; p < np; p++) {
+            const int64_t b = b16 + 4 * p;
+            const int nbv = n - b < 4 ? (int)(n - b) : 4;
+            const __mmask16 mask = (__mmask16)((1u << (4 * nbv)) - 1);
+            __m512 m = _mm512_setzero_ps();
+            for (int s = 0; s < nsub; s++) {
+                const int64_t at = ((q0 + s) * nbk + t->b0 + b) * 4;
+                const __m512 sw = f32s ? _mm512_maskz_loadu_ps(mask, (const float *)ls + at)
+                                       : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, (const uint16_t *)ls + at));
+                a[s][p] = _mm512_mul_ps(sw, _mm512_broadcast_f32x4(_mm_load_ps(hz + 4 * s)));
+                m = _mm512_max_ps(m, _mm512_abs_ps(a[s][p]));
+            }
+            m = _mm512_max_ps(m, _mm512_permute_ps(m, 0xB1)); /* each block's 4 lanes: their maximum */
+            m = _mm512_max_ps(m, _mm512_permute_ps(m, 0x4E));
+            m16 = _mm512_mask_permutexvar_ps(m16, (__mmask16)(0xFu << (4 * p)), lane4, m); /* lanes 4p .. 4p + 3 */
+        }
+        /* one division each for 16 blocks, as qa_quantize */
+        const __m512 inv16 = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(m16, _mm512_setzero_ps(), _CMP_GT_OQ), levels, m16);
+        _mm512_storeu_ps(sa + b16, _mm512_div_ps(m16, levels)); /* past n: 0 (sa has QA_BP entries) */
+        __m512i nc16 = _mm512_setzero_si512();
+        for (int p = 0; p < np; p++) {
+            const int64_t b = b16 + 4 * p;
+            const __m512 inv = _mm512_permutexvar_ps( /* lane 4i + k: block 4p + i's */
+                _mm512_add_epi32(_mm512_set1_epi32(4 * p), _mm512_srli_epi32(_mm512_set_epi32(
+                    15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 2)), inv16);
+            __m512i sum = _mm512_setzero_si512();
+            for (int s = 0; s < nsub; s++) {
+                /* the default rounding mode: to nearest, half to even, as nearbyintf */
+                const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(a[s][p], inv));
+                sum = _mm512_add_epi32(sum, q);
+                if (wide) { /* q = 256 hi + lo, lo in [-128, 127]: lo is q's low byte */
+                    const __m512i hi = _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(128)), 8);
+                    _mm_storeu_si128((__m128i *)(alpha32 + s * QA_BP + b), _mm512_cvtepi32_epi8(hi));
+                    _mm_storeu_si128((__m128i *)(alo32 + s * QA_BP + b), _mm512_cvtepi32_epi8(q));
+                } else {
+                    _mm_storeu_si128((__m128i *)(alpha32 + s * QA_BP + b), _mm512_cvtepi32_epi8(q));
+                }
+            }
+            sum = _mm512_add_epi32(sum, _mm512_shuffle_epi32(sum, (_MM_PERM_ENUM)0xB1));
+            sum = _mm512_add_epi32(sum, _mm512_shuffle_epi32(sum, (_MM_PERM_ENUM)0x4E));
+            nc16 = _mm512_mask_permutexvar_epi32(nc16, (__mmask16)(0xFu << (4 * p)), lane4, sum);
+        }
+        _mm512_storeu_si512(nc + b16, _mm512_mullo_epi32(nc16, _mm512_set1_epi32(-8)));
+    }
+    for (int j = 0; j < 4; j++) { /* the pad the pieces' 4-lane loads may read */
+        sa[n + j] = 0.0f;
+        nc[n + j] = 0;
+        for (int s = 0; s < nsub; s++) alpha32[s * QA_BP + n + j] = alo32[s * QA_BP + n + j] = 0;
+    }
+}
+#endif
+
 /* rows-axpy over the quads of w (caprese_qa_pack_quads) with rounded coefficients, rows [r0, r1) (r0 % 4 == 0):
  * the same groups, sums and roundings as qa_rows_axpy with idx NULL. Rows past r1 up to h_end are prefetched. */
 static inline __attribute__((always_inline)) void qa_rows_axpy_quads(const QMat *w, const uint8_t *quads,
                                                                      const int f32s, const int wide, const float *h,
                                                                      int64_t r0, int64_t r1, int64_t h_end, float *y) {
     float yp[QG_TILE] __attribute__((aligned(64)));
+#if QA_LANES != 4
     int64_t rows[QA_GROUP];
+#endif
     const int64_t nb = w->cols / 32, gbytes = QA_GROUP / 4 * nb * 64, pf_end = h_end > r1 ? h_end : r1;
     const int sh = w->block == w->cols ? 62 : __builtin_ctzll((unsigned long long)w->block);
     const int64_t sbytes = (w->cols / w->block) * (f32s ? 4 : 2); /* a row's scales */
+    /* AVX-512: the quads' scales (a quad's 4 rows' at the offset of its rows' in w->scales) */
+    const uint8_t *scales = QA_LANES == 4 ? quads + qa_codes_bytes(w) : (const uint8_t *)w->scales;
     for (int64_t c0 = 0; c0 < w->cols; c0 += QG_TILE) {
         const int64_t c1 = c0 + QG_TILE < w->cols ? c0 + QG_TILE : w->cols;
         const QgTile t = qg_tile(w, 4, c0, c1);
         memset(yp, 0, sizeof(float) * (size_t)(c1 - c0));
         /* the first group's bytes and scales at once; then each group fetches the next one's as it goes */
         qg_prefetch(quads + r0 / 4 * nb * 64, (r1 - r0 < QA_GROUP ? r1 - r0 + 3 : QA_GROUP) / 4 * nb * 64);
-        qg_prefetch((const uint8_t *)w->scales + r0 * sbytes, (r1 - r0 < QA_GROUP ? r1 - r0 : QA_GROUP) * sbytes);
+        qg_prefetch(scales + r0 * sbytes, (r1 - r0 < QA_GROUP ? r1 - r0 : QA_GROUP) * sbytes);
         for (int64_t g = r0; g < r1; g += QA_GROUP) {
             const int nr = (int)(r1 - g < QA_GROUP ? r1 - g : QA_GROUP), nsub = (nr + 3) / 4;
             uint32_t alpha32[QA_GROUP / 4 * QA_BP], alo32[QA_GROUP / 4 * QA_BP];
             float sa[QA_BP];
             int32_t nc[QA_BP];
+#if QA_LANES != 4
             for (int r = 0; r < nr; r++) rows[r] = g + r;
+#endif
             const uint8_t *q = quads + g / 4 * nb * 64;
             const int64_t next = g + QA_GROUP < pf_end ? g + QA_GROUP : 0, ahead = next ? gbytes : 0;
             if (next) /* the next group's scales (its bytes: in the pieces below) */
                 for (int64_t o = 0; o < (pf_end - next < QA_GROUP ? pf_end - next : QA_GROUP) * sbytes; o += 64)
-                    __builtin_prefetch((const uint8_t *)w->scales + next * sbytes + o, 0, 2);
+                    __builtin_prefetch(scales + next * sbytes + o, 0, 2);
+#if QA_LANES == 4
+            qa_quantize_lanes(scales, f32s, wide, &t, h + g, g / 4, nr, alpha32, alo32, sa, nc);
+#else
             qa_quantize(w, f32s, wide, &t, h + g, rows, nr, alpha32, alo32, sa, nc);
+#endif
             int64_t c = c0;
 #if QA_LANES == 4
             for (; c + 128 <= c1; c += 128)
