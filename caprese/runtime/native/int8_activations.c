@@ -627,6 +627,14 @@ int caprese_qa_fits(const QMat *w) {
  * 4s .. 4s + 3 (bytes, rows past the group 0), sa[b] = s_a, nc[b] = -8 * sum of alpha (the unsigned codes' offset).
  * Vectorized over the blocks (a per-element conversion of the scales cost as much as the products). */
 #define QA_BP (QG_TILE_BLOCKS + 4) /* + 4: a piece's 4-lane loads may read past the tile's last block */
+/* Zero the 4 blocks past a tile's n: the pad the pieces' 4-lane loads may read (nsub row quads). */
+static inline void qa_zero_pad(int64_t n, int nsub, uint32_t *alpha32, uint32_t *alo32, float *sa, int32_t *nc) {
+    for (int j = 0; j < 4; j++) {
+        sa[n + j] = 0.0f;
+        nc[n + j] = 0;
+        for (int s = 0; s < nsub; s++) alpha32[s * QA_BP + n + j] = alo32[s * QA_BP + n + j] = 0;
+    }
+}
 #if QA_LANES
 /* 16 blocks' bytes of 4 rows -> dst[b] = the 4 rows' bytes of block b (row 4s + k in byte k). SSE2: the quads
  * layout's packing below uses it in the AVX2 builds too. */
@@ -687,11 +695,7 @@ static inline __attribute__((always_inline)) void qa_quantize(const QMat *w, con
         }
         _mm512_storeu_si512(nc + b, _mm512_mullo_epi32(sum, _mm512_set1_epi32(-8)));
     }
-    for (int j = 0; j < 4; j++) { /* the pad the pieces' 4-lane loads may read */
-        sa[n + j] = 0.0f;
-        nc[n + j] = 0;
-        for (int s = 0; s < nsub; s++) alpha32[s * QA_BP + n + j] = alo32[s * QA_BP + n + j] = 0;
-    }
+    qa_zero_pad(n, nsub, alpha32, alo32, sa, nc);
 }
 #else
 static inline __attribute__((always_inline)) void qa_quantize(const QMat *w, const int f32s, const int wide,
@@ -737,11 +741,7 @@ static inline __attribute__((always_inline)) void qa_quantize(const QMat *w, con
                                    ((uint32_t)lo[2] & 255u) << 16 | ((uint32_t)lo[3] & 255u) << 24;
             nc[b] -= 8 * (q[4 * s][b] + q[4 * s + 1][b] + q[4 * s + 2][b] + q[4 * s + 3][b]);
         }
-    for (int j = 0; j < 4; j++) { /* the pad the pieces' 4-lane loads may read */
-        sa[n + j] = 0.0f;
-        nc[n + j] = 0;
-        for (int s = 0; s < QA_GROUP / 4; s++) alpha32[s * QA_BP + n + j] = alo32[s * QA_BP + n + j] = 0;
-    }
+    qa_zero_pad(n, QA_GROUP / 4, alpha32, alo32, sa, nc);
 }
 #endif
 
@@ -1196,11 +1196,7 @@ static inline __attribute__((always_inline)) void qa_quantize_lanes(const uint8_
         }
         _mm512_storeu_si512(nc + b16, _mm512_mullo_epi32(nc16, _mm512_set1_epi32(-8)));
     }
-    for (int j = 0; j < 4; j++) { /* the pad the pieces' 4-lane loads may read */
-        sa[n + j] = 0.0f;
-        nc[n + j] = 0;
-        for (int s = 0; s < nsub; s++) alpha32[s * QA_BP + n + j] = alo32[s * QA_BP + n + j] = 0;
-    }
+    qa_zero_pad(n, nsub, alpha32, alo32, sa, nc);
 }
 #endif
 
