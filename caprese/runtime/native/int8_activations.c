@@ -1135,9 +1135,9 @@ static inline __attribute__((always_inline)) void qa_quads_block(const uint8_t *
 /* qa_quantize over the quads' scales (caprese_qa_pack_quads): a vector is 4 blocks x 4 rows (a quad), so its codes
  * are those 4 blocks' alpha bytes for the quad at once (vpmovdb; a 16-bit code's low byte is its lo), SmolLM2's 18
  * blocks fill 18 of 20 lanes where qa_quantize's 16-block vectors filled 18 of 32. The maxima of 16 blocks are
- * gathered into one vector for the two divisions. The same
- * products, maxima, roundings and sums as qa_quantize, so the same bits (tests/test_native_quant_gemv.py).
- * ls: the quads' scales, q0: the group's first quad, h: the group's rows' activations (nr of them). */
+ * gathered into one vector for the two divisions. The same products, maxima, roundings and sums as qa_quantize,
+ * so the same bits (tests/test_native_quant_gemv.py). ls: the quads' scales, q0: the group's first quad, h: the
+ * group's rows' activations (nr of them). */
 static inline __attribute__((always_inline)) void qa_quantize_lanes(const uint8_t *ls, const int f32s,
                                                                     const int wide, const QgTile *t, const float *h,
                                                                     int64_t q0, int nr, uint32_t *alpha32,
