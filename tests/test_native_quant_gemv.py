@@ -473,9 +473,9 @@ def test_quads_layout_gives_the_same_bits(isa, fmt, cols, bits):
     layout's rounded-coefficient rows-axpy bit for bit (the same groups, integer sums and fp32 roundings, which the
     test above checks against float64): 75 rows (the last quad padded), calls [0, 75), [0, 40) + [40, 75) and
     [0, 12) + [12, 75), and [0, 41) + [44, 75) (a call that ends inside a quad: rows 41-43 have no term), every
-    shape above. The scalar build has no such layout (pack_quads: None). On AVX-512 the layout carries the scales
-    too, by quad ([block][4 rows]), and the coefficients are rounded from there (qa_quantize_lanes): a scale of the
-    wrong row or block, or a row past the call's end given a term, changes the bits here."""
+    shape above. The scalar build has no such layout (pack_quads: None). The layout carries the scales too, by quad
+    ([block][4 rows]), and the coefficients are rounded from there (qa_quantize_lanes, AVX-512 and AVX2): a scale of
+    the wrong row or block, or a row past the call's end given a term, changes the bits here."""
     axpy = COEFFICIENTS[bits][0]
     qm = qg.QMatrix(_quant(75, cols, fmt, seed=21))
     h = torch.randn(75, generator=torch.Generator().manual_seed(22)) * 2
@@ -485,7 +485,7 @@ def test_quads_layout_gives_the_same_bits(isa, fmt, cols, bits):
         assert isa != "avx512"
         pytest.skip(f"no quads layout on the {isa} build")
     blocks = 1 if fmt.block_size == ROW else cols // fmt.block_size
-    scale_bytes = 19 * 4 * blocks * (4 if fmt.scale_dtype == "fp32" else 2) if isa == "avx512" else 0
+    scale_bytes = 19 * 4 * blocks * (4 if fmt.scale_dtype == "fp32" else 2)
     assert quads.numel() == 19 * cols // 32 * 64 + scale_bytes
     for calls in ([(0, 75)], [(0, 40), (40, 75)], [(0, 12), (12, 75)], [(0, 41), (44, 75)]):
         want, got = torch.zeros(cols), torch.zeros(cols)

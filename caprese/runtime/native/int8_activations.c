@@ -997,37 +997,31 @@ void caprese_q_rows_axpy_qw(const QMat *w, const float *h, const int64_t *idx, i
  * so the backend repacks them once per prompt and every decode step skips the nibble interleaving above (16 of a
  * piece's 50 vector operations), bit for bit the same sums. Row quad s (rows 4s .. 4s + 3), 32-column block j: 64
  * bytes at ((s * cols / 32) + j) * 64; byte 4i + k holds row 4s + k's unsigned codes (code + 8) of columns 32j + i
- * (low nibble) and 32j + 16 + i (high), i < 16; rows past the last are code 0. AVX-512 builds: the quads' scales
- * follow (qa_quantize_lanes reads them). */
+ * (low nibble) and 32j + 16 + i (high), i < 16; rows past the last are code 0. The quads' scales follow
+ * (qa_quantize_lanes reads them). */
 #if QA_LANES
 int caprese_qa_quads(void) { return 1; }
 
-/* The codes' bytes; on AVX-512 builds the quads' scales follow (qa_quantize_lanes): quad s's at s * (cols /
- * block) * 4 elements, [block][its 4 rows] in w's scale dtype (rows past the last: 0). */
+/* The codes' bytes; the quads' scales follow (qa_quantize_lanes): quad s's at s * (cols / block) * 4 elements,
+ * [block][its 4 rows] in w's scale dtype (rows past the last: 0), at the offset its rows' have in w->scales. */
 static int64_t qa_codes_bytes(const QMat *w) { return (w->rows + 3) / 4 * (w->cols / 32) * 64; }
-#if QA_LANES == 4
 static int64_t qa_lane_scales_bytes(const QMat *w) {
     return (w->rows + 3) / 4 * 4 * (w->cols / w->block) * (w->scale_fp32 ? 4 : 2);
 }
-#else
-static int64_t qa_lane_scales_bytes(const QMat *w) { (void)w; return 0; }
-#endif
 int64_t caprese_qa_quads_bytes(const QMat *w) { return qa_codes_bytes(w) + qa_lane_scales_bytes(w); }
 
 /* w's codes (caprese_qa_fits(w)) into dst (caprese_qa_quads_bytes(w) bytes), as above; then its scales by quad. */
 void caprese_qa_pack_quads(const QMat *w, uint8_t *dst) {
     const int64_t rb = w->cols / 2, nb = w->cols / 32;
-    if (qa_lane_scales_bytes(w)) {
-        const int64_t nbk = w->cols / w->block, es = w->scale_fp32 ? 4 : 2;
-        uint8_t *ls = dst + qa_codes_bytes(w);
-        for (int64_t s = 0; s < (w->rows + 3) / 4; s++)
-            for (int64_t b = 0; b < nbk; b++)
-                for (int k = 0; k < 4; k++) {
-                    uint8_t *to = ls + ((s * nbk + b) * 4 + k) * es;
-                    if (4 * s + k < w->rows) memcpy(to, (const uint8_t *)w->scales + ((4 * s + k) * nbk + b) * es, es);
-                    else memset(to, 0, es);
-                }
-    }
+    const int64_t nbk = w->cols / w->block, es = w->scale_fp32 ? 4 : 2;
+    uint8_t *ls = dst + qa_codes_bytes(w);
+    for (int64_t s = 0; s < (w->rows + 3) / 4; s++)
+        for (int64_t b = 0; b < nbk; b++)
+            for (int k = 0; k < 4; k++) {
+                uint8_t *to = ls + ((s * nbk + b) * 4 + k) * es;
+                if (4 * s + k < w->rows) memcpy(to, (const uint8_t *)w->scales + ((4 * s + k) * nbk + b) * es, es);
+                else memset(to, 0, es);
+            }
     const __m128i nib = _mm_set1_epi8(0x0f), x88 = _mm_set1_epi8((char)0x88);
     for (int64_t s = 0; s < (w->rows + 3) / 4; s++)
         for (int64_t j = 0; j < nb; j++) {
@@ -1131,22 +1125,23 @@ static inline __attribute__((always_inline)) void qa_quads_block(const uint8_t *
 
 #endif
 
-#if QA_LANES == 4
-/* qa_quantize over the quads' scales (caprese_qa_pack_quads): a vector is 4 blocks x 4 rows (a quad), so its codes
- * are those 4 blocks' alpha bytes for the quad at once (vpmovdb; a 16-bit code's low byte is its lo), SmolLM2's 18
- * blocks fill 18 of 20 lanes where qa_quantize's 16-block vectors filled 18 of 32. The maxima of 16 blocks are
- * gathered into one vector for the two divisions. The same products, maxima, roundings and sums as qa_quantize,
- * so the same bits (tests/test_native_quant_gemv.py). ls: the quads' scales, q0: the group's first quad, h: the
- * group's rows' activations (nr of them). */
+/* qa_quantize over the quads' scales (caprese_qa_pack_quads): a vector is 4 blocks x 4 rows (a quad) on AVX-512, 2
+ * blocks x 4 rows on AVX2, so its rounded codes are those blocks' alpha bytes for the quad at once (vpmovdb; AVX2:
+ * vpshufb, then vpermd to join its two lanes' dwords; a 16-bit code's low byte is its lo), SmolLM2's 18 blocks fill
+ * 18 of 20 lanes where qa_quantize's 16-block vectors filled 18 of 32, and the maxima of 16 (8) blocks are gathered
+ * into one vector for the two divisions. The same products, maxima, roundings and sums as qa_quantize, so the same
+ * bits (tests/test_native_quant_gemv.py). ls: the quads' scales, q0: the group's first quad, h: the group's rows'
+ * activations (nr of them). */
 static inline __attribute__((always_inline)) void qa_quantize_lanes(const uint8_t *ls, const int f32s,
                                                                     const int wide, const QgTile *t, const float *h,
                                                                     int64_t q0, int nr, uint32_t *alpha32,
                                                                     uint32_t *alo32, float *sa, int32_t *nc) {
     float hz[QA_GROUP] __attribute__((aligned(16)));
-    __m512 a[QA_GROUP / 4][4];
     const int nsub = (nr + 3) / 4;
     for (int r = 0; r < 4 * nsub; r++) hz[r] = r < nr ? h[r] : 0.0f; /* rows past the call's: no term */
     const int64_t n = t->nbt, nbk = t->nb;
+#if QA_LANES == 4
+    __m512 a[QA_GROUP / 4][4];
     const __m512 levels = _mm512_set1_ps(wide ? QA_WIDE : 127.0f);
     const __m512i lane4 = _mm512_set_epi32(12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0);
     for (int64_t b16 = 0; b16 < n; b16 += 16) { /* 16 blocks: 4 pieces of 4 blocks x 4 rows */
@@ -1196,9 +1191,81 @@ static inline __attribute__((always_inline)) void qa_quantize_lanes(const uint8_
         }
         _mm512_storeu_si512(nc + b16, _mm512_mullo_epi32(nc16, _mm512_set1_epi32(-8)));
     }
+#else
+    __m256 a[QA_GROUP / 4][4];
+    const __m256 levels = _mm256_set1_ps(wide ? QA_WIDE : 127.0f), sign = _mm256_set1_ps(-0.0f);
+    const __m256i byte0 = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                           0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i join = _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0); /* lane 0's dword, then lane 1's */
+    for (int64_t b8 = 0; b8 < n; b8 += 8) { /* 8 blocks: 4 pieces of 2 blocks x 4 rows */
+        const int np = (int)((n - b8 < 8 ? n - b8 : 8) + 1) / 2;
+        __m256 m8 = _mm256_setzero_ps(); /* block b8 + j's maximum in lane j */
+        for (int p = 0; p < np; p++) {
+            const int64_t b = b8 + 2 * p;
+            const int two = n - b >= 2;
+            __m256 m = _mm256_setzero_ps();
+            for (int s = 0; s < nsub; s++) {
+                const int64_t at = ((q0 + s) * nbk + t->b0 + b) * 4;
+                __m256 sw;
+                if (f32s) {
+                    const float *src = (const float *)ls + at;
+                    sw = two ? _mm256_loadu_ps(src) : _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_loadu_ps(src), 0);
+                } else {
+                    const uint16_t *src = (const uint16_t *)ls + at;
+#if defined(__F16C__)
+                    sw = _mm256_cvtph_ps(two ? _mm_loadu_si128((const __m128i *)src) : _mm_loadl_epi64((const __m128i *)src));
+#else
+                    float f[8] = {0};
+                    for (int k = 0; k < (two ? 8 : 4); k++) f[k] = qg_half(src[k]);
+                    sw = _mm256_loadu_ps(f);
+#endif
+                }
+                a[s][p] = _mm256_mul_ps(sw, _mm256_broadcast_ps((const __m128 *)(hz + 4 * s)));
+                m = _mm256_max_ps(m, _mm256_andnot_ps(sign, a[s][p]));
+            }
+            m = _mm256_max_ps(m, _mm256_permute_ps(m, 0xB1)); /* each block's 4 lanes: their maximum */
+            m = _mm256_max_ps(m, _mm256_permute_ps(m, 0x4E));
+            /* lanes 2p, 2p + 1 of m8 <- the two blocks' maxima (lanes 0 and 4) */
+            const __m256 moved = _mm256_permutevar8x32_ps(m, _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
+            const __m256i pick = _mm256_cmpeq_epi32(_mm256_srli_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), 1),
+                                                    _mm256_set1_epi32(p));
+            m8 = _mm256_blendv_ps(m8, moved, _mm256_castsi256_ps(pick));
+        }
+        /* one division each for 8 blocks, as qa_quantize's inv and s_a */
+        const __m256 inv8 = _mm256_and_ps(_mm256_div_ps(levels, m8), _mm256_cmp_ps(m8, _mm256_setzero_ps(), _CMP_GT_OQ));
+        _mm256_storeu_ps(sa + b8, _mm256_div_ps(m8, levels)); /* past n: 0 (sa has QA_BP entries) */
+        __m256i nc8 = _mm256_setzero_si256();
+        for (int p = 0; p < np; p++) {
+            const int64_t b = b8 + 2 * p;
+            const __m256 inv = _mm256_permutevar8x32_ps( /* lane 4i + k: block 2p + i's */
+                inv8, _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1));
+            __m256i sum = _mm256_setzero_si256();
+            for (int s = 0; s < nsub; s++) {
+                /* the default rounding mode: to nearest, half to even, as nearbyintf */
+                const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(a[s][p], inv));
+                sum = _mm256_add_epi32(sum, q);
+                const __m256i lo = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(q, byte0), join);
+                if (wide) { /* q = 256 hi + lo, lo in [-128, 127]: lo is q's low byte */
+                    const __m256i hi = _mm256_srai_epi32(_mm256_add_epi32(q, _mm256_set1_epi32(128)), 8);
+                    _mm_storel_epi64((__m128i *)(alpha32 + s * QA_BP + b),
+                                     _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(hi, byte0), join)));
+                    _mm_storel_epi64((__m128i *)(alo32 + s * QA_BP + b), _mm256_castsi256_si128(lo));
+                } else {
+                    _mm_storel_epi64((__m128i *)(alpha32 + s * QA_BP + b), _mm256_castsi256_si128(lo));
+                }
+            }
+            sum = _mm256_add_epi32(sum, _mm256_shuffle_epi32(sum, 0xB1));
+            sum = _mm256_add_epi32(sum, _mm256_shuffle_epi32(sum, 0x4E));
+            const __m256i moved = _mm256_permutevar8x32_epi32(sum, _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
+            const __m256i pick = _mm256_cmpeq_epi32(_mm256_srli_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), 1),
+                                                    _mm256_set1_epi32(p));
+            nc8 = _mm256_blendv_epi8(nc8, moved, pick);
+        }
+        _mm256_storeu_si256((__m256i *)(nc + b8), _mm256_mullo_epi32(nc8, _mm256_set1_epi32(-8)));
+    }
+#endif
     qa_zero_pad(n, nsub, alpha32, alo32, sa, nc);
 }
-#endif
 
 /* rows-axpy over the quads of w (caprese_qa_pack_quads) with rounded coefficients, rows [r0, r1) (r0 % 4 == 0):
  * the same groups, sums and roundings as qa_rows_axpy with idx NULL. Rows past r1 up to h_end are prefetched. */
@@ -1206,14 +1273,10 @@ static inline __attribute__((always_inline)) void qa_rows_axpy_quads(const QMat 
                                                                      const int f32s, const int wide, const float *h,
                                                                      int64_t r0, int64_t r1, int64_t h_end, float *y) {
     float yp[QG_TILE] __attribute__((aligned(64)));
-#if QA_LANES != 4
-    int64_t rows[QA_GROUP];
-#endif
     const int64_t nb = w->cols / 32, gbytes = QA_GROUP / 4 * nb * 64, pf_end = h_end > r1 ? h_end : r1;
     const int sh = w->block == w->cols ? 62 : __builtin_ctzll((unsigned long long)w->block);
     const int64_t sbytes = (w->cols / w->block) * (f32s ? 4 : 2); /* a row's scales */
-    /* AVX-512: the quads' scales (a quad's 4 rows' at the offset of its rows' in w->scales) */
-    const uint8_t *scales = QA_LANES == 4 ? quads + qa_codes_bytes(w) : (const uint8_t *)w->scales;
+    const uint8_t *scales = quads + qa_codes_bytes(w); /* the quads' (its rows' at the offsets they have in w's) */
     for (int64_t c0 = 0; c0 < w->cols; c0 += QG_TILE) {
         const int64_t c1 = c0 + QG_TILE < w->cols ? c0 + QG_TILE : w->cols;
         const QgTile t = qg_tile(w, 4, c0, c1);
@@ -1226,19 +1289,12 @@ static inline __attribute__((always_inline)) void qa_rows_axpy_quads(const QMat 
             uint32_t alpha32[QA_GROUP / 4 * QA_BP], alo32[QA_GROUP / 4 * QA_BP];
             float sa[QA_BP];
             int32_t nc[QA_BP];
-#if QA_LANES != 4
-            for (int r = 0; r < nr; r++) rows[r] = g + r;
-#endif
             const uint8_t *q = quads + g / 4 * nb * 64;
             const int64_t next = g + QA_GROUP < pf_end ? g + QA_GROUP : 0, ahead = next ? gbytes : 0;
             if (next) /* the next group's scales (its bytes: in the pieces below) */
                 for (int64_t o = 0; o < (pf_end - next < QA_GROUP ? pf_end - next : QA_GROUP) * sbytes; o += 64)
                     __builtin_prefetch(scales + next * sbytes + o, 0, 2);
-#if QA_LANES == 4
             qa_quantize_lanes(scales, f32s, wide, &t, h + g, g / 4, nr, alpha32, alo32, sa, nc);
-#else
-            qa_quantize(w, f32s, wide, &t, h + g, rows, nr, alpha32, alo32, sa, nc);
-#endif
             int64_t c = c0;
 #if QA_LANES == 4
             for (; c + 128 <= c1; c += 128)
