@@ -1164,7 +1164,8 @@ static inline __attribute__((always_inline)) void qa_quantize_lanes(const uint8_
             m16 = _mm512_mask_permutexvar_ps(m16, (__mmask16)(0xFu << (4 * p)), lane4, m); /* lanes 4p .. 4p + 3 */
         }
         /* one division each for 16 blocks, as qa_quantize */
-        const __m512 inv16 = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(m16, _mm512_setzero_ps(), _CMP_GT_OQ), levels, m16);
+        const __m512 inv16 =
+            _mm512_maskz_div_ps(_mm512_cmp_ps_mask(m16, _mm512_setzero_ps(), _CMP_GT_OQ), levels, m16);
         _mm512_storeu_ps(sa + b16, _mm512_div_ps(m16, levels)); /* past n: 0 (sa has QA_BP entries) */
         __m512i nc16 = _mm512_setzero_si512();
         for (int p = 0; p < np; p++) {
@@ -1213,7 +1214,8 @@ static inline __attribute__((always_inline)) void qa_quantize_lanes(const uint8_
                 } else {
                     const uint16_t *src = (const uint16_t *)ls + at;
 #if defined(__F16C__)
-                    sw = _mm256_cvtph_ps(two ? _mm_loadu_si128((const __m128i *)src) : _mm_loadl_epi64((const __m128i *)src));
+                    sw = _mm256_cvtph_ps(two ? _mm_loadu_si128((const __m128i *)src)
+                                             : _mm_loadl_epi64((const __m128i *)src));
 #else
                     float f[8] = {0};
                     for (int k = 0; k < (two ? 8 : 4); k++) f[k] = qg_half(src[k]);
@@ -1232,7 +1234,8 @@ static inline __attribute__((always_inline)) void qa_quantize_lanes(const uint8_
             m8 = _mm256_blendv_ps(m8, moved, _mm256_castsi256_ps(pick));
         }
         /* one division each for 8 blocks, as qa_quantize's inv and s_a */
-        const __m256 inv8 = _mm256_and_ps(_mm256_div_ps(levels, m8), _mm256_cmp_ps(m8, _mm256_setzero_ps(), _CMP_GT_OQ));
+        const __m256 inv8 =
+            _mm256_and_ps(_mm256_div_ps(levels, m8), _mm256_cmp_ps(m8, _mm256_setzero_ps(), _CMP_GT_OQ));
         _mm256_storeu_ps(sa + b8, _mm256_div_ps(m8, levels)); /* past n: 0 (sa has QA_BP entries) */
         __m256i nc8 = _mm256_setzero_si256();
         for (int p = 0; p < np; p++) {
@@ -1247,8 +1250,8 @@ static inline __attribute__((always_inline)) void qa_quantize_lanes(const uint8_
                 const __m256i lo = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(q, byte0), join);
                 if (wide) { /* q = 256 hi + lo, lo in [-128, 127]: lo is q's low byte */
                     const __m256i hi = _mm256_srai_epi32(_mm256_add_epi32(q, _mm256_set1_epi32(128)), 8);
-                    _mm_storel_epi64((__m128i *)(alpha32 + s * QA_BP + b),
-                                     _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(hi, byte0), join)));
+                    const __m256i hb = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(hi, byte0), join);
+                    _mm_storel_epi64((__m128i *)(alpha32 + s * QA_BP + b), _mm256_castsi256_si128(hb));
                     _mm_storel_epi64((__m128i *)(alo32 + s * QA_BP + b), _mm256_castsi256_si128(lo));
                 } else {
                     _mm_storel_epi64((__m128i *)(alpha32 + s * QA_BP + b), _mm256_castsi256_si128(lo));
