@@ -42,15 +42,21 @@ def method_artifact(folder: Path, out: Path, method: str, rank: int = 8, layers=
     return save_artifact(art, out, force=True)
 
 
+def reference_kv_dtype(kv_dtype: str | None, precision: str) -> str | None:
+    """The kv_dtype the cached test exports pass: "fp32" pins an fp32 engine's cache to fp32 (not --target
+    onnxruntime's default fp16), since those engines are held to fp32 references at fp32 tolerances
+    (tests/test_kv_dtype.py covers the fp16 cache); other precisions take their own (None)."""
+    return kv_dtype if precision == "fp32" else None
+
+
 def get_export(tmp_path_factory, tiny_model_dir, kind: str, method: str = "dense", rank: int = 8,
                layers="all", precision: str = "fp32", target: str = "tensorrt",
                kv_dtype: str | None = "fp32") -> tuple[Path, Path]:
     """(engine folder, source folder) exported once per session for (kind, method, rank, layers, precision,
-    target, kv_dtype). kv_dtype "fp32" (an fp32 engine's cache in fp32, not --target onnxruntime's default fp16):
-    these engines are held to fp32 references at fp32 tolerances; tests/test_kv_dtype.py covers the fp16 cache."""
+    target, kv_dtype); kv_dtype as reference_kv_dtype."""
     from caprese.export.exporter import export
 
-    kv_dtype = kv_dtype if precision == "fp32" else None
+    kv_dtype = reference_kv_dtype(kv_dtype, precision)
     key = (kind, method, rank, str(layers), precision) + ((target,) if target != "tensorrt" else ()) + (kv_dtype,)
     if key not in _CACHE:
         root = tmp_path_factory.mktemp(f"export_{kind}_{method}_{precision}_{target}")

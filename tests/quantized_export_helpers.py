@@ -10,18 +10,17 @@ import onnx
 import torch
 
 from caprese.export import contract as C
-from export_helpers import MAX_SEQ, OrtLoop, method_artifact
+from export_helpers import MAX_SEQ, OrtLoop, method_artifact, reference_kv_dtype
 
 _CACHE: dict = {}
 
 
 def q_export(tmp_path_factory, tiny_model_dir, kind, method, weights, block=None, target="tensorrt", head=False,
              precision="fp32", float_selection=False, int8_activations=False, fp16_bypass=False, kv_dtype="fp32"):
-    """(engine, source) of a quantized export, once per session. kv_dtype "fp32": an fp32 engine's cache in fp32
-    (not --target onnxruntime's default fp16), as export_helpers.get_export."""
+    """(engine, source) of a quantized export, once per session; kv_dtype as export_helpers.reference_kv_dtype."""
     from caprese.export.exporter import export
 
-    kv_dtype = kv_dtype if precision == "fp32" else None
+    kv_dtype = reference_kv_dtype(kv_dtype, precision)
     key = (kind, method, weights, block, target, head, precision, float_selection, int8_activations, fp16_bypass,
            kv_dtype)
     if key not in _CACHE:
