@@ -16,20 +16,22 @@ _CACHE: dict = {}
 
 
 def q_export(tmp_path_factory, tiny_model_dir, kind, method, weights, block=None, target="tensorrt", head=False,
-             precision="fp32", float_selection=False, int8_activations=False, fp16_bypass=False, kv_dtype="fp32"):
-    """(engine, source) of a quantized export, once per session; kv_dtype as export_helpers.reference_kv_dtype."""
+             precision="fp32", float_selection=False, int8_activations=False, fp16_bypass=False, kv_dtype="fp32",
+             rank=8):
+    """(engine, source) of a quantized export, once per session; kv_dtype as export_helpers.reference_kv_dtype,
+    rank: the bypass's (method_artifact's)."""
     from caprese.export.exporter import export
 
     kv_dtype = reference_kv_dtype(kv_dtype, precision)
     key = (kind, method, weights, block, target, head, precision, float_selection, int8_activations, fp16_bypass,
-           kv_dtype)
+           kv_dtype, rank)
     if key not in _CACHE:
         root = tmp_path_factory.mktemp(f"qexport_{kind}_{method}_{weights}")
         src = tiny_model_dir(kind)
         if method != "dense":
-            art_key = ("artifact", kind, method)
+            art_key = ("artifact", kind, method, rank)
             if art_key not in _CACHE:
-                _CACHE[art_key] = method_artifact(src, tmp_path_factory.mktemp("qart") / "artifact", method)
+                _CACHE[art_key] = method_artifact(src, tmp_path_factory.mktemp("qart") / "artifact", method, rank)
             src = _CACHE[art_key]
         out = export(src, root / "engine", precision=precision, max_seq_len=MAX_SEQ, max_prompt_len=MAX_SEQ - 1,
                      target=target, weights=weights, block_size=block, quantize_head=head,

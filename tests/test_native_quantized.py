@@ -145,9 +145,10 @@ def test_fp16_bypass_engines(isa, method, weights, block, target, tmp_path_facto
 
 
 # GRIFFIN engines: int4 (fp32 activations), int8 with MLP biases (b_gul), --int8-activations (the quads down on
-# AVX-512), --fp16-bypass
+# AVX-512), --fp16-bypass; a rank of 6 (a bypass chunk ending in a group of under four rows, fp32 and fp16)
 FUSED_CASES = [("qwen2", "int4", {}), ("llama", "int8", {}), ("qwen2", "int4", {"int8_activations": True}),
-               ("qwen2", "int4", {"fp16_bypass": True})]
+               ("qwen2", "int4", {"fp16_bypass": True}), ("qwen2", "int4", {"rank": 6}),
+               ("qwen2", "int4", {"fp16_bypass": True, "rank": 6})]
 
 
 def one_phase_and_two(nat: Generator, prompt: list[int], rho: int):

@@ -129,14 +129,19 @@ class NativeBackend(Backend):
         mapped = set() if spec.tied_head else {spec.embed.name}
         mapped |= {spec.layers[i].gate_up.name for i in self.layout.layers_of(C.CATS)
                    if spec.layers[i].gate_up.quant is None}
+        # a quantized FFN's bypass L / R (fp16 under --fp16-bypass): the kernel reads its own copy of them
+        # (_place_bypass), so the arena leaves them mapped
         halves = {w.name for t in spec.layers if t.gate_up is not None and t.gate_up.quant is not None
-                  for w in t.bypass() if w is not None}  # --fp16-bypass
+                  for w in t.bypass() if w is not None}
+        mapped |= halves
         self.arena = WeightArena(manifest, self._weight_refs(), mapped=mapped, halves=halves)
         self._extra: list[np.ndarray] = []  # arrays the structs point into (biases, CATS layouts)
         self._quad_bytes: list[tuple[int, int]] = []  # GRIFFIN layers whose down the kernel reads repacked
         self._quads: list[tuple[int, np.ndarray]] = []  # ... and their buffers (_place_quads), repacked per select()
         self._r16_src: list[tuple] = []  # GRIFFIN layers whose gate / up rows are read in r16: (i, codes, scales)
         self._r16_rows: list[tuple] = []  # ... with the copies read (_place_r16): (i, codes, scales, copy, copy)
+        self._bypass_src: list[tuple] = []  # quantized-FFN layers with a bypass: (i, L, R), placed by _place_bypass
+        self.bypass_rows: dict[int, np.ndarray] = {}  # ... and what the kernel reads: [rank, 2 hidden], [L^T | R]
         self._layers = (lib_.Layer * self.layout.num_layers)()
         self._model = lib_.Model()
         self._fill_model()
@@ -282,14 +287,31 @@ class NativeBackend(Backend):
         if bypass_l is not None:
             l_, r_ = A[bypass_l], A[bypass_r]
             L.rank = l_.shape[1]
-            L.gu2, L.down = self._mat(l_), self._mat(r_)
+            L.gu2 = self._mat(l_)
             L.bypass_f16 = int(l_.dtype == np.float16)  # --fp16-bypass (the arena keeps weights.bin's dtype)
-            l_t = copy_huge(l_.T)  # L's columns as rows (its dtype): a chunk of x L's outputs reads contiguous bytes
-            self._extra.append(l_t)
-            L.l_t = address(l_t)
+            self._bypass_src.append((i, l_, r_))  # L^T and R, row by row in one buffer (_place_bypass)
             if not L.down_rows:  # R's rows are added beside the quantized down rows (rows-axpy) only
                 raise CapreseError(f"layer {i}: a bypass beside a down projection stored {t.down.storage}; the native "
                                    "kernel reads it with down stored [F, D]: use --backend onnxruntime")
+
+    def _place_bypass(self) -> None:
+        """Every bypass layer's L transposed and R in one buffer (huge pages advised), row r of R right after row r
+        of L^T (its dtype): a chunk of bypass neurons then reads one contiguous stream (decode_step.c's
+        bypass_rows), where L^T and R apart were two short ones, each started cold."""
+        if not self._bypass_src:
+            return
+        buf = huge_buffer(sum(-(-2 * l_.nbytes // 64) * 64 for _, l_, _ in self._bypass_src))
+        self._extra.append(buf)
+        at = 0
+        for i, l_, r_ in self._bypass_src:
+            (D, rank), es = l_.shape, l_.itemsize
+            rows = buf[at:at + 2 * l_.nbytes].view(l_.dtype).reshape(rank, 2 * D)
+            at += -(-2 * l_.nbytes // 64) * 64
+            rows[:, :D], rows[:, D:] = l_.T, r_
+            self.bypass_rows[i] = rows
+            L = self._layers[i]
+            L.l_t, L.l_ld = address(rows), 2 * D
+            L.down = lib_.Mat(address(rows) + D * es, 2 * D, D)
 
     def _place_quads(self) -> None:
         """One buffer (huge pages advised, as the arena's) for every GRIFFIN layer's down quads, packed from what
@@ -397,6 +419,7 @@ class NativeBackend(Backend):
             L.window = int(window or 0)
             L.scale = float(m.attn_scale) if m.attn_scale is not None else lay.head_dim ** -0.5
             L.softcap = float(m.attn_softcap or 0.0)
+        self._place_bypass()
         if self._quad_bytes:
             self._place_quads()
         if self._r16_src:

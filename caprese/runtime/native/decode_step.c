@@ -101,6 +101,8 @@ typedef struct {
     const void *l_t;         /* q_ffn with a bypass: L transposed [rank, hidden] in its dtype (fp32, or fp16 under
                               * bypass_f16; a copy made at load), read instead of gu2: a chunk of L's outputs is
                               * then contiguous rows, not a few bytes of each row */
+    int64_t l_ld;            /* elements from one row of l_t to the next: 2 hidden where row r of R (down, the same
+                              * ld) follows row r of L^T, so that a chunk's bypass is one stream (bypass_rows) */
 } Layer;
 
 typedef struct {
@@ -150,7 +152,7 @@ static const LayoutField LAYOUT[] = {
     FIELD(Layer, scale), FIELD(Layer, softcap), FIELD(Layer, up_t), FIELD(Layer, up_bias), FIELD(Layer, q_attn),
     FIELD(Layer, q_ffn), FIELD(Layer, down_rows), FIELD(Layer, q_qkv), FIELD(Layer, q_o), FIELD(Layer, q_gate),
     FIELD(Layer, q_up), FIELD(Layer, q_down), FIELD(Layer, bypass_f16), FIELD(Layer, down_quads),
-    FIELD(Layer, l_t),
+    FIELD(Layer, l_t), FIELD(Layer, l_ld),
     STRUCT(Model), FIELD(Model, num_layers), FIELD(Model, hidden), FIELD(Model, num_heads),
     FIELD(Model, num_kv_heads), FIELD(Model, head_dim), FIELD(Model, vocab), FIELD(Model, capacity),
     FIELD(Model, max_ff), FIELD(Model, activation), FIELD(Model, gemma), FIELD(Model, eps),
@@ -238,31 +240,69 @@ static inline __attribute__((always_inline)) void add_rows(float *restrict yt, i
     }
 }
 
+/* y[0:n) += x[0] W[0] + .. + x[nr - 1] W[nr - 1] (nr <= 4 fp16 rows, ld halves apart), each element's terms in row
+ * order: each 16 (AVX-512) or 8 (F16C) halves converted in registers, four rows added to a vector of y before it is
+ * stored (a row at a time loaded and stored y per row); other builds convert one half at a time. */
+static inline __attribute__((always_inline)) void f16_add_rows(float *restrict y, int64_t n, const uint16_t *W,
+                                                               int64_t ld, const float *x, const int nr) {
+    int64_t j = 0;
+    if (nr == 4) {
+        const uint16_t *w0 = W, *w1 = w0 + ld, *w2 = w1 + ld, *w3 = w2 + ld;
+#if defined(__AVX512F__)
+        const __m512 x0 = _mm512_set1_ps(x[0]), x1 = _mm512_set1_ps(x[1]), x2 = _mm512_set1_ps(x[2]),
+                     x3 = _mm512_set1_ps(x[3]);
+#define F16_ROW(v, wr, xv) v = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wr + j))), xv, v)
+        for (; j + 16 <= n; j += 16) {
+            __m512 v = _mm512_loadu_ps(y + j);
+            F16_ROW(v, w0, x0); F16_ROW(v, w1, x1); F16_ROW(v, w2, x2); F16_ROW(v, w3, x3);
+            _mm512_storeu_ps(y + j, v);
+        }
+#undef F16_ROW
+#elif defined(__F16C__) && defined(__FMA__)
+        const __m256 x0 = _mm256_set1_ps(x[0]), x1 = _mm256_set1_ps(x[1]), x2 = _mm256_set1_ps(x[2]),
+                     x3 = _mm256_set1_ps(x[3]);
+#define F16_ROW(v, wr, xv) v = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wr + j))), xv, v)
+        for (; j + 8 <= n; j += 8) {
+            __m256 v = _mm256_loadu_ps(y + j);
+            F16_ROW(v, w0, x0); F16_ROW(v, w1, x1); F16_ROW(v, w2, x2); F16_ROW(v, w3, x3);
+            _mm256_storeu_ps(y + j, v);
+        }
+#undef F16_ROW
+#endif
+    }
+    for (int r = 0; r < nr; r++) { /* the columns left (all of them for a group of under four rows) */
+        const uint16_t *wr = W + r * ld;
+        int64_t k = j;
+#if defined(__AVX512F__)
+        const __m512 xv = _mm512_set1_ps(x[r]);
+        for (; k + 16 <= n; k += 16)
+            _mm512_storeu_ps(y + k, _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wr + k))), xv,
+                                                    _mm512_loadu_ps(y + k)));
+#elif defined(__F16C__) && defined(__FMA__)
+        const __m256 xv = _mm256_set1_ps(x[r]);
+        for (; k + 8 <= n; k += 8)
+            _mm256_storeu_ps(y + k, _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wr + k))), xv,
+                                                    _mm256_loadu_ps(y + k)));
+#endif
+        for (; k < n; k++) y[k] += x[r] * qg_half(wr[k]);
+    }
+}
+
+/* Rows requested ahead of the four being read by the fp16 bypass's loops (as many bytes in flight as the fp32
+ * loops' four rows ahead). */
+#define F16_AHEAD 8
+
 /* y[0:n) = sum over rows r in [i0, i1) of x[r] * W[r, 0:n) (n = a->cols) for a quantized FFN's bypass R [rank,
- * hidden] stored fp16 (--fp16-bypass), rows in order, the next four requested while four are added: each 16
- * (AVX-512) or 8 (F16C) halves converted in registers and added into y (in L1); other builds convert one half at
- * a time. */
+ * hidden] stored fp16 (--fp16-bypass), rows in order, four at a time (f16_add_rows), F16_AHEAD rows requested ahead. */
 static void gemv_rows_f16(const float *restrict x, const Mat *a, int64_t i0, int64_t i1, float *restrict y) {
     const uint16_t *W = (const uint16_t *)(const void *)a->w;
     const int64_t n = a->cols, ld = a->ld;
     for (int64_t j = 0; j < n; j++) y[j] = 0.0f;
-    for (int64_t i = i0; i < i1; i++) {
-        if ((i - i0) % 4 == 0) /* the rows after the next four, under way meanwhile */
-            for (int64_t r = i + 4; r < i + 8 && r < i1; r++) qg_prefetch((const uint8_t *)(W + r * ld), n * 2);
-        const uint16_t *wr = W + i * ld;
-        int64_t j = 0;
-#if defined(__AVX512F__)
-        const __m512 xv = _mm512_set1_ps(x[i]);
-        for (; j + 16 <= n; j += 16)
-            _mm512_storeu_ps(y + j, _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wr + j))), xv,
-                                                    _mm512_loadu_ps(y + j)));
-#elif defined(__F16C__) && defined(__FMA__)
-        const __m256 xv = _mm256_set1_ps(x[i]);
-        for (; j + 8 <= n; j += 8)
-            _mm256_storeu_ps(y + j, _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wr + j))), xv,
-                                                    _mm256_loadu_ps(y + j)));
-#endif
-        for (; j < n; j++) y[j] += x[i] * qg_half(wr[j]);
+    for (int64_t r = i0; r < i0 + F16_AHEAD && r < i1; r++) qg_prefetch((const uint8_t *)(W + r * ld), n * 2);
+    for (int64_t i = i0; i < i1; i += 4) {
+        for (int64_t r = i + F16_AHEAD; r < i + F16_AHEAD + 4 && r < i1; r++)
+            qg_prefetch((const uint8_t *)(W + r * ld), n * 2);
+        f16_add_rows(y, n, W + i * ld, ld, x + i, i1 - i < 4 ? (int)(i1 - i) : 4);
     }
 }
 
@@ -353,15 +393,7 @@ static void round_f16(float *v, int64_t n) {
  * bits on both paths and sampling from a screened top-k gives the full head's tokens. */
 __attribute__((noinline)) static void dot4_f32(const float *w0, const float *w1, const float *w2, const float *w3,
                                                const float *restrict h, int64_t n, float d[4]) {
-    float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
-#pragma omp simd reduction(+ : d0, d1, d2, d3)
-    for (int64_t j = 0; j < n; j++) {
-        d0 += w0[j] * h[j];
-        d1 += w1[j] * h[j];
-        d2 += w2[j] * h[j];
-        d3 += w3[j] * h[j];
-    }
-    d[0] = d0; d[1] = d1; d[2] = d2; d[3] = d3;
+    f32_dot_group(w0, w1, w2, w3, h, n, 4, d);
 }
 
 static float head_row(const Model *m, const float *h, int64_t v) { /* one exact logit, soft-capped */
@@ -1073,45 +1105,95 @@ static void q_dot(const Ctx *c, const QMat *w, const float *x, const int64_t *id
     caprese_q_rows_dot(w, x, idx, r0, r1, y);
 }
 
-/* y[i] = w[i] . x for i in [r0, r1), w [rows, cols] fp16 row-major, four rows at a time, the next four requested
- * meanwhile (as caprese_f32_rows_dot): each 16 (AVX-512) or 8 (F16C) halves converted and multiplied in
- * registers; other builds convert one half at a time. */
-static void f16_rows_dot(const uint16_t *w, int64_t cols, const float *restrict x, int64_t r0, int64_t r1,
-                         float *y) {
-    qg_prefetch((const uint8_t *)(w + r0 * cols), (r1 - r0 < 4 ? r1 - r0 : 4) * cols * 2); /* the first four rows */
-    for (int64_t i = r0; i < r1; i += 4) {
-        const int nr = r1 - i < 4 ? (int)(r1 - i) : 4;
-        qg_prefetch((const uint8_t *)(w + (i + nr) * cols), (r1 - i - nr < 4 ? r1 - i - nr : 4) * cols * 2);
-        for (int r = 0; r < nr; r++) {
-            const uint16_t *wr = w + (i + r) * cols;
-            float d = 0.0f;
-            int64_t j = 0;
+/* y[0 .. nr) = w[r] . x for nr <= 4 fp16 rows (ld halves apart) of cols: each 16 (AVX-512) or 8 (F16C) halves
+ * converted and multiplied in registers, the rows' accumulators interleaved; a row's sum in the same order whichever
+ * group it is in. Other builds convert one half at a time. */
+static inline __attribute__((always_inline)) void f16_dot_group(const uint16_t *w, int64_t ld, int64_t cols,
+                                                                const float *restrict x, const int nr, float *y) {
+    const uint16_t *wr[4];
+    for (int r = 0; r < 4; r++) wr[r] = w + (r < nr ? r : 0) * ld; /* rows past nr: row 0 again, unused */
+    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int64_t j = 0;
 #if defined(__AVX512F__)
-            __m512 a = _mm512_setzero_ps();
-            for (; j + 16 <= cols; j += 16)
-                a = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wr + j))),
-                                    _mm512_loadu_ps(x + j), a);
-            d = _mm512_reduce_add_ps(a);
+    __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (; j + 16 <= cols; j += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + j);
+        for (int r = 0; r < 4; r++)
+            a[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wr[r] + j))), xv, a[r]);
+    }
+    for (int r = 0; r < 4; r++) d[r] = _mm512_reduce_add_ps(a[r]);
 #elif defined(__F16C__) && defined(__FMA__)
-            __m256 a = _mm256_setzero_ps();
-            for (; j + 8 <= cols; j += 8)
-                a = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wr + j))),
-                                    _mm256_loadu_ps(x + j), a);
-            float l[8];
-            _mm256_storeu_ps(l, a);
-            for (int k = 0; k < 8; k++) d += l[k];
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (; j + 8 <= cols; j += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + j);
+        for (int r = 0; r < 4; r++)
+            a[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wr[r] + j))), xv, a[r]);
+    }
+    for (int r = 0; r < 4; r++) {
+        float l[8];
+        _mm256_storeu_ps(l, a[r]);
+        for (int k = 0; k < 8; k++) d[r] += l[k];
+    }
 #endif
-            for (; j < cols; j++) d += qg_half(wr[j]) * x[j];
-            y[i + r] = d;
-        }
+    for (int r = 0; r < nr; r++) {
+        float e = d[r];
+        for (int64_t k = j; k < cols; k++) e += qg_half(wr[r][k]) * x[k];
+        y[r] = e;
+    }
+}
+
+/* y[i] = w[i] . x for i in [r0, r1), w [rows, cols] fp16, ld halves from row to row: four rows at a time
+ * (f16_dot_group), F16_AHEAD rows requested ahead (their cols halves only: R's rows between are not read here). */
+static void f16_rows_dot(const uint16_t *w, int64_t ld, int64_t cols, const float *restrict x, int64_t r0,
+                         int64_t r1, float *y) {
+    for (int64_t r = r0; r < r0 + F16_AHEAD && r < r1; r++) qg_prefetch((const uint8_t *)(w + r * ld), cols * 2);
+    for (int64_t i = r0; i < r1; i += 4) {
+        for (int64_t r = i + F16_AHEAD; r < i + F16_AHEAD + 4 && r < r1; r++)
+            qg_prefetch((const uint8_t *)(w + r * ld), cols * 2);
+        f16_dot_group(w + i * ld, ld, cols, x, r1 - i < 4 ? (int)(r1 - i) : 4, y + i);
     }
 }
 
 /* y[0 .. k1 - k0) = outputs [k0, k1) of a quantized FFN's bypass x L: rows of L transposed (fp32, or fp16). */
 static void bypass_l(const Ctx *c, const Layer *L, int64_t k0, int64_t k1, float *y) {
     const int64_t D = c->m->hidden;
-    if (L->bypass_f16) f16_rows_dot(L->l_t, D, c->h, k0, k1, y - k0);
-    else caprese_f32_rows_dot(L->l_t, D, D, c->h, NULL, k0, k1, y - k0);
+    if (L->bypass_f16) f16_rows_dot(L->l_t, L->l_ld, D, c->h, k0, k1, y - k0);
+    else caprese_f32_rows_dot(L->l_t, L->l_ld, D, c->h, NULL, k0, k1, y - k0);
+}
+
+/* The bypass rows [r0, r1) of a fused FFN chunk (stage_q_ffn) in one pass: four rows' z = x L (into z[0 ..)), then
+ * their R rows added into out (overwritten). Row r of R follows row r of L^T (l_ld = down.ld = 2 hidden), so the
+ * chunk reads one stream where L^T's and R's rows were two, each started cold (docs/performance.md). bypass_l's
+ * and bypass_r's products in their order: the same bits as the two-phase path. */
+static void bypass_rows(const Ctx *c, const Layer *L, int64_t r0, int64_t r1, float *z, float *out) {
+    const int64_t D = c->m->hidden, ld = L->l_ld, es = L->bypass_f16 ? 2 : 4;
+    const uint8_t *base = (const uint8_t *)L->l_t; /* row r of L^T at base + r ld es, of R at + D es */
+    const int ahead = L->bypass_f16 ? F16_AHEAD : 4; /* rows, as bypass_l's */
+    memset(out, 0, sizeof(float) * D);
+    qg_prefetch(base + r0 * ld * es, (r1 - r0 < ahead ? r1 - r0 : ahead) * ld * es);
+    for (int64_t i = r0; i < r1; i += 4) {
+        const int nr = r1 - i < 4 ? (int)(r1 - i) : 4;
+        const int64_t pa = i + ahead;
+        if (pa < r1) qg_prefetch(base + pa * ld * es, (r1 - pa < 4 ? r1 - pa : 4) * ld * es);
+        float *zi = z + (i - r0);
+        if (L->bypass_f16) {
+            const uint16_t *w = (const uint16_t *)L->l_t + i * ld;
+            f16_dot_group(w, ld, D, c->h, nr, zi);
+            f16_add_rows(out, D, w + D, ld, zi, nr);
+            continue;
+        }
+        const float *w = (const float *)L->l_t + i * ld;
+        if (nr == 4) f32_dot_group(w, w + ld, w + 2 * ld, w + 3 * ld, c->h, D, 4, zi);
+        else
+            for (int r = 0; r < nr; r++) f32_dot_group(w + r * ld, NULL, NULL, NULL, c->h, D, 1, zi + r);
+        for (int64_t c0 = 0; c0 < D; c0 += TILE) { /* gemv_rows' tiles and row groups */
+            const int64_t wd = (c0 + TILE < D ? c0 + TILE : D) - c0;
+            const float *p[4] = {w + D + c0, w + ld + D + c0, w + 2 * ld + D + c0, w + 3 * ld + D + c0};
+            if (nr == 4) add_rows(out + c0, wd, zi, p, 4);
+            else
+                for (int r = 0; r < nr; r++) add_rows(out + c0, wd, zi + r, p + r, 1);
+        }
+    }
 }
 
 /* out[0 .. hidden) = sum over bypass rows r in [r0, r1) of zb[r] * R[r] (R fp32 or fp16): overwrites out. */
@@ -1237,8 +1319,7 @@ static void stage_q_ffn(const Ctx *c, const Phase *ph, int64_t i, float *out, fl
     neuron_span(ph, i, F, &j0, &j1, &a1, &b0);
     float *z = tmp, *u = tmp + (j1 - j0); /* z[j - j0] for the chunk's neurons */
     if (j1 > b0) { /* bypass neurons b0 - F .. j1 - F: x L, then their R rows (overwrites out) */
-        bypass_l(c, L, b0 - F, j1 - F, z + (b0 - j0));
-        bypass_r(L, z + (b0 - j0) - (b0 - F), b0 - F, j1 - F, out);
+        bypass_rows(c, L, b0 - F, j1 - F, z + (b0 - j0), out);
     } else {
         memset(out, 0, sizeof(float) * D);
     }

@@ -59,7 +59,8 @@ class Layer(ctypes.Structure):
         ("scale", ctypes.c_float), ("softcap", ctypes.c_float), ("up_t", Mat), ("up_bias", ctypes.c_void_p),
         ("q_attn", ctypes.c_int64), ("q_ffn", ctypes.c_int64), ("down_rows", ctypes.c_int64),
         ("q_qkv", QMat), ("q_o", QMat), ("q_gate", QMat), ("q_up", QMat), ("q_down", QMat),
-        ("bypass_f16", ctypes.c_int64), ("down_quads", ctypes.c_void_p), ("l_t", ctypes.c_void_p)]
+        ("bypass_f16", ctypes.c_int64), ("down_quads", ctypes.c_void_p), ("l_t", ctypes.c_void_p),
+        ("l_ld", ctypes.c_int64)]
 
 
 class Model(ctypes.Structure):

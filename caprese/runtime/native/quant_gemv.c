@@ -637,6 +637,29 @@ static inline void f32_prefetch_rows(const float *w, int64_t ld, int64_t cols, c
         qg_prefetch((const uint8_t *)(w + (idx ? idx[k] : k) * ld), cols * 4);
 }
 
+/* y[0 .. nr) = w[k] . x (nr = 4: rows w0 .. w3, their sums in one vectorized pass; nr = 1: w0 only): the row loops
+ * of caprese_f32_rows_dot, also run a group at a time by the decode step's bypass (bypass_rows), so the same bits. */
+static inline __attribute__((always_inline)) void f32_dot_group(const float *w0, const float *w1, const float *w2,
+                                                                const float *w3, const float *x, int64_t cols,
+                                                                const int nr, float *y) {
+    if (nr == 4) {
+        float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+        for (int64_t j = 0; j < cols; j++) {
+            d0 += w0[j] * x[j];
+            d1 += w1[j] * x[j];
+            d2 += w2[j] * x[j];
+            d3 += w3[j] * x[j];
+        }
+        y[0] = d0; y[1] = d1; y[2] = d2; y[3] = d3;
+    } else {
+        float d0 = 0.0f;
+#pragma omp simd reduction(+ : d0)
+        for (int64_t j = 0; j < cols; j++) d0 += w0[j] * x[j];
+        y[0] = d0;
+    }
+}
+
 /* The fp32 baseline of the benchmark: y[i] = w[row_i] . x for i in [r0, r1), w [rows, ld] row-major. */
 void caprese_f32_rows_dot(const float *w, int64_t ld, int64_t cols, const float *x, const int64_t *idx, int64_t r0,
                           int64_t r1, float *y) {
@@ -646,22 +669,11 @@ void caprese_f32_rows_dot(const float *w, int64_t ld, int64_t cols, const float 
         const float *w0 = w + (idx ? idx[i] : i) * ld, *w1 = w + (idx ? idx[i + 1] : i + 1) * ld;
         const float *w2 = w + (idx ? idx[i + 2] : i + 2) * ld, *w3 = w + (idx ? idx[i + 3] : i + 3) * ld;
         f32_prefetch_rows(w, ld, cols, idx, i + 4, r1);
-        float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
-#pragma omp simd reduction(+ : d0, d1, d2, d3)
-        for (int64_t j = 0; j < cols; j++) {
-            d0 += w0[j] * x[j];
-            d1 += w1[j] * x[j];
-            d2 += w2[j] * x[j];
-            d3 += w3[j] * x[j];
-        }
-        y[i] = d0; y[i + 1] = d1; y[i + 2] = d2; y[i + 3] = d3;
+        f32_dot_group(w0, w1, w2, w3, x, cols, 4, y + i);
     }
     for (; i < r1; i++) {
         const float *w0 = w + (idx ? idx[i] : i) * ld;
-        float d0 = 0.0f;
-#pragma omp simd reduction(+ : d0)
-        for (int64_t j = 0; j < cols; j++) d0 += w0[j] * x[j];
-        y[i] = d0;
+        f32_dot_group(w0, w0, w0, w0, x, cols, 1, y + i);
     }
 }
 
