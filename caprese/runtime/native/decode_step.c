@@ -513,6 +513,8 @@ typedef struct {  /* what a phase computes; every thread copies it before runnin
     int64_t n;         /* the rows (outputs, heads, neurons) the phase covers: chunk i has [i rows, (i + 1) rows) */
     int job;           /* PH_QDOT: J_QKV ... */
     int64_t split, rows2; /* split > 0: rows per chunk over [0, split), then rows2 per chunk (chunk_span) */
+    int64_t cost, cost2;  /* split > 0: bytes a row reads before / after it, where they differ: the threads' first
+                           * ranges then split the bytes, not the chunk count (phase_ranges) */
 } Phase;
 
 /* Rows [*r0, *r1) of chunk i. A quantized FFN's bypass (L's columns, R's rows: fp32) costs several times a
@@ -1681,6 +1683,29 @@ static void own_next_inputs(Ctx *c, const Phase *ph, int p) {
 }
 
 /* Leader: publish phase *ph as the next epoch, work on it, and return once every chunk is committed and reduced. */
+/* The act working threads' first ranges of ph's chunks: thread k's [b[k], b[k + 1]), by chunk count, or where the
+ * phase's chunks read unequal bytes (ph->cost), by bytes. The caller's range is the larger one either way: helpers
+ * join a little later. GRIFFIN's FFN phase by count gave the leader ~2x the helper's bytes (its bypass chunks read
+ * ~60% of a neuron chunk's), which the helper then stole a chunk at a time. */
+static void phase_ranges(const Phase *ph, int act, int64_t *b) {
+    const int64_t n = ph->n_chunks;
+    for (int k = 0; k <= act; k++) b[k] = n - n * (act - k) / act;
+    if (!ph->split || !ph->cost || act < 2) return;
+    int64_t total = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t r0, r1;
+        chunk_span(ph, i, &r0, &r1);
+        total += (r1 - r0) * (r0 < ph->split ? ph->cost : ph->cost2);
+    }
+    int64_t at = 0, k = 1;
+    for (int64_t i = 0; i < n && k < act; i++) { /* b[k]: the first chunk starting at or past k / act of the bytes */
+        int64_t r0, r1;
+        chunk_span(ph, i, &r0, &r1);
+        at += (r1 - r0) * (r0 < ph->split ? ph->cost : ph->cost2);
+        while (k < act && at * act >= total * k) b[k++] = i + 1;
+    }
+}
+
 static uint64_t run_phase(Ctx *c, const Phase *ph, Reduce reduce, void *arg) {
     const uint64_t e = atomic_load_explicit(&c->epoch, memory_order_relaxed) + 1;
     const int p = (int)(e & 1);
@@ -1691,9 +1716,10 @@ static uint64_t run_phase(Ctx *c, const Phase *ph, Reduce reduce, void *arg) {
     c->phase[p].prev_stride = c->phase[p ^ 1].stride;
     c->phase[p].t0 = t;
     const int act = atomic_load_explicit(&c->active, memory_order_relaxed);
+    int64_t b[MAX_THREADS + 1];
+    phase_ranges(ph, act, b);
     for (int k = 0; k < c->threads; k++) {
-        const int64_t n = ph->n_chunks; /* the caller's range is the larger one: helpers join a little later */
-        const int64_t lo = k < act ? n - n * (act - k) / act : 0, hi = k < act ? n - n * (act - k - 1) / act : 0;
+        const int64_t lo = k < act ? b[k] : 0, hi = k < act ? b[k + 1] : 0;
         atomic_store_explicit(&c->range[k].w, pack(e, (uint64_t)lo, (uint64_t)hi), memory_order_release);
     }
     atomic_store_explicit(&c->epoch, e, memory_order_release);
@@ -1898,10 +1924,13 @@ static Phase q_down_phase(const Model *m, const Layer *L, int64_t li) {
 }
 
 /* GRIFFIN's FFN as one phase (stage_q_ffn): the down phase's chunks, so the partial sums are the two-phase
- * path's bit for bit (smaller chunks, 64 kept neurons, ran slower: more chunks to claim; measured). */
+ * path's bit for bit (smaller chunks, 64 kept neurons, ran slower: more chunks to claim; measured); the threads'
+ * first ranges split its bytes (phase_ranges). */
 static Phase q_ffn_phase(const Model *m, const Layer *L, int64_t li) {
     Phase ph = q_down_phase(m, L, li);
     ph.kind = PH_QFFN;
+    ph.cost = qmat_row_bytes(&L->q_gate) + qmat_row_bytes(&L->q_up) + qmat_row_bytes(&L->q_down); /* a kept neuron */
+    ph.cost2 = 2 * (L->bypass_f16 ? 2 : 4) * m->hidden; /* a bypass neuron: its L^T and R rows */
     return ph;
 }
 
