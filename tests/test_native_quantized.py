@@ -122,9 +122,10 @@ def test_attention_in_slot_parts(kind, weights, block, target, tmp_path_factory,
     (None, "griffin", "int4", None, "onnxruntime"), (None, "cats", "int8", None, "tensorrt"),
     *[(isa, "griffin", "int4", None, "onnxruntime") for isa in OTHER_ISAS]])
 def test_fp16_bypass_engines(isa, method, weights, block, target, tmp_path_factory, tiny_model_dir):
-    """--fp16-bypass: the kernel reads L and R as fp16 (decode_step.c gemv_rows_f16, GRIFFIN's L columns and R
-    rows, CATS' too; each build's fp16 conversion) and gives ONNX Runtime's logits (which casts them to fp32)
-    within the tolerance above, the same tokens; a step reads half the bypass bytes of the fp32-bypass engine."""
+    """--fp16-bypass: the kernel reads L and R as fp16 (decode_step.c: GRIFFIN's bypass_rows, CATS' f16_rows_dot
+    and gemv_rows_f16, over one [L^T | R] buffer; each build's fp16 conversion) and gives ONNX Runtime's logits
+    (which casts them to fp32) within the tolerance above, the same tokens; a step reads half the bypass bytes of
+    the fp32-bypass engine."""
     from caprese.export.manifest import load_manifest
 
     rho = 8 if method == "griffin" else 0
