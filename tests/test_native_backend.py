@@ -81,11 +81,12 @@ def recorded(g: Generator, prompt: list[int], rho: int):
 
     g.backend.decode = record
     g.backend.decode_greedy = lambda token, slot: Backend.decode_greedy(g.backend, token, slot)
+    g.backend.decode_greedy_n = lambda *a: Backend.decode_greedy_n(g.backend, *a)  # a step at a time, recorded
     try:
         with one_torch_thread():
             r = g.generate(prompt, NEW, reselect_every=rho, ignore_eos=True)
     finally:
-        del g.backend.decode, g.backend.decode_greedy
+        del g.backend.decode, g.backend.decode_greedy, g.backend.decode_greedy_n
     return r, torch.cat(seen)
 
 
@@ -283,6 +284,62 @@ def _defeat_the_screen(engine, dst, seed: int = 0):
 
 
 @needs_cc
+@pytest.mark.parametrize("method,rho,threads", [("dense", 0, 1), ("griffin", 8, 2)])
+def test_greedy_steps_in_one_call_equal_one_at_a_time(method, rho, threads, tmp_path_factory, tiny_model_dir):
+    """Greedy steps run in blocks by one kernel call (caprese_decode_greedy_n, NativeBackend.greedy_block) give the
+    tokens, the per-step byte counts and the stop of steps run one call each: blocks end before each GRIFFIN
+    re-selection, and at an end-of-sequence token, where the reply stops at the same place."""
+    from caprese.runtime.backend import Backend
+
+    engine, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", method)
+    g = Generator.load(engine, backend="native", threads=threads, head="screened")
+    b = g.backend
+    assert b.greedy_block > 1
+    prompt = prompt_ids(14, seed=3)[0].tolist()
+    calls = []
+    block_n = b.decode_greedy_n
+
+    def counted(*a):
+        out = block_n(*a)
+        calls.append(len(out.tokens))
+        return out
+
+    def run(blocks: bool, eos=None):
+        b.decode_greedy_n = counted if blocks else (lambda *a: Backend.decode_greedy_n(b, *a))
+        saved = g.eos_ids
+        g.eos_ids = eos if eos is not None else saved
+        try:
+            with one_torch_thread():
+                r = g.stream(prompt, NEW, reselect_every=rho, ignore_eos=eos is None)
+                list(r.tokens())
+                return r.result, list(r._run.attended), list(r._run.skipped)
+        finally:
+            del b.decode_greedy_n
+            g.eos_ids = saved
+
+    one, one_att, one_skip = run(False)
+    calls.clear()
+    got, att, skip = run(True)
+    assert got.tokens == one.tokens and att == one_att and skip == one_skip
+    assert len(got.stats.step_ms) == len(got.tokens) - 1 and all(ms > 0 for ms in got.stats.step_ms)
+    assert max(calls) > 1 and sum(calls) == len(att)  # blocks ran, and every decode step was in one
+    if rho:
+        assert max(calls) <= rho - 1  # a block never spans a re-selection
+    stop = got.tokens[12]  # a reply that ends there: both ways stop after its first occurrence
+    first = got.tokens.index(stop)
+    assert first >= 2  # inside the decode steps, not at the prefill's token
+    a = run(False, [stop])[0]
+    calls.clear()
+    b_ = run(True, [stop])[0]
+    assert a.stop_reason == b_.stop_reason == "eos" and a.tokens == b_.tokens == got.tokens[:first]
+    steps = b_.stats.tokens_generated - 1  # after the prefill's token, less the re-selections (prefills)
+    steps -= sum(1 for i in range(steps) if rho and (i + 1) % rho == 0)
+    assert sum(calls) == steps  # the kernel stopped at it: no step past it
+    with pytest.raises(RuntimeError, match="past the KV cache"):
+        b.decode_greedy_n(got.tokens[0], b.capacity - 2, 4, set())
+
+
+@needs_cc
 @pytest.mark.parametrize("isa", ISAS)  # the int8 rows: AVX-512, AVX2 intrinsics, the plain loop
 @pytest.mark.parametrize("threads", [1, 5])
 def test_screened_head_when_the_int8_copy_cannot_decide(threads, isa, tmp_path_factory, tiny_model_dir, tmp_path):
@@ -293,6 +350,7 @@ def test_screened_head_when_the_int8_copy_cannot_decide(threads, isa, tmp_path_f
     import numpy as np
 
     from caprese.model import load_decoder
+    from caprese.runtime.backend import Backend
 
     src = tiny_model_dir("llama")
     engine, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "dense")
@@ -309,6 +367,7 @@ def test_screened_head_when_the_int8_copy_cannot_decide(threads, isa, tmp_path_f
         return out
 
     b.decode_greedy = record
+    b.decode_greedy_n = lambda *a: Backend.decode_greedy_n(b, *a)  # a step at a time, each step's rows recorded
     top_k = sampling_from(temperature=1.0, top_k=20, seed=7)
     with one_torch_thread():
         want = full.generate(prompt, 24, ignore_eos=True)

@@ -9,6 +9,9 @@ A backend owns the KV cache and the decode graph's persistent selection inputs o
   decode(token, slot)        one token through the decode graph -> logits [1, V] (float32 torch tensor on
                              logits_device, valid until the next call)
   decode_greedy(token, slot) the same step -> the argmax token (a backend may find it without every logit)
+  decode_greedy_n(token, slot, n, eos)
+                             up to n such steps (at most greedy_block), stopping after a token in eos -> Steps
+                             (a backend may run them in one call: the native kernel does)
   decode_top(token, slot, k) the same step -> logits exact at least where the k largest are (a backend may
                              leave the others at -inf): what top-k sampling reads
   attended(slot)             KV slots a decode step at `slot` reads (for the bandwidth report)
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import time
 
 import torch
 
@@ -41,6 +45,14 @@ class PrefillOut:
 
 
 _GREEDY = Sampling()
+
+
+@dataclasses.dataclass
+class Steps:
+    """Decode steps run by one call: their output tokens, each step's time (ms) and the weight bytes it did not read."""
+    tokens: list[int]
+    ms: list[float]
+    skipped: list[int]
 
 
 class Backend:
@@ -67,6 +79,20 @@ class Backend:
 
     def decode_greedy(self, token: int, slot: int) -> int:
         return int(sample(self.decode(token, slot), _GREEDY)[0])
+
+    greedy_block = 1  # greedy steps one decode_greedy_n call may run
+
+    def decode_greedy_n(self, token: int, slot: int, n: int, eos: set[int]) -> Steps:
+        out = Steps([], [], [])
+        for i in range(n):
+            t0 = time.perf_counter()
+            token = self.decode_greedy(token, slot + i)
+            out.ms.append((time.perf_counter() - t0) * 1000)
+            out.tokens.append(token)
+            out.skipped.append(self.skipped_bytes())
+            if token in eos:
+                break
+        return out
 
     def decode_top(self, token: int, slot: int, k: int) -> torch.Tensor:
         return self.decode(token, slot)

@@ -1,6 +1,7 @@
 """Which backend call a decode step makes for a Sampling, decided here and only here.
 
-  greedy (temperature 0)  Backend.decode_greedy -> the argmax token (the native kernel may screen the LM head)
+  greedy (temperature 0)  Backend.decode_greedy -> the argmax token (the native kernel may screen the LM head);
+                          several steps in one call where the backend can (decode_greedy_n: the native kernel)
   top-k (k > 0)           Backend.decode_top    -> logits exact at least where the k largest are, then sample()
   otherwise               Backend.decode        -> every logit, then sample()
 top-p after top-k reads only the k kept logits, so decode_top serves it too. Prefill logits (the first token,
@@ -10,10 +11,12 @@ and GRIFFIN's reselection steps) always hold every logit and go straight to samp
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 
 from caprese.model.sampling import Sampling, sample
+from caprese.runtime.backend import Steps
 
 GREEDY, TOP_K, FULL = "greedy", "top_k", "full"
 
@@ -26,6 +29,20 @@ class DecodePolicy:
     @classmethod
     def of(cls, sampling: Sampling) -> "DecodePolicy":
         return cls(sampling, GREEDY if sampling.greedy else TOP_K if sampling.top_k else FULL)
+
+    def block(self, backend) -> int:
+        """Decode steps one call may run: greedy steps need nothing between them, so a backend may run several at
+        once (Backend.greedy_block); the other modes sample in Python after every step."""
+        return backend.greedy_block if self.mode == GREEDY else 1
+
+    def next_tokens(self, backend, token: int, slot: int, n: int, eos: set[int],
+                    generator: torch.Generator | None = None) -> Steps:
+        """n <= block(backend) decode steps from `token` at `slot` (fewer after a token in eos)."""
+        if self.mode == GREEDY:
+            return backend.decode_greedy_n(token, slot, n, eos)
+        t0 = time.perf_counter()
+        nxt = self.next_token(backend, token, slot, generator)
+        return Steps([nxt], [(time.perf_counter() - t0) * 1000], [backend.skipped_bytes()])
 
     def next_token(self, backend, token: int, slot: int, generator: torch.Generator | None = None) -> int:
         """One decode step of `token` at `slot` on `backend` -> the next token."""

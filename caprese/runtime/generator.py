@@ -76,7 +76,7 @@ class _Run:
         self.attended: list[int] = []
         self.skipped: list[int] = []  # weight bytes each decode step did not read
         self.stop_reason: str | None = None
-        self.stop_requested = False  # set from a signal handler: the loop ends after the current step
+        self.stop_requested = False  # set from a signal handler: the loop ends after the current call's steps
 
     def result(self) -> RuntimeResult:
         g = self.g
@@ -296,30 +296,38 @@ class Generator:
             yield token
             slot, fed = len(ids), []
             last = time.perf_counter()
-            for i in range(max_new - 1):
+            i = 0
+            while i < max_new - 1:  # step i feeds `token` at slot + i
                 if run.stop_requested:
                     return
-                fed.append(token)
-                if reselect_every and len(fed) % reselect_every == 0:
+                if reselect_every and (i + 1) % reselect_every == 0:  # this step re-selects: a prefill instead
+                    fed.append(token)
                     ws = slot + i - reselect_every + 1
                     out = b.prefill(fed[-reselect_every:], ws)
                     self.selection.add(Chunk(ws, slot + i + 1, RESELECT, out.griffin, out.tau))
                     self._select()
-                    nxt = policy.choose(out.logits, generator)
-                else:
-                    nxt = policy.next_token(b, token, slot + i, generator)
-                    run.attended.append(b.attended(slot + i))
-                    run.skipped.append(b.skipped_bytes())
-                self.cached.append(token)
-                token = nxt
+                    new, ms = [policy.choose(out.logits, generator)], [0.0]
+                else:  # decode steps up to the next re-selection, as many as one call of the backend runs
+                    n = min(policy.block(b), max_new - 1 - i,
+                            reselect_every - 1 - i % reselect_every if reselect_every else max_new)
+                    steps = policy.next_tokens(b, token, slot + i, n, eos, generator)
+                    new, ms = steps.tokens, steps.ms
+                    fed += [token] + new[:-1]
+                    run.attended += [b.attended(slot + i + k) for k in range(len(new))]
+                    run.skipped += steps.skipped
                 now = time.perf_counter()
-                run.step_ms.append((now - last) * 1000)
+                extra = ((now - last) * 1000 - sum(ms)) / len(new)  # each step's share of the time around them
                 last = now
-                run.produced.append(token)
-                if token in eos:
-                    run.stop_reason = "eos"
-                    return
-                yield token
+                for k, nxt in enumerate(new):
+                    self.cached.append(token)
+                    token = nxt
+                    run.step_ms.append(ms[k] + extra)
+                    run.produced.append(token)
+                    if token in eos:
+                        run.stop_reason = "eos"
+                        return
+                    yield token
+                i += len(new)
             run.stop_reason = "length"
         finally:
             if run.stop_reason is None:

@@ -34,7 +34,7 @@ from caprese import cpu_threads
 from caprese.errors import CapreseError
 from caprese.export import contract as C
 from caprese.export.engine_spec import MATRIX, MATRIX_T, PACKING_INT4, PACKING_NBITS, WeightRef
-from caprese.runtime.backend import Backend, PrefillOut
+from caprese.runtime.backend import Backend, PrefillOut, Steps
 from caprese.runtime.native import library as lib_
 from caprese.runtime.native.head_choice import HeadChoice, choose
 from caprese.runtime.native.weight_arena import WeightArena, address, copy_huge, huge_buffer
@@ -147,6 +147,7 @@ class NativeBackend(Backend):
         self._fill_model()
         self._skipped = ctypes.c_int64(0)
         self._next = (ctypes.c_int64 * 2)()
+        self._block = [(ctypes.c_int64 * self.GREEDY_BLOCK)() for _ in range(4)]  # decode_greedy_n's outputs
         self.head_rows = 0  # fp32 head rows the last screened step recomputed
         self.head_rows_total = self.head_steps = 0  # summed over the screened steps since load
         # a quantized head is read whole: its int4 / int8 rows cost no more than the screen's int8 copy would, and
@@ -543,6 +544,38 @@ class NativeBackend(Backend):
             return super().decode_greedy(token, slot)
         self._step(token, slot, top=1)
         return int(self._next[0])
+
+    GREEDY_BLOCK = 16  # greedy steps in one kernel call: the text still streams, in bursts of at most this many
+
+    @property
+    def greedy_block(self) -> int:
+        """Greedy steps one decode_greedy_n call runs in the kernel (caprese_decode_greedy_n: the argmax of a
+        screened or quantized head, found in C); a full fp32 head's argmax is taken in Python, a step at a time."""
+        return self.GREEDY_BLOCK if (self._screens(1) or self.head_quantized) else 1
+
+    def decode_greedy_n(self, token: int, slot: int, n: int, eos: set[int]) -> Steps:
+        """Up to n greedy steps in one kernel call, stopping after a token in eos. After a step's ~80 MB stream the
+        Python around each call ran cold, ~70 µs a token (docs/performance.md); one call pays that once."""
+        if self.greedy_block == 1 or n == 1:
+            return super().decode_greedy_n(token, slot, n, eos)
+        n = min(n, self.GREEDY_BLOCK)
+        if slot + n > self.capacity:
+            raise RuntimeError(f"decode at slots {slot}..{slot + n - 1} past the KV cache ({self.capacity}); "
+                               "reserve first")
+        ends = sorted(eos)
+        self._eos = (ctypes.c_int64 * max(1, len(ends)))(*ends)
+        self._threads.tick()
+        got = self.lib.caprese_decode_greedy_n(self._ctx, int(token), int(slot), n, self._eos, len(ends),
+                                               *self._block)
+        if got < 0:
+            self._check(-got)
+        toks, ns, skipped, rows = (list(a[:got]) for a in self._block)
+        if not self.head_quantized:
+            self.head_rows = rows[-1]
+            self.head_rows_total += sum(rows)
+            self.head_steps += got
+        self._skipped.value = skipped[-1]
+        return Steps(toks, [t / 1e6 for t in ns], [k + self.arena.saved_bytes for k in skipped])
 
     def decode_top(self, token: int, slot: int, k: int):
         if not self._screens(k):

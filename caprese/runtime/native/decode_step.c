@@ -2332,6 +2332,28 @@ int caprese_decode_step(Ctx *c, int64_t token, int64_t slot, int64_t *skipped, i
     return rc;
 }
 
+/* Up to n greedy steps in one call (gpt-fast's decode_n_tokens): step i feeds `token` (then the previous step's
+ * argmax) at slot + i, a screened or quantized head's argmax (next[0] = 1, as caprese_decode_step); out[i] = its
+ * token, ns[i] = its time, skipped[i] = its unread bytes, rows[i] = the head rows it recomputed in fp32. Stops after
+ * a token in eos[0 .. neos). Why: a step streams ~80 MB through the caches, and the Python around each step then
+ * ran cold, ~70 µs a token (docs/performance.md); here it is paid once per call. Returns the steps run, or -(a
+ * caprese_decode_step code) at the step that failed (earlier steps' outputs stand). */
+int64_t caprese_decode_greedy_n(Ctx *c, int64_t token, int64_t slot, int64_t n, const int64_t *eos, int64_t neos,
+                                int64_t *out, int64_t *ns, int64_t *skipped, int64_t *rows) {
+    for (int64_t i = 0; i < n; i++) {
+        int64_t next[2] = {1, 0};
+        const int64_t t0 = now_ns();
+        const int rc = caprese_decode_step(c, token, slot + i, skipped + i, next);
+        if (rc) return -rc;
+        ns[i] = now_ns() - t0;
+        out[i] = token = next[0];
+        rows[i] = next[1];
+        for (int64_t k = 0; k < neos; k++)
+            if (eos[k] == token) return i + 1;
+    }
+    return n;
+}
+
 /* The head alone, on the given final hidden state h (after the final norm): what a step's head costs, for the
  * load-time choice between the screened and the full head. Same arguments and codes as caprese_decode_step. */
 int caprese_head_only(Ctx *c, const float *h, int64_t *next) {

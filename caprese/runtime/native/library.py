@@ -283,6 +283,10 @@ def load(isa: str | None = None) -> ctypes.CDLL:
         lib.caprese_decode_step.restype = ctypes.c_int
         lib.caprese_decode_step.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                            ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64)]
+        i64p = ctypes.POINTER(ctypes.c_int64)
+        lib.caprese_decode_greedy_n.restype = ctypes.c_int64
+        lib.caprese_decode_greedy_n.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, i64p,
+                                                ctypes.c_int64, i64p, i64p, i64p, i64p]
         lib.caprese_qa_quads.restype = ctypes.c_int
         lib.caprese_qa_quads_bytes.restype = ctypes.c_int64
         lib.caprese_qa_quads_bytes.argtypes = [ctypes.POINTER(QMat)]
