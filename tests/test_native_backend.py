@@ -337,6 +337,13 @@ def test_greedy_steps_in_one_call_equal_one_at_a_time(method, rho, threads, tmp_
     assert sum(calls) == steps  # the kernel stopped at it: no step past it
     with pytest.raises(RuntimeError, match="past the KV cache"):
         b.decode_greedy_n(got.tokens[0], b.capacity - 2, 4, set())
+    stream, seen = g.stream(prompt, NEW, ignore_eos=True), []  # stop() inside a block: no token after it
+    for t in stream.tokens():
+        seen.append(t)
+        if len(seen) == 3:
+            stream.stop()
+    assert stream.result.stop_reason == "interrupted" and seen == got.tokens[:3]
+    assert g.cached == prompt + got.tokens[:2]
 
 
 @needs_cc

@@ -76,7 +76,7 @@ class _Run:
         self.attended: list[int] = []
         self.skipped: list[int] = []  # weight bytes each decode step did not read
         self.stop_reason: str | None = None
-        self.stop_requested = False  # set from a signal handler: the loop ends after the current call's steps
+        self.stop_requested = False  # set from a signal handler: the loop ends after the current step
 
     def result(self) -> RuntimeResult:
         g = self.g
@@ -319,6 +319,8 @@ class Generator:
                 extra = ((now - last) * 1000 - sum(ms)) / len(new)  # each step's share of the time around them
                 last = now
                 for k, nxt in enumerate(new):
+                    if k and run.stop_requested:  # the block's later steps are dropped (their cache slots unused)
+                        return
                     self.cached.append(token)
                     token = nxt
                     run.step_ms.append(ms[k] + extra)
