@@ -523,6 +523,43 @@ def test_sample_support_and_frequencies_match_float64_reference(temperature, top
     assert torch.equal(toks, again)
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 0.5), (1.0, 0, 0.9), (1.0, 0, 1.0), (1.0, 2, 0.9), (1.0, 4, 0.7), (0.5, 0, 0.8), (2.0, 0, 0.8)])
+def test_one_row_sampling_matches_float64_reference(temperature, top_k, top_p):
+    """A single row (the decode loop's case) takes its own path: a partition for top-k, top-p over the tokens above
+    a fraction of the largest probability. Its draws, one per call, follow the same float64 reference."""
+    want = reference_filtered_probs(np.log(_PROBS), temperature, top_k, top_p)
+    cfg = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=0)
+    gen = cfg.generator("cpu")
+    row = torch.tensor(np.log(_PROBS), dtype=torch.float32)[None]
+    n = 8_000
+    toks = np.array([int(sample(row, cfg, gen)[0]) for _ in range(n)])
+    freq = np.bincount(toks, minlength=len(_PROBS)) / n
+    assert set(np.flatnonzero(freq)) == set(np.flatnonzero(want))
+    assert np.all(np.abs(freq - want) <= 5 * np.sqrt(want * (1 - want) / n) + 1e-9)
+
+
+def test_one_row_top_p_reaches_past_the_first_candidates():
+    """Half the mass on one token, the other half over 100,000 tokens each far below the first candidate threshold
+    (a 1e-4 fraction of the largest probability): top-p 0.75 must widen its search and keep the top token plus
+    about half of the others, the largest ones (their values spread so that fp32 orders them as float64 does; the
+    cut itself may differ by a token or two of fp32 rounding in the cumulative mass)."""
+    logits = np.log(0.5 / 100_000) + np.linspace(-0.35, 0.35, 100_001)
+    logits[7] = np.log(0.5)
+    want = reference_filtered_probs(logits, 1.0, 0, 0.75)
+    kept = set(np.flatnonzero(want))
+    order = np.argsort(-want - (want == 0) * np.exp(logits), kind="stable")  # kept, then the rest by probability
+    near_cut = set(order[len(kept):len(kept) + 3].tolist())
+    cfg = Sampling(temperature=1.0, top_p=0.75, seed=1)
+    gen = cfg.generator("cpu")
+    row = torch.tensor(logits, dtype=torch.float32)[None]
+    n = 600  # each draw sorts ~100,000 candidates (~3 ms): the flat case's cost, as the batched path's sort
+    toks = np.array([int(sample(row, cfg, gen)[0]) for _ in range(n)])
+    assert 40_000 < len(kept) < 60_000 and set(toks.tolist()) <= kept | near_cut
+    share = float(np.mean(toks == 7))
+    assert abs(share - want[7]) < 5 * np.sqrt(want[7] * (1 - want[7]) / n)
+
+
 def test_sample_greedy_and_rows_independent():
     """Greedy is argmax per row; a batch of different rows keeps each row's own top-p support."""
     logits = torch.tensor([[0.0, 3.0, 1.0, -2.0], [5.0, 0.0, 4.9, 0.0]])
