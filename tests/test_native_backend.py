@@ -347,6 +347,87 @@ def test_greedy_steps_in_one_call_equal_one_at_a_time(method, rho, threads, tmp_
 
 
 @needs_cc
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 0.5), (1.0, 0, 0.9), (1.0, 0, 1.0), (1.0, 2, 0.9), (1.0, 4, 0.7), (0.5, 0, 0.8), (2.0, 0, 0.8)])
+def test_kernel_sampler_matches_float64_reference(temperature, top_k, top_p):
+    """The kernel's sampler (caprese_sample_logits, what caprese_decode_sample_n draws with) follows the float64
+    reference of tests/test_decoder_parity.py: support and frequencies."""
+    import ctypes
+
+    import numpy as np
+
+    from test_decoder_parity import _PROBS, reference_filtered_probs
+
+    lib = library.load()
+    logits = np.log(_PROBS).astype(np.float32)
+    want = reference_filtered_probs(np.log(_PROBS), temperature, top_k, top_p)
+    n = 20_000
+    us = np.random.default_rng(5).random(n)
+    ptr = logits.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    toks = np.array([lib.caprese_sample_logits(ptr, len(logits), temperature, top_k, top_p, float(u)) for u in us])
+    freq = np.bincount(toks, minlength=len(_PROBS)) / n
+    assert set(np.flatnonzero(freq)) == set(np.flatnonzero(want))
+    assert np.all(np.abs(freq - want) <= 5 * np.sqrt(want * (1 - want) / n) + 1e-9)
+
+
+@needs_cc
+def test_kernel_sampler_top_p_reaches_past_the_first_candidates():
+    """tests/test_decoder_parity.py's widening case (half the mass on one token, the rest over 100,000 tokens far
+    below the first candidate threshold) on the kernel's sampler."""
+    import ctypes
+
+    import numpy as np
+
+    from test_decoder_parity import reference_filtered_probs
+
+    lib = library.load()
+    logits = np.log(0.5 / 100_000) + np.linspace(-0.35, 0.35, 100_001)
+    logits[7] = np.log(0.5)
+    want = reference_filtered_probs(logits, 1.0, 0, 0.75)
+    kept = set(np.flatnonzero(want))
+    order = np.argsort(-want - (want == 0) * np.exp(logits), kind="stable")
+    near_cut = set(order[len(kept):len(kept) + 3].tolist())
+    x = logits.astype(np.float32)
+    ptr = x.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    n = 600
+    toks = np.array([lib.caprese_sample_logits(ptr, len(x), 1.0, 0, 0.75, float(u))
+                     for u in np.random.default_rng(6).random(n)])
+    assert set(toks.tolist()) <= kept | near_cut and len(set(toks.tolist())) > n // 3  # the tail was reached
+    assert abs(np.mean(toks == 7) - want[7]) < 5 * np.sqrt(want[7] * (1 - want[7]) / n)
+
+
+@needs_cc
+@pytest.mark.parametrize("method,rho,head", [("dense", 0, "screened"), ("griffin", 8, "full")])
+def test_sampled_steps_in_one_call(method, rho, head, tmp_path_factory, tiny_model_dir):
+    """Sampled steps run in blocks by one kernel call (caprese_decode_sample_n): a seed gives the same reply twice
+    and another seed another; top-k 1 gives the greedy reply (a screened head's top-k step on the dense engine, the
+    full head's logits on GRIFFIN, re-selecting every 8 steps); blocks end at re-selections."""
+    from caprese.model.sampling import Sampling
+
+    engine, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", method)
+    g = Generator.load(engine, backend="native", threads=2, head=head)
+    b = g.backend
+    calls, sample_n = [], b.decode_sample_n
+
+    def counted(*a):
+        out = sample_n(*a)
+        calls.append(len(out.tokens))
+        return out
+
+    b.decode_sample_n = counted
+    prompt = prompt_ids(14, seed=3)[0].tolist()
+    s = Sampling(temperature=1.3, top_k=40, top_p=0.95, seed=11)
+    with one_torch_thread():
+        a = g.generate(prompt, NEW, s, reselect_every=rho, ignore_eos=True).tokens
+        again = g.generate(prompt, NEW, s, reselect_every=rho, ignore_eos=True).tokens
+        other = g.generate(prompt, NEW, Sampling(1.3, 40, 0.95, seed=12), reselect_every=rho, ignore_eos=True).tokens
+        greedy = g.generate(prompt, NEW, reselect_every=rho, ignore_eos=True).tokens
+        top1 = g.generate(prompt, NEW, Sampling(0.7, 1, 1.0, seed=3), reselect_every=rho, ignore_eos=True).tokens
+    assert a == again and a != other and a != greedy and top1 == greedy
+    assert max(calls) > 1 and (not rho or max(calls) <= rho - 1)
+
+
+@needs_cc
 @pytest.mark.parametrize("isa", ISAS)  # the int8 rows: AVX-512, AVX2 intrinsics, the plain loop
 @pytest.mark.parametrize("threads", [1, 5])
 def test_screened_head_when_the_int8_copy_cannot_decide(threads, isa, tmp_path_factory, tiny_model_dir, tmp_path):

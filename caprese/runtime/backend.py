@@ -12,6 +12,8 @@ A backend owns the KV cache and the decode graph's persistent selection inputs o
   decode_greedy_n(token, slot, n, eos)
                              up to n such steps (at most greedy_block), stopping after a token in eos -> Steps
                              (a backend may run them in one call: the native kernel does)
+  decode_sample_n(token, slot, n, eos, sampling, generator)
+                             up to n sampled steps (at most sample_block; only where sample_block > 1: native)
   decode_top(token, slot, k) the same step -> logits exact at least where the k largest are (a backend may
                              leave the others at -inf): what top-k sampling reads
   attended(slot)             KV slots a decode step at `slot` reads (for the bandwidth report)
@@ -81,6 +83,7 @@ class Backend:
         return int(sample(self.decode(token, slot), _GREEDY)[0])
 
     greedy_block = 1  # greedy steps one decode_greedy_n call may run
+    sample_block = 1  # sampled steps one decode_sample_n call may run (a backend with more defines the call)
 
     def decode_greedy_n(self, token: int, slot: int, n: int, eos: set[int]) -> Steps:
         out = Steps([], [], [])

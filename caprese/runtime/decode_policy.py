@@ -31,15 +31,17 @@ class DecodePolicy:
         return cls(sampling, GREEDY if sampling.greedy else TOP_K if sampling.top_k else FULL)
 
     def block(self, backend) -> int:
-        """Decode steps one call may run: greedy steps need nothing between them, so a backend may run several at
-        once (Backend.greedy_block); the other modes sample in Python after every step."""
-        return backend.greedy_block if self.mode == GREEDY else 1
+        """Decode steps one call may run: a step needs only the last one's token, so a backend may run several at
+        once (Backend.greedy_block; sampled: Backend.sample_block, the native kernel sampling in C)."""
+        return backend.greedy_block if self.mode == GREEDY else backend.sample_block
 
     def next_tokens(self, backend, token: int, slot: int, n: int, eos: set[int],
                     generator: torch.Generator | None = None) -> Steps:
         """n <= block(backend) decode steps from `token` at `slot` (fewer after a token in eos)."""
         if self.mode == GREEDY:
             return backend.decode_greedy_n(token, slot, n, eos)
+        if n > 1:
+            return backend.decode_sample_n(token, slot, n, eos, self.sampling, generator)
         t0 = time.perf_counter()
         nxt = self.next_token(backend, token, slot, generator)
         return Steps([nxt], [(time.perf_counter() - t0) * 1000], [backend.skipped_bytes()])

@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 
 import numpy as np
+import torch
 
 from caprese import cpu_threads
 from caprese.errors import CapreseError
@@ -147,7 +148,7 @@ class NativeBackend(Backend):
         self._fill_model()
         self._skipped = ctypes.c_int64(0)
         self._next = (ctypes.c_int64 * 2)()
-        self._block = [(ctypes.c_int64 * self.GREEDY_BLOCK)() for _ in range(4)]  # decode_greedy_n's outputs
+        self._block = [(ctypes.c_int64 * self.STEP_BLOCK)() for _ in range(4)]  # decode_greedy_n's outputs
         self.head_rows = 0  # fp32 head rows the last screened step recomputed
         self.head_rows_total = self.head_steps = 0  # summed over the screened steps since load
         # a quantized head is read whole: its int4 / int8 rows cost no more than the screen's int8 copy would, and
@@ -545,20 +546,20 @@ class NativeBackend(Backend):
         self._step(token, slot, top=1)
         return int(self._next[0])
 
-    GREEDY_BLOCK = 16  # greedy steps in one kernel call: the text still streams, in bursts of at most this many
+    STEP_BLOCK = 16  # decode steps in one kernel call: the text still streams, in bursts of at most this many
 
     @property
     def greedy_block(self) -> int:
         """Greedy steps one decode_greedy_n call runs in the kernel (caprese_decode_greedy_n: the argmax of a
         screened or quantized head, found in C); a full fp32 head's argmax is taken in Python, a step at a time."""
-        return self.GREEDY_BLOCK if (self._screens(1) or self.head_quantized) else 1
+        return self.STEP_BLOCK if (self._screens(1) or self.head_quantized) else 1
 
     def decode_greedy_n(self, token: int, slot: int, n: int, eos: set[int]) -> Steps:
         """Up to n greedy steps in one kernel call, stopping after a token in eos. After a step's ~80 MB stream the
         Python around each call ran cold, ~70 µs a token (docs/performance.md); one call pays that once."""
         if self.greedy_block == 1 or n == 1:
             return super().decode_greedy_n(token, slot, n, eos)
-        n = min(n, self.GREEDY_BLOCK)
+        n = min(n, self.STEP_BLOCK)
         if slot + n > self.capacity:
             raise RuntimeError(f"decode at slots {slot}..{slot + n - 1} past the KV cache ({self.capacity}); "
                                "reserve first")
@@ -576,6 +577,42 @@ class NativeBackend(Backend):
             self.head_steps += got
         self._skipped.value = skipped[-1]
         return Steps(toks, [t / 1e6 for t in ns], [k + self.arena.saved_bytes for k in skipped])
+
+    @property
+    def sample_block(self) -> int:
+        """Sampled steps one decode_sample_n call runs in the kernel (caprese_decode_sample_n: every step's logits
+        sampled in C with uniforms drawn here from the seeded generator)."""
+        return self.STEP_BLOCK
+
+    def decode_sample_n(self, token: int, slot: int, n: int, eos: set[int], sampling,
+                        generator: torch.Generator | None) -> Steps:
+        """Up to n sampled steps in one kernel call (temperature, top-k, top-p: caprese/model/sampling.py's
+        single-row definition, in C), stopping after a token in eos; the uniforms come from `generator`, n at a
+        time. A screened head computes only what top-k reads."""
+        n = min(n, self.STEP_BLOCK)
+        if slot + n > self.capacity:
+            raise RuntimeError(f"decode at slots {slot}..{slot + n - 1} past the KV cache ({self.capacity}); "
+                               "reserve first")
+        ends = sorted(eos)
+        self._eos = (ctypes.c_int64 * max(1, len(ends)))(*ends)
+        u = torch.rand(n, generator=generator).double().numpy()
+        k = sampling.top_k
+        screen = k if (k and self._screens(k) and not self.head_quantized) else 0
+        self._threads.tick()
+        got = self.lib.caprese_decode_sample_n(
+            self._ctx, int(token), int(slot), n, self._eos, len(ends), float(sampling.temperature), int(k),
+            float(sampling.top_p), screen, u.ctypes.data_as(ctypes.POINTER(ctypes.c_double)), *self._block)
+        if got == -4:
+            raise RuntimeError("the native decode step failed (no finite logit)")
+        if got < 0:
+            self._check(-got)
+        toks, ns, skipped, rows = (list(a[:got]) for a in self._block)
+        if screen:
+            self.head_rows = rows[-1]
+            self.head_rows_total += sum(rows)
+            self.head_steps += got
+        self._skipped.value = skipped[-1]
+        return Steps(toks, [t / 1e6 for t in ns], [s + self.arena.saved_bytes for s in skipped])
 
     def decode_top(self, token: int, slot: int, k: int):
         if not self._screens(k):

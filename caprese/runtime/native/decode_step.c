@@ -2354,6 +2354,136 @@ int64_t caprese_decode_greedy_n(Ctx *c, int64_t token, int64_t slot, int64_t n, 
     return n;
 }
 
+/* ---------------------------------------------------------------- sampling (the loop of caprese_decode_sample_n) */
+typedef struct { float p; int32_t i; } Cand;
+
+static int cand_desc(const void *a, const void *b) { /* descending probability, ties by token id */
+    const Cand *x = a, *y = b;
+    return x->p > y->p ? -1 : x->p < y->p ? 1 : (x->i > y->i) - (x->i < y->i);
+}
+
+/* One token from logits[0 .. n) by temperature, top-k (ties at the k-th value kept), top-p (the smallest prefix
+ * by descending probability, ties by id, whose mass reaches top_p; searched among the tokens at least a fraction
+ * of the largest probability, widened until their mass reaches top_p) and the uniform u in [0, 1): the definition
+ * of caprese/model/sampling.py's _sample_row, probabilities in fp32 (exp_vec), sums in fp64. Scratch of n entries
+ * each: c, f (floats), ix (ids). -1: no finite logit. */
+static int64_t sample_logits(const float *logits, int64_t n, float temperature, int64_t top_k, double top_p, double u,
+                             Cand *c, float *f, int32_t *ix) {
+    float kth = -INFINITY;
+    if (top_k > 0 && top_k < n) {
+        for (int64_t v = 0; v < n; v++) f[v] = logits[v] / temperature;
+        kth = kth_largest(f, n, top_k);
+    }
+    int64_t m = 0;
+    float zmax = -INFINITY;
+    for (int64_t v = 0; v < n; v++) { /* the candidates in id order, their scaled logits */
+        const float z = logits[v] / temperature;
+        if (z >= kth && z > -INFINITY) {
+            f[m] = z;
+            ix[m++] = (int32_t)v;
+            zmax = z > zmax ? z : zmax;
+        }
+    }
+    if (!m) return -1;
+    for (int64_t j = 0; j < m; j++) f[j] = exp_vec(f[j] - zmax); /* vectorized: exp_vec has no libm call */
+    double total = 0.0;
+    for (int64_t j = 0; j < m; j++) total += f[j];
+    int64_t keep = 0;
+    if (top_p < 1.0) {
+        for (double frac = 1e-4;; frac = frac > 1e-13 ? frac * 1e-3 : 0.0) {
+            double mass = 0.0; /* the candidates at least frac of the largest (1), until their mass reaches top_p */
+            keep = 0;
+            for (int64_t j = 0; j < m; j++)
+                if (f[j] >= frac) {
+                    c[keep].p = f[j];
+                    c[keep++].i = ix[j];
+                    mass += f[j];
+                }
+            if (frac == 0.0 || mass >= top_p * total) break;
+        }
+        qsort(c, (size_t)keep, sizeof(Cand), cand_desc);
+        double cum = 0.0;
+        int64_t k = 0;
+        for (; k < keep; k++) { /* keep while the mass before it is below top_p */
+            const double q = c[k].p / total;
+            cum += q;
+            if (cum - q >= top_p) break;
+        }
+        keep = k;
+    } else { /* every candidate, in id order */
+        double last = 0.0;
+        for (int64_t j = 0; j < m; j++) last += f[j];
+        const double target = u * last;
+        double cum = 0.0;
+        for (int64_t j = 0; j < m; j++) {
+            cum += f[j];
+            if (cum > target) return ix[j];
+        }
+        return ix[m - 1];
+    }
+    double last = 0.0; /* the draw: the first kept token whose cumulative mass passes u x the kept mass */
+    for (int64_t j = 0; j < keep; j++) last += c[j].p;
+    const double target = u * last;
+    double cum = 0.0;
+    for (int64_t j = 0; j < keep; j++) {
+        cum += c[j].p;
+        if (cum > target) return c[j].i;
+    }
+    return c[keep - 1].i;
+}
+
+/* sample_logits on its own (tests: its draws against the float64 reference). -1: no finite logit, -2: no memory. */
+int64_t caprese_sample_logits(const float *logits, int64_t n, double temperature, int64_t top_k, double top_p,
+                              double u) {
+    Cand *c = malloc(sizeof(Cand) * (size_t)n);
+    float *f = malloc(sizeof(float) * (size_t)n);
+    int32_t *ix = malloc(sizeof(int32_t) * (size_t)n);
+    const int64_t t = c && f && ix ? sample_logits(logits, n, (float)temperature, top_k, top_p, u, c, f, ix) : -2;
+    free(c);
+    free(f);
+    free(ix);
+    return t;
+}
+
+/* Up to n sampled steps in one call, as caprese_decode_greedy_n: step i feeds `token` (then the previous step's
+ * sample) at slot + i and draws from its logits with u[i]. screen_k > 0: a screened head's top-k step (logits exact
+ * where the k largest can be, -inf elsewhere: top-k sampling reads no others); else every logit (a quantized head:
+ * next[0] = 1, its argmax unused). Returns the steps run, -(a caprese_decode_step code) at a failed step, or -4
+ * when no logit was finite. */
+int64_t caprese_decode_sample_n(Ctx *c, int64_t token, int64_t slot, int64_t n, const int64_t *eos, int64_t neos,
+                                double temperature, int64_t top_k, double top_p, int64_t screen_k, const double *u,
+                                int64_t *out, int64_t *ns, int64_t *skipped, int64_t *rows) {
+    const Model *m = c->m;
+    Cand *cand = malloc(sizeof(Cand) * (size_t)m->vocab);
+    float *f = malloc(sizeof(float) * (size_t)m->vocab);
+    int32_t *ix = malloc(sizeof(int32_t) * (size_t)m->vocab);
+    int64_t ran = n;
+    if (!cand || !f || !ix) ran = -2;
+    for (int64_t i = 0; i < n && ran == n; i++) {
+        int64_t next[2] = {m->q_head ? 1 : screen_k, 0};
+        const int64_t t0 = now_ns();
+        const int rc = caprese_decode_step(c, token, slot + i, skipped + i, next[0] ? next : NULL);
+        if (rc) {
+            ran = -rc;
+            break;
+        }
+        token = sample_logits(m->logits, m->vocab, (float)temperature, top_k, top_p, u[i], cand, f, ix);
+        if (token < 0) {
+            ran = -4;
+            break;
+        }
+        ns[i] = now_ns() - t0;
+        out[i] = token;
+        rows[i] = next[1];
+        for (int64_t k = 0; k < neos; k++)
+            if (eos[k] == token) ran = i + 1;
+    }
+    free(cand);
+    free(f);
+    free(ix);
+    return ran;
+}
+
 /* The head alone, on the given final hidden state h (after the final norm): what a step's head costs, for the
  * load-time choice between the screened and the full head. Same arguments and codes as caprese_decode_step. */
 int caprese_head_only(Ctx *c, const float *h, int64_t *next) {
