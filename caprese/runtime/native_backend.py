@@ -559,6 +559,12 @@ class NativeBackend(Backend):
         Python around each call ran cold, ~70 µs a token (docs/performance.md); one call pays that once."""
         if self.greedy_block == 1 or n == 1:
             return super().decode_greedy_n(token, slot, n, eos)
+        n, ends = self._block_start(slot, n, eos)
+        got = self.lib.caprese_decode_greedy_n(self._ctx, int(token), int(slot), n, self._eos, ends, *self._block)
+        return self._block_steps(got, screened=not self.head_quantized)
+
+    def _block_start(self, slot: int, n: int, eos: set[int]) -> tuple[int, int]:
+        """A block call's steps (at most STEP_BLOCK, within the cache) and its end-of-sequence ids (self._eos)."""
         n = min(n, self.STEP_BLOCK)
         if slot + n > self.capacity:
             raise RuntimeError(f"decode at slots {slot}..{slot + n - 1} past the KV cache ({self.capacity}); "
@@ -566,12 +572,16 @@ class NativeBackend(Backend):
         ends = sorted(eos)
         self._eos = (ctypes.c_int64 * max(1, len(ends)))(*ends)
         self._threads.tick()
-        got = self.lib.caprese_decode_greedy_n(self._ctx, int(token), int(slot), n, self._eos, len(ends),
-                                               *self._block)
+        return n, len(ends)
+
+    def _block_steps(self, got: int, screened: bool) -> Steps:
+        """A block call's result: its steps, and the screened head's row counts where its steps screened."""
+        if got == -4:
+            raise RuntimeError("the native decode step failed (no finite logit)")
         if got < 0:
             self._check(-got)
         toks, ns, skipped, rows = (list(a[:got]) for a in self._block)
-        if not self.head_quantized:
+        if screened:
             self.head_rows = rows[-1]
             self.head_rows_total += sum(rows)
             self.head_steps += got
@@ -589,30 +599,14 @@ class NativeBackend(Backend):
         """Up to n sampled steps in one kernel call (temperature, top-k, top-p: caprese/model/sampling.py's
         single-row definition, in C), stopping after a token in eos; the uniforms come from `generator`, n at a
         time. A screened head computes only what top-k reads."""
-        n = min(n, self.STEP_BLOCK)
-        if slot + n > self.capacity:
-            raise RuntimeError(f"decode at slots {slot}..{slot + n - 1} past the KV cache ({self.capacity}); "
-                               "reserve first")
-        ends = sorted(eos)
-        self._eos = (ctypes.c_int64 * max(1, len(ends)))(*ends)
+        n, ends = self._block_start(slot, n, eos)
         u = torch.rand(n, generator=generator).double().numpy()
         k = sampling.top_k
         screen = k if (k and self._screens(k) and not self.head_quantized) else 0
-        self._threads.tick()
         got = self.lib.caprese_decode_sample_n(
-            self._ctx, int(token), int(slot), n, self._eos, len(ends), float(sampling.temperature), int(k),
+            self._ctx, int(token), int(slot), n, self._eos, ends, float(sampling.temperature), int(k),
             float(sampling.top_p), screen, u.ctypes.data_as(ctypes.POINTER(ctypes.c_double)), *self._block)
-        if got == -4:
-            raise RuntimeError("the native decode step failed (no finite logit)")
-        if got < 0:
-            self._check(-got)
-        toks, ns, skipped, rows = (list(a[:got]) for a in self._block)
-        if screen:
-            self.head_rows = rows[-1]
-            self.head_rows_total += sum(rows)
-            self.head_steps += got
-        self._skipped.value = skipped[-1]
-        return Steps(toks, [t / 1e6 for t in ns], [s + self.arena.saved_bytes for s in skipped])
+        return self._block_steps(got, screened=bool(screen))
 
     def decode_top(self, token: int, slot: int, k: int):
         if not self._screens(k):
