@@ -4,8 +4,9 @@
                           several steps in one call where the backend can (decode_greedy_n: the native kernel)
   top-k (k > 0)           Backend.decode_top    -> logits exact at least where the k largest are, then sample()
   otherwise               Backend.decode        -> every logit, then sample()
-top-p after top-k reads only the k kept logits, so decode_top serves it too. Prefill logits (the first token,
-and GRIFFIN's reselection steps) always hold every logit and go straight to sample().
+top-p after top-k reads only the k kept logits, so decode_top serves it too. A backend with sample_block > 1 (the
+native kernel) runs sampled steps several to a call instead (decode_sample_n: the same filters, in C). Prefill
+logits (the first token, and GRIFFIN's reselection steps) always hold every logit and go straight to sample().
 """
 
 from __future__ import annotations
