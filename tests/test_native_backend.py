@@ -394,6 +394,8 @@ def test_kernel_sampler_top_p_reaches_past_the_first_candidates():
                      for u in np.random.default_rng(6).random(n)])
     assert set(toks.tolist()) <= kept | near_cut and len(set(toks.tolist())) > n // 3  # the tail was reached
     assert abs(np.mean(toks == 7) - want[7]) < 5 * np.sqrt(want[7] * (1 - want[7]) / n)
+    none = np.full(8, -np.inf, dtype=np.float32)  # nothing to sample: -1 (the step's "no finite logit")
+    assert lib.caprese_sample_logits(none.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), 8, 1.0, 0, 0.9, 0.5) == -1
 
 
 @needs_cc

@@ -530,7 +530,7 @@ class NativeBackend(Backend):
     @staticmethod
     def _check(rc: int) -> None:
         if rc:
-            why = {1: "bad token, slot or k", 3: "no finite logit"}.get(rc, "?")
+            why = {1: "bad token, slot or k", 2: "out of memory", 3: "no finite logit"}.get(rc, "?")
             raise RuntimeError(f"the native decode step failed (code {rc}: {why})")
 
     def _screens(self, k: int) -> bool:
@@ -576,8 +576,6 @@ class NativeBackend(Backend):
 
     def _block_steps(self, got: int, screened: bool) -> Steps:
         """A block call's result: its steps, and the screened head's row counts where its steps screened."""
-        if got == -4:
-            raise RuntimeError("the native decode step failed (no finite logit)")
         if got < 0:
             self._check(-got)
         toks, ns, skipped, rows = (list(a[:got]) for a in self._block)

@@ -2448,8 +2448,8 @@ int64_t caprese_sample_logits(const float *logits, int64_t n, double temperature
 /* Up to n sampled steps in one call, as caprese_decode_greedy_n: step i feeds `token` (then the previous step's
  * sample) at slot + i and draws from its logits with u[i]. screen_k > 0: a screened head's top-k step (logits exact
  * where the k largest can be, -inf elsewhere: top-k sampling reads no others); else every logit (a quantized head:
- * next[0] = 1, its argmax unused). Returns the steps run, -(a caprese_decode_step code) at a failed step, or -4
- * when no logit was finite. */
+ * next[0] = 1, its argmax unused). Returns the steps run, -(a caprese_decode_step code) at a failed step (-3: no
+ * finite logit to sample), or -2 out of memory. */
 int64_t caprese_decode_sample_n(Ctx *c, int64_t token, int64_t slot, int64_t n, const int64_t *eos, int64_t neos,
                                 double temperature, int64_t top_k, double top_p, int64_t screen_k, const double *u,
                                 int64_t *out, int64_t *ns, int64_t *skipped, int64_t *rows) {
@@ -2469,7 +2469,7 @@ int64_t caprese_decode_sample_n(Ctx *c, int64_t token, int64_t slot, int64_t n, 
         }
         token = sample_logits(m->logits, m->vocab, (float)temperature, top_k, top_p, u[i], cand, f, ix);
         if (token < 0) {
-            ran = -4;
+            ran = -3; /* no finite logit: caprese_decode_step's code */
             break;
         }
         ns[i] = now_ns() - t0;
