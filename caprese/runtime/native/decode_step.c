@@ -2369,34 +2369,50 @@ static int cand_desc(const void *a, const void *b) { /* descending probability, 
  * each: c, f (floats), ix (ids). -1: no finite logit. */
 static int64_t sample_logits(const float *logits, int64_t n, float temperature, int64_t top_k, double top_p, double u,
                              Cand *c, float *f, int32_t *ix) {
-    float kth = -INFINITY;
-    if (top_k > 0 && top_k < n) {
-        for (int64_t v = 0; v < n; v++) f[v] = logits[v] / temperature;
-        kth = kth_largest(f, n, top_k);
-    }
     int64_t m = 0;
-    float zmax = -INFINITY;
-    for (int64_t v = 0; v < n; v++) { /* the candidates in id order, their scaled logits */
-        const float z = logits[v] / temperature;
-        if (z >= kth && z > -INFINITY) {
-            f[m] = z;
-            ix[m++] = (int32_t)v;
-            zmax = z > zmax ? z : zmax;
+    double total = 0.0;
+    const int every = !(top_k > 0 && top_k < n); /* no top-k: every finite logit a candidate, f indexed by id */
+    if (every) { /* vectorized: the scaled logits and their maximum, then the probabilities and their sum */
+        float zmax = -INFINITY;
+#pragma omp simd reduction(max : zmax)
+        for (int64_t v = 0; v < n; v++) {
+            f[v] = logits[v] / temperature;
+            zmax = f[v] > zmax ? f[v] : zmax;
+        }
+        if (zmax == -INFINITY) return -1;
+#pragma omp simd reduction(+ : total)
+        for (int64_t v = 0; v < n; v++) {
+            f[v] = f[v] > -INFINITY ? exp_vec(f[v] - zmax) : 0.0f;
+            total += f[v];
+        }
+        m = n;
+    } else {
+        for (int64_t v = 0; v < n; v++) f[v] = logits[v] / temperature;
+        const float kth = kth_largest(f, n, top_k);
+        float zmax = -INFINITY;
+        for (int64_t v = 0; v < n; v++) { /* the candidates in id order, their scaled logits */
+            const float z = logits[v] / temperature;
+            if (z >= kth && z > -INFINITY) {
+                f[m] = z;
+                ix[m++] = (int32_t)v;
+                zmax = z > zmax ? z : zmax;
+            }
+        }
+        if (!m) return -1;
+        for (int64_t j = 0; j < m; j++) {
+            f[j] = exp_vec(f[j] - zmax);
+            total += f[j];
         }
     }
-    if (!m) return -1;
-    for (int64_t j = 0; j < m; j++) f[j] = exp_vec(f[j] - zmax); /* vectorized: exp_vec has no libm call */
-    double total = 0.0;
-    for (int64_t j = 0; j < m; j++) total += f[j];
     int64_t keep = 0;
     if (top_p < 1.0) {
         for (double frac = 1e-4;; frac = frac > 1e-13 ? frac * 1e-3 : 0.0) {
             double mass = 0.0; /* the candidates at least frac of the largest (1), until their mass reaches top_p */
             keep = 0;
             for (int64_t j = 0; j < m; j++)
-                if (f[j] >= frac) {
+                if (f[j] >= frac && f[j] > 0.0f) {
                     c[keep].p = f[j];
-                    c[keep++].i = ix[j];
+                    c[keep++].i = every ? (int32_t)j : ix[j];
                     mass += f[j];
                 }
             if (frac == 0.0 || mass >= top_p * total) break;
@@ -2410,16 +2426,25 @@ static int64_t sample_logits(const float *logits, int64_t n, float temperature, 
             if (cum - q >= top_p) break;
         }
         keep = k;
-    } else { /* every candidate, in id order */
-        double last = 0.0;
-        for (int64_t j = 0; j < m; j++) last += f[j];
-        const double target = u * last;
+    } else { /* every candidate, in id order: the 256-wide group the draw falls in, then the token in it */
+        const double target = u * total;
         double cum = 0.0;
-        for (int64_t j = 0; j < m; j++) {
-            cum += f[j];
-            if (cum > target) return ix[j];
+        int64_t j0 = 0;
+        for (; j0 + 256 < m; j0 += 256) {
+            double g = 0.0;
+#pragma omp simd reduction(+ : g)
+            for (int64_t j = j0; j < j0 + 256; j++) g += f[j];
+            if (cum + g > target) break;
+            cum += g;
         }
-        return ix[m - 1];
+        int64_t last = j0;
+        for (int64_t j = j0; j < m; j++) {
+            if (f[j] <= 0.0f) continue;
+            last = j;
+            cum += f[j];
+            if (cum > target) return every ? j : ix[j];
+        }
+        return every ? last : ix[last]; /* rounding left the target past the sum: the last token with mass */
     }
     double last = 0.0; /* the draw: the first kept token whose cumulative mass passes u x the kept mass */
     for (int64_t j = 0; j < keep; j++) last += c[j].p;
