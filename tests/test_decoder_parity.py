@@ -560,6 +560,12 @@ def test_one_row_top_p_reaches_past_the_first_candidates():
     assert abs(share - want[7]) < 5 * np.sqrt(want[7] * (1 - want[7]) / n)
 
 
+def test_one_row_without_a_finite_logit_is_refused():
+    row = torch.full((1, 5), float("-inf"))
+    with pytest.raises(ValueError, match="no finite logit"):
+        sample(row, Sampling(temperature=1.0, top_p=0.9, seed=0))
+
+
 def test_sample_greedy_and_rows_independent():
     """Greedy is argmax per row; a batch of different rows keeps each row's own top-p support."""
     logits = torch.tensor([[0.0, 3.0, 1.0, -2.0], [5.0, 0.0, 4.9, 0.0]])

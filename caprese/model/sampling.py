@@ -67,6 +67,8 @@ def _sample_row(logits: np.ndarray, cfg: Sampling, generator: torch.Generator | 
         kth = np.partition(z, n - cfg.top_k)[n - cfg.top_k]
         ids = np.flatnonzero(z >= kth)  # ties at the k-th value stay, as the batched path's masked_fill
         z = z[ids]
+    if not np.isfinite(z.max()):
+        raise ValueError("no finite logit to sample from")
     p = np.exp(z - z.max())
     total = p.sum(dtype=np.float64)
     if cfg.top_p < 1.0:  # the smallest prefix by descending probability whose mass reaches top_p
