@@ -286,7 +286,7 @@ def _defeat_the_screen(engine, dst, seed: int = 0):
 @needs_cc
 @pytest.mark.parametrize("method,rho,threads", [("dense", 0, 1), ("griffin", 8, 2)])
 def test_greedy_steps_in_one_call_equal_one_at_a_time(method, rho, threads, tmp_path_factory, tiny_model_dir):
-    """Greedy steps run in blocks by one kernel call (caprese_decode_greedy_n, NativeBackend.greedy_block) give the
+    """Greedy steps run in blocks by one kernel call (caprese_decode_n, NativeBackend.greedy_block) give the
     tokens, the per-step byte counts and the stop of steps run one call each: blocks end before each GRIFFIN
     re-selection, and at an end-of-sequence token, where the reply stops at the same place."""
     from caprese.runtime.backend import Backend
@@ -350,7 +350,7 @@ def test_greedy_steps_in_one_call_equal_one_at_a_time(method, rho, threads, tmp_
 @pytest.mark.parametrize("temperature,top_k,top_p", [
     (1.0, 0, 0.5), (1.0, 0, 0.9), (1.0, 0, 1.0), (1.0, 2, 0.9), (1.0, 4, 0.7), (0.5, 0, 0.8), (2.0, 0, 0.8)])
 def test_kernel_sampler_matches_float64_reference(temperature, top_k, top_p):
-    """The kernel's sampler (caprese_sample_logits, what caprese_decode_sample_n draws with) follows the float64
+    """The kernel's sampler (caprese_sample_logits, what caprese_decode_n draws with) follows the float64
     reference of tests/test_decoder_parity.py: support and frequencies."""
     import ctypes
 
@@ -401,7 +401,7 @@ def test_kernel_sampler_top_p_reaches_past_the_first_candidates():
 @needs_cc
 @pytest.mark.parametrize("method,rho,head", [("dense", 0, "screened"), ("griffin", 8, "full")])
 def test_sampled_steps_in_one_call(method, rho, head, tmp_path_factory, tiny_model_dir):
-    """Sampled steps run in blocks by one kernel call (caprese_decode_sample_n): a seed gives the same reply twice
+    """Sampled steps run in blocks by one kernel call (caprese_decode_n): a seed gives the same reply twice
     and another seed another; top-k 1 gives the greedy reply (a screened head's top-k step on the dense engine, the
     full head's logits on GRIFFIN, re-selecting every 8 steps); blocks end at re-selections."""
     from caprese.model.sampling import Sampling

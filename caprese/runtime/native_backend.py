@@ -148,7 +148,7 @@ class NativeBackend(Backend):
         self._fill_model()
         self._skipped = ctypes.c_int64(0)
         self._next = (ctypes.c_int64 * 2)()
-        self._block = [(ctypes.c_int64 * self.STEP_BLOCK)() for _ in range(4)]  # decode_greedy_n's outputs
+        self._block = [(ctypes.c_int64 * self.STEP_BLOCK)() for _ in range(4)]  # caprese_decode_n's outputs
         self.head_rows = 0  # fp32 head rows the last screened step recomputed
         self.head_rows_total = self.head_steps = 0  # summed over the screened steps since load
         # a quantized head is read whole: its int4 / int8 rows cost no more than the screen's int8 copy would, and
@@ -550,8 +550,8 @@ class NativeBackend(Backend):
 
     @property
     def greedy_block(self) -> int:
-        """Greedy steps one decode_greedy_n call runs in the kernel (caprese_decode_greedy_n: the argmax of a
-        screened or quantized head, found in C); a full fp32 head's argmax is taken in Python, a step at a time."""
+        """Greedy steps one decode_greedy_n call runs in the kernel (caprese_decode_n at temperature 0: the argmax
+        of a screened or quantized head, found in C); a full fp32 head's argmax is taken in Python, a step at a time."""
         return self.STEP_BLOCK if (self._screens(1) or self.head_quantized) else 1
 
     def decode_greedy_n(self, token: int, slot: int, n: int, eos: set[int]) -> Steps:
@@ -560,7 +560,8 @@ class NativeBackend(Backend):
         if self.greedy_block == 1 or n == 1:
             return super().decode_greedy_n(token, slot, n, eos)
         n, ends = self._block_start(slot, n, eos)
-        got = self.lib.caprese_decode_greedy_n(self._ctx, int(token), int(slot), n, self._eos, ends, *self._block)
+        got = self.lib.caprese_decode_n(self._ctx, int(token), int(slot), n, self._eos, ends, 0.0, 0, 1.0, 1, None,
+                                        *self._block)
         return self._block_steps(got, screened=not self.head_quantized)
 
     def _block_start(self, slot: int, n: int, eos: set[int]) -> tuple[int, int]:
@@ -588,7 +589,7 @@ class NativeBackend(Backend):
 
     @property
     def sample_block(self) -> int:
-        """Sampled steps one decode_sample_n call runs in the kernel (caprese_decode_sample_n: every step's logits
+        """Sampled steps one decode_sample_n call runs in the kernel (caprese_decode_n: every step's logits
         sampled in C with uniforms drawn here from the seeded generator)."""
         return self.STEP_BLOCK
 
@@ -601,7 +602,7 @@ class NativeBackend(Backend):
         u = torch.rand(n, generator=generator).double().numpy()
         k = sampling.top_k
         screen = k if (k and self._screens(k) and not self.head_quantized) else 0
-        got = self.lib.caprese_decode_sample_n(
+        got = self.lib.caprese_decode_n(
             self._ctx, int(token), int(slot), n, self._eos, ends, float(sampling.temperature), int(k),
             float(sampling.top_p), screen, u.ctypes.data_as(ctypes.POINTER(ctypes.c_double)), *self._block)
         return self._block_steps(got, screened=bool(screen))

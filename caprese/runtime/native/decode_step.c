@@ -1682,7 +1682,6 @@ static void own_next_inputs(Ctx *c, const Phase *ph, int p) {
     if (ph->kind == PH_QDOT && ph->job == J_O) own_lines(c->h, sizeof(float) * m->hidden);
 }
 
-/* Leader: publish phase *ph as the next epoch, work on it, and return once every chunk is committed and reduced. */
 /* The act working threads' first ranges of ph's chunks: thread k's [b[k], b[k + 1]), by chunk count, or where the
  * phase's chunks read unequal bytes (ph->cost), by bytes. The caller's range is the larger one either way: helpers
  * join a little later. GRIFFIN's FFN phase by count gave the leader ~2x the helper's bytes (its bypass chunks read
@@ -1691,12 +1690,7 @@ static void phase_ranges(const Phase *ph, int act, int64_t *b) {
     const int64_t n = ph->n_chunks;
     for (int k = 0; k <= act; k++) b[k] = n - n * (act - k) / act;
     if (!ph->split || !ph->cost || act < 2) return;
-    int64_t total = 0;
-    for (int64_t i = 0; i < n; i++) {
-        int64_t r0, r1;
-        chunk_span(ph, i, &r0, &r1);
-        total += (r1 - r0) * (r0 < ph->split ? ph->cost : ph->cost2);
-    }
+    const int64_t total = ph->split * ph->cost + (ph->n - ph->split) * ph->cost2; /* the chunks cover [0, n) */
     int64_t at = 0, k = 1;
     for (int64_t i = 0; i < n && k < act; i++) { /* b[k]: the first chunk starting at or past k / act of the bytes */
         int64_t r0, r1;
@@ -1706,6 +1700,7 @@ static void phase_ranges(const Phase *ph, int act, int64_t *b) {
     }
 }
 
+/* Leader: publish phase *ph as the next epoch, work on it, and return once every chunk is committed and reduced. */
 static uint64_t run_phase(Ctx *c, const Phase *ph, Reduce reduce, void *arg) {
     const uint64_t e = atomic_load_explicit(&c->epoch, memory_order_relaxed) + 1;
     const int p = (int)(e & 1);
@@ -2332,29 +2327,7 @@ int caprese_decode_step(Ctx *c, int64_t token, int64_t slot, int64_t *skipped, i
     return rc;
 }
 
-/* Up to n greedy steps in one call (gpt-fast's decode_n_tokens): step i feeds `token` (then the previous step's
- * argmax) at slot + i, a screened or quantized head's argmax (next[0] = 1, as caprese_decode_step); out[i] = its
- * token, ns[i] = its time, skipped[i] = its unread bytes, rows[i] = the head rows it recomputed in fp32. Stops after
- * a token in eos[0 .. neos). Why: a step streams ~80 MB through the caches, and the Python around each step then
- * ran cold, ~70 µs a token (docs/performance.md); here it is paid once per call. Returns the steps run, or -(a
- * caprese_decode_step code) at the step that failed (earlier steps' outputs stand). */
-int64_t caprese_decode_greedy_n(Ctx *c, int64_t token, int64_t slot, int64_t n, const int64_t *eos, int64_t neos,
-                                int64_t *out, int64_t *ns, int64_t *skipped, int64_t *rows) {
-    for (int64_t i = 0; i < n; i++) {
-        int64_t next[2] = {1, 0};
-        const int64_t t0 = now_ns();
-        const int rc = caprese_decode_step(c, token, slot + i, skipped + i, next);
-        if (rc) return -rc;
-        ns[i] = now_ns() - t0;
-        out[i] = token = next[0];
-        rows[i] = next[1];
-        for (int64_t k = 0; k < neos; k++)
-            if (eos[k] == token) return i + 1;
-    }
-    return n;
-}
-
-/* ---------------------------------------------------------------- sampling (the loop of caprese_decode_sample_n) */
+/* ---------------------------------------------------------------- sampling (the loop of caprese_decode_n) */
 typedef struct { float p; int32_t i; } Cand;
 
 static int cand_desc(const void *a, const void *b) { /* descending probability, ties by token id */
@@ -2470,20 +2443,25 @@ int64_t caprese_sample_logits(const float *logits, int64_t n, double temperature
     return t;
 }
 
-/* Up to n sampled steps in one call, as caprese_decode_greedy_n: step i feeds `token` (then the previous step's
- * sample) at slot + i and draws from its logits with u[i]. screen_k > 0: a screened head's top-k step (logits exact
- * where the k largest can be, -inf elsewhere: top-k sampling reads no others); else every logit (a quantized head:
- * next[0] = 1, its argmax unused). Returns the steps run, -(a caprese_decode_step code) at a failed step (-3: no
- * finite logit to sample), or -2 out of memory. */
-int64_t caprese_decode_sample_n(Ctx *c, int64_t token, int64_t slot, int64_t n, const int64_t *eos, int64_t neos,
-                                double temperature, int64_t top_k, double top_p, int64_t screen_k, const double *u,
-                                int64_t *out, int64_t *ns, int64_t *skipped, int64_t *rows) {
+/* Up to n decode steps in one call (gpt-fast's decode_n_tokens): step i feeds `token` (then the previous step's
+ * output) at slot + i; out[i] = its token, ns[i] = its time, skipped[i] = its unread bytes, rows[i] = the head rows
+ * it recomputed in fp32. Stops after a token in eos[0 .. neos). Why: a step streams ~80 MB through the caches, and
+ * the Python around each step then ran cold, ~70 µs a token (docs/performance.md); here it is paid once per call.
+ * temperature 0: greedy, the argmax of a screened or quantized head (screen_k = 1, as caprese_decode_step's
+ * next[0]). Else a draw from the step's logits with u[i] (sample_logits): screen_k > 0 a screened head's top-k step
+ * (logits exact where the k largest can be, -inf elsewhere: top-k sampling reads no others), 0 every logit (a
+ * quantized head: next[0] = 1, its argmax unused). Returns the steps run, or -(a caprese_decode_step code) at the
+ * step that failed (-3: no finite logit to sample; -2: out of memory); earlier steps' outputs stand. */
+int64_t caprese_decode_n(Ctx *c, int64_t token, int64_t slot, int64_t n, const int64_t *eos, int64_t neos,
+                         double temperature, int64_t top_k, double top_p, int64_t screen_k, const double *u,
+                         int64_t *out, int64_t *ns, int64_t *skipped, int64_t *rows) {
     const Model *m = c->m;
-    Cand *cand = malloc(sizeof(Cand) * (size_t)m->vocab);
-    float *f = malloc(sizeof(float) * (size_t)m->vocab);
-    int32_t *ix = malloc(sizeof(int32_t) * (size_t)m->vocab);
+    const int greedy = temperature == 0.0;
+    Cand *cand = greedy ? NULL : malloc(sizeof(Cand) * (size_t)m->vocab);
+    float *f = greedy ? NULL : malloc(sizeof(float) * (size_t)m->vocab);
+    int32_t *ix = greedy ? NULL : malloc(sizeof(int32_t) * (size_t)m->vocab);
     int64_t ran = n;
-    if (!cand || !f || !ix) ran = -2;
+    if (!greedy && (!cand || !f || !ix)) ran = -2;
     for (int64_t i = 0; i < n && ran == n; i++) {
         int64_t next[2] = {m->q_head ? 1 : screen_k, 0};
         const int64_t t0 = now_ns();
@@ -2492,7 +2470,8 @@ int64_t caprese_decode_sample_n(Ctx *c, int64_t token, int64_t slot, int64_t n, 
             ran = -rc;
             break;
         }
-        token = sample_logits(m->logits, m->vocab, (float)temperature, top_k, top_p, u[i], cand, f, ix);
+        token = greedy ? next[0]
+                       : sample_logits(m->logits, m->vocab, (float)temperature, top_k, top_p, u[i], cand, f, ix);
         if (token < 0) {
             ran = -3; /* no finite logit: caprese_decode_step's code */
             break;

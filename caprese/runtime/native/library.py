@@ -284,14 +284,11 @@ def load(isa: str | None = None) -> ctypes.CDLL:
         lib.caprese_decode_step.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                            ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64)]
         i64p = ctypes.POINTER(ctypes.c_int64)
-        lib.caprese_decode_greedy_n.restype = ctypes.c_int64
-        lib.caprese_decode_greedy_n.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, i64p,
-                                                ctypes.c_int64, i64p, i64p, i64p, i64p]
         f64, f32p = ctypes.c_double, ctypes.POINTER(ctypes.c_float)
-        lib.caprese_decode_sample_n.restype = ctypes.c_int64
-        lib.caprese_decode_sample_n.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, i64p,
-                                                ctypes.c_int64, f64, ctypes.c_int64, f64, ctypes.c_int64,
-                                                ctypes.POINTER(ctypes.c_double), i64p, i64p, i64p, i64p]
+        lib.caprese_decode_n.restype = ctypes.c_int64
+        lib.caprese_decode_n.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, i64p,
+                                         ctypes.c_int64, f64, ctypes.c_int64, f64, ctypes.c_int64,
+                                         ctypes.POINTER(ctypes.c_double), i64p, i64p, i64p, i64p]
         lib.caprese_sample_logits.restype = ctypes.c_int64
         lib.caprese_sample_logits.argtypes = [f32p, ctypes.c_int64, f64, ctypes.c_int64, f64, f64]
         lib.caprese_qa_quads.restype = ctypes.c_int
