@@ -244,7 +244,9 @@ static inline __attribute__((always_inline)) void add_rows(float *restrict yt, i
  * order: each 16 (AVX-512) or 8 (F16C) halves converted in registers, four rows added to a vector of y before it is
  * stored (a row at a time loaded and stored y per row); other builds convert one half at a time. */
 static inline __attribute__((always_inline)) void f16_add_rows(float *restrict y, int64_t n, const uint16_t *W,
-                                                               int64_t ld, const float *x, const int nr) {
+                                                               int64_t ld, const float *x, const int nr,
+                                                               const uint8_t *pf, const uint8_t *pfe) {
+    (void)pf, (void)pfe; /* pf: lines requested along the loop, up to pfe (or NULL) */
     int64_t j = 0;
     if (nr == 4) {
         const uint16_t *w0 = W, *w1 = w0 + ld, *w2 = w1 + ld, *w3 = w2 + ld;
@@ -253,6 +255,10 @@ static inline __attribute__((always_inline)) void f16_add_rows(float *restrict y
                      x3 = _mm512_set1_ps(x[3]);
 #define F16_ROW(v, wr, xv) v = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wr + j))), xv, v)
         for (; j + 16 <= n; j += 16) {
+            if (pf && pf + j * 8 < pfe) {
+                __builtin_prefetch(pf + j * 8, 0, 2);
+                __builtin_prefetch(pf + j * 8 + 64, 0, 2);
+            }
             __m512 v = _mm512_loadu_ps(y + j);
             F16_ROW(v, w0, x0); F16_ROW(v, w1, x1); F16_ROW(v, w2, x2); F16_ROW(v, w3, x3);
             _mm512_storeu_ps(y + j, v);
@@ -263,6 +269,7 @@ static inline __attribute__((always_inline)) void f16_add_rows(float *restrict y
                      x3 = _mm256_set1_ps(x[3]);
 #define F16_ROW(v, wr, xv) v = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wr + j))), xv, v)
         for (; j + 8 <= n; j += 8) {
+            if (pf && pf + j * 8 < pfe) __builtin_prefetch(pf + j * 8, 0, 2);
             __m256 v = _mm256_loadu_ps(y + j);
             F16_ROW(v, w0, x0); F16_ROW(v, w1, x1); F16_ROW(v, w2, x2); F16_ROW(v, w3, x3);
             _mm256_storeu_ps(y + j, v);
@@ -302,7 +309,7 @@ static void gemv_rows_f16(const float *restrict x, const Mat *a, int64_t i0, int
     for (int64_t i = i0; i < i1; i += 4) {
         for (int64_t r = i + F16_AHEAD; r < i + F16_AHEAD + 4 && r < i1; r++)
             qg_prefetch((const uint8_t *)(W + r * ld), n * 2);
-        f16_add_rows(y, n, W + i * ld, ld, x + i, i1 - i < 4 ? (int)(i1 - i) : 4);
+        f16_add_rows(y, n, W + i * ld, ld, x + i, i1 - i < 4 ? (int)(i1 - i) : 4, NULL, NULL);
     }
 }
 
@@ -1111,7 +1118,9 @@ static void q_dot(const Ctx *c, const QMat *w, const float *x, const int64_t *id
  * converted and multiplied in registers, the rows' accumulators interleaved; a row's sum in the same order whichever
  * group it is in. Other builds convert one half at a time. */
 static inline __attribute__((always_inline)) void f16_dot_group(const uint16_t *w, int64_t ld, int64_t cols,
-                                                                const float *restrict x, const int nr, float *y) {
+                                                                const float *restrict x, const int nr, float *y,
+                                                                const uint8_t *pf, const uint8_t *pfe) {
+    (void)pf, (void)pfe; /* pf: lines requested along the loop, up to pfe (or NULL) */
     const uint16_t *wr[4];
     for (int r = 0; r < 4; r++) wr[r] = w + (r < nr ? r : 0) * ld; /* rows past nr: row 0 again, unused */
     float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -1119,6 +1128,10 @@ static inline __attribute__((always_inline)) void f16_dot_group(const uint16_t *
 #if defined(__AVX512F__)
     __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (; j + 16 <= cols; j += 16) {
+        if (pf && pf + j * 8 < pfe) {
+            __builtin_prefetch(pf + j * 8, 0, 2);
+            __builtin_prefetch(pf + j * 8 + 64, 0, 2);
+        }
         const __m512 xv = _mm512_loadu_ps(x + j);
         for (int r = 0; r < 4; r++)
             a[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wr[r] + j))), xv, a[r]);
@@ -1127,6 +1140,7 @@ static inline __attribute__((always_inline)) void f16_dot_group(const uint16_t *
 #elif defined(__F16C__) && defined(__FMA__)
     __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (; j + 8 <= cols; j += 8) {
+        if (pf && pf + j * 8 < pfe) __builtin_prefetch(pf + j * 8, 0, 2);
         const __m256 xv = _mm256_loadu_ps(x + j);
         for (int r = 0; r < 4; r++)
             a[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wr[r] + j))), xv, a[r]);
@@ -1152,7 +1166,7 @@ static void f16_rows_dot(const uint16_t *w, int64_t ld, int64_t cols, const floa
     for (int64_t i = r0; i < r1; i += 4) {
         for (int64_t r = i + F16_AHEAD; r < i + F16_AHEAD + 4 && r < r1; r++)
             qg_prefetch((const uint8_t *)(w + r * ld), cols * 2);
-        f16_dot_group(w + i * ld, ld, cols, x, r1 - i < 4 ? (int)(r1 - i) : 4, y + i);
+        f16_dot_group(w + i * ld, ld, cols, x, r1 - i < 4 ? (int)(r1 - i) : 4, y + i, NULL, NULL);
     }
 }
 
@@ -1175,21 +1189,38 @@ static void bypass_rows(const Ctx *c, const Layer *L, int64_t r0, int64_t r1, fl
     qg_prefetch(base + r0 * ld * es, (r1 - r0 < ahead ? r1 - r0 : ahead) * ld * es);
     for (int64_t i = r0; i < r1; i += 4) {
         const int nr = r1 - i < 4 ? (int)(r1 - i) : 4;
+        /* The four rows `ahead` later are requested along the way, a few lines per step of the loops below: as
+         * one burst per group they stalled the group's own loads (docs/performance.md, 2026-12-07 evening). */
         const int64_t pa = i + ahead;
-        if (pa < r1) qg_prefetch(base + pa * ld * es, (r1 - pa < 4 ? r1 - pa : 4) * ld * es);
+        const uint8_t *pf = pa < r1 ? base + pa * ld * es : NULL;
+        const uint8_t *pfe = pf ? base + (pa + 4 < r1 ? pa + 4 : r1) * ld * es : NULL;
         float *zi = z + (i - r0);
         if (L->bypass_f16) {
             const uint16_t *w = (const uint16_t *)L->l_t + i * ld;
-            f16_dot_group(w, ld, D, c->h, nr, zi);
-            f16_add_rows(out, D, w + D, ld, zi, nr);
+#if !defined(__AVX512F__) && !(defined(__F16C__) && defined(__FMA__))
+            if (pf) qg_prefetch(pf, pfe - pf); /* these builds' loops request nothing */
+            pf = pfe = NULL;
+#endif
+            /* the dot's loop requests the first 8 D bytes of those rows, the add's loop the next 8 D */
+            f16_dot_group(w, ld, D, c->h, nr, zi, pf, pfe);
+            f16_add_rows(out, D, w + D, ld, zi, nr, pf ? pf + 8 * D : NULL, pfe);
             continue;
         }
         const float *w = (const float *)L->l_t + i * ld;
+        if (pf) { /* a quarter (8 D of 32 D bytes) before the dot, the rest 24 bytes a column of the add's pieces */
+            qg_prefetch(pf, 8 * D < pfe - pf ? 8 * D : pfe - pf);
+            pf += 8 * D;
+        }
         if (nr == 4) f32_dot_group(w, w + ld, w + 2 * ld, w + 3 * ld, c->h, D, 4, zi);
         else
             for (int r = 0; r < nr; r++) f32_dot_group(w + r * ld, NULL, NULL, NULL, c->h, D, 1, zi + r);
-        for (int64_t c0 = 0; c0 < D; c0 += TILE) { /* gemv_rows' tiles and row groups */
-            const int64_t wd = (c0 + TILE < D ? c0 + TILE : D) - c0;
+        const int64_t piece = pf ? 64 : TILE; /* columns: each its own element sums, so the bits of gemv_rows' tiles */
+        for (int64_t c0 = 0; c0 < D; c0 += piece) {
+            const int64_t wd = (c0 + piece < D ? c0 + piece : D) - c0;
+            if (pf && pf < pfe) {
+                qg_prefetch(pf, 24 * wd < pfe - pf ? 24 * wd : pfe - pf);
+                pf += 24 * wd;
+            }
             const float *p[4] = {w + D + c0, w + ld + D + c0, w + 2 * ld + D + c0, w + 3 * ld + D + c0};
             if (nr == 4) add_rows(out + c0, wd, zi, p, 4);
             else
