@@ -1270,6 +1270,8 @@ static inline __attribute__((always_inline)) void qa_quantize_lanes(const uint8_
     qa_zero_pad(n, nsub, alpha32, alo32, sa, nc);
 }
 
+#define QA_AHEAD 2 /* groups: how far ahead of the group being read the quads kernel requests bytes */
+
 /* rows-axpy over the quads of w (caprese_qa_pack_quads) with rounded coefficients, rows [r0, r1) (r0 % 4 == 0):
  * the same groups, sums and roundings as qa_rows_axpy with idx NULL. Rows past r1 up to h_end are prefetched. */
 static inline __attribute__((always_inline)) void qa_rows_axpy_quads(const QMat *w, const uint8_t *quads,
@@ -1284,8 +1286,11 @@ static inline __attribute__((always_inline)) void qa_rows_axpy_quads(const QMat 
         const int64_t c1 = c0 + QG_TILE < w->cols ? c0 + QG_TILE : w->cols;
         const QgTile t = qg_tile(w, 4, c0, c1);
         memset(yp, 0, sizeof(float) * (size_t)(c1 - c0));
-        /* the first group's bytes and scales at once; then each group fetches the next one's as it goes */
-        qg_prefetch(quads + r0 / 4 * nb * 64, (r1 - r0 < QA_GROUP ? r1 - r0 + 3 : QA_GROUP) / 4 * nb * 64);
+        /* the first two groups' bytes and the first group's scales at once; then each group fetches the bytes of
+         * the group after next and the next one's scales as it goes (one group ahead, the down ran ~15% slower:
+         * a group's ~9 KB is less than a core's memory latency times its read rate; docs/performance.md) */
+        qg_prefetch(quads + r0 / 4 * nb * 64, (r1 - r0 < QA_AHEAD * QA_GROUP ? r1 - r0 + 3 : QA_AHEAD * QA_GROUP) / 4 *
+                                                  nb * 64);
         qg_prefetch(scales + r0 * sbytes, (r1 - r0 < QA_GROUP ? r1 - r0 : QA_GROUP) * sbytes);
         for (int64_t g = r0; g < r1; g += QA_GROUP) {
             const int nr = (int)(r1 - g < QA_GROUP ? r1 - g : QA_GROUP), nsub = (nr + 3) / 4;
@@ -1293,7 +1298,8 @@ static inline __attribute__((always_inline)) void qa_rows_axpy_quads(const QMat 
             float sa[QA_BP];
             int32_t nc[QA_BP];
             const uint8_t *q = quads + g / 4 * nb * 64;
-            const int64_t next = g + QA_GROUP < pf_end ? g + QA_GROUP : 0, ahead = next ? gbytes : 0;
+            const int64_t next = g + QA_GROUP < pf_end ? g + QA_GROUP : 0;
+            const int64_t ahead = g + QA_AHEAD * QA_GROUP < pf_end ? QA_AHEAD * gbytes : 0;
             if (next) /* the next group's scales (its bytes: in the pieces below) */
                 for (int64_t o = 0; o < (pf_end - next < QA_GROUP ? pf_end - next : QA_GROUP) * sbytes; o += 64)
                     __builtin_prefetch(scales + next * sbytes + o, 0, 2);
