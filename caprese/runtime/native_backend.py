@@ -302,13 +302,14 @@ class NativeBackend(Backend):
         bypass_rows), where L^T and R apart were two short ones, each started cold."""
         if not self._bypass_src:
             return
-        buf = huge_buffer(sum(-(-2 * l_.nbytes // 64) * 64 for _, l_, _ in self._bypass_src))
+        spans = [-(-2 * l_.nbytes // 64) * 64 for _, l_, _ in self._bypass_src]  # [L^T | R], whole cache lines
+        buf = huge_buffer(sum(spans))
         self._extra.append(buf)
         at = 0
-        for i, l_, r_ in self._bypass_src:
+        for (i, l_, r_), span in zip(self._bypass_src, spans):
             (D, rank), es = l_.shape, l_.itemsize
             rows = buf[at:at + 2 * l_.nbytes].view(l_.dtype).reshape(rank, 2 * D)
-            at += -(-2 * l_.nbytes // 64) * 64
+            at += span
             rows[:, :D], rows[:, D:] = l_.T, r_
             self.bypass_rows[i] = rows
             L = self._layers[i]
