@@ -523,8 +523,11 @@ def test_sample_support_and_frequencies_match_float64_reference(temperature, top
     assert torch.equal(toks, again)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [
-    (1.0, 0, 0.5), (1.0, 0, 0.9), (1.0, 0, 1.0), (1.0, 2, 0.9), (1.0, 4, 0.7), (0.5, 0, 0.8), (2.0, 0, 0.8)])
+# (temperature, top_k, top_p) of the one-row samplers' frequency tests (here and the native kernel's)
+ONE_ROW_CASES = [(1.0, 0, 0.5), (1.0, 0, 0.9), (1.0, 0, 1.0), (1.0, 2, 0.9), (1.0, 4, 0.7), (0.5, 0, 0.8), (2.0, 0, 0.8)]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", ONE_ROW_CASES)
 def test_one_row_sampling_matches_float64_reference(temperature, top_k, top_p):
     """A single row (the decode loop's case) takes its own path: a partition for top-k, top-p over the tokens above
     a fraction of the largest probability. Its draws, one per call, follow the same float64 reference."""
@@ -539,17 +542,23 @@ def test_one_row_sampling_matches_float64_reference(temperature, top_k, top_p):
     assert np.all(np.abs(freq - want) <= 5 * np.sqrt(want * (1 - want) / n) + 1e-9)
 
 
-def test_one_row_top_p_reaches_past_the_first_candidates():
-    """Half the mass on one token, the other half over 100,000 tokens each far below the first candidate threshold
-    (a 1e-4 fraction of the largest probability): top-p 0.75 must widen its search and keep the top token plus
-    about half of the others, the largest ones (their values spread so that fp32 orders them as float64 does; the
-    cut itself may differ by a token or two of fp32 rounding in the cumulative mass)."""
+def top_p_widening_case():
+    """Half the mass on one token (id 7), the other half over 100,000 tokens each far below the first candidate
+    threshold (a 1e-4 fraction of the largest probability): top-p 0.75 must widen its search and keep the top token
+    plus about half of the others, the largest ones (their values spread so that fp32 orders them as float64 does;
+    the cut itself may differ by a token or two of fp32 rounding in the cumulative mass). Returns the float64
+    logits, the reference probabilities, the kept ids and the three ids just past the cut."""
     logits = np.log(0.5 / 100_000) + np.linspace(-0.35, 0.35, 100_001)
     logits[7] = np.log(0.5)
     want = reference_filtered_probs(logits, 1.0, 0, 0.75)
     kept = set(np.flatnonzero(want))
     order = np.argsort(-want - (want == 0) * np.exp(logits), kind="stable")  # kept, then the rest by probability
-    near_cut = set(order[len(kept):len(kept) + 3].tolist())
+    return logits, want, kept, set(order[len(kept):len(kept) + 3].tolist())
+
+
+def test_one_row_top_p_reaches_past_the_first_candidates():
+    """top_p_widening_case on the one-row path."""
+    logits, want, kept, near_cut = top_p_widening_case()
     cfg = Sampling(temperature=1.0, top_p=0.75, seed=1)
     gen = cfg.generator("cpu")
     row = torch.tensor(logits, dtype=torch.float32)[None]

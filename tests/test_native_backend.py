@@ -33,6 +33,7 @@ from caprese.runtime.generator import sampling_from
 from caprese.runtime.native import head_choice, library
 from cli_helpers import assert_one_line_error, run_cli
 from export_helpers import get_export, one_torch_thread, prompt_ids
+from test_decoder_parity import ONE_ROW_CASES
 
 # every test but the build-error one compiles the kernel: they need the C compiler the backend needs
 needs_cc = pytest.mark.skipif(
@@ -347,8 +348,7 @@ def test_greedy_steps_in_one_call_equal_one_at_a_time(method, rho, threads, tmp_
 
 
 @needs_cc
-@pytest.mark.parametrize("temperature,top_k,top_p", [
-    (1.0, 0, 0.5), (1.0, 0, 0.9), (1.0, 0, 1.0), (1.0, 2, 0.9), (1.0, 4, 0.7), (0.5, 0, 0.8), (2.0, 0, 0.8)])
+@pytest.mark.parametrize("temperature,top_k,top_p", ONE_ROW_CASES)
 def test_kernel_sampler_matches_float64_reference(temperature, top_k, top_p):
     """The kernel's sampler (caprese_sample_logits, what caprese_decode_n draws with) follows the float64
     reference of tests/test_decoder_parity.py: support and frequencies."""
@@ -378,15 +378,10 @@ def test_kernel_sampler_top_p_reaches_past_the_first_candidates():
 
     import numpy as np
 
-    from test_decoder_parity import reference_filtered_probs
+    from test_decoder_parity import top_p_widening_case
 
     lib = library.load()
-    logits = np.log(0.5 / 100_000) + np.linspace(-0.35, 0.35, 100_001)
-    logits[7] = np.log(0.5)
-    want = reference_filtered_probs(logits, 1.0, 0, 0.75)
-    kept = set(np.flatnonzero(want))
-    order = np.argsort(-want - (want == 0) * np.exp(logits), kind="stable")
-    near_cut = set(order[len(kept):len(kept) + 3].tolist())
+    logits, want, kept, near_cut = top_p_widening_case()
     x = logits.astype(np.float32)
     ptr = x.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
     n = 600
