@@ -38,7 +38,8 @@ def test_parse_rows(bench):
         bench.parse_rows("ort-dense,nope")
 
 
-def test_caprese_onnxruntime_rows(bench, tiny_model_dir, tmp_path):
+def test_caprese_onnxruntime_rows(bench, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "measure_round_trip_ns", lambda: 60.0)
     model = tiny_model_dir("llama")
     rows = list(bench.ORT_ROWS)
     logs: list[str] = []
@@ -75,9 +76,10 @@ def test_caprese_onnxruntime_rows(bench, tiny_model_dir, tmp_path):
     table = bench.format_table(res)
     assert all(name in table for name in rows)
 
-    # round trips before and after each round; one round is one placement
-    assert len(res["core_round_trip_ns_samples"]) == 1 and len(res["core_round_trip_ns_samples"][0]) == 2
-    assert res["placements"] is None
+    # round trips before and after each round (fixed here: the 2-vCPU EPYC VMs move their vCPUs between CCDs
+    # within seconds, and a round whose two differ is "moved"; test_floor_ratios_by_placement covers that)
+    assert res["core_round_trip_ns_samples"] == [[60.0, 60.0]]
+    assert res["placements"] is None  # one placement: no split
     assert "ratio_to_floor_by_placement" not in by["ort-dense"]
 
     # a second run reuses the cached engines (no export)
