@@ -399,9 +399,10 @@ def test_gpu_checks_script_runs_on_cpu(tmp_path):
 def test_attention_bench_matches_torch(heads, kv_heads, head_dim, capsys):
     """tools/bench_attention.py times the native attention of one step against PyTorch's on the same q / K / V and
     prints the largest difference of the outputs: within 2e-5 (fp32 sums in another order; |out| < 4) on every
-    build, both cache dtypes, 40 slots (two 16-row key tiles and 8 rows past them) and 300 (a second 256-slot
-    block). GQA 3:1 at head_dim 64 and 4:1 at 96 reach the fp16 cache's multi-head key tiles (3, 2 + 2) and the
-    64-column value pass; head_dim 24 the scalar tails."""
+    build, every cache (fp32; fp16 with K in rows, and as the step keeps it: 16-slot tiles on AVX-512 builds), 40
+    slots (two 16-row key tiles and 8 rows past them) and 300 (a second 256-slot block, starting mid-tile). GQA 3:1
+    at head_dim 64 and 4:1 at 96 reach the fp16 cache's multi-head key tiles (3, 2 + 2) and the 64-column value
+    pass; head_dim 24 the scalar tails."""
     from caprese.runtime.native import library
 
     spec = importlib.util.spec_from_file_location("bench_attention", BENCH.parent / "bench_attention.py")
@@ -409,9 +410,11 @@ def test_attention_bench_matches_torch(heads, kv_heads, head_dim, capsys):
     spec.loader.exec_module(mod)
     isas = ",".join(i for i in ("avx512", "avx2", "scalar") if i == "scalar" or library.best_isa() in (i, "avx512"))
     assert mod.main(["--heads", str(heads), "--kv-heads", str(kv_heads), "--head-dim", str(head_dim),
-                     "--slots", "40,300", "--isa", isas, "--samples", "1", "--sample-ms", "1"]) == 0
-    rows = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.split()[:1] in (["fp32"], ["fp16"])]
-    assert len(rows) == 2 * 2 * len(isas.split(","))
+                     "--slots", "40,300", "--kv", "fp32,fp16,fp16-rows", "--isa", isas, "--samples", "1",
+                     "--sample-ms", "1"]) == 0
+    rows = [ln.split() for ln in capsys.readouterr().out.splitlines()
+            if ln.split()[:1] in (["fp32"], ["fp16"], ["fp16-rows"])]
+    assert len(rows) == 3 * 2 * len(isas.split(","))
     for kv, slots, isa, us, macs, torch_us, ratio, diff in rows:
         assert float(us) > 0 and float(torch_us) > 0 and float(diff) < 2e-5, (kv, slots, isa, diff)
     with pytest.raises(SystemExit):

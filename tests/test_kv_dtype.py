@@ -47,6 +47,7 @@ def _decode(g: Generator, prompt: list[int], n: int = STEPS):
     b, out = g.backend, []
     for i in range(n):
         out.append(b.decode(7 + i, len(prompt) + i).float().reshape(-1).clone())
+    b.kv_as_rows()  # the native kernel holds K in 16-slot tiles between prefills (AVX-512 builds)
     kv = b.buffers
     rows = [np.array(kv[name(i)].host)[:, :, len(prompt):len(prompt) + n].copy()
             for i in range(g.manifest.layout.num_layers) for name in (C.past_key, C.past_value)]
@@ -187,3 +188,54 @@ def test_conversation_regrows_an_fp16_cache(tmp_path_factory, tiny_model_dir):
             capacities.append(nat.backend.capacity)
             assert np.array(nat.backend.buffers[C.past_value(1)].host).dtype == np.float16
     assert len(set(capacities)) == 3  # grown at every turn
+
+
+def test_k_tiles_follow_reallocations_and_prompts(tmp_path_factory, tiny_model_dir):
+    """On AVX-512 builds the native kernel keeps an fp16 cache's K in 16-slot tiles (capacity a multiple of 16)
+    and turns it back into rows before ONNX Runtime or a reallocation reads the buffers. Driven step by step, the
+    same calls on both backends: a prompt, decode steps, the cache regrown mid-reply (slots kept, no prefill before
+    the next step), more steps, a second prompt after them, more steps, then a re-selecting reply's window (its
+    cache stays in rows). The native logits follow ONNX Runtime's
+    (the tolerance of test_native_follows_onnx_runtime_on_an_fp16_cache) and the K / V buffers read back in rows
+    hold the same values."""
+    from caprese.runtime.native import library
+    from test_native_backend import needs_cc
+
+    if needs_cc.mark.args[0]:
+        pytest.skip(needs_cc.mark.kwargs["reason"])
+    engine = _engine(tmp_path_factory, tiny_model_dir, "qwen2", "fp16")
+    prompt = prompt_ids(20, seed=3)[0].tolist()
+    got = {}
+    for name in ("onnxruntime", "native"):
+        b = Generator.load(engine, backend=name, threads=1, kv_policy=1).backend
+        logits, tiles = [], []
+        with one_torch_thread():
+            b.reserve(32)
+            b.prefill(prompt, 0)
+            for i in range(10):  # slots 20-29
+                logits.append(b.decode(5 + i, 20 + i).float().reshape(-1).clone())
+            tiles.append(getattr(getattr(b, "_model", None), "k_tiles", 0))
+            b.reserve(48, keep=30)  # a new buffer: slots 0-29 copied
+            assert b.capacity == 48
+            for i in range(6):  # slots 30-35
+                logits.append(b.decode(15 + i, 30 + i).float().reshape(-1).clone())
+            b.prefill([3, 4, 5, 6], 36)  # slots 36-39
+            for i in range(6):  # slots 40-45
+                logits.append(b.decode(25 + i, 40 + i).float().reshape(-1).clone())
+            tiles.append(getattr(getattr(b, "_model", None), "k_tiles", 0))
+            b.reselecting(2)  # a reply that re-selects: a prefill every 2 steps, the cache kept in rows
+            b.prefill([9], 46)
+            logits.append(b.decode(31, 47).float().reshape(-1).clone())
+            tiles.append(getattr(getattr(b, "_model", None), "k_tiles", 0))
+        b.kv_as_rows()
+        kv = [np.array(b.buffers[f(i)].host)[:, :, :48].astype(np.float32)
+              for i in range(b.layout.num_layers) for f in (C.past_key, C.past_value)]
+        got[name] = (torch.stack(logits), kv, tiles)
+    (ref, ref_kv, _), (nat, nat_kv, tiles) = got["onnxruntime"], got["native"]
+    on = int(library.load().isa == "avx512")  # the tiles are what ran, where the build has them
+    assert tiles == [on, on, 0]
+    d = (nat - ref).abs().max().item()
+    print(f"\nK tiles {tiles}: max |logit diff| {d:.2e}")
+    assert d < 1e-2 and torch.equal(nat.argmax(-1), ref.argmax(-1))
+    for a, r in zip(nat_kv, ref_kv):  # fp16 values: the same up to a 1-ulp rounding flip (module docstring)
+        np.testing.assert_allclose(a, r, rtol=2e-3, atol=2e-3)

@@ -112,6 +112,14 @@ class Backend:
     def peak_device_mb(self) -> float | None:
         return None
 
+    def reselecting(self, every: int) -> None:
+        """The reply about to run re-selects GRIFFIN's neurons every `every` steps (0: never): a prefill over the
+        last `every` tokens each time (the native backend then keeps its cache in ONNX Runtime's layout)."""
+
+    def kv_as_rows(self) -> None:
+        """Leave the KV buffers in the graphs' layout ([1, kv heads, slots, head_dim]) for code that reads them;
+        the native kernel holds K in tiles between prefills (Model.k_tiles); every other backend already does."""
+
     def describe(self) -> dict:
         """Backend-specific facts for --json (providers, threads, device...)."""
         return {}

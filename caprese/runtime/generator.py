@@ -277,6 +277,7 @@ class Generator:
     def _tokens(self, run: _Run, max_new: int, sampling: Sampling, reselect_every: int) -> Iterator[int]:
         b, ids, eos = self.backend, run.ids, run.eos
         b.reserve(len(ids) + max_new, keep=run.start)
+        b.reselecting(reselect_every)
         generator = sampling.generator(b.logits_device)
         policy = DecodePolicy.of(sampling)
         try:

@@ -105,6 +105,9 @@ class NativeBackend(Backend):
         if why:
             raise CapreseError(why)
         self._ctx = None
+        self._tiled = 0  # slots of K the kernel holds in tiles while Model.k_tiles is set (see _rows)
+        self._tiles_ok = False  # this cache can hold K in tiles (an fp16 cache, an AVX-512 build, 16 | capacity)
+        self._reselecting = False  # a reply re-selects GRIFFIN's neurons (reselecting): K stays in rows
         # --int8-activations engines (MatMulNBits accuracy_level 4) state int8-activation arithmetic: the kernel
         # multiplies their int4 weights that way too (native/int8_activations.c); other formats keep fp32 x
         w = spec.recipe.weights
@@ -491,15 +494,50 @@ class NativeBackend(Backend):
             return
         if self._ctx:  # no helper may still read the KV buffers that reserve() is about to drop
             self.lib.caprese_context_quiesce(self._ctx)
+        self._rows()  # the kept slots are copied as rows
         self.prefill_runner.reserve(need, keep)
         kv = self.buffers.kv
         for i in range(self.layout.num_layers):
             self._layers[i].k_cache = address(kv[C.past_key(i)].host)
             self._layers[i].v_cache = address(kv[C.past_value(i)].host)
         self.capacity = self._model.capacity = self.buffers.capacity
+        self._tiles_ok = bool(self._model.kv_f16 and self.lib.isa == "avx512" and self.capacity % 16 == 0)
+
+    # K in tiles (Model.k_tiles, native/decode_step.c): q.K over 16-slot tiles skips the horizontal sums of row dot
+    # products (the attention phase 0.81-0.86x on one thread, docs/performance.md). ONNX Runtime reads and writes
+    # the same buffers in rows, so each prefill turns the cache back into rows first and into tiles after (a pass
+    # over the cached slots' K, ~0.5 ms per 256 slots of SmolLM2). A reply that re-selects runs a prefill every few
+    # steps: its cache stays in rows.
+    def _rows(self) -> None:
+        """K back in rows, before ONNX Runtime or a reallocation reads the cache."""
+        if self._model.k_tiles:
+            if self._ctx:
+                self.lib.caprese_context_quiesce(self._ctx)
+            self._kv_tiles(self._tiled, 0)
+            self._model.k_tiles, self._tiled = 0, 0
+
+    def _kv_tiles(self, slots: int, to_tiles: int) -> None:
+        if self.lib.caprese_kv_tiles(ctypes.byref(self._model), min(slots, self.capacity), to_tiles):
+            raise RuntimeError(f"the native kernel cannot hold this KV cache in tiles (capacity {self.capacity})")
+
+    def kv_as_rows(self) -> None:
+        self._rows()
+
+    def reselecting(self, every: int) -> None:
+        self._reselecting = every > 0
+        if self._reselecting:
+            self._rows()
 
     def prefill(self, ids: list[int], start: int) -> PrefillOut:
-        return self.prefill_runner.prefill(ids, start)
+        self._rows()
+        out = self.prefill_runner.prefill(ids, start)
+        if self._tiles_ok and not self._reselecting:
+            if self._ctx:
+                self.lib.caprese_context_quiesce(self._ctx)
+            self._tiled = start + len(ids)
+            self._kv_tiles(self._tiled, 1)
+            self._model.k_tiles = 1
+        return out
 
     def select(self, griffin: dict, tau: dict) -> None:
         self.prefill_runner.select(griffin, tau)
@@ -516,6 +554,8 @@ class NativeBackend(Backend):
         logit computed and the argmax found in the kernel)."""
         if slot >= self.capacity:
             raise RuntimeError(f"decode at slot {slot} past the KV cache ({self.capacity}); reserve first")
+        if self._model.k_tiles:  # the step writes its K into its tile
+            self._tiled = max(self._tiled, slot + 1)
         self._next[0] = top
         self._threads.tick()
         self._check(self.lib.caprese_decode_step(self._ctx, int(token), int(slot), ctypes.byref(self._skipped),
@@ -571,6 +611,8 @@ class NativeBackend(Backend):
         if slot + n > self.capacity:
             raise RuntimeError(f"decode at slots {slot}..{slot + n - 1} past the KV cache ({self.capacity}); "
                                "reserve first")
+        if self._model.k_tiles:
+            self._tiled = max(self._tiled, slot + n)
         ends = sorted(eos)
         self._eos = (ctypes.c_int64 * max(1, len(ends)))(*ends)
         self._threads.tick()

@@ -130,6 +130,11 @@ typedef struct {
                               * ONNX Runtime's fp16 GroupQueryAttention's numbers: q, k, v rounded to fp16, q and k
                               * rotated in fp32 (fp16-rounded cos / sin: the backend's tables) and rounded again,
                               * attention in fp32, its output rounded to fp16 */
+    int64_t k_tiles;         /* 1 while K is held in tiles of 16 slots, [head_dim][16] fp16 each, in the bytes of
+                              * those 16 rows (kv_f16, AVX-512 builds, capacity % 16 == 0): q.K then runs over
+                              * broadcast q elements without horizontal sums. The backend tiles the cache in place
+                              * after ONNX Runtime's prefill writes rows (caprese_kv_tiles) and turns it back before
+                              * ONNX Runtime reads it. V stays in rows. */
 } Model;
 
 /* ------------------------------------------------------------------ the structs' layout, for the ctypes mirror */
@@ -160,6 +165,7 @@ static const LayoutField LAYOUT[] = {
     FIELD(Model, final_norm), FIELD(Model, rope_cos), FIELD(Model, rope_sin), FIELD(Model, layers),
     FIELD(Model, logits), FIELD(Model, head_q), FIELD(Model, head_scale), FIELD(Model, head_bound),
     FIELD(Model, q_head), FIELD(Model, q_lm_head), FIELD(Model, int8_act), FIELD(Model, kv_f16),
+    FIELD(Model, k_tiles),
     {NULL, NULL, 0, 0}};
 
 /* Every struct ctypes mirrors, with each field's offset and size as this compiler laid them out. */
@@ -683,7 +689,13 @@ static void stage_kv_write(Ctx *c, int64_t li, int64_t slot) {
         if (L->k_norm) rms_norm(k, L->k_norm, kd, hd, m->eps); else memcpy(kd, k, sizeof(float) * hd);
         if (m->kv_f16) round_f16(kd, hd);
         rope(kd, m->rope_cos + slot * half, m->rope_sin + slot * half, half);
-        if (m->kv_f16) {
+        if (m->k_tiles) { /* the slot's lane of its tile */
+            uint16_t k16[hd];
+            to_f16(kd, k16, hd);
+            uint16_t *tile = (uint16_t *)L->k_cache + (kv * m->capacity + (slot & ~(int64_t)15)) * hd + (slot & 15);
+            for (int64_t j = 0; j < hd; j++) tile[16 * j] = k16[j];
+            to_f16(v, (uint16_t *)L->v_cache + row, hd);
+        } else if (m->kv_f16) {
             to_f16(kd, (uint16_t *)L->k_cache + row, hd);
             to_f16(v, (uint16_t *)L->v_cache + row, hd);
         } else {
@@ -846,6 +858,25 @@ static inline __attribute__((always_inline)) float dot_row(const float *q, const
     return d;
 }
 
+/* Each of nk queries' n raw scores (sc[t * ATT_BLOCK ..]) scaled (soft-capped), their maxima into mx[t]. */
+static inline __attribute__((always_inline)) void score_finish(const Layer *L, float *sc, int64_t n, int nk,
+                                                                float *mx) {
+    for (int t = 0; t < nk; t++) {
+        float *st = sc + t * ATT_BLOCK;
+        const float scale = L->scale, cap = L->softcap;
+        if (cap > 0.0f) {
+            for (int64_t r = 0; r < n; r++) st[r] = tanhf(st[r] * scale / cap) * cap;
+        } else {
+#pragma omp simd
+            for (int64_t r = 0; r < n; r++) st[r] *= scale;
+        }
+        float m = mx[t];
+#pragma omp simd reduction(max : m)
+        for (int64_t r = 0; r < n; r++) m = st[r] > m ? st[r] : m;
+        mx[t] = m;
+    }
+}
+
 /* sc[t * ATT_BLOCK + s] = score of query t (of nk, q[t * hd ..]) against key row s < n of K (scaled, soft-capped);
  * their maxima into mx[t]. AVX-512: 16 rows at a time (dot16), AVX2: 2 x 8 (dot8), every query's scores of a tile
  * before the next tile, so the nk queries after the first read its rows from L1 (a 256-slot block's rows do not
@@ -881,23 +912,51 @@ static inline __attribute__((always_inline)) void score_rows(const Layer *L, con
     }
 #endif
     if (pk && s < npk) qg_prefetch((const uint8_t *)KV_AT(pk, s * hd, f16), (npk - s) * rb);
-    for (int t = 0; t < nk; t++) {
-        const float *qt = q + t * hd;
-        float *st = sc + t * ATT_BLOCK;
-        for (int64_t r = s; r < n; r++) st[r] = dot_row(qt, KV_AT(K, r * hd, f16), hd, f16);
-        const float scale = L->scale, cap = L->softcap;
-        if (cap > 0.0f) {
-            for (int64_t r = 0; r < n; r++) st[r] = tanhf(st[r] * scale / cap) * cap;
-        } else {
-#pragma omp simd
-            for (int64_t r = 0; r < n; r++) st[r] *= scale;
-        }
-        float m = mx[t];
-#pragma omp simd reduction(max : m)
-        for (int64_t r = 0; r < n; r++) m = st[r] > m ? st[r] : m;
-        mx[t] = m;
-    }
+    for (int t = 0; t < nk; t++)
+        for (int64_t r = s; r < n; r++) sc[t * ATT_BLOCK + r] = dot_row(q + t * hd, KV_AT(K, r * hd, f16), hd, f16);
+    score_finish(L, sc, n, nk, mx);
 }
+
+#if VW == 16
+/* out[t] = the scores of query t (q + t * hd) against the 16 keys of tile kt ([hd][16] fp16, Model.k_tiles): one
+ * widened key vector per element for every query, two sums per query (even / odd elements) for independent
+ * chains. hd even. */
+static inline __attribute__((always_inline)) void tile_scores(const float *q, const uint16_t *kt, int64_t hd,
+                                                              const int nk, __m512 *out) {
+    __m512 a[4], b[4];
+    for (int t = 0; t < nk; t++) a[t] = b[t] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 2) {
+        const __m512 k0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kt + 16 * d)));
+        const __m512 k1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kt + 16 * d + 16)));
+        for (int t = 0; t < nk; t++) {
+            a[t] = _mm512_fmadd_ps(_mm512_set1_ps(q[t * hd + d]), k0, a[t]);
+            b[t] = _mm512_fmadd_ps(_mm512_set1_ps(q[t * hd + d + 1]), k1, b[t]);
+        }
+    }
+    for (int t = 0; t < nk; t++) out[t] = _mm512_add_ps(a[t], b[t]);
+}
+
+/* score_rows over a K in tiles: slots [b0, b0 + n) of KV head area Kh (tiles from its slot 0), the tiles at the
+ * ends scored whole and stored masked. pk / npk as score_rows' (slot-ordered bytes: a tile's are its rows'). */
+static void score_tiles(const Layer *L, const float *q, const uint16_t *Kh, int64_t hd, int64_t b0, int64_t n,
+                        int nk, float *sc, float *mx, const uint16_t *pk, int64_t npk) {
+    for (int64_t t0 = b0 & ~(int64_t)15; t0 < b0 + n; t0 += 16) {
+        const int64_t s = t0 - b0, lo = s < 0 ? -s : 0, hi = s + 16 > n ? n - s : 16; /* lanes [lo, hi) are ours */
+        if (pk && s + 16 > 0 && s < npk)
+            qg_prefetch((const uint8_t *)(pk + (s + lo) * hd), ((s + 16 < npk ? s + 16 : npk) - s - lo) * hd * 2);
+        __m512 r[4];
+        switch (nk) {
+        case 1: tile_scores(q, Kh + t0 * hd, hd, 1, r); break;
+        case 2: tile_scores(q, Kh + t0 * hd, hd, 2, r); break;
+        case 3: tile_scores(q, Kh + t0 * hd, hd, 3, r); break;
+        default: tile_scores(q, Kh + t0 * hd, hd, 4, r); break;
+        }
+        const __mmask16 mk = (__mmask16)((0xFFFFu >> (16 - hi)) & (0xFFFFu << lo));
+        for (int t = 0; t < nk; t++) _mm512_mask_storeu_ps(sc + t * ATT_BLOCK + s, mk, r[t]);
+    }
+    score_finish(L, sc, n, nk, mx);
+}
+#endif
 
 /* o_k[0:hd] += sum over rows s < n of p_k[s] * V[s] for nk <= 4 queries (p_k = p + k * ATT_BLOCK, o_k = o + k *
  * ostride): 4 VW columns at a time on AVX-512 (4 nk sums), then 2 VW (2 nk), the sums kept in registers across the
@@ -960,12 +1019,41 @@ static inline __attribute__((always_inline)) void add_values(const float *p, con
         }
 }
 
+/* Slots [0, slots) of every layer's K (rounded up to whole tiles) from rows into 16-slot tiles (to_tiles = 1) or
+ * back, in place (Model.k_tiles: the backend tiles the cache after ONNX Runtime's prefill writes rows, and turns
+ * it back into rows before ONNX Runtime reads it). 0, or -1 where m's cache cannot hold tiles. */
+int caprese_kv_tiles(const Model *m, int64_t slots, int64_t to_tiles) {
+#if VW == 16
+    const int64_t hd = m->head_dim;
+    if (!m->kv_f16 || m->capacity % 16 || hd < 2 || slots < 0 || slots > m->capacity) return -1;
+    uint16_t *tmp = malloc(sizeof(uint16_t) * (size_t)(16 * hd));
+    if (!tmp) return -1;
+    for (int64_t li = 0; li < m->num_layers; li++)
+        for (int64_t kv = 0; kv < m->num_kv_heads; kv++)
+            for (int64_t t0 = 0; t0 < slots; t0 += 16) {
+                uint16_t *b = (uint16_t *)m->layers[li].k_cache + (kv * m->capacity + t0) * hd;
+                for (int64_t r = 0; r < 16; r++)
+                    for (int64_t j = 0; j < hd; j++) {
+                        if (to_tiles) tmp[16 * j + r] = b[r * hd + j];
+                        else tmp[r * hd + j] = b[16 * j + r];
+                    }
+                memcpy(b, tmp, sizeof(uint16_t) * (size_t)(16 * hd));
+            }
+    free(tmp);
+    return 0;
+#else
+    (void)m, (void)slots, (void)to_tiles;
+    return -1; /* AVX2 and scalar builds read K in rows */
+#endif
+}
+
 /* The keys and values of slots [s0, s1) of KV head kvh into L2, all requested at once. A chunk's rows are short
  * streams (~16 KB each of K and V) that the hardware prefetchers do not ramp up on, so asked 16 rows ahead they
  * were read at half the weights' rate (docs/performance.md). */
 static void prefetch_kv_rows(const Model *m, const Layer *L, int64_t kvh, int64_t s0, int64_t s1) {
     const int64_t hd = m->head_dim, f16 = m->kv_f16, rb = hd * KV_BYTES(f16);
-    qg_prefetch((const uint8_t *)KV_AT(L->k_cache, (kvh * m->capacity + s0) * hd, f16), (s1 - s0) * rb);
+    const int64_t k0 = m->k_tiles ? s0 & ~(int64_t)15 : s0, k1 = m->k_tiles ? (s1 + 15) & ~(int64_t)15 : s1;
+    qg_prefetch((const uint8_t *)KV_AT(L->k_cache, (kvh * m->capacity + k0) * hd, f16), (k1 - k0) * rb);
     qg_prefetch((const uint8_t *)KV_AT(L->v_cache, (kvh * m->capacity + s0) * hd, f16), (s1 - s0) * rb);
 }
 
@@ -1008,7 +1096,12 @@ static inline __attribute__((always_inline)) void attend_group_kv(const Ctx *c, 
             const int nk = g - k0 < 4 ? (int)(g - k0) : 4;
             float bm[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
             float *sk = sc + k0 * ATT_BLOCK, *qk = q + k0 * hd, *ok = o + k0 * ostride;
-            score_rows(L, qk, KV_AT(K, b0 * hd, f16), hd, n, nk, sk, bm, pk, np, f16);
+#if VW == 16
+            if (f16 && m->k_tiles)
+                score_tiles(L, qk, (const uint16_t *)K, hd, b0, n, nk, sk, bm, (const uint16_t *)pk, np);
+            else
+#endif
+                score_rows(L, qk, KV_AT(K, b0 * hd, f16), hd, n, nk, sk, bm, pk, np, f16);
             for (int t = 0; t < nk; t++) { /* e^(score - new max); the sums so far rescaled to the new max */
                 float *ot = ok + t * ostride, *st = sk + t * ATT_BLOCK;
                 const float mx = ot[hd], nm = bm[t] > mx ? bm[t] : mx, corr = mx == -INFINITY ? 0.0f : expf(mx - nm);
@@ -2532,8 +2625,9 @@ int caprese_head_only(Ctx *c, const float *h, int64_t *next) {
 /* tools/bench_attention.py: one decode step's attention of a layer on this thread, as the quantized step runs it
  * (attend_group per KV head over every slot, then each head normalized), `reps` times over the caller's rows
  * (cache-resident after the first): ns per layer. q [heads, head_dim] is taken as already rotated (the tables
- * here are the identity); k / v [kv_heads, slots, head_dim] fp32, or fp16 bits with f16; out [heads, head_dim]
- * gets the last run's outputs. Returns ns per layer, or -1 for shapes it does not take. */
+ * here are the identity); k / v [kv_heads, slots, head_dim] fp32, or fp16 bits with f16 (1: K read in rows, 2: in
+ * tiles, as Model.k_tiles: AVX-512 builds); out [heads, head_dim] gets the last run's outputs. Returns ns per
+ * layer, or -1 for shapes (or a K layout) it does not take. */
 double caprese_attention_bench(const float *q, const void *k, const void *v, int64_t heads, int64_t kv_heads,
                                int64_t head_dim, int64_t slots, int64_t f16, int64_t reps, float *out) {
     if (heads < 1 || kv_heads < 1 || heads % kv_heads || head_dim < 2 || head_dim % 2 || slots < 1 || reps < 1)
@@ -2546,11 +2640,31 @@ double caprese_attention_bench(const float *q, const void *k, const void *v, int
     float *q2 = malloc(sizeof(float) * (size_t)(g * head_dim)), *sc = malloc(sizeof(float) * (size_t)(g * ATT_BLOCK));
     float *o = malloc(sizeof(float) * (size_t)(heads * (head_dim + 2)));
     double ns = -1.0;
-    if (c && cs && sn && q2 && sc && o) {
+    /* f16 2: K in tiles (Model.k_tiles), K and V copied into a cache of whole tiles */
+    const int64_t cap = f16 == 2 ? (slots + 15) & ~(int64_t)15 : slots;
+    uint16_t *kt = NULL, *vt = NULL;
+    if (f16 == 2) {
+        kt = calloc((size_t)(kv_heads * cap * head_dim), sizeof(uint16_t));
+        vt = calloc((size_t)(kv_heads * cap * head_dim), sizeof(uint16_t));
+        const size_t bytes = 2 * (size_t)(slots * head_dim); /* a KV head's rows */
+        if (kt && vt)
+            for (int64_t h = 0; h < kv_heads; h++) {
+                memcpy(kt + h * cap * head_dim, (const uint16_t *)k + h * slots * head_dim, bytes);
+                memcpy(vt + h * cap * head_dim, (const uint16_t *)v + h * slots * head_dim, bytes);
+            }
+    }
+    if (c && cs && sn && q2 && sc && o && (f16 != 2 || (kt && vt))) {
         for (int64_t i = 0; i < slots * half; i++) cs[i] = 1.0f;
-        m.head_dim = head_dim, m.num_heads = heads, m.num_kv_heads = kv_heads, m.capacity = slots, m.kv_f16 = f16;
+        m.head_dim = head_dim, m.num_heads = heads, m.num_kv_heads = kv_heads, m.capacity = cap, m.kv_f16 = f16 != 0;
         m.rope_cos = cs, m.rope_sin = sn, m.eps = 1e-6f;
-        L.k_cache = (float *)(uintptr_t)k, L.v_cache = (float *)(uintptr_t)v;
+        L.k_cache = (float *)(uintptr_t)(kt ? (const void *)kt : k);
+        L.v_cache = (float *)(uintptr_t)(vt ? (const void *)vt : v);
+        m.num_layers = 1, m.layers = &L;
+        if (f16 == 2 && caprese_kv_tiles(&m, slots, 1)) {
+            free(kt), free(vt), free(c), free(cs), free(sn), free(q2), free(sc), free(o);
+            return -1.0; /* no tiles in this build */
+        }
+        m.k_tiles = f16 == 2;
         L.scale = 1.0f / sqrtf((float)head_dim);
         c->m = &m;
         const int64_t t0 = now_ns();
@@ -2563,6 +2677,6 @@ double caprese_attention_bench(const float *q, const void *k, const void *v, int
             for (int64_t j = 0; j < head_dim; j++)
                 out[h * head_dim + j] = o[h * (head_dim + 2) + j] / o[h * (head_dim + 2) + head_dim + 1];
     }
-    free(c), free(cs), free(sn), free(q2), free(sc), free(o);
+    free(c), free(cs), free(sn), free(q2), free(sc), free(o), free(kt), free(vt);
     return ns;
 }

@@ -71,7 +71,7 @@ class Model(ctypes.Structure):
         ("layers", ctypes.POINTER(Layer)), ("logits", ctypes.c_void_p),
         ("head_q", ctypes.c_void_p), ("head_scale", ctypes.c_void_p), ("head_bound", ctypes.c_void_p),
         ("q_head", ctypes.c_int64), ("q_lm_head", QMat), ("int8_act", ctypes.c_int64),
-        ("kv_f16", ctypes.c_int64)]
+        ("kv_f16", ctypes.c_int64), ("k_tiles", ctypes.c_int64)]
 
 
 MIRRORS = (Mat, QMat, Layer, Model)  # every struct the library reads from Python
@@ -299,6 +299,8 @@ def load(isa: str | None = None) -> ctypes.CDLL:
         lib.caprese_qa_pack_quads.restype = None
         lib.caprese_qa_pack_quads.argtypes = [ctypes.POINTER(QMat), ctypes.c_void_p]
         declare_r16(lib)
+        lib.caprese_kv_tiles.restype = ctypes.c_int
+        lib.caprese_kv_tiles.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, ctypes.c_int64]
         lib.caprese_head_only.restype = ctypes.c_int
         lib.caprese_head_only.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)]
         built_for = lib.caprese_isa().decode()
