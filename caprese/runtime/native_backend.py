@@ -105,7 +105,6 @@ class NativeBackend(Backend):
         if why:
             raise CapreseError(why)
         self._ctx = None
-        self._tiled = 0  # slots of K the kernel holds in tiles while Model.k_tiles is set (see _rows)
         self._tiles_ok = False  # this cache can hold K in tiles (an fp16 cache, an AVX-512 build, 16 | capacity)
         self._reselecting = False  # a reply re-selects GRIFFIN's neurons (reselecting): K stays in rows
         # --int8-activations engines (MatMulNBits accuracy_level 4) state int8-activation arithmetic: the kernel
@@ -494,7 +493,7 @@ class NativeBackend(Backend):
             return
         if self._ctx:  # no helper may still read the KV buffers that reserve() is about to drop
             self.lib.caprese_context_quiesce(self._ctx)
-        self._rows()  # the kept slots are copied as rows
+        self._rows(keep)  # the kept slots are copied as rows
         self.prefill_runner.reserve(need, keep)
         kv = self.buffers.kv
         for i in range(self.layout.num_layers):
@@ -508,15 +507,16 @@ class NativeBackend(Backend):
     # the same buffers in rows, so each prefill turns the cache back into rows first and into tiles after (a pass
     # over the cached slots' K, ~0.5 ms per 256 slots of SmolLM2). A reply that re-selects runs a prefill every few
     # steps: its cache stays in rows.
-    def _rows(self) -> None:
-        """K back in rows, before ONNX Runtime or a reallocation reads the cache."""
+    def _rows(self, slots: int | None = None) -> None:
+        """K of slots [0, slots) (None: every slot) back in rows: what ONNX Runtime's prefill at `slots` or a
+        reallocation keeping `slots` reads. Later slots are rewritten before anything reads them."""
         if self._model.k_tiles:
-            if self._ctx:
-                self.lib.caprese_context_quiesce(self._ctx)
-            self._kv_tiles(self._tiled, 0)
-            self._model.k_tiles, self._tiled = 0, 0
+            self._kv_tiles(self.capacity if slots is None else slots, 0)
+            self._model.k_tiles = 0
 
     def _kv_tiles(self, slots: int, to_tiles: int) -> None:
+        if self._ctx:  # no helper may still read the cache (a late chunk of the last step)
+            self.lib.caprese_context_quiesce(self._ctx)
         if self.lib.caprese_kv_tiles(ctypes.byref(self._model), min(slots, self.capacity), to_tiles):
             raise RuntimeError(f"the native kernel cannot hold this KV cache in tiles (capacity {self.capacity})")
 
@@ -524,18 +524,13 @@ class NativeBackend(Backend):
         self._rows()
 
     def reselecting(self, every: int) -> None:
-        self._reselecting = every > 0
-        if self._reselecting:
-            self._rows()
+        self._reselecting = every > 0  # the reply's first prefill leaves its cache in rows
 
     def prefill(self, ids: list[int], start: int) -> PrefillOut:
-        self._rows()
+        self._rows(start)
         out = self.prefill_runner.prefill(ids, start)
         if self._tiles_ok and not self._reselecting:
-            if self._ctx:
-                self.lib.caprese_context_quiesce(self._ctx)
-            self._tiled = start + len(ids)
-            self._kv_tiles(self._tiled, 1)
+            self._kv_tiles(start + len(ids), 1)
             self._model.k_tiles = 1
         return out
 
@@ -554,8 +549,6 @@ class NativeBackend(Backend):
         logit computed and the argmax found in the kernel)."""
         if slot >= self.capacity:
             raise RuntimeError(f"decode at slot {slot} past the KV cache ({self.capacity}); reserve first")
-        if self._model.k_tiles:  # the step writes its K into its tile
-            self._tiled = max(self._tiled, slot + 1)
         self._next[0] = top
         self._threads.tick()
         self._check(self.lib.caprese_decode_step(self._ctx, int(token), int(slot), ctypes.byref(self._skipped),
@@ -611,8 +604,6 @@ class NativeBackend(Backend):
         if slot + n > self.capacity:
             raise RuntimeError(f"decode at slots {slot}..{slot + n - 1} past the KV cache ({self.capacity}); "
                                "reserve first")
-        if self._model.k_tiles:
-            self._tiled = max(self._tiled, slot + n)
         ends = sorted(eos)
         self._eos = (ctypes.c_int64 * max(1, len(ends)))(*ends)
         self._threads.tick()
