@@ -689,14 +689,16 @@ static void stage_kv_write(Ctx *c, int64_t li, int64_t slot) {
         if (L->k_norm) rms_norm(k, L->k_norm, kd, hd, m->eps); else memcpy(kd, k, sizeof(float) * hd);
         if (m->kv_f16) round_f16(kd, hd);
         rope(kd, m->rope_cos + slot * half, m->rope_sin + slot * half, half);
-        if (m->k_tiles) { /* the slot's lane of its tile */
-            uint16_t k16[hd];
-            to_f16(kd, k16, hd);
-            uint16_t *tile = (uint16_t *)L->k_cache + (kv * m->capacity + (slot & ~(int64_t)15)) * hd + (slot & 15);
-            for (int64_t j = 0; j < hd; j++) tile[16 * j] = k16[j];
-            to_f16(v, (uint16_t *)L->v_cache + row, hd);
-        } else if (m->kv_f16) {
-            to_f16(kd, (uint16_t *)L->k_cache + row, hd);
+        if (m->kv_f16) {
+            if (m->k_tiles) { /* the slot's lane of its tile */
+                uint16_t k16[hd];
+                to_f16(kd, k16, hd);
+                uint16_t *tile =
+                    (uint16_t *)L->k_cache + (kv * m->capacity + (slot & ~(int64_t)15)) * hd + (slot & 15);
+                for (int64_t j = 0; j < hd; j++) tile[16 * j] = k16[j];
+            } else {
+                to_f16(kd, (uint16_t *)L->k_cache + row, hd);
+            }
             to_f16(v, (uint16_t *)L->v_cache + row, hd);
         } else {
             memcpy(L->v_cache + row, v, sizeof(float) * hd);
@@ -2660,22 +2662,20 @@ double caprese_attention_bench(const float *q, const void *k, const void *v, int
         L.k_cache = (float *)(uintptr_t)(kt ? (const void *)kt : k);
         L.v_cache = (float *)(uintptr_t)(vt ? (const void *)vt : v);
         m.num_layers = 1, m.layers = &L;
-        if (f16 == 2 && caprese_kv_tiles(&m, slots, 1)) {
-            free(kt), free(vt), free(c), free(cs), free(sn), free(q2), free(sc), free(o);
-            return -1.0; /* no tiles in this build */
-        }
         m.k_tiles = f16 == 2;
         L.scale = 1.0f / sqrtf((float)head_dim);
         c->m = &m;
-        const int64_t t0 = now_ns();
-        for (int64_t r = 0; r < reps; r++)
-            for (int64_t h = 0; h < kv_heads; h++)
-                attend_group(c, &L, slots - 1, h * g, g, 0, slots, q + h * g * head_dim, q2, sc,
-                             o + h * g * (head_dim + 2), head_dim + 2, -1, 0, 0);
-        ns = (double)(now_ns() - t0) / (double)reps;
-        for (int64_t h = 0; h < heads; h++)
-            for (int64_t j = 0; j < head_dim; j++)
-                out[h * head_dim + j] = o[h * (head_dim + 2) + j] / o[h * (head_dim + 2) + head_dim + 1];
+        if (f16 != 2 || !caprese_kv_tiles(&m, slots, 1)) { /* else -1: no tiles in this build */
+            const int64_t t0 = now_ns();
+            for (int64_t r = 0; r < reps; r++)
+                for (int64_t h = 0; h < kv_heads; h++)
+                    attend_group(c, &L, slots - 1, h * g, g, 0, slots, q + h * g * head_dim, q2, sc,
+                                 o + h * g * (head_dim + 2), head_dim + 2, -1, 0, 0);
+            ns = (double)(now_ns() - t0) / (double)reps;
+            for (int64_t h = 0; h < heads; h++)
+                for (int64_t j = 0; j < head_dim; j++)
+                    out[h * head_dim + j] = o[h * (head_dim + 2) + j] / o[h * (head_dim + 2) + head_dim + 1];
+        }
     }
     free(c), free(cs), free(sn), free(q2), free(sc), free(o), free(kt), free(vt);
     return ns;
