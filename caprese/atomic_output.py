@@ -17,14 +17,40 @@ from pathlib import Path
 from caprese.errors import CapreseError
 
 
+def check_writable(out: str | Path, what: str = "-o") -> Path:
+    """out's parent folder, created if missing and checked writable: a long job finds out before its work, not at
+    the end, and the user reads `out`, not the hidden temp name the OS error would carry."""
+    out = Path(out)
+    parent = out.parent
+    blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise CapreseError(f"cannot write {out}: {blocker} is a file, not a folder; choose another {what}")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}-probe-", dir=parent))  # a real write, not os.access
+    except OSError as e:
+        raise CapreseError(f"cannot write {out}: {e.strerror or e}; choose another {what}") from None
+    return parent
+
+
+def temp_sibling(out: str | Path, what: str = "-o") -> Path:
+    """A new hidden folder beside out (its parents created), or one CapreseError that names out."""
+    out = Path(out)
+    check_writable(out, what)
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    except OSError as e:
+        raise CapreseError(f"cannot write {out}: {e.strerror or e}; choose another {what}") from None
+
+
 @contextlib.contextmanager
-def atomic_dir(out: str | Path, force: bool = False, hint: str = "pass --force to overwrite it"):
-    """`with atomic_dir(out) as tmp:` write into tmp; on success tmp becomes out (replacing it only if force)."""
+def atomic_dir(out: str | Path, force: bool = False, hint: str = "pass --force to overwrite it", what: str = "-o"):
+    """`with atomic_dir(out) as tmp:` write into tmp; on success tmp becomes out (replacing it only if force).
+    what: the option that names out, for the error when it cannot be written."""
     out = Path(out)
     if out.exists() and not force:
         raise CapreseError(f"{out} already exists; {hint}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp = temp_sibling(out, what)
     try:
         yield tmp
         if out.is_dir() and not out.is_symlink():
@@ -42,6 +68,7 @@ def atomic_file(path: str | Path):
     """`with atomic_file(path) as tmp:` write the file tmp; on success it replaces path (readers see the old file
     or the new one, never a torn one); on failure it is removed."""
     path = Path(path)
+    check_writable(path, "path")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp

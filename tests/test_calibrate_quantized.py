@@ -410,6 +410,8 @@ def int4_artifact(tiny_model_dir, tmp_path_factory):
     (["generate", "MODEL", "-p", "x", "--weights", "int3"], ["int3", "use int4 or int8"]),
     (["calibrate", "MODEL", "-o", "OUT", "--weights", "int3"], ["int3", "use int4 or int8"]),
     (["eval", "MODEL", "--weights", "int4", "--block-size", "48"], ["block size 48", "32, 64, 128 or row"]),
+    (["generate", "MODEL", "-p", "x", "--weights", "int4", "--block-size", "0"],
+     ["block size 0 is not supported", "32, 64, 128 or row"]),  # ROW's internal value, not a user spelling
     (["eval", "LLAMA", "--weights", "int4"], ["o_proj", "144", "multiple of the block size 32", "--block-size row"]),
     (["calibrate", "MODEL", "-o", "OUT", "--rank", "4", "--weights", "int4", "--block-size", "128"],
      ["q_proj", "64", "multiple of the block size 128", "--block-size 32 or 64 or row"]),

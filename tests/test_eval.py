@@ -329,7 +329,12 @@ def test_eval_help_and_one_line_errors(tiny_model_dir, tmp_path, monkeypatch, ca
              ([folder, "--task", f"jsonl:{tmp_path / 'x.jsonl'}"], "does not exist"),
              ([folder, "--base-model", folder], "artifact"),
              ([folder, "--method", "griffin", "--layers", "7"], "outside"),
-             ([folder, "-n", 5000, "--limit", 2], "context")]
+             ([folder, "-n", 5000, "--limit", 2], "context"),
+             # what --method would prune, without --method: refused, not silently dense
+             ([folder, "--density", "0.3"], "--density and --layers choose what --method prunes"),
+             ([folder, "--layers", "0"], "--density and --layers choose what --method prunes"),
+             ([folder, "--limit", 1, "--save", tmp_path / "afile" / "x.jsonl"], "afile is a file, not a folder")]
+    (tmp_path / "afile").write_text("")
     for args, needle in cases:
         rc, out, err = run_eval(args, monkeypatch, capsys)
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]

@@ -135,7 +135,7 @@ def test_usage_errors(tiny_model_dir, tmp_path, monkeypatch, capsys):
         cli_helpers.assert_one_line_error(rc, err, needle, "caprese-export --help", code=2)
         assert len(err.strip().splitlines()) == 1 and "Usage:" not in err, err
     rc, _, err = run_cli([tmp_path, "--check"], monkeypatch, capsys)
-    assert_one_line_error(rc, err, "--check needs an engine folder or an .onnx file")
+    assert_one_line_error(rc, err, "--check alone needs an engine folder or an .onnx file")
 
 
 def test_failed_export_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch, capsys):

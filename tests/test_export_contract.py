@@ -103,3 +103,14 @@ def test_layout_round_trip_and_validation():
         C.node_name("ffn", "MatMul", 0)
     assert C.node_name("mlp", "MatMul_down", 3) == "/model/layers.3/mlp/MatMul_down"
     assert not C.NODE_NAME_RE.match("/model/layers.0/mlp/has space")
+
+
+def test_layer_of_tells_names_apart_exactly():
+    """Code outside contract.py asks layer_of, not a prefix: cats_tau_in.2 is not a cats_tau, nor w_gul.1x a w_gul."""
+    assert C.layer_of(C.past_key(3), C.past_key, C.past_value) == 3
+    assert C.layer_of(C.past_value(12), C.past_key, C.past_value) == 12
+    assert C.layer_of(C.cats_tau_in(2), C.cats_tau) is None and C.layer_of(C.cats_tau_in(2), C.cats_tau_in) == 2
+    assert C.layer_of(C.present_key(0), C.past_key) is None
+    for name in ("w_gul.1x", "w_gul.", "w_gul", C.LOGITS, C.INPUT_IDS):
+        assert C.layer_of(name, *C.SELECTION_INPUTS) is None
+    assert all(C.layer_of(f(5), *C.SELECTION_INPUTS) == 5 for f in C.SELECTION_INPUTS)

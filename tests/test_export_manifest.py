@@ -68,6 +68,18 @@ def test_unknown_version(engine):
     expect_error(engine, f"version {VERSION + 1}", "not supported")
 
 
+@pytest.mark.parametrize("files, needle", [
+    (None, "'files' must be a JSON object, not NoneType"), ("x", "'files' must be a JSON object, not str"),
+    ([], "'files' must be a JSON object, not list"),
+    ({"tokenizer": 5}, "'files.tokenizer' must be a JSON list, not int"),
+    ({"engines": ["model.plan"]}, "'files.engines' must be a JSON object, not list"),
+])
+def test_malformed_files_field(engine, files, needle):
+    """A hand-edited 'files' is one line, not an AttributeError from the consistency checks that read it."""
+    edit(engine, lambda d: d.update(files=files if not isinstance(files, dict) else {**d["files"], **files}))
+    expect_error(engine, needle, "export again")
+
+
 def test_not_an_engine_manifest(engine):
     edit(engine, lambda d: d.update(format="something-else"))
     expect_error(engine, "not a caprese engine manifest")
@@ -86,6 +98,8 @@ def test_not_an_engine_manifest(engine):
 def test_missing_files(engine):
     (engine / "decode.onnx").unlink()
     expect_error(engine, "decode.onnx", "missing")
+    with pytest.raises(CapreseError, match="manifest.json is a file; give the engine folder"):
+        load_manifest(engine / MANIFEST)
 
 
 def test_missing_tokenizer_file(engine):
@@ -105,6 +119,13 @@ def test_symlink_escaping_the_folder(engine, tmp_path):
     os.symlink(outside, engine / "link.onnx")
     edit(engine, lambda d: d["files"].update(prefill="link.onnx"))
     expect_error(engine, "outside the engine folder")
+
+
+def test_truncated_graph(engine):
+    """A cut decode.onnx is refused at load, by every backend (native and torch never parse it)."""
+    path = engine / C.GRAPH_FILES[C.DECODE]
+    path.write_bytes(path.read_bytes()[:3000])
+    expect_error(engine, "decode.onnx", "is 3000 bytes, not the", "export again")
 
 
 def test_truncated_weights(engine):
@@ -134,3 +155,31 @@ def test_engines_need_tensorrt_facts(engine):
     expect_error(engine, "TensorRT version", "compute capability")
     edit(engine, lambda d: d.update(tensorrt={"version": "10.15.1", "compute_capability": "8.9"}))
     assert load_manifest(engine).engines == {"prefill": engine / "prefill.plan"}
+
+
+def test_export_takes_options_or_their_fields(tmp_path, tiny_model_dir):
+    """export(src, out, ExportOptions(...)) and export(src, out, **fields) write the same engine spec; mixing the
+    two, an unknown field or a wrong options type is a TypeError; a bad value is refused before anything loads."""
+    from caprese.export.export_options import ExportOptions
+    from caprese.export.exporter import export
+
+    src = tiny_model_dir("llama")
+    opts = ExportOptions(target="onnxruntime", max_seq_len=MAX_SEQ, weights="int8")
+    a = export(src, tmp_path / "a", opts).manifest
+    b = export(src, tmp_path / "b", target="onnxruntime", max_seq_len=MAX_SEQ, weights="int8").manifest
+    keys = ("recipe", "target", "precision", "max_seq_len", "max_prompt_len", "layout", "tensors")
+    assert {k: a[k] for k in keys} == {k: b[k] for k in keys} and a["target"] == "onnxruntime"
+    assert a["recipe"]["weights"]["bits"] == 8
+    with pytest.raises(TypeError, match="not both"):
+        export(src, tmp_path / "c", opts, precision="fp16")
+    with pytest.raises(TypeError, match="max_seqlen"):
+        export(src, tmp_path / "c", max_seqlen=64)
+    with pytest.raises(TypeError, match="must be an ExportOptions; got dict"):
+        export(src, tmp_path / "c", {"target": "onnxruntime"})
+    for fields, needle in ((dict(target="trt"), "unknown --target 'trt'"), (dict(precision="fp8"), "precision"),
+                           (dict(max_batch=0), "max batch"), (dict(engine=True, target="onnxruntime"), "--engine"),
+                           (dict(kv_dtype="int8"), "--kv-dtype"), (dict(timing_cache="t.cache"), "add --engine"),
+                           (dict(precision="fp16", fp16_bypass=True), "fp16")):
+        with pytest.raises(CapreseError, match=needle):
+            export(tmp_path / "missing", tmp_path / "c", **fields)  # the options fail first: the source is missing
+    assert not (tmp_path / "c").exists()

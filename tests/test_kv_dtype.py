@@ -59,6 +59,7 @@ def test_the_contract_records_an_fp16_cache(tmp_path_factory, tiny_model_dir):
     g = Generator.load(engine, backend="onnxruntime")
     lay = g.manifest.layout
     assert lay.kv_dtype == "float16" and lay.dtype == "float32"
+    assert g.manifest.data["dtypes"]["kv_cache"] == "float16"  # the manifest's summary says what the I/O holds
     specs = {t.name: t for t in lay.inputs(C.DECODE)}
     assert specs[C.past_key(0)].dtype == "float16" and specs[C.past_value(1)].dtype == "float16"
     g.generate([5, 6, 7], 2, ignore_eos=True)  # the cache is allocated at the first prompt
@@ -68,6 +69,7 @@ def test_the_contract_records_an_fp16_cache(tmp_path_factory, tiny_model_dir):
         C.GraphLayout.from_dict({**lay.to_dict(), "kv_dtype": "bfloat16"})
     plain = Generator.load(_engine(tmp_path_factory, tiny_model_dir, "qwen2", "fp32"), backend="onnxruntime")
     assert "kv_dtype" not in plain.manifest.layout.to_dict()  # fp32 caches record what they always did
+    assert plain.manifest.data["dtypes"]["kv_cache"] == "float32"
     # the cache's bytes per slot are half the fp32 engine's (what RuntimeStats.bytes_per_step counts)
     from caprese.runtime.traffic import spec_traffic
 

@@ -297,3 +297,23 @@ def test_sharded_index_points_outside_folder(sharded_dir, tmp_path):
     path.write_text(json.dumps(index))
     msg = one_line_error(load_decoder, folder)
     assert "outside" in msg and "evil.safetensors" in msg
+
+
+def test_an_engine_or_an_artifact_where_a_model_goes(tmp_path_factory, tiny_model_dir):
+    """caprese's own output folders passed as MODEL_DIR say what they are and what to pass instead (an engine
+    folder holds config.json and a weights.bin, which read as pickle weights before)."""
+    from caprese.calibration.artifact import MANIFEST as ARTIFACT
+    from caprese.export.manifest import MANIFEST as ENGINE
+    from caprese.model import spec as spec_module
+    from export_helpers import get_export
+
+    assert (spec_module._ARTIFACT_FILE, spec_module._ENGINE_FILE) == (ARTIFACT, ENGINE)  # the names model/ repeats
+    engine, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "dense")
+    for loader in (load_spec, load_decoder):
+        with pytest.raises(CapreseError, match="is an engine folder .caprese-export output., not a model folder") as e:
+            loader(engine)
+        assert "\n" not in str(e.value) and "pickle" not in str(e.value)
+    artifact = tmp_path_factory.mktemp("art")
+    (artifact / ARTIFACT).write_text("{}")
+    with pytest.raises(CapreseError, match="is a calibration artifact, not a model folder.*--init"):
+        load_spec(artifact)

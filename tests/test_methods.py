@@ -647,6 +647,17 @@ def test_parse_layers_errors(layers, n):
         parse_layers(layers, n)
 
 
+@pytest.mark.parametrize("layers, n, needle", [
+    ("5-2", 8, "layer range '5-2' runs backwards; write it low-high .e.g. 2-5."),
+    ("", 4, "name no layer"), ("first-half", 1, "name no layer"),
+    ("10", 10, r"layer indices \[10\] are outside 0..9"),
+])
+def test_parse_layers_error_says_what_is_wrong(layers, n, needle):
+    """Not 'layer indices [] are outside' for a backwards range or an empty selection."""
+    with pytest.raises(ValueError, match=needle):
+        parse_layers(layers, n)
+
+
 def test_apply_method_replaces_selected_layers(llama_dir):
     model = load_decoder(llama_dir)
     assert apply_method(model, "griffin", 0.5) == [0]  # GRIFFIN's default: the first half of 2 layers
@@ -683,3 +694,14 @@ def test_apply_method_largest_rank_ok(llama_dir):
     model = load_decoder(llama_dir)
     apply_method(model, "magnitude", 0.5, "all", rank=95)
     assert all(f.bypass.rank == 95 for f in efficient_layers(model).values())
+
+
+@pytest.mark.parametrize("density", ["0.5", 0.0, 1.5, True])
+def test_open_source_refuses_a_bad_density_by_name(llama_dir, density):
+    """The API's own check (the CLI's click types never pass a string): one CapreseError, not a TypeError from a
+    comparison deep in a method's constructor."""
+    from caprese.calibration.source import open_source
+    from caprese.errors import CapreseError
+
+    with pytest.raises(CapreseError, match=r"density must be in \(0, 1\] \(a number\); got"):
+        open_source(llama_dir, method="griffin", density=density)

@@ -499,7 +499,7 @@ def test_int8_down_option(isa, tmp_path_factory, tiny_model_dir):
         three = Generator.load(engine, backend="native", threads=3, int8_down=True)
         assert torch.equal(recorded(three, prompt, 8)[1], got_logits)
         plain = engine_of(tmp_path_factory, tiny_model_dir, "qwen2", "griffin", "int4", None, "onnxruntime", False)
-        with pytest.raises(CapreseError, match="int8_down takes an engine exported with --int8-activations"):
+        with pytest.raises(CapreseError, match="--int8-down takes an engine exported with --int8-activations"):
             Generator.load(plain, backend="native", int8_down=True)
 
 

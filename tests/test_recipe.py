@@ -53,7 +53,9 @@ def test_resolve_defaults():
     (dict(method="sparsegpt"), "unknown method 'sparsegpt'"),
     (dict(density=0.0), "density must be in (0, 1]"),
     (dict(density=1.5), "density must be in (0, 1]"),
+    (dict(density="0.5"), "density must be in (0, 1] (a number); got '0.5'"),  # quoted: not a valid-looking 0.5
     (dict(rank=0), "rank must be at least 1"),
+    (dict(rank=8.0), "rank must be at least 1 (an integer) and below the model's hidden size; got 8.0"),
     (dict(stage="all"), "unknown stage"),
     (dict(init="x"), "only goes with --stage e2e"),
     (dict(layerwise=LayerwiseConfig), "LayerwiseConfig"),
@@ -211,4 +213,7 @@ def test_an_artifact_without_the_new_recipe_fields_loads_and_seeds_e2e(tiny_mode
     dec_layers = [i for i, layer in enumerate(open_source(tmp_path / "art").decoder.layers)
                   if isinstance(layer.mlp, EfficientFFN)]
     assert dec_layers == [0, 2]
+    for kwargs in (dict(density=0.3), dict(layers="0")):  # an artifact's are fixed: refused, not ignored
+        with pytest.raises(CapreseError, match="is a calibration artifact: its density .* drop --density / --layers"):
+            open_source(tmp_path / "art", **kwargs)
     assert torch.equal(art.adapters[0][0], load_artifact(tmp_path / "art").adapters[0][0])

@@ -103,7 +103,7 @@ def test_chunked_prompt_equals_one_prefill(tmp_path_factory, tiny_model_dir):
     """A prompt longer than max_prompt_len is prefilled in chunks at start > 0 (dense: the same tokens)."""
     engine, _ = get_export(tmp_path_factory, tiny_model_dir, "qwen2", "dense")
     prompt = ids(23, seed=5)
-    g = Generator.load(engine, threads=1)
+    g = Generator.load(engine, "onnxruntime", threads=1)
     whole = g.generate(prompt, 24, ignore_eos=True).tokens
     g.max_prompt_len = 5
     assert g.generate(prompt, 24, ignore_eos=True).tokens == whole
@@ -119,7 +119,7 @@ def test_onnxruntime_target_engine_runs_like_the_standard_one(method, rho, tmp_p
     std, _ = get_export(tmp_path_factory, tiny_model_dir, "qwen2", method)
     fast, _ = get_export(tmp_path_factory, tiny_model_dir, "qwen2", method, target="onnxruntime")
     prompt = ids(23, seed=5)
-    a, b = Generator.load(std, threads=1), Generator.load(fast, threads=1)
+    a, b = Generator.load(std, "onnxruntime", threads=1), Generator.load(fast, "onnxruntime", threads=1)
     assert b.manifest.data["target"] == "onnxruntime"
     want = a.generate(prompt, 24, reselect_every=rho, ignore_eos=True).tokens
     assert b.generate(prompt, 24, reselect_every=rho, ignore_eos=True).tokens == want
@@ -134,7 +134,7 @@ def test_kv_cache_bound_once_and_updated_in_place(tmp_path_factory, tiny_model_d
     """KV buffers (and logits, selection inputs) keep their addresses for a whole generation and across
     generations of the same size; present_* writes into the past_* buffer."""
     engine, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "griffin")
-    g = Generator.load(engine, threads=1, kv_policy="max")
+    g = Generator.load(engine, "onnxruntime", threads=1, kv_policy="max")
     b = g.backend
     bufs = b.buffers
     ptrs = lambda: {n: v.data_ptr()  # noqa: E731
@@ -159,7 +159,7 @@ def test_kv_cache_sized_to_the_need_and_grown_keeping_slots(tmp_path_factory, ti
     assert kv_slots(100, 4096, "fit") == 256 and kv_slots(300, 4096, "fit") == 512 and kv_slots(300, 400, "fit") == 400
     assert kv_slots(10, 4096, "max") == 4096 and kv_slots(10, 4096, 32) == 32 and kv_slots(40, 4096, 32) == 40
     engine, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "dense")
-    g = Generator.load(engine, threads=1, kv_policy=24)
+    g = Generator.load(engine, "onnxruntime", threads=1, kv_policy=24)
     first = ids(10)
     r1 = g.generate(first, 8, ignore_eos=True)
     b = g.backend
@@ -301,7 +301,7 @@ def test_backend_errors_are_one_line(tmp_path_factory, tiny_model_dir, tmp_path,
     with pytest.raises(CapreseError, match="torch backend has no option kv_policy"):
         Generator.load(engine, backend="torch", kv_policy="max")
     with pytest.raises(CapreseError, match="onnxruntime-gpu"):
-        Generator.load(engine, device="cuda")
+        Generator.load(engine, "onnxruntime", device="cuda")
 
 
 def test_tensorrt_backend_refuses_cleanly_without_gpu_or_plans(tmp_path_factory, tiny_model_dir, monkeypatch):
@@ -322,7 +322,7 @@ def test_tensorrt_backend_refuses_cleanly_without_gpu_or_plans(tmp_path_factory,
 def test_shared_weights_sessions_give_the_same_tokens(tmp_path_factory, tiny_model_dir):
     """share_weights: no prepacked copies, both sessions read the memory-mapped weights.bin."""
     engine, _ = get_export(tmp_path_factory, tiny_model_dir, "qwen2", "griffin")
-    g = Generator.load(engine, threads=1, share_weights=True)
+    g = Generator.load(engine, "onnxruntime", threads=1, share_weights=True)
     assert g.generate(ids(), 24, reselect_every=8, ignore_eos=True).tokens == \
         generator(engine, "onnxruntime").generate(ids(), 24, reselect_every=8, ignore_eos=True).tokens
     assert g.backend.describe()["share_weights"] is True
@@ -466,3 +466,60 @@ def test_run_options_are_generate_arguments_on_both_stacks(tmp_path_factory, tin
         ref = tm.run(ids(), opts)
     assert ref.tokens == g.run(ids(), opts).tokens
     assert ref.report().endswith("| backend: torch (reference) (length)") and "ms/token" in ref.report()
+
+
+def test_bad_api_input_is_one_capreseerror_on_every_stack(tmp_path_factory, tiny_model_dir):
+    """Token ids outside the vocabulary, max_new_tokens < 1, an unknown device and bad sampling values are refused
+    by name on the reference decoder and on every CPU backend. ONNX Runtime's Gather wraps a negative id (it read
+    the embedding's last row), so nothing but this check stops it there."""
+    from caprese.model import Sampling, TextModel
+    from caprese.model.loading import load_decoder
+    import os
+    import shutil
+
+    engine, src = get_export(tmp_path_factory, tiny_model_dir, "llama", "dense")
+    tm = TextModel.load(src)
+    vocab = tm.decoder.spec.vocab_size
+    has_cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")  # the native kernel is built
+    backends = ["onnxruntime", "torch"] + (["native"] if has_cc else [])
+    runs = [tm.generate] + [generator(engine, b).generate for b in backends]
+    for generate in runs:
+        for bad, needle in (([-1], r"token id -1 is outside the vocabulary \(0\.\.\d+\)"),
+                            ([1, vocab], f"token id {vocab} is outside"), ([1.5], "must be integers"),
+                            ([True], "must be integers"), ([], "zero tokens")):
+            with pytest.raises(CapreseError, match=needle) as e:
+                generate(bad, 2)
+            assert "\n" not in str(e.value)
+        with pytest.raises(CapreseError, match="max_new_tokens must be >= 1; got 0"):
+            generate(ids(), 0)
+        with pytest.raises(CapreseError, match="leaves no room .* shorten it"):  # fewer new tokens cannot help
+            generate(ids(300), 1)
+        for text in ("", "  \n"):  # BOS alone would be a one-token prompt: a reply to nothing
+            with pytest.raises(CapreseError, match="the prompt is empty"):
+                generate(text, 2)
+        with pytest.raises(TypeError, match="sampling must be a caprese.model.Sampling.*got dict"):
+            generate(ids(), 2, {"temperature": 0.7})
+    assert tm.generate(np.array(ids(), dtype=np.int64).tolist(), 1).tokens  # numpy-born ints are fine
+    for device in ("tpu", "cuda:x"):
+        with pytest.raises(CapreseError, match="unknown device"):
+            TextModel.load(src, device=device)
+        with pytest.raises(CapreseError, match="unknown device"):
+            load_decoder(src, device=device)
+    for field, value in (("temperature", -1.0), ("top_k", -2), ("top_p", 2.0), ("top_p", 0.0), ("seed", 2**64),
+                         ("seed", 1.5)):
+        with pytest.raises(CapreseError, match=f"sampling {field} must be .*; got {value}"):
+            Sampling(**{field: value})
+    from caprese.calibration.calibrate import calibrate
+    from caprese.calibration.data import synthetic_samples
+    from caprese.calibration.recipe import CalibrationRecipe
+    from caprese.evaluation import evaluate
+
+    with pytest.raises(TypeError, match="task must be a Task"):
+        evaluate(tm, "arithmetic")
+    with pytest.raises(TypeError, match="must be caprese.calibration.data.Sample objects.*got a tuple"):
+        calibrate(src, tmp_path_factory.mktemp("cal") / "out", CalibrationRecipe(), [([1, 2], [3, 4])])
+    for arg, value in (("n", -1), ("response_tokens", 0), ("batch_size", 0)):
+        kwargs = {"n": 1, "response_tokens": 4, "batch_size": 1, arg: value}
+        n = kwargs.pop("n")
+        with pytest.raises(CapreseError, match=f"synthetic_samples: {arg} must be an integer >= .*; got {value}"):
+            synthetic_samples(tm, n, tmp_path_factory.mktemp("syn"), **kwargs)

@@ -60,14 +60,14 @@ def test_both_backends_chat_alike_on_cats(tmp_path_factory, tiny_model_dir):
     """CATS combines the turns' thresholds (token-weighted mean): not one generate's, but the same on both."""
     engine = chat_engine(tmp_path_factory, tiny_model_dir, "llama", "cats")
     with one_torch_thread():
-        a = [r.tokens for r in chat(Generator.load(engine, threads=1), TURNS)[1]]
+        a = [r.tokens for r in chat(Generator.load(engine, "onnxruntime", threads=1), TURNS)[1]]
         b = [r.tokens for r in chat(Generator.load(engine, backend="torch", threads=1), TURNS)[1]]
     assert a == b
 
 
 def test_reset_starts_over(tmp_path_factory, tiny_model_dir):
     engine = chat_engine(tmp_path_factory, tiny_model_dir, "llama", "griffin")
-    g = Generator.load(engine, threads=1)
+    g = Generator.load(engine, "onnxruntime", threads=1)
     conv, first = chat(g, TURNS[:2])
     conv.reset()
     assert conv.context_tokens == 0 and conv.messages == [{"role": "system", "content": "be brief"}]
@@ -77,7 +77,7 @@ def test_reset_starts_over(tmp_path_factory, tiny_model_dir):
 
 def test_context_full(tmp_path_factory, tiny_model_dir):
     engine, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "dense")
-    g = Generator.load(engine, threads=1)
+    g = Generator.load(engine, "onnxruntime", threads=1)
     conv = Conversation(g)
     r = conv.say("the cat sat on the mat", 200).consume()
     if r.stop_reason == "eos":  # the tiny model ended its reply: fill the rest with a long turn instead
@@ -93,7 +93,7 @@ def test_context_full(tmp_path_factory, tiny_model_dir):
 
 def test_stopped_reply_joins_the_conversation(tmp_path_factory, tiny_model_dir):
     engine, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "dense")
-    g = Generator.load(engine, threads=1)
+    g = Generator.load(engine, "onnxruntime", threads=1)
     g.eos_ids = ()  # no early EOS: the stop must be what ends it
     conv = Conversation(g)
     stream = conv.say(TURNS[0], 30)

@@ -77,6 +77,9 @@ def test_generate_takes_an_engine_folder(tmp_path_factory, tiny_model_dir, monke
         assert got["text"] == ref["text"] and got["method"] == ref["method"]
     rc, _, err = run_cli(caprese_main, ["generate", engine, "-p", "x", "--method", "cats"], monkeypatch, capsys)
     assert_one_line_error(rc, err, "is an engine folder", "drop --method")
+    for flag, value in (("--density", "0.3"), ("--layers", "0")):  # fixed at export too: refused, not ignored
+        rc, _, err = run_cli(caprese_main, ["generate", engine, "-p", "x", flag, value], monkeypatch, capsys)
+        assert_one_line_error(rc, err, "is an engine folder", flag)
     rc, _, err = run_cli(caprese_main, ["generate", src, "-p", "x", "--backend", "torch"], monkeypatch, capsys)
     assert_one_line_error(rc, err, "--backend applies to engine folders")
 

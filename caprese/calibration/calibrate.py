@@ -27,7 +27,9 @@ from typing import Callable
 
 import torch
 
+from caprese.atomic_output import check_writable
 from caprese.calibration.artifact import Artifact, load_artifact, save_artifact
+from caprese.calibration.data import Sample
 from caprese.calibration.distributed import barrier, init_distributed, local_device, world
 from caprese.calibration.e2e import run_e2e
 from caprese.calibration.fingerprint import digest, fingerprint, samples_digest
@@ -35,6 +37,7 @@ from caprese.calibration.layerwise import finished_layers, run_layerwise
 from caprese.calibration.recipe import CalibrationOptions, CalibrationPlan, CalibrationRecipe, describe_weights
 from caprese.calibration.sequential import run_sequential
 from caprese.errors import CapreseError
+from caprese.model.loading import check_device
 from caprese.model.spec import load_spec
 
 
@@ -55,6 +58,10 @@ def clean_samples(samples, max_positions: int) -> tuple[list, int]:
     """Drop samples without prompt or response tokens; refuse an empty set or one longer than the context."""
     if not samples:
         raise CapreseError("no calibration samples: give --data FILE with prompt/response pairs or --synthetic N")
+    bad = next((s for s in samples if not isinstance(s, Sample)), None)
+    if bad is not None:
+        raise TypeError(f"calibration samples must be caprese.calibration.data.Sample objects (load_samples, "
+                        f"synthetic_samples); got a {type(bad).__name__}")
     kept = [s for s in samples if len(s.prompt_ids) and len(s.response_ids)]
     if not kept:
         raise CapreseError("no usable calibration samples: each needs at least one prompt and one response token")
@@ -96,9 +103,10 @@ def calibrate(model_dir: str | Path, out: str | Path, recipe: CalibrationRecipe,
     samples, skipped = clean_samples(samples, spec.max_position_embeddings)
     if out.exists() and not opts.force:
         raise CapreseError(f"{out} already exists; pass --force to overwrite it or choose another -o")
-    if str(opts.device).startswith("cuda") and not torch.cuda.is_available():
-        raise CapreseError(f"device {opts.device!r} was asked for but torch sees no CUDA GPU; use cpu")
+    check_device(opts.device)
     work = Path(opts.work_dir) if opts.work_dir is not None else default_work_dir(out)
+    check_writable(out)  # the artifact is written at the end: find out now, not after the training
+    check_writable(work, "--work-dir")
 
     import torch.distributed as dist
 

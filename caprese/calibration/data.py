@@ -281,9 +281,9 @@ def through_first_stop(tokens, stops) -> list[int]:
 
 def synthetic_samples(text_model, n: int, cache_dir: str | Path, response_tokens: int = 64, batch_size: int = 16,
                       seed: int = 0, progress: bool = True, threads: int | None = None) -> list[Sample]:
-    """n samples: problems("train", n, seed) as chat prompts (calibration_prompt: "Please reason step by step.
-    ..."), each answered greedily by the DENSE `text_model`; response = the generated tokens up to and including
-    EOS when one is produced, at most `response_tokens`.
+    """n samples: problems("train", n, seed) as prompts (calibration_prompt: "Please reason step by step. ...";
+    chat-wrapped where the tokenizer has a chat template), each answered greedily by the DENSE `text_model`;
+    response = the generated tokens up to and including EOS when one is produced, at most `response_tokens`.
 
     Cached in `cache_dir/synthetic-<key>.jsonl`, the key hashing everything that decides the tokens but not n
     (model fingerprint, tokenizer files, stop ids, weight dtype, response_tokens, seed, chat, problem set version).
@@ -296,8 +296,9 @@ def synthetic_samples(text_model, n: int, cache_dir: str | Path, response_tokens
     from caprese.calibration.methods import efficient_layers
     from caprese.model.sampling import Sampling
 
-    if n < 0 or response_tokens < 1 or batch_size < 1:
-        raise ValueError("need n >= 0, response_tokens >= 1 and batch_size >= 1")
+    for name, value, least in (("n", n, 0), ("response_tokens", response_tokens, 1), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise CapreseError(f"synthetic_samples: {name} must be an integer >= {least}; got {value!r}")
     if efficient_layers(text_model.decoder):
         raise CapreseError("synthetic calibration data must come from the dense model; load it without a method")
     if n == 0:

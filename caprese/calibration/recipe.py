@@ -66,19 +66,23 @@ def parse_layers(layers: str | list[int] | tuple[int, ...], num_layers: int) -> 
         out = list(range(num_layers // 2, num_layers))
     else:
         out = set()
-        try:
-            for part in str(layers).split(","):
-                if "-" in part:
-                    lo, hi = part.split("-")
-                    out.update(range(int(lo), int(hi) + 1))
-                elif part.strip():
-                    out.add(int(part))
-        except ValueError:
-            raise ValueError(f"layers must be all, first-half, second-half or a list like 0,2,5-9; got {layers!r}")
+        for part in str(layers).split(","):
+            if not part.strip():
+                continue
+            try:
+                lo, hi = (int(b) for b in (part.split("-") if "-" in part else (part, part)))  # exactly two ints
+            except ValueError:
+                raise ValueError(f"layers must be all, first-half, second-half or a list like 0,2,5-9; got "
+                                 f"{layers!r}") from None
+            if hi < lo:
+                raise ValueError(f"layer range {part.strip()!r} runs backwards; write it low-high (e.g. {hi}-{lo})")
+            out.update(range(lo, hi + 1))
         out = sorted(out)
+    if not out:
+        raise ValueError(f"layers {layers!r} name no layer; give all, first-half, second-half or a list like 0,2,5-9")
     bad = [i for i in out if not 0 <= i < num_layers]
-    if bad or not out:
-        raise ValueError(f"layer indices {bad or out} are outside 0..{num_layers - 1}")
+    if bad:
+        raise ValueError(f"layer indices {bad} are outside 0..{num_layers - 1}")
     return out
 
 
@@ -147,6 +151,13 @@ class E2EConfig:
                                f"got {self.responses!r}")
 
 
+def check_density(d) -> float:
+    """The fraction of FFN neurons a method keeps: a number in (0, 1] (a string "0.5" is refused, not compared)."""
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1:
+        raise CapreseError(f"density must be in (0, 1] (a number); got {d!r}")
+    return d
+
+
 @dataclasses.dataclass(frozen=True)
 class CalibrationRecipe:
     """Everything the adapters depend on besides the base model and the samples.
@@ -179,12 +190,11 @@ class CalibrationRecipe:
             raise CapreseError(f"unknown stage {self.stage!r}; choose from {', '.join(STAGES)}")
         if self.method is not None and self.method not in CALIBRATION_METHODS:
             raise CapreseError(f"unknown method {self.method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
-        d = self.density
-        if d is not None and not (isinstance(d, (int, float)) and not isinstance(d, bool) and 0 < d <= 1):
-            raise CapreseError(f"density must be in (0, 1]; got {d}")
+        if self.density is not None:
+            check_density(self.density)
         r = self.rank
         if r is not None and not (isinstance(r, int) and not isinstance(r, bool) and r >= 1):
-            raise CapreseError(f"rank must be at least 1 and below the model's hidden size; got {r}")
+            raise CapreseError(f"rank must be at least 1 (an integer) and below the model's hidden size; got {r!r}")
         if self.init is not None and self.stage != "e2e":
             raise CapreseError("--init (a layer-wise artifact to start from) only goes with --stage e2e")
         if not isinstance(self.layerwise, LayerwiseConfig) or not isinstance(self.e2e, E2EConfig):
@@ -309,4 +319,4 @@ class CalibrationOptions:
 
 __all__ = ["CalibrationRecipe", "CalibrationOptions", "CalibrationPlan", "LayerwiseConfig", "E2EConfig",
            "E2E_LOSSES", "E2E_RESPONSES", "METHOD_LAYERS", "METHODS", "CALIBRATION_METHODS", "NO_METHOD", "STAGES",
-           "default_layers", "describe_weights", "layers_default_help", "parse_layers"]
+           "check_density", "default_layers", "describe_weights", "layers_default_help", "parse_layers"]

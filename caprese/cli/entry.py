@@ -50,5 +50,7 @@ def run(command: click.Command) -> None:
     except (BrokenPipeError, OSError) as e:
         if isinstance(e, BrokenPipeError):
             sys.exit(1)
-        click.echo(f"error: {e.strerror or e} ({getattr(e, 'filename', '') or ''})".rstrip(" ()"), err=True)
+        where = getattr(e, "filename", None)
+        click.echo(f"error: {e.strerror or e}" + (f": {where}" if where else "") +
+                   "; check the path and its permissions", err=True)
         sys.exit(2)

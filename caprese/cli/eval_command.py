@@ -76,11 +76,11 @@ def eval_command(src, task_spec, limit, method, density, layers, weights, block_
       caprese eval MODEL_DIR --task jsonl:gsm8k_test.jsonl --limit 100
       caprese eval ENGINE_DIR --backend native              # the engine alone, one prompt at a time
       caprese eval MODEL_DIR --weights int4                 # int4 RTN baseline (no bypass) vs dense
+
     The dense reference is the artifact's base model, or SRC itself without --method. A plain folder with
     no --method is dense already and runs once. The final answer of a reply is its `#### X`, else its last
     \\boxed{X}, else its last number; answers compare numerically.
 
-    \b
     stdout: a table (model, accuracy %, correct/total, mean generated tokens, extra parameters of the
     low-rank bypasses in % of the base model, wall seconds); progress goes to stderr. With --json: one
     object with label, task, accuracy (0..1), correct, total, mean_generated_tokens, extra_params_pct,
@@ -93,13 +93,17 @@ def eval_command(src, task_spec, limit, method, density, layers, weights, block_
 
     if not Path(src).exists():
         raise CapreseError(f"{src} does not exist; give a Hugging Face model folder or a calibration artifact")
+    if save:
+        from caprese.atomic_output import check_writable
+
+        check_writable(save, "--save")  # before the evaluation, not after it
     if base_model is not None and not is_artifact(src):
         raise CapreseError("--base-model applies to a calibration artifact only; "
                            f"{src} is a plain model folder (no caprese.json)")
     from caprese.export.manifest import MANIFEST
 
     if (Path(src) / MANIFEST).is_file():
-        return _eval_engine(src, task_spec, limit, (method, layers, base_model, weights, block_size, quant),
+        return _eval_engine(src, task_spec, limit, (method, density, layers, base_model, weights, block_size, quant),
                             reselect_every, max_new_tokens, threads, backend, int8_down, no_chat, save, as_json,
                             quiet)
     if int8_down:
@@ -160,7 +164,7 @@ def _eval_engine(src, task_spec, limit, fixed_at_export, reselect_every, max_new
 
     if any(v is not None for v in fixed_at_export):
         raise CapreseError(f"{src} is an exported engine: its method, base model and weights are fixed at "
-                           "export; drop --method / --layers / --base-model / --weights")
+                           "export; drop --method / --density / --layers / --base-model / --weights")
     task = load_task(task_spec, limit)
     g = Generator.open(src, EngineOptions(backend=backend or ("native" if int8_down else "auto"), threads=threads,
                                           int8_down=int8_down))

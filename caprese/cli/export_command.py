@@ -22,8 +22,9 @@ from caprese.errors import CapreseError
 @click.option("--engine/--no-engine", default=False, show_default=True,
               help="Also build TensorRT engines (needs TensorRT and an NVIDIA GPU).")
 @click.option("--check", is_flag=True,
-              help="Run the static TensorRT operator check and print every violation. Alone (no -o): check SRC, "
-                   "an engine folder or an .onnx file.")
+              help="Run the static TensorRT operator check and print every violation. With -o: on the graphs just "
+                   "exported. Alone (no -o): SRC must be an engine folder or an .onnx file (a model folder or "
+                   "artifact: export it with -o ... --check).")
 @click.option("--target", default="tensorrt", show_default=True, type=click.Choice(["tensorrt", "onnxruntime"]),
               help="tensorrt: standard ONNX ops only (the reference; runs on TensorRT and ONNX Runtime). "
                    "onnxruntime: ONNX Runtime's GroupQueryAttention / SkipSimplifiedLayerNormalization "
@@ -66,15 +67,17 @@ def export(src: str, out: str | None, precision: str, max_seq_len: int | None, m
            int8_activations: bool, float_selection: bool, fp16_bypass: bool, kv_dtype: str | None) -> None:
     """Export SRC (a Hugging Face model folder, or a calibration artifact from `caprese calibrate`) to ENGINE_DIR.
 
-    \b
     ENGINE_DIR gets prefill.onnx and decode.onnx (standard ONNX opset 24, one shared weights.bin; what ONNX
     Runtime runs), the copies TensorRT parses (static KV length; one shared graph unless GRIFFIN), the tokenizer
-    files and manifest.json; with --engine, TensorRT plans too (one engine with two profiles unless GRIFFIN). A dense folder exports the dense
-    model; an artifact exports its method (GRIFFIN: the decode graph takes the per-prompt folded matrices
-    [W_g, W_1, L] and [W_2; R] as inputs; CATS: thresholds inside the graph) with the bypass folded in.
+    files and manifest.json; with --engine, TensorRT plans too (one engine with two profiles unless GRIFFIN).
+    A dense folder exports the dense model; an artifact exports its method (GRIFFIN: the decode graph takes the
+    per-prompt folded matrices [W_g, W_1, L] and [W_2; R] as inputs; CATS: thresholds inside the graph) with
+    the bypass folded in.
+
     Every standard export checks the graphs TensorRT parses against its ONNX rules; --target onnxruntime
     trades that for ONNX Runtime's fused contrib ops (CPU/edge deployments).
     """
+    from caprese.export.export_options import ExportOptions
     from caprese.export.exporter import check_folder, export as run_export
 
     def log(msg: str) -> None:
@@ -87,11 +90,12 @@ def export(src: str, out: str | None, precision: str, max_seq_len: int | None, m
         return
     if check and target != "tensorrt":
         raise click.UsageError("--check is the TensorRT operator check; it applies to --target tensorrt graphs")
-    result = run_export(src, out, precision=precision, max_seq_len=max_seq_len, max_prompt_len=max_prompt_len,
-                        engine=engine, force=force, target=target, base_model=base_model, max_batch=max_batch,
-                        timing_cache=timing_cache, log=log, weights=weights, block_size=block_size,
-                        quantize_head=quantize_head, int8_activations=int8_activations,
-                        float_selection=float_selection, fp16_bypass=fp16_bypass, kv_dtype=kv_dtype)
+    options = ExportOptions(precision=precision, target=target, max_seq_len=max_seq_len,
+                            max_prompt_len=max_prompt_len, max_batch=max_batch, weights=weights, block_size=block_size,
+                            quantize_head=quantize_head, int8_activations=int8_activations,
+                            float_selection=float_selection, fp16_bypass=fp16_bypass, kv_dtype=kv_dtype, engine=engine,
+                            timing_cache=timing_cache)
+    result = run_export(src, out, options, base_model=base_model, force=force, log=log)
     if check:
         _report(check_folder(result.out))
     click.echo(str(result.out))

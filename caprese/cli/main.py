@@ -76,9 +76,11 @@ def generate_cmd(model_dir, prompt, run, precision, device, threads, method, den
         from caprese.cli.run_command import run_engine
         from caprese.runtime.engine_options import EngineOptions
 
-        if method is not None or base_model is not None or precision != "fp32" or choice is not None:
+        if (method is not None or density is not None or layers is not None or base_model is not None
+                or precision != "fp32" or choice is not None):
             raise CapreseError(f"{model_dir} is an engine folder: its method and precision were fixed at export; "
-                               "drop --method/--precision/--base-model/--weights (or pass the model folder)")
+                               "drop --method/--density/--layers/--precision/--base-model/--weights (or pass the "
+                               "model folder)")
         run_engine(model_dir, prompt, run, EngineOptions(backend or "auto", threads, device), as_json)
         return
     if backend is not None:

@@ -126,9 +126,9 @@ def method_options(f):
         click.option("--method", type=click.Choice(METHOD_CHOICES), default=None,
                      help="For a plain model folder: decode with this efficient FFN method, without adapters (the "
                           "baseline). An artifact brings its own method.  [default: dense]"),
-        click.option("--density", default=DEFAULT_DENSITY, show_default=True,
-                     type=click.FloatRange(0, 1, min_open=True),
-                     help="Share of FFN neurons kept (GRIFFIN/magnitude) or of activations kept (CATS)."),
+        click.option("--density", default=None, type=click.FloatRange(0, 1, min_open=True),
+                     help="With --method: share of FFN neurons kept (GRIFFIN/magnitude) or of activations kept "
+                          f"(CATS).  [default: {DEFAULT_DENSITY}]"),
         click.option("--layers", default=None,
                      help="Layers that get --method: all, first-half, second-half, or a list like 0,2,5-9.  "
                           f"[default: the method's ({layers_default_help()})]"),

@@ -89,6 +89,8 @@ def evaluate(text_model, task: Task, max_new_tokens: int = EVAL_MAX_NEW_TOKENS, 
 
     `threads`: CPU intra-op threads; by default one per free CPU, re-read as the load changes (caprese.cpu_threads).
     """
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a Task (load_task('arithmetic', 200)); got {type(task).__name__}")
     if max_new_tokens < 1:
         raise CapreseError(f"max_new_tokens must be at least 1; got {max_new_tokens}")
     if batch_size < 1:

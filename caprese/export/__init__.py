@@ -2,6 +2,7 @@
 
     from caprese.export.exporter import export
     export("path/to/hf-folder-or-artifact", "engine_dir", precision="fp32", max_seq_len=2048)
+    export(src, out, ExportOptions(target="onnxruntime", weights="int4"))   # export_options.py: every field
 
 contract.py is the graph I/O contract every runtime follows; engine_spec.py decides every weight's name, shape,
 dtype and storage by role (manifest.spec); manifest.py reads ENGINE_DIR/manifest.json; folding.py turns GRIFFIN's

@@ -180,6 +180,20 @@ def w_d_s(i: int) -> str:
     return f"w_d_s.{i}"
 
 
+def layer_of(name: str, *families) -> int | None:
+    """i where `name` is f(i) for one of `families` (the per-layer name functions above), else None: how code
+    outside this module tells a past_key.3 or a w_gul.0 without spelling the names itself."""
+    head, dot, tail = name.rpartition(".")
+    if not (dot and tail.isdigit()):
+        return None
+    i = int(tail)
+    return i if any(f(i) == name for f in families) else None
+
+
+# the decode graph's per-prompt inputs: GRIFFIN's folded matrices (float, or a quantized layout's rows), CATS' τ
+SELECTION_INPUTS = (w_gul, w_dr, b_gul, cats_tau, w_gu_q, w_gu_s, w_d_q, w_d_s)
+
+
 def node_name(scope: str, op: str, layer: int | None = None) -> str:
     """The contract's name for a node: scope from MODEL_SCOPES / LAYER_SCOPES (layer given) or 'lm_head'."""
     if scope == "lm_head":

@@ -22,9 +22,11 @@ from typing import Callable
 
 import onnx
 
+from caprese.atomic_output import check_writable, temp_sibling
 from caprese.errors import CapreseError
 from caprese.export import contract as C
 from caprese.export.engine_spec import EngineSpec, Recipe, method_kind
+from caprese.export.export_options import ExportOptions
 from caprese.export.export_quantization import QuantRequest, quantize_for_export
 from caprese.export.manifest import MANIFEST, FORMAT, VERSION, load_manifest, write_manifest
 from caprese.export.onnx_graph import ExportModel, build_graphs
@@ -106,23 +108,17 @@ def default_kv_dtype(spec, target: str, precision: str) -> str:
     return precision
 
 
-def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_len: int | None = None,
-           max_prompt_len: int | None = None, engine: bool = False, force: bool = False, target: str = "tensorrt",
-           base_model: str | None = None, max_batch: int = 1, timing_cache: str | Path | None = None,
-           log: Callable[[str], None] | None = None, weights: str | None = None,
-           block_size: int | str | None = None, quantize_head: bool = False,
-           int8_activations: bool = False, float_selection: bool = False, fp16_bypass: bool = False,
-           kv_dtype: str | None = None) -> ExportResult:
-    """Export SRC to OUT; see the module docstring. Raises CapreseError (one line) for anything a user can fix.
+def export(src: str | Path, out: str | Path, options: ExportOptions | None = None, *, base_model: str | None = None,
+           force: bool = False, log: Callable[[str], None] | None = None, **fields) -> ExportResult:
+    """Export SRC to OUT as `options` say (an ExportOptions, or its fields as keywords: export(src, out,
+    target="onnxruntime", weights="int4")); see the module docstring. Raises CapreseError (one line) for anything a
+    user can fix. base_model: an artifact's base model folder where it moved; force: replace an existing engine
+    folder; log: progress lines.
 
     weights "int4" | "int8": block-quantized weights (export_quantization.py): the artifact's own codes when SRC
-    carries them, else round-to-nearest at export time; block_size 32 | 64 | 128 | "row" (default: the bit
-    width's, int4 on TensorRT 64); quantize_head: the LM head too; int8_activations (target onnxruntime):
-    MatMulNBits with int8 activations (accuracy_level 4, GenAI's CPU default); float_selection: GRIFFIN's per-prompt
-    matrices as float w_gul / w_dr (dequantized once per prompt; faster on ONNX Runtime's CPU provider);
-    fp16_bypass: an fp32 engine's bypass L / R stored fp16 (half their bytes per step), cast to fp32 where read.
-    kv_dtype "fp16" (target onnxruntime, precision fp32): the KV cache in fp16 (GroupQueryAttention in fp16); None:
-    default_kv_dtype (fp16 there where head_dim allows it, else the precision's); "fp32" keeps an fp32 cache.
+    carries them, else round-to-nearest at export time. kv_dtype None: default_kv_dtype (fp16 for an fp32
+    --target onnxruntime engine where head_dim allows it, else the precision's). ExportOptions says what each field
+    does.
 
     With engine=True and no TensorRT, the ONNX engine folder is still written completely, then
     TensorRTUnavailable (a CapreseError) says so.
@@ -131,49 +127,37 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
     from caprese.model.loading import load_decoder
     from caprese.model.spec import load_spec
 
+    if options is not None and fields:
+        raise TypeError(f"export: give an ExportOptions or its fields as keywords, not both ({', '.join(fields)})")
+    o = options if options is not None else ExportOptions(**fields)  # an unknown keyword: TypeError naming it
+    if not isinstance(o, ExportOptions):
+        raise TypeError(f"export: options must be an ExportOptions; got {type(o).__name__}")
+    precision, target = o.precision, o.target
     log = log or (lambda msg: None)
     src, out = Path(src), Path(out)
-    if target not in C.TARGETS:
-        raise CapreseError(f"unknown --target {target!r}; use tensorrt (standard ONNX, the default) or onnxruntime")
-    if engine and target != C.TARGET_TENSORRT:
-        raise CapreseError("--engine builds TensorRT plans from the standard graphs; drop --target onnxruntime")
-    if precision not in C.PRECISIONS:
-        raise CapreseError(f"unknown precision {precision!r}; use fp32, fp16 or bf16")
-    if max_batch < 1:
-        raise CapreseError(f"max batch must be >= 1; got {max_batch}")
     base, art = _resolve_source(src, base_model)
     spec = load_spec(base)
-    seq, prompt = _check_lengths(spec, max_seq_len, max_prompt_len)
+    seq, prompt = _check_lengths(spec, o.max_seq_len, o.max_prompt_len)
     if target == C.TARGET_ONNXRUNTIME and spec.qk_norm:
         raise CapreseError(f"--target onnxruntime cannot normalise q/k per head ({spec.model_type}); use the "
                            "default --target tensorrt, which runs on ONNX Runtime too")
-    if target == C.TARGET_ONNXRUNTIME and max_batch != 1:
-        raise CapreseError("--target onnxruntime graphs serve batch 1 (no left padding); use --max-batch 1")
     _check_out(out, src, base, force)
-    if fp16_bypass and precision != "fp32":
-        raise CapreseError(f"--fp16-bypass stores an fp32 engine's bypass in fp16; a --precision {precision} engine "
-                           f"keeps it in {precision} already: drop --fp16-bypass")
-    if kv_dtype not in (None, precision, "fp32", "fp16"):
-        raise CapreseError(f"unknown --kv-dtype {kv_dtype!r}; use fp16 (or the precision's own, the default)")
-    kv_dtype_given = kv_dtype
-    if kv_dtype is None:
-        kv_dtype = default_kv_dtype(spec, target, precision)
+    check_writable(out)  # before the model loads
+    kv_dtype = o.kv_dtype if o.kv_dtype is not None else default_kv_dtype(spec, target, precision)
     kv16 = kv_dtype == "fp16" and precision == "fp32"
-    if kv_dtype == "fp32" and precision != "fp32":
-        raise CapreseError(f"--kv-dtype fp32 with --precision {precision}: the cache takes the precision's dtype; "
-                           "drop --kv-dtype")
     if kv16 and target != C.TARGET_ONNXRUNTIME:
         raise CapreseError("--kv-dtype fp16 on an fp32 engine is built for --target onnxruntime (GroupQueryAttention "
                            "in fp16); add --target onnxruntime, or export --precision fp16")
-    if fp16_bypass and (art is None or not getattr(art, "rank", 0)):
+    if o.fp16_bypass and (art is None or not getattr(art, "rank", 0)):
         raise CapreseError(f"--fp16-bypass: {src} has no bypass (L, R) to store; export a calibrated artifact with a "
                            "rank, or drop --fp16-bypass")
 
     log(f"loading {base}")
     decoder = load_decoder(base, "fp32", "cpu", spec=spec)
-    asked = weights or block_size or quantize_head or int8_activations or float_selection or fp16_bypass
-    request = QuantRequest(weights, block_size, quantize_head, int8_activations, float_selection,
-                           fp16_bypass) if asked else None
+    request = QuantRequest(o.weights, o.block_size, o.quantize_head, o.int8_activations, o.float_selection,
+                           o.fp16_bypass)
+    if request == QuantRequest():
+        request = None
     quant = quantize_for_export(decoder, art, request, target, log)  # before the method is installed
     if art is not None:
         if method_kind(art.method) not in (C.GRIFFIN, C.CATS, C.BYPASS):
@@ -187,27 +171,26 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
         recipe = recipe_for(ffns)
         if quant is not None:
             recipe = dataclasses.replace(recipe, weights=quant.recipe)
-        engine_spec = EngineSpec.build(spec, recipe, target, precision, seq, prompt, max_batch,
+        engine_spec = EngineSpec.build(spec, recipe, target, precision, seq, prompt, o.max_batch,
                                        kv_dtype="float16" if kv16 else "")
     except ValueError as e:
         raise CapreseError(str(e)) from None
     em = ExportModel(decoder, engine_spec, ffns, quant, float_selection=bool(quant and quant.recipe.float_selection))
     layout = engine_spec.layout
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp = temp_sibling(out)
     try:
         kv = {dt: name for name, dt in C.PRECISIONS.items()}[layout.cache_dtype]  # bf16 engines: bf16
-        note = " (--target onnxruntime's default; --kv-dtype fp32 keeps fp32)" if kv16 and not kv_dtype_given else ""
+        note = " (--target onnxruntime's default; --kv-dtype fp32 keeps fp32)" if kv16 and o.kv_dtype is None else ""
         log(f"building graphs ({precision}, {len(ffns)} approximated layers); KV cache {kv}{note}")
         manifest = _write_folder(tmp, em, art, src, base)
         engines_error = None
-        if engine:
+        if o.engine:
             from caprese.export.tensorrt_build import TensorRTUnavailable, build_engines
 
             try:
-                info = build_engines(tmp, manifest[TRT_GRAPHS], layout, max_batch, prompt,
-                                     Path(timing_cache) if timing_cache else None, log=log)
+                info = build_engines(tmp, manifest[TRT_GRAPHS], layout, o.max_batch, prompt,
+                                     Path(o.timing_cache) if o.timing_cache else None, log=log)
             except TensorRTUnavailable as e:
                 engines_error = e
             else:
@@ -224,7 +207,7 @@ def export(src: str | Path, out: str | Path, precision: str = "fp32", max_seq_le
     log(f"wrote {out}")
     if engines_error is not None:
         raise type(engines_error)(f"{engines_error} (the ONNX engine folder {out} is complete and runs on ONNX Runtime)")
-    return ExportResult(out, manifest, engine)
+    return ExportResult(out, manifest, o.engine)
 
 
 def recipe_for(ffns: dict) -> Recipe:
@@ -284,11 +267,14 @@ def _write_folder(tmp: Path, em: ExportModel, art, src: Path, base: Path) -> dic
         **spec.to_dict(),
         "source": {"kind": "artifact" if art is not None else "hf", "path": str(src), "base_model": str(base),
                    "fingerprint": art.fingerprint if art is not None else fingerprint(base)},
-        "dtypes": {"weights": layout.dtype, "kv_cache": layout.dtype, "logits": "float32", "selection": "float32"},
+        "dtypes": {"weights": layout.dtype, "kv_cache": layout.cache_dtype, "logits": "float32",
+                   "selection": "float32"},
         "io": layout.io_dict(), "in_place": [list(p) for p in layout.in_place_pairs()],
         "opset": C.OPSET,
         "files": {"prefill": C.GRAPH_FILES[C.PREFILL], "decode": C.GRAPH_FILES[C.DECODE], "weights": C.WEIGHTS_FILE,
-                  "tokenizer": tokenizer},
+                  "tokenizer": tokenizer,
+                  # each graph's size: a truncated one is refused at load even by backends that never parse it
+                  "graph_bytes": {name: (tmp / name).stat().st_size for name, _, _ in files}},
         "weights": weights.table,  # where each tensor the spec names sits in weights.bin
         # the files TensorRT parses (static cache length) and their engines' GPU memory; None: not a TensorRT export
         TRT_GRAPHS: manifest_record(trt_models, weights.table, layout, spec.max_batch, spec.max_seq_len)
@@ -337,4 +323,5 @@ def check_folder(path: str | Path) -> dict[str, list]:
         files = sorted(path.glob("*.onnx"))
         if files:
             return {f.name: check_model(f) for f in files}
-    raise CapreseError(f"--check needs an engine folder or an .onnx file; {path} is neither")
+    raise CapreseError(f"--check alone needs an engine folder or an .onnx file; {path} is neither (to check a model "
+                       f"or an artifact, export it: caprese-export {path} -o ENGINE_DIR --check)")

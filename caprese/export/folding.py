@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from caprese.export import contract as C
 from caprese.export.engine_spec import MATRIX_T, WeightRef
 from caprese.export.weights import TORCH_DTYPES, read_weight
 
@@ -63,9 +64,9 @@ def standard_codes(ref: WeightRef, codes: torch.Tensor) -> torch.Tensor:
 
 
 def fold_quantized_selected(tensors: dict[str, torch.Tensor], idx: torch.Tensor, intermediate: int,
-                            rank: int = 0) -> dict[str, torch.Tensor]:
+                            rank: int = 0) -> dict:
     """A quantized GRIFFIN layer's per-prompt decode inputs for neuron indices idx [B, k] (contract.py: w_gu_q /
-    w_gu_s, w_d_q / w_d_s, b_gul), by name prefix ("w_gu_q", ...): whole rows of the stored codes (int4: the
+    w_gu_s, w_d_q / w_d_s, b_gul), keyed by those name functions: whole rows of the stored codes (int4: the
     packed bytes, uint8 [.., D / 2]; int8: int8 codes) and their scales ([.., D / block]; one per row: [.., 1]).
 
     tensors: FoldSources.roles() read with read_weight, plus "gate_up.scale" and "down.scale"."""
@@ -73,10 +74,10 @@ def fold_quantized_selected(tensors: dict[str, torch.Tensor], idx: torch.Tensor,
     gs, ds = tensors["gate_up.scale"], tensors["down.scale"]
     gs, ds = gs.reshape(gs.shape[0], -1), ds.reshape(ds.shape[0], -1)
     rows = torch.cat([idx, idx + intermediate], dim=1)  # [B, 2k]: gate rows, then up rows
-    out = {"w_gu_q": gu[rows], "w_gu_s": gs[rows], "w_d_q": down[idx], "w_d_s": ds[idx]}
+    out = {C.w_gu_q: gu[rows], C.w_gu_s: gs[rows], C.w_d_q: down[idx], C.w_d_s: ds[idx]}
     if "gate_up_bias" in tensors:
         b = tensors["gate_up_bias"]
-        out["b_gul"] = torch.cat([b[rows], torch.zeros(idx.shape[0], rank, dtype=b.dtype)], dim=1)
+        out[C.b_gul] = torch.cat([b[rows], torch.zeros(idx.shape[0], rank, dtype=b.dtype)], dim=1)
     return out
 
 
@@ -105,7 +106,7 @@ class Folder:
         lay = self.manifest.layout
         idx = select_neurons(torch.as_tensor(stat_sq), lay.k)
         parts = fold_quantized_selected(self.tensors(layer), idx, lay.intermediate_size, lay.rank)
-        return idx, {f"{prefix}.{layer}": t for prefix, t in parts.items()}
+        return idx, {name(layer): t for name, t in parts.items()}
 
     def float_tensors(self, layer: int) -> dict[str, torch.Tensor]:
         """The fold sources in floats, MATRIX layout ([D, 2F] and [F, D]): a quantized layer's dequantized (what

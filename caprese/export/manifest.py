@@ -108,7 +108,7 @@ def _not_an_engine(folder: Path) -> None:
     from caprese.calibration.artifact import MANIFEST as ARTIFACT
 
     fix = f"export it first: caprese-export {folder} -o ENGINE_DIR, then run ENGINE_DIR"
-    if any((folder / n).is_file() for n in ("decode.onnx", "prefill.onnx", "weights.bin")):
+    if any((folder / n).is_file() for n in (*C.GRAPH_FILES.values(), C.WEIGHTS_FILE)):
         raise CapreseError(f"{MANIFEST} not found in {folder}: the engine folder is incomplete; export again")
     if (folder / ARTIFACT).is_file():
         raise CapreseError(f"{folder} is a calibration artifact, not an engine folder; {fix}")
@@ -121,6 +121,8 @@ def load_manifest(engine_dir: str | Path, check_files: bool = True) -> Manifest:
     """Read and validate ENGINE_DIR/manifest.json; every problem is one CapreseError line."""
     folder = Path(engine_dir)
     if not folder.is_dir():
+        if folder.exists():
+            raise CapreseError(f"{folder} is a file; give the engine folder caprese-export wrote (ENGINE_DIR)")
         raise CapreseError(f"engine folder not found: {folder}")
     if not (folder / MANIFEST).is_file():
         _not_an_engine(folder)
@@ -138,10 +140,17 @@ def load_manifest(engine_dir: str | Path, check_files: bool = True) -> Manifest:
         spec = EngineSpec.from_dict(data)
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise CapreseError(f"{folder / MANIFEST} does not hold a valid engine spec ({e}); export again") from None
-    _check_consistency(folder, data, spec)
     files = data["files"]
-    if not isinstance(files, dict):
-        raise CapreseError(f"{folder / MANIFEST}: 'files' must be an object")
+    for what, value, kind in (("'files'", files, dict),
+                              ("'files.tokenizer'", files.get("tokenizer") if isinstance(files, dict) else [], list),
+                              ("'files.engines'", (files.get("engines") if isinstance(files, dict) else None) or {},
+                               dict),
+                              ("'files.graph_bytes'", (files.get("graph_bytes") if isinstance(files, dict) else None)
+                               or {}, dict)):
+        if not isinstance(value, kind):
+            raise CapreseError(f"{folder / MANIFEST}: {what} must be a JSON {'object' if kind is dict else 'list'}, "
+                               f"not {type(value).__name__}; export again")
+    _check_consistency(folder, data, spec)
     names = [(files.get(k), k) for k in ("prefill", "decode", "weights")]
     names += [(n, "tokenizer") for n in files.get("tokenizer") or []]
     names += [(n, f"{g} engine") for g, n in (files.get("engines") or {}).items()]
@@ -155,6 +164,12 @@ def load_manifest(engine_dir: str | Path, check_files: bool = True) -> Manifest:
     _check_tensors(folder, data, spec)
     if check_files:
         _check_weights(folder, data)
+        for name, size in (files.get("graph_bytes") or {}).items():  # absent in folders exported before it
+            path = safe_member(folder, name, "graph")
+            if not path.is_file() or path.stat().st_size != size:
+                got = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
+                raise CapreseError(f"{name} in {folder} is {got}, not the {size} bytes the export wrote (truncated "
+                                   "or replaced); export again")
     return Manifest(folder, data, spec)
 
 

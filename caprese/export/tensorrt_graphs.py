@@ -76,9 +76,9 @@ def memory_record(models: dict[str, onnx.ModelProto], weights_table: dict, layou
         for n in names:
             counts[n] = counts.get(n, 0) + 1
     per_prompt = [s for s in layout.inputs(C.DECODE, quantized_selection=False)
-                  if s.name.startswith(("w_gul.", "w_dr.", "b_gul.", "cats_tau."))]
+                  if C.layer_of(s.name, *C.SELECTION_INPUTS) is not None]
     kv = sum(_nbytes(s, max_batch) for s in C.static_cache(layout.inputs(C.DECODE), cache_len)
-             if s.name.startswith(("past_key.", "past_value.")))
+             if C.layer_of(s.name, C.past_key, C.past_value) is not None)
     return {"weights_bytes": {name: size(names) for name, names in held.items()},
             "duplicated_weights_bytes": sum(int(weights_table[n]["length"]) * (c - 1) for n, c in counts.items()),
             "per_prompt_bytes": sum(_nbytes(s, max_batch) for s in per_prompt),

@@ -52,7 +52,7 @@ def fetch_default(force: bool = False, log=lambda msg: print(msg, file=sys.stder
         if importlib.util.find_spec(mod) is None:
             raise CapreseError(f"converting the default model needs the {mod!r} package: pip install gguf accelerate")
     log(f"caprese: converting {gguf.name} (SmolLM2-135M-Instruct, dequantised to float32) into {target} ...")
-    with atomic_dir(target, force=True) as tmp:
+    with atomic_dir(target, force=True, what="$CAPRESE_CACHE (the cache folder)") as tmp:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -30,6 +30,17 @@ def resolve_dtype(name: str | torch.dtype | None, spec: ModelSpec | None = None)
     return DTYPES[name]
 
 
+def check_device(device: str) -> str:
+    """A torch device string, checked before anything loads: an unknown name, or CUDA where torch sees no GPU."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise CapreseError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CapreseError(f"device {device!r} was asked for but torch sees no CUDA GPU; use cpu")
+    return device
+
+
 def weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a folder: one model.safetensors, or the shards its index names."""
     index = model_dir / "model.safetensors.index.json"
@@ -80,6 +91,7 @@ def load_decoder(model_dir: str | Path, dtype: str | torch.dtype | None = "fp32"
                  spec: ModelSpec | None = None) -> Decoder:
     """Build the decoder for MODEL_DIR and fill it from its safetensors, cast to `dtype` on `device`."""
     model_dir = Path(model_dir)
+    check_device(device)
     spec = spec or load_spec(model_dir)
     dt = resolve_dtype(dtype)
     files = weight_files(model_dir)

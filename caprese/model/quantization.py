@@ -99,6 +99,8 @@ class WeightFormat:
                 block_size = int(block_size)
             except ValueError:
                 raise CapreseError(f"--block-size {block_size!r} is not a block size: use 32, 64, 128 or row") from None
+            if block_size == ROW:  # ROW's internal value, not a spelling users are told of
+                raise CapreseError(f"block size {block_size} is not supported: use 32, 64, 128 or row")
         return cls(bits, block_size, scale_dtype)
 
     def block(self, cols: int) -> int:

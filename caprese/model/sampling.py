@@ -7,6 +7,8 @@ import dataclasses
 import numpy as np
 import torch
 
+from caprese.errors import CapreseError
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -16,8 +18,15 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        for name, ok, need in (("temperature", self.temperature >= 0, ">= 0 (0: greedy)"),
+                               ("top_k", self.top_k >= 0, ">= 0 (0: off)"),
+                               ("top_p", 0 < self.top_p <= 1, "in (0, 1] (1: off)")):
+            if not ok:
+                raise CapreseError(f"sampling {name} must be {need}; got {getattr(self, name)!r}")
+        seed = self.seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                 or not -2**63 <= seed <= 2**64 - 1):  # torch.Generator.manual_seed's range
+            raise CapreseError(f"sampling seed must be an integer in [-2**63, 2**64 - 1]; got {seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -29,6 +38,14 @@ class Sampling:
         g = torch.Generator(device=device)
         g.manual_seed(self.seed if self.seed is not None else torch.seed())
         return g
+
+
+def check_sampling(s) -> Sampling:
+    """generate()'s `sampling` argument: a Sampling (a dict of its fields failed later, as an AttributeError)."""
+    if not isinstance(s, Sampling):
+        raise TypeError(f"sampling must be a caprese.model.Sampling, e.g. Sampling(temperature=0.7, seed=0); "
+                        f"got {type(s).__name__}")
+    return s
 
 
 def sample(logits: torch.Tensor, cfg: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -85,6 +85,22 @@ def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+# the files that mark caprese's own output folders (calibration.artifact.MANIFEST, export.manifest.MANIFEST; named
+# here, not imported, since this layer sits below both): a user who passes one where a model goes hears what it is
+_ARTIFACT_FILE, _ENGINE_FILE = "caprese.json", "manifest.json"
+
+
+def _not_another_kind(model_dir: Path) -> None:
+    if (model_dir / _ENGINE_FILE).is_file() and (model_dir / "decode.onnx").is_file():
+        raise CapreseError(f"{model_dir} is an engine folder (caprese-export output), not a model folder; pass the "
+                           "model folder or calibration artifact it was exported from (its manifest.json's "
+                           "source.path), or run the engine with `caprese run`")
+    if (model_dir / _ARTIFACT_FILE).is_file() and not (model_dir / "config.json").is_file():
+        raise CapreseError(f"{model_dir} is a calibration artifact, not a model folder; pass its base model folder "
+                           "(to continue training it: caprese calibrate BASE_MODEL --stage e2e --init "
+                           f"{model_dir})")
+
+
 def load_spec(model_dir: str | Path) -> ModelSpec:
     """Build the spec from MODEL_DIR/config.json (+ generation_config.json for EOS ids)."""
     model_dir = Path(model_dir)
@@ -92,6 +108,7 @@ def load_spec(model_dir: str | Path) -> ModelSpec:
         raise CapreseError(f"model folder not found: {model_dir}")
     if not model_dir.is_dir():
         raise CapreseError(f"expected a model folder (with config.json and *.safetensors), got a file: {model_dir}")
+    _not_another_kind(model_dir)
     raw = read_json(model_dir / "config.json", "config.json")
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:

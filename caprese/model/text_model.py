@@ -19,10 +19,10 @@ from caprese.errors import CapreseError
 from caprese.model.decoder import Decoder
 from caprese.model.generation import GenerationStats, generate
 from caprese.model.run_options import RunOptions
-from caprese.model.loading import load_decoder
-from caprese.model.sampling import Sampling
+from caprese.model.loading import check_device, load_decoder
+from caprese.model.sampling import Sampling, check_sampling
 from caprese.model.spec import load_spec
-from caprese.model.tokenizer import IncrementalDecoder, encode_prompt, load_tokenizer, stop_ids
+from caprese.model.tokenizer import IncrementalDecoder, encode_prompt, load_tokenizer, prompt_ids, stop_ids
 
 
 @dataclasses.dataclass
@@ -49,17 +49,17 @@ class TextModel:
 
     @classmethod
     def load(cls, model_dir: str | Path, precision: str = "fp32", device: str = "cpu") -> "TextModel":
+        """A local Hugging Face folder's decoder (every tensor checked), tokenizer and stop ids, at `precision`
+        (fp32 / fp16 / bf16) on `device` (cpu, cuda, cuda:N)."""
         model_dir = Path(model_dir)
         spec = load_spec(model_dir)
         tokenizer = load_tokenizer(model_dir)
-        if device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise CapreseError(f"device {device!r} was asked for but torch sees no CUDA GPU; use cpu")
+        check_device(device)
         return cls(load_decoder(model_dir, precision, device, spec=spec), tokenizer, model_dir)
 
     def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+        if not prompt.strip():  # a tokenizer that adds BOS would make it one token and reply to nothing
+            raise CapreseError("the prompt is empty; give some text (-p TEXT)")
         ids = encode_prompt(self.tokenizer, prompt, chat, system)
         if not ids:
             raise CapreseError("the prompt encodes to zero tokens; give a non-empty prompt")
@@ -70,8 +70,15 @@ class TextModel:
                  ignore_eos: bool = False, on_text: Callable[[str], None] | None = None) -> TextResult:
         """Reply to `prompt` (text, or token ids used as they are); the arguments are RunOptions' fields, in its
         order; `on_text` receives text pieces as they form. CPU threads: self.threads."""
-        ids = list(prompt) if isinstance(prompt, (list, tuple)) else self.encode(prompt, chat, system)
+        ids = (prompt_ids(prompt, self.decoder.spec.vocab_size) if isinstance(prompt, (list, tuple))
+               else self.encode(prompt, chat, system))
+        if max_new_tokens < 1:
+            raise CapreseError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+        check_sampling(sampling)
         limit = self.decoder.spec.max_position_embeddings
+        if len(ids) >= limit:
+            raise CapreseError(f"the prompt ({len(ids)} tokens) leaves no room in the model's context of {limit}; "
+                               "shorten it")
         if len(ids) + max_new_tokens > limit:
             raise CapreseError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                                f"context of {limit}; ask for fewer new tokens")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from caprese.errors import CapreseError
 
 
@@ -17,6 +19,21 @@ def load_tokenizer(model_dir: str | Path):
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     except Exception as e:
         raise CapreseError(f"cannot load the tokenizer in {model_dir}: {str(e).splitlines()[0]}") from None
+
+
+def prompt_ids(prompt, vocab_size: int) -> list[int]:
+    """A prompt given as token ids, checked: an id outside the vocabulary would read another row of the embedding
+    (ONNX Runtime's Gather wraps negative ids) or fail deep in a backend."""
+    ids = []
+    for t in prompt:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+            raise CapreseError(f"token ids must be integers; got {t!r} ({type(t).__name__})")
+        if not 0 <= t < vocab_size:
+            raise CapreseError(f"token id {int(t)} is outside the vocabulary (0..{vocab_size - 1})")
+        ids.append(int(t))
+    if not ids:
+        raise CapreseError("the prompt has zero tokens")
+    return ids
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None) -> list[int]:

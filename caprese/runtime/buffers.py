@@ -25,10 +25,6 @@ import torch
 from caprese.errors import CapreseError
 from caprese.export import contract as C
 
-# the decode graph's per-prompt inputs: name prefixes of contract.w_gul / w_dr / b_gul / cats_tau and a quantized
-# layout's GRIFFIN rows w_gu_q / w_gu_s / w_d_q / w_d_s
-SELECTION_INPUTS = tuple(f(0)[:-1] for f in (C.w_gul, C.w_dr, C.b_gul, C.cats_tau, C.w_gu_q, C.w_gu_s, C.w_d_q,
-                                             C.w_d_s))
 STATIC = "static"  # kv_policy of engines whose cache length is fixed at build time (TensorRT)
 
 
@@ -61,7 +57,8 @@ def new_capacity(capacity: int, need: int, keep: int, max_seq_len: int, policy: 
 
 
 def selection_name(name: str) -> bool:
-    return name.startswith(SELECTION_INPUTS)
+    """A decode input filled once per prompt (contract.SELECTION_INPUTS)."""
+    return C.layer_of(name, *C.SELECTION_INPUTS) is not None
 
 
 def concrete(shape, seq: int = 1) -> tuple:

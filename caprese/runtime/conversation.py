@@ -22,6 +22,9 @@ class ContextFull(CapreseError):
 
 
 class Conversation:
+    """A multi-turn chat on one Generator: each turn is the whole conversation through the chat template, and
+    the KV cache of the prefix the last turn left is kept (only the new tokens are prefilled)."""
+
     def __init__(self, generator: Generator, system: str | None = None):
         if not getattr(generator.tokenizer, "chat_template", None):
             raise CapreseError("this engine's tokenizer has no chat template; use `caprese run` without --chat")
@@ -44,6 +47,8 @@ class Conversation:
             reselect_every: int = 0) -> TextStream:
         """Stream the reply to one user turn; the turn and the reply (even a stopped one) join the conversation
         when the stream ends or is closed."""
+        if not text.strip():
+            raise CapreseError("the turn is empty; say something")
         messages = self.messages + [{"role": "user", "content": text}]
         ids = encode_messages(self.g.tokenizer, messages)
         limit = self.g.max_seq_len

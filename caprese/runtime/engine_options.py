@@ -1,9 +1,10 @@
 """How to open an engine folder (EngineOptions: the backend and its knobs, what `caprese run` / `chat` /
 `generate ENGINE_DIR` build from their flags), and what backend="auto" picks.
 
-auto: on the CPU, native where the engine is one it runs (fp32, a supported activation, float weights) and its
-C kernel builds or is built here, else onnxruntime; on CUDA (device "cuda", or no device and torch sees a GPU),
-tensorrt where the folder has plans and TensorRT imports, else torch. The Generator records the choice
+auto: on the CPU, native where the engine is one it runs (fp32 precision, a supported activation, float or
+int4 / int8 weights in a layout its kernels read: native_backend.native_unsupported) and its C kernel builds or is
+built here, else onnxruntime; on CUDA (device "cuda", or no device and torch sees a GPU), tensorrt where the
+folder has plans and TensorRT imports, else torch. The Generator records the choice
 (`backend_requested`, `backend_reason`) and the report says "backend: native (auto)".
 """
 
@@ -36,7 +37,7 @@ class EngineOptions:
             out["cuda_graph"] = self.cuda_graph
         if self.head is not None:
             if name != "native":
-                raise CapreseError(f"--full-head (head=) applies to --backend native; {name} runs this engine and "
+                raise CapreseError(f"--full-head applies to --backend native; {name} runs this engine and "
                                    "computes every logit")
             out["head"] = self.head
         if self.int8_down:

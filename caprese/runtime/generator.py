@@ -29,9 +29,9 @@ from caprese.errors import CapreseError
 from caprese.export import contract as C
 from caprese.export.manifest import load_manifest
 from caprese.model.run_options import RunOptions
-from caprese.model.sampling import Sampling
+from caprese.model.sampling import Sampling, check_sampling
 from caprese.model.text_model import TextResult
-from caprese.model.tokenizer import IncrementalDecoder, encode_prompt, load_tokenizer, stop_ids
+from caprese.model.tokenizer import IncrementalDecoder, encode_prompt, load_tokenizer, prompt_ids, stop_ids
 from caprese.runtime.backend import open_backend
 from caprese.runtime.decode_policy import DecodePolicy
 from caprese.runtime.engine_options import AUTO, EngineOptions, choose_backend
@@ -147,6 +147,9 @@ class TextStream:
 
 
 class Generator:
+    """One engine folder on one backend: the prefill + decode loop, its KV cache and GRIFFIN / CATS selections, the
+    tokenizer, and a latency report per reply. Open one with Generator.load / Generator.open."""
+
     def __init__(self, manifest, backend, tokenizer):
         self.manifest, self.backend, self.tokenizer = manifest, backend, tokenizer
         self.layout: C.GraphLayout = manifest.layout
@@ -162,16 +165,23 @@ class Generator:
         self.backend_reason = ""  # why auto chose it
 
     @classmethod
-    def load(cls, engine_dir: str | Path, backend: str = "onnxruntime", threads: int | None = None,
+    def load(cls, engine_dir: str | Path, backend: str = AUTO, threads: int | None = None,
              **options) -> "Generator":
-        """Open ENGINE_DIR (manifest validated) on `backend`: "onnxruntime", "native", "torch", "tensorrt", or
-        "auto" (the fastest this engine and machine allow: caprese.runtime.engine_options).
+        """Open ENGINE_DIR (manifest validated) on `backend`: "auto" (the default, as the CLI's: the fastest this
+        engine and machine allow, caprese.runtime.engine_options; `backend_reason` says why), "onnxruntime",
+        "native", "torch" or "tensorrt".
 
-        options go to the backend: device ("cpu" / "cuda"), kv_policy ("fit" / "max" / slots; onnxruntime,
-        native), share_weights (onnxruntime), source / base_model / static / cuda_graph (torch), head ("auto" /
-        "screened" / "full"; native: whether greedy and top-k steps screen the LM head; auto, the default: where
-        a probe at load found it faster), int8_down (native, an --int8-activations engine: GRIFFIN's down rows with
-        int8 coefficients, not 16-bit ones; off by default: its error is the largest)."""
+        options go to the backend (another backend's option is refused by name):
+        - every backend: device ("cpu" / "cuda"; torch: "cuda:N" too);
+        - kv_policy ("fit" / "max" / a slot count): onnxruntime, native, tensorrt;
+        - onnxruntime: share_weights (one copy of the weights for both sessions), spinning (its pool's spin-wait);
+        - torch: source / base_model (where the reference model is), static (a static KV cache), cuda_graph;
+        - tensorrt: cuda_graph (decode steps replayed from CUDA graphs);
+        - native: head ("auto" / "screened" / "full": whether greedy and top-k steps screen the LM head; auto, the
+          default: where a probe at load found it faster), isa ("avx512" / "avx2" / "scalar" / "native": the
+          kernel build; default: the CPU's widest, or $CAPRESE_NATIVE_ISA),
+          int8_down (an --int8-activations engine: GRIFFIN's down rows with int8 coefficients, not 16-bit ones;
+          off by default: its error is the largest)."""
         return cls._on(load_manifest(engine_dir), backend, threads, lambda name: options, options.get("device"))
 
     @classmethod
@@ -196,6 +206,8 @@ class Generator:
 
     # ---- text ----
     def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+        if not prompt.strip():  # a tokenizer that adds BOS would make it one token and reply to nothing
+            raise CapreseError("the prompt is empty; give some text (-p TEXT)")
         ids = encode_prompt(self.tokenizer, prompt, chat, system)
         if not ids:
             raise CapreseError("the prompt encodes to zero tokens; give a non-empty prompt")
@@ -203,10 +215,7 @@ class Generator:
 
     def _ids(self, prompt, chat: bool, system: str | None) -> list[int]:
         if isinstance(prompt, (list, tuple)):
-            ids = [int(t) for t in prompt]
-            if not ids:
-                raise CapreseError("the prompt has zero tokens")
-            return ids
+            return list(prompt)  # checked by stream_ids
         return self.encode(prompt, chat, system)
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 256, sampling: Sampling = Sampling(),
@@ -220,7 +229,13 @@ class Generator:
     def stream(self, prompt: str | list[int], max_new_tokens: int = 256, sampling: Sampling = Sampling(),
                chat: bool = False, system: str | None = None, reselect_every: int = 0,
                ignore_eos: bool = False) -> TextStream:
+        """generate() as it runs: iterate the TextStream for text pieces (or .tokens() for ids); .consume() or
+        .close() returns the RuntimeResult (closed early: stop_reason "interrupted"); .stop() ends it after the
+        step in progress."""
         ids = self._ids(prompt, chat, system)
+        if len(ids) >= self.max_seq_len:
+            raise CapreseError(f"the prompt ({len(ids)} tokens) leaves no room in the engine's max_seq_len of "
+                               f"{self.max_seq_len}; shorten it or export with a larger --max-seq-len")
         if len(ids) + max_new_tokens > self.max_seq_len:
             raise CapreseError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the engine's "
                                f"max_seq_len of {self.max_seq_len}; ask for fewer new tokens or export with a larger "
@@ -251,13 +266,15 @@ class Generator:
                    on_finish: Callable[[RuntimeResult], None] | None = None,
                    ignore_eos: bool = False) -> TextStream:
         """Generate after `ids`; reuse=True keeps the cached K/V of the longest reusable prefix (chat turns)."""
+        ids = prompt_ids(ids, self.layout.vocab_size)
+        check_sampling(sampling)
         if max_new_tokens < 1:
-            raise CapreseError("max_new_tokens must be >= 1")
+            raise CapreseError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
         if len(ids) + max_new_tokens > self.max_seq_len:
             raise CapreseError(f"{len(ids)} tokens + {max_new_tokens} new ones exceed the engine's max_seq_len "
                                f"({self.max_seq_len})")
         if reselect_every < 0 or reselect_every > self.max_prompt_len:
-            raise CapreseError(f"reselect_every must be between 0 and the engine's max_prompt_len "
+            raise CapreseError(f"--reselect-every must be between 0 and the engine's max_prompt_len "
                                f"({self.max_prompt_len}); got {reselect_every}")
         if reuse:
             start = self.reusable(ids)

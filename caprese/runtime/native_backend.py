@@ -114,7 +114,7 @@ class NativeBackend(Backend):
         # GRIFFIN's down (rows-axpy over its kept rows) takes 16-bit coefficients there (native/int8_activations.c,
         # 1/32512 of a group's largest); int8 ones (int8_down) are faster but err most (~0.9%), so they are opt-in
         if int8_down and not self.int8_activations:
-            raise CapreseError("int8_down takes an engine exported with --int8-activations")
+            raise CapreseError("--int8-down takes an engine exported with --int8-activations")
         self.int8_down = bool(int8_down)
         self.lib = lib_.load(isa)
         self.kernel = self.lib.path

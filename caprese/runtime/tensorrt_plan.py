@@ -36,11 +36,12 @@ def _key(role: str, spec: C.TensorSpec, is_input: bool, kv: dict) -> str:
         return f"{role}.{n}"
     if n in kv:
         return kv[n]
-    if n.startswith("cats_tau_in."):
-        return "selection." + C.cats_tau(int(n.rsplit(".", 1)[1]))
+    i = C.layer_of(n, C.cats_tau_in)
+    if i is not None:
+        return "selection." + C.cats_tau(i)
     if is_input and selection_name(n):
         return f"selection.{n}"
-    if not is_input and n.startswith(("griffin_stat.", "cats_tau.")):
+    if not is_input and C.layer_of(n, C.griffin_stat, C.cats_tau) is not None:
         return f"stats.{n}" if role == C.PREFILL else f"scratch.{n}"
     return n  # write_indices, attention_mask, logits
 

@@ -26,6 +26,7 @@ from caprese.errors import CapreseError
 from caprese.export import contract as C
 from caprese.export.folding import select_neurons
 from caprese.export.engine_spec import method_kind
+from caprese.model.loading import check_device
 from caprese.runtime.backend import Backend, PrefillOut
 from caprese.runtime.buffers import new_capacity, read_stats
 from caprese.runtime.cuda_graph import CapturedStep
@@ -86,8 +87,7 @@ class TorchBackend(Backend):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if threads or device == "cpu":  # on the CPU: one thread per free CPU unless told (caprese.cpu_threads)
             torch.set_num_threads(cpu_threads.resolve(threads))
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise CapreseError(f"device {device!r} was asked for but torch sees no CUDA GPU; use cpu")
+        check_device(device)
         self.device = self.logits_device = device
         self.threads = threads
         self.decoder = load_reference(manifest, device, source, base_model)
