@@ -391,6 +391,12 @@ def test_kernel_sampler_top_p_reaches_past_the_first_candidates():
     assert abs(np.mean(toks == 7) - want[7]) < 5 * np.sqrt(want[7] * (1 - want[7]) / n)
     none = np.full(8, -np.inf, dtype=np.float32)  # nothing to sample: -1 (the step's "no finite logit")
     assert lib.caprese_sample_logits(none.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), 8, 1.0, 0, 0.9, 0.5) == -1
+    # a temperature that rounds to 0 in fp32 (Sampling refuses it; the kernel must not read before its buffer):
+    # every positive logit / T is inf, inf - inf NaN, so top-p keeps nothing: -1, not c[-1]
+    x3 = np.array([1.0, 2.0, -1.0, 3.0], dtype=np.float32)
+    for top_k, top_p in ((0, 0.9), (2, 0.9)):
+        assert lib.caprese_sample_logits(x3.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), 4, 1e-46, top_k, top_p,
+                                          0.5) == -1
 
 
 @needs_cc
@@ -894,3 +900,18 @@ def test_cli_generate_on_native(tmp_path_factory, tiny_model_dir, monkeypatch, c
     assert full["bytes_per_step"] > got["bytes_per_step"]
     rc, out, err = run_cli(caprese_main, [*run, "--backend", "onnxruntime", "--full-head"], monkeypatch, capsys)
     assert_one_line_error(rc, err, "--full-head applies to --backend native")
+
+
+@needs_cc
+def test_a_closed_backend_refuses_calls(tmp_path_factory, tiny_model_dir):
+    """After close() the kernel's context is gone: a step, the thread count and the stats say so in Python
+    instead of handing the C side a NULL context (a segfault)."""
+    engine, _ = get_export(tmp_path_factory, tiny_model_dir, "llama", "dense")
+    g = Generator.load(engine, backend="native", threads=2, head="full")
+    assert g.generate(prompt_ids(6)[0].tolist(), 3, ignore_eos=True).tokens
+    g.backend.close()
+    g.backend.close()  # twice: nothing
+    for call in (lambda: g.generate(prompt_ids(6)[0].tolist(), 3, ignore_eos=True), g.backend.kernel_stats,
+                 g.backend.kernel_profile, lambda: g.backend._set_active(1)):
+        with pytest.raises(CapreseError, match="native backend was closed; load the engine again"):
+            call()

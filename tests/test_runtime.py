@@ -505,7 +505,8 @@ def test_bad_api_input_is_one_capreseerror_on_every_stack(tmp_path_factory, tiny
             TextModel.load(src, device=device)
         with pytest.raises(CapreseError, match="unknown device"):
             load_decoder(src, device=device)
-    for field, value in (("temperature", -1.0), ("top_k", -2), ("top_p", 2.0), ("top_p", 0.0), ("seed", 2**64),
+    for field, value in (("temperature", -1.0), ("temperature", 1e-46), ("top_k", -2), ("top_p", 2.0), ("top_p", 0.0),
+                         ("seed", 2**64),
                          ("seed", 1.5)):
         with pytest.raises(CapreseError, match=f"sampling {field} must be .*; got {value}"):
             Sampling(**{field: value})

@@ -10,6 +10,9 @@ import torch
 from caprese.errors import CapreseError
 
 
+MIN_TEMPERATURE = 1e-6  # logits / T stays finite in fp32 for any |logit| < 1e32
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.0  # 0 = greedy
@@ -18,7 +21,9 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        for name, ok, need in (("temperature", self.temperature >= 0, ">= 0 (0: greedy)"),
+        # a positive temperature below MIN_TEMPERATURE rounds to 0 in fp32 or sends logits / T to inf: use 0
+        for name, ok, need in (("temperature", self.temperature == 0 or self.temperature >= MIN_TEMPERATURE,
+                                f"0 (greedy) or >= {MIN_TEMPERATURE:g}"),
                                ("top_k", self.top_k >= 0, ">= 0 (0: off)"),
                                ("top_p", 0 < self.top_p <= 1, "in (0, 1] (1: off)")):
             if not ok:

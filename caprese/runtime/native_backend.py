@@ -171,6 +171,7 @@ class NativeBackend(Backend):
             self.head_choice = self._choose_head()
             head = self.head_choice.head
             if head == "full":  # the int8 copy is not read: give its memory back
+                self.lib.caprese_context_quiesce(self._ctx)  # a late helper's probe chunk may still read it
                 self._model.head_q = self._model.head_scale = self._model.head_bound = None
                 self._head_q = self._head_scale = self._head_bound = None
             self.kernel_profile(reset=True)
@@ -186,11 +187,11 @@ class NativeBackend(Backend):
         nxt = (ctypes.c_int64 * 2)()
 
         def full():
-            self._check(self.lib.caprese_head_only(self._ctx, address(h), None))
+            self._check(self.lib.caprese_head_only(self._live(), address(h), None))
 
         def screened():
             nxt[0] = 1
-            self._check(self.lib.caprese_head_only(self._ctx, address(h), nxt))
+            self._check(self.lib.caprese_head_only(self._live(), address(h), nxt))
             return int(nxt[1])
 
         # the threads working now (the probe times them; the cached answer is for that count)
@@ -202,6 +203,12 @@ class NativeBackend(Backend):
         if getattr(self, "_ctx", None):
             self.lib.caprese_context_free(self._ctx)
             self._ctx = None
+
+    def _live(self) -> ctypes.c_void_p:
+        """The kernel's context, for a call into it: after close() a Python error, not a NULL the C side reads."""
+        if not getattr(self, "_ctx", None):
+            raise CapreseError("this native backend was closed; load the engine again")
+        return self._ctx
 
     def __del__(self):
         self.close()
@@ -551,7 +558,7 @@ class NativeBackend(Backend):
             raise RuntimeError(f"decode at slot {slot} past the KV cache ({self.capacity}); reserve first")
         self._next[0] = top
         self._threads.tick()
-        self._check(self.lib.caprese_decode_step(self._ctx, int(token), int(slot), ctypes.byref(self._skipped),
+        self._check(self.lib.caprese_decode_step(self._live(), int(token), int(slot), ctypes.byref(self._skipped),
                                                  self._next if top else None))
         if top and not self.head_quantized:
             self.head_rows = int(self._next[1])
@@ -559,7 +566,7 @@ class NativeBackend(Backend):
             self.head_steps += 1
 
     def _set_active(self, n: int) -> None:
-        self.lib.caprese_context_set_active(self._ctx, n)
+        self.lib.caprese_context_set_active(self._live(), n)
 
     @staticmethod
     def _check(rc: int) -> None:
@@ -594,7 +601,7 @@ class NativeBackend(Backend):
         if self.greedy_block == 1 or n == 1:
             return super().decode_greedy_n(token, slot, n, eos)
         n, ends = self._block_start(slot, n, eos)
-        got = self.lib.caprese_decode_n(self._ctx, int(token), int(slot), n, self._eos, ends, 0.0, 0, 1.0, 1, None,
+        got = self.lib.caprese_decode_n(self._live(), int(token), int(slot), n, self._eos, ends, 0.0, 0, 1.0, 1, None,
                                         *self._block)
         return self._block_steps(got, screened=not self.head_quantized)
 
@@ -637,7 +644,7 @@ class NativeBackend(Backend):
         k = sampling.top_k
         screen = k if (k and self._screens(k) and not self.head_quantized) else 0
         got = self.lib.caprese_decode_n(
-            self._ctx, int(token), int(slot), n, self._eos, ends, float(sampling.temperature), int(k),
+            self._live(), int(token), int(slot), n, self._eos, ends, float(sampling.temperature), int(k),
             float(sampling.top_p), screen, u.ctypes.data_as(ctypes.POINTER(ctypes.c_double)), *self._block)
         return self._block_steps(got, screened=bool(screen))
 
@@ -660,7 +667,7 @@ class NativeBackend(Backend):
         thread was late (descheduled), executions dropped (another thread committed first), ms the calling thread
         waited for other threads' chunks, phases run (a decode step is ~4 per layer)."""
         out = (ctypes.c_int64 * 6)()
-        self.lib.caprese_context_stats(self._ctx, out)
+        self.lib.caprese_context_stats(self._live(), out)
         d = dict(zip(("leader_chunks", "helper_chunks", "rerun_chunks", "dropped_runs", "wait_ms", "phases"),
                      map(int, out)))
         d["wait_ms"] = round(d["wait_ms"] / 1e6, 3)
@@ -672,7 +679,7 @@ class NativeBackend(Backend):
         `between_phases_us`, the rest of the step (norms, activations, the int8 rounding of inputs: serial work)."""
         n = len(PROFILE_LABELS)
         out = (ctypes.c_int64 * (2 * n + 2))()
-        if self.lib.caprese_context_profile(self._ctx, out, int(reset)) != n:
+        if self.lib.caprese_context_profile(self._live(), out, int(reset)) != n:
             raise RuntimeError("the native kernel's profile labels do not match native_backend.PROFILE_LABELS")
         steps = int(out[2 * n + 1])
         per = max(1, steps)

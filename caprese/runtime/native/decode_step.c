@@ -1453,8 +1453,10 @@ static void stage_q_ffn(const Ctx *c, const Phase *ph, int64_t i, float *out, fl
     }
     if (a1 > j0) {
         gated_neurons(c, L, j0, a1, z, u);
-        /* fp32 reads coefficients ahead of the chunk: the next chunk's are not computed here */
-        griffin_down(c, L, z - j0, j0, a1, m->int8_act ? F : a1, out);
+        /* fp32 reads coefficients ahead of the chunk: the next chunk's are not computed here (the int8 products
+         * only request the rows up to h_end; griffin_down takes fp32 where they do not fit) */
+        const int int8_down = m->int8_act && caprese_qa_fits(&L->q_down);
+        griffin_down(c, L, z - j0, j0, a1, int8_down ? F : a1, out);
     }
     const int64_t unread = 0;
     memcpy(out + D, &unread, sizeof unread);
@@ -1703,13 +1705,15 @@ static void claim_loop(Ctx *c, uint64_t e, int tid) {
     }
 }
 
-/* Run again every chunk of epoch e (at most twice) whose execution has run for longer than twice the usual
- * chunk time: its thread is probably descheduled. Helpers pass once over the chunks. */
+/* Run again every chunk of epoch e (helpers: while fewer than 3 runs started) whose execution has run for longer
+ * than twice the usual chunk time: its thread is probably descheduled. Helpers pass once over the chunks; the
+ * leader, which waits for each chunk, may always run it (else, with more threads than CPUs and every runner
+ * descheduled, it would spin on a CPU they need). */
 static int rerun_if_late(Ctx *c, const Phase *ph, uint64_t e, int64_t i, int tid) {
     Slot *sl = &c->slots[e & 1][i];
     const int64_t wait = 2 * c->ema_ns[ph->kind] + 20000;
     const int64_t started = atomic_load_explicit(&sl->started, memory_order_relaxed);
-    if (now_ns() - (started > ph->t0 ? started : ph->t0) > wait && count_run(sl, e, 3)) {
+    if (now_ns() - (started > ph->t0 ? started : ph->t0) > wait && count_run(sl, e, tid == 0 ? 0 : 3)) {
         c->workers[tid].reruns++;
         execute(c, ph, e, i, tid);
         return 1;
@@ -1719,6 +1723,10 @@ static int rerun_if_late(Ctx *c, const Phase *ph, uint64_t e, int64_t i, int tid
 
 static void backup_loop(Ctx *c, uint64_t e, int tid) {
     const Phase ph = c->phase[e & 1];
+    /* the copy is phase e's only if e is still the epoch after it: the leader rewrites phase[e & 1] (for e + 2)
+     * only after it has published e + 1 (a seqlock's check; claim_loop's copy is checked by its claims instead) */
+    atomic_thread_fence(memory_order_acquire);
+    if (atomic_load_explicit(&c->epoch, memory_order_relaxed) != e) return;
     for (int64_t i = 0; i < ph.n_chunks; i++)
         if (!settled(atomic_load_explicit(&c->slots[e & 1][i].state, memory_order_acquire), e))
             rerun_if_late(c, &ph, e, i, tid);
@@ -2553,7 +2561,7 @@ static int64_t sample_logits(const float *logits, int64_t n, float temperature, 
         cum += c[j].p;
         if (cum > target) return c[j].i;
     }
-    return c[keep - 1].i;
+    return keep ? c[keep - 1].i : -1; /* nothing kept (no finite probability): the caller's "no finite logit" */
 }
 
 /* sample_logits on its own (tests: its draws against the float64 reference). -1: no finite logit, -2: no memory. */

@@ -120,8 +120,9 @@ class QMatrix:
 
 
 def _f32(t: torch.Tensor, n: int, what: str) -> torch.Tensor:
-    if t.dtype != torch.float32 or t.dim() != 1 or t.numel() != n:
-        raise CapreseError(f"{what} must be a float32 vector of {n} elements, got {t.dtype} {list(t.shape)}")
+    if t.dtype != torch.float32 or t.dim() != 1 or t.numel() != n or t.device.type != "cpu":
+        raise CapreseError(f"{what} must be a CPU float32 vector of {n} elements, got {t.dtype} {list(t.shape)} on "
+                           f"{t.device}")
     return t.contiguous()
 
 
@@ -229,6 +230,8 @@ def finish_y(qm: QMatrix, yp: torch.Tensor, y: torch.Tensor, isa: str | None = N
 
 def f32_rows_dot(w: torch.Tensor, x: torch.Tensor, isa: str | None = None) -> torch.Tensor:
     """The fp32 baseline: y = w @ x for w float32 [rows, cols] (the same 4-row loop as the decode step's head)."""
+    if w.dtype != torch.float32 or w.dim() != 2 or w.device.type != "cpu":  # the kernel reads 4 bytes an element
+        raise CapreseError(f"w must be a CPU float32 matrix, got {w.dtype} {list(w.shape)} on {w.device}")
     w = w.contiguous()
     rows, cols = w.shape
     x = _f32(x, cols, "x")
@@ -346,6 +349,13 @@ def rows_axpy_quads(qm: QMatrix, quads: torch.Tensor | None, h: torch.Tensor, y:
     idx, h, r1, y = _axpy_args(qm, h, y, None, r0, r1)
     if r0 % 4 or bits not in (8, 16):
         raise CapreseError(f"quads rows-axpy takes r0 a multiple of 4 and bits 8 or 16 (got r0={r0}, bits={bits})")
-    load(isa).caprese_q_rows_axpy_quads(ctypes.byref(qm.struct), None if quads is None else quads.data_ptr(),
+    lib = load(isa)
+    _require_qa_fits(lib, qm, "the quads layout")
+    if lib.caprese_qa_quads():  # the layout's build reads quads: they must be pack_quads(qm)'s bytes
+        want = int(lib.caprese_qa_quads_bytes(ctypes.byref(qm.struct)))
+        if quads is None or quads.dtype != torch.uint8 or quads.device.type != "cpu" or quads.numel() != want:
+            raise CapreseError(f"quads must be pack_quads(qm)'s {want} uint8 bytes on the CPU")
+        quads = quads.contiguous()
+    lib.caprese_q_rows_axpy_quads(ctypes.byref(qm.struct), None if quads is None else quads.data_ptr(),
                                         int(bits == 16), _ptr(h, _F32P), r0, r1, r1, _ptr(y, _F32P))
     return y
