@@ -448,3 +448,25 @@ def test_recipe_records_the_weights_and_method_none_defaults():
         CalibrationRecipe("none")
     with pytest.raises(TypeError):
         CalibrationRecipe(weights="int4")
+
+
+def test_non_finite_adapters_are_not_saved(tiny_model_dir, tmp_path, monkeypatch):
+    """A damaged finished-layer file (or a diverged run) gave NaN adapters, saved with exit code 0: refused, and
+    nothing is written at OUT."""
+    import caprese.calibration.calibrate as cal
+
+    real = cal.run_layerwise
+
+    def poisoned(*args, **kwargs):
+        got = real(*args, **kwargs)
+        i = min(got.adapters)
+        L, R = got.adapters[i]
+        got.adapters[i] = (torch.full_like(L, float("nan")), R)
+        return got
+
+    monkeypatch.setattr(cal, "run_layerwise", poisoned)
+    with pytest.raises(CapreseError, match="bypass of layer.s. 0 holds non-finite values"):
+        calibrate(tiny_model_dir(KIND), tmp_path / "a", CalibrationRecipe("griffin", rank=4, stage="layerwise",
+                                                                          layers="0", layerwise=LW),
+                  make_samples(4), QUIET)
+    assert not (tmp_path / "a").exists()

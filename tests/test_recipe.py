@@ -217,3 +217,23 @@ def test_an_artifact_without_the_new_recipe_fields_loads_and_seeds_e2e(tiny_mode
         with pytest.raises(CapreseError, match="is a calibration artifact: its density .* drop --density / --layers"):
             open_source(tmp_path / "art", **kwargs)
     assert torch.equal(art.adapters[0][0], load_artifact(tmp_path / "art").adapters[0][0])
+
+
+def test_work_dir_that_overlaps_the_output_or_holds_user_files_is_refused(tmp_path):
+    """A successful run deletes its work dir: one that is, holds or sits in OUT, or that holds files calibrate did
+    not write, is refused before any work (it deleted a user's folder, or the artifact itself)."""
+    from caprese.calibration.calibrate import check_work_dir, default_work_dir
+
+    out = tmp_path / "runs" / "art"
+    check_work_dir(default_work_dir(out), out)  # the default: fine, created or not
+    for work in (out, tmp_path / "runs", out / "work"):
+        with pytest.raises(CapreseError, match="overlap"):
+            check_work_dir(work, out)
+    mine = tmp_path / "mine"
+    (mine / "capture").mkdir(parents=True)
+    (mine / "layer_0.safetensors").write_bytes(b"")
+    check_work_dir(mine, out)  # what calibrate writes (a resume): adopted
+    (mine / "important.txt").write_text("precious")
+    with pytest.raises(CapreseError, match=r"holds files calibrate did not write \(important.txt\)"):
+        check_work_dir(mine, out)
+    assert (mine / "important.txt").exists()

@@ -79,6 +79,27 @@ def _layer_summary(per_layer: dict[int, dict]) -> dict:
             "mean_after_rel": sum(m["after_rel"] for m in per.values()) / len(per)}
 
 
+# what calibrate writes in a work dir (and removes after a successful save): a folder holding anything else is not
+# one of its work dirs, and is neither adopted nor deleted
+_WORK_ENTRIES = ("capture", "e2e", "sequential", "layer_", "quantized-", ".")
+
+
+def check_work_dir(work: Path, out: Path) -> None:
+    """Refuse a work dir that is, holds or sits in OUT (the save or the cleanup would destroy the other), or an
+    existing folder with files calibrate did not write (a successful run deletes its work dir)."""
+    w, o = work.resolve(), out.resolve()
+    if w == o or w in o.parents or o in w.parents:
+        raise CapreseError(f"--work-dir {work} and -o {out} overlap (the work dir is removed after the save, and the "
+                           "save replaces -o); choose separate folders")
+    if work.is_dir():
+        foreign = sorted(p.name for p in work.iterdir() if not p.name.startswith(_WORK_ENTRIES))
+        if foreign:
+            raise CapreseError(f"--work-dir {work} holds files calibrate did not write ({', '.join(foreign[:3])}); "
+                               "it would delete them after the save: choose a new or empty folder")
+    elif work.exists():
+        raise CapreseError(f"--work-dir {work} is a file; choose a folder")
+
+
 def default_work_dir(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".work")
@@ -107,6 +128,7 @@ def calibrate(model_dir: str | Path, out: str | Path, recipe: CalibrationRecipe,
     work = Path(opts.work_dir) if opts.work_dir is not None else default_work_dir(out)
     check_writable(out)  # the artifact is written at the end: find out now, not after the training
     check_writable(work, "--work-dir")
+    check_work_dir(work, out)
 
     import torch.distributed as dist
 
@@ -170,6 +192,11 @@ def calibrate(model_dir: str | Path, out: str | Path, recipe: CalibrationRecipe,
         timing["e2e"] = e2.timing
     timing["total_s"] = round(time.monotonic() - t_start, 3)
     metrics["timing"] = timing
+    bad = sorted(i for i, (L, R) in adapters.items() if not (torch.isfinite(L).all() and torch.isfinite(R).all()))
+    if bad:  # not saved: an artifact of NaNs loads and generates garbage with exit code 0
+        raise CapreseError(f"the trained bypass of layer(s) {', '.join(map(str, bad[:5]))} holds non-finite values "
+                           f"(a damaged file in the work dir {work}, or a diverged run): delete it and rerun, or "
+                           "lower --lr / --e2e-lr")
 
     art = Artifact(None, str(model_dir.resolve()), fp, r.method, r.density, list(plan.layers), r.rank,
                    _artifact_recipe(plan, opts, samples, skipped, torch.device(device).type, ws), metrics, adapters,
