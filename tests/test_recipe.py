@@ -237,3 +237,25 @@ def test_work_dir_that_overlaps_the_output_or_holds_user_files_is_refused(tmp_pa
     with pytest.raises(CapreseError, match=r"holds files calibrate did not write \(important.txt\)"):
         check_work_dir(mine, out)
     assert (mine / "important.txt").exists()
+
+
+def test_one_calibrate_per_work_dir(tmp_path):
+    """Two runs into one work dir appended to the same capture files: the second is refused while the first holds
+    the lock, and takes it once the first is done."""
+    from caprese.calibration.calibrate import _lock_work
+
+    first = _lock_work(tmp_path / "w")
+    with pytest.raises(CapreseError, match="another caprese calibrate is using the work dir"):
+        _lock_work(tmp_path / "w")
+    first.close()
+    _lock_work(tmp_path / "w").close()
+
+
+@pytest.mark.parametrize("meta", ['[1, 2]', '{"key": "k", "rows": "abc"}', '"x"'])
+def test_a_garbled_capture_manifest_starts_the_capture_over(tmp_path, meta):
+    """Not a TypeError / AttributeError from reading it: anything but the written object is no capture."""
+    from caprese.calibration.capture_store import CaptureLayer
+
+    (tmp_path / "layer_3.json").write_text(meta)
+    c = CaptureLayer(tmp_path, 3, 8, "k", "fp32")
+    assert c.state["rows"] == 0 and not c.complete

@@ -100,6 +100,24 @@ def check_work_dir(work: Path, out: Path) -> None:
         raise CapreseError(f"--work-dir {work} is a file; choose a folder")
 
 
+def _lock_work(work: Path):
+    """An exclusive lock on WORK/.lock for this run (released when the file object goes): a second calibrate into
+    the same work dir appended to the same capture files and saved a wrong artifact with exit code 0."""
+    work.mkdir(parents=True, exist_ok=True)
+    f = open(work / ".lock", "a")
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no advisory locks (Windows): one run per work dir is the rule
+        return f
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise CapreseError(f"another caprese calibrate is using the work dir {work}; wait for it to finish, or choose "
+                           "another -o / --work-dir") from None
+    return f
+
+
 def default_work_dir(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".work")
@@ -136,6 +154,7 @@ def calibrate(model_dir: str | Path, out: str | Path, recipe: CalibrationRecipe,
     me, ws = init_distributed(opts.device)
     joined_here = joined_here and ws > 1
     device = local_device(opts.device)
+    lock = _lock_work(work) if me == 0 else None  # noqa: F841 (held until calibrate returns)
     fp = fingerprint(model_dir)
     key_fields = {"fingerprint": fp, "method": r.method, "density": r.density, "layers": list(plan.layers),
                   "samples": samples_digest(samples), "precision": opts.precision, "device": torch.device(device).type}

@@ -47,7 +47,7 @@ class CaptureLayer:
         self.x_path, self.r_path = folder / f"layer_{layer}.x", folder / f"layer_{layer}.r"
         self.row_bytes = dim * STORES[store][1]
         st = read_json_or_none(self.meta_path)
-        ok = st is not None and st.get("key") == key and all(
+        ok = isinstance(st, dict) and st.get("key") == key and isinstance(st.get("rows"), int) and all(
             p.is_file() and p.stat().st_size >= st["rows"] * self.row_bytes for p in (self.x_path, self.r_path))
         self.state = st if ok else {"key": key, "layer": layer, "dim": dim, "store": store, "rows": 0,
                                     "samples_done": 0, "sum_y2": 0.0, "sum_r2": 0.0, "complete": False}
