@@ -17,30 +17,34 @@ from pathlib import Path
 from caprese.errors import CapreseError
 
 
-def check_writable(out: str | Path, what: str = "-o") -> Path:
-    """out's parent folder, created if missing and checked writable: a long job finds out before its work, not at
-    the end, and the user reads `out`, not the hidden temp name the OS error would carry."""
-    out = Path(out)
+def _parent_ready(out: Path, what: str) -> Path:
+    """out's parent folder, created if missing; a file in the way is one CapreseError naming out."""
     parent = out.parent
     blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise CapreseError(f"cannot write {out}: {blocker} is a file, not a folder; choose another {what}")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}-probe-", dir=parent))  # a real write, not os.access
     except OSError as e:
         raise CapreseError(f"cannot write {out}: {e.strerror or e}; choose another {what}") from None
     return parent
 
 
 def temp_sibling(out: str | Path, what: str = "-o") -> Path:
-    """A new hidden folder beside out (its parents created), or one CapreseError that names out."""
+    """A new hidden folder beside out (its parents created), or one CapreseError that names out (not the hidden
+    temp name the OS error would carry)."""
     out = Path(out)
-    check_writable(out, what)
     try:
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=_parent_ready(out, what)))
     except OSError as e:
         raise CapreseError(f"cannot write {out}: {e.strerror or e}; choose another {what}") from None
+
+
+def check_writable(out: str | Path, what: str = "-o") -> Path:
+    """out's parent folder, created if missing and checked writable by a real write (not os.access): a long job
+    finds out before its work, not at the end."""
+    os.rmdir(temp_sibling(out, what))
+    return Path(out).parent
 
 
 @contextlib.contextmanager

@@ -141,15 +141,15 @@ def load_manifest(engine_dir: str | Path, check_files: bool = True) -> Manifest:
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise CapreseError(f"{folder / MANIFEST} does not hold a valid engine spec ({e}); export again") from None
     files = data["files"]
-    for what, value, kind in (("'files'", files, dict),
-                              ("'files.tokenizer'", files.get("tokenizer") if isinstance(files, dict) else [], list),
-                              ("'files.engines'", (files.get("engines") if isinstance(files, dict) else None) or {},
-                               dict),
-                              ("'files.graph_bytes'", (files.get("graph_bytes") if isinstance(files, dict) else None)
-                               or {}, dict)):
+    if not isinstance(files, dict):
+        raise CapreseError(f"{folder / MANIFEST}: 'files' must be a JSON object, not {type(files).__name__}; "
+                           "export again")
+    for key, value, kind in (("tokenizer", files.get("tokenizer"), list), ("engines", files.get("engines") or {}, dict),
+                             ("graph_bytes", files.get("graph_bytes") or {}, dict)):
         if not isinstance(value, kind):
-            raise CapreseError(f"{folder / MANIFEST}: {what} must be a JSON {'object' if kind is dict else 'list'}, "
-                               f"not {type(value).__name__}; export again")
+            json_kind = "object" if kind is dict else "list"
+            raise CapreseError(f"{folder / MANIFEST}: 'files.{key}' must be a JSON {json_kind}, not "
+                               f"{type(value).__name__}; export again")
     _check_consistency(folder, data, spec)
     names = [(files.get(k), k) for k in ("prefill", "decode", "weights")]
     names += [(n, "tokenizer") for n in files.get("tokenizer") or []]

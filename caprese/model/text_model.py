@@ -22,7 +22,7 @@ from caprese.model.run_options import RunOptions
 from caprese.model.loading import check_device, load_decoder
 from caprese.model.sampling import Sampling, check_sampling
 from caprese.model.spec import load_spec
-from caprese.model.tokenizer import IncrementalDecoder, encode_prompt, load_tokenizer, prompt_ids, stop_ids
+from caprese.model.tokenizer import IncrementalDecoder, load_tokenizer, prompt_ids, stop_ids, user_prompt_ids
 
 
 @dataclasses.dataclass
@@ -58,12 +58,7 @@ class TextModel:
         return cls(load_decoder(model_dir, precision, device, spec=spec), tokenizer, model_dir)
 
     def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
-        if not prompt.strip():  # a tokenizer that adds BOS would make it one token and reply to nothing
-            raise CapreseError("the prompt is empty; give some text (-p TEXT)")
-        ids = encode_prompt(self.tokenizer, prompt, chat, system)
-        if not ids:
-            raise CapreseError("the prompt encodes to zero tokens; give a non-empty prompt")
-        return ids
+        return user_prompt_ids(self.tokenizer, prompt, chat, system)
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 256, sampling: Sampling = Sampling(),
                  chat: bool = False, system: str | None = None, reselect_every: int = 0,

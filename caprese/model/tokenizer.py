@@ -36,6 +36,17 @@ def prompt_ids(prompt, vocab_size: int) -> list[int]:
     return ids
 
 
+def user_prompt_ids(tokenizer, prompt: str, chat: bool, system: str | None = None) -> list[int]:
+    """encode_prompt for a prompt a user typed (TextModel / Generator.encode): an empty one is refused, since a
+    tokenizer that adds BOS would make it one token and reply to nothing."""
+    if not prompt.strip():
+        raise CapreseError("the prompt is empty; give some text (-p TEXT)")
+    ids = encode_prompt(tokenizer, prompt, chat, system)
+    if not ids:
+        raise CapreseError("the prompt encodes to zero tokens; give a non-empty prompt")
+    return ids
+
+
 def encode_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None) -> list[int]:
     """Token ids for a prompt; with chat=True the tokenizer's chat template wraps it as one user turn."""
     if not chat:

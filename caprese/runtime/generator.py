@@ -31,7 +31,7 @@ from caprese.export.manifest import load_manifest
 from caprese.model.run_options import RunOptions
 from caprese.model.sampling import Sampling, check_sampling
 from caprese.model.text_model import TextResult
-from caprese.model.tokenizer import IncrementalDecoder, encode_prompt, load_tokenizer, prompt_ids, stop_ids
+from caprese.model.tokenizer import IncrementalDecoder, load_tokenizer, prompt_ids, stop_ids, user_prompt_ids
 from caprese.runtime.backend import open_backend
 from caprese.runtime.decode_policy import DecodePolicy
 from caprese.runtime.engine_options import AUTO, EngineOptions, choose_backend
@@ -206,12 +206,7 @@ class Generator:
 
     # ---- text ----
     def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
-        if not prompt.strip():  # a tokenizer that adds BOS would make it one token and reply to nothing
-            raise CapreseError("the prompt is empty; give some text (-p TEXT)")
-        ids = encode_prompt(self.tokenizer, prompt, chat, system)
-        if not ids:
-            raise CapreseError("the prompt encodes to zero tokens; give a non-empty prompt")
-        return ids
+        return user_prompt_ids(self.tokenizer, prompt, chat, system)
 
     def _ids(self, prompt, chat: bool, system: str | None) -> list[int]:
         if isinstance(prompt, (list, tuple)):
